@@ -1,0 +1,78 @@
+"""Switches (gates): one before every residual block but the first, deciding per image whether it runs.
+
+A switch looks at the activation entering its block and gives p = P(execute). What is done with p
+depends on the mode:
+  open    all blocks run, switches are not evaluated (the dense network)
+  hard    execute iff p > 0.5; in training the 0/1 value goes forward and the gradient flows to p
+          (straight-through)
+  sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
+          (never stashed in the module, so that DistributedDataParallel sees a pure function)
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("open", "hard", "sample")
+KINDS = ("rnn", "ff")
+
+
+class RNNSwitches(nn.Module):
+    """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, then one LSTM cell shared
+    by every switch of the network (its state runs from block to block within one forward pass) and a
+    linear head to one logit. Nearly free: a few thousand FLOPs per switch."""
+
+    def __init__(self, channels, embed_dim=10, hidden_dim=10, init_open=2.0):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1, bias=True) for c in channels)
+        self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
+        self.head = nn.Linear(hidden_dim, 1)
+        # Start with the blocks open (p = sigmoid(2) = 0.88): the backbone trains as a dense net first.
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, init_open)
+
+    def forward(self, j, x, state):
+        e = self.proj[j](F.adaptive_avg_pool2d(x, 1)).flatten(1)
+        h, c = self.lstm(e.float(), state)  # the recurrence runs in float32 even under autocast
+        return torch.sigmoid(self.head(h)).squeeze(1), (h, c)
+
+
+class FFSwitches(nn.Module):
+    """SkipNet's feed-forward gate: per block 3x3 conv stride 2 + BN + ReLU -> global pool -> linear -> 1.
+    About an eighth of a block's FLOPs, and they are counted."""
+
+    def __init__(self, channels, init_open=2.0):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False) for c in channels)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in channels)
+        self.heads = nn.ModuleList(nn.Linear(c, 1) for c in channels)
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.constant_(head.bias, init_open)
+
+    def forward(self, j, x, state):
+        z = F.relu(self.bns[j](self.convs[j](x)))
+        z = F.adaptive_avg_pool2d(z, 1).flatten(1)
+        return torch.sigmoid(self.heads[j](z).float()).squeeze(1), state
+
+
+def build_switches(kind, channels):
+    if kind == "rnn":
+        return RNNSwitches(channels)
+    if kind == "ff":
+        return FFSwitches(channels)
+    raise ValueError(f"unknown switch kind {kind!r} (expected one of {KINDS})")
+
+
+def act(p, mode, training):
+    """0/1 execution decisions (float, shape of p) from probabilities p, for `hard` and `sample` modes."""
+    if mode == "sample":
+        return torch.bernoulli(p.detach())
+    hard = (p > 0.5).to(p.dtype)
+    # Straight-through: forward the 0/1 value, backward as if it were p.
+    return hard + p - p.detach() if training else hard
+
+
+def log_prob(p, actions, eps=1e-6):
+    """log pi(a) of Bernoulli actions under probabilities p (elementwise)."""
+    p = p.clamp(eps, 1 - eps)
+    return actions * torch.log(p) + (1 - actions) * torch.log1p(-p)

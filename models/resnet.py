@@ -1,0 +1,129 @@
+"""CIFAR ResNet (depth 6n+2, widths 16k/32k/64k, option-B shortcuts) with a switch before every block but
+the first. Built from a plain, JSON-serialisable architecture description (see models/__init__.py), which
+after static pruning also names the rank of every factored conv."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gates.switches import act, build_switches
+
+
+class FactoredConv(nn.Module):
+    """A conv after eigenbasis pruning: rotate the input into the kept eigendirections of A (1x1), apply the
+    core k x k conv between the kept directions, rotate back to the output space of G (1x1). Input and
+    output widths equal the original conv's, so BN, residual adds and switches are untouched."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride, padding, rank_in, rank_out):
+        super().__init__()
+        self.rot_in = nn.Conv2d(in_ch, rank_in, 1, bias=False)
+        self.core = nn.Conv2d(rank_in, rank_out, kernel_size, stride=stride, padding=padding, bias=False)
+        self.rot_out = nn.Conv2d(rank_out, out_ch, 1, bias=False)
+
+    def forward(self, x):
+        return self.rot_out(self.core(self.rot_in(x)))
+
+
+def make_conv(name, ranks, in_ch, out_ch, kernel_size, stride=1):
+    padding = kernel_size // 2
+    if name in ranks:
+        r_in, r_out = ranks[name]
+        return FactoredConv(in_ch, out_ch, kernel_size, stride, padding, r_in, r_out)
+    return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, name, ranks, in_ch, out_ch, stride):
+        super().__init__()
+        self.conv1 = make_conv(f"{name}.conv1", ranks, in_ch, out_ch, 3, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = make_conv(f"{name}.conv2", ranks, out_ch, out_ch, 3)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.projects = stride != 1 or in_ch != out_ch
+        if self.projects:  # option B: 1x1 conv (+BN) wherever the shape changes
+            self.shortcut = make_conv(f"{name}.shortcut", ranks, in_ch, out_ch, 1, stride)
+            self.shortcut_bn = nn.BatchNorm2d(out_ch)
+
+    def residual(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def skip(self, x):
+        """What the block outputs when its switch says skip: its shortcut."""
+        return self.shortcut_bn(self.shortcut(x)) if self.projects else x
+
+    def forward(self, x):
+        return F.relu(self.residual(x) + self.skip(x))
+
+    def forward_masked(self, x, a):
+        """Every image computes the block; the 0/1 mask `a` (N,) mixes block output and shortcut. Used in
+        training (the mask carries the switch's gradient) and as the reference for skip execution."""
+        s = self.skip(x)
+        y = F.relu(self.residual(x) + s)
+        a = a.view(-1, 1, 1, 1).to(y.dtype)
+        return y * a + s * (1 - a)  # exact for a in {0, 1}: equals skip execution bit for bit
+
+    def forward_skipping(self, x, a):
+        """Inference: the block runs only on the sub-batch of images that execute it, so skipping saves
+        wall-clock time and not only FLOPs on paper."""
+        s = self.skip(x)
+        idx = a.nonzero().flatten()
+        n = idx.numel()
+        if n == x.shape[0]:
+            return F.relu(self.residual(x) + s)
+        if n == 0:
+            return s
+        y = F.relu(self.residual(x.index_select(0, idx)) + s.index_select(0, idx))
+        return s.index_copy(0, idx, y.to(s.dtype))
+
+
+class ResNet(nn.Module):
+    def __init__(self, arch):
+        super().__init__()
+        self.arch = arch
+        n = (arch["depth"] - 2) // 6
+        k = arch["width"]
+        ranks = arch.get("ranks", {})
+        widths = [16 * k, 32 * k, 64 * k]
+        self.stem = make_conv("stem", ranks, arch.get("in_channels", 3), widths[0], 3)
+        self.stem_bn = nn.BatchNorm2d(widths[0])
+        blocks, in_widths = [], []
+        for stage, width in enumerate(widths):
+            for b in range(n):
+                in_ch = in_widths and blocks[-1].bn2.num_features or widths[0]
+                stride = 2 if stage > 0 and b == 0 else 1
+                blocks.append(BasicBlock(f"blocks.{len(blocks)}", ranks, in_ch, width, stride))
+                in_widths.append(in_ch)
+        self.blocks = nn.ModuleList(blocks)
+        # Switch j decides block j+1 and sees that block's input.
+        self.switches = build_switches(arch["gate"], in_widths[1:])
+        self.fc = nn.Linear(widths[2], arch["num_classes"])
+        self.mode = "hard"
+        self.execution = "auto"  # auto: masked in training, skipping at inference; or force "mask" / "skip"
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def num_switches(self):
+        return len(self.blocks) - 1
+
+    def forward(self, x, mode=None):
+        """Returns (logits, actions, probs); actions and probs are (N, num_switches): the 0/1 route each
+        image took and the switches' probabilities (all ones in `open` mode, where switches are not run)."""
+        mode = mode or self.mode
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = self.blocks[0](x)
+        if mode == "open":
+            for block in self.blocks[1:]:
+                x = block(x)
+            ones = x.new_ones(x.shape[0], self.num_switches, dtype=torch.float32)
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)), ones, ones
+        skipping = self.execution == "skip" or (self.execution == "auto" and not self.training)
+        state, actions, probs = None, [], []
+        for j, block in enumerate(self.blocks[1:]):
+            p, state = self.switches(j, x, state)
+            a = act(p, mode, self.training)
+            x = block.forward_skipping(x, a.detach()) if skipping else block.forward_masked(x, a)
+            actions.append(a)
+            probs.append(p)
+        logits = self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return logits, torch.stack(actions, 1), torch.stack(probs, 1)

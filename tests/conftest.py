@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+
+def mix_switches(model, seed=0):
+    """Make the switches take mixed decisions within a batch: BNs get random statistics, and each switch's
+    probability is re-centred on its batch median (a forward hook on the real switch output, monotone, so
+    the images with the higher p execute). Works for both switch kinds."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        for p in model.switches.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+    def recentre(module, inputs, output):
+        p, state = output
+        z = torch.logit(p.double().clamp(1e-12, 1 - 1e-12))
+        return torch.sigmoid(8 * (z - z.median() + 1e-9) / (z.std(correction=0) + 1e-12)).to(p.dtype), state
+
+    model.switches.register_forward_hook(recentre)
+    return model
+
+
+@pytest.fixture
+def root():
+    return ROOT

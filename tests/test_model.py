@@ -1,0 +1,79 @@
+"""The network, its switches and the FLOPs/parameter counter (SPEC.md: Model, Conventions)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import mix_switches
+from models import build_model, make_arch
+from utils.errors import UserError
+from utils.flops import count_params, dense_flops, measure_costs, routed_flops
+
+
+def test_resnet32_k4_counts_2_20_gflops_and_7_45m_params():
+    model = build_model(make_arch(depth=32, width=4, num_classes=100)).eval()
+    costs = measure_costs(model)
+    assert dense_flops(costs) / 1e9 == pytest.approx(2.20, rel=0.01)
+    backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("switches."))
+    assert backbone / 1e6 == pytest.approx(7.45, rel=0.01)
+    assert count_params(model) > backbone  # switches are parameters too
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32), "open")
+    assert counter.get_total_flops() == dense_flops(costs)
+    assert len(costs["blocks"]) == model.num_switches == 14
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_counter_agrees_with_flopcountermode_on_routed_batch(gate):
+    model = mix_switches(build_model(make_arch(depth=14, width=1, num_classes=10, gate=gate))).eval()
+    costs = measure_costs(model)
+    x = torch.randn(12, 3, 32, 32)
+    model.execution = "skip"
+    with FlopCounterMode(display=False) as counter:
+        _, actions, _ = model(x)
+    assert 0 < actions.mean() < 1
+    assert routed_flops(costs, actions).sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_ff_switch_costs_about_an_eighth_of_a_block():
+    costs = measure_costs(build_model(make_arch(depth=32, width=1, num_classes=10, gate="ff")))
+    assert 0.08 < costs["switches"] / sum(costs["blocks"]) < 0.2
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_skip_execution_equals_masked_execution(gate):
+    model = mix_switches(build_model(make_arch(depth=20, width=1, num_classes=10, gate=gate)), seed=1).eval()
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        model.execution = "mask"
+        masked, a_masked, _ = model(x)
+        model.execution = "skip"
+        skipped, a_skipped, _ = model(x)
+    assert torch.equal(a_masked, a_skipped)
+    rates = a_masked.mean(0)
+    # mixed decisions, including at the downsampling blocks (blocks 3 and 6 of depth 20 -> switches 2 and 5)
+    assert ((rates > 0) & (rates < 1)).sum() >= 4
+    assert 0 < rates[2] < 1 or 0 < rates[5] < 1
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=0)
+
+
+def test_modes_and_shapes():
+    model = build_model(make_arch(depth=8, width=1, num_classes=7))
+    x = torch.randn(3, 3, 16, 16)
+    for mode in ("open", "hard", "sample"):
+        logits, actions, probs = model(x, mode)
+        assert logits.shape == (3, 7) and actions.shape == probs.shape == (3, 2)
+        assert set(actions.detach().unique().tolist()) <= {0.0, 1.0}
+
+
+def test_hard_mode_straight_through_reaches_switches():
+    model = build_model(make_arch(depth=8, width=1, num_classes=5)).train()
+    logits, _, _ = model(torch.randn(4, 3, 16, 16), "hard")
+    logits.square().sum().backward()
+    assert model.switches.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", [dict(depth=33), dict(depth=4), dict(network="vgg"), dict(gate="lstm"),
+                                  dict(width=0)])
+def test_bad_architecture_is_a_user_error(arch):
+    with pytest.raises(UserError):
+        make_arch(**arch)

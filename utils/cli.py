@@ -1,0 +1,49 @@
+"""Command-line flags shared by the stage scripts. A bad flag is one line and exit status 2."""
+import argparse
+
+from utils.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we want one line, no usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def base_parser(description):
+    """Flags of the seed's stage-1 and stage-3 commands, plus ours."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data_dir", default="data", help="class folders train/<class>/*.<img_type> + test/..., "
+                   "or cifar-100-python/ pickles; found automatically")
+    d.add_argument("--img_type", default="png", help="image file extension in the class-folder layout")
+    d.add_argument("--resize", type=int, default=32, help="side the images are brought to")
+    d.add_argument("--download", action="store_true", help="fetch CIFAR-100 through torchvision if absent")
+    d.add_argument("--val_split", type=float, default=0.0,
+                   help="fraction of train held out for per-epoch validation (0: evaluate on test each epoch, "
+                        "never selecting on it)")
+    d.add_argument("--num_workers", type=int, default=4, help="processes decoding images once at start-up")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--bs", type=int, default=128, help="batch size per process")
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight_decay", type=float, default=5e-4)
+    t.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "constant"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    t.add_argument("--result_dir", default="results", help="each stage writes <result_dir>/<stage>/")
+    t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from this stage's last checkpoint (default: the one in --result_dir)")
+    return p
+
+
+def check_ranges(args):
+    """Values argparse cannot check by type alone."""
+    checks = [("epochs", args.epochs >= 0, "must be >= 0"), ("lr", args.lr > 0, "must be > 0"),
+              ("bs", args.bs >= 1, "must be >= 1"), ("momentum", 0 <= args.momentum < 1, "must be in [0, 1)"),
+              ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
+              ("resize", args.resize >= 8, "must be >= 8"), ("num_workers", args.num_workers >= 0, "must be >= 0"),
+              ("val_split", 0 <= args.val_split < 1, "must be in [0, 1)")]
+    for name, ok, why in checks:
+        if not ok:
+            raise UserError(f"--{name} {getattr(args, name)} {why}")

@@ -1,0 +1,392 @@
+"""CIFAR-style data: find and load a dataset into memory as uint8 tensors, and batch it on the device.
+
+Two on-disk layouts are recognised without being told which (SPEC "Data"):
+  folders  data_dir/train/<class>/*.<img_type> and data_dir/test/<class>/*.<img_type>
+  pickle   data_dir/cifar-100-python/{train,test,meta}, the official archive (or data_dir is that folder)
+With neither present and download=True, torchvision fetches the official archive.
+
+The whole dataset (150 MB for CIFAR-100) is held as one uint8 tensor. BatchLoader moves it to the device
+once and does shuffling, crop/flip augmentation and normalisation there in batched tensor ops, so no
+DataLoader workers are involved and data never bounds an epoch. All randomness comes from generators
+seeded by (seed, epoch): a run resumed at epoch e sees exactly the batches the interrupted run would have.
+"""
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+PICKLE_DIR = "cifar-100-python"
+PICKLE_FILES = ("train", "test", "meta")
+PAD = 4  # pixels of zero padding for the random crop
+
+
+class DataError(UserError):
+    """A problem with --data_dir or the data flags; its message is one line."""
+
+
+@dataclass
+class Dataset:
+    train_x: torch.Tensor  # uint8 (N, 3, S, S)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list  # class names; index i is label i
+    layout: str  # "folders" | "pickle"
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_dataset(data_dir, img_type="png", resize=32, download=False, num_workers=0):
+    """Load train and test splits from `data_dir`, whichever layout it holds, at resize x resize pixels."""
+    if isinstance(resize, bool) or not isinstance(resize, int) or resize <= 0:
+        raise DataError(f"--resize must be a positive integer, got {resize!r}")
+    img_type = str(img_type).lower().lstrip(".")
+    if not img_type:
+        raise DataError("--img_type is empty; expected an image file extension such as png or jpg")
+    data_dir = os.path.expanduser(str(data_dir))
+
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} is a file, expected a directory")
+    if not os.path.exists(data_dir) and not download:
+        raise DataError(f"--data_dir {data_dir} does not exist")
+
+    if os.path.isdir(data_dir):
+        if _has_dir(data_dir, "train") or _has_dir(data_dir, "test"):
+            return _load_folders(data_dir, img_type, resize, num_workers)
+        pickle_dir = _find_pickle_dir(data_dir)
+        if pickle_dir is not None:
+            return _load_pickles(pickle_dir, resize)
+    if download:
+        return _load_pickles(_download(data_dir), resize)
+    raise DataError(
+        f"--data_dir {data_dir} holds neither train/<class>/*.{img_type} + test/<class>/*.{img_type} "
+        f"nor {PICKLE_DIR}/ (use --download to fetch CIFAR-100); {_describe_contents(data_dir)}")
+
+
+def _has_dir(parent, name):
+    return os.path.isdir(os.path.join(parent, name))
+
+
+def _describe_contents(path):
+    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
+    if not entries:
+        return "it is empty"
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    return f"it holds: {shown}"
+
+
+def _find_pickle_dir(data_dir):
+    """The folder holding the official pickles: data_dir/cifar-100-python, or data_dir itself."""
+    if _has_dir(data_dir, PICKLE_DIR):
+        return os.path.join(data_dir, PICKLE_DIR)
+    if os.path.basename(os.path.normpath(data_dir)) == PICKLE_DIR or all(
+            os.path.isfile(os.path.join(data_dir, f)) for f in PICKLE_FILES):
+        return data_dir
+    return None
+
+
+def _download(data_dir):
+    import torchvision  # only needed here; keeps import of this module light
+
+    try:
+        torchvision.datasets.CIFAR100(data_dir, train=True, download=True)
+    except Exception as e:  # no network, disk full, bad checksum: all are the user's to fix
+        raise DataError(f"could not download CIFAR-100 into {data_dir}: {_one_line(e)}") from None
+    return os.path.join(data_dir, PICKLE_DIR)
+
+
+# --- the official pickles
+
+def _load_pickles(pickle_dir, resize):
+    for name in PICKLE_FILES:
+        if not os.path.isfile(os.path.join(pickle_dir, name)):
+            raise DataError(f"{pickle_dir} lacks the file '{name}'; expected the official CIFAR-100 "
+                            f"python archive ({', '.join(PICKLE_FILES)})")
+    meta = _read_pickle(os.path.join(pickle_dir, "meta"), [b"fine_label_names"])
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"fine_label_names"]]
+    train_x, train_y = _pickle_split(os.path.join(pickle_dir, "train"), len(classes), resize)
+    test_x, test_y = _pickle_split(os.path.join(pickle_dir, "test"), len(classes), resize)
+    return Dataset(train_x, train_y, test_x, test_y, classes, "pickle")
+
+
+def _read_pickle(path, keys):
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")  # the official files were written by Python 2
+    except Exception as e:
+        raise DataError(f"cannot read {path} as a CIFAR-100 pickle: {_one_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} holds a {type(obj).__name__}, expected a dict as in the CIFAR-100 archive")
+    for key in keys:
+        if key not in obj:
+            raise DataError(f"{path} lacks the key {key!r}; expected the official CIFAR-100 format")
+    return obj
+
+
+def _pickle_split(path, num_classes, resize):
+    d = _read_pickle(path, [b"data", b"fine_labels"])
+    data = np.asarray(d[b"data"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
+        raise DataError(f"{path}: b'data' is {data.dtype} of shape {data.shape}, expected uint8 N x 3072")
+    labels = np.asarray(d[b"fine_labels"], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels span {labels.min()}..{labels.max()}, "
+                        f"but meta names {num_classes} classes")
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows are CHW already
+    return _resize_tensor(x, resize), torch.from_numpy(labels)
+
+
+def _resize_tensor(x, size, chunk=4096):
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = torch.empty(x.shape[0], 3, size, size, dtype=torch.uint8)
+    for i in range(0, x.shape[0], chunk):  # in chunks: float copies of 50,000 images are 600 MB
+        part = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=True)
+        out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# --- class folders
+
+def _load_folders(data_dir, img_type, resize, num_workers):
+    for split in ("train", "test"):
+        if not _has_dir(data_dir, split):
+            raise DataError(f"--data_dir {data_dir} has no {split}/ folder; expected "
+                            f"train/<class>/*.{img_type} and test/<class>/*.{img_type}")
+    train_files, classes = _list_images(os.path.join(data_dir, "train"), img_type)
+    test_files, test_classes = _list_images(os.path.join(data_dir, "test"), img_type)
+    if test_classes != classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        raise DataError(f"class folders of {data_dir}/test differ from those of train: "
+                        f"only in train: {_short_list(only_train)}; only in test: {_short_list(only_test)}")
+    train_x, train_y = _decode_all(train_files, resize, num_workers)
+    test_x, test_y = _decode_all(test_files, resize, num_workers)
+    return Dataset(train_x, train_y, test_x, test_y, classes, "folders")
+
+
+def _short_list(names, limit=5):
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _list_images(split_dir, img_type):
+    """[(path, label)] in sorted class then file name order, and the sorted class names."""
+    suffixes = (".jpg", ".jpeg") if img_type in ("jpg", "jpeg") else (f".{img_type}",)
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/*.{img_type}")
+    files, other_suffixes, empty = [], set(), []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        found = 0
+        for entry in sorted(os.listdir(class_dir)):
+            if entry.startswith("."):
+                continue
+            if entry.lower().endswith(suffixes):
+                files.append((os.path.join(class_dir, entry), label))
+                found += 1
+            else:
+                other_suffixes.add(os.path.splitext(entry)[1].lower() or entry)
+        if not found:
+            empty.append(name)
+    if not files:
+        other = f"found other files: {', '.join(sorted(other_suffixes))}" if other_suffixes else "found no files"
+        raise DataError(f"no *.{img_type} images under {split_dir} ({other}); check --img_type")
+    if empty:
+        raise DataError(f"class folder {os.path.join(split_dir, empty[0])} holds no *.{img_type} images"
+                        + (f" ({len(empty)} such folders)" if len(empty) > 1 else ""))
+    return files, classes
+
+
+def _decode_chunk(paths, size):
+    """Decode image files into one uint8 array (n, size, size, 3). Runs in worker processes."""
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
+                out[i] = np.asarray(im)
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {_one_line(e)}") from None
+    return out
+
+
+def _decode_all(files, resize, num_workers, chunk=500):
+    paths = [p for p, _ in files]
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    if num_workers > 1 and len(chunks) > 1:
+        # one array per chunk of files crosses the process boundary, not one per image
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(chunks))) as pool:
+            arrays = list(pool.map(_decode_chunk, chunks, [resize] * len(chunks)))
+    else:
+        arrays = [_decode_chunk(c, resize) for c in chunks]
+    x = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return x, labels
+
+
+# ----------------------------------------------------------------------------------- splits and stats
+
+def split_val(x, y, fraction, seed):
+    """Hold out round(fraction * N) random images as a validation split; both parts keep their order."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"the validation fraction must be in [0, 1), got {fraction}")
+    n = x.shape[0]
+    n_val = min(int(round(n * fraction)), max(n - 1, 0))  # always leave something to train on
+    if n_val == 0:
+        return x, y, x[:0], y[:0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+
+def channel_stats(x_uint8, chunk=1024):
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, as float32 tensors."""
+    if x_uint8.shape[0] == 0:
+        raise DataError("cannot compute channel statistics of an empty image set")
+    c = x_uint8.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, x_uint8.shape[0], chunk):  # float64 copies of everything at once would be 1.2 GB
+        part = x_uint8[i:i + chunk].to(torch.float64)
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    count = x_uint8.numel() // c
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    return (mean / 255).float(), (std / 255).float()
+
+
+# ------------------------------------------------------------------------------------ augmentation
+
+def crop_and_flip(x, offsets, flips, pad=PAD):
+    """Per image b: the window of x[b] zero-padded by `pad` whose top-left corner is offsets[b] = (dy, dx)
+    in padded coordinates (so (pad, pad) is the image itself), mirrored left-right where flips[b].
+    One gather over the whole batch; offsets (B, 2) and flips (B,) must be on x's device."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = offsets[:, 0:1] + ar_h  # (B, H): source row of every output row
+    cols = offsets[:, 1:2] + torch.where(flips[:, None].bool(), ar_w.flip(0), ar_w)  # (B, W)
+    # flat position in the padded plane, shared by all channels: one gather beats 4-way advanced indexing
+    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+
+
+def augment(x_uint8_batch, generator, pad=PAD):
+    """Standard CIFAR augmentation on a batch: random crop of the `pad`-zero-padded image and random
+    horizontal flip, each drawn per image from `generator` (a CPU torch.Generator), done on x's device."""
+    b = x_uint8_batch.shape[0]
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
+    flips = torch.randint(0, 2, (b, 1), generator=generator)
+    draws = torch.cat([offsets, flips], dim=1).to(x_uint8_batch.device)  # one small host-to-device copy
+    return crop_and_flip(x_uint8_batch, draws[:, :2], draws[:, 2], pad)
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+def _seeded_generator(*keys):
+    """A CPU generator whose state depends only on the integers `keys` (well mixed, no collisions)."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+class BatchLoader:
+    """Batches of an in-memory uint8 image tensor, augmented and normalised on `device`.
+
+    train=True: every epoch a permutation of all N images (the same on every rank) is cut to a multiple
+    of world_size, rank r takes perm[r::world_size], and the last incomplete batch is dropped, so all
+    ranks run the same number of steps. Augmentation (crop + flip) unless augment=False, e.g. to see the
+    training images in shuffled order but unaugmented.
+    train=False: fixed order, no augmentation, last partial batch kept; rank r takes the r-th contiguous
+    shard, so the ranks together see every image exactly once (shards differ in size by at most one).
+    Order and augmentation depend only on (seed, epoch) (and rank for the augmentation): call
+    set_epoch(e) before iterating epoch e. Yields (x float32 normalised, y int64), both on `device`.
+    """
+
+    def __init__(self, x_uint8, y, batch_size, *, train, device, mean, std, seed=0, rank=0, world_size=1,
+                 channels_last=False, augment=None):
+        if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batch_size <= 0:
+            raise DataError(f"the batch size must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        self.x = x_uint8.to(self.device)  # once: every epoch reads from device memory
+        self.y = y.to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self.train = train
+        self.do_augment = train if augment is None else augment
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
+        self.epoch = 0
+        # normalisation folded into one multiply-add: (x / 255 - mean) / std
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1 / (255 * std)).to(self.device)
+        self.shift = (-mean / std).to(self.device)
+
+        n = x_uint8.shape[0]
+        if train:
+            per_rank = n // world_size
+            self.num_batches = per_rank // batch_size
+            if self.num_batches == 0:
+                raise DataError(f"batch size {batch_size} exceeds the {per_rank} training images "
+                                f"available to each of {world_size} process(es)")
+            self.num_samples = self.num_batches * batch_size
+        else:
+            self.shard = (n * rank // world_size, n * (rank + 1) // world_size)  # even contiguous shards
+            self.num_samples = self.shard[1] - self.shard[0]
+            self.num_batches = -(-self.num_samples // batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.num_batches
+
+    def _indices(self):
+        if not self.train:
+            return torch.arange(*self.shard)
+        n = self.x.shape[0]
+        perm = torch.randperm(n, generator=_seeded_generator(self.seed, self.epoch))
+        mine = perm[:n - n % self.world_size][self.rank::self.world_size]
+        return mine[:self.num_samples]
+
+    def __iter__(self):
+        idx = self._indices().to(self.device)
+        aug_gen = _seeded_generator(self.seed, self.epoch, self.rank, 1)
+        for start in range(0, self.num_samples, self.batch_size):
+            batch_idx = idx[start:start + self.batch_size]
+            x = self.x.index_select(0, batch_idx)
+            if self.do_augment:
+                x = augment(x, aug_gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)  # elementwise ops below keep it
+            x = x.float().mul_(self.scale).add_(self.shift)
+            yield x, self.y.index_select(0, batch_idx)

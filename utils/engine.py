@@ -1,0 +1,185 @@
+"""The training / evaluation loop shared by all three stages.
+
+A stage supplies a `step_fn(model, x, y) -> (loss, stats)` (stats: dict of scalar or per-switch tensors,
+averaged over the epoch) and gets back per-epoch training stats, evaluation results with the GFLOPs each
+image really executed, TensorBoard curves, a tqdm bar, a one-line summary per epoch and an atomic
+checkpoint per epoch.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from utils.dist import all_reduce_sum
+from utils.flops import routed_flops
+from utils.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def seed_epoch(ctx, epoch):
+    """The global RNG (switch sampling, anything else random in a step) depends only on (seed, epoch,
+    rank): a run resumed at epoch e draws exactly what the uninterrupted run drew."""
+    torch.manual_seed(ctx.seed * 1_000_003 + epoch * 7919 + ctx.rank)
+
+
+def autocast(ctx):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if ctx.amp else contextlib.nullcontext()
+
+
+def prepare(model, ctx):
+    """Move to the device (channels_last on CUDA) and wrap in DDP under torchrun. Returns (model, ddp):
+    `model` is the plain module (for checkpoints, FLOPs), `ddp` what the step calls."""
+    model = model.to(ctx.device, memory_format=torch.channels_last if ctx.amp else torch.preserve_format)
+    if not ctx.distributed:
+        return model, model
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return model, DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+
+
+def make_scheduler(optimizer, name, epochs, steps_per_epoch):
+    """Per-step schedules, so that a short run still sees the whole curve."""
+    total = max(1, epochs * steps_per_epoch)
+    if name == "cosine":
+        f = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    elif name == "step":  # x0.1 at 50% and 75% of training
+        f = lambda s: 0.1 ** ((s >= 0.5 * total) + (s >= 0.75 * total))
+    elif name == "constant":
+        f = lambda s: 1.0
+    else:
+        raise UserError(f"unknown --scheduler {name!r} (expected cosine, step or constant)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def supervised_step(model, x, y):
+    """Stages 1 and 2: cross-entropy on the routes the hard switches take."""
+    logits, actions, _ = model(x, "hard")
+    loss = F.cross_entropy(logits, y)
+    return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean(),
+                  "exec_rate": actions.detach().mean(0)}
+
+
+def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="train"):
+    ddp.train()
+    sums, n = {}, 0
+    first_bad = torch.tensor(-1, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, disable=not ctx.is_main, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        with autocast(ctx):
+            loss, stats = step_fn(ddp, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        n += 1
+        # A non-finite loss is caught at the next sync point (no .item() per step on the hot path).
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if step % 25 == 0 or step == len(loader) - 1:
+            if first_bad.item() >= 0:
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step "
+                                       f"{first_bad.item() + 1}; stopped, last good checkpoint kept")
+            bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}")
+    return reduce_means(sums, n)
+
+
+def reduce_means(sums, n):
+    """Means over all batches of all ranks; scalars become floats, vectors lists."""
+    out = {}
+    for k, v in sums.items():
+        t = all_reduce_sum(torch.cat([v.flatten(), v.new_tensor([n])]))
+        mean = t[:-1] / t[-1]
+        out[k] = mean.item() if v.dim() == 0 else mean.tolist()
+    return out
+
+
+@torch.no_grad()
+def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
+    """Top-1 accuracy, loss and the FLOPs each image really executed (skip execution, greedy switches),
+    over every image of `loader` (all ranks together)."""
+    model = getattr(ddp, "module", ddp)
+    model.eval()
+    sums = None
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main, dynamic_ncols=True):
+        with autocast(ctx):
+            logits, actions, _ = model(x, mode)
+        flops = routed_flops(costs, actions) if mode != "open" else \
+            torch.full((x.shape[0],), float(costs["base"] + sum(costs["blocks"])), dtype=torch.float64,
+                       device=x.device)
+        batch = torch.cat([torch.stack([
+            (logits.argmax(1) == y).sum().double(),
+            F.cross_entropy(logits.float(), y, reduction="sum").double(),
+            flops.sum(), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)]),
+            actions.double().sum(0)])
+        sums = batch if sums is None else sums + batch
+    sums = all_reduce_sum(sums)
+    n = sums[3].item()
+    return {"acc": 100.0 * sums[0].item() / n, "loss": sums[1].item() / n, "gflops": sums[2].item() / n / 1e9,
+            "exec_rate": (sums[4:] / n).tolist(), "images": int(n)}
+
+
+@torch.no_grad()
+def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
+    """Re-estimate BatchNorm running statistics with the current weights (cumulative average)."""
+    model = getattr(ddp, "module", ddp)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    model.execution = "mask"
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            with autocast(ctx):
+                model(x, mode)
+    finally:
+        model.execution = "auto"
+        for bn in bns:
+            bn.momentum = 0.1
+    # BN buffers differ per rank after their own shards: average them so every rank holds the same model.
+    if ctx.distributed:
+        for bn in bns:
+            for buf in (bn.running_mean, bn.running_var):
+                buf.div_(ctx.world_size)
+                all_reduce_sum(buf)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json(path, data):
+    """Atomic JSON write (a killed process never leaves half a metrics file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def summary_line(stage, epoch, epochs, train, ev, seconds, lr):
+    rate = sum(ev["exec_rate"]) / max(1, len(ev["exec_rate"]))
+    return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {100 * train['acc']:.2f}%  "
+            f"| eval acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "
+            f"exec {100 * rate:.0f}%  lr {lr:.2e}  {seconds:.0f}s")

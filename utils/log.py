@@ -1,0 +1,27 @@
+"""TensorBoard curves under <result_dir>/<stage>/tb (rank 0 only)."""
+import os
+
+
+class Logger:
+    def __init__(self, log_dir, enabled=True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir)
+
+    def scalars(self, prefix, values, step):
+        """Log a dict of floats; a list (one value per switch) becomes prefix/key/switch_NN curves."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (list, tuple)):
+                for j, v in enumerate(value):
+                    self.writer.add_scalar(f"{prefix}/{key}/switch_{j + 1:02d}", v, step)
+            elif isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

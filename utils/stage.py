@@ -1,0 +1,139 @@
+"""What every stage does around its own algorithm: load the data once, guard --result_dir, run the shared
+epoch loop with a checkpoint per epoch, and write metrics.json. The three main_*.py scripts only add
+their flags, their model and their step function."""
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from utils.checkpoint import save_checkpoint
+from utils.data import BatchLoader, channel_stats, load_dataset, split_val
+from utils.dist import barrier
+from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
+from utils.errors import UserError
+from utils.flops import count_params
+from utils.log import Logger
+
+
+@dataclass
+class Data:
+    train: BatchLoader        # augmented, shuffled, sharded over ranks
+    plain_train: BatchLoader  # train images shuffled, not augmented (stage 2's factor pass, BN statistics)
+    eval: BatchLoader         # validation split if --val_split > 0, else test (reported, never selected on)
+    test: BatchLoader
+    num_classes: int
+    image_size: int
+    eval_name: str
+
+
+def load_data(args, ctx, bs=None):
+    """Decode the dataset once into memory (on the device), split off validation, build the loaders."""
+    ds = load_dataset(args.data_dir, args.img_type, args.resize, args.download, args.num_workers)
+    train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
+    if len(train_x) == 0:
+        raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
+    mean, std = channel_stats(train_x)
+    bs = bs or args.bs
+    common = dict(device=ctx.device, mean=mean, std=std, rank=ctx.rank, world_size=ctx.world_size,
+                  channels_last=ctx.amp)
+    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common)
+    val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
+    return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, **common),
+                plain_train=BatchLoader(train_x, train_y, bs, train=True, augment=False, seed=args.seed, **common),
+                eval=val or test, test=test, num_classes=len(ds.classes), image_size=args.resize,
+                eval_name="val" if val else "test")
+
+
+def check_result_dir(path):
+    """--result_dir must be (or be creatable as) a writable directory; checked before anything is written."""
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise UserError(f"--result_dir {path} exists and is not a directory")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--result_dir {path} is not writable")
+
+
+class StageRun:
+    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/."""
+
+    def __init__(self, name, result_dir, ctx):
+        self.name, self.ctx = name, ctx
+        self.dir = os.path.join(result_dir, name)
+        self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        self.metrics_path = os.path.join(self.dir, "metrics.json")
+        self.logger = None
+
+    def open(self):
+        """Create the stage's folder and TensorBoard writer. Call only once all input has been checked."""
+        if self.ctx.is_main:
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create {self.dir}: {e.strerror}") from None
+        self.logger = Logger(os.path.join(self.dir, "tb"), enabled=self.ctx.is_main)
+        return self
+
+    def save(self, payload):
+        if self.ctx.is_main:
+            save_checkpoint(self.checkpoint_path, {"stage": self.name, **payload})
+        barrier()
+
+    def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, payload,
+            log_offset=0):
+        """The epoch loop. `payload(epoch)` returns the checkpoint dict of the stage's state after `epoch`
+        epochs (arch, model, optimizer ... are filled in here). Returns the last evaluation."""
+        ev = None
+        for epoch in range(start_epoch, epochs):
+            seed_epoch(self.ctx, epoch)
+            data.train.set_epoch(epoch)
+            t0 = time.time()
+            tr = train_epoch(ddp, data.train, optimizer, scheduler, step_fn, self.ctx, epoch=epoch,
+                             desc=f"{self.name} epoch")
+            ev = evaluate(ddp, data.eval, self.ctx, costs, desc=data.eval_name)
+            lr = optimizer.param_groups[0]["lr"]
+            if self.ctx.is_main:
+                print(summary_line(self.name, epoch + 1, epochs, tr, ev, time.time() - t0, lr), flush=True)
+            step = log_offset + epoch + 1
+            self.logger.scalars("train", tr, step)
+            self.logger.scalars(data.eval_name, ev, step)
+            self.logger.scalars("train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
+            self.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch + 1,
+                       "rng": rng_state(), **payload(epoch + 1)})
+        return ev
+
+    def finish(self, model, ddp, data, costs, extra=None):
+        """Final test evaluation of the model the stage ends with -> metrics.json (and the checkpoint's
+        metrics). Returns the metrics dict."""
+        test = evaluate(ddp, data.test, self.ctx, costs, desc="test")
+        metrics = {"stage": self.name, "test_acc": test["acc"], "test_loss": test["loss"],
+                   "gflops_per_image": test["gflops"], "exec_rate": test["exec_rate"],
+                   "params": count_params(model), "test_images": test["images"], **(extra or {})}
+        if self.ctx.is_main:
+            write_json(self.metrics_path, metrics)
+            print(f"[{self.name}] test acc {metrics['test_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
+                  f"GFLOPs/image  {metrics['params'] / 1e6:.3f} M params  -> {self.metrics_path}", flush=True)
+        if self.logger:
+            self.logger.close()
+        return metrics
+
+
+def resume_path(arg, run):
+    """--resume with no path means this stage's own checkpoint in --result_dir."""
+    return run.checkpoint_path if arg == "auto" else arg
+
+
+def restore_training_state(ckpt, optimizer, scheduler):
+    """Optimizer / scheduler / RNG state of a checkpoint (the model is rebuilt by the caller)."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint's optimizer state does not fit this run ({str(e)[:120]})") from None
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return int(ckpt.get("epoch", 0))
