@@ -32,8 +32,11 @@ class RNNSwitches(nn.Module):
 
     def forward(self, j, x, state):
         e = self.proj[j](F.adaptive_avg_pool2d(x, 1)).flatten(1)
-        h, c = self.lstm(e.float(), state)  # the recurrence runs in float32 even under autocast
-        return torch.sigmoid(self.head(h)).squeeze(1), (h, c)
+        # The recurrence runs in float32 even under bf16 autocast: its state crosses 14 switches and p is
+        # compared with 0.5, so rounding would flip decisions. It costs nothing at this size.
+        with torch.autocast(x.device.type, enabled=False):
+            h, c = self.lstm(e.float(), state)
+            return torch.sigmoid(self.head(h)).squeeze(1), (h, c)
 
 
 class FFSwitches(nn.Module):

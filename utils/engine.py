@@ -42,7 +42,7 @@ def prepare(model, ctx):
     if not ctx.distributed:
         return model, model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return model, DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+    return model, DistributedDataParallel(model, device_ids=ids)
 
 
 def make_scheduler(optimizer, name, epochs, steps_per_epoch):
