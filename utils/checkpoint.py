@@ -16,6 +16,7 @@ from models import build_model, check_arch
 from utils.errors import UserError
 
 FORMAT = "dynprune-checkpoint/1"
+TMP_PREFIX = ".tmp-checkpoint-"
 STAGE_NAMES = {"sp": "stage 1 (main_sp.py)", "prune": "stage 2 (main_prune.py)",
                "rl": "stage 3 (main_rl_prune.py)"}
 
@@ -25,7 +26,10 @@ def save_checkpoint(path, payload):
     writing leaves the previous checkpoint in place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    for stale in os.listdir(directory):  # left by a process killed while writing (one writer per folder)
+        if stale.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(directory, stale))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **payload}, f)

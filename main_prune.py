@@ -1,0 +1,145 @@
+"""Stage 2: prune the stage-1 network in the Kronecker-factored eigenbasis (EigenDamage), then fine-tune.
+
+    python main_prune.py --config_path config.json [--resume [PATH]] [--result_dir DIR] [--data_dir DIR]
+                         [--device DEV] [--checkpoint PATH]
+
+Reads the stage-1 checkpoint (the config's `checkpoint`, default <result_dir>/sp/checkpoint.pt) and writes
+<result_dir>/prune/{checkpoint.pt, metrics.json, tb/}: the row "static pruning only". The config keys are
+described in pruners/config.py; the command-line flags override the keys of the same name.
+"""
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+
+from pruners import check_reachable, evenly_spaced, prunable_convs, prune, set_rotations_trainable
+from pruners.config import load_config
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import Parser
+from utils.dist import setup, teardown
+from utils.engine import evaluate, make_scheduler, prepare, recalibrate_bn, rng_state, supervised_step
+from utils.errors import UserError, run_main
+from utils.flops import count_params, dense_flops, measure_costs
+from utils.stage import StageRun, check_result_dir, load_data, restore_training_state
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--config_path", required=True, help="the JSON config (keys: pruners/config.py)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue from this stage's last checkpoint (default: the one in result_dir)")
+    for key in ("result_dir", "data_dir", "device", "checkpoint"):
+        p.add_argument(f"--{key}", default=None, help=f"overrides the config's '{key}'")
+    return p.parse_args(argv)
+
+
+def targets(schedule):
+    return [(r["target"], r["value"]) for r in schedule]
+
+
+def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
+    """Steps 1-6 of SPEC.md stage 2 on `model`; returns the rebuilt model (on the device) and the round's
+    report, with the evaluation of the pruned net before any fine-tuning."""
+    torch.manual_seed(cfg["seed"] * 1_000_003 + r)  # the labels the true Fisher samples
+    model, report = prune(
+        model.to(ctx.device), evenly_spaced(data.plain_train, cfg["fisher_batches"]), target=spec["target"],
+        value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
+        damping=cfg["damping"], fisher_type=cfg["fisher_type"],
+        num_batches=min(cfg["fisher_batches"], len(data.plain_train)), progress=ctx.is_main)
+    before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size),
+                      desc=f"{data.eval_name} after pruning")
+    report.update({f"{data.eval_name}_acc_before_finetune": before["acc"],
+                   f"{data.eval_name}_loss_before_finetune": before["loss"]})
+    if ctx.is_main:
+        print(f"[prune] round {r + 1}: {spec['target']} {spec['value']} -> cut {report['ratio']:.3f} of "
+              f"{report['directions']} directions, {report['params'] / 1e6:.3f} M params (compression "
+              f"{report['compression']:.3f}), {len(model.arch['ranks'])} convs factored; {data.eval_name} acc "
+              f"{before['acc']:.2f}% before fine-tuning; factor pass {report['factor_seconds']:.1f}s, eigh "
+              f"{report['eigen_seconds']:.1f}s", flush=True)
+    return model, report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config_path, {k: getattr(args, k) for k in
+                                         ("result_dir", "data_dir", "device", "checkpoint", "resume")})
+    schedule = cfg["schedule"]
+    check_result_dir(cfg["result_dir"])
+    ctx = setup(cfg["device"], cfg["seed"])
+    run = StageRun("prune", cfg["result_dir"], ctx)
+    stage1_path = cfg["checkpoint"] or os.path.join(cfg["result_dir"], "sp", "checkpoint.pt")
+    stage1 = load_checkpoint(stage1_path, ("sp",), "checkpoint")
+    resume_from = run.checkpoint_path if cfg["resume"] is True else cfg["resume"]
+    ckpt = load_checkpoint(resume_from, ("prune",), "--resume") if resume_from else None
+    if ckpt and not {"round", "history", "schedule"} <= set(ckpt):
+        raise UserError(f"--resume {resume_from}: lacks the pruning state (round, history, schedule)")
+    if ckpt and targets(ckpt["schedule"]) != targets(schedule):
+        raise UserError(f"--resume {resume_from}: its pruning targets {targets(ckpt['schedule'])} differ "
+                        f"from the config's {targets(schedule)}")
+    data = load_data(SimpleNamespace(**cfg), ctx)
+    if stage1["arch"]["num_classes"] != data.num_classes:
+        raise UserError(f"checkpoint {stage1_path}: its network has {stage1['arch']['num_classes']} classes, "
+                        f"data_dir {cfg['data_dir']} holds {data.num_classes}")
+    model = model_from_checkpoint(stage1, stage1_path, "checkpoint")
+    params_stage1 = count_params(model)
+    if ckpt:
+        model = model_from_checkpoint(ckpt, resume_from, "--resume")
+        first_round, history = ckpt["round"], ckpt["history"]
+    else:
+        check_reachable(model, schedule[0]["target"], schedule[0]["value"], cfg["prune_ratio_limit"],
+                        params_stage1)
+        first_round, history = 0, []
+    run.open()
+
+    logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds
+    for r in range(first_round, len(schedule)):
+        spec, resuming = schedule[r], ckpt is not None and r == first_round
+        if not resuming:
+            model, report = prune_round(model, data, ctx, cfg, spec, r, params_stage1)
+            history.append(report)
+            run.logger.scalars("prune", {k: report[k] for k in ("compression", "params")}, logged)
+        set_rotations_trainable(model, not cfg["fix_rotation"])
+        model, ddp = prepare(model, ctx)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=spec["lr"],
+                                    momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                                    nesterov=cfg["momentum"] > 0)
+        scheduler = make_scheduler(optimizer, cfg["scheduler"], spec["epochs"], len(data.train))
+        costs = measure_costs(model, data.image_size)
+
+        def payload(epoch, r=r):
+            return {"round": r, "history": history, "schedule": schedule, "config": cfg,
+                    "params_stage1": params_stage1, "stage1_checkpoint": stage1_path}
+
+        def save(epoch):
+            run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(), **payload(epoch)})
+
+        if resuming:
+            start = restore_training_state(ckpt, optimizer, scheduler)
+        else:
+            start = 0
+            save(0)  # right after pruning: --resume continues the fine-tuning from here
+        run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler,
+                step_fn=supervised_step, epochs=spec["epochs"], start_epoch=start, costs=costs, payload=payload,
+                log_offset=logged)
+        t0 = time.perf_counter()
+        # One epoch of shuffled training batches: BN averages per-batch variances, so batches in file order
+        # (plain_train of a class-folder dataset holds one class each) would miss the variance between
+        # classes. The augmentation is the one the fine-tuning normalised under.
+        recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
+        history[-1]["bn_seconds"] = time.perf_counter() - t0
+        save(spec["epochs"])  # with the re-estimated BN statistics that the next round and the metrics use
+        logged += spec["epochs"]
+
+    params = count_params(model)
+    run.finish(model, ddp, data, costs, {
+        "params_stage1": params_stage1, "compression": 1 - params / params_stage1,
+        "dense_gflops": dense_flops(costs) / 1e9, "ranks": model.arch["ranks"],
+        "layers_unpruned": [n for n in prunable_convs(model) if n not in model.arch["ranks"]], "rounds": history,
+        "stage1_checkpoint": stage1_path})
+    teardown()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,188 @@
+"""Stage 2's config file (config.json): every key with its type, default, check and meaning, in one table.
+
+The README's key table is generated from KEYS (markdown_table), so documentation and validation cannot
+drift apart. A bad file ends the program with one line naming the key (UserError, exit status 2) before
+anything is read or written.
+
+Pruning targets. `prune_mode: one_pass` prunes once to the top-level `compression` or `ratio` (exactly one
+of the two) and fine-tunes for `epochs`. `prune_mode: iterative` runs the rounds listed in `rounds`, each
+{"compression" | "ratio": value, "epochs": optional, "lr": optional}: prune to that target, fine-tune for
+the round's epochs (default: the top-level `epochs`) at its lr (default: the top-level `lr`). A round's
+`compression` is measured against the stage-1 model, so successive compression targets must grow; a
+round's `ratio` is the fraction of the directions the round starts with.
+"""
+import json
+
+from utils.errors import UserError
+
+REQUIRED = object()  # the default of a key that must be given
+
+
+def _in(*choices):
+    return lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}"
+
+
+def _range(lo, hi, lo_open=False, hi_open=True):
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if hi is None:
+        return ok, f"must be {'>' if lo_open else '>='} {lo}"
+    return ok, f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+ANY = (lambda v: True, "")
+NONEMPTY = (lambda v: bool(v), "must not be empty")
+NUMBER, INT, BOOL, STR = (int, float), (int,), (bool,), (str,)
+NULL = type(None)
+
+# key: (accepted types, default, (check, what the check demands), description)
+KEYS = {
+    "result_dir": (STR, REQUIRED, NONEMPTY, "results root; this stage writes <result_dir>/prune/ "
+                   "(checkpoint.pt, metrics.json, tb/)"),
+    "data_dir": (STR, REQUIRED, NONEMPTY, "dataset: train/<class>/*.<img_type> + test/<class>/..., or "
+                 "cifar-100-python/ (found automatically)"),
+    "img_type": (STR, "png", NONEMPTY, "image file extension in the class-folder layout"),
+    "resize": (INT, 32, _range(8, None), "side, in pixels, the images are brought to"),
+    "download": (BOOL, False, ANY, "fetch CIFAR-100 through torchvision when data_dir holds neither layout"),
+    "val_split": (NUMBER, 0.0, _range(0, 1), "fraction of train held out for per-epoch validation "
+                  "(0: evaluate on test each epoch, never selecting on it)"),
+    "num_workers": (INT, 4, _range(0, None), "processes decoding the images once at start-up"),
+    "checkpoint": (STR + (NULL,), None, ANY, "stage-1 checkpoint to prune; null: <result_dir>/sp/checkpoint.pt"),
+    "resume": (BOOL + STR + (NULL,), False, ANY, "continue an interrupted run: true for "
+               "<result_dir>/prune/checkpoint.pt, or a path; false/null starts afresh"),
+    "prune_mode": (STR, "one_pass", _in("one_pass", "iterative"), "one_pass: prune once to `compression` or "
+                   "`ratio`, then fine-tune; iterative: the prune/fine-tune rounds listed in `rounds`"),
+    "compression": (NUMBER + (NULL,), None, _range(0, 1, lo_open=True), "one_pass target: fraction of the "
+                    "stage-1 model's parameters (all of them) removed, met within 1 point"),
+    "ratio": (NUMBER + (NULL,), None, _range(0, 1), "one_pass target instead of compression: fraction of all "
+              "eigendirections (inputs and outputs of every layer, pooled) cut by the global threshold"),
+    "rounds": ((list, NULL), None, ANY, "iterative only: [{\"compression\" | \"ratio\": x, \"epochs\": n?, "
+               "\"lr\": x?}, ...], one prune + fine-tune per entry"),
+    "fisher_type": (STR, "true", _in("true", "empirical"), "labels of the factor pass: true = sampled from "
+                    "the model's softmax, empirical = the real labels"),
+    "fisher_batches": (INT, 200, _range(1, None), "batches of bs unaugmented training images in each factor "
+                       "pass, per process (at most all; spread evenly over the training set)"),
+    "damping": (NUMBER, 1e-3, _range(0, None), "added to each Kronecker factor before eigh, relative to its "
+                "mean eigenvalue (damping * trace/n * I); raised tenfold if eigh fails"),
+    "prune_ratio_limit": (NUMBER, 0.95, _range(0, 1, lo_open=True, hi_open=False), "largest fraction of one "
+                          "side (inputs or outputs) of one layer that may be cut"),
+    "fix_rotation": (BOOL, False, ANY, "freeze the 1x1 rotation convs while fine-tuning"),
+    "epochs": (INT, 100, _range(0, None), "fine-tuning epochs (per round in iterative mode, unless the round "
+               "says)"),
+    "lr": (NUMBER, 0.01, _range(0, None, lo_open=True), "fine-tuning learning rate (SGD, nesterov when "
+           "momentum > 0; per round unless the round says)"),
+    "momentum": (NUMBER, 0.9, _range(0, 1), "SGD momentum"),
+    "weight_decay": (NUMBER, 5e-4, _range(0, None), "SGD weight decay (on every trained parameter)"),
+    "scheduler": (STR, "cosine", _in("cosine", "step", "constant"), "learning-rate schedule over each "
+                  "fine-tuning (per step)"),
+    "bs": (INT, 128, _range(1, None), "batch size per process (fine-tuning, factor pass, evaluation)"),
+    "seed": (INT, 0, ANY, "seed of data order, augmentation and sampled Fisher labels"),
+    "device": (STR + (NULL,), None, ANY, "cpu, cuda or cuda:N; null: cuda when available"),
+}
+ROUND_KEYS = ("compression", "ratio", "epochs", "lr")
+TYPE_NAMES = {int: "integer", float: "number", bool: "true/false", str: "string", list: "list", NULL: "null"}
+
+
+def _type_name(types):
+    return " or ".join(TYPE_NAMES[t] for t in types if not (t is int and float in types))  # 3 is a number too
+
+
+def _check(where, key, value):
+    types, _, (ok, demand), _ = KEYS[key]
+    # bool is an int in Python; a JSON true is never accepted as a number (nor 1 as a boolean)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise UserError(f"{where}: key '{key}' must be {_type_name(types)}, got {json.dumps(value)}")
+    if value is not None and not ok(value):
+        raise UserError(f"{where}: key '{key}' {demand}, got {json.dumps(value)}")
+
+
+def validate(cfg, where="config"):
+    """Check a config dict; returns it complete (defaults filled in) with `rounds` resolved to the
+    schedule actually run: a list of {"target": "compression" | "ratio", "value", "epochs", "lr"}."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: expected a JSON object of keys, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(KEYS))
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(KEYS)})")
+    for key, value in cfg.items():
+        _check(where, key, value)
+    missing = [k for k, spec in KEYS.items() if spec[1] is REQUIRED and k not in cfg]
+    if missing:
+        raise UserError(f"{where}: missing required key '{missing[0]}'")
+    out = {k: cfg.get(k, spec[1]) for k, spec in KEYS.items()}
+    out["schedule"] = _schedule(out, where)
+    return out
+
+
+def _target(entry, where):
+    given = [k for k in ("compression", "ratio") if entry.get(k) is not None]
+    if len(given) != 1:
+        raise UserError(f"{where}: give exactly one of 'compression' and 'ratio'"
+                        + (" (both given)" if given else ""))
+    return given[0], entry[given[0]]
+
+
+def _schedule(cfg, where):
+    if cfg["prune_mode"] == "one_pass":
+        if cfg["rounds"] is not None:
+            raise UserError(f"{where}: key 'rounds' is for prune_mode iterative (one_pass prunes to the "
+                            f"top-level compression or ratio)")
+        target, value = _target(cfg, where)
+        return [{"target": target, "value": value, "epochs": cfg["epochs"], "lr": cfg["lr"]}]
+    for key in ("compression", "ratio"):
+        if cfg[key] is not None:
+            raise UserError(f"{where}: key '{key}' is for prune_mode one_pass; in iterative mode every "
+                            f"entry of 'rounds' gives its own target")
+    if not cfg["rounds"]:
+        raise UserError(f"{where}: prune_mode iterative needs key 'rounds', a non-empty list of "
+                        f"{{\"compression\" | \"ratio\": x, \"epochs\": n, \"lr\": x}}")
+    schedule, last = [], 0.0
+    for i, entry in enumerate(cfg["rounds"]):
+        at = f"{where}: rounds[{i}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{at} must be an object like {{\"compression\": 0.4, \"epochs\": 5}}")
+        unknown = sorted(set(entry) - set(ROUND_KEYS))
+        if unknown:
+            raise UserError(f"{at}: unknown key '{unknown[0]}' (known: {', '.join(ROUND_KEYS)})")
+        for key, value in entry.items():
+            _check(at, key, value)
+        target, value = _target(entry, at)
+        if target == "compression":
+            if value <= last:
+                raise UserError(f"{at}: key 'compression' {value} must exceed the previous round's {last} "
+                                f"(both are measured against the stage-1 model)")
+            last = value
+        schedule.append({"target": target, "value": value, "epochs": entry.get("epochs", cfg["epochs"]),
+                         "lr": entry.get("lr", cfg["lr"])})
+    return schedule
+
+
+def load_config(path, overrides=None):
+    """Read, apply command-line overrides (keys of KEYS, None meaning not given) and validate."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config_path {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config_path {path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config_path {path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
+            from None
+    if isinstance(cfg, dict):
+        cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate(cfg, where=str(path))
+
+
+def markdown_table():
+    """The README's table of config keys, generated from KEYS."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, (types, default, (_, demand), text) in KEYS.items():
+        kind = _type_name(types)
+        shown = "required" if default is REQUIRED else f"`{json.dumps(default)}`"
+        rows.append(f"| `{key}` | {kind} | {shown} | {text}{f' ({demand})' if demand else ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m pruners.config > table.md: the README's table
+    print(markdown_table())

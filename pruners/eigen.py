@@ -1,0 +1,149 @@
+"""Stage 2, steps 2, 3, 4 and 6: eigenbases of the Kronecker factors, the weights rotated into them, the
+OBD score of every direction, and the rebuild of pruned convs as rot_in (1x1) -> core (k x k) -> rot_out
+(1x1) (SPEC.md "Stage 2"). Everything here runs on the CPU in float64: the matrices are small."""
+from dataclasses import dataclass
+
+import torch
+
+from models import FactoredConv, build_model
+from pruners.kfac import prunable_convs
+from utils.errors import UserError
+
+RETRIES = 4  # eigh attempts, damping raised tenfold each time (at least to 1e-6 of the mean eigenvalue)
+
+
+@dataclass
+class Layer:
+    """One prunable conv seen in the eigenbasis of its factors. For a layer already factored the basis is
+    that of its core conv, and rot_in / rot_out hold the rotations the new ones compose with."""
+    name: str
+    q_in: torch.Tensor        # (n_in, n_in) eigenvectors of A as columns
+    q_out: torch.Tensor       # (n_out, n_out) eigenvectors of G as columns
+    weight: torch.Tensor      # W' = Q_G^T W Q_A at every kernel position, (n_out, n_in, kh, kw)
+    in_scores: torch.Tensor   # (n_in,) score of every input direction
+    out_scores: torch.Tensor  # (n_out,)
+    channels: tuple           # (C_in, C_out) of the whole layer: what its BN and neighbours see
+    params: int               # parameters the layer holds now
+    locations: int            # T, the output locations per image that scale its scores
+    rot_in: torch.Tensor = None   # (n_in, C_in) rotation in front of the core, if already factored
+    rot_out: torch.Tensor = None  # (C_out, n_out)
+
+    def factored_params(self, r_in, r_out):
+        kh, kw = self.weight.shape[2:]
+        return r_in * self.channels[0] + r_in * r_out * kh * kw + r_out * self.channels[1]
+
+
+def eigenbasis(factor, damping, what):
+    """(eigenvalues, eigenvectors) of a symmetric PSD factor in float64, after adding damping times its
+    mean eigenvalue (trace / n) to the diagonal: relative damping is the same whatever the layer's scale."""
+    m = factor.double()
+    m = (m + m.T) / 2
+    if not torch.isfinite(m).all():
+        raise UserError(f"{what} is not finite (NaN/inf activations or gradients: did stage 1 diverge?)")
+    mean = m.diagonal().mean()
+    eye = torch.eye(m.shape[0], dtype=torch.float64)
+    for _ in range(RETRIES):
+        try:
+            values, vectors = torch.linalg.eigh(m + damping * mean * eye)
+            if torch.isfinite(values).all() and torch.isfinite(vectors).all():
+                return values.clamp_min(0), vectors  # rounding can leave -1e-17 where 0 is meant
+        except torch.linalg.LinAlgError:
+            pass
+        tried, damping = damping, max(10 * damping, 1e-6)
+    raise UserError(f"eigendecomposition of {what} failed even with damping {tried:g}; raise 'damping' in "
+                    f"the config")
+
+
+def rotate(weight, q_in, q_out):
+    """W' = Q_G^T W Q_A at every kernel position."""
+    return torch.einsum("oikl,op,iq->pqkl", weight, q_out, q_in)
+
+
+def in_eigenbasis(name, module, q_in, q_out, a, g, locations):
+    """The Layer of `module` (a Conv2d or FactoredConv) in the bases q_in / q_out whose eigenvalues are
+    a / g. Scores: s[i, j] = 1/2 * T * g[i] * a[j] * sum over kernel positions of W'[i, j]^2, the OBD
+    estimate of the loss increase when weight (i, j) of the eigenbasis is removed."""
+    factored = isinstance(module, FactoredConv)
+    conv = module.core if factored else module
+    weight = rotate(conv.weight.detach().double().cpu(), q_in, q_out)
+    s = 0.5 * locations * g[:, None] * a[None, :] * weight.square().sum((2, 3))
+    if factored:
+        channels = (module.rot_in.in_channels, module.rot_out.out_channels)
+        rot_in, rot_out = (c.weight.detach().double().cpu().flatten(1) for c in (module.rot_in, module.rot_out))
+    else:
+        channels, rot_in, rot_out = (conv.in_channels, conv.out_channels), None, None
+    return Layer(name=name, q_in=q_in, q_out=q_out, weight=weight, in_scores=s.sum(0), out_scores=s.sum(1),
+                 channels=channels, params=sum(p.numel() for p in module.parameters()), locations=locations,
+                 rot_in=rot_in, rot_out=rot_out)
+
+
+def decompose(model, factors, damping):
+    """[Layer] of every conv that has factors (see kfac.collect_factors)."""
+    model = getattr(model, "module", model)
+    modules = dict(model.named_modules())
+    layers = []
+    for name, f in factors.items():
+        a, q_in = eigenbasis(f.A, damping, f"factor A of {name}")
+        g, q_out = eigenbasis(f.G, damping, f"factor G of {name}")
+        layers.append(in_eigenbasis(name, modules[name], q_in, q_out, a, g, f.locations))
+    return layers
+
+
+def in_channel_basis(model):
+    """[Layer] of every prunable conv (kfac.prunable_convs) in its own channel basis, no rotation, each
+    direction scored by its squared weight magnitude: what a layer can lose, whatever the scores, and the
+    magnitude criterion of channel pruning."""
+    model = getattr(model, "module", model)
+    modules = dict(model.named_modules())
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    ones = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
+    return [in_eigenbasis(name, modules[name], eye(conv.in_channels), eye(conv.out_channels),
+                          ones(conv.in_channels), ones(conv.out_channels), 1)
+            for name, conv in prunable_convs(model).items()]
+
+
+def top_directions(layer, r_in, r_out):
+    """Indices (ascending) of the r_in / r_out highest-scoring input / output directions of `layer`."""
+    return (layer.in_scores.topk(r_in).indices.sort().values,
+            layer.out_scores.topk(r_out).indices.sort().values)
+
+
+def rebuild(model, layers, keep):
+    """A new model in which every layer named in `keep` ({name: (input indices, output indices)} into its
+    eigenbasis) is a FactoredConv holding only those directions; everything else is copied unchanged.
+    rot_in = Q_A[:, kept]^T and rot_out = Q_G[:, kept], composed with the rotations already there, so a
+    layer stays three convs deep however often it is pruned. Keeping every direction changes nothing
+    but rounding: W = Q_G W' Q_A^T."""
+    model = getattr(model, "module", model)
+    layers = {layer.name: layer for layer in layers}
+    state = model.state_dict()
+    ranks = dict(model.arch.get("ranks", {}))
+    for name, (kept_in, kept_out) in keep.items():
+        layer = layers[name]
+        dtype = state[f"{name}.rot_in.weight" if layer.rot_in is not None else f"{name}.weight"].dtype
+        rot_in = layer.q_in[:, kept_in].T
+        rot_out = layer.q_out[:, kept_out]
+        if layer.rot_in is not None:
+            rot_in, rot_out = rot_in @ layer.rot_in, layer.rot_out @ rot_out
+        state.pop(f"{name}.weight", None)
+        state[f"{name}.rot_in.weight"] = rot_in[:, :, None, None].to(dtype)
+        state[f"{name}.core.weight"] = layer.weight[kept_out][:, kept_in].to(dtype)
+        state[f"{name}.rot_out.weight"] = rot_out[:, :, None, None].to(dtype)
+        ranks[name] = [len(kept_in), len(kept_out)]
+    new = build_model({**model.arch, "ranks": ranks})
+    new.load_state_dict(state)
+    device = next(model.parameters()).device
+    new.to(device)
+    new.train(model.training)
+    new.mode, new.execution = model.mode, model.execution
+    return new
+
+
+def set_rotations_trainable(model, trainable):
+    """fix_rotation: freeze (or thaw) the 1x1 rotations of every factored conv."""
+    for m in getattr(model, "module", model).modules():
+        if isinstance(m, FactoredConv):
+            for conv in (m.rot_in, m.rot_out):
+                conv.weight.requires_grad_(trainable)
+    return model
+

@@ -1,0 +1,143 @@
+"""Stage 2, step 1: the Kronecker factors of every prunable conv (SPEC.md "Stage 2", "Scale, exactly").
+
+For a conv with input channel vectors x (one per kernel position per output location) and per-image loss
+gradients s w.r.t. its output (one per output location):
+    A = mean of x x^T over images, output locations and kernel positions   (in x in)
+    G = mean of s s^T over images and output locations                     (out x out)
+and the Fisher of a weight in the eigenbasis is about T * g[i] * a[j], T the number of output locations.
+
+The pass runs the model as stage 1 left it: switches in `hard` mode, eval mode (BN running statistics,
+so each image's gradient does not depend on the rest of its batch) and masked execution, so every conv
+sees every image. Where a switch skips a block for an image, the block's output is multiplied by 0 and
+its gradient for that image is 0: we keep those zeros in G's average on purpose. The block does not
+affect that image's loss, and the zeros scale its G by the fraction of images that run it, which is
+exactly how much the loss depends on it. (A still averages over all images, a small approximation.)
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import FactoredConv
+from utils.dist import all_reduce_sum
+from utils.errors import UserError
+
+
+@dataclass
+class Factors:
+    A: torch.Tensor  # (in, in) float64
+    G: torch.Tensor  # (out, out) float64
+    locations: int   # T: output locations of the conv per image
+
+
+def prunable_convs(model):
+    """name -> conv to decompose: every backbone conv (stem, block convs, 1x1 shortcuts); for a layer
+    already factored, its core conv. Never the classifier (a Linear) or the switches' own convs."""
+    model = getattr(model, "module", model)
+    factored = {name for name, m in model.named_modules() if isinstance(m, FactoredConv)}
+    convs = {}
+    for name, m in model.named_modules():
+        if name in factored:
+            convs[name] = m.core
+        elif (isinstance(m, nn.Conv2d) and not name.startswith("switches.")
+              and name.rpartition(".")[0] not in factored):
+            convs[name] = m
+    return convs
+
+
+def coverage(conv, height, width, device):
+    """(1, 1, H, W): how many (output location, kernel position) pairs read each input pixel. Folding
+    all-ones patches counts them exactly as F.unfold would cut them (zero padding never counted)."""
+    ones = torch.ones(1, 1, height, width, device=device)
+    patches = F.unfold(ones, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # 0 where padded
+    return F.fold(patches, (height, width), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+
+
+def channel_gram(t):
+    """sum over images and positions of t[n, :, h, w] t[n, :, h, w]^T, (C, C) in float32: one GEMM on the
+    channel rows (a view for channels_last tensors, one copy for contiguous ones)."""
+    rows = t.float().transpose(0, 1).reshape(t.shape[1], -1)
+    return rows @ rows.T
+
+
+def patch_moment_sum(conv, x):
+    """sum of x x^T over the unfolded patches of x (images, output locations, kernel positions), without
+    materialising the k*k times larger patch tensor: each pixel's outer product weighted by how many
+    patches contain it. Costs a 1x1 conv's worth of multiply-adds."""
+    return channel_gram(x * coverage(conv, x.shape[-2], x.shape[-1], x.device).sqrt())
+
+
+def evenly_spaced(loader, count):
+    """`count` batches of `loader` spread evenly over it: a loader in file order (class folders, sorted)
+    still contributes every class. Batches are independent in eval mode, so which ones is all that matters."""
+    total = len(loader)
+    count = min(count, total)
+    chosen = {round(i * (total - 1) / max(1, count - 1)) for i in range(count)} if count > 1 else {0}
+    for i, batch in enumerate(loader):
+        if i in chosen:
+            yield batch
+
+
+def collect_factors(model, batches, fisher_type="true", num_batches=None, progress=True):
+    """Run `batches` of (x, y) through `model` and return {name: Factors} for every prunable conv.
+    fisher_type "true": labels sampled from the model's softmax (global RNG); "empirical": the real y.
+    Sums are reduced over ranks under torchrun."""
+    model = getattr(model, "module", model)
+    convs = prunable_convs(model)
+    device = next(model.parameters()).device
+    # products in float32 per batch, accumulated over batches in float64
+    a_sums = {n: torch.zeros(c.in_channels, c.in_channels, dtype=torch.float64, device=device)
+              for n, c in convs.items()}
+    g_sums = {n: torch.zeros(c.out_channels, c.out_channels, dtype=torch.float64, device=device)
+              for n, c in convs.items()}
+    locations = {}
+
+    def forward_hook(name):
+        def add_g(s):  # returns None: the gradient itself flows on unchanged
+            g_sums[name] += channel_gram(s)
+
+        def hook(conv, inputs, output):
+            a_sums[name] += patch_moment_sum(conv, inputs[0].detach())
+            locations[name] = output.shape[-2] * output.shape[-1]
+            output.register_hook(add_g)
+        return hook
+
+    hooks = [conv.register_forward_hook(forward_hook(name)) for name, conv in convs.items()]
+    was_training, execution = model.training, model.execution
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    images = 0
+    try:
+        model.eval()
+        model.execution = "mask"
+        # Gradients only w.r.t. activations: autograd.grad towards the input skips every weight gradient.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for x, y in tqdm(batches, total=num_batches, desc="factor pass", leave=False, disable=not progress,
+                         dynamic_ncols=True):
+            x = x.detach().float().requires_grad_(True)
+            logits = model(x, "hard")[0].float()
+            if fisher_type == "true":
+                y = torch.multinomial(logits.detach().softmax(1), 1).squeeze(1)
+            # reduction "sum": the gradient of every image's own loss, as if the batch mean were scaled
+            # by the batch size, so G does not depend on the batch size
+            torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+            images += x.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+        model.execution = execution
+    images = int(all_reduce_sum(torch.tensor(float(images), device=device)).item())
+    if images == 0:
+        raise UserError("the factor pass saw no images (fisher_batches or the training set is empty)")
+    factors = {}
+    for name, conv in convs.items():
+        kernel_positions = conv.kernel_size[0] * conv.kernel_size[1]
+        t = locations[name]
+        factors[name] = Factors(A=all_reduce_sum(a_sums[name]).cpu() / (images * t * kernel_positions),
+                                G=all_reduce_sum(g_sums[name]).cpu() / (images * t), locations=t)
+    return factors

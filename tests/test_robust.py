@@ -1,0 +1,320 @@
+"""Never lose work (issue: scale out, crash and resume, hostile input).
+
+- a table of hostile inputs against all three entry points: one line naming the problem, exit status 2, no
+  traceback, and --result_dir byte for byte as it was;
+- a run killed with SIGKILL mid-epoch and restarted with --resume ends with the weights of an uninterrupted
+  run, for every stage; a kill during a checkpoint write leaves the last good checkpoint;
+- every stage under torchrun --nproc_per_node=2 (gloo) completes, and its checkpoint loads in one process.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_prune
+import main_rl_prune
+import main_sp
+from conftest import ROOT
+from helpers import run_script, snapshot, tiny_dataset
+from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.errors import run_main
+
+DATA = dict(classes=6, train_per_class=32, test_per_class=8, size=16)
+COMMON = ["--resize", "16", "--bs", "16", "--num_workers", "0", "--device", "cpu"]
+SP = ["--depth", "8", "--width", "1", "--lr", "0.05", *COMMON]
+RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]
+
+
+def prune_config(path, results, data, **over):
+    cfg = {"result_dir": str(results), "data_dir": str(data), "resize": 16, "num_workers": 0,
+           "device": "cpu", "compression": 0.4, "epochs": 1, "lr": 0.01, "bs": 16, "fisher_batches": 2, **over}
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Tiny data and a finished three-stage run (checkpoints of every stage) to be hostile against."""
+    tmp = tmp_path_factory.mktemp("robust")
+    data = tiny_dataset(tmp / "data", **DATA)
+    res = tmp / "results"
+    main_sp.main([*SP, "--data_dir", data, "--result_dir", str(res), "--epochs", "1"])
+    main_prune.main(["--config_path", prune_config(tmp / "config.json", res, data)])
+    main_rl_prune.main([*RL, "--data_dir", data, "--result_dir", str(res), "--epochs", "1"])
+    return tmp, data, res
+
+
+def _evil_checkpoint(path, marker):
+    class Evil:  # unpickling this would run a shell command that creates `marker`
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"format": FORMAT, "stage": "sp", "arch": {}, "model": {}, "payload": Evil()}, path)
+
+
+def _mismatched_checkpoint(src, path):
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["arch"] = {**ckpt["arch"], "depth": 14}  # says ResNet-14, holds the weights of a ResNet-8
+    torch.save(ckpt, path)
+
+
+def hostile_cases(tmp, data, res):
+    """(entry point, argv, words the one error line must contain), built over files made here."""
+    bad = tmp / "bad"
+    if bad.exists():
+        shutil.rmtree(bad)
+    bad.mkdir()
+    (bad / "empty").mkdir()
+    (bad / "notes").mkdir()
+    (bad / "notes" / "readme.txt").write_text("no images here")
+    (bad / "file").write_text("a file where a folder should be")
+    good_sp, good_prune, good_rl = (str(res / s / "checkpoint.pt") for s in ("sp", "prune", "rl"))
+    raw = open(good_sp, "rb").read()
+    (bad / "truncated.pt").write_bytes(raw[:len(raw) // 2])
+    (bad / "random.pt").write_bytes(os.urandom(4096))
+    _evil_checkpoint(bad / "evil.pt", bad / "PWNED")
+    _mismatched_checkpoint(good_sp, bad / "mismatch.pt")
+    cfg = lambda name, **over: prune_config(bad / f"{name}.json", res, data, **over)  # noqa: E731
+    (bad / "invalid.json").write_text('{"result_dir": "x", "data_dir": ')
+    missing = json.load(open(cfg("base")))
+    del missing["data_dir"]
+    json.dump(missing, open(bad / "missing.json", "w"))
+    sp = lambda *a: ("sp", [*SP, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
+    rl = lambda *a: ("rl", [*RL, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
+    pr = lambda path, *a: ("prune", ["--config_path", path, *a])  # noqa: E731
+    return [
+        # data
+        (*sp("--data_dir", str(bad / "missing")), ["does not exist"]),
+        (*sp("--data_dir", str(bad / "empty")), ["empty"]),
+        (*sp("--data_dir", str(bad / "notes")), ["train/"]),
+        (*sp("--data_dir", data, "--img_type", "jpg"), ["jpg"]),
+        (*pr(cfg("nodata", data_dir=str(bad / "missing"))), ["does not exist"]),
+        (*pr(cfg("wrongtype", img_type="bmp")), ["bmp"]),
+        (*rl("--data_dir", str(bad / "empty")), ["empty"]),
+        (*rl("--data_dir", data, "--img_type", "jpg"), ["jpg"]),
+        # config
+        (*pr(cfg("unknown", learning_rate=0.1)), ["learning_rate"]),
+        (*pr(str(bad / "missing.json")), ["data_dir"]),
+        (*pr(cfg("range", compression=1.5)), ["compression"]),
+        (*pr(cfg("negative", epochs=-1)), ["epochs"]),
+        (*pr(cfg("ratio", compression=None, ratio=1.0)), ["ratio"]),
+        (*pr(str(bad / "invalid.json")), ["invalid json"]),
+        (*pr(str(bad / "nowhere.json")), ["no such file"]),
+        (*sp("--data_dir", data, "--depth", "33"), ["depth"]),
+        (*sp("--data_dir", data, "--network", "vgg"), ["vgg"]),
+        (*rl("--data_dir", data, "--gamma", "2"), ["gamma"]),
+        # checkpoints
+        (*sp("--data_dir", data, "--resume", str(bad / "truncated.pt")), ["truncated"]),
+        (*sp("--data_dir", data, "--resume", str(bad / "random.pt")), ["random.pt"]),
+        (*sp("--data_dir", data, "--resume", good_prune), ["stage 2", "stage 1"]),
+        (*sp("--data_dir", data, "--resume", str(bad / "mismatch.pt")), ["mismatch.pt"]),
+        (*sp("--data_dir", data, "--resume", str(bad / "evil.pt")), ["refused"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "evil.pt")), ["refused"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "random.pt")), ["random.pt"]),
+        (*pr(cfg("truncated", checkpoint=str(bad / "truncated.pt"))), ["truncated"]),
+        (*pr(cfg("random", checkpoint=str(bad / "random.pt"))), ["random.pt"]),
+        (*pr(cfg("stage", checkpoint=good_rl)), ["stage 3", "stage 1"]),
+        (*pr(cfg("mismatch", checkpoint=str(bad / "mismatch.pt"))), ["mismatch.pt"]),
+        (*pr(cfg("evil", checkpoint=str(bad / "evil.pt"))), ["refused"]),
+        (*pr(cfg("resume", resume=good_sp)), ["stage 1", "stage 2"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "truncated.pt")), ["truncated"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "random.pt")), ["random.pt"]),
+        (*rl("--data_dir", data, "--checkpoint", good_rl), ["stage 3"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "mismatch.pt")), ["mismatch.pt"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "evil.pt")), ["refused"]),
+        (*rl("--data_dir", data, "--resume", good_prune), ["stage 2", "stage 3"]),
+        # result dir
+        (*sp("--data_dir", data, "--result_dir", str(bad / "file" / "sub")), ["not writable"]),
+        (*sp("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
+        (*pr(cfg("resultdir", result_dir=str(bad / "file"))), ["not a directory"]),
+        (*rl("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
+    ]
+
+
+MAINS = {"sp": main_sp.main, "prune": main_prune.main, "rl": main_rl_prune.main}
+
+
+def test_hostile_input_table(pipeline, capsys):
+    """In-process for speed (run_main is the same wrapper the scripts' __main__ uses); the real-process
+    exit path is covered by test_hostile_input_real_processes and tests/test_sp.py."""
+    tmp, data, res = pipeline
+    cases = hostile_cases(tmp, data, res)
+    before = snapshot(res)
+    outcomes = []
+    for stage, argv, words in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(lambda: MAINS[stage](argv))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        outcomes.append((stage, argv[-1], exit_info.value.code, err[-1] if err else ""))
+        assert exit_info.value.code == 2, (stage, argv, err)
+        assert len(err) == 1, (stage, argv, err)
+        for word in words:
+            assert word.lower() in err[0].lower(), (stage, argv, word, err[0])
+        assert snapshot(res) == before, (stage, argv)
+    assert not (tmp / "bad" / "PWNED").exists(), "a crafted checkpoint ran code when loaded"
+    with open(tmp / "hostile_outcomes.json", "w") as f:
+        json.dump(outcomes, f, indent=1)
+
+
+def test_hostile_input_real_processes(pipeline):
+    """A few of the cases as real processes: exit status 2, one line, no traceback, nothing written."""
+    from helpers import assert_one_line_error
+    tmp, data, res = pipeline
+    cases = hostile_cases(tmp, data, res)
+    before = snapshot(res)
+    scripts = {"sp": "main_sp.py", "prune": "main_prune.py", "rl": "main_rl_prune.py"}
+    for stage, argv, words in [cases[i] for i in (8, 22, 27, 35)]:
+        assert_one_line_error(run_script(scripts[stage], *argv), *words)
+    assert snapshot(res) == before
+    assert not (tmp / "bad" / "PWNED").exists()
+
+
+def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(str(path), {"stage": "sp", "epoch": 1, "model": {"w": torch.ones(3)}})
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time, torch
+sys.path.insert(0, {ROOT!r})
+import utils.checkpoint as c
+real_save = torch.save
+def slow_save(obj, f):
+    f.write(b"PK" * 1000); f.flush()
+    open({str(tmp_path / 'writing')!r}, 'w').close()
+    time.sleep(60)  # killed here, half-way through writing
+c.torch.save = slow_save
+c.save_checkpoint({str(path)!r}, {{"stage": "sp", "epoch": 2, "model": {{"w": torch.zeros(3)}}}})
+"""])
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    # the next save cleans up the half-written temporary file the killed process left
+    save_checkpoint(str(path), {"stage": "sp", "epoch": 3, "model": {}})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "writing"]
+
+
+def _epoch_of(path):
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except Exception:
+        return -1
+
+
+def _kill_mid_run(argv, checkpoint, after_epoch, timeout=300):
+    """Start a stage, SIGKILL it once its checkpoint records `after_epoch` epochs (it is then in the
+    middle of the next one), return."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(checkpoint) and _epoch_of(checkpoint) >= after_epoch:
+            time.sleep(0.3)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _epoch_of(checkpoint) < 4
+
+
+def _same_weights(a, b):
+    a = torch.load(a, weights_only=True)
+    b = torch.load(b, weights_only=True)
+    assert a["epoch"] == b["epoch"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, stage):
+    tmp, data, res = pipeline
+    runs = {}
+    for name in ("straight", "killed"):
+        out = tmp_path / name
+        if stage != "sp":  # later stages start from the shared stage-1 (and stage-2) results
+            shutil.copytree(res / "sp", out / "sp")
+            if stage == "rl":
+                shutil.copytree(res / "prune", out / "prune")
+        if stage == "prune":
+            argv = ["main_prune.py", "--config_path", prune_config(tmp_path / f"{name}.json", out, data, epochs=4)]
+        else:
+            script = "main_sp.py" if stage == "sp" else "main_rl_prune.py"
+            argv = [script, *(SP if stage == "sp" else RL), "--epochs", "4", "--data_dir", data,
+                    "--result_dir", str(out), "--seed", "5"]
+        runs[name] = (argv, out / stage / "checkpoint.pt")
+    argv, ckpt = runs["straight"]
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv, ckpt_killed = runs["killed"]
+    _kill_mid_run(argv, ckpt_killed, after_epoch=1)
+    resume = ["--resume"] if stage != "prune" else ["--resume"]
+    proc = subprocess.run([sys.executable, *argv, *resume], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _same_weights(ckpt, ckpt_killed)
+
+
+@pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
+def test_torchrun_two_processes(pipeline, tmp_path, stage):
+    tmp, data, res = pipeline
+    out = tmp_path / "ddp"
+    if stage != "sp":
+        shutil.copytree(res / "sp", out / "sp")
+        if stage == "rl":
+            shutil.copytree(res / "prune", out / "prune")
+    if stage == "prune":
+        argv = ["main_prune.py", "--config_path", prune_config(tmp_path / "c.json", out, data, bs=8)]
+    else:
+        argv = ["main_sp.py" if stage == "sp" else "main_rl_prune.py", *(SP if stage == "sp" else RL),
+                "--bs", "8", "--epochs", "1", "--data_dir", data, "--result_dir", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = str(out / stage / "checkpoint.pt")
+    ckpt = load_checkpoint(path, (stage,))
+    model = model_from_checkpoint(ckpt, path).eval()
+    logits, _, _ = model(torch.randn(2, 3, 16, 16))
+    assert torch.isfinite(logits).all()
+    metrics = json.load(open(out / stage / "metrics.json"))
+    assert metrics["test_images"] == DATA["classes"] * DATA["test_per_class"]  # every test image, once
+
+
+def _factors_on_rank(rank, world_size, init_file, out_dir):
+    import torch.distributed as dist
+    from models import build_model, make_arch
+    from pruners import collect_factors
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=8, width=1, num_classes=5)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+    mine = [(x[rank::world_size], y[rank::world_size]) for x, y in batches]  # this rank's share of each batch
+    factors = collect_factors(model, mine, "empirical", progress=False)
+    if rank == 0:
+        torch.save({n: (f.A, f.G) for n, f in factors.items()}, os.path.join(out_dir, f"factors{world_size}.pt"))
+    dist.destroy_process_group()
+
+
+def test_stage2_factors_of_two_ranks_equal_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+    for world_size in (1, 2):
+        mp.spawn(_factors_on_rank, args=(world_size, str(tmp_path / f"init{world_size}"), str(tmp_path)),
+                 nprocs=world_size)
+    one = torch.load(tmp_path / "factors1.pt", weights_only=True)
+    two = torch.load(tmp_path / "factors2.pt", weights_only=True)
+    assert one.keys() == two.keys() and len(one) >= 7
+    for name in one:
+        torch.testing.assert_close(two[name][0], one[name][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(two[name][1], one[name][1], rtol=1e-5, atol=1e-7)
