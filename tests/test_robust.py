@@ -318,3 +318,22 @@ def test_stage2_factors_of_two_ranks_equal_one_rank(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name][0], one[name][0], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(two[name][1], one[name][1], rtol=1e-5, atol=1e-7)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
+    tmp, data, res = pipeline
+    from utils.engine import TrainingDiverged, supervised_step
+    calls = {"n": 0}
+    steps_per_epoch = DATA["classes"] * DATA["train_per_class"] // 16
+
+    def poisoned(model, x, y):
+        loss, stats = supervised_step(model, x, y)
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 3:  # the third step of the second epoch
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(main_sp, "supervised_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
+        main_sp.main([*SP, "--epochs", "3", "--data_dir", data, "--result_dir", str(tmp_path)])
+    assert torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
