@@ -71,7 +71,9 @@ class BasicBlock(nn.Module):
             return F.relu(self.residual(x) + s)
         if n == 0:
             return s
-        y = F.relu(self.residual(x.index_select(0, idx)) + s.index_select(0, idx))
+        # x[idx], not x.index_select(0, idx): on CPU index_select copies a large row in one parallel region
+        # per image, which costs ~100x more when the cores are shared (measured by bench/bench_dynamic.py)
+        y = F.relu(self.residual(x[idx]) + s[idx])
         return s.index_copy(0, idx, y.to(s.dtype))
 
 

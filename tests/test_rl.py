@@ -1,0 +1,267 @@
+"""Stage 3 (gates/policy.py, main_rl_prune.py, utils/table.py): the REINFORCE arithmetic by hand, that the
+rewards move the switches, that dynamic GFLOPs are what the images execute, and the stage end to end."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import main_rl_prune
+import main_sp
+import utils.stage
+from conftest import mix_switches
+from gates.policy import Baseline, ReinforceStep, discounted_returns, policy_loss, skip_rewards
+from gates.switches import log_prob
+from helpers import tiny_dataset
+from models import build_model, make_arch
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.data import BatchLoader, channel_stats
+from utils.dist import Context
+from utils.engine import evaluate, supervised_step, train_epoch, write_json
+from utils.flops import count_params, measure_costs
+from utils.synthetic import make_synthetic
+from utils.table import build_table
+
+CPU = Context(device=torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets gain nothing from a second thread, and lose much when the cores are shared (a thread
+    descheduled at each of thousands of small parallel regions)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------- 1. by hand
+
+def test_rewards_returns_and_policy_loss_by_hand():
+    # 3 switches, block FLOPs 1, 2, 1 (C = 4), alpha 0.4: skipping earns 0.1, 0.2, 0.1
+    actions = torch.tensor([[0., 1., 0.],    # image 1 skips blocks 1 and 3
+                            [1., 0., 1.]])   # image 2 skips block 2
+    rewards = skip_rewards(actions, [1, 2, 1], alpha=0.4)
+    torch.testing.assert_close(rewards, torch.tensor([[0.1, 0.0, 0.1], [0.0, 0.2, 0.0]]))
+
+    # final reward -CE: -1.0 and -0.5; gamma 0.5, R_4 = final, R_i = r_i + 0.5 R_{i+1}
+    #   image 1: R3 = 0.1 + 0.5(-1.0) = -0.4    R2 = 0 + 0.5(-0.4) = -0.2     R1 = 0.1 + 0.5(-0.2) = 0.0
+    #   image 2: R3 = 0 + 0.5(-0.5) = -0.25     R2 = 0.2 + 0.5(-0.25) = 0.075 R1 = 0 + 0.5(0.075) = 0.0375
+    returns = discounted_returns(rewards, 0.5, final=torch.tensor([-1.0, -0.5]))
+    torch.testing.assert_close(returns, torch.tensor([[0.0, -0.2, -0.4], [0.0375, 0.075, -0.25]]))
+
+    # pi(a): image 1 p = (0.2, 0.9, 0.4) with a = (0, 1, 0) -> 0.8, 0.9, 0.6
+    #        image 2 p = (0.5, 0.5, 0.75) with a = (1, 0, 1) -> 0.5, 0.5, 0.75
+    probs = torch.tensor([[0.2, 0.9, 0.4], [0.5, 0.5, 0.75]])
+    lp = log_prob(probs, actions)
+    baseline = torch.tensor([0.1, -0.1, -0.3])
+    # advantages R - b: image 1 (-0.1, -0.1, -0.1); image 2 (-0.0625, 0.175, 0.05)
+    image1 = -0.1 * math.log(0.8) - 0.1 * math.log(0.9) - 0.1 * math.log(0.6)
+    image2 = -0.0625 * math.log(0.5) + 0.175 * math.log(0.5) + 0.05 * math.log(0.75)
+    expected = -(image1 + image2) / 2
+    assert policy_loss(lp, returns, baseline).item() == pytest.approx(expected, abs=1e-6)
+
+    # gamma 1: the final reward reaches every switch undiscounted; gamma 0: each switch sees its own reward
+    torch.testing.assert_close(discounted_returns(rewards, 1.0, torch.tensor([-1.0, -0.5])),
+                               torch.tensor([[-0.8, -0.9, -0.9], [-0.3, -0.3, -0.5]]))
+    torch.testing.assert_close(discounted_returns(rewards, 0.0, torch.tensor([-1.0, -0.5])), rewards)
+
+
+def test_policy_gradient_pushes_towards_rewarded_actions():
+    p = torch.tensor([[0.5, 0.5]], requires_grad=True)
+    actions = torch.tensor([[1., 0.]])
+    policy_loss(log_prob(p, actions), torch.tensor([[1.0, 1.0]]), torch.zeros(2)).backward()
+    assert p.grad[0, 0] < 0 < p.grad[0, 1]  # descending raises p of the executed, lowers p of the skipped
+
+
+def test_baselines():
+    batch1, batch2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[5.0, 6.0], [7.0, 8.0]])
+    batch = Baseline("batch", 2)
+    torch.testing.assert_close(batch(batch2), torch.tensor([6.0, 7.0]))
+    moving = Baseline("moving", 2, momentum=0.5)
+    torch.testing.assert_close(moving(batch1), torch.tensor([2.0, 3.0]))  # first batch: its own mean
+    torch.testing.assert_close(moving(batch2), torch.tensor([2.0, 3.0]))  # then the average of those before
+    torch.testing.assert_close(moving(batch2), torch.tensor([4.0, 5.0]))  # 0.5 * 2 + 0.5 * 6
+    restored = Baseline("moving", 2, momentum=0.5)
+    restored.load_state_dict(moving.state_dict())
+    torch.testing.assert_close(restored(batch1), moving(batch1))
+
+
+# ---------------------------------------------------------------------- 2. rewards move switches
+
+def _loaders(size=8, classes=4):
+    tx, ty, vx, vy, _ = make_synthetic(num_classes=classes, train_per_class=64, test_per_class=32, size=size)
+    tx, ty, vx, vy = map(torch.from_numpy, (tx, ty, vx, vy))
+    mean, std = channel_stats(tx)
+    common = dict(device="cpu", mean=mean, std=std)
+    return BatchLoader(tx, ty, 32, train=True, **common), BatchLoader(vx, vy, 128, train=False, **common)
+
+
+def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
+    train, test = _loaders()
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=14, width=1, num_classes=4))
+    costs = measure_costs(model, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(2):  # stage 1 in brief: a trained backbone with open switches
+        train.set_epoch(epoch)
+        train_epoch(model, train, optimizer, None, supervised_step, CPU, epoch)
+    start = evaluate(model, test, CPU, costs)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def reinforce(alpha, epochs=3):
+        model.load_state_dict(trained)
+        torch.manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        step = ReinforceStep(costs, alpha, gamma=1.0, rl_weight=1.0, baseline=Baseline("moving", 5))
+        rates = []
+        for epoch in range(epochs):
+            train.set_epoch(epoch)
+            stats = train_epoch(model, train, optimizer, None, step, CPU, epoch)
+            rates.append(sum(stats["exec_rate"]) / 5)
+        return rates, evaluate(model, test, CPU, costs)
+
+    rates, end = reinforce(alpha=2.0)
+    assert rates[-1] < rates[0] - 0.2, rates  # the sampled routes skip clearly more
+    assert end["gflops"] < 0.8 * start["gflops"], (start["gflops"], end["gflops"])  # greedy routes too
+    rates, end = reinforce(alpha=0.0)
+    assert rates[-1] > rates[0] - 0.02, rates
+    assert end["gflops"] > 0.98 * start["gflops"], (start["gflops"], end["gflops"])
+
+
+# ------------------------------------------------------------------------ 3. dynamic GFLOPs
+
+@pytest.mark.parametrize("gate,ranks", [("rnn", {}), ("ff", {}),
+                                        ("rnn", {"blocks.1.conv1": [5, 3], "blocks.2.conv2": [4, 6],
+                                                 "blocks.4.shortcut": [7, 9], "stem": [2, 8]})])
+def test_dynamic_gflops_are_what_each_image_executes(gate, ranks):
+    model = mix_switches(build_model(make_arch(depth=14, width=1, num_classes=10, gate=gate, ranks=ranks)))
+    model.eval()
+    # per-image cost of every block's residual path and of the switches, counted by torch itself
+    with FlopCounterMode(display=False) as dense:
+        model(torch.zeros(1, 3, 32, 32), "open")
+    counts = {name: sum(c.values()) for name, c in dense.get_flop_counts().items()}
+    block = [counts[f"ResNet.blocks.{j + 1}.conv1"] + counts[f"ResNet.blocks.{j + 1}.conv2"]
+             for j in range(model.num_switches)]
+    with FlopCounterMode(display=False) as gated:
+        model(torch.zeros(1, 3, 32, 32), "hard")
+    switches = sum(gated.get_flop_counts()["ResNet.switches"].values())
+
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+    loader = BatchLoader(images, torch.zeros(48, dtype=torch.int64), 48, train=False, device="cpu",
+                         mean=torch.full((3,), 0.5), std=torch.full((3,), 0.25))
+    x, _ = next(iter(loader))
+    with torch.no_grad(), FlopCounterMode(display=False) as batch:  # eval mode: skip execution
+        _, actions, _ = model(x)
+    assert 0.2 < actions.mean() < 0.8
+    # always-run parts + switches + the blocks each image executed, averaged over the images
+    by_hand = (dense.get_total_flops() + switches - ((1 - actions.double()) * torch.tensor(block, dtype=torch.float64)).sum(1)).mean()
+    assert batch.get_total_flops() / 48 == pytest.approx(by_hand.item(), rel=1e-9)
+    reported = evaluate(model, loader, CPU, measure_costs(model, 32))["gflops"]
+    assert reported * 1e9 == pytest.approx(by_hand.item(), rel=1e-9)
+
+
+# --------------------------------------------------------------- 4. from stage 2 and stage 1
+
+TINY = ["--bs", "32", "--num_workers", "0", "--device", "cpu", "--resize", "16"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """A stage-1 result (real, main_sp.py) and a stage-2 result beside it: the stage-1 network with some
+    convs factored (random eigenbases; stage 3 only needs the architecture and the weights)."""
+    tmp = tmp_path_factory.mktemp("rl")
+    data = tiny_dataset(tmp / "data", classes=4, train_per_class=40, test_per_class=16, size=16)
+    results = tmp / "results"
+    main_sp.main([*TINY, "--depth", "8", "--width", "1", "--lr", "0.05", "--epochs", "2", "--data_dir", data,
+                  "--result_dir", str(results)])
+    sp = load_checkpoint(str(results / "sp" / "checkpoint.pt"))
+    arch = {**sp["arch"], "ranks": {"blocks.1.conv1": [8, 8], "blocks.1.conv2": [8, 8],
+                                    "blocks.2.conv1": [10, 10], "blocks.2.conv2": [12, 12]}}
+    torch.manual_seed(0)
+    pruned = build_model(arch)
+    unfactored = {k: v for k, v in sp["model"].items() if k in pruned.state_dict() and
+                  v.shape == pruned.state_dict()[k].shape}
+    pruned.load_state_dict(unfactored, strict=False)
+    (results / "prune").mkdir()
+    save_checkpoint(str(results / "prune" / "checkpoint.pt"), {"stage": "prune", "arch": arch,
+                    "model": pruned.state_dict(), "epoch": 0})
+    sp_params = json.load(open(results / "sp" / "metrics.json"))["params"]
+    write_json(str(results / "prune" / "metrics.json"), {
+        "stage": "prune", "test_acc": 41.25, "gflops_per_image": 0.00123, "params": count_params(pruned),
+        "compression": 1 - count_params(pruned) / sp_params})
+    return data, results
+
+
+def _rl(data, results, *more):
+    main_rl_prune.main([*TINY, "--network", "resnet", "--depth", "8", "--lr", "0.01", "--alpha", "0.5",
+                        "--gamma", "1", "--rl_weight", "0.1", "--data_dir", data, "--result_dir", str(results),
+                        *more])
+    return json.load(open(results / "rl" / "metrics.json"))
+
+
+def test_from_a_pruned_checkpoint_and_the_table(stages):
+    data, results = stages
+    rl = _rl(data, results, "--epochs", "1")
+    prune = json.load(open(results / "prune" / "metrics.json"))
+    sp = json.load(open(results / "sp" / "metrics.json"))
+    assert rl["source_stage"] == "prune" and rl["params"] == prune["params"] < sp["params"]
+    ckpt = load_checkpoint(str(results / "rl" / "checkpoint.pt"), ("rl",))
+    assert ckpt["arch"]["ranks"] and model_from_checkpoint(ckpt).num_switches == 2
+    assert set(ckpt["extra"]["baseline"]) >= {"value", "steps"}
+
+    rows = build_table(str(results))
+    assert [r["method"] for r in rows] == ["w/o pruning", "static pruning only", "static + dynamic pruning"]
+    for row, m in zip(rows, (sp, prune, rl)):
+        assert row["accuracy"] == m["test_acc"] and row["gflops_per_image"] == m["gflops_per_image"]
+        assert row["compression"] == pytest.approx(1 - m["params"] / sp["params"])
+    assert rows[0]["compression"] == 0 and rows[1]["compression"] == rows[2]["compression"] > 0
+    table = json.load(open(results / "table.json"))
+    assert table["rows"] == rows
+    markdown = open(results / "table.md").read()
+    assert f"| static pruning only | 41.25% | 0.00123 | {100 * rows[1]['compression']:.0f}% |" in markdown
+    assert f"{rl['test_acc']:.2f}%" in markdown
+
+
+class Stop(Exception):
+    pass
+
+
+def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypatch):
+    data, results = stages
+    for run in ("straight", "cut"):
+        shutil.copytree(results / "sp", tmp_path / run / "sp")  # no prune/: stage 3 starts from stage 1
+    args = ["--epochs", "2", "--seed", "4"]
+    straight = _rl(data, tmp_path / "straight", *args)
+
+    real_train_epoch = utils.stage.train_epoch
+
+    def dies_in_epoch_2(ddp, loader, *a, epoch, **kw):
+        if epoch == 1:
+            raise Stop  # the process dies after the checkpoint of epoch 1
+        return real_train_epoch(ddp, loader, *a, epoch=epoch, **kw)
+
+    monkeypatch.setattr(utils.stage, "train_epoch", dies_in_epoch_2)
+    with pytest.raises(Stop):
+        _rl(data, tmp_path / "cut", *args)
+    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    ckpt = torch.load(tmp_path / "cut" / "rl" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["extra"]["source"]["stage"] == "sp"
+    assert ckpt["extra"]["baseline"]["steps"] > 0
+    resumed = _rl(data, tmp_path / "cut", *args, "--resume")
+
+    a = torch.load(tmp_path / "straight" / "rl" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "rl" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert torch.equal(a["extra"]["baseline"]["value"], b["extra"]["baseline"]["value"])
+    assert resumed["test_acc"] == straight["test_acc"]
+
+    assert straight["source_stage"] == "sp" and straight["compression"] == 0
+    rows = build_table(str(tmp_path / "straight"))
+    assert [r["present"] for r in rows] == [True, False, True]
+    assert rows[2]["method"] == "dynamic pruning only" and rows[2]["compression"] == 0
+    assert "not run" in open(tmp_path / "straight" / "table.md").read()

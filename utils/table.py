@@ -1,0 +1,93 @@
+"""The headline table (SPEC.md): one row per stage, read from the stages' metrics.json in --result_dir.
+
+    | Method | Accuracy | GFLOPs / image | Compression (params removed) |
+
+Compression = 1 - params / params of the stage-1 model (every parameter counted); without stage 1's
+metrics the stage's own `compression` field is used. A stage that was not run keeps its row, marked
+"not run", with a note saying which file is missing. A stage-3 run started from the stage-1 checkpoint
+(dynamic pruning alone) is labelled as such.
+
+    python -m utils.table RESULT_DIR [--write]   # print the table; --write also writes table.md/.json
+"""
+import argparse
+import json
+import os
+
+STAGES = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
+COLUMNS = ("Method", "Accuracy", "GFLOPs / image", "Compression (params removed)")
+
+
+def read_metrics(result_dir, stage):
+    path = os.path.join(result_dir, stage, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def build_table(result_dir):
+    """Rows (dicts) in stage order: method, stage, present, accuracy (%), gflops_per_image, params,
+    compression (fraction) and note."""
+    metrics = {stage: read_metrics(result_dir, stage) for stage, _ in STAGES}
+    base_params = (metrics["sp"] or {}).get("params")
+    rows = []
+    for stage, method in STAGES:
+        m = metrics[stage]
+        if stage == "rl" and m and m.get("source_stage") == "sp":
+            method = "dynamic pruning only"
+        row = {"method": method, "stage": stage, "present": m is not None, "accuracy": None,
+               "gflops_per_image": None, "params": None, "compression": None, "note": None}
+        if m is None:
+            row["note"] = f"not run: no {os.path.join(result_dir, stage, 'metrics.json')}"
+        else:
+            row.update(accuracy=m["test_acc"], gflops_per_image=m["gflops_per_image"], params=m["params"])
+            if base_params:
+                row["compression"] = 1 - m["params"] / base_params
+            elif m.get("compression") is not None:
+                row["compression"] = m["compression"]
+                row["note"] = "compression as recorded by the stage (no stage-1 metrics to compare with)"
+        rows.append(row)
+    return rows
+
+
+def _gflops(g):
+    return f"{g:.2f}" if g >= 0.1 else f"{g:.3g}"
+
+
+def to_markdown(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if not r["present"]:
+            cells = [r["method"], "not run", "-", "-"]
+        else:
+            comp = "-" if r["compression"] is None else f"{100 * r['compression']:.0f}%"
+            cells = [r["method"], f"{r['accuracy']:.2f}%", _gflops(r["gflops_per_image"]), comp]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r['method']}: {r['note']}" for r in rows if r["note"]]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def write_table(result_dir):
+    """Write <result_dir>/table.md and table.json; returns the Markdown text."""
+    rows = build_table(result_dir)
+    text = to_markdown(rows)
+    with open(os.path.join(result_dir, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(result_dir, "table.json"), "w") as f:
+        json.dump({"columns": list(COLUMNS), "rows": rows}, f, indent=2)
+        f.write("\n")
+    return text
+
+
+def main():
+    p = argparse.ArgumentParser(description="Print the headline table of a --result_dir.")
+    p.add_argument("result_dir")
+    p.add_argument("--write", action="store_true", help="also write table.md and table.json there")
+    args = p.parse_args()
+    if not os.path.isdir(args.result_dir):
+        p.exit(2, f"error: {args.result_dir} is not a directory\n")
+    print(write_table(args.result_dir) if args.write else to_markdown(build_table(args.result_dir)), end="")
+
+
+if __name__ == "__main__":
+    main()
