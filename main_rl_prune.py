@@ -117,9 +117,6 @@ def main(argv=None):
     payload = lambda e: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "source": source}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
             epochs=args.epochs, start_epoch=start, costs=costs, payload=payload)
-    if args.epochs == 0 or start >= args.epochs:  # nothing trained in this call: still leave a checkpoint
-        run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "epoch": max(start, args.epochs), **payload(args.epochs)})
     run.finish(model, ddp, data, costs, {
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "gamma": args.gamma,

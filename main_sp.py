@@ -8,7 +8,7 @@ from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
 from utils.engine import make_scheduler, prepare, supervised_step
 from utils.errors import UserError, run_main
-from utils.flops import measure_costs
+from utils.flops import dense_flops, measure_costs
 from utils.stage import StageRun, check_result_dir, load_data, restore_training_state, resume_path
 
 
@@ -52,10 +52,7 @@ def main(argv=None):
     run.open()
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=supervised_step,
             epochs=args.epochs, start_epoch=start, costs=costs, payload=lambda e: {"args": vars(args)})
-    if args.epochs == 0 or start >= args.epochs:  # nothing trained in this call: still leave a checkpoint
-        run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "epoch": max(start, args.epochs), "args": vars(args)})
-    run.finish(model, ddp, data, costs, {"dense_gflops": (costs["base"] + sum(costs["blocks"])) / 1e9})
+    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9})
     teardown()
 
 

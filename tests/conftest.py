@@ -29,7 +29,10 @@ def mix_switches(model, seed=0):
     def recentre(module, inputs, output):
         p, state = output
         z = torch.logit(p.double().clamp(1e-12, 1 - 1e-12))
-        return torch.sigmoid(8 * (z - z.median() + 1e-9) / (z.std(correction=0) + 1e-12)).to(p.dtype), state
+        # threshold half-way between the two middle values, not at one of them: no image sits on the
+        # boundary, where float noise of sub-batch execution could flip its decision
+        middle = z.sort().values[(len(z) - 1) // 2:(len(z) - 1) // 2 + 2].mean()
+        return torch.sigmoid(8 * (z - middle) / (z.std(correction=0) + 1e-12)).to(p.dtype), state
 
     model.switches.register_forward_hook(recentre)
     return model

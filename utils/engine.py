@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from utils.dist import all_reduce_sum
-from utils.flops import routed_flops
+from utils.flops import dense_flops, routed_flops
 from utils.errors import UserError
 
 
@@ -114,8 +114,7 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
         with autocast(ctx):
             logits, actions, _ = model(x, mode)
         flops = routed_flops(costs, actions) if mode != "open" else \
-            torch.full((x.shape[0],), float(costs["base"] + sum(costs["blocks"])), dtype=torch.float64,
-                       device=x.device)
+            torch.full((x.shape[0],), float(dense_flops(costs)), dtype=torch.float64, device=x.device)
         batch = torch.cat([torch.stack([
             (logits.argmax(1) == y).sum().double(),
             F.cross_entropy(logits.float(), y, reduction="sum").double(),

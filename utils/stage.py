@@ -85,7 +85,14 @@ class StageRun:
             log_offset=0):
         """The epoch loop. `payload(epoch)` returns the checkpoint dict of the stage's state after `epoch`
         epochs (arch, model, optimizer ... are filled in here). Returns the last evaluation."""
+        def checkpoint(epoch):
+            return {"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch,
+                    "rng": rng_state(), **payload(epoch)}
+
         ev = None
+        if start_epoch >= epochs:  # nothing to train in this call: still leave this stage's checkpoint
+            self.save(checkpoint(max(start_epoch, epochs)))
         for epoch in range(start_epoch, epochs):
             seed_epoch(self.ctx, epoch)
             data.train.set_epoch(epoch)
@@ -100,9 +107,7 @@ class StageRun:
             self.logger.scalars("train", tr, step)
             self.logger.scalars(data.eval_name, ev, step)
             self.logger.scalars("train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
-            self.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch + 1,
-                       "rng": rng_state(), **payload(epoch + 1)})
+            self.save(checkpoint(epoch + 1))
         return ev
 
     def finish(self, model, ddp, data, costs, extra=None):
