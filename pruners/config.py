@@ -12,6 +12,7 @@ the round's epochs (default: the top-level `epochs`) at its lr (default: the top
 round's `ratio` is the fraction of the directions the round starts with.
 """
 import json
+import re
 
 from utils.errors import UserError
 
@@ -180,6 +181,7 @@ def markdown_table():
     for key, (types, default, (_, demand), text) in KEYS.items():
         kind = _type_name(types)
         shown = "required" if default is REQUIRED else f"`{json.dumps(default)}`"
+        text = re.sub(r"(\S*<\S*>\S*?)(?=[,;:)]?(\s|$))", r"`\1`", text)  # paths like <result_dir>/sp as code
         rows.append(f"| `{key}` | {kind} | {shown} | {text}{f' ({demand})' if demand else ''} |")
     return "\n".join(rows)
 

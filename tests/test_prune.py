@@ -468,3 +468,8 @@ def test_bad_config_is_one_line_exit_2_and_touches_nothing(stage1, tmp_path, cap
     write_config(tmp_path / "config.json", stage1, ratio=1.0, compression=...)
     assert_one_line_error(run_script("main_prune.py", "--config_path", str(tmp_path / "config.json")), "ratio")
     assert snapshot(results) == before
+
+
+def test_readme_documents_every_config_key_as_generated():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    assert markdown_table() in readme  # regenerate with: python -m pruners.config
