@@ -69,6 +69,9 @@ def main(argv=None):
     ctx = setup(cfg["device"], cfg["seed"])
     run = StageRun("prune", cfg["result_dir"], ctx)
     stage1_path = cfg["checkpoint"] or os.path.join(cfg["result_dir"], "sp", "checkpoint.pt")
+    if not cfg["checkpoint"] and not os.path.isfile(stage1_path):
+        raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py with this result_dir first "
+                        f"(or set the config's 'checkpoint')")
     stage1 = load_checkpoint(stage1_path, ("sp",), "checkpoint")
     resume_from = run.checkpoint_path if cfg["resume"] is True else cfg["resume"]
     ckpt = load_checkpoint(resume_from, ("prune",), "--resume") if resume_from else None

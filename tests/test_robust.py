@@ -129,6 +129,9 @@ def hostile_cases(tmp, data, res):
         (*rl("--data_dir", data, "--checkpoint", str(bad / "mismatch.pt")), ["mismatch.pt"]),
         (*rl("--data_dir", data, "--checkpoint", str(bad / "evil.pt")), ["refused"]),
         (*rl("--data_dir", data, "--resume", good_prune), ["stage 2", "stage 3"]),
+        # stages out of order: nothing before them in a fresh result dir
+        (*pr(cfg("order", result_dir=str(tmp / "fresh"))), ["run main_sp.py"]),
+        ("rl", [*RL, "--epochs", "1", "--result_dir", str(tmp / "fresh"), "--data_dir", data], ["main_sp.py"]),
         # result dir
         (*sp("--data_dir", data, "--result_dir", str(bad / "file" / "sub")), ["not writable"]),
         (*sp("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
