@@ -35,9 +35,10 @@ def main(argv=None):
     data = load_data(args, ctx)
     arch = make_arch(args.network, args.depth, args.width, data.num_classes, args.gate)
     if ckpt:
-        if {k: v for k, v in ckpt["arch"].items() if k != "ranks"} != {k: v for k, v in arch.items() if k != "ranks"}:
-            raise UserError(f"--resume {resume_path(args.resume, run)}: its network {ckpt['arch']} differs from "
-                            f"the flags' {arch}")
+        differ = [f"{k} {ckpt['arch'].get(k)} vs {v}" for k, v in arch.items() if ckpt["arch"].get(k) != v]
+        if differ:
+            raise UserError(f"--resume {resume_path(args.resume, run)}: its network differs from the flags' "
+                            f"(checkpoint vs flags: {', '.join(differ)})")
         model = model_from_checkpoint(ckpt, resume_path(args.resume, run), "--resume")
     else:
         model = build_model(arch)

@@ -6,9 +6,7 @@ loaded with weights_only=True (a checkpoint never runs code).
      "metrics": {...}, "extra": {...stage-specific plain data...}}
 """
 import os
-import pickle
 import tempfile
-import zipfile
 
 import torch
 
@@ -42,23 +40,25 @@ def save_checkpoint(path, payload):
         raise
 
 
-def load_checkpoint(path, stages=None, flag="--checkpoint"):
-    """Load and check a checkpoint; every problem is a one-line UserError that names the file.
-    `stages`: the stages whose checkpoints are acceptable here."""
+def read_file(path, flag):
+    """torch.load(weights_only=True) with every failure turned into one line that names the file: a file
+    that would need code run to unpickle is refused, anything else unreadable is called so."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, foreign pickles: all the same user error
+        if "GLOBAL" in str(e):
             raise UserError(f"{flag} {path}: refused, it holds objects other than tensors and plain data "
                             f"(loading it could run code)") from None
-        raise UserError(f"{flag} {path}: not a readable checkpoint ({first[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
-        reason = "truncated or corrupt" if "zip" in str(e).lower() or isinstance(e, EOFError) else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{flag} {path}: not a readable checkpoint ({reason})") from None
+        why = "truncated or corrupt" if "zip" in str(e).lower() or isinstance(e, EOFError) else "not a torch file"
+        raise UserError(f"{flag} {path}: not a readable checkpoint ({why})") from None
+
+
+def load_checkpoint(path, stages=None, flag="--checkpoint"):
+    """Load and check a checkpoint; every problem is a one-line UserError that names the file.
+    `stages`: the stages whose checkpoints are acceptable here."""
+    ckpt = read_file(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{flag} {path}: not a checkpoint of this project (no '{FORMAT}' marker)")
     if stages and ckpt.get("stage") not in stages:
@@ -72,28 +72,34 @@ def load_checkpoint(path, stages=None, flag="--checkpoint"):
     return ckpt
 
 
+def weight_mismatches(own, state, may_miss=()):
+    """What keeps `state` from loading into a model whose state dict is `own` (keys starting with one of
+    `may_miss` may be absent), as readable strings; empty when it fits."""
+    return ([f"missing {k}" for k in own if k not in state and not any(k.startswith(p) for p in may_miss)]
+            + [f"unexpected {k}" for k in state if k not in own]
+            + [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}" for k in state
+               if k in own and getattr(state[k], "shape", None) != own[k].shape])
+
+
 def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
     """Rebuild the model a checkpoint describes and load its weights (strictly)."""
     model = build_model(ckpt["arch"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flag} {path}: weights do not match its architecture ({first})") from None
+    state = ckpt.get("model")
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise UserError(f"{flag} {path}: holds no weights")
+    problems = weight_mismatches(own, state)
+    if problems:
+        raise UserError(f"{flag} {path}: weights do not match its architecture ({problems[0]}; "
+                        f"{len(problems)} problems)")
+    model.load_state_dict(state)
     return model
 
 
 def load_pretrained(model, path, flag="--pretrained"):
     """Initialise `model` from a checkpoint of this project or from a plain state dict of the same network.
     Switch weights may be absent (a dense network's checkpoint); everything else must match."""
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # every way a foreign or broken file fails to unpickle is the same user error
-        refused = "weights_only" in str(e) or "Unsupported global" in str(e)
-        raise UserError(f"{flag} {path}: " + ("refused, it holds objects other than tensors and plain data"
-                        if refused else "not a readable checkpoint (truncated or corrupt)")) from None
+    state = read_file(path, flag)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         state = state.get("model")
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -101,12 +107,7 @@ def load_pretrained(model, path, flag="--pretrained"):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path}: holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith("switches.")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
-        raise UserError(f"{flag} {path}: weights do not fit this network ({what})")
+    problems = weight_mismatches(model.state_dict(), state, may_miss=("switches.",))
+    if problems:
+        raise UserError(f"{flag} {path}: weights do not fit this network ({problems[0]}; {len(problems)} problems)")
     model.load_state_dict(state, strict=False)
