@@ -111,8 +111,8 @@ class StageRun:
         return ev
 
     def finish(self, model, ddp, data, costs, extra=None):
-        """Final test evaluation of the model the stage ends with -> metrics.json (and the checkpoint's
-        metrics). Returns the metrics dict."""
+        """Final test evaluation of the model the stage ends with -> metrics.json and TensorBoard.
+        Returns the metrics dict."""
         test = evaluate(ddp, data.test, self.ctx, costs, desc="test")
         metrics = {"stage": self.name, "test_acc": test["acc"], "test_loss": test["loss"],
                    "gflops_per_image": test["gflops"], "exec_rate": test["exec_rate"],
@@ -122,6 +122,7 @@ class StageRun:
             print(f"[{self.name}] test acc {metrics['test_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
                   f"GFLOPs/image  {metrics['params'] / 1e6:.3f} M params  -> {self.metrics_path}", flush=True)
         if self.logger:
+            self.logger.scalars("test", {k: metrics[k] for k in ("test_acc", "gflops_per_image", "params")}, 0)
             self.logger.close()
         return metrics
 
