@@ -97,16 +97,21 @@ def _check(where, key, value):
         raise UserError(f"{where}: key '{key}' {demand}, got {json.dumps(value)}")
 
 
+def _check_object(where, obj, known, expected):
+    """A JSON object holding only `known` keys, each of the right type and range."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected {expected}, got {json.dumps(obj)[:60]}")
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(known)})")
+    for key, value in obj.items():
+        _check(where, key, value)
+
+
 def validate(cfg, where="config"):
     """Check a config dict; returns it complete (defaults filled in) with `rounds` resolved to the
     schedule actually run: a list of {"target": "compression" | "ratio", "value", "epochs", "lr"}."""
-    if not isinstance(cfg, dict):
-        raise UserError(f"{where}: expected a JSON object of keys, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(KEYS))
-    if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(KEYS)})")
-    for key, value in cfg.items():
-        _check(where, key, value)
+    _check_object(where, cfg, KEYS, "a JSON object of keys")
     missing = [k for k, spec in KEYS.items() if spec[1] is REQUIRED and k not in cfg]
     if missing:
         raise UserError(f"{where}: missing required key '{missing[0]}'")
@@ -140,13 +145,7 @@ def _schedule(cfg, where):
     schedule, last = [], 0.0
     for i, entry in enumerate(cfg["rounds"]):
         at = f"{where}: rounds[{i}]"
-        if not isinstance(entry, dict):
-            raise UserError(f"{at} must be an object like {{\"compression\": 0.4, \"epochs\": 5}}")
-        unknown = sorted(set(entry) - set(ROUND_KEYS))
-        if unknown:
-            raise UserError(f"{at}: unknown key '{unknown[0]}' (known: {', '.join(ROUND_KEYS)})")
-        for key, value in entry.items():
-            _check(at, key, value)
+        _check_object(at, entry, ROUND_KEYS, 'an object like {"compression": 0.4, "epochs": 5}')
         target, value = _target(entry, at)
         if target == "compression":
             if value <= last:
