@@ -127,9 +127,8 @@ def main(argv=None):
                 step_fn=supervised_step, epochs=spec["epochs"], start_epoch=start, costs=costs, payload=payload,
                 log_offset=logged)
         t0 = time.perf_counter()
-        # One epoch of shuffled training batches: BN averages per-batch variances, so batches in file order
-        # (plain_train of a class-folder dataset holds one class each) would miss the variance between
-        # classes. The augmentation is the one the fine-tuning normalised under.
+        # One epoch of shuffled, augmented training batches: the statistics the fine-tuned weights were
+        # trained under, over every training image.
         recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
         history[-1]["bn_seconds"] = time.perf_counter() - t0
         save(spec["epochs"])  # with the re-estimated BN statistics that the next round and the metrics use
