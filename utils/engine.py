@@ -136,7 +136,7 @@ def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    model.execution = "mask"
+    execution, model.execution = model.execution, "mask"
     try:
         for i, (x, _) in enumerate(loader):
             if i >= batches:
@@ -144,7 +144,7 @@ def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
             with autocast(ctx):
                 model(x, mode)
     finally:
-        model.execution = "auto"
+        model.execution = execution
         for bn in bns:
             bn.momentum = 0.1
     # BN buffers differ per rank after their own shards: average them so every rank holds the same model.
