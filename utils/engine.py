@@ -19,6 +19,7 @@ from tqdm import tqdm
 from utils.dist import all_reduce_sum
 from utils.flops import dense_flops, routed_flops
 from utils.errors import UserError
+from utils.faults import kill_point
 
 
 class TrainingDiverged(UserError):
@@ -73,6 +74,7 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
     first_bad = torch.tensor(-1, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
     bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, disable=not ctx.is_main, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
+        kill_point("step", epoch + 1, step + 1)
         with autocast(ctx):
             loss, stats = step_fn(ddp, x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -141,6 +143,7 @@ def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
         for i, (x, _) in enumerate(loader):
             if i >= batches:
                 break
+            kill_point("bn", i + 1)
             with autocast(ctx):
                 model(x, mode)
     finally:

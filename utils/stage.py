@@ -12,6 +12,7 @@ from utils.data import BatchLoader, channel_stats, load_dataset, split_val
 from utils.dist import barrier
 from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
 from utils.errors import UserError
+from utils.faults import kill_point
 from utils.flops import count_params
 from utils.log import Logger
 
@@ -80,6 +81,7 @@ class StageRun:
         if self.ctx.is_main:
             save_checkpoint(self.checkpoint_path, {"stage": self.name, **payload})
         barrier()
+        kill_point("saved", payload.get("epoch"))
 
     def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, payload,
             log_offset=0):
