@@ -135,7 +135,8 @@ def test_factors_equal_brute_force_from_patches_and_per_image_gradients():
             g_sums[n] = g_sums[n] + s @ s.T
     for n in names:
         assert factors[n].locations * len(x) * convs[n].kernel_size[0] ** 2 == samples[n]
-        torch.testing.assert_close(factors[n].A, a_sums[n] / samples[n], rtol=1e-5, atol=1e-9)
+        a = a_sums[n] / samples[n]  # float32 products summed in another order: tolerance relative to the scale
+        torch.testing.assert_close(factors[n].A, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
         g = g_sums[n] / (len(x) * factors[n].locations)
         torch.testing.assert_close(factors[n].G, g, rtol=1e-5, atol=1e-6 * g.abs().max().item())
     assert factors["stem"].G.abs().max() > 0
