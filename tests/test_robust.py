@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,13 +27,13 @@ from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, sav
 from utils.errors import run_main
 
 DATA = dict(classes=6, train_per_class=32, test_per_class=8, size=16)
-COMMON = ["--resize", "16", "--bs", "16", "--num_workers", "0", "--device", "cpu"]
-SP = ["--depth", "8", "--width", "1", "--lr", "0.05", *COMMON]
-RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]
+COMMON = ["--bs", "16", "--num_workers", "0", "--device", "cpu"]
+SP = ["--depth", "8", "--width", "1", "--lr", "0.05", "--resize", "16", *COMMON]
+RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]  # the resize comes from the checkpoint
 
 
 def prune_config(path, results, data, **over):
-    cfg = {"result_dir": str(results), "data_dir": str(data), "resize": 16, "num_workers": 0,
+    cfg = {"result_dir": str(results), "data_dir": str(data), "num_workers": 0,
            "device": "cpu", "compression": 0.4, "epochs": 1, "lr": 0.01, "bs": 16, "fisher_batches": 2, **over}
     with open(path, "w") as f:
         json.dump(cfg, f)
@@ -85,6 +86,11 @@ def hostile_cases(tmp, data, res):
     missing = json.load(open(cfg("base")))
     del missing["data_dir"]
     json.dump(missing, open(bad / "missing.json", "w"))
+    renamed = bad / "renamed"  # the same number of classes under other names
+    shutil.copytree(data, renamed)
+    for split in ("train", "test"):
+        first = sorted(os.listdir(renamed / split))[0]
+        os.rename(renamed / split / first, renamed / split / "zz_other")
     sp = lambda *a: ("sp", [*SP, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
     rl = lambda *a: ("rl", [*RL, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
     pr = lambda path, *a: ("prune", ["--config_path", path, *a])  # noqa: E731
@@ -132,6 +138,15 @@ def hostile_cases(tmp, data, res):
         # stages out of order: nothing before them in a fresh result dir
         (*pr(cfg("order", result_dir=str(tmp / "fresh"))), ["run main_sp.py"]),
         ("rl", [*RL, "--epochs", "1", "--result_dir", str(tmp / "fresh"), "--data_dir", data], ["main_sp.py"]),
+        # stages that disagree with the input pipeline their checkpoint records (stage 1 ran at 16 pixels)
+        (*pr(cfg("resize32", resize=32)), ["resize 32", "16"]),
+        (*rl("--data_dir", data, "--resize", "32"), ["resize 32", "16"]),
+        (*pr(cfg("renamed", data_dir=str(renamed))), ["classes", "zz_other"]),
+        (*rl("--data_dir", str(renamed)), ["classes", "zz_other"]),
+        (*sp("--data_dir", data, "--resume", good_sp, "--resize", "32"), ["resize 32", "16"]),
+        (*sp("--data_dir", data, "--resume", good_sp, "--augment", "none"), ["augment none", "cifar"]),
+        (*sp("--data_dir", data, "--augment", "flip"), ["augment", "flip"]),
+        (*pr(cfg("augment", augment="flip")), ["augment", "flip"]),
         # result dir
         (*sp("--data_dir", data, "--result_dir", str(bad / "file" / "sub")), ["not writable"]),
         (*sp("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
@@ -329,3 +344,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipel
     with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
         main_sp.main([*SP, "--epochs", "3", "--data_dir", data, "--result_dir", str(tmp_path)])
     assert torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_every_checkpoint_records_the_pipeline_later_stages_inherit_it(pipeline):
+    tmp, data, res = pipeline
+    records = [torch.load(res / s / "checkpoint.pt", weights_only=True)["pipeline"] for s in ("sp", "prune", "rl")]
+    assert records[0]["resize"] == 16 and records[0]["augment"] == "cifar"
+    assert records[0]["classes"] == sorted(os.listdir(os.path.join(data, "train")))
+    assert len(records[0]["mean"]) == len(records[0]["std"]) == 3 and min(records[0]["std"]) > 0
+    assert records[1] == records[0] and records[2] == records[0]  # stages 2 and 3 used stage 1's
+
+
+@pytest.mark.parametrize("stage", ["sp", "rl"])
+def test_model_from_checkpoint_works_on_raw_images_without_the_training_set(pipeline, stage):
+    """load_model gives the network and its preprocessing: on the raw test PNGs it scores what the tool
+    reported, with no statistics recomputed."""
+    from utils.checkpoint import load_model
+    tmp, data, res = pipeline
+    model, preprocess = load_model(str(res / stage / "checkpoint.pt"))
+    test_dir = os.path.join(data, "test")
+    files = [(os.path.join(test_dir, c, f), preprocess.classes.index(c))
+             for c in sorted(os.listdir(test_dir)) for f in sorted(os.listdir(os.path.join(test_dir, c)))]
+    with torch.no_grad():
+        logits, _, _ = model(preprocess([f for f, _ in files]))
+    acc = 100 * (logits.argmax(1) == torch.tensor([y for _, y in files])).double().mean().item()
+    assert acc == pytest.approx(json.load(open(res / stage / "metrics.json"))["test_acc"], abs=1e-9)
+    from PIL import Image  # a single image as an array, as a user might hold it
+    x = preprocess(np.asarray(Image.open(files[0][0])))
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
