@@ -65,6 +65,15 @@ def _mismatched_checkpoint(src, path):
     torch.save(ckpt, path)
 
 
+def _non_finite_checkpoint(src, path, value, plain=False):
+    """A copy of checkpoint `src` with one weight poisoned (as after an overflow); plain: a bare state dict."""
+    ckpt = torch.load(src, weights_only=True)
+    key = sorted(k for k, v in ckpt["model"].items() if v.is_floating_point())[-1]
+    ckpt["model"][key] = ckpt["model"][key].clone().view(-1).index_fill(0, torch.tensor([0]), value) \
+        .view_as(ckpt["model"][key])
+    torch.save(ckpt["model"] if plain else ckpt, path)
+
+
 def hostile_cases(tmp, data, res):
     """(entry point, argv, words the one error line must contain), built over files made here."""
     bad = tmp / "bad"
@@ -82,6 +91,10 @@ def hostile_cases(tmp, data, res):
     _evil_checkpoint(bad / "evil.pt", bad / "PWNED")
     _mismatched_checkpoint(good_sp, bad / "mismatch.pt")
     cfg = lambda name, **over: prune_config(bad / f"{name}.json", res, data, **over)  # noqa: E731
+    _non_finite_checkpoint(good_sp, bad / "nan_sp.pt", float("nan"))
+    _non_finite_checkpoint(good_sp, bad / "inf_state.pt", float("inf"), plain=True)
+    _non_finite_checkpoint(good_prune, bad / "inf_prune.pt", float("-inf"))
+    _non_finite_checkpoint(good_rl, bad / "nan_rl.pt", float("nan"))
     (bad / "invalid.json").write_text('{"result_dir": "x", "data_dir": ')
     missing = json.load(open(cfg("base")))
     del missing["data_dir"]
@@ -135,6 +148,18 @@ def hostile_cases(tmp, data, res):
         (*rl("--data_dir", data, "--checkpoint", str(bad / "mismatch.pt")), ["mismatch.pt"]),
         (*rl("--data_dir", data, "--checkpoint", str(bad / "evil.pt")), ["refused"]),
         (*rl("--data_dir", data, "--resume", good_prune), ["stage 2", "stage 3"]),
+        # weights holding NaN or inf: refused before anything is written, in every stage and config
+        (*sp("--data_dir", data, "--resume", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "inf_state.pt")), ["inf_state.pt", "nan or inf"]),
+        (*pr(cfg("nan_true", checkpoint=str(bad / "nan_sp.pt"))), ["nan_sp.pt", "nan or inf"]),
+        (*pr(cfg("nan_emp", checkpoint=str(bad / "nan_sp.pt"), fisher_type="empirical")), ["nan or inf"]),
+        (*pr(cfg("nan_iter", checkpoint=str(bad / "nan_sp.pt"), compression=None, prune_mode="iterative",
+                 rounds=[{"ratio": 0.2}])), ["nan or inf"]),
+        (*pr(cfg("inf_resume", resume=str(bad / "inf_prune.pt"))), ["inf_prune.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "inf_prune.pt")), ["inf_prune.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--resume", str(bad / "nan_rl.pt")), ["nan_rl.pt", "nan or inf"]),
         # stages out of order: nothing before them in a fresh result dir
         (*pr(cfg("order", result_dir=str(tmp / "fresh"))), ["run main_sp.py"]),
         ("rl", [*RL, "--epochs", "1", "--result_dir", str(tmp / "fresh"), "--data_dir", data], ["main_sp.py"]),

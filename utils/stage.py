@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.checkpoint import save_checkpoint
-from utils.data import BatchLoader, channel_stats, load_dataset, make_pipeline, split_val
+from utils.data import MIN_STD, BatchLoader, channel_stats, load_dataset, make_pipeline, split_val
 from utils.dist import barrier
 from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
 from utils.errors import UserError
@@ -64,6 +64,9 @@ def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
         mean, std = recorded["mean"], recorded["std"]
     else:
         mean, std = channel_stats(train_x)
+        if bool((std <= MIN_STD * 1.001).all()) and ctx.is_main:  # a data problem, said as one, not a NaN later
+            print(f"warning: every training image of {args.data_dir} is one flat colour (no channel varies): "
+                  f"nothing to learn from the pixels", file=sys.stderr, flush=True)
     pipeline = make_pipeline(resize, mean, std, ds.classes, augment)
     bs = bs or args.bs
     common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
