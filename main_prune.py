@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pruners import check_reachable, evenly_spaced, prunable_convs, prune, set_rotations_trainable
+from pruners import check_schedule, evenly_spaced, prunable_convs, prune, set_rotations_trainable
 from pruners.config import load_config
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import Parser
@@ -36,6 +36,20 @@ def parse_args(argv=None):
 
 def targets(schedule):
     return [(r["target"], r["value"]) for r in schedule]
+
+
+def check_resumable(ckpt, schedule, path):
+    """The rounds a checkpoint has pruned (all before its round, and its round) must be the config's; later
+    rounds may have been changed since (a target found out of reach, say)."""
+    done = ckpt["round"] + 1
+    if targets(ckpt["schedule"][:done]) != targets(schedule[:done]):
+        raise UserError(f"--resume {path}: the {done} round(s) it has pruned had targets "
+                        f"{targets(ckpt['schedule'][:done])}, the config's first {done} are "
+                        f"{targets(schedule[:done])}; only rounds not yet begun may change")
+    now, then = schedule[done - 1], ckpt["schedule"][done - 1]
+    if (now["epochs"], now["lr"]) != (then["epochs"], then["lr"]):
+        raise UserError(f"--resume {path}: round {done} is under way with epochs {then['epochs']} and lr "
+                        f"{then['lr']}; the config now says {now['epochs']} and {now['lr']}")
 
 
 def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
@@ -77,9 +91,8 @@ def main(argv=None):
     ckpt = load_checkpoint(resume_from, ("prune",), "--resume") if resume_from else None
     if ckpt and not {"round", "history", "schedule"} <= set(ckpt):
         raise UserError(f"--resume {resume_from}: lacks the pruning state (round, history, schedule)")
-    if ckpt and targets(ckpt["schedule"]) != targets(schedule):
-        raise UserError(f"--resume {resume_from}: its pruning targets {targets(ckpt['schedule'])} differ "
-                        f"from the config's {targets(schedule)}")
+    if ckpt:
+        check_resumable(ckpt, schedule, resume_from)
     if ckpt:  # the run resumed inherited stage 1's pipeline and fixed its own augmentation
         recorded, source = ckpt.get("pipeline"), f"--resume {resume_from}"
     else:
@@ -94,9 +107,10 @@ def main(argv=None):
         model = model_from_checkpoint(ckpt, resume_from, "--resume")
         first_round, history = ckpt["round"], ckpt["history"]
     else:
-        check_reachable(model, schedule[0]["target"], schedule[0]["value"], cfg["prune_ratio_limit"],
-                        params_stage1)
         first_round, history = 0, []
+    # every round still to prune, checked before any work (the resumed round is pruned already)
+    later = first_round + 1 if ckpt else 0
+    check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later)
     run.open(data.pipeline)
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds

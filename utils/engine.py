@@ -129,25 +129,45 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
             "exec_rate": (sums[4:] / n).tolist(), "images": int(n)}
 
 
+BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one no training run reaches
+
+
 @torch.no_grad()
 def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
-    """Re-estimate BatchNorm running statistics with the current weights (cumulative average)."""
+    """Re-estimate BatchNorm running statistics with the current weights (cumulative average over the
+    first `batches` batches of `loader`).
+
+    Deterministic, so that a resumed run ends exactly as an uninterrupted one (and re-running it on the
+    same weights changes nothing): the batches are always those of loader epoch BN_EPOCH, whatever epoch
+    the loader was last set to (a run resumed after its last epoch has not set one), and the global RNG
+    (used by `sample` mode) is seeded inside and left as it was outside. The batch statistics in train
+    mode do not depend on the running statistics, so the result depends only on the weights."""
     model = getattr(ddp, "module", ddp)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
+    was_training = model.training
     model.train()
     execution, model.execution = model.execution, "mask"
+    last_epoch = getattr(loader, "epoch", None)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(BN_EPOCH)
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            kill_point("bn", i + 1)
-            with autocast(ctx):
-                model(x, mode)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(ctx.seed * 1_000_003 + ctx.rank + BN_EPOCH)
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                kill_point("bn", i + 1)
+                with autocast(ctx):
+                    model(x, mode)
     finally:
         model.execution = execution
+        model.train(was_training)
+        if last_epoch is not None:
+            loader.set_epoch(last_epoch)
         for bn in bns:
             bn.momentum = 0.1
     # BN buffers differ per rank after their own shards: average them so every rank holds the same model.
