@@ -8,6 +8,7 @@ Reads the stage-1 checkpoint (the config's `checkpoint`, default <result_dir>/sp
 described in pruners/config.py; the command-line flags override the keys of the same name.
 """
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -71,6 +72,10 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
               f"{report['compression']:.3f}), {len(model.arch['ranks'])} convs factored; {data.eval_name} acc "
               f"{before['acc']:.2f}% before fine-tuning; factor pass {report['factor_seconds']:.1f}s, eigh "
               f"{report['eigen_seconds']:.1f}s", flush=True)
+        if report["directions_cut"] == 0:
+            print(f"warning: round {r + 1}: {spec['target']} {spec['value']} removes nothing (the directions under "
+                  f"the threshold are kept by prune_ratio_limit or lie in layers whose factored form would not "
+                  f"be smaller); the network is unchanged", file=sys.stderr, flush=True)
     return model, report
 
 

@@ -46,8 +46,10 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     params = count_params(new)
     if params != plan.params:
         raise RuntimeError(f"rebuilt model holds {params} parameters, the plan said {plan.params}")
-    return new, {"target": target, "value": value, "directions": plan.total, "directions_cut": plan.cut,
-                 "ratio": plan.cut / plan.total, "params": params, "compression": 1 - params / params_reference,
+    # what was removed, not what fell under the threshold: a side's limit and layers whose factored form
+    # would not be smaller keep directions the threshold cut
+    return new, {"target": target, "value": value, "directions": plan.total, "directions_cut": plan.removed,
+                 "directions_under_threshold": plan.cut, "ratio": plan.removed / plan.total, "params": params, "compression": 1 - params / params_reference,
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
                  "rebuild_seconds": t3 - t2}
 

@@ -488,3 +488,22 @@ def test_recalibrate_bn_reads_a_fixed_sequence_and_leaves_the_rng_alone():
         assert torch.equal(rng, torch.get_rng_state()) and loader.epoch == epoch
         buffers.append({k: v.clone() for k, v in model.state_dict().items() if "running" in k})
     assert buffers[0].keys() and all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
+
+
+@pytest.mark.parametrize("ratio", [0.02, 0.3])
+def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsys, ratio):
+    tmp, data, res = pipeline
+    shutil.copytree(res / "sp", tmp_path / "sp")
+    main_prune.main(["--config_path", prune_config(tmp_path / "c.json", tmp_path, data, compression=None,
+                                                   ratio=ratio, epochs=0)])
+    report = json.load(open(tmp_path / "prune" / "metrics.json"))["rounds"][0]
+    stage1 = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
+    convs = dict(stage1.named_modules())
+    ranks = torch.load(tmp_path / "prune" / "checkpoint.pt", weights_only=True)["arch"]["ranks"]
+    removed = sum(convs[n].in_channels - r_in + convs[n].out_channels - r_out for n, (r_in, r_out) in ranks.items())
+    assert report["directions_cut"] == removed
+    assert report["ratio"] == pytest.approx(removed / report["directions"])
+    err = capsys.readouterr().err
+    assert ("removes nothing" in err) == (removed == 0)
+    if ratio == 0.02:
+        assert removed == 0
