@@ -22,7 +22,7 @@ from utils.dist import setup, teardown
 from utils.engine import evaluate, make_scheduler, prepare, recalibrate_bn, rng_state, supervised_step
 from utils.errors import UserError, run_main
 from utils.flops import count_params, dense_flops, measure_costs
-from utils.stage import StageRun, check_result_dir, load_data, restore_training_state
+from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state
 
 
 def parse_args(argv=None):
@@ -108,6 +108,7 @@ def main(argv=None):
                         f"data_dir {cfg['data_dir']} holds {data.num_classes}")
     model = model_from_checkpoint(stage1, stage1_path, "checkpoint")
     params_stage1 = count_params(model)
+    check_batch_shapes(model, data.image_size, data.train.batch_size)
     if ckpt:
         model = model_from_checkpoint(ckpt, resume_from, "--resume")
         first_round, history = ckpt["round"], ckpt["history"]

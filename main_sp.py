@@ -9,7 +9,7 @@ from utils.dist import setup, teardown
 from utils.engine import make_scheduler, prepare, supervised_step
 from utils.errors import UserError, run_main
 from utils.flops import dense_flops, measure_costs
-from utils.stage import StageRun, check_result_dir, load_data, restore_training_state, resume_path
+from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 
 
 def parse_args(argv=None):
@@ -46,6 +46,7 @@ def main(argv=None):
         if args.pretrained:
             load_pretrained(model, args.pretrained)
     model, ddp = prepare(model, ctx)
+    check_batch_shapes(model, data.image_size, data.train.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))

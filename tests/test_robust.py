@@ -507,3 +507,36 @@ def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsy
     assert ("removes nothing" in err) == (removed == 0)
     if ratio == 0.02:
         assert removed == 0
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_batch_of_one_and_smallest_resolution_in_all_three_stages(tmp_path, gate, capsys):
+    """--bs 1, the smallest --resize (8), and a last evaluation batch of one image (9 test images in
+    stage 2's batches of 2, with ff) work with both switch kinds in every stage; where training would hand a BatchNorm a
+    single value per channel (ff switches on 1x1 maps in a deeper net) every stage refuses up front."""
+    data = tiny_dataset(tmp_path / "data", classes=3, train_per_class=4, test_per_class=3, size=8)
+    res = tmp_path / "res"
+    tiny = ["--num_workers", "0", "--device", "cpu", "--data_dir", data, "--result_dir", str(res), "--epochs", "1"]
+    main_sp.main([*tiny, "--depth", "8", "--width", "1", "--gate", gate, "--resize", "8", "--bs", "1"])
+    main_prune.main(["--config_path", prune_config(tmp_path / "c.json", res, data, compression=None, ratio=0.3,
+                                                   bs=1 if gate == "rnn" else 2, fisher_batches=2)])
+    main_rl_prune.main([*tiny, "--bs", "1"])
+    for stage in ("sp", "prune", "rl"):
+        metrics = json.load(open(res / stage / "metrics.json"))
+        assert metrics["test_images"] == 9 and 0 <= metrics["test_acc"] <= 100
+    if gate == "rnn":
+        return
+    deep = tmp_path / "deep"
+    main_sp.main([*tiny[:-4], "--result_dir", str(deep), "--epochs", "1", "--depth", "14", "--width", "1",
+                  "--gate", "ff", "--resize", "8", "--bs", "2"])
+    before = snapshot(deep)
+    for stage, argv in [("sp", [*tiny[:-4], "--result_dir", str(tmp_path / "new"), "--epochs", "1", "--depth", "14",
+                                "--width", "1", "--gate", "ff", "--resize", "8", "--bs", "1"]),
+                        ("prune", ["--config_path", prune_config(tmp_path / "d.json", deep, data, bs=1)]),
+                        ("rl", [*tiny[:-4], "--result_dir", str(deep), "--epochs", "1", "--bs", "1"])]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: MAINS[stage](argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "one value per channel" in err[0] and "resize 9" in err[0]
+    assert snapshot(deep) == before and not (tmp_path / "new").exists()
