@@ -2,13 +2,14 @@
 
 A stage supplies a `step_fn(model, x, y) -> (loss, stats)` (stats: dict of scalar or per-switch tensors,
 averaged over the epoch) and gets back per-epoch training stats, evaluation results with the GFLOPs each
-image really executed, TensorBoard curves, a tqdm bar, a one-line summary per epoch and an atomic
+image really executed, TensorBoard curves, a tqdm bar (on a terminal), a one-line summary per epoch and an atomic
 checkpoint per epoch.
 """
 import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -24,6 +25,12 @@ from utils.faults import kill_point
 
 class TrainingDiverged(UserError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def progress(iterable, enabled=True, **kw):
+    """A tqdm bar, only when stderr is a terminal: in a log file (nohup, a batch scheduler) every refresh
+    would be written as one more fragment. The one-line summaries are printed either way."""
+    return tqdm(iterable, leave=False, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()), **kw)
 
 
 def seed_epoch(ctx, epoch):
@@ -72,7 +79,7 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
     ddp.train()
     sums, n = {}, 0
     first_bad = torch.tensor(-1, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, disable=not ctx.is_main, dynamic_ncols=True)
+    bar = progress(loader, ctx.is_main, desc=f"{desc} {epoch + 1}")
     for step, (x, y) in enumerate(bar):
         kill_point("step", epoch + 1, step + 1)
         with autocast(ctx):
@@ -112,7 +119,7 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
     model = getattr(ddp, "module", ddp)
     model.eval()
     sums = None
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main, dynamic_ncols=True):
+    for x, y in progress(loader, ctx.is_main, desc=desc):
         with autocast(ctx):
             logits, actions, _ = model(x, mode)
         flops = routed_flops(costs, actions) if mode != "open" else \
