@@ -14,7 +14,7 @@ from utils.dist import setup, teardown
 from utils.engine import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.flops import count_params, measure_costs
-from utils.stage import StageRun, check_result_dir, load_data, restore_training_state, resume_path
+from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 from utils.table import write_table
 
 
@@ -96,11 +96,12 @@ def main(argv=None):
         ckpt = load_checkpoint(path, ("prune", "sp"), flag)
         source = {"path": path, "stage": ckpt["stage"]}
     check_flags_match(args, ckpt["arch"], path, flag)
-    data = load_data(args, ctx)
+    data = load_data(args, ctx, recorded=ckpt.get("pipeline"), source=f"{flag} {path}", resuming=bool(args.resume))
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
+    check_batch_shapes(model, data.image_size, data.train.batch_size)
     if "compression" not in source:
         source["compression"] = source_compression(ckpt, path, count_params(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -112,7 +113,7 @@ def main(argv=None):
         start = restore_training_state(ckpt, optimizer, scheduler)
         baseline.load_state_dict(ckpt.get("extra", {}).get("baseline"))
     costs = measure_costs(model, data.image_size)
-    run.open()
+    run.open(data.pipeline)
     step = ReinforceStep(costs, args.alpha, args.gamma, args.rl_weight, baseline)
     payload = lambda e: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "source": source}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,

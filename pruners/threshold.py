@@ -20,6 +20,7 @@ class Plan:
     cut: int     # directions under the global threshold (before the per-layer rules)
     total: int   # directions in the pool
     params: int  # parameters of the whole model once rebuilt
+    removed: int = 0  # directions actually removed: those of the layers that shrink, after the rules
 
 
 class Threshold:
@@ -38,13 +39,14 @@ class Threshold:
     def plan(self, cut):
         counts = torch.bincount(self.sides_by_score[:cut], minlength=len(self.sizes))
         kept = (self.sizes - torch.minimum(counts, self.max_cut)).tolist()
-        ranks, params = {}, self.params_now
+        ranks, params, removed = {}, self.params_now, 0
         for layer, r_in, r_out in zip(self.layers, kept[0::2], kept[1::2]):
             new = layer.factored_params(r_in, r_out)
             if new < layer.params:
                 ranks[layer.name] = (r_in, r_out)
                 params -= layer.params - new
-        return Plan(ranks=ranks, cut=cut, total=self.total, params=params)
+                removed += len(layer.in_scores) - r_in + len(layer.out_scores) - r_out
+        return Plan(ranks=ranks, cut=cut, total=self.total, params=params, removed=removed)
 
 
 def plan_for_ratio(layers, ratio, limit, params_now):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,16 +24,16 @@ import main_sp
 from conftest import ROOT
 from helpers import run_script, snapshot, tiny_dataset
 from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from utils.errors import run_main
+from utils.errors import UserError, run_main
 
 DATA = dict(classes=6, train_per_class=32, test_per_class=8, size=16)
-COMMON = ["--resize", "16", "--bs", "16", "--num_workers", "0", "--device", "cpu"]
-SP = ["--depth", "8", "--width", "1", "--lr", "0.05", *COMMON]
-RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]
+COMMON = ["--bs", "16", "--num_workers", "0", "--device", "cpu"]
+SP = ["--depth", "8", "--width", "1", "--lr", "0.05", "--resize", "16", *COMMON]
+RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]  # the resize comes from the checkpoint
 
 
 def prune_config(path, results, data, **over):
-    cfg = {"result_dir": str(results), "data_dir": str(data), "resize": 16, "num_workers": 0,
+    cfg = {"result_dir": str(results), "data_dir": str(data), "num_workers": 0,
            "device": "cpu", "compression": 0.4, "epochs": 1, "lr": 0.01, "bs": 16, "fisher_batches": 2, **over}
     with open(path, "w") as f:
         json.dump(cfg, f)
@@ -64,6 +65,15 @@ def _mismatched_checkpoint(src, path):
     torch.save(ckpt, path)
 
 
+def _non_finite_checkpoint(src, path, value, plain=False):
+    """A copy of checkpoint `src` with one weight poisoned (as after an overflow); plain: a bare state dict."""
+    ckpt = torch.load(src, weights_only=True)
+    key = sorted(k for k, v in ckpt["model"].items() if v.is_floating_point())[-1]
+    ckpt["model"][key] = ckpt["model"][key].clone().view(-1).index_fill(0, torch.tensor([0]), value) \
+        .view_as(ckpt["model"][key])
+    torch.save(ckpt["model"] if plain else ckpt, path)
+
+
 def hostile_cases(tmp, data, res):
     """(entry point, argv, words the one error line must contain), built over files made here."""
     bad = tmp / "bad"
@@ -81,10 +91,19 @@ def hostile_cases(tmp, data, res):
     _evil_checkpoint(bad / "evil.pt", bad / "PWNED")
     _mismatched_checkpoint(good_sp, bad / "mismatch.pt")
     cfg = lambda name, **over: prune_config(bad / f"{name}.json", res, data, **over)  # noqa: E731
+    _non_finite_checkpoint(good_sp, bad / "nan_sp.pt", float("nan"))
+    _non_finite_checkpoint(good_sp, bad / "inf_state.pt", float("inf"), plain=True)
+    _non_finite_checkpoint(good_prune, bad / "inf_prune.pt", float("-inf"))
+    _non_finite_checkpoint(good_rl, bad / "nan_rl.pt", float("nan"))
     (bad / "invalid.json").write_text('{"result_dir": "x", "data_dir": ')
     missing = json.load(open(cfg("base")))
     del missing["data_dir"]
     json.dump(missing, open(bad / "missing.json", "w"))
+    renamed = bad / "renamed"  # the same number of classes under other names
+    shutil.copytree(data, renamed)
+    for split in ("train", "test"):
+        first = sorted(os.listdir(renamed / split))[0]
+        os.rename(renamed / split / first, renamed / split / "zz_other")
     sp = lambda *a: ("sp", [*SP, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
     rl = lambda *a: ("rl", [*RL, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
     pr = lambda path, *a: ("prune", ["--config_path", path, *a])  # noqa: E731
@@ -129,9 +148,30 @@ def hostile_cases(tmp, data, res):
         (*rl("--data_dir", data, "--checkpoint", str(bad / "mismatch.pt")), ["mismatch.pt"]),
         (*rl("--data_dir", data, "--checkpoint", str(bad / "evil.pt")), ["refused"]),
         (*rl("--data_dir", data, "--resume", good_prune), ["stage 2", "stage 3"]),
+        # weights holding NaN or inf: refused before anything is written, in every stage and config
+        (*sp("--data_dir", data, "--resume", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "inf_state.pt")), ["inf_state.pt", "nan or inf"]),
+        (*pr(cfg("nan_true", checkpoint=str(bad / "nan_sp.pt"))), ["nan_sp.pt", "nan or inf"]),
+        (*pr(cfg("nan_emp", checkpoint=str(bad / "nan_sp.pt"), fisher_type="empirical")), ["nan or inf"]),
+        (*pr(cfg("nan_iter", checkpoint=str(bad / "nan_sp.pt"), compression=None, prune_mode="iterative",
+                 rounds=[{"ratio": 0.2}])), ["nan or inf"]),
+        (*pr(cfg("inf_resume", resume=str(bad / "inf_prune.pt"))), ["inf_prune.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "inf_prune.pt")), ["inf_prune.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--resume", str(bad / "nan_rl.pt")), ["nan_rl.pt", "nan or inf"]),
         # stages out of order: nothing before them in a fresh result dir
         (*pr(cfg("order", result_dir=str(tmp / "fresh"))), ["run main_sp.py"]),
         ("rl", [*RL, "--epochs", "1", "--result_dir", str(tmp / "fresh"), "--data_dir", data], ["main_sp.py"]),
+        # stages that disagree with the input pipeline their checkpoint records (stage 1 ran at 16 pixels)
+        (*pr(cfg("resize32", resize=32)), ["resize 32", "16"]),
+        (*rl("--data_dir", data, "--resize", "32"), ["resize 32", "16"]),
+        (*pr(cfg("renamed", data_dir=str(renamed))), ["classes", "zz_other"]),
+        (*rl("--data_dir", str(renamed)), ["classes", "zz_other"]),
+        (*sp("--data_dir", data, "--resume", good_sp, "--resize", "32"), ["resize 32", "16"]),
+        (*sp("--data_dir", data, "--resume", good_sp, "--augment", "none"), ["augment none", "cifar"]),
+        (*sp("--data_dir", data, "--augment", "flip"), ["augment", "flip"]),
+        (*pr(cfg("augment", augment="flip")), ["augment", "flip"]),
         # result dir
         (*sp("--data_dir", data, "--result_dir", str(bad / "file" / "sub")), ["not writable"]),
         (*sp("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
@@ -329,3 +369,174 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipel
     with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
         main_sp.main([*SP, "--epochs", "3", "--data_dir", data, "--result_dir", str(tmp_path)])
     assert torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_every_checkpoint_records_the_pipeline_later_stages_inherit_it(pipeline):
+    tmp, data, res = pipeline
+    records = [torch.load(res / s / "checkpoint.pt", weights_only=True)["pipeline"] for s in ("sp", "prune", "rl")]
+    assert records[0]["resize"] == 16 and records[0]["augment"] == "cifar"
+    assert records[0]["classes"] == sorted(os.listdir(os.path.join(data, "train")))
+    assert len(records[0]["mean"]) == len(records[0]["std"]) == 3 and min(records[0]["std"]) > 0
+    assert records[1] == records[0] and records[2] == records[0]  # stages 2 and 3 used stage 1's
+
+
+@pytest.mark.parametrize("stage", ["sp", "rl"])
+def test_model_from_checkpoint_works_on_raw_images_without_the_training_set(pipeline, stage):
+    """load_model gives the network and its preprocessing: on the raw test PNGs it scores what the tool
+    reported, with no statistics recomputed."""
+    from utils.checkpoint import load_model
+    tmp, data, res = pipeline
+    model, preprocess = load_model(str(res / stage / "checkpoint.pt"))
+    test_dir = os.path.join(data, "test")
+    files = [(os.path.join(test_dir, c, f), preprocess.classes.index(c))
+             for c in sorted(os.listdir(test_dir)) for f in sorted(os.listdir(os.path.join(test_dir, c)))]
+    with torch.no_grad():
+        logits, _, _ = model(preprocess([f for f, _ in files]))
+    acc = 100 * (logits.argmax(1) == torch.tensor([y for _, y in files])).double().mean().item()
+    assert acc == pytest.approx(json.load(open(res / stage / "metrics.json"))["test_acc"], abs=1e-9)
+    from PIL import Image  # a single image as an array, as a user might hold it
+    x = preprocess(np.asarray(Image.open(files[0][0])))
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def _run(argv, at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if at:
+        env["DYNPRUNE_KILL_AT"] = at
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == (-signal.SIGKILL if at else 0), (at, proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs computing exactly as the one-thread subprocesses that are killed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stage2_killed_at_the_end_or_resumed_when_finished_ends_exactly_as_uninterrupted(pipeline, tmp_path,
+                                                                                         one_thread):
+    """Killed right after the last epoch's checkpoint or during the final BN re-estimation, then resumed;
+    and a finished run resumed: weights AND BN buffers bit for bit those of the uninterrupted run. Only
+    the killed runs are processes of their own (the suite must stay fast)."""
+    tmp, data, res = pipeline
+    ckpts = {}
+    for name in ("straight", "saved:2", "bn:2"):
+        out = tmp_path / name.replace(":", "_")
+        shutil.copytree(res / "sp", out / "sp")
+        argv = ["--config_path", prune_config(out / "c.json", out, data, epochs=2)]
+        if name != "straight":
+            _run(["main_prune.py", *argv], at=name)
+        main_prune.main(argv + (["--resume"] if name != "straight" else []))
+        ckpts[name] = (argv, out / "prune" / "checkpoint.pt")
+    argv, straight = ckpts["straight"]
+    for name in ("saved:2", "bn:2"):
+        _same_weights(straight, ckpts[name][1])
+    before = torch.load(straight, weights_only=True)["model"]
+    main_prune.main([*argv, "--resume"])  # resuming a finished run changes nothing
+    assert all(torch.equal(v, before[k]) for k, v in torch.load(straight, weights_only=True)["model"].items())
+
+
+def test_iterative_rounds_checked_up_front_and_resume_after_a_later_round_changes(pipeline, tmp_path):
+    tmp, data, res = pipeline
+    rounds = lambda *targets: [{"ratio": t, "epochs": 1} for t in targets]  # noqa: E731
+    iterative = dict(compression=None, prune_mode="iterative", fisher_batches=1)
+    straight, grown = tmp_path / "straight", tmp_path / "grown"
+    for out in (straight, grown):
+        shutil.copytree(res / "sp", out / "sp")
+    main_prune.main(["--config_path", prune_config(tmp_path / "s.json", straight, data, **iterative,
+                                                   rounds=rounds(0.2, 0.3))])
+    # the same two rounds, the second one added once the first is done: --resume continues from round 1
+    main_prune.main(["--config_path", prune_config(tmp_path / "g1.json", grown, data, **iterative,
+                                                   rounds=rounds(0.2))])
+    main_prune.main(["--config_path", prune_config(tmp_path / "g2.json", grown, data, **iterative,
+                                                   rounds=rounds(0.2, 0.3)), "--resume"])
+    _same_weights(straight / "prune" / "checkpoint.pt", grown / "prune" / "checkpoint.pt")
+    # a round already pruned may not change
+    with pytest.raises(UserError, match="only rounds not yet begun may change"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "g3.json", grown, data, **iterative,
+                                                       rounds=rounds(0.25, 0.3)), "--resume"])
+    # a later round out of reach is refused before any work (not after round 1's fine-tuning)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(res / "sp", fresh / "sp")
+    before = snapshot(fresh)
+    with pytest.raises(UserError, match=r"rounds\[1\]: compression 0.97 is out of reach"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "f.json", fresh, data, compression=None,
+                                                       prune_mode="iterative", rounds=[
+                                                           {"compression": 0.3, "epochs": 2},
+                                                           {"compression": 0.97, "epochs": 1}])])
+    assert snapshot(fresh) == before
+
+
+def test_recalibrate_bn_reads_a_fixed_sequence_and_leaves_the_rng_alone():
+    from models import build_model, make_arch
+    from utils.data import BatchLoader
+    from utils.dist import Context
+    from utils.engine import recalibrate_bn
+    ctx = Context(device=torch.device("cpu"), rank=0, world_size=1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (32, 3, 8, 8), generator=g).to(torch.uint8), torch.zeros(32, dtype=torch.long)
+    loader = BatchLoader(x, y, 8, train=True, device="cpu", mean=[0.5] * 3, std=[0.25] * 3)
+    model = build_model(make_arch(depth=8, width=1, num_classes=2, gate="ff"))
+    buffers = []
+    for epoch in (3, 7):  # whatever epoch the loader was last set to
+        loader.set_epoch(epoch)
+        rng = torch.get_rng_state()
+        recalibrate_bn(model, loader, ctx, mode="sample", batches=3)
+        assert torch.equal(rng, torch.get_rng_state()) and loader.epoch == epoch
+        buffers.append({k: v.clone() for k, v in model.state_dict().items() if "running" in k})
+    assert buffers[0].keys() and all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
+
+
+@pytest.mark.parametrize("ratio", [0.02, 0.3])
+def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsys, ratio):
+    tmp, data, res = pipeline
+    shutil.copytree(res / "sp", tmp_path / "sp")
+    main_prune.main(["--config_path", prune_config(tmp_path / "c.json", tmp_path, data, compression=None,
+                                                   ratio=ratio, epochs=0)])
+    report = json.load(open(tmp_path / "prune" / "metrics.json"))["rounds"][0]
+    stage1 = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
+    convs = dict(stage1.named_modules())
+    ranks = torch.load(tmp_path / "prune" / "checkpoint.pt", weights_only=True)["arch"]["ranks"]
+    removed = sum(convs[n].in_channels - r_in + convs[n].out_channels - r_out for n, (r_in, r_out) in ranks.items())
+    assert report["directions_cut"] == removed
+    assert report["ratio"] == pytest.approx(removed / report["directions"])
+    err = capsys.readouterr().err
+    assert ("removes nothing" in err) == (removed == 0)
+    if ratio == 0.02:
+        assert removed == 0
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_batch_of_one_and_smallest_resolution_in_all_three_stages(tmp_path, gate, capsys):
+    """--bs 1, the smallest --resize (8), and a last evaluation batch of one image (9 test images in
+    stage 2's batches of 2, with ff) work with both switch kinds in every stage; where training would hand a BatchNorm a
+    single value per channel (ff switches on 1x1 maps in a deeper net) every stage refuses up front."""
+    data = tiny_dataset(tmp_path / "data", classes=3, train_per_class=4, test_per_class=3, size=8)
+    res = tmp_path / "res"
+    tiny = ["--num_workers", "0", "--device", "cpu", "--data_dir", data, "--result_dir", str(res), "--epochs", "1"]
+    main_sp.main([*tiny, "--depth", "8", "--width", "1", "--gate", gate, "--resize", "8", "--bs", "1"])
+    main_prune.main(["--config_path", prune_config(tmp_path / "c.json", res, data, compression=None, ratio=0.3,
+                                                   bs=1 if gate == "rnn" else 2, fisher_batches=2)])
+    main_rl_prune.main([*tiny, "--bs", "1"])
+    for stage in ("sp", "prune", "rl"):
+        metrics = json.load(open(res / stage / "metrics.json"))
+        assert metrics["test_images"] == 9 and 0 <= metrics["test_acc"] <= 100
+    if gate == "rnn":
+        return
+    deep = tmp_path / "deep"
+    main_sp.main([*tiny[:-4], "--result_dir", str(deep), "--epochs", "1", "--depth", "14", "--width", "1",
+                  "--gate", "ff", "--resize", "8", "--bs", "2"])
+    before = snapshot(deep)
+    for stage, argv in [("sp", [*tiny[:-4], "--result_dir", str(tmp_path / "new"), "--epochs", "1", "--depth", "14",
+                                "--width", "1", "--gate", "ff", "--resize", "8", "--bs", "1"]),
+                        ("prune", ["--config_path", prune_config(tmp_path / "d.json", deep, data, bs=1)]),
+                        ("rl", [*tiny[:-4], "--result_dir", str(deep), "--epochs", "1", "--bs", "1"])]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: MAINS[stage](argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "one value per channel" in err[0] and "resize 9" in err[0]
+    assert snapshot(deep) == before and not (tmp_path / "new").exists()
