@@ -1,5 +1,6 @@
 """Stage 3 (gates/policy.py, main_rl_prune.py, utils/table.py): the REINFORCE arithmetic by hand, that the
 rewards move the switches, that dynamic GFLOPs are what the images execute, and the stage end to end."""
+import functools
 import json
 import math
 import shutil
@@ -60,7 +61,7 @@ def test_rewards_returns_and_policy_loss_by_hand():
     # advantages R - b: image 1 (-0.1, -0.1, -0.1); image 2 (-0.0625, 0.175, 0.05)
     image1 = -0.1 * math.log(0.8) - 0.1 * math.log(0.9) - 0.1 * math.log(0.6)
     image2 = -0.0625 * math.log(0.5) + 0.175 * math.log(0.5) + 0.05 * math.log(0.75)
-    expected = -(image1 + image2) / 2
+    expected = -(image1 + image2)  # summed over images: SkipNet's per-image REINFORCE convention
     assert policy_loss(lp, returns, baseline).item() == pytest.approx(expected, abs=1e-6)
 
     # gamma 1: the final reward reaches every switch undiscounted; gamma 0: each switch sees its own reward
@@ -105,17 +106,18 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
     model = build_model(make_arch(depth=14, width=1, num_classes=4))
     costs = measure_costs(model, 8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for epoch in range(2):  # stage 1 in brief: a trained backbone with open switches
+    dense_step = functools.partial(supervised_step, mode="open")
+    for epoch in range(2):  # a trained backbone, switches as initialised (p around 0.5)
         train.set_epoch(epoch)
-        train_epoch(model, train, optimizer, None, supervised_step, CPU, epoch)
-    start = evaluate(model, test, CPU, costs)
+        train_epoch(model, train, optimizer, None, dense_step, CPU, epoch)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
 
     def reinforce(alpha, epochs=3):
         model.load_state_dict(trained)
         torch.manual_seed(1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        step = ReinforceStep(costs, alpha, gamma=1.0, rl_weight=1.0, baseline=Baseline("moving", 5))
+        # the policy loss is summed over the 32 images of a batch: rl_weight 1/32 is a per-image mean's 1
+        step = ReinforceStep(costs, alpha, gamma=1.0, rl_weight=1 / 32, baseline=Baseline("moving", 5))
         rates = []
         for epoch in range(epochs):
             train.set_epoch(epoch)
@@ -123,12 +125,12 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
             rates.append(sum(stats["exec_rate"]) / 5)
         return rates, evaluate(model, test, CPU, costs)
 
+    # the same start, the same sampling seed: only the skip reward differs
     rates, end = reinforce(alpha=2.0)
-    assert rates[-1] < rates[0] - 0.2, rates  # the sampled routes skip clearly more
-    assert end["gflops"] < 0.8 * start["gflops"], (start["gflops"], end["gflops"])  # greedy routes too
-    rates, end = reinforce(alpha=0.0)
-    assert rates[-1] > rates[0] - 0.02, rates
-    assert end["gflops"] > 0.98 * start["gflops"], (start["gflops"], end["gflops"])
+    rates0, end0 = reinforce(alpha=0.0)
+    assert rates[-1] < rates0[-1] - 0.2, (rates, rates0)  # the sampled routes skip clearly more
+    assert end["gflops"] < end0["gflops"], (end["gflops"], end0["gflops"])  # greedy routes too
+    assert sum(end["exec_rate"]) < 0.1
 
 
 # ------------------------------------------------------------------------ 3. dynamic GFLOPs
