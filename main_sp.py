@@ -4,7 +4,6 @@ backbone trains, so it learns to tolerate skipping and the switches learn a rout
 image. From scratch, or fine-tuning a dense network (--pretrained). Writes <result_dir>/sp/{checkpoint.pt,
 metrics.json, tb/}: the row "w/o pruning" = the dense network (every block, no switch evaluated): test_acc,
 gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops and per-switch exec_rate."""
-import functools
 
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from models import build_model, make_arch
@@ -29,14 +28,27 @@ def parse_args(argv=None):
     m.add_argument("--train_mode", default="hard", choices=["hard", "open"],
                    help="hard: SkipNet's supervised phase (blocks skipped where the switches say so); open: "
                         "plain dense training, switches untouched (the reference for the dense accuracy)")
+    m.add_argument("--dense_epochs", type=int, default=0,
+                   help="train the first N epochs as a plain dense network (switches untouched), then SkipNet's "
+                        "supervised phase: SkipNet starts that phase from a trained ResNet")
     add_switch_flags(p)
     return p.parse_args(argv)
+
+
+def dense_step(model, x, y):
+    """Plain dense training: every block, no switch evaluated. The switches' parameters enter the loss with
+    weight 0, so that DistributedDataParallel finds every parameter used."""
+    loss, stats = supervised_step(model, x, y, mode="open")
+    switches = getattr(model, "module", model).switches
+    return loss + 0 * sum(p.sum() for p in switches.parameters()), stats
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_ranges(args)
     check_switch_flags(args)
+    if not 0 <= args.dense_epochs <= args.epochs:
+        raise UserError(f"--dense_epochs {args.dense_epochs} must be in [0, --epochs {args.epochs}]")
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
     ctx = setup(args.device, args.seed)
@@ -60,9 +72,12 @@ def main(argv=None):
     start = restore_training_state(ckpt, optimizer, scheduler) if ckpt else 0
     costs = measure_costs(model, data.image_size)
     run.open()
-    step = functools.partial(supervised_step, mode=args.train_mode)
-    run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
-            epochs=args.epochs, start_epoch=start, costs=costs, payload=lambda e: {"args": vars(args)})
+    common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
+                  payload=lambda e: {"args": vars(args)})
+    if start < args.dense_epochs:
+        run.fit(step_fn=dense_step, epochs=args.dense_epochs, start_epoch=start, **common)
+    step = dense_step if args.train_mode == "open" else supervised_step
+    run.fit(step_fn=step, epochs=args.epochs, start_epoch=max(start, args.dense_epochs), **common)
     run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode},
                mode="open")
     teardown()
