@@ -5,7 +5,10 @@ image. From scratch, or fine-tuning a dense network (--pretrained). Writes <resu
 metrics.json, tb/}: the row "w/o pruning" = the dense network (every block, no switch evaluated): test_acc,
 gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops and per-switch exec_rate."""
 
+import torch
+
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
+from gates.switches import spread_decisions
 from models import build_model, make_arch
 from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
@@ -64,8 +67,13 @@ def main(argv=None):
         model = model_from_checkpoint(ckpt, resume_path(args.resume, run), "--resume")
     else:
         model = build_model(arch)
+        fresh = [p.clone() for p in model.switches.parameters()]
         if args.pretrained:
             load_pretrained(model, args.pretrained)
+        if all(torch.equal(a, b) for a, b in zip(fresh, model.switches.parameters())):  # no trained switches
+            # decisions spread around 0.5 from the first step (DDP then copies rank 0's start to every rank)
+            data.plain_train.set_epoch(0)
+            spread_decisions(model.to(ctx.device), next(iter(data.plain_train))[0])
     model, ddp = prepare(model, ctx)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))

@@ -88,3 +88,59 @@ def log_prob(p, actions, eps=1e-6):
     """log pi(a) of Bernoulli actions under probabilities p (elementwise)."""
     p = p.clamp(eps, 1 - eps)
     return actions * torch.log(p) + (1 - actions) * torch.log1p(-p)
+
+
+@torch.no_grad()
+def spread_decisions(model, x):
+    """Data-dependent start of the switches (the weight-normalisation init of Salimans & Kingma, NeurIPS
+    2016, applied to them), after SkipNet's random init: on one batch `x` of training images, rescale so
+    that every switch's input to its decision varies over the images with unit spread and its logit has
+    mean 0 and std 1 over the batch. So decisions differ from image to image and sit around p = 0.5 from
+    the first step, whatever the scale of the activations a switch sees (with random weights alone, the
+    pooled activations of a block vary so little over images that p does, by a few thousandths).
+      rnn: each 1x1 projection's output channels -> mean 0, std 1; then the shared head -> logits of all
+           switches mean 0, std 1.
+      ff:  each head -> its logits mean 0, std 1.
+    Runs the model as training does (batch statistics in BN, masked execution, `hard` switches); the BN
+    running statistics and the model's mode are restored after."""
+    switches, was_training, execution = model.switches, model.training, model.execution
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    model.train()
+    model.execution = "mask"
+    seen = {}
+
+    def capture(name):
+        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0].detach(), output.detach()))
+
+    try:
+        if isinstance(switches, RNNSwitches):
+            for j, proj in enumerate(switches.proj):
+                hook = proj.register_forward_hook(capture("proj"))
+                model(x, "hard")
+                hook.remove()
+                _normalise(proj, seen["proj"][1].flatten(1))
+            logits = []
+            hook = switches.head.register_forward_hook(
+                lambda module, inputs, output: logits.append(output.detach()))
+            model(x, "hard")
+            hook.remove()
+            _normalise(switches.head, torch.cat(logits))
+        else:
+            for head in switches.heads:
+                hook = head.register_forward_hook(capture("head"))
+                model(x, "hard")
+                hook.remove()
+                _normalise(head, seen["head"][1])
+    finally:
+        model.load_state_dict(buffers, strict=False)
+        model.train(was_training)
+        model.execution = execution
+
+
+def _normalise(layer, out, eps=1e-6):
+    """Rescale a conv / linear layer (with bias) so that its outputs `out` (N, C) become mean 0, std 1 per
+    output channel."""
+    mean, std = out.float().mean(0), out.float().std(0) + eps
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.div_(std.view(shape))
+    layer.bias.sub_(mean).div_(std)
