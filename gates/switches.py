@@ -80,8 +80,9 @@ def act(p, mode, training):
     if mode == "sample":
         return torch.bernoulli(p.detach())
     hard = (p > 0.5).to(p.dtype)
-    # Straight-through: forward the 0/1 value, backward as if it were p.
-    return hard + p - p.detach() if training else hard
+    # Straight-through: forward the 0/1 value, backward as if it were p. (p - p.detach()) is exactly 0, so
+    # the forward value is exactly 0 or 1 (hard + p - p.detach() rounds 1 + p - p to 0.99999994 at times).
+    return hard + (p - p.detach()) if training else hard
 
 
 def log_prob(p, actions, eps=1e-6):
