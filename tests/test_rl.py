@@ -389,3 +389,26 @@ def test_skip_price_dual_ascent():
     fixed = SkipPrice(0.5)
     fixed.update(torch.tensor([1e9]))
     assert fixed.alpha.item() == 0.5
+
+
+# ------------------------------------------------- 7. the fixed-route baseline (gates/routes.py)
+
+def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
+    from gates.routes import best_fixed_route, evaluate_route, route_flops
+    train, test = _loaders()
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=14, width=1, num_classes=4)).eval()
+    costs = measure_costs(model, 8)
+    route = [1, 0, 1, 0, 1]
+    model.route = route
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # what the fixed route really runs
+        model(torch.zeros(1, 3, 8, 8), "open")
+    model.route = None
+    assert counter.get_total_flops() == route_flops(costs, route)
+    assert evaluate_route(model, test, CPU, costs, route)["gflops"] * 1e9 == route_flops(costs, route)
+
+    budget = 0.6 * route_flops(costs, [1] * 5) / 1e9
+    best = best_fixed_route(model, test, CPU, costs, budget)
+    assert best["gflops"] <= budget and len(best["history"]) == best["route"].count(0) >= 1
+    assert best["acc"] == evaluate_route(model, test, CPU, costs, best["route"])["acc"]
+    assert model.route is None  # the model is left as it was
