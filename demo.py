@@ -10,11 +10,12 @@
 3. prints the table that main_rl_prune.py wrote to <result_dir>/table.md.
 
 The sizes are the demo's, not the paper's: 16x16 images of 10 synthetic classes, a thin ResNet-20 and a
-few epochs, with a larger skip reward (alpha 1.5) and learning rate in stage 3 than the seed's CIFAR-100
-command (alpha 0.1, 100 epochs there, 15 here). Each stage runs on one thread (OMP_NUM_THREADS=1 unless set):
-convolutions this small gain little from a second one, and lose much when the cores are shared, and a
-fixed thread count makes the table reproducible. Without --result_dir everything goes to a temporary
-folder, deleted at the end unless --keep.
+few epochs (stage 1: 10 dense epochs, then 5 of SkipNet's supervised phase), with a larger skip reward
+(alpha 1.0) and learning rate in stage 3 than the seed's CIFAR-100 command (alpha 0.1, 100 epochs there,
+15 here); rl_weight 0.01 per image (the policy loss is summed over the 64 images of a batch). Each stage
+runs on one thread (OMP_NUM_THREADS=1 unless set): convolutions this small gain little from a second one,
+and lose much when the cores are shared, and a fixed thread count makes the table reproducible. Without
+--result_dir everything goes to a temporary folder, deleted at the end unless --keep.
 """
 import argparse
 import json
@@ -30,11 +31,11 @@ from utils.synthetic import write_synthetic
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = dict(num_classes=10, train_per_class=100, test_per_class=40, size=16)
 COMMON = ["--img_type", "png", "--resize", str(DATA["size"]), "--num_workers", "2", "--device", "cpu"]
-STAGE1 = ["--network", "resnet", "--depth", "20", "--width", "1", "--epochs", "15", "--lr", "0.1", "--bs", "64",
-          "--momentum", "0.9", "--weight_decay", "0.0005"]
+STAGE1 = ["--network", "resnet", "--depth", "20", "--width", "1", "--epochs", "15", "--dense_epochs", "10", "--lr", "0.1",
+          "--bs", "64", "--momentum", "0.9", "--weight_decay", "0.0005"]
 STAGE2 = {"compression": 0.6, "epochs": 6, "lr": 0.02, "bs": 64, "fisher_batches": 16, "seed": 0}
 STAGE3 = ["--network", "resnet", "--depth", "20", "--epochs", "15", "--lr", "0.05", "--bs", "64", "--momentum", "0.9",
-          "--weight_decay", "0.0005", "--alpha", "1.5", "--gamma", "1", "--rl_weight", "1"]
+          "--weight_decay", "0.0005", "--alpha", "1.0", "--gamma", "1", "--rl_weight", "0.01"]
 
 
 def run(script, *argv):

@@ -268,9 +268,13 @@ def _same_weights(a, b):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
+@pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-target"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, stage):
     tmp, data, res = pipeline
+    target = []
+    if stage == "rl-target":  # alpha adapted towards a GFLOPs target: its trajectory resumes exactly too
+        stage = "rl"
+        target = ["--target_gflops", str(0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"])]
     runs = {}
     for name in ("straight", "killed"):
         out = tmp_path / name
@@ -283,7 +287,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
         else:
             script = "main_sp.py" if stage == "sp" else "main_rl_prune.py"
             argv = [script, *(SP if stage == "sp" else RL), "--epochs", "4", "--data_dir", data,
-                    "--result_dir", str(out), "--seed", "5"]
+                    "--result_dir", str(out), "--seed", "5", *target]
         runs[name] = (argv, out / stage / "checkpoint.pt")
     argv, ckpt = runs["straight"]
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
@@ -295,6 +299,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     _same_weights(ckpt, ckpt_killed)
+    if target:
+        a, b = (torch.load(c, weights_only=True)["extra"]["price"]["alpha"] for c in (ckpt, ckpt_killed))
+        assert torch.equal(a, b) and a.item() != 0.5
 
 
 @pytest.mark.parametrize("stage", ["sp", "prune", "rl"])

@@ -21,10 +21,12 @@ def data(tmp_path_factory):
 
 
 def test_tiny_training_gets_well_above_chance(data, tmp_path):
-    main_sp.main([*TINY, "--data_dir", data, "--result_dir", str(tmp_path), "--epochs", "4"])
+    # 2 dense epochs, then 2 of SkipNet's supervised phase (skipping from the first step of a 4-epoch run
+    # leaves the dense network, the table's row 1, near chance)
+    main_sp.main([*TINY, "--data_dir", data, "--result_dir", str(tmp_path), "--epochs", "4", "--dense_epochs", "2"])
     import json
     metrics = json.load(open(tmp_path / "sp" / "metrics.json"))
-    assert metrics["test_acc"] > 35  # 10 classes: chance is 10%
+    assert metrics["test_acc"] > 35 and metrics["routed_acc"] > 35  # 10 classes: chance is 10%
     assert metrics["gflops_per_image"] > 0 and metrics["params"] > 0
     assert os.listdir(tmp_path / "sp" / "tb")
     ckpt = torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)
@@ -87,3 +89,38 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(data, tmp_path):
         proc = run_script("main_sp.py", *TINY, "--epochs", "1", "--result_dir", str(good), *argv)
         assert_one_line_error(proc, *words)
         assert snapshot(good) == before, argv
+
+
+def test_switches_route_per_image_and_row_1_is_the_dense_network(data, tmp_path):
+    """SkipNet's supervised phase: after a short stage 1 every switch's p varies over the test images, the
+    LSTM and the projections have learnt, and metrics.json's row is the dense network (every block, no
+    switch) with the greedy routes' numbers beside it."""
+    import json
+    from models import build_model
+    from utils.data import BatchLoader, channel_stats, load_dataset
+    from utils.flops import dense_flops, measure_costs
+    args = [*TINY, "--data_dir", data, "--seed", "2"]
+    main_sp.main([*args, "--result_dir", str(tmp_path / "init"), "--epochs", "0"])  # the initial weights
+    main_sp.main([*args, "--result_dir", str(tmp_path / "trained"), "--epochs", "2"])
+    init = torch.load(tmp_path / "init" / "sp" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "trained" / "sp" / "checkpoint.pt", weights_only=True)
+    for name in ("switches.lstm.weight_ih", "switches.lstm.weight_hh", "switches.proj.0.weight",
+                 "switches.proj.1.weight", "switches.head.weight"):
+        assert (ckpt["model"][name] - init["model"][name]).abs().max() > 1e-3, name
+
+    model = build_model(ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ds = load_dataset(data, "png", 32, False, 0)
+    mean, std = channel_stats(ds.train_x)
+    x, _ = next(iter(BatchLoader(ds.test_x, ds.test_y, len(ds.test_y), train=False, device="cpu", mean=mean,
+                                 std=std)))
+    with torch.no_grad():
+        _, _, p = model(x, "hard")
+    assert (p.std(0) > 0.02).all(), p.std(0)  # every switch: its decision depends on the image
+
+    metrics = json.load(open(tmp_path / "trained" / "sp" / "metrics.json"))
+    costs = measure_costs(model, 32)
+    assert metrics["gflops_per_image"] == metrics["dense_gflops"] == dense_flops(costs) / 1e9
+    assert len(metrics["exec_rate"]) == model.num_switches and "routed_acc" in metrics
+    assert metrics["routed_gflops"] < metrics["gflops_per_image"] + costs["switches"] / 1e9

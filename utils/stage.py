@@ -194,13 +194,18 @@ class StageRun:
             self.save(checkpoint(epoch + 1))
         return ev
 
-    def finish(self, model, ddp, data, costs, extra=None):
+    def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
         """Final test evaluation of the model the stage ends with -> metrics.json and TensorBoard.
-        Returns the metrics dict."""
-        test = evaluate(ddp, data.test, self.ctx, costs, desc="test")
+        mode "open" (stage 1's row "w/o pruning"): test_acc / gflops_per_image are the dense network's, and
+        routed_acc, routed_gflops, exec_rate those of the greedy routes beside it. Returns the metrics dict."""
+        test = evaluate(ddp, data.test, self.ctx, costs, mode=mode, desc="test")
         metrics = {"stage": self.name, "test_acc": test["acc"], "test_loss": test["loss"],
                    "gflops_per_image": test["gflops"], "exec_rate": test["exec_rate"],
-                   "params": count_params(model), "test_images": test["images"], **(extra or {})}
+                   "params": count_params(model), "test_images": test["images"]}
+        if mode == "open":
+            routed = evaluate(ddp, data.test, self.ctx, costs, desc="test routed")
+            metrics.update(routed_acc=routed["acc"], routed_gflops=routed["gflops"], exec_rate=routed["exec_rate"])
+        metrics.update(extra or {})
         if self.ctx.is_main:
             write_json(self.metrics_path, metrics)
             print(f"[{self.name}] test acc {metrics['test_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
