@@ -121,7 +121,7 @@ def main(argv=None):
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "gamma": args.gamma,
         "rl_weight": args.rl_weight, "baseline": args.baseline})
-    if ctx.is_main:
+    if ctx.is_main and args.final_split == "test":  # the table holds test numbers only
         print(f"\n{write_table(args.result_dir)}", end="", flush=True)
         print(f"-> {os.path.join(args.result_dir, 'table.md')} and table.json", flush=True)
     teardown()

@@ -22,10 +22,11 @@ class Data:
     train: BatchLoader        # augmented, shuffled, sharded over ranks
     plain_train: BatchLoader  # train images shuffled, not augmented (stage 2's factor pass, BN statistics)
     eval: BatchLoader         # validation split if --val_split > 0, else test (reported, never selected on)
-    test: BatchLoader
+    test: BatchLoader         # None under --final_split val: the run never reads the test split
     num_classes: int
     image_size: int
     eval_name: str
+    final_name: str = "test"  # the split of the final evaluation (--final_split)
 
 
 def load_data(args, ctx, bs=None):
@@ -34,16 +35,19 @@ def load_data(args, ctx, bs=None):
     train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
     if len(train_x) == 0:
         raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
+    final = getattr(args, "final_split", "test")
+    if final == "val" and len(val_x) == 0:
+        raise UserError("--final_split val needs a validation split: give --val_split > 0")
     mean, std = channel_stats(train_x)
     bs = bs or args.bs
     common = dict(device=ctx.device, mean=mean, std=std, rank=ctx.rank, world_size=ctx.world_size,
                   channels_last=ctx.amp)
-    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common)
+    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common) if final == "test" else None
     val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
     return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, **common),
                 plain_train=BatchLoader(train_x, train_y, bs, train=True, augment=False, seed=args.seed, **common),
                 eval=val or test, test=test, num_classes=len(ds.classes), image_size=args.resize,
-                eval_name="val" if val else "test")
+                eval_name="val" if val else "test", final_name=final)
 
 
 def check_result_dir(path):
@@ -113,18 +117,21 @@ class StageRun:
         return ev
 
     def finish(self, model, ddp, data, costs, extra=None):
-        """Final test evaluation of the model the stage ends with -> metrics.json and TensorBoard.
-        Returns the metrics dict."""
-        test = evaluate(ddp, data.test, self.ctx, costs, desc="test")
-        metrics = {"stage": self.name, "test_acc": test["acc"], "test_loss": test["loss"],
-                   "gflops_per_image": test["gflops"], "exec_rate": test["exec_rate"],
-                   "params": count_params(model), "test_images": test["images"], **(extra or {})}
+        """Final evaluation, on the --final_split (test, or val: then no test number is computed), of the
+        model the stage ends with -> metrics.json and TensorBoard. Returns the metrics dict: <split>_acc,
+        <split>_loss, <split>_images, gflops_per_image (on that split; under val also as val_gflops) ..."""
+        split = data.final_name
+        final = evaluate(ddp, data.test if split == "test" else data.eval, self.ctx, costs, desc=split)
+        metrics = {"stage": self.name, f"{split}_acc": final["acc"], f"{split}_loss": final["loss"],
+                   "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"],
+                   "params": count_params(model), f"{split}_images": final["images"], "final_split": split,
+                   **({} if split == "test" else {f"{split}_gflops": final["gflops"]}), **(extra or {})}
         if self.ctx.is_main:
             write_json(self.metrics_path, metrics)
-            print(f"[{self.name}] test acc {metrics['test_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
+            print(f"[{self.name}] {split} acc {metrics[f'{split}_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
                   f"GFLOPs/image  {metrics['params'] / 1e6:.3f} M params  -> {self.metrics_path}", flush=True)
         if self.logger:
-            self.logger.scalars("test", {k: metrics[k] for k in ("test_acc", "gflops_per_image", "params")}, 0)
+            self.logger.scalars(split, {k: metrics[k] for k in (f"{split}_acc", "gflops_per_image", "params")}, 0)
             self.logger.close()
         return metrics
 
