@@ -132,4 +132,4 @@ class Worker:
 def trial_records(study, phase):
     """Every trial of a study as a plain dict (trials.json)."""
     return [{"phase": phase, "study": study.study_name, "number": t.number, "state": t.state.name,
-             "params": t.params, **t.user_attrs} for t in study.get_trials(deepcopy=False)]
+             "point": t.params, **t.user_attrs} for t in study.get_trials(deepcopy=False)]
