@@ -197,7 +197,8 @@ def main(argv=None):
                              trials.dynamic(src, c, knob.name, x), threshold),
                          line(f"dynamic (compression {c:.6g})", knob.name, threshold))
         dynamic_studies.append((c, study))
-    report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics, dynamic_studies, t0)
+    report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics,
+           dynamic_studies, t0)
 
 
 def dynamic_knob(name, static, max_alpha, ctx):
@@ -211,7 +212,9 @@ def dynamic_knob(name, static, max_alpha, ctx):
     return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
 
 
-def report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics, dynamic_studies, t0):
+def report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics,
+           dynamic_studies, t0):
+    """Choose, evaluate the chosen networks once on test, write trials.json, pareto.png and the table."""
     dynamics = [(c, t) for c, s in dynamic_studies for t in finished(s)]
     chosen = {"sp": {"checkpoint": os.path.abspath(stage1_path), "mode": "open"}}
     info = {"sp": {"settings": {}, "val_acc": base["val_acc"], "val_gflops": base["val_gflops"]}}

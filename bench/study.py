@@ -85,9 +85,11 @@ def prune_config(s, data_dir, run_dir, seed, compression, checkpoint=None):
 def rl_command(s, data_dir, run_dir, seed, alpha, checkpoint=None):
     cmd = ["main_rl_prune.py", "--network", "resnet", "--depth", str(s["depth"]),
            "--epochs", str(s["rl"]["epochs"]), "--lr", str(s["rl"]["lr"]), "--bs", str(s["bs"]),
-           "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed), "--device", "cpu",
+           "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed),
+           "--device", "cpu",
            "--data_dir", data_dir, "--result_dir", run_dir, "--alpha", str(alpha),
-           "--gamma", str(s["rl"]["gamma"]), "--rl_weight", str(s["rl"]["rl_weight"]), "--val_split", str(s["val_split"])]
+           "--gamma", str(s["rl"]["gamma"]), "--rl_weight", str(s["rl"]["rl_weight"]),
+           "--val_split", str(s["val_split"])]
     return cmd + (["--checkpoint", checkpoint] if checkpoint else [])
 
 
@@ -380,9 +382,10 @@ def record_timing(s, tasks, wall, out, jobs):
 
 def timing_line(timing):
     searches = timing["search_seconds"]
-    line = (f"The searches (main_search.py, one process each) took {' / '.join(f'{v / 60:.1f}' for v in searches.values())}"
-            f" min wall time ({', '.join(k.split('/')[1] for k in searches)}). ") if searches else ""
-    return line + _full_line(timing)
+    minutes = " / ".join(f"{v / 60:.1f}" for v in searches.values())
+    seeds = ", ".join(k.split("/")[1] for k in searches)
+    line = f"The searches (main_search.py, one process each) took {minutes} min wall time ({seeds}). "
+    return (line if searches else "") + _full_line(timing)
 
 
 def _full_line(timing):

@@ -52,7 +52,10 @@ def open_study(storage, name, knob, settings):
     return study
 
 
-def _alive(pid):
+def alive(pid):
+    """Whether process `pid` of this host runs."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: never fail a trial on a guess
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -68,7 +71,7 @@ def fail_dead_trials(study):
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and t.user_attrs.get("pid") != os.getpid() \
-                and not _alive(t.user_attrs.get("pid", -1)):
+                and not alive(t.user_attrs.get("pid", -1)):
             try:
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:

@@ -9,6 +9,7 @@ import os
 import socket
 from types import SimpleNamespace
 
+from search.phase import alive
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.engine import evaluate, prepare, write_json
 from utils.flops import count_params, measure_costs
@@ -28,7 +29,7 @@ def _claim(path):
         except FileExistsError:
             with open(path) as f:
                 host, _, pid = f.read().partition(" ")
-            if host != socket.gethostname() or not pid.strip().isdigit() or _alive(int(pid)):
+            if host != socket.gethostname() or not pid.strip().isdigit() or alive(int(pid)):
                 return False
             os.remove(path)
             continue
@@ -36,16 +37,6 @@ def _claim(path):
             f.write(me)
         return True
     return False
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def evaluate_on_test(chosen, data, bs, ctx, final_dir, log=print):
