@@ -30,11 +30,14 @@ def open_storage(url):
     instead of failing when several processes write at once."""
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat's
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                          grace_period=GRACE_SECONDS)
-    except Exception as e:  # sqlalchemy's errors: bad URL, missing driver, unreachable server
-        raise UserError(f"--storage {url}: cannot open it ({str(e).splitlines()[0][:160]})") from None
+    for attempt in range(3):  # workers starting together race to create the tables: the loser reopens
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                              grace_period=GRACE_SECONDS)
+        except Exception as e:  # sqlalchemy's errors: bad URL, missing driver, unreachable server
+            error = e
+            time.sleep(POLL_SECONDS * (attempt + 1))
+    raise UserError(f"--storage {url}: cannot open it ({str(error).splitlines()[0][:160]})") from None
 
 
 def open_study(storage, name, knob, settings):

@@ -23,12 +23,15 @@ def _claim(path):
     """Create the lock file `path` for this process (O_EXCL); take it over from a dead process of this host.
     False if another live worker holds it."""
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            with open(path) as f:
-                host, _, pid = f.read().partition(" ")
+            try:
+                with open(path) as f:
+                    host, _, pid = f.read().partition(" ")
+            except FileNotFoundError:  # released meanwhile
+                continue
             if host != socket.gethostname() or not pid.strip().isdigit() or alive(int(pid)):
                 return False
             os.remove(path)
