@@ -1,21 +1,28 @@
 """Stage 3: dynamic pruning. The switches of the stage-2 network (or of the stage-1 network, for dynamic
 pruning alone) learn by REINFORCE to skip blocks per image, the backbone by cross-entropy on the routes
-taken (gates/policy.py). Writes <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static +
-dynamic pruning", then the whole table as <result_dir>/table.md and table.json."""
+taken (gates/policy.py). The policy loss follows SkipNet's convention: summed over the images of each
+process's batch (every sampled action gets its own REINFORCE term), so --rl_weight means what it means in
+SkipNet's code, where the seed's flags come from. With --target_gflops G, alpha is adapted during training
+(dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
+The stage ends like stage 2: BN statistics re-estimated under the greedy routes, save, then the final test
+of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static
++ dynamic pruning", then the whole table as <result_dir>/table.md and table.json."""
 import json
 import os
 
-import torch
-
-from gates.policy import BASELINES, Baseline, ReinforceStep
+from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
+from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
+from gates.routes import calibrate_to_flops
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
-from utils.engine import make_scheduler, prepare
+from utils.engine import make_scheduler, prepare, recalibrate_bn, rng_state
 from utils.errors import UserError, run_main
 from utils.flops import count_params, measure_costs
 from utils.stage import StageRun, check_result_dir, load_data, restore_training_state, resume_path
 from utils.table import write_table
+
+CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
 
 
 def parse_args(argv=None):
@@ -28,12 +35,23 @@ def parse_args(argv=None):
                    help="stage-2 or stage-1 checkpoint to start from (default: <result_dir>/prune/checkpoint.pt "
                         "if present, else <result_dir>/sp/checkpoint.pt)")
     r = p.add_argument_group("REINFORCE")
-    r.add_argument("--alpha", type=float, default=0.1, help="total reward for skipping every gated block")
+    r.add_argument("--alpha", type=float, default=0.1,
+                   help="total reward for skipping every gated block (per image); with --target_gflops, its "
+                        "starting value")
     r.add_argument("--gamma", type=float, default=1.0, help="discount of the returns, in [0, 1]")
-    r.add_argument("--rl_weight", type=float, default=0.1, help="weight of the policy loss beside the CE")
+    r.add_argument("--rl_weight", type=float, default=0.1,
+                   help="weight of the policy loss beside the CE (mean over the batch); the policy loss is "
+                        "SUMMED over the images of a process's batch, as in SkipNet's code "
+                        "(action.reinforce(rl_weight * R) per sampled action)")
+    r.add_argument("--target_gflops", type=float, default=None, metavar="G",
+                   help="GFLOPs per image that the greedy routes must cost: alpha is adapted by dual ascent "
+                        "during training, then the switches' threshold is calibrated on training data")
+    r.add_argument("--alpha_lr", type=float, default=0.05,
+                   help="step of the dual ascent on log alpha per training step (with --target_gflops)")
     r.add_argument("--baseline", default="moving", choices=BASELINES,
                    help="per-switch baseline: moving average of the returns, or the batch mean")
     r.add_argument("--baseline_momentum", type=float, default=0.9, help="of the moving-average baseline")
+    add_switch_flags(p)
     return p.parse_args(argv)
 
 
@@ -41,9 +59,14 @@ def check_args(args):
     check_ranges(args)
     for name, ok, why in [("alpha", args.alpha >= 0, "must be >= 0"), ("gamma", 0 <= args.gamma <= 1, "must be in [0, 1]"),
                           ("rl_weight", args.rl_weight >= 0, "must be >= 0"),
-                          ("baseline_momentum", 0 <= args.baseline_momentum < 1, "must be in [0, 1)")]:
+                          ("baseline_momentum", 0 <= args.baseline_momentum < 1, "must be in [0, 1)"),
+                          ("target_gflops", args.target_gflops is None or args.target_gflops > 0, "must be > 0"),
+                          ("alpha_lr", args.alpha_lr > 0, "must be > 0")]:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
+    if args.target_gflops is not None and args.alpha <= 0:
+        raise UserError(f"--alpha {args.alpha}: --target_gflops adapts alpha multiplicatively, start it > 0")
+    check_switch_flags(args)
 
 
 def source_path(args):
@@ -81,6 +104,37 @@ def check_flags_match(args, arch, path, flag):
                             f"{arch['network']}-{arch['depth']}")
 
 
+def check_target(args, costs):
+    """A --target_gflops the greedy routes cannot reach (below the cost with every gated block skipped, or
+    above the cost with all executed) is refused before any work."""
+    if args.target_gflops is None:
+        return
+    low = (costs["base"] + costs["switches"]) / 1e9
+    high = low + sum(costs["blocks"]) / 1e9
+    if not low < args.target_gflops < high:
+        raise UserError(f"--target_gflops {args.target_gflops} is out of reach: this network costs {low:.4g} "
+                        f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")
+
+
+def end_training(ddp, data, ctx, costs, target):
+    """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
+    augmented) so that the greedy routes cost the target; then re-estimate BN statistics under the greedy
+    routes (training ran on sampled routes, whose statistics differ: the deployed model runs greedy ones),
+    over one epoch of augmented training batches as stage 2 does, and calibrate once more since the new
+    statistics move the switches' inputs. Returns what was done, for the checkpoint and metrics.json."""
+    ending = {"bn_batches": len(data.train)}
+    batches = None
+    if target is not None:
+        data.plain_train.set_epoch(0)
+        batches = [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
+        ending["calibration"] = [calibrate_to_flops(ddp, batches, ctx, costs, target)]
+    data.train.set_epoch(0)  # the same batches in a run resumed after its last epoch
+    recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
+    if batches is not None:
+        ending["calibration"].append(calibrate_to_flops(ddp, batches, ctx, costs, target))
+    return ending
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -103,24 +157,38 @@ def main(argv=None):
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
     if "compression" not in source:
         source["compression"] = source_compression(ckpt, path, count_params(model))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))
     baseline = Baseline(args.baseline, model.num_switches, args.baseline_momentum, ctx.device)
-    start = 0
+    target = args.target_gflops * 1e9 if args.target_gflops is not None else None
+    price = SkipPrice(args.alpha, target, args.alpha_lr, ctx.device)
+    start, ending = 0, {}
     if args.resume:
         start = restore_training_state(ckpt, optimizer, scheduler)
-        baseline.load_state_dict(ckpt.get("extra", {}).get("baseline"))
+        extra = ckpt.get("extra", {})
+        baseline.load_state_dict(extra.get("baseline"))
+        price.load_state_dict(extra.get("price"))
+        ending = extra.get("ending") or {}
     costs = measure_costs(model, data.image_size)
+    check_target(args, costs)
     run.open()
-    step = ReinforceStep(costs, args.alpha, args.gamma, args.rl_weight, baseline)
-    payload = lambda e: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "source": source}}
+    step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
+    payload = lambda e: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
+                                                       "source": source, "ending": ending}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
             epochs=args.epochs, start_epoch=start, costs=costs, payload=payload)
+    if not ending:  # a run resumed after its ending was saved does not redo it
+        ending = end_training(ddp, data, ctx, costs, target)
+        run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "epoch": args.epochs, "rng": rng_state(),
+                  **payload(args.epochs)})
+    alpha_final = price.alpha.item()
+    run.logger.scalars("train", {"alpha_final": alpha_final}, args.epochs)
     run.finish(model, ddp, data, costs, {
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
-        "compression": source.get("compression"), "alpha": args.alpha, "gamma": args.gamma,
-        "rl_weight": args.rl_weight, "baseline": args.baseline})
+        "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
+        "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,
+        "baseline": args.baseline, "ending": ending})
     if ctx.is_main and args.final_split == "test":  # the table holds test numbers only
         print(f"\n{write_table(args.result_dir)}", end="", flush=True)
         print(f"-> {os.path.join(args.result_dir, 'table.md')} and table.json", flush=True)

@@ -1,7 +1,11 @@
-"""Stage 1: train ResNet + switches end to end (switches in `hard` mode, cross-entropy).
-Writes <result_dir>/sp/{checkpoint.pt, metrics.json, tb/}: the row "w/o pruning"."""
-import torch
+"""Stage 1: SkipNet's supervised phase. ResNet and switches train together by cross-entropy, switches in
+`hard` mode (execute iff p > 0.5, straight-through gradient to p): blocks really are skipped while the
+backbone trains, so it learns to tolerate skipping and the switches learn a routing that depends on the
+image. From scratch, or fine-tuning a dense network (--pretrained). Writes <result_dir>/sp/{checkpoint.pt,
+metrics.json, tb/}: the row "w/o pruning" = the dense network (every block, no switch evaluated): test_acc,
+gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops and per-switch exec_rate."""
 
+from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from models import build_model, make_arch
 from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
@@ -21,12 +25,30 @@ def parse_args(argv=None):
     m.add_argument("--gate", default="rnn", help="switch kind: rnn or ff")
     m.add_argument("--pretrained", default=None, metavar="PATH",
                    help="start from these weights (a checkpoint or a state dict; switches may be missing)")
+    m.add_argument("--train_mode", default="hard", choices=["hard", "open"],
+                   help="hard: SkipNet's supervised phase (blocks skipped where the switches say so); open: "
+                        "plain dense training, switches untouched (the reference for the dense accuracy)")
+    m.add_argument("--dense_epochs", type=int, default=0,
+                   help="train the first N epochs as a plain dense network (switches untouched), then SkipNet's "
+                        "supervised phase: SkipNet starts that phase from a trained ResNet")
+    add_switch_flags(p)
     return p.parse_args(argv)
+
+
+def dense_step(model, x, y):
+    """Plain dense training: every block, no switch evaluated. The switches' parameters enter the loss with
+    weight 0, so that DistributedDataParallel finds every parameter used."""
+    loss, stats = supervised_step(model, x, y, mode="open")
+    switches = getattr(model, "module", model).switches
+    return loss + 0 * sum(p.sum() for p in switches.parameters()), stats
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_ranges(args)
+    check_switch_flags(args)
+    if not 0 <= args.dense_epochs <= args.epochs:
+        raise UserError(f"--dense_epochs {args.dense_epochs} must be in [0, --epochs {args.epochs}]")
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
     ctx = setup(args.device, args.seed)
@@ -45,15 +67,19 @@ def main(argv=None):
         if args.pretrained:
             load_pretrained(model, args.pretrained)
     model, ddp = prepare(model, ctx)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))
     start = restore_training_state(ckpt, optimizer, scheduler) if ckpt else 0
     costs = measure_costs(model, data.image_size)
     run.open()
-    run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=supervised_step,
-            epochs=args.epochs, start_epoch=start, costs=costs, payload=lambda e: {"args": vars(args)})
-    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9})
+    common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
+                  payload=lambda e: {"args": vars(args)})
+    if start < args.dense_epochs:
+        run.fit(step_fn=dense_step, epochs=args.dense_epochs, start_epoch=start, **common)
+    step = dense_step if args.train_mode == "open" else supervised_step
+    run.fit(step_fn=step, epochs=args.epochs, start_epoch=max(start, args.dense_epochs), **common)
+    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode},
+               mode="open")
     teardown()
 
 

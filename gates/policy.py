@@ -11,8 +11,17 @@ learn by the policy gradient of a per-image return:
                  i.e. R_i = sum_{j >= i} gamma^(j-i) r_j + gamma^(S+1-i) r_final
                  (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the seed
                  command, the final reward reaches every switch undiscounted)
-  policy loss    -mean over images of sum_i log pi(a_i) * (R_i - b_i)
-  total loss     CE + rl_weight * policy loss
+  policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
+  total loss     CE (mean over the batch) + rl_weight * policy loss
+
+The policy loss is summed over images, not averaged: SkipNet's code, where the seed's flags (alpha 0.1,
+gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
+(`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
+batch-size times weaker (256x at the seed's --bs 256) and the switches would barely move in 100 epochs.
+Under DDP each process sums over its own images and DDP averages the gradients of the processes.
+
+alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
+(SkipPrice below).
 
 The baseline b_i is per switch: a moving average of the returns (state kept in a Baseline object outside
 the model, saved in the checkpoint so that a resumed run continues exactly) or the batch mean.
@@ -47,9 +56,10 @@ def discounted_returns(rewards, gamma, final):
 
 
 def policy_loss(log_probs, returns, baseline):
-    """-mean over images of sum_i log pi(a_i) * (R_i - b_i); the advantage carries no gradient."""
+    """-sum over images (N) and switches (S) of log pi(a_i) * (R_i - b_i): SkipNet's per-image REINFORCE
+    convention (see above); log_probs and returns (N, S), baseline (S,). The advantage carries no gradient."""
     advantage = (returns - baseline).detach()
-    return -(log_probs * advantage).sum(1).mean()
+    return -(log_probs * advantage).sum()
 
 
 class Baseline:
@@ -90,15 +100,57 @@ class Baseline:
             self.steps = state["steps"].to(self.steps.device)
 
 
+class SkipPrice:
+    """alpha, the reward for skipping every gated block (per image), as a tensor on the device.
+
+    Fixed (target None): the --alpha of the command line. With a target of G FLOPs per image, alpha is the
+    dual variable of the constraint "FLOPs executed per image = G" and rises while the network spends more
+    than G, falls while it spends less. The update is dual ascent in log alpha (exponentiated gradient),
+    scale-free since the right alpha ranges over orders of magnitude:
+        alpha <- alpha * exp(lr * (F - G) / G)
+    F is the FLOPs per image of the *greedy* routes (p > 0.5: what the deployed model runs) on the batch
+    just trained on, averaged over processes, so every process holds the same alpha. The switches'
+    probabilities come from the sampled forward pass (the greedy route of the later switches is estimated
+    along the sampled route: no second forward pass). Sampled routes would be the wrong measure: with p
+    near 0.5 they execute about p of the blocks while greedy execution can be all or nothing.
+    The state (alpha, steps) goes into the checkpoint, so a resumed run continues the trajectory exactly."""
+
+    def __init__(self, alpha, target_flops=None, lr=0.05, device="cpu"):
+        if target_flops is not None and not (alpha > 0 and target_flops > 0):
+            raise ValueError("a FLOPs target needs alpha > 0 and target > 0")
+        self.target, self.lr = target_flops, lr
+        self.alpha = torch.tensor(float(alpha), dtype=torch.float64, device=device)
+
+    def update(self, greedy_flops):
+        """One dual-ascent step from the greedy FLOPs per image (N,) of the batch just trained on."""
+        if self.target is None:
+            return
+        mean = greedy_flops.double().mean()
+        if dist.is_initialized():
+            mean = all_reduce_sum(mean.clone()) / dist.get_world_size()
+        self.alpha = self.alpha * torch.exp(self.lr * (mean - self.target) / self.target)
+
+    def state_dict(self):
+        return {"alpha": self.alpha.cpu(), "target_flops": self.target, "lr": self.lr}
+
+    def load_state_dict(self, state):
+        """Continue the trajectory of a checkpoint made with the same target; otherwise start at --alpha."""
+        if state and state.get("target_flops") == self.target and self.target is not None:
+            self.alpha = state["alpha"].to(self.alpha.device, torch.float64)
+
+
 class ReinforceStep:
     """step_fn(model, x, y) -> (loss, stats) for utils.stage.StageRun.fit.
 
     stats (per batch; the engine averages them over the epoch): loss (total), ce, acc, reward (mean over
-    images of all rewards received, undiscounted), policy_loss, exec_rate (per switch, of the sampled
-    routes) and gflops (per image, of the sampled routes, switches and rotations included)."""
+    images of all rewards received, undiscounted), policy_loss (summed over the batch), exec_rate (per
+    switch, of the sampled routes), gflops (per image, of the sampled routes, switches and rotations
+    included), greedy_gflops (per image, greedy decisions along the sampled routes) and alpha.
+    `price` is a SkipPrice (or a number: a fixed alpha)."""
 
-    def __init__(self, costs, alpha, gamma, rl_weight, baseline):
-        self.costs, self.alpha, self.gamma, self.rl_weight = costs, alpha, gamma, rl_weight
+    def __init__(self, costs, price, gamma, rl_weight, baseline):
+        self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)
+        self.costs, self.gamma, self.rl_weight = costs, gamma, rl_weight
         self.baseline = baseline
         self.blocks = None  # the blocks' FLOPs on the batch's device, made once
 
@@ -108,12 +160,17 @@ class ReinforceStep:
         logits, actions, probs = model(x, "sample")
         ce = F.cross_entropy(logits.float(), y, reduction="none")
         final = -ce.detach()
-        rewards = skip_rewards(actions, self.blocks, self.alpha)
+        alpha = self.price.alpha
+        rewards = skip_rewards(actions, self.blocks, alpha)
         returns = discounted_returns(rewards, self.gamma, final)
         p_loss = policy_loss(log_prob(probs.float(), actions.float()), returns, self.baseline(returns))
         loss = ce.mean() + self.rl_weight * p_loss
-        flops = self.costs["base"] + self.costs["switches"] + actions.detach().double() @ self.blocks
+        always = self.costs["base"] + self.costs["switches"]
+        flops = always + actions.detach().double() @ self.blocks
+        greedy = always + (probs.detach() > 0.5).double() @ self.blocks
+        self.price.update(greedy)
         stats = {"loss": loss.detach(), "ce": ce.detach().mean(), "acc": (logits.argmax(1) == y).float().mean(),
                  "reward": rewards.sum(1).mean() + final.mean(), "policy_loss": p_loss.detach(),
-                 "exec_rate": actions.detach().float().mean(0), "gflops": flops.mean() / 1e9}
+                 "exec_rate": actions.detach().float().mean(0), "gflops": flops.mean() / 1e9,
+                 "greedy_gflops": greedy.mean() / 1e9, "alpha": alpha}
         return loss, stats

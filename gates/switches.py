@@ -16,19 +16,29 @@ MODES = ("open", "hard", "sample")
 KINDS = ("rnn", "ff")
 
 
+def init_switch_head(head):
+    """SkipNet's gate initialisation (Wang et al., ECCV 2018, code release): random weights, so that the
+    decision depends on the image from the first step, and here a zero bias, so that decisions sit around
+    p = 0.5. SkipNet draws N(0, 2 / (fan_in * fan_out)) for its gates' heads; with one output that is
+    N(0, 2 / fan_in), the He scale, which keeps the logit's spread the same for narrow and wide gates.
+    The switches' 1x1 projections and 3x3 convs get He's fan-out init with every conv of the network
+    (models/resnet.py), which is SkipNet's too; the LSTM keeps PyTorch's uniform init, as in SkipNet.
+    A head that starts at weight 0 (a constant p) would leave the LSTM and projections without gradient."""
+    nn.init.normal_(head.weight, 0.0, (2.0 / head.in_features) ** 0.5)
+    nn.init.zeros_(head.bias)
+
+
 class RNNSwitches(nn.Module):
     """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, then one LSTM cell shared
     by every switch of the network (its state runs from block to block within one forward pass) and a
     linear head to one logit. Nearly free: a few thousand FLOPs per switch."""
 
-    def __init__(self, channels, embed_dim=10, hidden_dim=10, init_open=2.0):
+    def __init__(self, channels, embed_dim=10, hidden_dim=10):
         super().__init__()
         self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1, bias=True) for c in channels)
         self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
         self.head = nn.Linear(hidden_dim, 1)
-        # Start with the blocks open (p = sigmoid(2) = 0.88): the backbone trains as a dense net first.
-        nn.init.zeros_(self.head.weight)
-        nn.init.constant_(self.head.bias, init_open)
+        init_switch_head(self.head)
 
     def forward(self, j, x, state):
         e = self.proj[j](F.adaptive_avg_pool2d(x, 1)).flatten(1)
@@ -43,14 +53,13 @@ class FFSwitches(nn.Module):
     """SkipNet's feed-forward gate: per block 3x3 conv stride 2 + BN + ReLU -> global pool -> linear -> 1.
     About an eighth of a block's FLOPs, and they are counted."""
 
-    def __init__(self, channels, init_open=2.0):
+    def __init__(self, channels):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False) for c in channels)
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in channels)
         self.heads = nn.ModuleList(nn.Linear(c, 1) for c in channels)
         for head in self.heads:
-            nn.init.zeros_(head.weight)
-            nn.init.constant_(head.bias, init_open)
+            init_switch_head(head)
 
     def forward(self, j, x, state):
         z = F.relu(self.bns[j](self.convs[j](x)))

@@ -100,6 +100,9 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(widths[2], arch["num_classes"])
         self.mode = "hard"
         self.execution = "auto"  # auto: masked in training, skipping at inference; or force "mask" / "skip"
+        # `open` mode only: None (every block), or a fixed 0/1 per gated block, the same blocks skipped for
+        # every image and no switch evaluated (static block removal: gates/routes.py)
+        self.route = None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -110,15 +113,18 @@ class ResNet(nn.Module):
 
     def forward(self, x, mode=None):
         """Returns (logits, actions, probs); actions and probs are (N, num_switches): the 0/1 route each
-        image took and the switches' probabilities (all ones in `open` mode, where switches are not run)."""
+        image took and the switches' probabilities (all ones in `open` mode, where switches are not run; the
+        actions there are ones, or the fixed route)."""
         mode = mode or self.mode
         x = F.relu(self.stem_bn(self.stem(x)))
         x = self.blocks[0](x)
         if mode == "open":
-            for block in self.blocks[1:]:
-                x = block(x)
+            route = self.route
+            for j, block in enumerate(self.blocks[1:]):
+                x = block(x) if route is None or route[j] else block.skip(x)
             ones = x.new_ones(x.shape[0], self.num_switches, dtype=torch.float32)
-            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)), ones, ones
+            actions = ones if route is None else ones * torch.as_tensor(route, dtype=torch.float32, device=x.device)
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)), actions, ones
         skipping = self.execution == "skip" or (self.execution == "auto" and not self.training)
         state, actions, probs = None, [], []
         for j, block in enumerate(self.blocks[1:]):

@@ -1,20 +1,25 @@
 """Stage 3 (gates/policy.py, main_rl_prune.py, utils/table.py): the REINFORCE arithmetic by hand, that the
 rewards move the switches, that dynamic GFLOPs are what the images execute, and the stage end to end."""
+import functools
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import main_rl_prune
 import main_sp
 import utils.stage
-from conftest import mix_switches
-from gates.policy import Baseline, ReinforceStep, discounted_returns, policy_loss, skip_rewards
+from conftest import ROOT, mix_switches
+from gates.policy import Baseline, ReinforceStep, SkipPrice, discounted_returns, policy_loss, skip_rewards
 from gates.switches import log_prob
-from helpers import tiny_dataset
+from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import build_model, make_arch
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import BatchLoader, channel_stats
@@ -60,7 +65,7 @@ def test_rewards_returns_and_policy_loss_by_hand():
     # advantages R - b: image 1 (-0.1, -0.1, -0.1); image 2 (-0.0625, 0.175, 0.05)
     image1 = -0.1 * math.log(0.8) - 0.1 * math.log(0.9) - 0.1 * math.log(0.6)
     image2 = -0.0625 * math.log(0.5) + 0.175 * math.log(0.5) + 0.05 * math.log(0.75)
-    expected = -(image1 + image2) / 2
+    expected = -(image1 + image2)  # summed over images: SkipNet's per-image REINFORCE convention
     assert policy_loss(lp, returns, baseline).item() == pytest.approx(expected, abs=1e-6)
 
     # gamma 1: the final reward reaches every switch undiscounted; gamma 0: each switch sees its own reward
@@ -105,17 +110,18 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
     model = build_model(make_arch(depth=14, width=1, num_classes=4))
     costs = measure_costs(model, 8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for epoch in range(2):  # stage 1 in brief: a trained backbone with open switches
+    dense_step = functools.partial(supervised_step, mode="open")
+    for epoch in range(2):  # a trained backbone, switches as initialised (p around 0.5)
         train.set_epoch(epoch)
-        train_epoch(model, train, optimizer, None, supervised_step, CPU, epoch)
-    start = evaluate(model, test, CPU, costs)
+        train_epoch(model, train, optimizer, None, dense_step, CPU, epoch)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
 
     def reinforce(alpha, epochs=3):
         model.load_state_dict(trained)
         torch.manual_seed(1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        step = ReinforceStep(costs, alpha, gamma=1.0, rl_weight=1.0, baseline=Baseline("moving", 5))
+        # the policy loss is summed over the 32 images of a batch: rl_weight 1/32 is a per-image mean's 1
+        step = ReinforceStep(costs, alpha, gamma=1.0, rl_weight=1 / 32, baseline=Baseline("moving", 5))
         rates = []
         for epoch in range(epochs):
             train.set_epoch(epoch)
@@ -123,12 +129,12 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
             rates.append(sum(stats["exec_rate"]) / 5)
         return rates, evaluate(model, test, CPU, costs)
 
+    # the same start, the same sampling seed: only the skip reward differs
     rates, end = reinforce(alpha=2.0)
-    assert rates[-1] < rates[0] - 0.2, rates  # the sampled routes skip clearly more
-    assert end["gflops"] < 0.8 * start["gflops"], (start["gflops"], end["gflops"])  # greedy routes too
-    rates, end = reinforce(alpha=0.0)
-    assert rates[-1] > rates[0] - 0.02, rates
-    assert end["gflops"] > 0.98 * start["gflops"], (start["gflops"], end["gflops"])
+    rates0, end0 = reinforce(alpha=0.0)
+    assert rates[-1] < rates0[-1] - 0.2, (rates, rates0)  # the sampled routes skip clearly more
+    assert end["gflops"] < end0["gflops"], (end["gflops"], end0["gflops"])  # greedy routes too
+    assert sum(end["exec_rate"]) < 0.1
 
 
 # ------------------------------------------------------------------------ 3. dynamic GFLOPs
@@ -265,3 +271,121 @@ def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypa
     assert [r["present"] for r in rows] == [True, False, True]
     assert rows[2]["method"] == "dynamic pruning only" and rows[2]["compression"] == 0
     assert "not run" in open(tmp_path / "straight" / "table.md").read()
+
+
+# ------------------------------------------------------------ 5. SkipNet's sum convention
+
+def test_duplicating_every_image_doubles_the_policy_gradient(monkeypatch):
+    """The policy loss is summed over images (SkipNet: action.reinforce(rl_weight * R) per sampled action):
+    a batch holding every image twice gives the switches twice the policy gradient. By hand, for the
+    shared head bias z of the rnn switches (p = sigmoid(.. + z), d log pi(a) / dz = a - p):
+        d/dz [rl_weight * policy loss] = -rl_weight * sum_n sum_i (a_ni - p_ni) * (R_ni - b_i)."""
+    import models.resnet
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=14, width=1, num_classes=4)).train()
+    costs = measure_costs(model, 8)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    routes = torch.tensor([[1., 0., 1., 1., 0.], [0., 1., 1., 0., 1.], [1., 1., 0., 1., 0.], [0., 0., 1., 1., 1.]])
+
+    def fixed_actions(batch):  # "sampled" actions that we choose: image n takes route n (n mod 4)
+        calls = iter(range(model.num_switches))
+        return lambda p, mode, training: batch[:, next(calls)] if mode == "sample" else None
+
+    alpha, rl_weight = 0.6, 0.1
+    grads = []
+    for copies in (1, 2):
+        xs, ys, route = x.repeat(copies, 1, 1, 1), y.repeat(copies), routes.repeat(copies, 1)
+        monkeypatch.setattr(models.resnet, "act", fixed_actions(route))
+        model.zero_grad()
+        step = ReinforceStep(costs, alpha, gamma=1.0, rl_weight=rl_weight, baseline=Baseline("batch", 5))
+        loss, _ = step(model, xs, ys)
+        loss.backward()
+        grads.append(model.switches.head.bias.grad.item())
+
+        monkeypatch.setattr(models.resnet, "act", fixed_actions(route))
+        with torch.no_grad():  # the same forward pass (BN batch statistics of a doubled batch are the same)
+            logits, actions, p = model(xs, "sample")
+        ce = F.cross_entropy(logits, ys, reduction="none").double()
+        c = torch.tensor(costs["blocks"], dtype=torch.float64)
+        r = alpha * (1 - actions.double()) * c / c.sum()
+        returns = r.flip(1).cumsum(1).flip(1) - ce.view(-1, 1)  # gamma 1: R_i = sum_{j >= i} r_j - CE
+        advantage = returns - returns.mean(0)
+        by_hand = -rl_weight * ((actions.double() - p.double()) * advantage).sum().item()
+        assert grads[-1] == pytest.approx(by_hand, rel=1e-4, abs=1e-7)
+    assert grads[1] == pytest.approx(2 * grads[0], rel=1e-4)
+    assert abs(grads[0]) > 1e-4  # the check is not vacuous
+
+
+# ------------------------------------------------- 6. a GFLOPs target; the model exactly as saved
+
+FRESH_EVAL = """
+import argparse, json, sys
+import torch
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.dist import Context
+from utils.engine import evaluate
+from utils.flops import measure_costs
+from utils.stage import load_data
+ckpt = load_checkpoint(sys.argv[1], ("rl",))
+args = argparse.Namespace(**ckpt["args"])
+ctx = Context(device=torch.device("cpu"))
+model = model_from_checkpoint(ckpt)
+data = load_data(args, ctx)
+print(json.dumps(evaluate(model, data.test, ctx, measure_costs(model, args.resize))))
+"""
+
+
+@pytest.fixture(scope="module")
+def deeper_stage1(tmp_path_factory):
+    """A stage-1 ResNet-14 (5 switches) on a little more data than `stages`: enough routes per image for a
+    FLOPs target to be met closely."""
+    tmp = tmp_path_factory.mktemp("target")
+    data = tiny_dataset(tmp / "data", classes=4, train_per_class=80, test_per_class=40, size=16)
+    main_sp.main([*TINY, "--depth", "14", "--width", "1", "--lr", "0.05", "--epochs", "2", "--data_dir", data,
+                  "--result_dir", str(tmp / "results")])
+    return data, tmp / "results"
+
+
+def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deeper_stage1):
+    data, results = deeper_stage1
+    sp = json.load(open(results / "sp" / "metrics.json"))
+    target = round(0.6 * sp["dense_gflops"], 6)
+    main_rl_prune.main([*TINY, "--lr", "0.01", "--epochs", "2", "--alpha", "0.5", "--rl_weight", "0.02",
+                        "--target_gflops", str(target), "--data_dir", data, "--result_dir", str(results)])
+    rl = json.load(open(results / "rl" / "metrics.json"))
+    assert rl["gflops_per_image"] == pytest.approx(target, rel=0.03), rl["ending"]
+    assert rl["target_gflops"] == target and rl["alpha_final"] != rl["alpha"]  # alpha moved
+    ckpt = torch.load(results / "rl" / "checkpoint.pt", weights_only=True)
+    assert ckpt["extra"]["price"]["alpha"].item() == rl["alpha_final"]
+
+    # a fresh process (one thread, as this module) rebuilds the model from the checkpoint alone
+    proc = subprocess.run([sys.executable, "-c", FRESH_EVAL, str(results / "rl" / "checkpoint.pt")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh["acc"] == rl["test_acc"] and fresh["gflops"] == rl["gflops_per_image"]
+    assert fresh["exec_rate"] == rl["exec_rate"]
+
+
+def test_unreachable_target_is_refused_up_front(deeper_stage1, tmp_path):
+    data, results = deeper_stage1
+    shutil.copytree(results / "sp", tmp_path / "sp")
+    proc = run_script("main_rl_prune.py", *TINY, "--epochs", "1", "--target_gflops", "1e-6", "--data_dir", data,
+                      "--result_dir", str(tmp_path))
+    assert_one_line_error(proc, "--target_gflops", "out of reach")
+    assert not (tmp_path / "rl").exists()
+
+
+def test_skip_price_dual_ascent():
+    price = SkipPrice(0.5, target_flops=100.0, lr=0.1)
+    price.update(torch.tensor([150.0, 150.0]))  # 50% over the target: alpha rises by exp(0.1 * 0.5)
+    assert price.alpha.item() == pytest.approx(0.5 * math.exp(0.05))
+    price.update(torch.tensor([50.0]))  # 50% under: back down
+    assert price.alpha.item() == pytest.approx(0.5)
+    resumed = SkipPrice(0.5, target_flops=100.0, lr=0.1)
+    price.update(torch.tensor([120.0]))
+    resumed.load_state_dict(price.state_dict())
+    assert torch.equal(resumed.alpha, price.alpha)
+    fixed = SkipPrice(0.5)
+    fixed.update(torch.tensor([1e9]))
+    assert fixed.alpha.item() == 0.5

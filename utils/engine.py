@@ -60,9 +60,10 @@ def make_scheduler(optimizer, name, epochs, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
-def supervised_step(model, x, y):
-    """Stages 1 and 2: cross-entropy on the routes the hard switches take."""
-    logits, actions, _ = model(x, "hard")
+def supervised_step(model, x, y, mode="hard"):
+    """Stages 1 and 2: cross-entropy on the routes the hard switches take (or, mode "open", of the dense
+    network, switches untouched)."""
+    logits, actions, _ = model(x, mode)
     loss = F.cross_entropy(logits, y)
     return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean(),
                   "exec_rate": actions.detach().mean(0)}

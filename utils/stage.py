@@ -116,16 +116,23 @@ class StageRun:
             self.save(checkpoint(epoch + 1))
         return ev
 
-    def finish(self, model, ddp, data, costs, extra=None):
-        """Final evaluation, on the --final_split (test, or val: then no test number is computed), of the
-        model the stage ends with -> metrics.json and TensorBoard. Returns the metrics dict: <split>_acc,
-        <split>_loss, <split>_images, gflops_per_image (on that split; under val also as val_gflops) ..."""
+    def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
+        """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
+        model the stage ends with -> metrics.json and TensorBoard: <split>_acc, <split>_loss, <split>_images,
+        gflops_per_image (on that split; under val also as val_gflops) ... mode "open" (stage 1's row "w/o
+        pruning"): those are the dense network's, and routed_acc, routed_gflops, exec_rate those of the greedy
+        routes beside it, on the same split. Returns the metrics dict."""
         split = data.final_name
-        final = evaluate(ddp, data.test if split == "test" else data.eval, self.ctx, costs, desc=split)
+        loader = data.test if split == "test" else data.eval
+        final = evaluate(ddp, loader, self.ctx, costs, mode=mode, desc=split)
         metrics = {"stage": self.name, f"{split}_acc": final["acc"], f"{split}_loss": final["loss"],
                    "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"],
                    "params": count_params(model), f"{split}_images": final["images"], "final_split": split,
-                   **({} if split == "test" else {f"{split}_gflops": final["gflops"]}), **(extra or {})}
+                   **({} if split == "test" else {f"{split}_gflops": final["gflops"]})}
+        if mode == "open":
+            routed = evaluate(ddp, loader, self.ctx, costs, desc=f"{split} routed")
+            metrics.update(routed_acc=routed["acc"], routed_gflops=routed["gflops"], exec_rate=routed["exec_rate"])
+        metrics.update(extra or {})
         if self.ctx.is_main:
             write_json(self.metrics_path, metrics)
             print(f"[{self.name}] {split} acc {metrics[f'{split}_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "

@@ -1,0 +1,35 @@
+"""The optimizer of stages 1 and 3: SGD with the switches in their own parameter group, so that they may get
+their own learning rate and weight decay (--switch_lr, --switch_weight_decay; by default the backbone's,
+the seed's behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
+import torch
+
+from utils.errors import UserError
+
+
+def add_switch_flags(parser):
+    g = parser.add_argument_group("switch optimisation")
+    g.add_argument("--switch_lr", type=float, default=None,
+                   help="learning rate of the switches (default: --lr); follows the same schedule")
+    g.add_argument("--switch_weight_decay", type=float, default=None,
+                   help="weight decay of the switches (default: --weight_decay)")
+    return g
+
+
+def check_switch_flags(args):
+    if args.switch_lr is not None and args.switch_lr <= 0:
+        raise UserError(f"--switch_lr {args.switch_lr} must be > 0")
+    if args.switch_weight_decay is not None and args.switch_weight_decay < 0:
+        raise UserError(f"--switch_weight_decay {args.switch_weight_decay} must be >= 0")
+
+
+def make_optimizer(model, args):
+    """SGD (nesterov when momentum > 0) over the trainable parameters: group 0 the backbone, group 1 the
+    switches (names starting with "switches.")."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if not n.startswith("switches.")]
+    switches = [p for n, p in named if n.startswith("switches.")]
+    lr = args.switch_lr if args.switch_lr is not None else args.lr
+    wd = args.switch_weight_decay if args.switch_weight_decay is not None else args.weight_decay
+    return torch.optim.SGD([{"params": backbone}, {"params": switches, "lr": lr, "weight_decay": wd}],
+                           lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           nesterov=args.momentum > 0)
