@@ -189,7 +189,7 @@ def main(argv=None):
     dynamic_studies, knob_name = [], stage3_knob()
     for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
         c = t.params["compression"]
-        knob = dynamic_knob(knob_name, t.user_attrs, args.max_alpha, ctx)
+        knob = dynamic_knob(knob_name, t.user_attrs, args.max_alpha, data["resize"], ctx)
         study = open_study(storage, f"{args.study_name}.dynamic.c{label(c)}", knob,
                            {**settings, "rl": rl_argv, "knob": [knob.name, knob.low, knob.high]})
         worker.run_phase(study, knob, args.dynamic_trials,
@@ -201,13 +201,13 @@ def main(argv=None):
            dynamic_studies, t0)
 
 
-def dynamic_knob(name, static, max_alpha, ctx):
+def dynamic_knob(name, static, max_alpha, image_size, ctx):
     """Stage 3's knob on one static network: a GFLOPs target between the network with every gated block
     skipped and the static network itself (met within 3%), or alpha in [0, max_alpha]."""
     if name == "alpha":
         return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
     model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
-    costs = measure_costs(model.to(ctx.device))
+    costs = measure_costs(model.to(ctx.device), image_size)
     floor = (costs["base"] + costs["switches"]) / 1e9
     return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
 
