@@ -190,7 +190,7 @@ def main(argv=None):
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
         "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,
         "baseline": args.baseline, "ending": ending})
-    if ctx.is_main:
+    if ctx.is_main and args.final_split == "test":  # the table holds test numbers only
         print(f"\n{write_table(args.result_dir)}", end="", flush=True)
         print(f"-> {os.path.join(args.result_dir, 'table.md')} and table.json", flush=True)
     teardown()

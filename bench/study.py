@@ -50,7 +50,8 @@ SCALES = {
         sp=dict(epochs=30, lr=0.1),
         prune=dict(epochs=10, lr=0.01, fisher_batches=22),
         rl=dict(epochs=10, lr=0.01, gamma=1.0, rl_weight=1.0),
-        main_compression=0.6, main_alpha=1.5,
+        main_compression=0.6, main_alpha=1.5, val_split=0.1,
+        search=dict(budget=1.0, dynamic_trials=5, max_alpha=8.0),
         sweep_compressions=(0.4, 0.6, 0.75), sweep_alphas=(0.5, 1.0, 1.5, 2.0, 4.0, 8.0),
         peer_methods=("magnitude", "taylor"), latency_repeats=20),
     "quick": dict(
@@ -58,7 +59,8 @@ SCALES = {
         sp=dict(epochs=1, lr=0.05),
         prune=dict(epochs=1, lr=0.01, fisher_batches=2),
         rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=1.0),
-        main_compression=0.5, main_alpha=1.0,
+        main_compression=0.5, main_alpha=1.0, val_split=0.25,
+        search=dict(budget=100.0, dynamic_trials=2, max_alpha=4.0),  # any network passes: the code path only
         sweep_compressions=(0.5,), sweep_alphas=(1.0, 4.0),
         peer_methods=("magnitude", "taylor"), latency_repeats=1),
 }
@@ -70,23 +72,38 @@ def sp_command(s, data_dir, run_dir, seed):
     return ["main_sp.py", "--network", "resnet", "--depth", str(s["depth"]), "--width", str(s["width"]),
             "--epochs", str(s["sp"]["epochs"]), "--lr", str(s["sp"]["lr"]), "--bs", str(s["bs"]),
             "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed),
-            "--device", "cpu", "--data_dir", data_dir, "--result_dir", run_dir]
+            "--device", "cpu", "--data_dir", data_dir, "--result_dir", run_dir, "--val_split", str(s["val_split"])]
 
 
 def prune_config(s, data_dir, run_dir, seed, compression, checkpoint=None):
     return {"result_dir": run_dir, "data_dir": data_dir, "checkpoint": checkpoint, "num_workers": 0,
             "resize": s["resize"], "prune_mode": "one_pass", "compression": compression, "epochs": s["prune"]["epochs"],
             "lr": s["prune"]["lr"], "bs": s["bs"], "fisher_batches": s["prune"]["fisher_batches"], "seed": seed,
-            "device": "cpu"}
+            "device": "cpu", "val_split": s["val_split"]}
 
 
 def rl_command(s, data_dir, run_dir, seed, alpha, checkpoint=None):
     cmd = ["main_rl_prune.py", "--network", "resnet", "--depth", str(s["depth"]),
            "--epochs", str(s["rl"]["epochs"]), "--lr", str(s["rl"]["lr"]), "--bs", str(s["bs"]),
-           "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed), "--device", "cpu",
+           "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed),
+           "--device", "cpu",
            "--data_dir", data_dir, "--result_dir", run_dir, "--alpha", str(alpha),
-           "--gamma", str(s["rl"]["gamma"]), "--rl_weight", str(s["rl"]["rl_weight"])]
+           "--gamma", str(s["rl"]["gamma"]), "--rl_weight", str(s["rl"]["rl_weight"]),
+           "--val_split", str(s["val_split"])]
     return cmd + (["--checkpoint", checkpoint] if checkpoint else [])
+
+
+def search_command(s, run_dir, config_path):
+    """The table's networks, chosen by main_search.py on the validation split of the stage-1 run: stage 2 at
+    the seed's compression (the seed fixes it; --min/--max_compression pin it), and the stage-3 setting
+    bisected for the fewest GFLOPs within the budget (alpha where stage 3 has no --target_gflops)."""
+    c, search = s["main_compression"], s["search"]
+    return ["main_search.py", "--result_dir", run_dir, "--prune_config", config_path, "--device", "cpu",
+            "--num_workers", "0", "--budget", str(search["budget"]), "--min_compression", str(c),
+            "--max_compression", str(c), "--static_trials", "1", "--dynamic_trials", str(search["dynamic_trials"]),
+            "--max_alpha", str(search["max_alpha"]), "--rl_epochs", str(s["rl"]["epochs"]),
+            "--rl_lr", str(s["rl"]["lr"]), "--rl_bs", str(s["bs"]), "--rl_weight", str(s["rl"]["rl_weight"]),
+            "--gamma", str(s["rl"]["gamma"])]
 
 
 # ------------------------------------------------------------------------------------- the tasks
@@ -118,6 +135,10 @@ def plan(s, out):
                  prune_config(s, data, run, seed, s["main_compression"]), cfg_path),
             Task(f"rl/seed{seed}", rl_command(s, data, run, seed, s["main_alpha"]),
                  os.path.join(run, "rl", "metrics.json"), [f"prune/seed{seed}"])]
+        search_cfg = os.path.join(run, "search_prune_config.json")
+        tasks.append(Task(f"search/seed{seed}", search_command(s, run, search_cfg),
+                          os.path.join(run, "search", "table.json"), [f"sp/seed{seed}"],
+                          prune_config(s, data, run, seed, s["main_compression"]), search_cfg))
     seed0 = s["seeds"][0]
     run0 = os.path.join(out, f"seed{seed0}")
     for c in s["sweep_compressions"]:
@@ -232,8 +253,10 @@ def mean_std(values):
 
 
 def study_table(s, out):
-    """The headline table of every seed (each stage 3's table.json) and its mean and std over seeds."""
-    per_seed = {seed: read_json(os.path.join(out, f"seed{seed}", "table.json"))["rows"] for seed in s["seeds"]}
+    """The headline table of every seed (each search's table.json: settings chosen on the validation split,
+    each network evaluated once on test) and its mean and std over seeds."""
+    per_seed = {seed: read_json(os.path.join(out, f"seed{seed}", "search", "table.json"))["rows"]
+                for seed in s["seeds"]}
     rows = []
     for i, first in enumerate(per_seed[s["seeds"][0]]):
         seeds_rows = [per_seed[seed][i] for seed in s["seeds"]]
@@ -292,7 +315,13 @@ def pm(stat, scale=1.0, digits=2):
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
-def markdown(s, rows, met, peer, points, timing, command):
+def chosen_settings(s, out):
+    """{seed: the static + dynamic row's settings found by the search}."""
+    return {seed: read_json(os.path.join(out, f"seed{seed}", "search", "table.json"))["rows"][2].get("settings") or {}
+            for seed in s["seeds"]}
+
+
+def markdown(s, rows, met, peer, points, timing, command, out):
     n = len(s["seeds"])
     data = "Digits (scikit-learn, 1,797 images, 32x32 PNG)" if s["data"] == "digits" else \
         f"Synthetic images ({s['resize']}x{s['resize']} PNG)"
@@ -304,6 +333,10 @@ def markdown(s, rows, met, peer, points, timing, command):
         lines.append(f"| {r['method']} | {pm(r['accuracy'])} | {pm(r['accuracy_drop'])} | "
                      f"{pm(r['gflops_per_image'], digits=4)} | {pm(r['compression'], 100, 1)}% |")
     seeds = "/".join(map(str, s["seeds"]))
+    lines += ["", "Static + dynamic setting chosen per seed by main_search.py on the validation split of the "
+              f"stage-1 run (budget {s['search']['budget']:g} point; test read once per chosen network): " + "; ".join(
+                  f"seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in settings.items())
+                  for seed, settings in chosen_settings(s, out).items()) + "."]
     lines += ["", f"Per seed ({seeds}): " + "; ".join(
         f"{r['method']} {'/'.join(f'{v:.2f}' for v in r['accuracy']['values'])}% at "
         f"{'/'.join(f'{v:.4f}' for v in r['gflops_per_image']['values'])} GFLOPs" for r in rows) + ".",
@@ -343,10 +376,19 @@ def record_timing(s, tasks, wall, out, jobs):
                        "load_average_1_5_15_min": os.getloadavg(), "scale": s}, f, indent=2)
     full = read_json(path) if os.path.isfile(path) else None
     return {"this_call_seconds": wall, "task_seconds_total": sum(t.seconds for t in tasks), "jobs": jobs,
+            "search_seconds": {t.name: t.seconds for t in tasks if t.name.startswith("search/")},
             "from_scratch": full if full and full["scale"] == json.loads(json.dumps(s)) else None}
 
 
 def timing_line(timing):
+    searches = timing["search_seconds"]
+    minutes = " / ".join(f"{v / 60:.1f}" for v in searches.values())
+    seeds = ", ".join(k.split("/")[1] for k in searches)
+    line = f"The searches (main_search.py, one process each) took {minutes} min wall time ({seeds}). "
+    return (line if searches else "") + _full_line(timing)
+
+
+def _full_line(timing):
     full = timing["from_scratch"]
     if full:
         return (f"Wall time of the whole study from scratch: {full['wall_seconds'] / 60:.1f} min on 2 CPU cores "
@@ -405,7 +447,7 @@ def main(argv=None):
     os.makedirs(args.results, exist_ok=True)
     summary = {"command": command, "scale": s, "wall_seconds": wall, "timing": timing,
                "task_seconds": {t.name: t.seconds for t in tasks}, "tasks_reused": [t.name for t in tasks if t.reused],
-               "table": rows, "targets_met": met, "comparison": peer,
+               "table": rows, "targets_met": met, "comparison": peer, "search_settings": chosen_settings(s, out),
                "commands": {t.name: ["python", *map(shown, t.argv)] for t in tasks},
                "stage2_configs": {t.name: t.config for t in tasks if t.config is not None}}
     with open(os.path.join(args.results, "study.json"), "w") as f:
@@ -418,7 +460,7 @@ def main(argv=None):
     except ImportError:
         print("[study] matplotlib missing: no study.png (pip install -r bench/requirements.txt)", flush=True)
     with open(os.path.join(args.results, "study.md"), "w") as f:
-        f.write(markdown(s, rows, met, peer, points, timing, command))
+        f.write(markdown(s, rows, met, peer, points, timing, command, out))
     print(open(os.path.join(args.results, "study.md")).read(), end="")
     print(f"[study] {wall / 60:.1f} min -> {args.results}/study.{{json,md,png}}, study_points.json", flush=True)
     return summary

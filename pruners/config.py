@@ -51,6 +51,8 @@ KEYS = {
     "download": (BOOL, False, ANY, "fetch CIFAR-100 through torchvision when data_dir holds neither layout"),
     "val_split": (NUMBER, 0.0, _range(0, 1), "fraction of train held out for per-epoch validation "
                   "(0: evaluate on test each epoch, never selecting on it)"),
+    "final_split": (STR, "test", _in("test", "val"), "split of the final evaluation (metrics.json); val "
+                    "(needs val_split > 0) never touches the test split, as a search choosing settings must"),
     "num_workers": (INT, 4, _range(0, None), "processes decoding the images once at start-up"),
     "checkpoint": (STR + (NULL,), None, ANY, "stage-1 checkpoint to prune; null: <result_dir>/sp/checkpoint.pt"),
     "resume": (BOOL + STR + (NULL,), False, ANY, "continue an interrupted run: true for "

@@ -24,6 +24,9 @@ def test_quick_study_runs_every_stage_and_writes_the_results(tmp_path):
     scripts = {name: cmd[1] for name, cmd in summary["commands"].items()}
     assert scripts["sp/seed0"] == "main_sp.py" and scripts["rl/seed0"] == "main_rl_prune.py"
     assert summary["commands"]["prune/seed0"][1:3] == ["main_prune.py", "--config_path"]
+    # the table's static + dynamic setting is main_search.py's choice, and its wall time is reported
+    assert scripts["search/seed0"] == "main_search.py" and summary["timing"]["search_seconds"]["search/seed0"] > 0
+    assert summary["search_settings"][0] and (out / "seed0" / "search" / "pareto.png").is_file()
     for stage in ("sp", "prune", "rl"):
         assert (out / "seed0" / stage / "checkpoint.pt").is_file()
     rows = summary["table"]

@@ -28,6 +28,9 @@ def base_parser(description):
                    help="fraction of train held out for per-epoch validation (0: evaluate on test each epoch, "
                         "never selecting on it)")
     d.add_argument("--num_workers", type=int, default=4, help="processes decoding images once at start-up")
+    d.add_argument("--final_split", default="test", choices=["test", "val"],
+                   help="split of the final evaluation (metrics.json); val (needs --val_split > 0) never "
+                        "touches the test split, as a search choosing settings must")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=200, help="epochs of this stage")
     t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (peak of the schedule)")

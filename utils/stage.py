@@ -25,11 +25,12 @@ class Data:
     train: BatchLoader        # augmented, shuffled, sharded over ranks
     plain_train: BatchLoader  # train images shuffled, not augmented (stage 2's factor pass, BN statistics)
     eval: BatchLoader         # validation split if --val_split > 0, else test (reported, never selected on)
-    test: BatchLoader
+    test: BatchLoader         # None under --final_split val: the run never reads the test split
     num_classes: int
     image_size: int
     eval_name: str
     pipeline: dict            # what checkpoints record (utils.data.make_pipeline)
+    final_name: str = "test"  # the split of the final evaluation (--final_split)
 
 
 def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
@@ -60,6 +61,9 @@ def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
     train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
     if len(train_x) == 0:
         raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
+    final = getattr(args, "final_split", "test")
+    if final == "val" and len(val_x) == 0:
+        raise UserError("--final_split val needs a validation split: give --val_split > 0")
     if recorded is not None:
         mean, std = recorded["mean"], recorded["std"]
     else:
@@ -71,12 +75,12 @@ def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
     bs = bs or args.bs
     common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
                   world_size=ctx.world_size, channels_last=ctx.amp)
-    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common)
+    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common) if final == "test" else None
     val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
     return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, augment=augment, **common),
                 plain_train=BatchLoader(train_x, train_y, bs, train=True, augment=False, seed=args.seed, **common),
                 eval=val or test, test=test, num_classes=len(ds.classes), image_size=resize,
-                eval_name="val" if val else "test", pipeline=pipeline)
+                eval_name="val" if val else "test", pipeline=pipeline, final_name=final)
 
 
 def _short(names, limit=3):
@@ -195,23 +199,28 @@ class StageRun:
         return ev
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
-        """Final test evaluation of the model the stage ends with -> metrics.json and TensorBoard.
-        mode "open" (stage 1's row "w/o pruning"): test_acc / gflops_per_image are the dense network's, and
-        routed_acc, routed_gflops, exec_rate those of the greedy routes beside it. Returns the metrics dict."""
-        test = evaluate(ddp, data.test, self.ctx, costs, mode=mode, desc="test")
-        metrics = {"stage": self.name, "test_acc": test["acc"], "test_loss": test["loss"],
-                   "gflops_per_image": test["gflops"], "exec_rate": test["exec_rate"],
-                   "params": count_params(model), "test_images": test["images"]}
+        """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
+        model the stage ends with -> metrics.json and TensorBoard: <split>_acc, <split>_loss, <split>_images,
+        gflops_per_image (on that split; under val also as val_gflops) ... mode "open" (stage 1's row "w/o
+        pruning"): those are the dense network's, and routed_acc, routed_gflops, exec_rate those of the greedy
+        routes beside it, on the same split. Returns the metrics dict."""
+        split = data.final_name
+        loader = data.test if split == "test" else data.eval
+        final = evaluate(ddp, loader, self.ctx, costs, mode=mode, desc=split)
+        metrics = {"stage": self.name, f"{split}_acc": final["acc"], f"{split}_loss": final["loss"],
+                   "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"],
+                   "params": count_params(model), f"{split}_images": final["images"], "final_split": split,
+                   **({} if split == "test" else {f"{split}_gflops": final["gflops"]})}
         if mode == "open":
-            routed = evaluate(ddp, data.test, self.ctx, costs, desc="test routed")
+            routed = evaluate(ddp, loader, self.ctx, costs, desc=f"{split} routed")
             metrics.update(routed_acc=routed["acc"], routed_gflops=routed["gflops"], exec_rate=routed["exec_rate"])
         metrics.update(extra or {})
         if self.ctx.is_main:
             write_json(self.metrics_path, metrics)
-            print(f"[{self.name}] test acc {metrics['test_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
+            print(f"[{self.name}] {split} acc {metrics[f'{split}_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
                   f"GFLOPs/image  {metrics['params'] / 1e6:.3f} M params  -> {self.metrics_path}", flush=True)
         if self.logger:
-            self.logger.scalars("test", {k: metrics[k] for k in ("test_acc", "gflops_per_image", "params")}, 0)
+            self.logger.scalars(split, {k: metrics[k] for k in (f"{split}_acc", "gflops_per_image", "params")}, 0)
             self.logger.close()
         return metrics
 

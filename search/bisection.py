@@ -1,0 +1,100 @@
+"""Bisection on one monotone knob, as an Optuna sampler.
+
+Why bisection and not TPE or a GP: each phase of the search asks for a threshold, the most aggressive value
+of one knob (compression; stage 3's GFLOPs target) whose network stays within the accuracy budget, and
+accuracy falls monotonically with the knob up to training noise. Bisection halves the interval of
+uncertainty with every trial, which a model-based sampler does not do on a one-dimensional feasibility
+question, and it is deterministic: a resumed search proposes again exactly the point whose trial was
+interrupted, so that trial continues in its own result folder instead of starting elsewhere. Trials other
+workers are running split the interval too (the next point is the middle of the widest gap left between
+the bracket and the points in flight), so workers sharing a study never run the same point.
+
+Noise: a feasible point beyond an infeasible one moves the bracket past it (the best feasible point wins);
+infeasible points below the best feasible one are ignored.
+"""
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One monotone knob of a phase: values in [low, high]; `aggressive` is the end that saves more
+    ("high": compression, alpha; "low": a GFLOPs target); gaps under 2 x `resolution` (the precision with
+    which the stage meets the knob's target) are not worth a trial."""
+    name: str
+    low: float
+    high: float
+    aggressive: str
+    resolution: float
+
+    def score(self, x):
+        """Larger = more aggressive."""
+        return x if self.aggressive == "high" else -x
+
+    def ends(self):
+        """(conservative end, aggressive end)."""
+        return (self.low, self.high) if self.aggressive == "high" else (self.high, self.low)
+
+
+def outcomes(study, knob, exclude=None):
+    """The study's trials as seen by the bisection: ([(x, feasible)] of the finished ones, [x] in flight,
+    number of running trials). A trial that failed with an error of its stage (user attr `error`, e.g. an
+    unreachable target or a diverged training) counts as infeasible; one failed because its process died
+    does not count at all (its point is proposed again)."""
+    done, flying, running = [], [], 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number == exclude:
+            continue
+        x = t.params.get(knob.name)
+        if t.state == TrialState.RUNNING:
+            running += 1
+            if x is not None:
+                flying.append(x)
+        elif x is not None and t.state == TrialState.COMPLETE:
+            done.append((x, bool(t.user_attrs["feasible"])))
+        elif x is not None and t.state == TrialState.FAIL and "error" in t.user_attrs:
+            done.append((x, False))
+    return done, flying, running
+
+
+def bracket(knob, done):
+    """(most aggressive feasible point, or the conservative end; nearest infeasible point beyond it, or the
+    aggressive end)."""
+    conservative, aggressive = knob.ends()
+    best = max((x for x, ok in done if ok), key=knob.score, default=conservative)
+    beyond = [x for x, ok in done if not ok and knob.score(x) > knob.score(best)]
+    return best, min(beyond, key=knob.score, default=aggressive)
+
+
+def next_point(knob, done, flying):
+    """The middle of the widest gap between the bracket's ends and the points in flight; None when no gap
+    is worth a trial (the threshold is located to the knob's resolution, or the rest is in flight)."""
+    if knob.low == knob.high:  # one fixed value: a single trial
+        return None if done or flying else knob.low
+    lo, hi = sorted(bracket(knob, done))
+    cuts = sorted({lo, hi, *(x for x in flying if lo < x < hi)})
+    width, a, b = max((b - a, a, b) for a, b in zip(cuts, cuts[1:]))
+    return None if width / 2 < knob.resolution else (a + b) / 2
+
+
+class BisectionSampler(optuna.samplers.BaseSampler):
+    """Proposes next_point for the knob (see the module docstring for why this sampler)."""
+
+    def __init__(self, knob):
+        self.knob = knob
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        done, flying, _ = outcomes(study, self.knob, exclude=trial.number)
+        x = next_point(self.knob, done, flying)
+        if x is None:  # another worker took the last gap since the caller looked: share its gap
+            lo, hi = sorted(bracket(self.knob, done))
+            x = (lo + hi) / 2
+        return x

@@ -1,0 +1,156 @@
+"""The end of a search: the chosen networks evaluated once on the test split, the seed's three-row table
+with the settings found, every trial's result and the accuracy / GFLOPs picture of all trials.
+
+Under <search_dir>: final/<row>.json (the one test evaluation of each chosen network, reused while the
+choice stands), table.md, table.json, trials.json and pareto.png.
+"""
+import json
+import os
+import socket
+from types import SimpleNamespace
+
+from search.phase import alive
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.engine import evaluate, prepare, write_json
+from utils.flops import count_params, measure_costs
+from utils.stage import load_data
+from utils.table import COLUMNS, to_markdown
+
+ROWS = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
+
+
+def _claim(path):
+    """Create the lock file `path` for this process (O_EXCL); take it over from a dead process of this host.
+    False if another live worker holds it."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    host, _, pid = f.read().partition(" ")
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if host != socket.gethostname() or not pid.strip().isdigit() or alive(int(pid)):
+                return False
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def evaluate_on_test(chosen, data, bs, ctx, final_dir, log=print):
+    """Evaluate each chosen network {row: {"checkpoint", "mode"}} once on the test split (mode "open" for
+    the unpruned network: every block, no switch; "hard" for the others: greedy routes, skipped blocks not
+    computed). A row whose final/<row>.json holds the same checkpoint is not evaluated again. Returns
+    {row: {test_acc, test_loss, gflops_per_image, params, test_images, checkpoint, mode}}, or None when
+    another live worker is doing it."""
+    os.makedirs(final_dir, exist_ok=True)
+    lock = os.path.join(final_dir, "lock")
+    if not _claim(lock):
+        log(f"[search] the final test evaluation is being done by another worker ({lock})")
+        return None
+    try:
+        out, loaded = {}, None
+        for row, spec in chosen.items():
+            path = os.path.join(final_dir, f"{row}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    kept = json.load(f)
+                if kept["checkpoint"] == spec["checkpoint"] and kept["mode"] == spec["mode"]:
+                    out[row] = kept
+                    continue
+            ckpt = load_checkpoint(spec["checkpoint"], None, "checkpoint")
+            if loaded is None:  # the test split is decoded only when a network needs it
+                loaded = load_data(SimpleNamespace(**data, download=False, bs=bs, final_split="test"), ctx,
+                                   recorded=ckpt.get("pipeline"), source=f"checkpoint {spec['checkpoint']}")
+            model, ddp = prepare(model_from_checkpoint(ckpt, spec["checkpoint"], "checkpoint"), ctx)
+            r = evaluate(ddp, loaded.test, ctx, measure_costs(model, loaded.image_size), mode=spec["mode"],
+                         desc=f"test {row}")
+            out[row] = {"test_acc": r["acc"], "test_loss": r["loss"], "gflops_per_image": r["gflops"],
+                        "params": count_params(model), "test_images": r["images"], **spec}
+            write_json(path, out[row])
+        return out
+    finally:
+        os.remove(lock)
+
+
+def table_rows(tested, chosen_info, params_stage1):
+    """The three rows in utils/table.py's format, each with the settings found and its validation numbers."""
+    rows = []
+    for stage, method in ROWS:
+        t, info = tested.get(stage), chosen_info.get(stage)
+        row = {"method": method, "stage": stage, "present": t is not None, "accuracy": None,
+               "gflops_per_image": None, "params": None, "compression": None, "note": None}
+        if t is None:
+            row["note"] = "no trial within the budget on the validation split"
+        else:
+            row.update(accuracy=t["test_acc"], gflops_per_image=t["gflops_per_image"], params=t["params"],
+                       compression=1 - t["params"] / params_stage1)
+        rows.append({**row, **(info or {})})
+    return rows
+
+
+def settings_lines(rows, budget, baseline):
+    lines = [f"Chosen on the validation split: within {budget:g} points of the unpruned network's "
+             f"{baseline:.2f}% (at least {baseline - budget:.2f}%); each chosen network evaluated once on test."]
+    for r in rows:
+        if r.get("settings"):
+            found = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["settings"].items())
+            lines.append(f"- {r['method']}: {found}; validation {r['val_acc']:.2f}% at {r['val_gflops']:.4g} GFLOPs")
+    return lines
+
+
+def write_table(search_dir, rows, budget, baseline, extra):
+    """table.md (utils/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
+    text = to_markdown(rows) + "\n" + "\n".join(settings_lines(rows, budget, baseline)) + "\n"
+    with open(os.path.join(search_dir, "table.md"), "w") as f:
+        f.write(text)
+    write_json(os.path.join(search_dir, "table.json"), {"columns": list(COLUMNS), "rows": rows, "budget": budget,
+                                                        "baseline_val_acc": baseline, **extra})
+    return text
+
+
+def pareto_front(points):
+    """The points no other point beats in both validation accuracy (higher) and GFLOPs (lower)."""
+    return [p for p in points if not any(q["val_acc"] >= p["val_acc"] and q["val_gflops"] <= p["val_gflops"]
+                                         and (q["val_acc"], q["val_gflops"]) != (p["val_acc"], p["val_gflops"])
+                                         for q in points)]
+
+
+def plot(points, baseline, threshold, chosen, path):
+    """Validation accuracy against GFLOPs per image of every finished trial (static, static + dynamic), the
+    unpruned network, the budget line, the Pareto front and the chosen networks. Returns False (after one
+    line) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[search] matplotlib missing: no pareto.png (pip install matplotlib)", flush=True)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    for kind, marker, color in (("static", "^", "tab:blue"), ("static+dynamic", "o", "tab:orange")):
+        pts = [p for p in points if p["kind"] == kind]
+        ax.scatter([p["val_gflops"] for p in pts], [p["val_acc"] for p in pts], marker=marker, color=color,
+                   label=f"{kind} trials ({len(pts)})", zorder=3)
+    front = sorted(pareto_front(points), key=lambda p: p["val_gflops"])
+    ax.step([p["val_gflops"] for p in front], [p["val_acc"] for p in front], where="post", color="gray", lw=1,
+            label="Pareto front")
+    ax.plot(baseline["val_gflops"], baseline["val_acc"], "*", color="crimson", ms=14, mec="black",
+            label="w/o pruning")
+    ax.axhline(threshold, color="crimson", ls="--", lw=1, label="budget")
+    for p in chosen:
+        ax.plot(p["val_gflops"], p["val_acc"], "o", ms=14, mfc="none", mec="black", mew=1.5)
+    ax.set_xlabel("GFLOPs / image (validation split)")
+    ax.set_ylabel("accuracy (%, validation split)")
+    ax.set_title("Search trials (circled: chosen)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,92 @@
+"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha) through the
+stage's own main(), in its own result folder under <search_dir>/trials/, ending on the validation split
+(--final_split val: no trial ever reads the test split). A folder whose metrics.json exists is read, not
+run again; one with a checkpoint but no metrics.json (an interrupted trial) is resumed from it.
+
+    trials/static/c<compression>/              prune_config.json, prune/{checkpoint.pt, metrics.json, tb/}
+    trials/dynamic/c<compression>/<knob><x>/   rl/{checkpoint.pt, metrics.json, tb/}
+"""
+import json
+import os
+
+import main_prune
+import main_rl_prune
+from utils.errors import UserError
+
+# Stage 3's knob: the GFLOPs target where stage 3 has it, else alpha (larger alpha, fewer GFLOPs).
+DYNAMIC_KNOBS = ("target_gflops", "alpha")
+
+
+def stage3_knob():
+    """target_gflops when this stage 3 accepts --target_gflops, else alpha."""
+    try:
+        main_rl_prune.parse_args(["--target_gflops", "1"])
+    except UserError:
+        return "alpha"
+    return "target_gflops"
+
+
+def label(x):
+    return f"{x:.6g}"
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class Trials:
+    """Runs the trials of one search. `data`: data_dir, img_type, resize, num_workers, val_split, seed (those of
+    the stage-1 run); `prune_config`: the stage-2 config every static trial starts from; `rl_argv`: the
+    stage-3 flags every dynamic trial shares."""
+
+    def __init__(self, search_dir, stage1_path, data, prune_config, rl_argv, device):
+        self.root = os.path.join(search_dir, "trials")
+        self.stage1_path, self.data, self.device = stage1_path, data, device
+        self.prune_config, self.rl_argv = prune_config, rl_argv
+
+    def static_dir(self, compression):
+        return os.path.join(self.root, "static", f"c{label(compression)}")
+
+    def dynamic_dir(self, compression, knob, x):
+        return os.path.join(self.root, "dynamic", f"c{label(compression)}", f"{knob}{label(x)}")
+
+    def prune_settings(self, compression, folder):
+        """The stage-2 config of a static trial: the given config, its target, this search's data and
+        validation split, and an end on that split."""
+        return {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
+                "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
+                "final_split": "val", "device": self.device,
+                "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
+
+    def static(self, compression):
+        """Stage 2 at `compression` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
+        folder = self.static_dir(compression)
+        metrics = os.path.join(folder, "prune", "metrics.json")
+        if not os.path.isfile(metrics):
+            os.makedirs(folder, exist_ok=True)
+            config = os.path.join(folder, "prune_config.json")
+            with open(config, "w") as f:
+                json.dump(self.prune_settings(compression, folder), f, indent=2)
+            main_prune.main(["--config_path", config])
+        return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "prune", "checkpoint.pt")}
+
+    def rl_command(self, source, folder, knob, x):
+        d = self.data
+        argv = ["--checkpoint", source, "--result_dir", folder, "--data_dir", d["data_dir"], "--img_type",
+                d["img_type"], "--resize", str(d["resize"]), "--num_workers", str(d["num_workers"]),
+                "--val_split", str(d["val_split"]), "--seed", str(d["seed"]), "--final_split", "val",
+                f"--{knob}", repr(x), *self.rl_argv]
+        if self.device:
+            argv += ["--device", self.device]
+        if os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt")):
+            argv.append("--resume")
+        return argv
+
+    def dynamic(self, source, compression, knob, x):
+        """Stage 3 from the static trial's checkpoint `source` at knob = x -> its metrics."""
+        folder = self.dynamic_dir(compression, knob, x)
+        metrics = os.path.join(folder, "rl", "metrics.json")
+        if not os.path.isfile(metrics):
+            main_rl_prune.main(self.rl_command(source, folder, knob, x))
+        return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "rl", "checkpoint.pt")}
