@@ -45,8 +45,9 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     model, report = prune(
         model.to(ctx.device), evenly_spaced(data.plain_train, cfg["fisher_batches"]), target=spec["target"],
         value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
-        damping=cfg["damping"], fisher_type=cfg["fisher_type"],
-        num_batches=min(cfg["fisher_batches"], len(data.plain_train)), progress=ctx.is_main)
+        damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"],
+        image_size=data.image_size, num_batches=min(cfg["fisher_batches"], len(data.plain_train)),
+        progress=ctx.is_main)
     before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size),
                       desc=f"{data.eval_name} after pruning")
     report.update({f"{data.eval_name}_acc_before_finetune": before["acc"],
@@ -54,7 +55,8 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     if ctx.is_main:
         print(f"[prune] round {r + 1}: {spec['target']} {spec['value']} -> cut {report['ratio']:.3f} of "
               f"{report['directions']} directions, {report['params'] / 1e6:.3f} M params (compression "
-              f"{report['compression']:.3f}), {len(model.arch['ranks'])} convs factored; {data.eval_name} acc "
+              f"{report['compression']:.3f}), {report['gflops']:.4g} GFLOPs, {len(model.arch['ranks'])} convs "
+              f"factored; {data.eval_name} acc "
               f"{before['acc']:.2f}% before fine-tuning; factor pass {report['factor_seconds']:.1f}s, eigh "
               f"{report['eigen_seconds']:.1f}s", flush=True)
     return model, report
@@ -91,7 +93,7 @@ def main(argv=None):
         first_round, history = ckpt["round"], ckpt["history"]
     else:
         check_reachable(model, schedule[0]["target"], schedule[0]["value"], cfg["prune_ratio_limit"],
-                        params_stage1)
+                        params_stage1, cfg["resize"])
         first_round, history = 0, []
     run.open()
 

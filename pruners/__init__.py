@@ -6,63 +6,92 @@
     model = rebuild(model, layers, keep)        eigen.py      step 6: rot_in -> core -> rot_out
 prune() runs the four in a row; main_prune.py adds the data, fine-tuning, checkpoints and metrics.
 """
+import itertools
 import time
 
 from pruners.eigen import decompose, in_channel_basis, rebuild, set_rotations_trainable, top_directions
 from pruners.kfac import collect_factors, evenly_spaced, prunable_convs
-from pruners.threshold import Threshold, plan_for_params, plan_for_ratio
+from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_params, plan_for_ratio
 from utils.dist import broadcast_object
 from utils.errors import UserError
-from utils.flops import count_params
+from utils.flops import count_params, dense_flops, measure_costs
 
-TOLERANCE = 0.01  # a compression target is met within 1 point of the reference model's parameters
+TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
+TARGETS = ("compression", "ratio", "gflops")
 
 __all__ = ["prune", "max_compression", "check_reachable", "collect_factors", "decompose", "rebuild", "top_directions",
-           "in_channel_basis", "plan_for_params", "plan_for_ratio", "prunable_convs", "evenly_spaced",
-           "set_rotations_trainable"]
+           "in_channel_basis", "plan_for_params", "plan_for_ratio", "plan_for_flops", "prunable_convs",
+           "evenly_spaced", "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
+
+
+def model_flops(model, image_size):
+    """FLOPs per image of `model` with every block run and no switch evaluated (utils/flops.dense_flops)."""
+    return dense_flops(measure_costs(model, image_size))
 
 
 def prune(model, batches, *, target, value, params_reference, limit=0.95, damping=1e-3, fisher_type="true",
-          num_batches=None, progress=True):
+          criterion="score", image_size=None, num_batches=None, progress=True):
     """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
-    `value` of params_reference's parameters (the stage-1 model's); "ratio": cut the fraction `value` of all
-    pooled directions. Returns (the rebuilt model, a report of plain data)."""
+    `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
+    fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
+    inputs image_size x image_size, default the batches' size), within 1%. `criterion` ranks directions
+    (pruners/threshold.py). Returns (the rebuilt model, a report of plain data)."""
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("the factor pass got no batches (fisher_batches or the training set is empty)")
+    image_size = image_size or first[0].shape[-1]
     t0 = time.perf_counter()
-    factors = collect_factors(model, batches, fisher_type, num_batches, progress)
+    factors = collect_factors(model, itertools.chain([first], batches), fisher_type, num_batches, progress)
     t1 = time.perf_counter()
     layers = decompose(model, factors, damping)
     t2 = time.perf_counter()
-    params_now = count_params(model)
+    params_now, flops_now = count_params(model), model_flops(model, image_size)
     if target == "compression":
         plan = plan_for_params(layers, (1 - value) * params_reference, limit, params_now,
-                               TOLERANCE * params_reference)
+                               TOLERANCE * params_reference, flops_now, criterion)
+    elif target == "gflops":
+        plan = plan_for_flops(layers, value * 1e9, limit, params_now, flops_now, TOLERANCE * value * 1e9, criterion)
     else:
-        plan = plan_for_ratio(layers, value, limit, params_now)
+        plan = plan_for_ratio(layers, value, limit, params_now, flops_now, criterion)
     plan = broadcast_object(plan)  # every rank builds the same architecture, whatever eigh's rounding
     by_name = {layer.name: layer for layer in layers}
     new = rebuild(model, layers, {name: top_directions(by_name[name], *r) for name, r in plan.ranks.items()})
     t3 = time.perf_counter()
-    params = count_params(new)
-    if params != plan.params:
-        raise RuntimeError(f"rebuilt model holds {params} parameters, the plan said {plan.params}")
-    return new, {"target": target, "value": value, "directions": plan.total, "directions_cut": plan.cut,
-                 "ratio": plan.cut / plan.total, "params": params, "compression": 1 - params / params_reference,
+    params, flops = count_params(new), model_flops(new, image_size)
+    if (params, flops) != (plan.params, plan.flops):
+        raise RuntimeError(f"rebuilt model holds {params} parameters and {flops} FLOPs, the plan said "
+                           f"{plan.params} and {plan.flops}")
+    return new, {"target": target, "value": value, "criterion": criterion, "directions": plan.total,
+                 "directions_cut": plan.cut, "ratio": plan.cut / plan.total, "params": params,
+                 "compression": 1 - params / params_reference, "gflops": flops / 1e9,
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
                  "rebuild_seconds": t3 - t2}
+
+
+def smallest(model, limit, image_size=32):
+    """(parameters, FLOPs per image) of `model` after one pruning step with prune_ratio_limit `limit` that
+    cuts every side to its limit, each layer in its fewest-parameter / fewest-FLOPs form. Needs no data."""
+    layers = in_channel_basis(model, image_size)
+    now = count_params(model), model_flops(model, image_size)
+    by_params, by_flops = (Threshold(layers, limit, *now, measure=m) for m in ("params", "flops"))
+    return by_params.plan(by_params.total).params, by_flops.plan(by_flops.total).flops
 
 
 def max_compression(model, limit, params_reference):
     """The largest compression (against params_reference) one pruning step of `model` can reach with
     prune_ratio_limit `limit`: every side cut to its limit. Needs no data, so it is checked up front."""
-    threshold = Threshold(in_channel_basis(model), limit, count_params(model))
-    return 1 - threshold.plan(threshold.total).params / params_reference
+    return 1 - smallest(model, limit)[0] / params_reference
 
 
-def check_reachable(model, target, value, limit, params_reference):
-    """UserError, before any work, when a compression target is beyond one step's reach."""
-    if target != "compression":
+def check_reachable(model, target, value, limit, params_reference, image_size=32):
+    """UserError, before any work, when a compression or GFLOPs target is beyond one step's reach."""
+    if target == "ratio":
         return
-    reach = max_compression(model, limit, params_reference)
-    if value > reach + TOLERANCE:
+    params, flops = smallest(model, limit, image_size)
+    if target == "compression" and value > 1 - params / params_reference + TOLERANCE:
         raise UserError(f"compression {value} is out of reach: with prune_ratio_limit {limit} one pass removes "
-                        f"at most {reach:.3f} of this network's parameters")
+                        f"at most {1 - params / params_reference:.3f} of this network's parameters")
+    if target == "gflops" and value * 1e9 < flops:
+        raise UserError(f"gflops {value} is out of reach: with prune_ratio_limit {limit} one pass leaves at least "
+                        f"{flops / 1e9:.4g} GFLOPs per image at {image_size}x{image_size}")
