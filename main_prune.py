@@ -82,7 +82,11 @@ def main(argv=None):
     if ckpt and targets(ckpt["schedule"]) != targets(schedule):
         raise UserError(f"--resume {resume_from}: its pruning targets {targets(ckpt['schedule'])} differ "
                         f"from the config's {targets(schedule)}")
-    data = load_data(SimpleNamespace(**cfg), ctx)
+    if ckpt:  # the run resumed inherited stage 1's pipeline and fixed its own augmentation
+        recorded, source = ckpt.get("pipeline"), f"--resume {resume_from}"
+    else:
+        recorded, source = stage1.get("pipeline"), f"checkpoint {stage1_path}"
+    data = load_data(SimpleNamespace(**cfg), ctx, recorded=recorded, source=source, resuming=bool(ckpt))
     if stage1["arch"]["num_classes"] != data.num_classes:
         raise UserError(f"checkpoint {stage1_path}: its network has {stage1['arch']['num_classes']} classes, "
                         f"data_dir {cfg['data_dir']} holds {data.num_classes}")
@@ -95,7 +99,7 @@ def main(argv=None):
         check_reachable(model, schedule[0]["target"], schedule[0]["value"], cfg["prune_ratio_limit"],
                         params_stage1, cfg["resize"])
         first_round, history = 0, []
-    run.open()
+    run.open(data.pipeline)
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds
     for r in range(first_round, len(schedule)):

@@ -96,7 +96,7 @@ def main(argv=None):
         ckpt = load_checkpoint(path, ("prune", "sp"), flag)
         source = {"path": path, "stage": ckpt["stage"]}
     check_flags_match(args, ckpt["arch"], path, flag)
-    data = load_data(args, ctx)
+    data = load_data(args, ctx, recorded=ckpt.get("pipeline"), source=f"{flag} {path}", resuming=bool(args.resume))
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
@@ -112,7 +112,7 @@ def main(argv=None):
         start = restore_training_state(ckpt, optimizer, scheduler)
         baseline.load_state_dict(ckpt.get("extra", {}).get("baseline"))
     costs = measure_costs(model, data.image_size)
-    run.open()
+    run.open(data.pipeline)
     step = ReinforceStep(costs, args.alpha, args.gamma, args.rl_weight, baseline)
     payload = lambda e: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "source": source}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,

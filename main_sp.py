@@ -32,7 +32,8 @@ def main(argv=None):
     ctx = setup(args.device, args.seed)
     run = StageRun("sp", args.result_dir, ctx)
     ckpt = load_checkpoint(resume_path(args.resume, run), ("sp",), "--resume") if args.resume else None
-    data = load_data(args, ctx)
+    data = load_data(args, ctx, recorded=ckpt.get("pipeline") if ckpt else None,
+                     source=f"--resume {resume_path(args.resume, run)}" if ckpt else None, resuming=True)
     arch = make_arch(args.network, args.depth, args.width, data.num_classes, args.gate)
     if ckpt:
         differ = [f"{k} {ckpt['arch'].get(k)} vs {v}" for k, v in arch.items() if ckpt["arch"].get(k) != v]
@@ -50,7 +51,7 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))
     start = restore_training_state(ckpt, optimizer, scheduler) if ckpt else 0
     costs = measure_costs(model, data.image_size)
-    run.open()
+    run.open(data.pipeline)
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=supervised_step,
             epochs=args.epochs, start_epoch=start, costs=costs, payload=lambda e: {"args": vars(args)})
     run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9})

@@ -15,6 +15,7 @@ directions the round starts with.
 import json
 import re
 
+from utils.data import AUGMENTS
 from utils.errors import UserError
 
 REQUIRED = object()  # the default of a key that must be given
@@ -44,7 +45,10 @@ KEYS = {
     "data_dir": (STR, REQUIRED, NONEMPTY, "dataset: train/<class>/*.<img_type> + test/<class>/..., or "
                  "cifar-100-python/ (found automatically)"),
     "img_type": (STR, "png", NONEMPTY, "image file extension in the class-folder layout"),
-    "resize": (INT, 32, _range(8, None), "side, in pixels, the images are brought to"),
+    "resize": (INT + (NULL,), None, _range(8, None), "side, in pixels, the images are brought to; null: the "
+               "stage-1 checkpoint's (a different one is refused)"),
+    "augment": (STR + (NULL,), None, _in(*AUGMENTS), "fine-tuning augmentation: cifar = random "
+                "crop + flip, crop = random crop only (digits, text), none; null: the stage-1 checkpoint's"),
     "download": (BOOL, False, ANY, "fetch CIFAR-100 through torchvision when data_dir holds neither layout"),
     "val_split": (NUMBER, 0.0, _range(0, 1), "fraction of train held out for per-epoch validation "
                   "(0: evaluate on test each epoch, never selecting on it)"),

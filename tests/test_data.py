@@ -348,3 +348,108 @@ def test_loader_batch_larger_than_data_is_an_error():
     x, y = data(10)
     with pytest.raises(DataError):
         loader(x, y, bs=16)
+
+
+# ------------------------------------------- images users really have (16-bit, palette, alpha, CMYK ...)
+
+def _folder_of(tmp_path, images, img_type="png", **save):
+    """One class folder per split holding `images` (PIL images) as a.<img_type>, b.<img_type>, ..."""
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "only")
+        for i, im in enumerate(images):
+            im.save(tmp_path / split / "only" / f"{chr(97 + i)}.{img_type}", **save)
+    return tmp_path
+
+
+def _pixels(tmp_path, img_type="png"):
+    return load_dataset(tmp_path, img_type=img_type, resize=8).train_x.permute(0, 2, 3, 1).numpy()
+
+
+def test_16bit_grey_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL mode I;16, values up to 65535) was read as 99.7% white: converted, not clipped."""
+    v = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
+    im = Image.fromarray(v)
+    assert im.mode == "I;16"
+    got = _pixels(_folder_of(tmp_path, [im]))[0]
+    want = np.round(v / 257).astype(np.uint8)
+    assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 1], want)
+    assert 0 < (got == 255).mean() < 0.05
+
+
+def test_32bit_integer_in_16bit_range_is_scaled_and_outside_is_refused(tmp_path):
+    v = np.arange(64, dtype=np.int32).reshape(8, 8) * 1000
+    got = _pixels(_folder_of(tmp_path / "ok", [Image.fromarray(v)], img_type="tiff"), "tiff")[0]
+    assert np.array_equal(got[..., 2], np.round(v / 257).astype(np.uint8))
+    _folder_of(tmp_path / "bad", [Image.fromarray(v * 100)], img_type="tiff")
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path / "bad", img_type="tiff", resize=8)
+    assert_one_line_error(e, "a.tiff", "16-bit")
+
+
+def test_float_pixels_are_refused_naming_the_file(tmp_path):
+    _folder_of(tmp_path, [Image.fromarray(np.full((8, 8), 0.5, np.float32))], img_type="tiff")
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path, img_type="tiff", resize=8)
+    assert_one_line_error(e, "a.tiff", "floating-point")
+
+
+def test_alpha_is_composited_on_black_for_every_alpha_mode(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[...] = (200, 100, 50)
+    alpha = np.tile(np.array([0, 128, 255, 255, 64, 0, 255, 32], np.uint8), (8, 1))
+    rgba = Image.fromarray(np.dstack([rgb, alpha]))
+    la = Image.fromarray(np.dstack([rgb[..., 0], alpha]))
+    pal = Image.fromarray(rgb).quantize(4)  # palette with one transparent entry
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])
+    got = _pixels(_folder_of(tmp_path, [rgba, la, pal]))
+    a = alpha[..., None].astype(np.float64) / 255
+    assert np.abs(got[0].astype(int) - np.round(rgb * a)).max() <= 1
+    assert np.abs(got[1].astype(int) - np.round(rgb[..., :1] * a)).max() <= 1
+    assert (got[2] == 0).all()  # every pixel holds the transparent palette entry: all background
+
+
+def test_palette_grey_bilevel_cmyk_jpeg_decode_to_their_rgb(tmp_path):
+    i, j = np.mgrid[0:8, 0:8]
+    rgb = Image.fromarray(np.dstack([i * 30, j * 30, 200 - (i + j) * 10]).astype(np.uint8))  # smooth: JPEG-friendly
+    pal = rgb.quantize(16)
+    grey = rgb.convert("L")
+    bilevel = grey.convert("1")
+    cmyk = rgb.convert("CMYK")
+    got = _pixels(_folder_of(tmp_path / "png", [pal, grey, bilevel]))
+    assert np.array_equal(got[0], np.asarray(pal.convert("RGB")))
+    assert np.array_equal(got[1], np.repeat(np.asarray(grey)[..., None], 3, 2))
+    assert set(np.unique(got[2])) <= {0, 255}
+    got = _pixels(_folder_of(tmp_path / "jpg", [cmyk, rgb], "jpg", quality=95, subsampling=0), "jpg")
+    assert np.abs(got[0].astype(int) - np.asarray(rgb)).mean() < 6  # lossy, but the same picture
+    assert np.abs(got[1].astype(int) - np.asarray(rgb)).mean() < 6
+
+
+def test_constant_channel_keeps_the_input_finite():
+    """A channel that never varies (std 0) used to give inf scale and NaN input ('loss became nan')."""
+    x = torch.randint(0, 256, (20, 3, 4, 4), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    x[:, 0] = 0
+    mean, std = channel_stats(x)
+    assert std[0] > 0
+    xb = torch.cat([b[0] for b in BatchLoader(x, torch.zeros(20), 8, train=True, device="cpu", mean=mean,
+                                              std=std)])
+    assert torch.isfinite(xb).all()
+    with pytest.raises(DataError):
+        BatchLoader(x, torch.zeros(20), 8, train=True, device="cpu", mean=mean, std=[0.0, 1.0, 1.0])
+
+
+# -------------------------------------------------------------------------------- augmentation choice
+
+def test_augment_modes_crop_never_flips_none_is_identity():
+    x, y = data(32)
+    for epoch in range(3):
+        cifar, crop, none = (batches(loader(x, y, bs=32, seed=3, augment=a), epoch)[0] for a in
+                             ("cifar", "crop", "none"))
+        assert torch.equal(cifar[1], crop[1]) and torch.equal(crop[1], none[1])  # same order
+        # crop = cifar's crops without its flips: the same draws, flips ignored
+        offsets = torch.randint(0, 9, (32, 2), generator=__import__("utils.data").data._seeded_generator(3, epoch, 0, 1))
+        raw = x[crop[1]]
+        assert torch.allclose(crop[0], (crop_and_flip(raw, offsets, torch.zeros(32, dtype=torch.long)).float()
+                                        / 255 - 0.5) / 0.25, atol=1e-5)
+        assert torch.allclose(none[0], (raw.float() / 255 - 0.5) / 0.25, atol=1e-5)
+    with pytest.raises(DataError):
+        loader(x, y, augment="flip")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,13 +27,13 @@ from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, sav
 from utils.errors import run_main
 
 DATA = dict(classes=6, train_per_class=32, test_per_class=8, size=16)
-COMMON = ["--resize", "16", "--bs", "16", "--num_workers", "0", "--device", "cpu"]
-SP = ["--depth", "8", "--width", "1", "--lr", "0.05", *COMMON]
-RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]
+COMMON = ["--bs", "16", "--num_workers", "0", "--device", "cpu"]
+SP = ["--depth", "8", "--width", "1", "--lr", "0.05", "--resize", "16", *COMMON]
+RL = ["--lr", "0.01", "--alpha", "0.5", *COMMON]  # the resize comes from the checkpoint
 
 
 def prune_config(path, results, data, **over):
-    cfg = {"result_dir": str(results), "data_dir": str(data), "resize": 16, "num_workers": 0,
+    cfg = {"result_dir": str(results), "data_dir": str(data), "num_workers": 0,
            "device": "cpu", "compression": 0.4, "epochs": 1, "lr": 0.01, "bs": 16, "fisher_batches": 2, **over}
     with open(path, "w") as f:
         json.dump(cfg, f)
@@ -64,6 +65,15 @@ def _mismatched_checkpoint(src, path):
     torch.save(ckpt, path)
 
 
+def _non_finite_checkpoint(src, path, value, plain=False):
+    """A copy of checkpoint `src` with one weight poisoned (as after an overflow); plain: a bare state dict."""
+    ckpt = torch.load(src, weights_only=True)
+    key = sorted(k for k, v in ckpt["model"].items() if v.is_floating_point())[-1]
+    ckpt["model"][key] = ckpt["model"][key].clone().view(-1).index_fill(0, torch.tensor([0]), value) \
+        .view_as(ckpt["model"][key])
+    torch.save(ckpt["model"] if plain else ckpt, path)
+
+
 def hostile_cases(tmp, data, res):
     """(entry point, argv, words the one error line must contain), built over files made here."""
     bad = tmp / "bad"
@@ -81,10 +91,19 @@ def hostile_cases(tmp, data, res):
     _evil_checkpoint(bad / "evil.pt", bad / "PWNED")
     _mismatched_checkpoint(good_sp, bad / "mismatch.pt")
     cfg = lambda name, **over: prune_config(bad / f"{name}.json", res, data, **over)  # noqa: E731
+    _non_finite_checkpoint(good_sp, bad / "nan_sp.pt", float("nan"))
+    _non_finite_checkpoint(good_sp, bad / "inf_state.pt", float("inf"), plain=True)
+    _non_finite_checkpoint(good_prune, bad / "inf_prune.pt", float("-inf"))
+    _non_finite_checkpoint(good_rl, bad / "nan_rl.pt", float("nan"))
     (bad / "invalid.json").write_text('{"result_dir": "x", "data_dir": ')
     missing = json.load(open(cfg("base")))
     del missing["data_dir"]
     json.dump(missing, open(bad / "missing.json", "w"))
+    renamed = bad / "renamed"  # the same number of classes under other names
+    shutil.copytree(data, renamed)
+    for split in ("train", "test"):
+        first = sorted(os.listdir(renamed / split))[0]
+        os.rename(renamed / split / first, renamed / split / "zz_other")
     sp = lambda *a: ("sp", [*SP, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
     rl = lambda *a: ("rl", [*RL, "--epochs", "1", "--result_dir", str(res), *a])  # noqa: E731
     pr = lambda path, *a: ("prune", ["--config_path", path, *a])  # noqa: E731
@@ -129,9 +148,30 @@ def hostile_cases(tmp, data, res):
         (*rl("--data_dir", data, "--checkpoint", str(bad / "mismatch.pt")), ["mismatch.pt"]),
         (*rl("--data_dir", data, "--checkpoint", str(bad / "evil.pt")), ["refused"]),
         (*rl("--data_dir", data, "--resume", good_prune), ["stage 2", "stage 3"]),
+        # weights holding NaN or inf: refused before anything is written, in every stage and config
+        (*sp("--data_dir", data, "--resume", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*sp("--data_dir", data, "--pretrained", str(bad / "inf_state.pt")), ["inf_state.pt", "nan or inf"]),
+        (*pr(cfg("nan_true", checkpoint=str(bad / "nan_sp.pt"))), ["nan_sp.pt", "nan or inf"]),
+        (*pr(cfg("nan_emp", checkpoint=str(bad / "nan_sp.pt"), fisher_type="empirical")), ["nan or inf"]),
+        (*pr(cfg("nan_iter", checkpoint=str(bad / "nan_sp.pt"), compression=None, prune_mode="iterative",
+                 rounds=[{"ratio": 0.2}])), ["nan or inf"]),
+        (*pr(cfg("inf_resume", resume=str(bad / "inf_prune.pt"))), ["inf_prune.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "inf_prune.pt")), ["inf_prune.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--checkpoint", str(bad / "nan_sp.pt")), ["nan_sp.pt", "nan or inf"]),
+        (*rl("--data_dir", data, "--resume", str(bad / "nan_rl.pt")), ["nan_rl.pt", "nan or inf"]),
         # stages out of order: nothing before them in a fresh result dir
         (*pr(cfg("order", result_dir=str(tmp / "fresh"))), ["run main_sp.py"]),
         ("rl", [*RL, "--epochs", "1", "--result_dir", str(tmp / "fresh"), "--data_dir", data], ["main_sp.py"]),
+        # stages that disagree with the input pipeline their checkpoint records (stage 1 ran at 16 pixels)
+        (*pr(cfg("resize32", resize=32)), ["resize 32", "16"]),
+        (*rl("--data_dir", data, "--resize", "32"), ["resize 32", "16"]),
+        (*pr(cfg("renamed", data_dir=str(renamed))), ["classes", "zz_other"]),
+        (*rl("--data_dir", str(renamed)), ["classes", "zz_other"]),
+        (*sp("--data_dir", data, "--resume", good_sp, "--resize", "32"), ["resize 32", "16"]),
+        (*sp("--data_dir", data, "--resume", good_sp, "--augment", "none"), ["augment none", "cifar"]),
+        (*sp("--data_dir", data, "--augment", "flip"), ["augment", "flip"]),
+        (*pr(cfg("augment", augment="flip")), ["augment", "flip"]),
         # result dir
         (*sp("--data_dir", data, "--result_dir", str(bad / "file" / "sub")), ["not writable"]),
         (*sp("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
@@ -329,3 +369,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipel
     with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
         main_sp.main([*SP, "--epochs", "3", "--data_dir", data, "--result_dir", str(tmp_path)])
     assert torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_every_checkpoint_records_the_pipeline_later_stages_inherit_it(pipeline):
+    tmp, data, res = pipeline
+    records = [torch.load(res / s / "checkpoint.pt", weights_only=True)["pipeline"] for s in ("sp", "prune", "rl")]
+    assert records[0]["resize"] == 16 and records[0]["augment"] == "cifar"
+    assert records[0]["classes"] == sorted(os.listdir(os.path.join(data, "train")))
+    assert len(records[0]["mean"]) == len(records[0]["std"]) == 3 and min(records[0]["std"]) > 0
+    assert records[1] == records[0] and records[2] == records[0]  # stages 2 and 3 used stage 1's
+
+
+@pytest.mark.parametrize("stage", ["sp", "rl"])
+def test_model_from_checkpoint_works_on_raw_images_without_the_training_set(pipeline, stage):
+    """load_model gives the network and its preprocessing: on the raw test PNGs it scores what the tool
+    reported, with no statistics recomputed."""
+    from utils.checkpoint import load_model
+    tmp, data, res = pipeline
+    model, preprocess = load_model(str(res / stage / "checkpoint.pt"))
+    test_dir = os.path.join(data, "test")
+    files = [(os.path.join(test_dir, c, f), preprocess.classes.index(c))
+             for c in sorted(os.listdir(test_dir)) for f in sorted(os.listdir(os.path.join(test_dir, c)))]
+    with torch.no_grad():
+        logits, _, _ = model(preprocess([f for f, _ in files]))
+    acc = 100 * (logits.argmax(1) == torch.tensor([y for _, y in files])).double().mean().item()
+    assert acc == pytest.approx(json.load(open(res / stage / "metrics.json"))["test_acc"], abs=1e-9)
+    from PIL import Image  # a single image as an array, as a user might hold it
+    x = preprocess(np.asarray(Image.open(files[0][0])))
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()

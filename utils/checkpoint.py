@@ -3,7 +3,10 @@ loaded with weights_only=True (a checkpoint never runs code).
 
     {"format": FORMAT, "stage": "sp" | "prune" | "rl", "arch": {...plain architecture...},
      "model": state_dict, "epoch": epochs done, "optimizer": ..., "scheduler": ..., "rng": ...,
+     "pipeline": {"resize", "mean", "std", "classes", "augment"} (utils.data.make_pipeline),
      "metrics": {...}, "extra": {...stage-specific plain data...}}
+
+load_model(path) gives a network and the preprocessing of raw images it was trained with.
 """
 import os
 import tempfile
@@ -11,6 +14,7 @@ import tempfile
 import torch
 
 from models import absorb_legacy_rotations, build_model, check_arch
+from utils.data import Preprocess, check_pipeline
 from utils.errors import UserError
 
 FORMAT = "dynprune-checkpoint/1"
@@ -69,7 +73,21 @@ def load_checkpoint(path, stages=None, flag="--checkpoint"):
         check_arch(ckpt.get("arch"))
     except UserError as e:
         raise UserError(f"{flag} {path}: bad architecture description ({e})") from None
+    if isinstance(ckpt.get("model"), dict):
+        check_finite(ckpt["model"], path, flag)
+    if "pipeline" in ckpt:
+        check_pipeline(ckpt["pipeline"], f"{flag} {path}")
     return ckpt
+
+
+def check_finite(state, path, flag):
+    """UserError if a floating-point tensor of the state dict holds NaN or inf (as after an overflow):
+    such a network computes nothing useful, and every later step would report a symptom, not the cause."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{flag} {path}: its weights hold NaN or inf ({bad[0]}"
+                        + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "") + "); refused")
 
 
 def weight_mismatches(own, state, may_miss=()):
@@ -111,4 +129,19 @@ def load_pretrained(model, path, flag="--pretrained"):
     problems = weight_mismatches(model.state_dict(), state, may_miss=("switches.",))
     if problems:
         raise UserError(f"{flag} {path}: weights do not fit this network ({problems[0]}; {len(problems)} problems)")
+    check_finite(state, path, flag)
     model.load_state_dict(state, strict=False)
+
+
+def load_model(path, device="cpu"):
+    """(model, preprocess) of a checkpoint of any stage, ready for inference on raw 8-bit images without
+    the training set: `logits, routes, probs = model(preprocess(images))`, preprocess.classes[i] naming
+    logit i (utils.data.Preprocess: resize, then the training set's mean/std). The model is in eval mode
+    (switches greedy, skipped blocks not computed). UserError for a checkpoint without a pipeline record
+    (written before it was recorded: its normalisation is unknown)."""
+    ckpt = load_checkpoint(path, flag="checkpoint")
+    if "pipeline" not in ckpt:
+        raise UserError(f"checkpoint {path}: records no input pipeline (written by an older version); its "
+                        f"normalisation is unknown")
+    model = model_from_checkpoint(ckpt, path, "checkpoint").to(device).eval()
+    return model, Preprocess(ckpt["pipeline"], f"checkpoint {path}")

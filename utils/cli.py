@@ -1,6 +1,7 @@
 """Command-line flags shared by the stage scripts. A bad flag is one line and exit status 2."""
 import argparse
 
+from utils.data import AUGMENTS
 from utils.errors import UserError
 
 
@@ -16,7 +17,12 @@ def base_parser(description):
     d.add_argument("--data_dir", default="data", help="class folders train/<class>/*.<img_type> + test/..., "
                    "or cifar-100-python/ pickles; found automatically")
     d.add_argument("--img_type", default="png", help="image file extension in the class-folder layout")
-    d.add_argument("--resize", type=int, default=32, help="side the images are brought to")
+    d.add_argument("--resize", type=int, default=None, help="side the images are brought to (default: 32 "
+                   "for a new network, else the one the checkpoint was trained at; a different one is refused)")
+    d.add_argument("--augment", default=None, choices=AUGMENTS,
+                   help="training augmentation: cifar = random crop + horizontal flip, crop = random crop only "
+                        "(digits, text: mirror images are other symbols), none (default: cifar for a new "
+                        "network, else the checkpoint's)")
     d.add_argument("--download", action="store_true", help="fetch CIFAR-100 through torchvision if absent")
     d.add_argument("--val_split", type=float, default=0.0,
                    help="fraction of train held out for per-epoch validation (0: evaluate on test each epoch, "
@@ -43,7 +49,7 @@ def check_ranges(args):
     checks = [("epochs", args.epochs >= 0, "must be >= 0"), ("lr", args.lr > 0, "must be > 0"),
               ("bs", args.bs >= 1, "must be >= 1"), ("momentum", 0 <= args.momentum < 1, "must be in [0, 1)"),
               ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
-              ("resize", args.resize >= 8, "must be >= 8"), ("num_workers", args.num_workers >= 0, "must be >= 0"),
+              ("resize", args.resize is None or args.resize >= 8, "must be >= 8"), ("num_workers", args.num_workers >= 0, "must be >= 0"),
               ("val_split", 0 <= args.val_split < 1, "must be in [0, 1)")]
     for name, ok, why in checks:
         if not ok:

@@ -24,6 +24,8 @@ from utils.errors import UserError
 PICKLE_DIR = "cifar-100-python"
 PICKLE_FILES = ("train", "test", "meta")
 PAD = 4  # pixels of zero padding for the random crop
+AUGMENTS = ("cifar", "crop", "none")  # random crop + horizontal flip; random crop only; nothing
+MIN_STD = 1 / 255  # floor of the per-channel std used for normalisation, in [0, 1] units
 
 
 class DataError(UserError):
@@ -217,20 +219,70 @@ def _list_images(split_dir, img_type):
     return files, classes
 
 
-def _decode_chunk(paths, size):
-    """Decode image files into one uint8 array (n, size, size, 3). Runs in worker processes."""
+# Alpha is composited on black: a transparent pixel reads as (0, 0, 0), the same colour as the zero
+# padding of the random crop (and what most tools store under alpha 0).
+ALPHA_BACKGROUND = (0, 0, 0)
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(im, name="image"):
+    """A PIL image as the 8-bit RGB picture it shows, or DataError naming `name`.
+    16-bit integer pixels (modes I;16*, and I holding 0..65535) are scaled to 8 bits (v / 257, rounded),
+    not clipped; alpha (RGBA, LA, PA, palette transparency) is composited on ALPHA_BACKGROUND; CMYK,
+    YCbCr, palette, grey and bilevel go through PIL's conversion; EXIF orientation is applied."""
+    from PIL import Image, ImageOps
+
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block does not make the pixels unusable
+        pass
+    if im.mode in _WIDE_INT_MODES:
+        v = np.asarray(im, dtype=np.int64)
+        if v.size and (v.min() < 0 or v.max() > 65535):
+            raise DataError(f"image {name}: {im.mode} pixels span {v.min()}..{v.max()}, outside the 16-bit "
+                            f"range 0..65535; save it as 8- or 16-bit")
+        im = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))
+    elif im.mode == "F":
+        raise DataError(f"image {name}: floating-point pixels (mode F) have no defined 8-bit scale; save it "
+                        f"as 8- or 16-bit")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, ALPHA_BACKGROUND)
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def decode_image(source, size, name=None):
+    """One image (a path, a PIL image or a uint8 array H x W [x C]) -> uint8 array (size, size, 3), as the
+    training data was decoded. Errors: DataError naming the image."""
     from PIL import Image
 
+    name = name or (source if isinstance(source, (str, os.PathLike)) else "image")
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with Image.open(source) as im:
+                im.load()
+                rgb = to_rgb8(im, name)
+        elif isinstance(source, Image.Image):
+            rgb = to_rgb8(source, name)
+        else:
+            rgb = to_rgb8(Image.fromarray(np.asarray(source)), name)
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
+        return np.asarray(rgb)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read image {name}: {_one_line(e)}") from None
+
+
+def _decode_chunk(paths, size):
+    """Decode image files into one uint8 array (n, size, size, 3). Runs in worker processes."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
-                out[i] = np.asarray(im)
-        except Exception as e:
-            raise DataError(f"cannot read image {path}: {_one_line(e)}") from None
+        out[i] = decode_image(path, size)
     return out
 
 
@@ -276,8 +328,66 @@ def channel_stats(x_uint8, chunk=1024):
         total_sq += part.square().sum(dim=(0, 2, 3))
     count = x_uint8.numel() // c
     mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    # A channel that never varies (std 0: all-black red, say) carries no information; flooring its std at
+    # one grey level keeps (x - mean) / std finite, so the channel reads as ~0 instead of NaN.
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(MIN_STD * 255)
     return (mean / 255).float(), (std / 255).float()
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+
+def make_pipeline(resize, mean, std, classes, augment):
+    """The input pipeline a network is trained with, as every checkpoint records it (plain data):
+    {"resize": side in pixels, "mean" / "std": 3 floats in [0, 1] units, "classes": names, "augment"}."""
+    return {"resize": int(resize), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "classes": [str(c) for c in classes], "augment": augment}
+
+
+def check_pipeline(p, where):
+    """DataError naming `where` if `p` is not a usable pipeline record (the normalisation must be finite,
+    std positive: the input must stay finite)."""
+    def bad(why):
+        return DataError(f"{where}: its input pipeline record is unusable ({why})")
+    if not isinstance(p, dict):
+        raise bad("not a dict")
+    if isinstance(p.get("resize"), bool) or not isinstance(p.get("resize"), int) or p["resize"] < 1:
+        raise bad(f"resize {p.get('resize')!r}")
+    for key in ("mean", "std"):
+        v = p.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(a, (int, float)) and np.isfinite(a)
+                                                            for a in v)):
+            raise bad(f"{key} {v!r} is not 3 finite numbers")
+    if min(p["std"]) <= 0:
+        raise bad(f"std {p['std']} is not positive")
+    if not isinstance(p.get("classes"), list) or not p["classes"]:
+        raise bad("no class names")
+    if p.get("augment") not in AUGMENTS:
+        raise bad(f"augment {p.get('augment')!r}")
+    return p
+
+
+class Preprocess:
+    """Raw 8-bit images -> the normalised float batch (N, 3, resize, resize) a network of this project
+    expects, from the pipeline its checkpoint records: no training set needed.
+    Accepts one image or a list of them: file paths, PIL images, uint8 arrays H x W x 3 (or H x W), or a
+    uint8 array / tensor (N, H, W, 3). `classes[i]` names logit i."""
+
+    def __init__(self, pipeline, where="pipeline"):
+        self.pipeline = check_pipeline(pipeline, where)
+        self.size = pipeline["resize"]
+        self.classes = list(pipeline["classes"])
+        self.mean = torch.tensor(pipeline["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(pipeline["std"]).view(1, 3, 1, 1)
+
+    def __call__(self, images, device="cpu"):
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        x = torch.from_numpy(np.stack([decode_image(im, self.size) for im in images])).permute(0, 3, 1, 2)
+        return ((x.float() / 255 - self.mean) / self.std).to(device)
 
 
 # ------------------------------------------------------------------------------------ augmentation
@@ -297,12 +407,13 @@ def crop_and_flip(x, offsets, flips, pad=PAD):
     return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
 
 
-def augment(x_uint8_batch, generator, pad=PAD):
-    """Standard CIFAR augmentation on a batch: random crop of the `pad`-zero-padded image and random
-    horizontal flip, each drawn per image from `generator` (a CPU torch.Generator), done on x's device."""
+def augment(x_uint8_batch, generator, pad=PAD, flip=True):
+    """Standard CIFAR augmentation on a batch: random crop of the `pad`-zero-padded image and (if `flip`)
+    random horizontal flip, each drawn per image from `generator` (a CPU torch.Generator), done on x's
+    device. The draws are the same with and without flips (flip=False only ignores them)."""
     b = x_uint8_batch.shape[0]
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
-    flips = torch.randint(0, 2, (b, 1), generator=generator)
+    flips = torch.randint(0, 2, (b, 1), generator=generator) * int(flip)
     draws = torch.cat([offsets, flips], dim=1).to(x_uint8_batch.device)  # one small host-to-device copy
     return crop_and_flip(x_uint8_batch, draws[:, :2], draws[:, 2], pad)
 
@@ -320,8 +431,9 @@ class BatchLoader:
 
     train=True: every epoch a permutation of all N images (the same on every rank) is cut to a multiple
     of world_size, rank r takes perm[r::world_size], and the last incomplete batch is dropped, so all
-    ranks run the same number of steps. Augmentation (crop + flip) unless augment=False, e.g. to see the
-    training images in shuffled order but unaugmented.
+    ranks run the same number of steps. augment: "cifar" (crop + flip, the default), "crop" (no flip:
+    for digits or text, whose mirror images are other symbols) or "none"/False, e.g. to see the training
+    images in shuffled order but unaugmented.
     train=False: fixed order, no augmentation, last partial batch kept; rank r takes the r-th contiguous
     shard, so the ranks together see every image exactly once (shards differ in size by at most one).
     Order and augmentation depend only on (seed, epoch) (and rank for the augmentation): call
@@ -341,7 +453,11 @@ class BatchLoader:
         self.y = y.to(self.device, torch.int64)
         self.batch_size = batch_size
         self.train = train
-        self.do_augment = train if augment is None else augment
+        if augment is None or augment is True:
+            augment = "cifar" if train else "none"
+        if augment not in AUGMENTS + (False,):
+            raise DataError(f"unknown augmentation {augment!r} (expected one of {', '.join(AUGMENTS)})")
+        self.augment = augment or "none"
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
         self.epoch = 0
@@ -350,6 +466,9 @@ class BatchLoader:
         mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.scale = (1 / (255 * std)).to(self.device)
         self.shift = (-mean / std).to(self.device)
+        if not (torch.isfinite(self.scale).all() and torch.isfinite(self.shift).all()):
+            raise DataError(f"the normalisation (mean {mean.flatten().tolist()}, std {std.flatten().tolist()}) "
+                            f"would make the input non-finite")
 
         n = x_uint8.shape[0]
         if train:
@@ -384,8 +503,8 @@ class BatchLoader:
         for start in range(0, self.num_samples, self.batch_size):
             batch_idx = idx[start:start + self.batch_size]
             x = self.x.index_select(0, batch_idx)
-            if self.do_augment:
-                x = augment(x, aug_gen)
+            if self.augment != "none":
+                x = augment(x, aug_gen, flip=self.augment == "cifar")
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)  # elementwise ops below keep it
             x = x.float().mul_(self.scale).add_(self.shift)

@@ -2,19 +2,22 @@
 epoch loop with a checkpoint per epoch, and write metrics.json. The three main_*.py scripts only add
 their flags, their model and their step function."""
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 from utils.checkpoint import save_checkpoint
-from utils.data import BatchLoader, channel_stats, load_dataset, split_val
+from utils.data import MIN_STD, BatchLoader, channel_stats, load_dataset, make_pipeline, split_val
 from utils.dist import barrier
 from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
 from utils.errors import UserError
 from utils.faults import kill_point
 from utils.flops import count_params
 from utils.log import Logger
+
+DEFAULT_RESIZE = 32
 
 
 @dataclass
@@ -26,24 +29,60 @@ class Data:
     num_classes: int
     image_size: int
     eval_name: str
+    pipeline: dict            # what checkpoints record (utils.data.make_pipeline)
 
 
-def load_data(args, ctx, bs=None):
-    """Decode the dataset once into memory (on the device), split off validation, build the loaders."""
-    ds = load_dataset(args.data_dir, args.img_type, args.resize, args.download, args.num_workers)
+def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
+    """Decode the dataset once into memory (on the device), split off validation, build the loaders.
+    `recorded`: the input pipeline of the checkpoint this stage starts from (`source` names it): its
+    resize, normalisation and class names are used, and a conflicting resize or class list is refused in
+    one line. Its augmentation is the default; `resuming` (the stage's own checkpoint) makes a different
+    one a conflict too. Without a record: args.resize (default 32), statistics of the training split."""
+    resize, augment = args.resize, getattr(args, "augment", None)
+    if recorded is not None:
+        if resize is not None and resize != recorded["resize"]:
+            raise UserError(f"resize {resize} conflicts with {source}, trained on images resized to "
+                            f"{recorded['resize']} (leave resize out to use it)")
+        if resuming and augment is not None and augment != recorded["augment"]:
+            raise UserError(f"augment {augment} conflicts with {source}, trained with augment "
+                            f"{recorded['augment']}")
+        resize, augment = recorded["resize"], augment or recorded["augment"]
+    elif source is not None and ctx.is_main:
+        print(f"warning: {source} records no input pipeline (written by an older version): using resize "
+              f"{resize or DEFAULT_RESIZE} and the statistics of this training set", file=sys.stderr, flush=True)
+    resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
+    ds = load_dataset(args.data_dir, args.img_type, resize, args.download, args.num_workers)
+    if recorded is not None and ds.classes != recorded["classes"]:
+        only_here = sorted(set(ds.classes) - set(recorded["classes"]))
+        only_there = sorted(set(recorded["classes"]) - set(ds.classes))
+        raise UserError(f"data_dir {args.data_dir} holds other classes than {source} was trained on (only in "
+                        f"the data: {_short(only_here)}; only in the checkpoint: {_short(only_there)})")
     train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
     if len(train_x) == 0:
         raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
-    mean, std = channel_stats(train_x)
+    if recorded is not None:
+        mean, std = recorded["mean"], recorded["std"]
+    else:
+        mean, std = channel_stats(train_x)
+        if bool((std <= MIN_STD * 1.001).all()) and ctx.is_main:  # a data problem, said as one, not a NaN later
+            print(f"warning: every training image of {args.data_dir} is one flat colour (no channel varies): "
+                  f"nothing to learn from the pixels", file=sys.stderr, flush=True)
+    pipeline = make_pipeline(resize, mean, std, ds.classes, augment)
     bs = bs or args.bs
-    common = dict(device=ctx.device, mean=mean, std=std, rank=ctx.rank, world_size=ctx.world_size,
-                  channels_last=ctx.amp)
+    common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
+                  world_size=ctx.world_size, channels_last=ctx.amp)
     test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common)
     val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
-    return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, **common),
+    return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, augment=augment, **common),
                 plain_train=BatchLoader(train_x, train_y, bs, train=True, augment=False, seed=args.seed, **common),
-                eval=val or test, test=test, num_classes=len(ds.classes), image_size=args.resize,
-                eval_name="val" if val else "test")
+                eval=val or test, test=test, num_classes=len(ds.classes), image_size=resize,
+                eval_name="val" if val else "test", pipeline=pipeline)
+
+
+def _short(names, limit=3):
+    if not names:
+        return "none (same names, other order)"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def check_result_dir(path):
@@ -66,9 +105,12 @@ class StageRun:
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
         self.logger = None
+        self.pipeline = None
 
-    def open(self):
-        """Create the stage's folder and TensorBoard writer. Call only once all input has been checked."""
+    def open(self, pipeline=None):
+        """Create the stage's folder and TensorBoard writer. Call only once all input has been checked.
+        `pipeline` (Data.pipeline) goes into every checkpoint."""
+        self.pipeline = pipeline
         if self.ctx.is_main:
             try:
                 os.makedirs(self.dir, exist_ok=True)
@@ -79,7 +121,8 @@ class StageRun:
 
     def save(self, payload):
         if self.ctx.is_main:
-            save_checkpoint(self.checkpoint_path, {"stage": self.name, **payload})
+            record = {"pipeline": self.pipeline} if self.pipeline is not None else {}
+            save_checkpoint(self.checkpoint_path, {"stage": self.name, **record, **payload})
         barrier()
         kill_point("saved", payload.get("epoch"))
 
