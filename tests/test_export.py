@@ -12,7 +12,7 @@ from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import FactoredConv, build_model, make_arch
 from pruners import model_flops, prune
 from utils.checkpoint import save_checkpoint
-from utils.data import channel_stats, load_dataset
+from utils.data import channel_stats, load_dataset, make_pipeline
 from utils.errors import UserError
 from utils.export import InferenceNet, cheapest_form, export, reference_outputs, run_onnx
 from utils.flops import count_params
@@ -108,8 +108,7 @@ def test_exported_onnx_and_pt2_reproduce_the_checkpoint(images, tmp_path):
     model = pruned_model("ff", x, mean, std)
     path = str(tmp_path / "checkpoint.pt")
     save_checkpoint(path, {"stage": "rl", "arch": model.arch, "model": model.state_dict(), "epoch": 0,
-                           "pipeline": {"resize": SIZE, "mean": mean, "std": std, "classes": list("abcdefghij"),
-                                        "augment": "crop"}})
+                           "pipeline": make_pipeline(SIZE, mean, std, list("abcdefghij"), "crop")})
     report = export(path, str(tmp_path / "out"))
     assert report["mode"] == "hard" and all(c["routes_equal"] for c in report["check"].values())
     assert json.load(open(tmp_path / "out" / "export.json"))["files"] == report["files"]
@@ -141,6 +140,6 @@ def test_export_needs_the_pipeline_and_refuses_conflicts(images, tmp_path):
     with pytest.raises(UserError, match="reads 3 channels"):
         export(path, str(tmp_path / "out"), mean=[0.5], std=[0.2], resize=SIZE)
     save_checkpoint(path, {"stage": "sp", "arch": model.arch, "model": model.state_dict(), "epoch": 0,
-                           "pipeline": {"resize": SIZE, "mean": mean, "std": std}})
+                           "pipeline": make_pipeline(SIZE, mean, std, list("abcdefghij"), "none")})
     with pytest.raises(UserError, match="conflicts"):
         export(path, str(tmp_path / "out"), resize=SIZE * 2)
