@@ -8,20 +8,22 @@ What is exported is the network as it is deployed, not as it is trained:
   ckpt["pipeline"] mean and std (or --mean / --std for checkpoints without one);
 - every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
 - every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
-  fewer FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
-  location); rot_in is never merged (a k x k conv over all C_in input channels never costs less);
+  no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
+  location: stage 2 itself only keeps a rot_out that pays, so this matters for older checkpoints);
+  rot_in is never merged (measured: a k x k core over every input channel never paid);
 - channels_last activations (the NHWC input is already in that layout);
-- `--mode hard` (default when the network has switches that skip anything, i.e. stages 2 and 3; stage
-  1's table row is the `open` network): the switches decide per image, outputs (logits, routes), routes
-  (N, number of switches) 0/1 float. `--mode open`: every block, no switch, output logits.
+- `--mode hard` (the default for stages 2 and 3; stage 1's table row is its `open` network, the default
+  there): the switches decide per image, outputs (logits, routes), routes (N, number of switches) 0/1
+  float. `--mode open`: every block, no switch, output logits.
 
 Files in DIR: model.onnx and model.pt2 (torch.export.save; load with torch.export.load(p).module()) for
 any batch size; in `hard` mode also model_b1.onnx / model_b1.pt2 for one image at a time, where each
 gated block is real control flow (torch.cond, ONNX `If`): a skipped block costs nothing. The batched
 models run each gated block on the sub-batch of images whose route executes it, as eager inference does
-(nonzero -> gather -> block -> index_copy, ONNX NonZero / Gather / ScatterND, an empty sub-batch
-included): a skipped image costs only the gather and scatter of its activation. export.json records the pipeline, mode, shapes, FLOPs and the check
-made at export: outputs of every file against the checkpoint's on the same images.
+(nonzero -> gather -> block -> index_copy; ONNX NonZero / Gather / ScatterND; an empty sub-batch works):
+a skipped image costs only the gather and scatter of its activation. export.json records the pipeline,
+mode, input, FLOPs per image of the deployed form with every block run, and the check made at export:
+the outputs of every file against the checkpoint's on the same (random) images.
 """
 import contextlib
 import io
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import FactoredConv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -245,8 +248,11 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
     images = torch.randint(0, 256, (check_images, size, size, channels), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed))
     expected = reference_outputs(model, images, pipeline["mean"], pipeline["std"], mode)
+    with FlopCounterMode(display=False) as counter:
+        InferenceNet(model, pipeline["mean"], pipeline["std"], "open")(images[:1])
     report = {"checkpoint": os.path.abspath(ckpt_path), "stage": ckpt.get("stage"), "mode": mode,
               "pipeline": pipeline, "input": f"uint8 (N, {size}, {size}, {channels}), RGB, 0-255",
+              "gflops_every_block": counter.get_total_flops() / 1e9,
               "outputs": ["logits"] + (["routes"] if mode == "hard" else []), "files": {}, "check": {}}
     for single in ((False, True) if mode == "hard" else (False,)):
         net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
