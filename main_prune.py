@@ -97,7 +97,7 @@ def main(argv=None):
         first_round, history = ckpt["round"], ckpt["history"]
     else:
         check_reachable(model, schedule[0]["target"], schedule[0]["value"], cfg["prune_ratio_limit"],
-                        params_stage1, cfg["resize"])
+                        params_stage1, data.image_size)
         first_round, history = 0, []
     run.open(data.pipeline)
 
