@@ -60,8 +60,9 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     model, report = prune(
         model.to(ctx.device), evenly_spaced(data.plain_train, cfg["fisher_batches"]), target=spec["target"],
         value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
-        damping=cfg["damping"], fisher_type=cfg["fisher_type"],
-        num_batches=min(cfg["fisher_batches"], len(data.plain_train)), progress=ctx.is_main)
+        damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"],
+        image_size=data.image_size, num_batches=min(cfg["fisher_batches"], len(data.plain_train)),
+        progress=ctx.is_main)
     before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size),
                       desc=f"{data.eval_name} after pruning")
     report.update({f"{data.eval_name}_acc_before_finetune": before["acc"],
@@ -69,7 +70,8 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     if ctx.is_main:
         print(f"[prune] round {r + 1}: {spec['target']} {spec['value']} -> cut {report['ratio']:.3f} of "
               f"{report['directions']} directions, {report['params'] / 1e6:.3f} M params (compression "
-              f"{report['compression']:.3f}), {len(model.arch['ranks'])} convs factored; {data.eval_name} acc "
+              f"{report['compression']:.3f}), {report['gflops']:.4g} GFLOPs, {len(model.arch['ranks'])} convs "
+              f"factored; {data.eval_name} acc "
               f"{before['acc']:.2f}% before fine-tuning; factor pass {report['factor_seconds']:.1f}s, eigh "
               f"{report['eigen_seconds']:.1f}s", flush=True)
         if report["directions_cut"] == 0:
@@ -116,7 +118,8 @@ def main(argv=None):
         first_round, history = 0, []
     # every round still to prune, checked before any work (the resumed round is pruned already)
     later = first_round + 1 if ckpt else 0
-    check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later)
+    check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
+                   image_size=data.image_size)
     run.open(data.pipeline)
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds

@@ -1,105 +1,207 @@
-"""Stage 2 benchmark (prints, asserts nothing): does pruning in the eigenbasis buy wall-clock time on the CPU,
-and what does the pruning step itself cost?
+"""Stage 2 benchmark on a trained network (prints, asserts nothing): does static pruning pay where the model
+runs, eagerly as saved and exported?
 
-    OMP_WAIT_POLICY=passive python bench/bench_prune.py [--compression 0.6] [--batches 4] [--repeats 7]
+    OMP_WAIT_POLICY=passive nice python bench/bench_prune.py [--repeats 15] [--threads 2]
 
-1. Inference, eval mode, batch 128 and batch 1: the k=4 ResNet-32 (100 classes) dense vs pruned to the
-   target compression: wall-clock speed-up against the FLOPs ratio, measured in the same run (interleaved,
-   median of repeats). Random-init weights and factors from random images: the timing depends only on
-   the ranks.
-2. The pruning step: factor pass (as a multiple of the same number of plain training steps), the
-   eigendecompositions, and the rebuild.
+Needs the bench dependencies (`pip install -c <(echo torch==2.14.1) -r bench/requirements.txt`). The first
+run trains, once, and caches under bench/out/w4/ (git-ignored): scikit-learn's digits as 32x32 PNGs,
+ResNet-32 at width 4 by main_sp.py (5 epochs, lr 0.02: at 0.1 it diverges in the first epoch), stage 2 by main_prune.py at compression 0.6, Torch-Pruning
+(global magnitude) at the same parameter count by bench/peer_torch_pruning.py with stage 2's fine-tuning,
+and the exports of the dense and pruned networks by utils/export.py. Then, in one process, every model is
+timed at batch 128 and batch 1, NCHW and channels_last, 2 threads, the models taking turns in every repeat
+(median): the dense stage-1 network and the pruned one as saved (PyTorch eager), the Torch-Pruning
+network (eager), and the exported dense and pruned networks in onnxruntime (thread spinning off). All run
+the static network: every block, no switch (`open` mode). Prints speed-ups over dense eager (and exported
+pruned over exported dense), GFLOPs, parameters and test accuracy.
 """
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import build_model, make_arch  # noqa: E402
-from pruners import prune  # noqa: E402
-from utils.engine import supervised_step  # noqa: E402
-from utils.flops import count_params, dense_flops, measure_costs  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from peer_torch_pruning import shaped_like  # noqa: E402
+from pruners import model_flops  # noqa: E402
+from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.data import channel_stats, load_dataset  # noqa: E402
+from utils.export import export, run_onnx  # noqa: E402
+from utils.flops import count_params  # noqa: E402
+from utils.synthetic import write_digits  # noqa: E402
+
+OUT = os.path.join(ROOT, "bench", "out")
+STAGE1 = dict(depth=32, width=4, epochs=5, lr=0.02, bs=32)
+STAGE2 = dict(compression=0.6, epochs=2, lr=0.01, fisher_batches=45)
 
 
-def inference_times(models, batch, repeats, memory_format):
-    """Median seconds per forward of each model, interleaved so that load changes hit all alike."""
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=memory_format)
-    models = {name: model.to(memory_format=memory_format) for name, model in models.items()}
+def run(argv, log):
+    """Run a project script as a user would (2 threads), its output to `log`."""
+    print(f"[bench] {' '.join(argv)}  (log: {log})", flush=True)
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def digits(out=OUT):
+    path = os.path.join(out, "digits")
+    if not os.path.isdir(os.path.join(path, "test")):
+        write_digits(path, size=32)
+    return path
+
+
+def prepare(run_dir, data, stage1=STAGE1, stage2=STAGE2, seed=0, criterion=None, peer="global_magnitude"):
+    """Stage 1, stage 2 and the Torch-Pruning peer of one run, each only if its result is missing."""
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.isfile(os.path.join(run_dir, "sp", "metrics.json")):
+        run(["main_sp.py", "--depth", str(stage1["depth"]), "--width", str(stage1["width"]), "--epochs",
+             str(stage1["epochs"]), "--lr", str(stage1["lr"]), "--bs", str(stage1["bs"]), "--resize", "32",
+             "--num_workers", "0", "--device", "cpu", "--seed", str(seed), "--data_dir", data,
+             "--result_dir", run_dir], os.path.join(run_dir, "sp.log"))
+    if not os.path.isfile(os.path.join(run_dir, "prune", "metrics.json")):
+        config = {"result_dir": run_dir, "data_dir": data, "num_workers": 0, "device": "cpu", "seed": seed,
+                  "bs": stage1["bs"], **stage2, **({"criterion": criterion} if criterion else {})}
+        with open(os.path.join(run_dir, "prune.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        run(["main_prune.py", "--config_path", os.path.join(run_dir, "prune.json")], os.path.join(run_dir, "prune.log"))
+    if peer and not os.path.isfile(os.path.join(run_dir, "peer", peer, "metrics.json")):
+        run(["bench/peer_torch_pruning.py", "finetune", "--result_dir", run_dir, "--method", peer, "--threads", "2"],
+            os.path.join(run_dir, f"peer_{peer}.log"))
+
+
+def exported(run_dir, stage, mean, std):
+    """utils/export.py on the run's stage checkpoint (open mode), once; the ONNX path."""
+    out = os.path.join(run_dir, "export", stage)
+    if not os.path.isfile(os.path.join(out, "export.json")):
+        ckpt = load_checkpoint(os.path.join(run_dir, stage, "checkpoint.pt"))
+        given = {} if ckpt.get("pipeline") else {"mean": mean, "std": std, "resize": 32}
+        export(os.path.join(run_dir, stage, "checkpoint.pt"), out, mode="open", **given)
+    return os.path.join(out, "model.onnx")
+
+
+class Eager:
+    """A model of this project in `open` mode on normalised float images."""
+
+    def __init__(self, model, memory_format):
+        self.model = model.eval().to(memory_format=memory_format)
+        self.memory_format = memory_format
+
+    def __call__(self, x_float, x_uint8):
+        with torch.inference_mode():
+            return self.model(x_float, "open")[0]
+
+
+class Onnx:
+    """An exported model in onnxruntime on raw uint8 NHWC images."""
+
+    def __init__(self, path, threads):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x_float, x_uint8):
+        return self.session.run(None, {"images": x_uint8})
+
+
+def median_times(models, inputs, repeats):
+    """Median seconds per call of each model over `inputs` (a list of (float, uint8) batches), the models
+    taking turns within every repeat."""
+    for m in models.values():
+        for xf, xu in inputs:
+            m(xf, xu)  # warm-up (oneDNN primitives, allocator, onnxruntime's first run)
     times = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(x)  # warm-up (allocator, oneDNN primitive caches)
-        for _ in range(repeats):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - t0)
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            for xf, xu in inputs:
+                m(xf, xu)
+            times[name].append((time.perf_counter() - t0) / len(inputs))
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def training_step_seconds(model, batches):
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
-
-    def steps():
-        for x, y in batches:
-            loss, _ = supervised_step(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    steps()  # warm-up
-    t0 = time.perf_counter()
-    steps()
-    model.eval()
-    return time.perf_counter() - t0
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compression", type=float, default=0.6)
-    p.add_argument("--batches", type=int, default=4, help="factor-pass batches of 128 random images")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--run_dir", default=os.path.join(OUT, "w4"))
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prepare_only", action="store_true")
     args = p.parse_args()
+    data = digits()
+    prepare(args.run_dir, data)
+    if args.prepare_only:
+        return
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    ds = load_dataset(data, "png", 32)
+    mean, std = (t.tolist() for t in channel_stats(ds.train_x))
+    onnx_paths = {stage: exported(args.run_dir, stage, mean, std) for stage in ("sp", "prune")}
 
-    dense = build_model(make_arch(depth=32, width=4, num_classes=100)).eval()
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(128, 3, 32, 32, generator=g), torch.randint(0, 100, (128,), generator=g))
-               for _ in range(args.batches)]
-    # a first call pays one-off costs (oneDNN primitives, LAPACK start-up) that the timed one should not
-    prune(dense, batches[:1], target="compression", value=args.compression, params_reference=count_params(dense),
-          progress=False)
-    pruned, report = prune(dense, batches, target="compression", value=args.compression,
-                           params_reference=count_params(dense), progress=False)
-    pruned.eval()
-    train_seconds = training_step_seconds(build_model(dense.arch), batches)
+    nets = {"dense": model_from_checkpoint(load_checkpoint(os.path.join(args.run_dir, "sp", "checkpoint.pt"))),
+            "pruned": model_from_checkpoint(load_checkpoint(os.path.join(args.run_dir, "prune", "checkpoint.pt")))}
+    peer = torch.load(os.path.join(args.run_dir, "peer", "global_magnitude", "weights.pt"), weights_only=True)
+    nets["torch-pruning"] = shaped_like(peer["model"], peer["arch"])
+    metrics = {"dense": "sp/metrics.json", "pruned": "prune/metrics.json",
+               "torch-pruning": "peer/global_magnitude/metrics.json"}
+    info = {}
+    for name, model in nets.items():
+        with open(os.path.join(args.run_dir, metrics[name])) as f:
+            m = json.load(f)
+        info[name] = {"gflops": model_flops(model, 32) / 1e9, "params": count_params(model), "test_acc": m["test_acc"]}
+    info["dense exported"] = dict(info["dense"])
+    info["pruned exported"] = dict(info["pruned"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {args.repeats} repeats; every model in open mode")
+    for name, i in info.items():
+        print(f"  {name:16s} {i['gflops']:.3f} GFLOPs  {i['params'] / 1e6:.3f} M params  test acc {i['test_acc']:.2f}%")
+    with open(os.path.join(args.run_dir, "prune", "metrics.json")) as f:
+        r = json.load(f)["rounds"][0]
+    print(f"stage 2's own costs: factor pass {r['factor_seconds']:.1f} s, eigendecompositions "
+          f"{r['eigen_seconds']:.2f} s, rebuild {r['rebuild_seconds']:.2f} s (criterion {r['criterion']})")
+    flops_ratio = info["dense"]["gflops"] / info["pruned"]["gflops"]
+    print(f"FLOPs ratio dense / pruned {flops_ratio:.2f}x")
 
-    flops = {name: dense_flops(measure_costs(m)) for name, m in (("dense", dense), ("pruned", pruned))}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-    print(f"ResNet-32 k=4, 100 classes: dense {count_params(dense) / 1e6:.3f} M params {flops['dense'] / 1e9:.3f} "
-          f"GFLOPs; pruned {count_params(pruned) / 1e6:.3f} M params {flops['pruned'] / 1e9:.3f} GFLOPs "
-          f"(compression {report['compression']:.3f}, {len(pruned.arch['ranks'])} convs factored)")
-    ratio = flops["dense"] / flops["pruned"]
-    print(f"FLOPs ratio {ratio:.2f}x; 'realised' = share of the ideal time saving (1 - 1/speed-up) / (1 - 1/ratio)")
-    for memory_format in (torch.contiguous_format, torch.channels_last):
-        for batch in (128, 1):
-            t = inference_times({"dense": dense, "pruned": pruned}, batch,
-                                args.repeats if batch > 1 else 10 * args.repeats, memory_format)
-            speedup = t["dense"] / t["pruned"]
-            print(f"{str(memory_format).split('.')[-1]:17s} batch {batch:3d}: dense {1e3 * t['dense']:8.2f} ms  "
-                  f"pruned {1e3 * t['pruned']:8.2f} ms  speed-up {speedup:.2f}x = {speedup / ratio:.0%} of the "
-                  f"FLOPs ratio (target 60%), realised {(1 - 1 / speedup) / (1 - 1 / ratio):.0%}")
-    print(f"factor pass: {report['factor_seconds']:.2f} s for {args.batches} batches of 128 = "
-          f"{report['factor_seconds'] / train_seconds:.2f} x the same number of training steps "
-          f"({train_seconds:.2f} s)")
-    print(f"eigendecompositions: {report['eigen_seconds']:.3f} s; rebuild: {report['rebuild_seconds']:.3f} s")
+    test_u8 = ds.test_x[:128].permute(0, 2, 3, 1).contiguous()
+    test_f = (test_u8.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / \
+        torch.tensor(std).view(1, 3, 1, 1)
+    rows = {}
+    for batch in (128, 1):
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            xf = test_f.contiguous(memory_format=fmt)
+            inputs = [(xf, test_u8.numpy())] if batch > 1 else \
+                [(xf[i:i + 1], test_u8[i:i + 1].numpy()) for i in range(16)]
+            models = {name: Eager(m, fmt) for name, m in nets.items()}
+            if fmt_name == "NCHW":  # onnxruntime chooses its own layouts: timed once per batch size
+                models.update({f"{k} exported": Onnx(onnx_paths[s], args.threads)
+                               for k, s in (("dense", "sp"), ("pruned", "prune"))})
+            t = median_times(models, inputs, args.repeats if batch > 1 else 3 * args.repeats)
+            for name, seconds in t.items():
+                rows.setdefault(name, {})[f"b{batch} {fmt_name if 'exported' not in name else 'ort'}"] = seconds
+    results = {"info": info, "flops_ratio": flops_ratio, "seconds": rows, "threads": args.threads,
+               "repeats": args.repeats}
+    dense = rows["dense"]
+    print("\nspeed-up over dense eager (same batch and memory format); ms per batch in brackets")
+    for name, r in rows.items():
+        cells = []
+        for key, seconds in r.items():
+            base = dense[key] if key in dense else dense[key.replace("ort", "NCHW")]
+            cells.append(f"{key}: {base / seconds:.2f}x ({1e3 * seconds:.2f} ms)")
+        print(f"  {name:16s} " + "  ".join(cells))
+    for batch, goal in ((128, 0.9), (1, 0.6)):
+        s = rows["dense exported"][f"b{batch} ort"] / rows["pruned exported"][f"b{batch} ort"]
+        results[f"exported_speedup_b{batch}"] = s
+        print(f"exported pruned vs exported dense, batch {batch}: {s:.2f}x = {s / flops_ratio:.2f} of the FLOPs "
+              f"ratio (goal >= {goal})")
+    with open(os.path.join(args.run_dir, "bench_prune.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from utils.engine import (evaluate, make_scheduler, recalibrate_bn, seed_epoch, 
 from utils.flops import count_params, measure_costs  # noqa: E402
 from utils.stage import load_data  # noqa: E402
 
-METHODS = ("magnitude", "taylor")
+METHODS = ("magnitude", "taylor", "global_magnitude")  # global: one threshold over all layers' groups
 
 
 # ------------------------------------------------------------------------------------- the run's files
@@ -93,20 +93,21 @@ def switch_input_conv(model, j):
 def importance(method):
     import torch_pruning as tp
 
-    if method == "magnitude":
+    if method in ("magnitude", "global_magnitude"):
         return tp.importance.GroupMagnitudeImportance(p=2)
     return tp.importance.GroupTaylorImportance()
 
 
 def tp_prune(model, method, ratio, image_size):
     """Prune `model` in place with Torch-Pruning to channel pruning ratio `ratio` (uniform over layers,
-    the library's default), keeping the switches' input convs in step with the activations they read."""
+    the library's default, or one global ranking for global_magnitude), keeping the switches' input convs in step with the activations they read."""
     import torch_pruning as tp
 
     model.eval()
     example = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size)
     pruner = tp.pruner.MetaPruner(OpenRoute(model), example, importance=importance(method), pruning_ratio=ratio,
-                                  ignored_layers=[model.fc, model.switches])
+                                  ignored_layers=[model.fc, model.switches],
+                                  global_pruning=method == "global_magnitude")
     block_out = {id(block.bn2): j for j, block in enumerate(model.blocks[:-1])}  # block j's output -> switch j
     for group in pruner.step(interactive=True):
         for dep, idxs in group:

@@ -5,10 +5,11 @@ checkpoint can be rebuilt without pickled modules:
      "in_channels": 3, "ranks": {"blocks.3.conv1": [r_in, r_out], ...}}
 
 `ranks` is empty for an unpruned network; static pruning fills it with the kept eigendirections of every
-factored conv.
+factored conv. A rank equal to the conv's width on that side (at most that) means no rotation there: the
+core reads the input channels (or writes the output channels) itself.
 """
 from gates.switches import KINDS
-from models.resnet import FactoredConv, ResNet
+from models.resnet import FactoredConv, ResNet, absorb_legacy_rotations
 from utils.errors import UserError
 
 NETWORKS = ("resnet",)
@@ -48,4 +49,7 @@ def build_model(arch):
     unknown = set(arch.get("ranks", {})) - {n for n, m in model.named_modules() if isinstance(m, FactoredConv)}
     if unknown:
         raise UserError(f"ranks name convs this network does not have: {sorted(unknown)[:3]}")
+    for name, m in model.named_modules():
+        if isinstance(m, FactoredConv) and (m.core.in_channels > m.channels[0] or m.core.out_channels > m.channels[1]):
+            raise UserError(f"ranks of {name}: {arch['ranks'][name]} exceed its widths {list(m.channels)}")
     return model

@@ -11,16 +11,42 @@ from gates.switches import act, build_switches
 class FactoredConv(nn.Module):
     """A conv after eigenbasis pruning: rotate the input into the kept eigendirections of A (1x1), apply the
     core k x k conv between the kept directions, rotate back to the output space of G (1x1). Input and
-    output widths equal the original conv's, so BN, residual adds and switches are untouched."""
+    output widths equal the original conv's, so BN, residual adds and switches are untouched.
+
+    A side that keeps as many directions as the conv has channels there has no rotation (rot_in / rot_out
+    is None): a square rotation is exactly absorbed by the core, which is then smaller and cheaper."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride, padding, rank_in, rank_out):
         super().__init__()
-        self.rot_in = nn.Conv2d(in_ch, rank_in, 1, bias=False)
+        self.channels = (in_ch, out_ch)
+        self.rot_in = nn.Conv2d(in_ch, rank_in, 1, bias=False) if rank_in < in_ch else None
         self.core = nn.Conv2d(rank_in, rank_out, kernel_size, stride=stride, padding=padding, bias=False)
-        self.rot_out = nn.Conv2d(rank_out, out_ch, 1, bias=False)
+        self.rot_out = nn.Conv2d(rank_out, out_ch, 1, bias=False) if rank_out < out_ch else None
+
+    def convs(self):
+        """The convs in the order they run (one, two or three)."""
+        return [c for c in (self.rot_in, self.core, self.rot_out) if c is not None]
 
     def forward(self, x):
-        return self.rot_out(self.core(self.rot_in(x)))
+        for conv in self.convs():
+            x = conv(x)
+        return x
+
+
+def absorb_legacy_rotations(model, state):
+    """`state` (a state dict for `model`) with the square rotations older checkpoints hold on sides that
+    keep every direction multiplied into the core (exact), where `model` has no rotation on that side."""
+    state = dict(state)
+    for name, m in model.named_modules():
+        if not isinstance(m, FactoredConv) or not isinstance(state.get(f"{name}.core.weight"), torch.Tensor):
+            continue
+        core = state[f"{name}.core.weight"]
+        if m.rot_in is None and f"{name}.rot_in.weight" in state:
+            core = torch.einsum("oikl,ic->ockl", core, state.pop(f"{name}.rot_in.weight").flatten(1))
+        if m.rot_out is None and f"{name}.rot_out.weight" in state:
+            core = torch.einsum("po,oikl->pikl", state.pop(f"{name}.rot_out.weight").flatten(1), core)
+        state[f"{name}.core.weight"] = core
+    return state
 
 
 def make_conv(name, ranks, in_ch, out_ch, kernel_size, stride=1):

@@ -6,84 +6,119 @@
     model = rebuild(model, layers, keep)        eigen.py      step 6: rot_in -> core -> rot_out
 prune() runs the four in a row; main_prune.py adds the data, fine-tuning, checkpoints and metrics.
 """
+import itertools
 import time
 
 from pruners.eigen import decompose, in_channel_basis, rebuild, set_rotations_trainable, top_directions
 from pruners.kfac import collect_factors, evenly_spaced, prunable_convs
-from pruners.threshold import Threshold, plan_for_params, plan_for_ratio
+from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_params, plan_for_ratio
 from utils.dist import broadcast_object
 from utils.errors import UserError
 from models import build_model
-from utils.flops import count_params
+from utils.flops import count_params, dense_flops, measure_costs
 
-TOLERANCE = 0.01  # a compression target is met within 1 point of the reference model's parameters
+TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
+TARGETS = ("compression", "ratio", "gflops")
 
-__all__ = ["prune", "max_compression", "check_reachable", "check_schedule", "collect_factors", "decompose", "rebuild", "top_directions",
-           "in_channel_basis", "plan_for_params", "plan_for_ratio", "prunable_convs", "evenly_spaced",
-           "set_rotations_trainable"]
+__all__ = ["prune", "max_compression", "check_reachable", "check_schedule", "collect_factors", "decompose", "rebuild",
+           "top_directions", "in_channel_basis", "plan_for_params", "plan_for_ratio", "plan_for_flops",
+           "prunable_convs", "evenly_spaced", "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
+
+
+def model_flops(model, image_size):
+    """FLOPs per image of `model` with every block run and no switch evaluated (utils/flops.dense_flops)."""
+    return dense_flops(measure_costs(model, image_size))
 
 
 def prune(model, batches, *, target, value, params_reference, limit=0.95, damping=1e-3, fisher_type="true",
-          num_batches=None, progress=True):
+          criterion="score", image_size=None, num_batches=None, progress=True):
     """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
-    `value` of params_reference's parameters (the stage-1 model's); "ratio": cut the fraction `value` of all
-    pooled directions. Returns (the rebuilt model, a report of plain data)."""
+    `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
+    fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
+    inputs image_size x image_size, default the batches' size), within 1%. `criterion` ranks directions
+    (pruners/threshold.py). Returns (the rebuilt model, a report of plain data)."""
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("the factor pass got no batches (fisher_batches or the training set is empty)")
+    image_size = image_size or first[0].shape[-1]
     t0 = time.perf_counter()
-    factors = collect_factors(model, batches, fisher_type, num_batches, progress)
+    factors = collect_factors(model, itertools.chain([first], batches), fisher_type, num_batches, progress)
     t1 = time.perf_counter()
     layers = decompose(model, factors, damping)
     t2 = time.perf_counter()
-    params_now = count_params(model)
+    params_now, flops_now = count_params(model), model_flops(model, image_size)
     if target == "compression":
         plan = plan_for_params(layers, (1 - value) * params_reference, limit, params_now,
-                               TOLERANCE * params_reference)
+                               TOLERANCE * params_reference, flops_now, criterion)
+    elif target == "gflops":
+        plan = plan_for_flops(layers, value * 1e9, limit, params_now, flops_now, TOLERANCE * value * 1e9, criterion)
     else:
-        plan = plan_for_ratio(layers, value, limit, params_now)
+        plan = plan_for_ratio(layers, value, limit, params_now, flops_now, criterion)
     plan = broadcast_object(plan)  # every rank builds the same architecture, whatever eigh's rounding
     by_name = {layer.name: layer for layer in layers}
     new = rebuild(model, layers, {name: top_directions(by_name[name], *r) for name, r in plan.ranks.items()})
     t3 = time.perf_counter()
-    params = count_params(new)
-    if params != plan.params:
-        raise RuntimeError(f"rebuilt model holds {params} parameters, the plan said {plan.params}")
+    params, flops = count_params(new), model_flops(new, image_size)
+    if (params, flops) != (plan.params, plan.flops):
+        raise RuntimeError(f"rebuilt model holds {params} parameters and {flops} FLOPs, the plan said "
+                           f"{plan.params} and {plan.flops}")
     # what was removed, not what fell under the threshold: a side's limit and layers whose factored form
-    # would not be smaller keep directions the threshold cut
-    return new, {"target": target, "value": value, "directions": plan.total, "directions_cut": plan.removed,
-                 "directions_under_threshold": plan.cut, "ratio": plan.removed / plan.total, "params": params, "compression": 1 - params / params_reference,
+    # would not be cheaper keep directions the threshold cut
+    return new, {"target": target, "value": value, "criterion": criterion, "directions": plan.total,
+                 "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
+                 "ratio": plan.removed / plan.total, "params": params,
+                 "compression": 1 - params / params_reference, "gflops": flops / 1e9,
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
                  "rebuild_seconds": t3 - t2}
 
 
-def max_compression(model, limit, params_reference, rounds=1):
-    """The largest compression (against params_reference) that `rounds` pruning steps of `model` can reach
-    with prune_ratio_limit `limit`: every side cut to its limit in every step. An upper bound for any
-    sequence of targets (a layer can keep no fewer after a round the more it kept before it). Needs no
-    data (only the shapes of the pruned networks), so it is checked up front."""
-    for r in range(rounds):
-        threshold = Threshold(in_channel_basis(model), limit, count_params(model))
-        plan = threshold.plan(threshold.total)
-        if r + 1 < rounds:  # the shapes the next step starts from; the weights do not matter
-            ranks = {**model.arch.get("ranks", {}), **{k: list(v) for k, v in plan.ranks.items()}}
-            model = build_model({**model.arch, "ranks": ranks})
-    return 1 - plan.params / params_reference
-
-
-def check_reachable(model, target, value, limit, params_reference):
-    """UserError, before any work, when a compression target is beyond one step's reach."""
-    check_schedule(model, [{"target": target, "value": value}], limit, params_reference)
-
-
-def check_schedule(model, schedule, limit, params_reference, first_round=0):
-    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"},
-    run from `model`; numbered from `first_round` in the message) whose compression target no earlier
-    rounds could bring within reach."""
+def smallest(model, limit, image_size=32, rounds=1):
+    """(parameters, FLOPs per image) of `model` after `rounds` pruning steps with prune_ratio_limit `limit`
+    that each cut every side to its limit, each layer in its fewest-parameter (resp. fewest-FLOPs) form. A
+    lower bound for any sequence of targets (a layer can keep no fewer after a round the more it kept
+    before it). Needs no data (only the shapes of the pruned networks), so it is checked up front."""
     model = getattr(model, "module", model)
+    out = []
+    for measure in ("params", "flops"):
+        m = model
+        for r in range(rounds):
+            threshold = Threshold(in_channel_basis(m, image_size), limit, count_params(m),
+                                  model_flops(m, image_size), measure=measure)
+            plan = threshold.plan(threshold.total)
+            if r + 1 < rounds:  # the shapes the next step starts from; the weights do not matter
+                ranks = {**m.arch.get("ranks", {}), **{k: list(v) for k, v in plan.ranks.items()}}
+                m = build_model({**m.arch, "ranks": ranks})
+        out.append(plan.params if measure == "params" else plan.flops)
+    return tuple(out)
+
+
+def max_compression(model, limit, params_reference, rounds=1, image_size=32):
+    """The largest compression (against params_reference) that `rounds` pruning steps can reach (smallest)."""
+    return 1 - smallest(model, limit, image_size, rounds)[0] / params_reference
+
+
+def check_reachable(model, target, value, limit, params_reference, image_size=32):
+    """UserError, before any work, when a compression or GFLOPs target is beyond one step's reach."""
+    check_schedule(model, [{"target": target, "value": value}], limit, params_reference, image_size=image_size)
+
+
+def check_schedule(model, schedule, limit, params_reference, first_round=0, image_size=32):
+    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"},
+    run from `model`; numbered from `first_round` in the message) whose compression or GFLOPs target no
+    earlier rounds could bring within reach."""
     for i, spec in enumerate(schedule):
-        if spec["target"] != "compression":
+        if spec["target"] not in ("compression", "gflops"):
             continue
-        reach = max_compression(model, limit, params_reference, rounds=i + 1)
-        if spec["value"] > reach + 1e-9:  # the first round's reach is exact: the target would fail later
-            where = f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""
-            steps = "one pass removes" if i == 0 else f"{i + 1} passes remove"
+        params, flops = smallest(model, limit, image_size, rounds=i + 1)
+        where = f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""
+        steps = "one pass" if i == 0 else f"{i + 1} passes"
+        # the first round's reach is exact: a target beyond it would only fail later
+        if spec["target"] == "compression" and spec["value"] > 1 - params / params_reference + 1e-9:
             raise UserError(f"{where}compression {spec['value']} is out of reach: with prune_ratio_limit {limit} "
-                            f"{steps} at most {reach:.3f} of the stage-1 network's parameters")
+                            f"{steps} remove at most {1 - params / params_reference:.3f} of the stage-1 "
+                            f"network's parameters")
+        if spec["target"] == "gflops" and spec["value"] * 1e9 < flops:
+            raise UserError(f"{where}gflops {spec['value']} is out of reach: with prune_ratio_limit {limit} "
+                            f"{steps} leave at least {flops / 1e9:.4g} GFLOPs per image at "
+                            f"{image_size}x{image_size}")

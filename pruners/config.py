@@ -4,12 +4,13 @@ The README's key table is generated from KEYS (markdown_table), so documentation
 drift apart. A bad file ends the program with one line naming the key (UserError, exit status 2) before
 anything is read or written.
 
-Pruning targets. `prune_mode: one_pass` prunes once to the top-level `compression` or `ratio` (exactly one
-of the two) and fine-tunes for `epochs`. `prune_mode: iterative` runs the rounds listed in `rounds`, each
-{"compression" | "ratio": value, "epochs": optional, "lr": optional}: prune to that target, fine-tune for
-the round's epochs (default: the top-level `epochs`) at its lr (default: the top-level `lr`). A round's
-`compression` is measured against the stage-1 model, so successive compression targets must grow; a
-round's `ratio` is the fraction of the directions the round starts with.
+Pruning targets. `prune_mode: one_pass` prunes once to the top-level `compression`, `ratio` or `gflops`
+(exactly one of them) and fine-tunes for `epochs`. `prune_mode: iterative` runs the rounds listed in
+`rounds`, each {"compression" | "ratio" | "gflops": value, "epochs": optional, "lr": optional}: prune to
+that target, fine-tune for the round's epochs (default: the top-level `epochs`) at its lr (default: the
+top-level `lr`). A round's `compression` is measured against the stage-1 model, so successive compression
+targets must grow (and successive gflops targets shrink); a round's `ratio` is the fraction of the
+directions the round starts with.
 """
 import json
 import re
@@ -57,14 +58,17 @@ KEYS = {
     "checkpoint": (STR + (NULL,), None, ANY, "stage-1 checkpoint to prune; null: <result_dir>/sp/checkpoint.pt"),
     "resume": (BOOL + STR + (NULL,), False, ANY, "continue an interrupted run: true for "
                "<result_dir>/prune/checkpoint.pt, or a path; false/null starts afresh"),
-    "prune_mode": (STR, "one_pass", _in("one_pass", "iterative"), "one_pass: prune once to `compression` or "
-                   "`ratio`, then fine-tune; iterative: the prune/fine-tune rounds listed in `rounds`"),
+    "prune_mode": (STR, "one_pass", _in("one_pass", "iterative"), "one_pass: prune once to `compression`, "
+                   "`ratio` or `gflops`, then fine-tune; iterative: the prune/fine-tune rounds listed in `rounds`"),
     "compression": (NUMBER + (NULL,), None, _range(0, 1, lo_open=True), "one_pass target: fraction of the "
                     "stage-1 model's parameters (all of them) removed, met within 1 point"),
     "ratio": (NUMBER + (NULL,), None, _range(0, 1), "one_pass target instead of compression: fraction of all "
               "eigendirections (inputs and outputs of every layer, pooled) cut by the global threshold"),
-    "rounds": ((list, NULL), None, ANY, "iterative only: [{\"compression\" | \"ratio\": x, \"epochs\": n?, "
-               "\"lr\": x?}, ...], one prune + fine-tune per entry"),
+    "gflops": (NUMBER + (NULL,), None, _range(0, None, lo_open=True), "one_pass target instead of compression: "
+               "GFLOPs per image of the pruned network at `resize`, every block run (metrics.json dense_gflops), "
+               "met within 1%"),
+    "rounds": ((list, NULL), None, ANY, "iterative only: [{\"compression\" | \"ratio\" | \"gflops\": x, "
+               "\"epochs\": n?, \"lr\": x?}, ...], one prune + fine-tune per entry"),
     "fisher_type": (STR, "true", _in("true", "empirical"), "labels of the factor pass: true = sampled from "
                     "the model's softmax, empirical = the real labels"),
     "fisher_batches": (INT, 200, _range(1, None), "batches of bs unaugmented training images in each factor "
@@ -73,6 +77,9 @@ KEYS = {
                 "mean eigenvalue (damping * trace/n * I); raised tenfold if eigh fails"),
     "prune_ratio_limit": (NUMBER, 0.95, _range(0, 1, lo_open=True, hi_open=False), "largest fraction of one "
                           "side (inputs or outputs) of one layer that may be cut"),
+    "criterion": (STR, "score", _in("score", "score_per_param", "score_per_flop"), "what the global threshold "
+                  "ranks directions by: score = EigenDamage's estimate of the loss increase; score_per_param / "
+                  "score_per_flop = that score divided by the parameters / FLOPs per image the direction costs"),
     "fix_rotation": (BOOL, False, ANY, "freeze the 1x1 rotation convs while fine-tuning"),
     "epochs": (INT, 100, _range(0, None), "fine-tuning epochs (per round in iterative mode, unless the round "
                "says)"),
@@ -86,7 +93,8 @@ KEYS = {
     "seed": (INT, 0, ANY, "seed of data order, augmentation and sampled Fisher labels"),
     "device": (STR + (NULL,), None, ANY, "cpu, cuda or cuda:N; null: cuda when available"),
 }
-ROUND_KEYS = ("compression", "ratio", "epochs", "lr")
+ROUND_KEYS = ("compression", "ratio", "gflops", "epochs", "lr")
+TARGET_KEYS = ("compression", "ratio", "gflops")
 TYPE_NAMES = {int: "integer", float: "number", bool: "true/false", str: "string", list: "list", NULL: "null"}
 
 
@@ -127,10 +135,10 @@ def validate(cfg, where="config"):
 
 
 def _target(entry, where):
-    given = [k for k in ("compression", "ratio") if entry.get(k) is not None]
+    given = [k for k in TARGET_KEYS if entry.get(k) is not None]
     if len(given) != 1:
-        raise UserError(f"{where}: give exactly one of 'compression' and 'ratio'"
-                        + (" (both given)" if given else ""))
+        raise UserError(f"{where}: give exactly one of 'compression', 'ratio' and 'gflops'"
+                        + ({2: " (both given)", 3: " (all three given)"}.get(len(given), "")))
     return given[0], entry[given[0]]
 
 
@@ -141,23 +149,27 @@ def _schedule(cfg, where):
                             f"top-level compression or ratio)")
         target, value = _target(cfg, where)
         return [{"target": target, "value": value, "epochs": cfg["epochs"], "lr": cfg["lr"]}]
-    for key in ("compression", "ratio"):
+    for key in TARGET_KEYS:
         if cfg[key] is not None:
             raise UserError(f"{where}: key '{key}' is for prune_mode one_pass; in iterative mode every "
                             f"entry of 'rounds' gives its own target")
     if not cfg["rounds"]:
         raise UserError(f"{where}: prune_mode iterative needs key 'rounds', a non-empty list of "
                         f"{{\"compression\" | \"ratio\": x, \"epochs\": n, \"lr\": x}}")
-    schedule, last = [], 0.0
+    schedule, last_compression, last_gflops = [], 0.0, float("inf")
     for i, entry in enumerate(cfg["rounds"]):
         at = f"{where}: rounds[{i}]"
         _check_object(at, entry, ROUND_KEYS, 'an object like {"compression": 0.4, "epochs": 5}')
         target, value = _target(entry, at)
         if target == "compression":
-            if value <= last:
-                raise UserError(f"{at}: key 'compression' {value} must exceed the previous round's {last} "
-                                f"(both are measured against the stage-1 model)")
-            last = value
+            if value <= last_compression:
+                raise UserError(f"{at}: key 'compression' {value} must exceed the previous round's "
+                                f"{last_compression} (both are measured against the stage-1 model)")
+            last_compression = value
+        if target == "gflops":
+            if value >= last_gflops:
+                raise UserError(f"{at}: key 'gflops' {value} must be below the previous round's {last_gflops}")
+            last_gflops = value
         schedule.append({"target": target, "value": value, "epochs": entry.get("epochs", cfg["epochs"]),
                          "lr": entry.get("lr", cfg["lr"])})
     return schedule

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from models import FactoredConv, build_model
-from pruners.kfac import prunable_convs
+from pruners.kfac import conv_geometry, prunable_convs
 from utils.errors import UserError
 
 RETRIES = 4  # eigh attempts, damping raised tenfold each time (at least to 1e-6 of the mean eigenvalue)
@@ -15,7 +15,8 @@ RETRIES = 4  # eigh attempts, damping raised tenfold each time (at least to 1e-6
 @dataclass
 class Layer:
     """One prunable conv seen in the eigenbasis of its factors. For a layer already factored the basis is
-    that of its core conv, and rot_in / rot_out hold the rotations the new ones compose with."""
+    that of its core conv, and rot_in / rot_out hold the rotations the new ones compose with (None on a
+    side that has none)."""
     name: str
     q_in: torch.Tensor        # (n_in, n_in) eigenvectors of A as columns
     q_out: torch.Tensor       # (n_out, n_out) eigenvectors of G as columns
@@ -24,13 +25,48 @@ class Layer:
     out_scores: torch.Tensor  # (n_out,)
     channels: tuple           # (C_in, C_out) of the whole layer: what its BN and neighbours see
     params: int               # parameters the layer holds now
-    locations: int            # T, the output locations per image that scale its scores
+    locations: int           # T, the output locations per image that scale its scores
+    geometry: tuple = (1, 1)  # (input, output) locations per image: where rot_in and core / rot_out run
     rot_in: torch.Tensor = None   # (n_in, C_in) rotation in front of the core, if already factored
     rot_out: torch.Tensor = None  # (C_out, n_out)
 
-    def factored_params(self, r_in, r_out):
+    def cost(self, r_in, r_out):
+        """(parameters, FLOPs per image) of the layer keeping r_in input and r_out output directions:
+        the core, plus a 1x1 rotation on each side that keeps fewer directions than the layer has
+        channels there (a full side has none: the core absorbs it). FLOPs are 2 x multiply-adds
+        (utils/flops.py), the rotation in front counted at the input's resolution."""
         kh, kw = self.weight.shape[2:]
-        return r_in * self.channels[0] + r_in * r_out * kh * kw + r_out * self.channels[1]
+        (c_in, c_out), (l_in, l_out) = self.channels, self.geometry
+        params = r_in * r_out * kh * kw
+        macs = params * l_out
+        if r_in < c_in:
+            params, macs = params + r_in * c_in, macs + r_in * c_in * l_in
+        if r_out < c_out:
+            params, macs = params + r_out * c_out, macs + r_out * c_out * l_out
+        return params, 2 * macs
+
+    def factored_params(self, r_in, r_out):
+        return self.cost(r_in, r_out)[0]
+
+    @property
+    def ranks(self):
+        """(n_in, n_out): the directions the layer holds now."""
+        return len(self.in_scores), len(self.out_scores)
+
+    @property
+    def flops(self):
+        """FLOPs per image of the layer as it is now."""
+        return self.cost(*self.ranks)[1]
+
+    def direction_costs(self, per):
+        """(input, output): what one direction of each side costs in the factored form at the layer's
+        present ranks, in parameters (per="params") or FLOPs per image ("flops"): its row of the
+        rotation plus its slice of the core. The denominators of the cost-aware criteria."""
+        kh, kw = self.weight.shape[2:]
+        (c_in, c_out), (l_in, l_out), (n_in, n_out) = self.channels, self.geometry, self.ranks
+        if per == "params":
+            return c_in + n_out * kh * kw, n_in * kh * kw + c_out
+        return 2 * (c_in * l_in + n_out * kh * kw * l_out), 2 * (n_in * kh * kw + c_out) * l_out
 
 
 def eigenbasis(factor, damping, what):
@@ -59,7 +95,7 @@ def rotate(weight, q_in, q_out):
     return torch.einsum("oikl,op,iq->pqkl", weight, q_out, q_in)
 
 
-def in_eigenbasis(name, module, q_in, q_out, a, g, locations):
+def in_eigenbasis(name, module, q_in, q_out, a, g, locations, geometry):
     """The Layer of `module` (a Conv2d or FactoredConv) in the bases q_in / q_out whose eigenvalues are
     a / g. Scores: s[i, j] = 1/2 * T * g[i] * a[j] * sum over kernel positions of W'[i, j]^2, the OBD
     estimate of the loss increase when weight (i, j) of the eigenbasis is removed."""
@@ -67,14 +103,14 @@ def in_eigenbasis(name, module, q_in, q_out, a, g, locations):
     conv = module.core if factored else module
     weight = rotate(conv.weight.detach().double().cpu(), q_in, q_out)
     s = 0.5 * locations * g[:, None] * a[None, :] * weight.square().sum((2, 3))
+    flat = lambda c: None if c is None else c.weight.detach().double().cpu().flatten(1)  # noqa: E731
     if factored:
-        channels = (module.rot_in.in_channels, module.rot_out.out_channels)
-        rot_in, rot_out = (c.weight.detach().double().cpu().flatten(1) for c in (module.rot_in, module.rot_out))
+        channels, rot_in, rot_out = module.channels, flat(module.rot_in), flat(module.rot_out)
     else:
         channels, rot_in, rot_out = (conv.in_channels, conv.out_channels), None, None
     return Layer(name=name, q_in=q_in, q_out=q_out, weight=weight, in_scores=s.sum(0), out_scores=s.sum(1),
                  channels=channels, params=sum(p.numel() for p in module.parameters()), locations=locations,
-                 rot_in=rot_in, rot_out=rot_out)
+                 geometry=geometry, rot_in=rot_in, rot_out=rot_out)
 
 
 def decompose(model, factors, damping):
@@ -85,20 +121,22 @@ def decompose(model, factors, damping):
     for name, f in factors.items():
         a, q_in = eigenbasis(f.A, damping, f"factor A of {name}")
         g, q_out = eigenbasis(f.G, damping, f"factor G of {name}")
-        layers.append(in_eigenbasis(name, modules[name], q_in, q_out, a, g, f.locations))
+        layers.append(in_eigenbasis(name, modules[name], q_in, q_out, a, g, f.locations,
+                                    (f.in_locations, f.locations)))
     return layers
 
 
-def in_channel_basis(model):
+def in_channel_basis(model, image_size=32):
     """[Layer] of every prunable conv (kfac.prunable_convs) in its own channel basis, no rotation, each
     direction scored by its squared weight magnitude: what a layer can lose, whatever the scores, and the
-    magnitude criterion of channel pruning."""
+    magnitude criterion of channel pruning. FLOPs are counted at image_size x image_size inputs."""
     model = getattr(model, "module", model)
     modules = dict(model.named_modules())
+    geometry = conv_geometry(model, image_size)
     eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
     ones = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
     return [in_eigenbasis(name, modules[name], eye(conv.in_channels), eye(conv.out_channels),
-                          ones(conv.in_channels), ones(conv.out_channels), 1)
+                          ones(conv.in_channels), ones(conv.out_channels), 1, geometry[name])
             for name, conv in prunable_convs(model).items()]
 
 
@@ -112,23 +150,35 @@ def rebuild(model, layers, keep):
     """A new model in which every layer named in `keep` ({name: (input indices, output indices)} into its
     eigenbasis) is a FactoredConv holding only those directions; everything else is copied unchanged.
     rot_in = Q_A[:, kept]^T and rot_out = Q_G[:, kept], composed with the rotations already there, so a
-    layer stays three convs deep however often it is pruned. Keeping every direction changes nothing
-    but rounding: W = Q_G W' Q_A^T."""
+    layer stays at most three convs deep however often it is pruned. A side that keeps as many
+    directions as the layer has channels there gets no rotation: its (square) rotation is multiplied into
+    the core. Keeping every direction changes nothing but rounding: W = Q_G W' Q_A^T."""
     model = getattr(model, "module", model)
     layers = {layer.name: layer for layer in layers}
     state = model.state_dict()
     ranks = dict(model.arch.get("ranks", {}))
     for name, (kept_in, kept_out) in keep.items():
         layer = layers[name]
-        dtype = state[f"{name}.rot_in.weight" if layer.rot_in is not None else f"{name}.weight"].dtype
-        rot_in = layer.q_in[:, kept_in].T
-        rot_out = layer.q_out[:, kept_out]
+        dtype = state[f"{name}.core.weight" if f"{name}.core.weight" in state else f"{name}.weight"].dtype
+        rot_in = layer.q_in[:, kept_in].T                   # (r_in, n_in)
+        rot_out = layer.q_out[:, kept_out]                  # (n_out, r_out)
         if layer.rot_in is not None:
-            rot_in, rot_out = rot_in @ layer.rot_in, layer.rot_out @ rot_out
-        state.pop(f"{name}.weight", None)
-        state[f"{name}.rot_in.weight"] = rot_in[:, :, None, None].to(dtype)
-        state[f"{name}.core.weight"] = layer.weight[kept_out][:, kept_in].to(dtype)
-        state[f"{name}.rot_out.weight"] = rot_out[:, :, None, None].to(dtype)
+            rot_in = rot_in @ layer.rot_in                  # (r_in, C_in)
+        if layer.rot_out is not None:
+            rot_out = layer.rot_out @ rot_out               # (C_out, r_out)
+        core = layer.weight[kept_out][:, kept_in]           # (r_out, r_in, kh, kw)
+        for key in ("weight", "rot_in.weight", "core.weight", "rot_out.weight"):
+            state.pop(f"{name}.{key}", None)
+        c_in, c_out = layer.channels
+        if len(kept_in) == c_in:
+            core = torch.einsum("oikl,ic->ockl", core, rot_in)
+        else:
+            state[f"{name}.rot_in.weight"] = rot_in[:, :, None, None].to(dtype)
+        if len(kept_out) == c_out:
+            core = torch.einsum("po,oikl->pikl", rot_out, core)
+        else:
+            state[f"{name}.rot_out.weight"] = rot_out[:, :, None, None].to(dtype)
+        state[f"{name}.core.weight"] = core.to(dtype)
         ranks[name] = [len(kept_in), len(kept_out)]
     new = build_model({**model.arch, "ranks": ranks})
     new.load_state_dict(state)
@@ -144,6 +194,7 @@ def set_rotations_trainable(model, trainable):
     for m in getattr(model, "module", model).modules():
         if isinstance(m, FactoredConv):
             for conv in (m.rot_in, m.rot_out):
-                conv.weight.requires_grad_(trainable)
+                if conv is not None:
+                    conv.weight.requires_grad_(trainable)
     return model
 

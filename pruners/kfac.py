@@ -30,6 +30,7 @@ class Factors:
     A: torch.Tensor  # (in, in) float64
     G: torch.Tensor  # (out, out) float64
     locations: int   # T: output locations of the conv per image
+    in_locations: int = 0  # input locations per image (where a rotation in front of the conv runs)
 
 
 def prunable_convs(model):
@@ -45,6 +46,30 @@ def prunable_convs(model):
               and name.rpartition(".")[0] not in factored):
             convs[name] = m
     return convs
+
+
+@torch.no_grad()
+def conv_geometry(model, image_size):
+    """name -> (input locations, output locations) per image of every prunable conv at image_size x
+    image_size inputs: where its rotations and core run, for FLOPs."""
+    model = getattr(model, "module", model)
+    convs, geometry = prunable_convs(model), {}
+    hooks = [c.register_forward_hook(lambda m, i, o, n=n: geometry.__setitem__(
+        n, (i[0].shape[-2] * i[0].shape[-1], o.shape[-2] * o.shape[-1]))) for n, c in convs.items()]
+    param = next(model.parameters())
+    x = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=param.device,
+                    dtype=param.dtype)
+    was_training, execution = model.training, model.execution
+    try:
+        model.eval()
+        model.execution = "mask"  # every block computed
+        model(x, "hard")
+    finally:
+        model.train(was_training)
+        model.execution = execution
+        for h in hooks:
+            h.remove()
+    return geometry
 
 
 def coverage(conv, height, width, device):
@@ -92,7 +117,7 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
               for n, c in convs.items()}
     g_sums = {n: torch.zeros(c.out_channels, c.out_channels, dtype=torch.float64, device=device)
               for n, c in convs.items()}
-    locations = {}
+    locations, in_locations = {}, {}
 
     def forward_hook(name):
         def add_g(s):  # returns None: the gradient itself flows on unchanged
@@ -101,6 +126,7 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
         def hook(conv, inputs, output):
             a_sums[name] += patch_moment_sum(conv, inputs[0].detach())
             locations[name] = output.shape[-2] * output.shape[-1]
+            in_locations[name] = inputs[0].shape[-2] * inputs[0].shape[-1]
             output.register_hook(add_g)
         return hook
 
@@ -138,5 +164,6 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
         kernel_positions = conv.kernel_size[0] * conv.kernel_size[1]
         t = locations[name]
         factors[name] = Factors(A=all_reduce_sum(a_sums[name]).cpu() / (images * t * kernel_positions),
-                                G=all_reduce_sum(g_sums[name]).cpu() / (images * t), locations=t)
+                                G=all_reduce_sum(g_sums[name]).cpu() / (images * t), locations=t,
+                                in_locations=in_locations[name])
     return factors

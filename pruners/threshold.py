@@ -1,10 +1,15 @@
-"""Stage 2, step 5: one global threshold over the scores of all input and output directions of all layers.
+"""Stage 2, step 5: one global threshold over the keys of all input and output directions of all layers.
 
-Cutting the c lowest-scoring directions of the pool gives every layer its ranks, subject to three rules:
+A direction's key is its score (criterion "score": EigenDamage's OBD estimate of the loss increase when it
+is removed), or its score divided by what the direction costs ("score_per_param", "score_per_flop":
+Layer.direction_costs), so that cheap-but-important and expensive-but-useless directions compare fairly.
+Cutting the c lowest-keyed directions of the pool gives every layer its ranks, subject to three rules:
 a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one
-(its highest-scoring), and a layer whose factored form would not hold fewer parameters than it holds now
-is left as it is. The model's parameter count never grows with c, so a parameter target is met by
-bisection on c.
+(its highest-scoring), and each side either takes its cut or keeps every direction it holds, whichever
+leaves the layer cheaper (in the measure the target counts: a cut that costs a rotation larger than it
+saves is not made), the layer staying as it is unless that is strictly cheaper. The model's parameters
+and FLOPs never grow with c, so a parameter or FLOPs target is met by bisection on c; where one more
+direction would jump past the target's tolerance, the directions after it are tried in order (_fill).
 """
 import math
 from dataclasses import dataclass
@@ -13,6 +18,9 @@ import torch
 
 from utils.errors import UserError
 
+CRITERIA = ("score", "score_per_param", "score_per_flop")
+MEASURES = ("params", "flops")
+
 
 @dataclass
 class Plan:
@@ -20,58 +28,114 @@ class Plan:
     cut: int     # directions under the global threshold (before the per-layer rules)
     total: int   # directions in the pool
     params: int  # parameters of the whole model once rebuilt
+    flops: int   # FLOPs per image of the whole model once rebuilt, every block run (None if not counted)
     removed: int = 0  # directions actually removed: those of the layers that shrink, after the rules
 
 
 class Threshold:
-    """The ranks of every layer as a function of the number of pooled directions cut."""
+    """The ranks of every layer as a function of the number of pooled directions cut.
 
-    def __init__(self, layers, limit, params_now):
-        self.layers, self.params_now = layers, params_now
-        sides = [s for layer in layers for s in (layer.in_scores, layer.out_scores)]
-        self.sizes = torch.tensor([len(s) for s in sides])
-        side_of = torch.repeat_interleave(torch.arange(len(sides)), self.sizes)
-        # the side of every direction, lowest score first (stable: ties cut in a fixed order)
-        self.sides_by_score = side_of[torch.cat(sides).argsort(stable=True)]
+    params_now / flops_now: the whole model's parameters and FLOPs per image (every block run) now;
+    `measure` ("params" or "flops") decides, per layer, which of the forms allowed by the cut is kept."""
+
+    def __init__(self, layers, limit, params_now, flops_now=None, criterion="score", measure="params"):
+        if criterion not in CRITERIA or measure not in MEASURES:
+            raise ValueError(f"criterion {criterion!r} / measure {measure!r}")
+        self.layers, self.params_now, self.flops_now = layers, params_now, flops_now
+        self.measure = 0 if measure == "params" else 1
+        keys = []
+        for layer in layers:
+            if criterion == "score":
+                keys += [layer.in_scores, layer.out_scores]
+            else:
+                cost_in, cost_out = layer.direction_costs("params" if criterion == "score_per_param" else "flops")
+                keys += [layer.in_scores / cost_in, layer.out_scores / cost_out]
+        self.sizes = torch.tensor([len(k) for k in keys])
+        side_of = torch.repeat_interleave(torch.arange(len(keys)), self.sizes)
+        # the side of every direction, lowest key first (stable: ties cut in a fixed order)
+        self.sides_by_key = side_of[torch.cat(keys).argsort(stable=True)]
         self.max_cut = torch.tensor([min(math.floor(limit * n + 1e-9), n - 1) for n in self.sizes.tolist()])
         self.total = int(self.sizes.sum())
 
     def plan(self, cut):
-        counts = torch.bincount(self.sides_by_score[:cut], minlength=len(self.sizes))
+        return self.plan_counts(torch.bincount(self.sides_by_key[:cut], minlength=len(self.sizes)), cut)
+
+    def plan_counts(self, counts, cut):
+        """The plan when each side loses counts[side] directions (its lowest-scoring ones)."""
         kept = (self.sizes - torch.minimum(counts, self.max_cut)).tolist()
-        ranks, params, removed = {}, self.params_now, 0
+        ranks, params, flops, removed = {}, self.params_now, self.flops_now, 0
         for layer, r_in, r_out in zip(self.layers, kept[0::2], kept[1::2]):
-            new = layer.factored_params(r_in, r_out)
-            if new < layer.params:
-                ranks[layer.name] = (r_in, r_out)
-                params -= layer.params - new
-                removed += len(layer.in_scores) - r_in + len(layer.out_scores) - r_out
-        return Plan(ranks=ranks, cut=cut, total=self.total, params=params, removed=removed)
+            n_in, n_out = layer.ranks
+            # the layer as it is first, then forms that keep more before those that keep less: the first
+            # cheapest wins, so a tie keeps directions
+            options = [(n_in, n_out), (r_in, n_out), (n_in, r_out), (r_in, r_out)]
+            costs = [layer.cost(*o) for o in options]
+            best = min(range(len(options)), key=lambda i: costs[i][self.measure])
+            if best == 0:  # nothing strictly cheaper than the layer as it is
+                continue
+            ranks[layer.name] = options[best]
+            removed += n_in - options[best][0] + n_out - options[best][1]
+            params -= layer.params - costs[best][0]
+            if flops is not None:
+                flops -= layer.flops - costs[best][1]
+        return Plan(ranks=ranks, cut=cut, total=self.total, params=params, flops=flops, removed=removed)
 
 
-def plan_for_ratio(layers, ratio, limit, params_now):
+def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="score"):
     """Cut the fraction `ratio` of all pooled directions."""
-    threshold = Threshold(layers, limit, params_now)
+    threshold = Threshold(layers, limit, params_now, flops_now, criterion)
     return threshold.plan(int(ratio * threshold.total))
 
 
-def plan_for_params(layers, target, limit, params_now, tolerance):
+def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None, criterion="score"):
     """The fewest cuts that bring the model to at most `target` parameters; UserError if no cut reaches it
-    or the nearest one overshoots by more than `tolerance` parameters."""
-    threshold = Threshold(layers, limit, params_now)
+    or the nearest one undershoots it by more than `tolerance` parameters."""
+    threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params")
+    return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", "parameters")
+
+
+def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score"):
+    """The fewest cuts that bring the model to at most `target` FLOPs per image (every block run);
+    UserError if no cut reaches it or the nearest one undershoots it by more than `tolerance` FLOPs."""
+    threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops")
+    return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "FLOPs", "FLOPs per image")
+
+
+def _bisect(threshold, value, target, tolerance, what, unit):
     lo, hi = 0, threshold.total
-    fewest = threshold.plan(hi).params
+    fewest = value(threshold.plan(hi))
     if fewest > target:
-        raise UserError(f"the parameter target is out of reach: with prune_ratio_limit {limit} this model "
-                        f"keeps at least {fewest} parameters, the target is {int(target)}")
+        raise UserError(f"the {what} target is out of reach: with this prune_ratio_limit the model keeps at "
+                        f"least {fewest} {unit}, the target is {int(target)}")
     while lo < hi:
         mid = (lo + hi) // 2
-        if threshold.plan(mid).params <= target:
+        if value(threshold.plan(mid)) <= target:
             hi = mid
         else:
             lo = mid + 1
     plan = threshold.plan(lo)
-    if target - plan.params > tolerance:
-        raise UserError(f"cannot meet the parameter target {int(target)} within {int(tolerance)}: the nearest "
-                        f"cut gives {plan.params}")
+    if target - value(plan) > tolerance:
+        plan = _fill(threshold, value, target, tolerance, lo)
+    if plan is None:
+        raise UserError(f"cannot meet the {what} target {int(target)} within {int(tolerance)}: the nearest "
+                        f"cut gives {value(threshold.plan(lo))}")
     return plan
+
+
+def _fill(threshold, value, target, tolerance, lo):
+    """When cutting direction lo - 1 (the last one the threshold takes) jumps too far below the target
+    (one direction of a small network can cost several percent of it), cut the first lo - 1 and then
+    the following directions in key order, passing over each one whose cut would land more than
+    `tolerance` below the target, until the target is met. None if no such sequence meets it."""
+    counts = torch.bincount(threshold.sides_by_key[:lo - 1], minlength=len(threshold.sizes))
+    cut = lo - 1
+    for side in threshold.sides_by_key[lo - 1:].tolist():
+        counts[side] += 1
+        plan = threshold.plan_counts(counts, cut + 1)
+        if value(plan) > target:
+            cut += 1  # still above: keep this cut and go on
+        elif target - value(plan) <= tolerance:
+            return plan
+        else:
+            counts[side] -= 1  # too far below: pass over it
+    return None

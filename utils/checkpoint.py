@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from models import build_model, check_arch
+from models import absorb_legacy_rotations, build_model, check_arch
 from utils.data import Preprocess, check_pipeline
 from utils.errors import UserError
 
@@ -106,6 +106,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
     own = model.state_dict()
     if not isinstance(state, dict):
         raise UserError(f"{flag} {path}: holds no weights")
+    state = absorb_legacy_rotations(model, state)
     problems = weight_mismatches(own, state)
     if problems:
         raise UserError(f"{flag} {path}: weights do not match its architecture ({problems[0]}; "

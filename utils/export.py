@@ -1,0 +1,296 @@
+"""Export a checkpoint of any stage as an inference model: ONNX (run by onnxruntime) and torch.export.
+
+    python -m utils.export CHECKPOINT --out DIR [--mode hard|open] [--mean R G B --std R G B --resize N]
+
+What is exported is the network as it is deployed, not as it is trained:
+- raw 8-bit images in: uint8 (N, H, W, C), H = W = the pipeline's `resize`, channels in the training
+  order (RGB); the normalisation (x / 255 - mean) / std runs inside, with the checkpoint's
+  ckpt["pipeline"] mean and std (or --mean / --std for checkpoints without one);
+- every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
+- every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
+  no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
+  location: stage 2 itself only keeps a rot_out that pays, so this matters for older checkpoints);
+  rot_in is never merged (measured: a k x k core over every input channel never paid);
+- channels_last activations (the NHWC input is already in that layout);
+- `--mode hard` (the default for stages 2 and 3; stage 1's table row is its `open` network, the default
+  there): the switches decide per image, outputs (logits, routes), routes (N, number of switches) 0/1
+  float. `--mode open`: every block, no switch, output logits.
+
+Files in DIR: model.onnx and model.pt2 (torch.export.save; load with torch.export.load(p).module()) for
+any batch size; in `hard` mode also model_b1.onnx / model_b1.pt2 for one image at a time, where each
+gated block is real control flow (torch.cond, ONNX `If`): a skipped block costs nothing. The batched
+models run each gated block on the sub-batch of images whose route executes it, as eager inference does
+(nonzero -> gather -> block -> index_copy; ONNX NonZero / Gather / ScatterND; an empty sub-batch works):
+a skipped image costs only the gather and scatter of its activation. export.json records the pipeline,
+mode, input, FLOPs per image of the deployed form with every block run, and the check made at export:
+the outputs of every file against the checkpoint's on the same (random) images.
+"""
+import contextlib
+import io
+import json
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import FactoredConv
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import Parser
+from utils.errors import UserError, run_main
+
+TOLERANCE = 1e-4  # exported outputs equal the checkpoint's within this (relative to the largest logit)
+
+
+# --------------------------------------------------------------------------------- exact rewrites
+
+def cheapest_form(conv):
+    """The convs (in order, on copies) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs
+    without merging rot_in: rot_out multiplied into the core where that costs no more."""
+    if not isinstance(conv, FactoredConv):
+        return [_copy(conv)]
+    core, rot_out = conv.core, conv.rot_out
+    convs = [_copy(conv.rot_in)] if conv.rot_in is not None else []
+    if rot_out is None:
+        return convs + [_copy(core)]
+    r_out, r_in = core.weight.shape[:2]
+    c_out, k2 = rot_out.out_channels, core.kernel_size[0] * core.kernel_size[1]
+    if r_in * c_out * k2 <= r_in * r_out * k2 + r_out * c_out:
+        merged = nn.Conv2d(r_in, c_out, core.kernel_size, core.stride, core.padding, bias=False)
+        with torch.no_grad():
+            merged.weight.copy_(torch.einsum("po,oikl->pikl", rot_out.weight.double().flatten(1),
+                                             core.weight.double()).to(core.weight.dtype))
+        return convs + [merged]
+    return convs + [_copy(core), _copy(rot_out)]
+
+
+def _copy(conv):
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None)
+    new.load_state_dict(conv.state_dict())
+    return new
+
+
+def folded(conv, bn):
+    """nn.Sequential of the cheapest form of `conv` with `bn` (eval statistics) folded into its last conv."""
+    convs = cheapest_form(conv)
+    convs[-1] = fuse_conv_bn_eval(convs[-1].eval(), bn.eval())
+    return nn.Sequential(*convs)
+
+
+# ------------------------------------------------------------------------------- the inference net
+
+class Block(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.conv1 = folded(block.conv1, block.bn1)
+        self.conv2 = folded(block.conv2, block.bn2)
+        self.shortcut = folded(block.shortcut, block.shortcut_bn) if block.projects else nn.Identity()
+
+    def skip(self, x):
+        return self.shortcut(x)
+
+    def forward(self, x):
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
+
+    def forward_some(self, x, run):
+        """The block on the images whose route `run` (N,) is true, the shortcut on the others: only the
+        sub-batch that runs it computes it (a data-dependent shape that survives export)."""
+        s = self.shortcut(x)
+        idx = run.nonzero().flatten()
+        return s.index_copy(0, idx, F.relu(self.conv2(F.relu(self.conv1(x[idx]))) + s[idx]))
+
+
+class Switches(nn.Module):
+    """The checkpoint's switches (rnn or ff), BN folded; p = P(execute) of switch j, as in gates/switches.py."""
+
+    def __init__(self, switches):
+        super().__init__()
+        self.rnn = hasattr(switches, "lstm")
+        if self.rnn:
+            self.proj, self.lstm, self.head = switches.proj, switches.lstm, switches.head
+        else:
+            self.convs = nn.ModuleList(folded(c, bn) for c, bn in zip(switches.convs, switches.bns))
+            self.heads = switches.heads
+
+    def forward(self, j, x, state):
+        if self.rnn:
+            e = self.proj[j](x.mean((2, 3), keepdim=True)).flatten(1)
+            h, c = self.lstm(e, state)
+            return torch.sigmoid(self.head(h)).squeeze(1), (h, c)
+        z = F.relu(self.convs[j](x)).mean((2, 3))
+        return torch.sigmoid(self.heads[j](z)).squeeze(1), state
+
+
+class InferenceNet(nn.Module):
+    """The deployed form of a checkpoint's ResNet (see the module docstring). `single`: one image per call,
+    gated blocks as torch.cond (for export with control flow)."""
+
+    def __init__(self, model, mean, std, mode="hard", single=False):
+        super().__init__()
+        model = getattr(model, "module", model).eval()
+        self.mode, self.single = mode, single
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1 / (255 * std))
+        self.register_buffer("shift", -mean / std)
+        self.stem = folded(model.stem, model.stem_bn)
+        self.blocks = nn.ModuleList(Block(b) for b in model.blocks)
+        self.switches = Switches(model.switches) if mode == "hard" else None
+        self.fc = model.fc
+        self.eval()
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift  # NHWC uint8 -> channels_last NCHW
+        x = self.blocks[0](F.relu(self.stem(x)))
+        if self.mode == "open":
+            for block in self.blocks[1:]:
+                x = block(x)
+            return self.fc(x.mean((2, 3)))
+        state, routes = None, []
+        for j, block in enumerate(self.blocks[1:]):
+            p, state = self.switches(j, x, state)
+            run = p > 0.5
+            if self.single:  # one image: the block runs or not, as control flow
+                x = torch.cond(run[0], block.forward, block.skip, (x,))
+            else:  # only the images that run the block compute it
+                x = block.forward_some(x, run)
+            routes.append(run.float())
+        return self.fc(x.mean((2, 3))), torch.stack(routes, 1)
+
+
+def default_mode(ckpt):
+    return "open" if ckpt.get("stage") == "sp" else "hard"
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def export_files(net, out_dir, in_channels, size, single):
+    """Write <out_dir>/model[_b1].{onnx,pt2}; returns their paths."""
+    import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript: requirements.txt)
+
+    stem = "model_b1" if single else "model"
+    example = torch.zeros(2 - single, size, size, in_channels, dtype=torch.uint8)
+    dynamic = None if single else ({0: torch.export.Dim("batch", min=1)},)
+    program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
+    pt2, onnx_path = os.path.join(out_dir, stem + ".pt2"), os.path.join(out_dir, stem + ".onnx")
+    with warnings.catch_warnings():  # channels_last weights: a harmless note about their storage layout
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(program, pt2)
+    names = ["logits"] + (["routes"] if net.mode == "hard" else [])
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        onnx_program = torch.onnx.export(program, (example,), input_names=["images"], output_names=names,
+                                         dynamo=True, external_data=False, verbose=False)
+    onnx_program.save(onnx_path)
+    return {"onnx": onnx_path, "pt2": pt2}
+
+
+def run_onnx(path, images, threads=None):
+    """Outputs of an exported ONNX file in onnxruntime (CPU), as torch tensors."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not spin
+    options.log_severity_level = 3  # no warnings about initialisers the exporter left unused
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+
+
+def reference_outputs(model, images, mean, std, mode):
+    """The checkpoint's own model on `images` (uint8 NHWC), normalised as in training: (logits[, routes])."""
+    x = (images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / \
+        torch.tensor(std).view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        logits, routes, _ = model(x, mode)
+    return (logits,) if mode == "open" else (logits, routes)
+
+
+def compare(got, expected):
+    """Largest difference of logits relative to the largest logit, and whether routes agree."""
+    scale = max(1.0, expected[0].abs().max().item())
+    diff = (got[0].float() - expected[0]).abs().max().item() / scale
+    routes = len(expected) == 1 or torch.equal(got[1].float(), expected[1].float())
+    return diff, routes
+
+
+def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, check_images=8, seed=0):
+    """Export the checkpoint at `ckpt_path` into `out_dir` (see the module docstring). Returns the
+    export.json dict. UserError when the pipeline (mean, std, resize) is unknown or conflicts with the
+    flags, or when an exported file does not reproduce the checkpoint's outputs."""
+    ckpt = load_checkpoint(ckpt_path, None, "CHECKPOINT")
+    pipeline = dict(ckpt.get("pipeline") or {})
+    for key, value in (("mean", mean), ("std", std), ("resize", resize)):
+        if value is None:
+            continue
+        if key in pipeline and pipeline[key] != value:
+            raise UserError(f"--{key} {value} conflicts with the checkpoint's pipeline {key} {pipeline[key]}")
+        pipeline[key] = value
+    missing = [k for k in ("mean", "std", "resize") if pipeline.get(k) is None]
+    if missing:
+        raise UserError(f"CHECKPOINT {ckpt_path}: holds no pipeline {'/'.join(missing)} (checkpoints before "
+                        f"ckpt['pipeline']); give --{' --'.join(missing)}")
+    channels = ckpt["arch"].get("in_channels", 3)
+    for key in ("mean", "std"):
+        if len(pipeline[key]) != channels:
+            raise UserError(f"--{key}: {len(pipeline[key])} values, the network reads {channels} channels")
+    if min(pipeline["std"]) <= 0:
+        raise UserError("--std: every value must be > 0")
+    mode = mode or default_mode(ckpt)
+    model = model_from_checkpoint(ckpt, ckpt_path, "CHECKPOINT").float().eval()
+    os.makedirs(out_dir, exist_ok=True)
+    size = pipeline["resize"]
+    images = torch.randint(0, 256, (check_images, size, size, channels), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    expected = reference_outputs(model, images, pipeline["mean"], pipeline["std"], mode)
+    with FlopCounterMode(display=False) as counter:
+        InferenceNet(model, pipeline["mean"], pipeline["std"], "open")(images[:1])
+    report = {"checkpoint": os.path.abspath(ckpt_path), "stage": ckpt.get("stage"), "mode": mode,
+              "pipeline": pipeline, "input": f"uint8 (N, {size}, {size}, {channels}), RGB, 0-255",
+              "gflops_every_block": counter.get_total_flops() / 1e9,
+              "outputs": ["logits"] + (["routes"] if mode == "hard" else []), "files": {}, "check": {}}
+    for single in ((False, True) if mode == "hard" else (False,)):
+        net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
+        net = net.to(memory_format=torch.channels_last)
+        files = export_files(net, out_dir, channels, size, single)
+        report["files"].update({f"{k}{'_b1' if single else ''}": v for k, v in files.items()})
+        batch = [images[i:i + 1] for i in range(len(images))] if single else [images]
+        loaded = torch.export.load(files["pt2"]).module()
+        for kind, run in (("onnx", lambda b: run_onnx(files["onnx"], b)), ("pt2", lambda b: loaded(b))):
+            with torch.no_grad():
+                outs = [run(b) for b in batch]
+            got = [torch.cat([o[i] if isinstance(o, (list, tuple)) else o for o in outs])
+                   for i in range(len(expected))]
+            diff, routes = compare(got, expected)
+            name = f"{kind}{'_b1' if single else ''}"
+            report["check"][name] = {"max_relative_diff": diff, "routes_equal": routes}
+            if diff > TOLERANCE or not routes:
+                raise UserError(f"exported {name} does not reproduce the checkpoint (difference {diff:.2g}, "
+                                f"routes {'equal' if routes else 'differ'})")
+    with open(os.path.join(out_dir, "export.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv=None):
+    p = Parser(prog="python -m utils.export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--out", required=True, help="folder for model.onnx, model.pt2, export.json")
+    p.add_argument("--mode", choices=["hard", "open"], default=None,
+                   help="hard: switches route each image (default for stages 2, 3); open: every block (stage 1)")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean in [0, 1] units, for checkpoints "
+                   "without ckpt['pipeline']")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std in [0, 1] units (idem)")
+    p.add_argument("--resize", type=int, help="image side the network reads (idem)")
+    args = p.parse_args(argv)
+    report = export(args.checkpoint, args.out, args.mean, args.std, args.resize, args.mode)
+    print(json.dumps({"files": report["files"], "check": report["check"]}, indent=1))
+
+
+if __name__ == "__main__":
+    run_main(main)
