@@ -4,6 +4,7 @@ backbone trains, so it learns to tolerate skipping and the switches learn a rout
 image. From scratch, or fine-tuning a dense network (--pretrained). Writes <result_dir>/sp/{checkpoint.pt,
 metrics.json, tb/}: the row "w/o pruning" = the dense network (every block, no switch evaluated): test_acc,
 gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops and per-switch exec_rate."""
+import itertools
 import sys
 
 import torch
@@ -20,6 +21,7 @@ from utils.flops import dense_flops, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 
 LOW_LR = 1e-3  # at or below it, SGD from a random initialisation barely moves in a usual number of epochs
+SPREAD_IMAGES = 256  # the switches' data-dependent start measures spreads over this many images, whatever --bs
 
 
 def parse_args(argv=None):
@@ -47,6 +49,13 @@ def dense_step(model, x, y):
     loss, stats = supervised_step(model, x, y, mode="open")
     switches = getattr(model, "module", model).switches
     return loss + 0 * sum(p.sum() for p in switches.parameters()), stats
+
+
+def spread_images(loader, n=SPREAD_IMAGES):
+    """The first n (or all, if fewer) unaugmented training images of epoch 0, (n, C, H, W): enough for the
+    spreads spread_decisions measures, whatever the batch size (a batch of one has no spread)."""
+    loader.set_epoch(0)
+    return torch.cat([x for x, _ in itertools.islice(loader, -(-n // loader.batch_size))])[:n]
 
 
 def main(argv=None):
@@ -79,8 +88,7 @@ def main(argv=None):
             load_pretrained(model, args.pretrained)
         if all(torch.equal(a, b) for a, b in zip(fresh, model.switches.parameters())):  # no trained switches
             # decisions spread around 0.5 from the first step (DDP then copies rank 0's start to every rank)
-            data.plain_train.set_epoch(0)
-            spread_decisions(model.to(ctx.device), next(iter(data.plain_train))[0])
+            spread_decisions(model.to(ctx.device), spread_images(data.plain_train))
     model, ddp = prepare(model, ctx)
     check_batch_shapes(model, data.image_size, data.train.batch_size)
     optimizer = make_optimizer(model, args)

@@ -94,7 +94,7 @@ def log_prob(p, actions, eps=1e-6):
 @torch.no_grad()
 def spread_decisions(model, x):
     """Data-dependent start of the switches (the weight-normalisation init of Salimans & Kingma, NeurIPS
-    2016, applied to them), after SkipNet's random init: on one batch `x` of training images, rescale so
+    2016, applied to them), after SkipNet's random init: on training images `x` (N, C, H, W), rescale so
     that every switch's input to its decision varies over the images with unit spread and its logit has
     mean 0 and std 1 over the batch. So decisions differ from image to image and sit around p = 0.5 from
     the first step, whatever the scale of the activations a switch sees (with random weights alone, the
@@ -102,6 +102,8 @@ def spread_decisions(model, x):
       rnn: each 1x1 projection's output channels -> mean 0, std 1; then the shared head -> logits of all
            switches mean 0, std 1.
       ff:  each head -> its logits mean 0, std 1.
+    N should be large enough to measure a spread (main_sp.py gives up to 256 images, whatever --bs); with
+    N = 1 the switches keep their random init (see _normalise: no weight is ever made non-finite).
     Runs the model as training does (batch statistics in BN, masked execution, `hard` switches); the BN
     running statistics and the model's mode are restored after."""
     switches, was_training, execution = model.switches, model.training, model.execution
@@ -140,8 +142,14 @@ def spread_decisions(model, x):
 
 def _normalise(layer, out, eps=1e-6):
     """Rescale a conv / linear layer (with bias) so that its outputs `out` (N, C) become mean 0, std 1 per
-    output channel."""
-    mean, std = out.float().mean(0), out.float().std(0) + eps
+    output channel. Never makes a weight non-finite: with fewer than two images (no spread to measure) or
+    non-finite outputs the layer is left as it is, and a channel that does not vary (std <= eps) is only
+    centred, not scaled."""
+    out = out.float()
+    if len(out) < 2 or not torch.isfinite(out).all():
+        return
+    mean, std = out.mean(0), out.std(0)
+    std = torch.where(std > eps, std + eps, torch.ones_like(std))
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     layer.weight.div_(std.view(shape))
     layer.bias.sub_(mean).div_(std)

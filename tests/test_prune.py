@@ -47,11 +47,13 @@ def relative_error(a, b):
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """A depth-8 width-1 network trained by main_sp.py on a learnable 16x16 dataset: (data_dir, result_dir)."""
+    """A depth-8 width-1 network trained by main_sp.py on a learnable 16x16 dataset: (data_dir, result_dir).
+    SkipNet's recipe: a dense start (every block trains), then the supervised phase with hard switches."""
     data = tiny_dataset(tmp_path_factory.mktemp("data") / "png", size=SIZE)
     results = str(tmp_path_factory.mktemp("results"))
-    main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--bs", "32", "--lr", "0.05", "--resize",
-                  str(SIZE), "--num_workers", "0", "--device", "cpu", "--data_dir", data, "--result_dir", results])
+    main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--dense_epochs", "2", "--bs", "32", "--lr", "0.05",
+                  "--resize", str(SIZE), "--num_workers", "0", "--device", "cpu", "--data_dir", data,
+                  "--result_dir", results])
     return data, results
 
 
@@ -212,12 +214,21 @@ def test_ratio_cuts_the_globally_lowest_directions(trained):
     plan = plan_for_ratio(layers, 0.3, 1.0, params)
     assert plan.cut == int(0.3 * plan.total)
     threshold = torch.cat([s for l in layers for s in (l.in_scores, l.out_scores)]).sort().values[plan.cut - 1]
+    taken = 0
     for layer in layers:
         if layer.name not in plan.ranks:
             continue
-        for scores, rank in zip((layer.in_scores, layer.out_scores), plan.ranks[layer.name]):
-            if rank > 1:  # not held by keep-at-least-one: exactly the directions above the threshold stay
-                assert rank == (scores > threshold).sum().item()
+        above = [(scores > threshold).sum().item() for scores in (layer.in_scores, layer.out_scores)]
+        for scores, rank, n_above in zip((layer.in_scores, layer.out_scores), plan.ranks[layer.name], above):
+            # not held by keep-at-least-one: exactly the directions above the threshold stay, or the side
+            # keeps every direction (the smaller-factored-form rule: its cut would cost a larger rotation)
+            if rank > 1:
+                assert rank in (n_above, len(scores))
+                taken += rank == n_above < len(scores)
+        cut_form = [max(1, a) for a in above]
+        assert layer.cost(*plan.ranks[layer.name])[0] <= layer.cost(*cut_form)[0]  # the cheapest form kept
+    assert taken  # some sides do take their cut
+    assert plan.removed == sum(sum(layer.ranks) - sum(plan.ranks.get(layer.name, layer.ranks)) for layer in layers)
 
 
 @pytest.mark.parametrize("ratio,limit", [(0.9, 0.5), (0.999, 1.0)])
@@ -235,7 +246,12 @@ def test_side_limit_keep_one_and_never_larger(trained, ratio, limit):
             assert sum(p.numel() for p in module.parameters()) < layer.params
             for scores, rank in zip((layer.in_scores, layer.out_scores), plan.ranks[layer.name]):
                 assert rank >= max(1, len(scores) - int(limit * len(scores)))
-                assert module.rot_in.out_channels == plan.ranks[layer.name][0]
+            r_in, r_out = plan.ranks[layer.name]
+            c_in, c_out = layer.channels  # a side that keeps every channel has no rotation: the core absorbs it
+            assert module.core.in_channels == r_in and module.core.out_channels == r_out
+            assert (module.rot_in is None) == (r_in == c_in) and (module.rot_out is None) == (r_out == c_out)
+            assert module.rot_in is None or module.rot_in.out_channels == r_in
+            assert module.rot_out is None or module.rot_out.in_channels == r_out
         else:
             assert isinstance(module, nn.Conv2d)
     if limit == 1.0:  # where one input direction is left, it is the highest-scoring one
@@ -324,9 +340,10 @@ def test_iterative_rounds_stay_three_convs_deep_and_compress_more(trained):
     assert any(second.arch["ranks"][n] != r for n, r in first.arch["ranks"].items())  # cores cut again
     for name in second.arch["ranks"]:
         layer = dict(second.named_modules())[name]
-        convs = list(layer.children())
-        assert [type(c) for c in convs] == [nn.Conv2d] * 3 and not list(convs[0].children())
-        assert layer.rot_in.kernel_size == layer.rot_out.kernel_size == (1, 1)
+        convs = list(layer.children())  # core and one or two rotations (a side keeping every channel has none)
+        assert [type(c) for c in convs] == [nn.Conv2d] * len(convs) and 2 <= len(convs) <= 3
+        assert not any(list(c.children()) for c in convs)
+        assert all(r.kernel_size == (1, 1) for r in (layer.rot_in, layer.rot_out) if r is not None)
         if name in first.arch["ranks"]:
             assert all(r2 <= r1 for r2, r1 in zip(second.arch["ranks"][name], first.arch["ranks"][name]))
     # composing rotations is exact: a second round that keeps everything changes nothing
@@ -406,12 +423,20 @@ def test_main_prune_iterative_rounds_with_fixed_rotations(stage1, tmp_path):
     assert metrics["compression"] == pytest.approx(second["compression"])
     ckpt = load_checkpoint(str(tmp_path / "results" / "prune" / "checkpoint.pt"), ("prune",))
     assert ckpt["round"] == 1 and ckpt["epoch"] == 1
+    rotations = 0
     for name in ckpt["arch"]["ranks"]:  # untouched by fine-tuning: still orthonormal rows / columns
-        rot_in = ckpt["model"][f"{name}.rot_in.weight"].flatten(1).double()
-        rot_out = ckpt["model"][f"{name}.rot_out.weight"].flatten(1).double()
-        torch.testing.assert_close(rot_in @ rot_in.T, torch.eye(len(rot_in), dtype=torch.float64), atol=1e-5, rtol=0)
-        torch.testing.assert_close(rot_out.T @ rot_out, torch.eye(rot_out.shape[1], dtype=torch.float64), atol=1e-5,
-                                   rtol=0)
+        # a side that keeps every channel has no rotation (the core absorbed it): only the others are checked
+        if f"{name}.rot_in.weight" in ckpt["model"]:
+            rot_in = ckpt["model"][f"{name}.rot_in.weight"].flatten(1).double()
+            torch.testing.assert_close(rot_in @ rot_in.T, torch.eye(len(rot_in), dtype=torch.float64), atol=1e-5,
+                                       rtol=0)
+            rotations += 1
+        if f"{name}.rot_out.weight" in ckpt["model"]:
+            rot_out = ckpt["model"][f"{name}.rot_out.weight"].flatten(1).double()
+            torch.testing.assert_close(rot_out.T @ rot_out, torch.eye(rot_out.shape[1], dtype=torch.float64),
+                                       atol=1e-5, rtol=0)
+            rotations += 1
+    assert rotations >= len(ckpt["arch"]["ranks"])  # every factored conv holds at least one rotation
 
 
 def test_shipped_config_is_the_seeds_and_documented():

@@ -124,3 +124,31 @@ def test_switches_route_per_image_and_row_1_is_the_dense_network(data, tmp_path)
     assert metrics["gflops_per_image"] == metrics["dense_gflops"] == dense_flops(costs) / 1e9
     assert len(metrics["exec_rate"]) == model.num_switches and "routed_acc" in metrics
     assert metrics["routed_gflops"] < metrics["gflops_per_image"] + costs["switches"] / 1e9
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_spread_decisions_centres_many_images_and_never_makes_a_weight_non_finite(gate):
+    """Over a batch, the switches' logits have mean 0 and std 1; one image (no spread) or a switch input that
+    does not vary leaves every weight finite."""
+    from gates.switches import spread_decisions
+    from models import build_model, make_arch
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=8, width=1, num_classes=3, gate=gate))
+    x = torch.randn(32, 3, 8, 8)
+    spread_decisions(model, x)
+    logits = []
+    heads = [model.switches.head] if gate == "rnn" else list(model.switches.heads)
+    hooks = [h.register_forward_hook(lambda m, i, o: logits.append(o.detach())) for h in heads]
+    model.train()
+    model(x, "hard")
+    for h in hooks:
+        h.remove()
+    # ff: each head is normalised seeing the routing it will see; rnn: the one shared head is normalised once
+    # over every switch, and the decisions it then takes change what later switches see, so only nearly
+    z = torch.cat(logits)[None] if gate == "rnn" else torch.stack(logits)  # (heads, images, 1)
+    tol = 1e-3 if gate == "ff" else 0.3
+    assert (z.mean(1).abs() < tol).all() and ((z.std(1) - 1).abs() < tol).all()
+    for images in (x[:1], torch.zeros(4, 3, 8, 8)):  # one image; four identical ones
+        model = build_model(make_arch(depth=8, width=1, num_classes=3, gate=gate))
+        spread_decisions(model, images)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
