@@ -23,8 +23,10 @@ def stage1(tmp_path_factory):
     """A stage-1 result trained with a validation split, and a small stage-2 config."""
     root = tmp_path_factory.mktemp("search")
     data = tiny_dataset(root / "data", classes=4, train_per_class=24, test_per_class=6, size=16)
-    main_sp.main(["--depth", "8", "--width", "1", "--epochs", "1", "--lr", "0.05", "--bs", "16", "--num_workers", "0",
-                  "--resize", "16", "--val_split", "0.25", "--device", "cpu", "--data_dir", data,
+    # SkipNet's recipe, as the demo: a dense start, then the supervised phase with hard switches (one epoch of
+    # the latter from a random start leaves the network at chance, its validation accuracy noise)
+    main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--dense_epochs", "2", "--lr", "0.05", "--bs", "16",
+                  "--num_workers", "0", "--resize", "16", "--val_split", "0.25", "--device", "cpu", "--data_dir", data,
                   "--result_dir", str(root / "base")])
     config = root / "prune.json"
     config.write_text(json.dumps({"epochs": 1, "lr": 0.01, "bs": 16, "fisher_batches": 2}))
