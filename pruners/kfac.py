@@ -23,6 +23,7 @@ from models import FactoredConv
 from utils.dist import all_reduce_sum
 from utils.engine import progress as bar
 from utils.errors import UserError
+from utils.flops import probe
 
 
 @dataclass
@@ -53,22 +54,9 @@ def conv_geometry(model, image_size):
     """name -> (input locations, output locations) per image of every prunable conv at image_size x
     image_size inputs: where its rotations and core run, for FLOPs."""
     model = getattr(model, "module", model)
-    convs, geometry = prunable_convs(model), {}
-    hooks = [c.register_forward_hook(lambda m, i, o, n=n: geometry.__setitem__(
-        n, (i[0].shape[-2] * i[0].shape[-1], o.shape[-2] * o.shape[-1]))) for n, c in convs.items()]
-    param = next(model.parameters())
-    x = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=param.device,
-                    dtype=param.dtype)
-    was_training, execution = model.training, model.execution
-    try:
-        model.eval()
-        model.execution = "mask"  # every block computed
-        model(x, "hard")
-    finally:
-        model.train(was_training)
-        model.execution = execution
-        for h in hooks:
-            h.remove()
+    geometry = {}
+    probe(model, image_size, prunable_convs(model).items(), lambda n, m, i, o: geometry.__setitem__(
+        n, (i[0].shape[-2] * i[0].shape[-1], o.shape[-2] * o.shape[-1])))
     return geometry
 
 

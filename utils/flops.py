@@ -29,14 +29,13 @@ def _leaf_flops(module, inputs, output):
 
 
 @torch.no_grad()
-def measure_costs(model, image_size=32):
-    """Split the FLOPs of one image through `model` into base / switches / per gated block (see above).
-    Runs one image with the switches on and every block computed (masked execution)."""
+def probe(model, image_size, modules, record):
+    """Run one all-zero image of image_size x image_size through `model` with every block and switch
+    computed (eval mode, masked execution, `hard` switches), calling record(name, module, inputs, output)
+    for each (name, module) of `modules` it passes; the model's mode and execution are restored after.
+    The shapes and FLOPs of a forward pass, measured without any data."""
     model = getattr(model, "module", model)  # DDP
-    flops = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: flops.__setitem__(
-        name, flops.get(name, 0) + _leaf_flops(m, i, o))) for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))]
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o)) for name, m in modules]
     was_training, execution = model.training, model.execution
     param = next(model.parameters())
     x = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=param.device,
@@ -50,6 +49,16 @@ def measure_costs(model, image_size=32):
         model.execution = execution
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def measure_costs(model, image_size=32):
+    """Split the FLOPs of one image through `model` into base / switches / per gated block (see above).
+    Runs one image with the switches on and every block computed (masked execution)."""
+    model = getattr(model, "module", model)  # DDP
+    flops = {}
+    probe(model, image_size, [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))],
+          lambda name, m, i, o: flops.__setitem__(name, flops.get(name, 0) + _leaf_flops(m, i, o)))
     costs = {"base": 0, "switches": 0, "blocks": [0] * model.num_switches}
     for name, f in flops.items():
         gated = _GATED_RESIDUAL.match(name)

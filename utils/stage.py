@@ -14,7 +14,7 @@ from utils.dist import barrier
 from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
 from utils.errors import UserError
 from utils.faults import kill_point
-from utils.flops import count_params
+from utils.flops import count_params, probe
 from utils.log import Logger
 
 DEFAULT_RESIZE = 32
@@ -95,23 +95,9 @@ def smallest_bn_map(model, image_size):
     image_size x image_size (one probe forward, every block and switch run)."""
     model = getattr(model, "module", model)
     seen = {}
-    def record(name):
-        def hook(module, inputs, output):
-            seen[name] = inputs[0].shape[2:].numel()
-        return hook
-    hooks = [m.register_forward_hook(record(name))
-             for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    training, execution = model.training, model.execution
-    try:
-        model.eval()
-        model.execution = "mask"
-        device = next(model.parameters()).device
-        model(torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=device), "hard")
-    finally:
-        model.train(training)
-        model.execution = execution
-        for h in hooks:
-            h.remove()
+    probe(model, image_size, [(n, m) for n, m in model.named_modules()
+                              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)],
+          lambda name, m, inputs, output: seen.__setitem__(name, inputs[0].shape[2:].numel()))
     name = min(seen, key=seen.get)
     return seen[name], name
 
