@@ -45,7 +45,7 @@ sys.path.insert(0, ROOT)
 from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 
 # The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
-# split (10%, 144 images); an epoch takes 10-20 s on one core of a busy machine. Stage 1 starts dense (SkipNet
+# split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense (SkipNet
 # starts its supervised phase from a trained ResNet). Stage 3 of the search is the demo's: alpha is the knob
 # (a fixed skip reward; the --target_gflops dual ascent met its target but lost accuracy on the demo data),
 # rl_weight 0.01 per image (the policy loss is summed over the 64 images of a batch).
@@ -53,10 +53,10 @@ SCALES = {
     "digits": dict(
         data="digits", resize=32, depth=20, width=1, bs=64, seeds=(0, 1, 2), val_split=0.1,
         sp=dict(epochs=15, dense_epochs=10, lr=0.1),
-        prune=dict(compression=0.6, epochs=6, lr=0.02, fisher_batches=16),
+        prune=dict(compression=0.6, epochs=5, lr=0.02, fisher_batches=16),
         rl=dict(epochs=6, lr=0.05, gamma=1.0, rl_weight=0.01),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
-        search=dict(budget=1.0, knob="alpha", dynamic_trials=4, max_alpha=4.0)),
+        search=dict(budget=1.0, knob="alpha", dynamic_trials=3, max_alpha=4.0)),
     "quick": dict(
         data="synthetic", resize=16, depth=8, width=1, bs=32, seeds=(0, 1), val_split=0.25,
         sp=dict(epochs=2, dense_epochs=1, lr=0.05),
@@ -163,54 +163,61 @@ class Task:
 
 
 def plan(s, out):
-    """Every task of the study with its dependencies, the longest chain (the first seed's stage 1 and search)
-    first."""
+    """Every task of the study with its dependencies, in the order they are started once ready: the chain
+    to the headline numbers first (the first seed's stage 1 and search), the dense reference runs and the
+    equal-GFLOPs stage-2 runs of the other seeds last (a study stopped early reports what it has)."""
     data = os.path.join(out, "data")
     first = s["seeds"][0]
     run0 = os.path.join(out, f"seed{first}")
     cfg0 = os.path.join(run0, "search_prune_config.json")
+    runs = {seed: os.path.join(out, f"seed{seed}") for seed in s["seeds"]}
     tasks = [Task(f"sp/seed{first}", sp_command(s, data, run0, first), os.path.join(run0, "sp", "metrics.json")),
              Task(f"search/seed{first}", search_command(s, run0, cfg0), os.path.join(run0, "search", "table.json"),
                   [f"sp/seed{first}"], prune_config(s, data, run0, first), cfg0)]
-    for seed in s["seeds"][1:]:
-        run = os.path.join(out, f"seed{seed}")
-        tasks.append(Task(f"sp/seed{seed}", sp_command(s, data, run, seed), os.path.join(run, "sp", "metrics.json")))
-    for seed in s["seeds"]:
-        run = os.path.join(out, f"seed{seed}")
-        tasks.append(Task(f"dense/seed{seed}", sp_command(s, data, os.path.join(run, "dense"), seed, dense=True),
-                          os.path.join(run, "dense", "sp", "metrics.json")))
-    for seed in s["seeds"][1:]:  # the first seed's setting applied to the other seeds
-        run = os.path.join(out, f"seed{seed}")
-        cfg = os.path.join(run, "prune_config.json")
-        tasks += [
-            Task(f"prune/seed{seed}", ["main_prune.py", "--config_path", cfg], os.path.join(run, "prune", "metrics.json"),
-                 [f"sp/seed{seed}"], prune_config(s, data, run, seed), cfg),
-            Task(f"rl/seed{seed}", lambda run=run, seed=seed: rl_command(
-                s, data, run, seed, os.path.join(run, "prune", "checkpoint.pt"), chosen_alpha(s, out)),
-                os.path.join(run, "rl", "metrics.json"), [f"prune/seed{seed}", f"search/seed{first}"])]
+    others = s["seeds"][1:]
+    tasks += [Task(f"sp/seed{seed}", sp_command(s, data, runs[seed], seed),
+                   os.path.join(runs[seed], "sp", "metrics.json")) for seed in others]
+    for seed in others:  # the first seed's setting applied to the other seeds
+        cfg = os.path.join(runs[seed], "prune_config.json")
+        tasks.append(Task(f"prune/seed{seed}", ["main_prune.py", "--config_path", cfg],
+                          os.path.join(runs[seed], "prune", "metrics.json"), [f"sp/seed{seed}"],
+                          prune_config(s, data, runs[seed], seed), cfg))
+    for seed in others:
+        tasks.append(Task(f"rl/seed{seed}", lambda run=runs[seed], seed=seed: rl_command(
+            s, data, run, seed, os.path.join(run, "prune", "checkpoint.pt"), chosen_alpha(s, out)),
+            os.path.join(runs[seed], "rl", "metrics.json"), [f"prune/seed{seed}", f"search/seed{first}"]))
     tasks.append(Task(f"seedflags/seed{first}", lambda: rl_command(
         s, data, os.path.join(run0, "seedflags"), first, os.path.join(searched(s, out)[1]["trial_dir"], "prune",
                                                                      "checkpoint.pt"),
         s["seed_flags"]["alpha"], s["seed_flags"], final_split="val"),
         os.path.join(run0, "seedflags", "rl", "metrics.json"), [f"search/seed{first}"]))
-    for seed in s["seeds"]:  # equal GFLOPs: static pushed further, and the best fixed route
-        run = os.path.join(out, f"seed{seed}")
-        dyn = [f"search/seed{first}" if seed == first else f"rl/seed{seed}"]
-        cfg = os.path.join(run, "equal_config.json")
-        budget = lambda seed=seed: networks(s, out, seed)["dynamic"]["gflops_per_image"]  # noqa: E731
-        tasks += [
-            Task(f"equal/seed{seed}", ["main_prune.py", "--config_path", cfg],
-                 os.path.join(run, "equal", "prune", "metrics.json"), dyn + [f"sp/seed{seed}"],
-                 lambda run=run, seed=seed, budget=budget: prune_config(
-                     s, data, os.path.join(run, "equal"), seed, os.path.join(run, "sp", "checkpoint.pt"),
-                     gflops=round(budget(), 6)), cfg),
-            Task(f"route/seed{seed}", lambda run=run, seed=seed, budget=budget: [
-                "bench/fixed_route.py", "--checkpoint", networks(s, out, seed)["dynamic"]["checkpoint"],
-                "--checkpoint", networks(s, out, seed)["static"]["checkpoint"], "--bs", str(s["bs"]), "--budget_gflops",
-                repr(round(budget(), 6)), "--data_dir", data, "--val_split", str(s["val_split"]), "--seed",
-                str(seed), "--out", os.path.join(run, "route", "route.json")],
-                os.path.join(run, "route", "route.json"), dyn)]
-    return tasks
+
+    def budget(seed):
+        return round(networks(s, out, seed)["dynamic"]["gflops_per_image"], 6)
+
+    def dynamic_task(seed):
+        return f"search/seed{first}" if seed == first else f"rl/seed{seed}"
+
+    def equal(seed):  # static pruning pushed to the GFLOPs of the seed's static + dynamic network
+        run, cfg = runs[seed], os.path.join(runs[seed], "equal_config.json")
+        return Task(f"equal/seed{seed}", ["main_prune.py", "--config_path", cfg],
+                    os.path.join(run, "equal", "prune", "metrics.json"), [dynamic_task(seed), f"sp/seed{seed}"],
+                    lambda: prune_config(s, data, os.path.join(run, "equal"), seed,
+                                         os.path.join(run, "sp", "checkpoint.pt"), gflops=budget(seed)), cfg)
+
+    def route(seed):  # the best fixed route at those GFLOPs, on the stage-3 and on the stage-2 weights
+        nets = lambda: networks(s, out, seed)  # noqa: E731
+        return Task(f"route/seed{seed}", lambda: [
+            "bench/fixed_route.py", "--checkpoint", nets()["dynamic"]["checkpoint"], "--checkpoint",
+            nets()["static"]["checkpoint"], "--bs", str(s["bs"]), "--budget_gflops", repr(budget(seed)),
+            "--data_dir", data, "--val_split", str(s["val_split"]), "--seed", str(seed), "--out",
+            os.path.join(runs[seed], "route", "route.json")], os.path.join(runs[seed], "route", "route.json"),
+            [dynamic_task(seed)])
+
+    tasks += [equal(first)] + [route(seed) for seed in s["seeds"]]
+    tasks += [Task(f"dense/seed{seed}", sp_command(s, data, os.path.join(runs[seed], "dense"), seed, dense=True),
+                   os.path.join(runs[seed], "dense", "sp", "metrics.json")) for seed in s["seeds"]]
+    return tasks + [equal(seed) for seed in others]
 
 
 def stamp_path(task):
@@ -254,26 +261,36 @@ def run_task(task, logs, threads, upstream_rerun):
 
 
 def run_all(tasks, jobs, threads, logs):
-    """Run the tasks, `jobs` at a time, each once its dependencies are done, in the order given."""
+    """Run the tasks, `jobs` at a time, each once its dependencies are done, in the order given. A failed
+    task skips the tasks that depend on it, not the others; RuntimeError at the end names the failures."""
     os.makedirs(logs, exist_ok=True)
-    pending, running, done, rerun = list(tasks), {}, set(), set()
+    pending, running, done, rerun, failed = list(tasks), {}, set(), set(), {}
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
             for task in list(pending):
-                ready = all(d in done for d in task.deps)
-                if ready and len(running) < jobs:
+                if any(d in failed for d in task.deps):
+                    failed[task.name] = "skipped: a dependency failed"
+                    pending.remove(task)
+                elif all(d in done for d in task.deps) and len(running) < jobs:
                     upstream = any(d in rerun for d in task.deps)
                     running[pool.submit(run_task, task, logs, threads, upstream)] = task
                     pending.remove(task)
+            if not running:
+                continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 task = running.pop(future)
-                future.result()  # a failed task stops the study with its log's tail
+                try:
+                    future.result()
+                except Exception as e:  # noqa: BLE001 -- reported with the task's log, the study goes on
+                    failed[task.name] = str(e)
+                    print(f"[study] {e}", flush=True)
+                    continue
                 done.add(task.name)
                 if not task.reused:
                     rerun.add(task.name)
-
-
+    if failed:
+        raise RuntimeError("failed: " + "; ".join(f"{k} ({v.splitlines()[0]})" for k, v in failed.items()))
 
 
 # ----------------------------------------------------------------------------------- the results
@@ -290,7 +307,7 @@ def optional(fn, *args):
     """fn(*args), or None where a task's output is missing (a study stopped early reports what it has)."""
     try:
         return fn(*args)
-    except (FileNotFoundError, KeyError, IndexError, RuntimeError):
+    except (FileNotFoundError, KeyError, IndexError, TypeError, RuntimeError):
         return None
 
 
@@ -449,7 +466,10 @@ def markdown(s, per_seed, mean, flags, alpha, timing, command):
     def mat(prefix):
         a, g = mean[f"{prefix}_acc" if "route" not in prefix else f"{prefix}_test_acc"], \
             mean[f"{prefix}_gflops" if "route" not in prefix else f"{prefix}_gflops_per_image"]
-        return "-" if a is None else f"{a['mean']:.2f} ± {a['std']:.2f} @ {g['mean']:.4f}"
+        if a is None:
+            return "-"
+        seeds = "" if a["n"] == n else f" ({a['n']} seed{'s' * (a['n'] > 1)})"
+        return f"{a['mean']:.2f} ± {a['std']:.2f} @ {g['mean']:.4f}{seeds}"
     L.append(f"| mean | {mat('dynamic')} | {mat('route_stage3_at_or_under')} / {mat('route_stage3_over')} | "
              f"{mat('route_stage2_at_or_under')} / {mat('route_stage2_over')} | {mat('static_equal')} |")
     L += ["", "![accuracy vs GFLOPs](study.png)", "", timing_line(timing)]
@@ -499,6 +519,18 @@ def prepare_data(s, out):
     return path
 
 
+def report_only(tasks):
+    """The tasks as done by earlier calls (their stamps); RuntimeError names those not done."""
+    missing = []
+    for t in tasks:
+        if optional(t.resolve) is None and callable(t.argv) or not os.path.isfile(stamp_path(t)):
+            missing.append(t.name)
+            continue
+        t.seconds, t.reused = read_json(stamp_path(t))["seconds"], True
+    if missing:
+        raise RuntimeError("not done (yet): " + ", ".join(missing))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny synthetic scale: the smoke test's")
@@ -507,6 +539,8 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="summary files")
     p.add_argument("--jobs", type=int, default=2, help="tasks run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task")
+    p.add_argument("--report", action="store_true", help="run nothing: write the results from the tasks done "
+                   "(while a study runs, or after one was stopped)")
     args = p.parse_args(argv)
     s = dict(SCALES["quick" if args.quick else "digits"])
     if args.seeds:
@@ -518,14 +552,15 @@ def main(argv=None):
     tasks = plan(s, out)
     failure = None
     try:
-        run_all(tasks, args.jobs, args.threads, os.path.join(out, "logs"))
+        if args.report:
+            report_only(tasks)
+        else:
+            run_all(tasks, args.jobs, args.threads, os.path.join(out, "logs"))
     except RuntimeError as e:  # report what exists, then fail
         failure = str(e)
         print(f"[study] {failure}", flush=True)
     wall = time.time() - t0
-    timing = record_timing(s, tasks, wall, out, args.jobs) if failure is None else \
-        {"this_call_seconds": wall, "task_seconds_total": sum(t.seconds or 0 for t in tasks), "jobs": args.jobs,
-         "search_seconds": {}, "from_scratch": None}
+    timing = record_timing(s, tasks, wall, out, args.jobs)
 
     per_seed = [r for r in (optional(seed_results, s, out, seed) for seed in s["seeds"]) if r]
     mean = summarise(per_seed)
