@@ -21,7 +21,7 @@ import optuna
 from search.bisection import Knob
 from search.phase import Worker, open_storage, open_study, trial_records
 from search.report import evaluate_on_test, plot, table_rows, write_table
-from search.trials import Trials, label, stage3_knob
+from search.trials import DYNAMIC_KNOBS, Trials, label, stage3_knob
 from pruners.config import validate
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import Parser
@@ -59,8 +59,11 @@ def parse_args(argv=None):
                    "phase, at most")
     s.add_argument("--dynamic_networks", type=int, default=1, help="static networks the dynamic phase starts "
                    "from: the most compressed within budget, and this many - 1 of the next ones")
-    s.add_argument("--max_alpha", type=float, default=10.0, help="high end of alpha where stage 3 has no "
-                   "--target_gflops")
+    s.add_argument("--knob", choices=DYNAMIC_KNOBS, default=None, help="what the dynamic phase bisects: stage "
+                   "3's --target_gflops (default where stage 3 has it) or --alpha (a fixed skip reward: steadier "
+                   "where the dual ascent and the final calibration cost accuracy)")
+    s.add_argument("--max_alpha", type=float, default=10.0, help="high end of alpha (--knob alpha, or where "
+                   "stage 3 has no --target_gflops)")
     st = p.add_argument_group("stages")
     st.add_argument("--prune_config", default=None, metavar="PATH", help="stage-2 config of every static trial "
                     "(epochs, lr, fisher_batches ...; target, data and result keys are set by the search)")
@@ -191,7 +194,7 @@ def main(argv=None):
     worker.run_phase(static_study, knob_c, args.static_trials,
                      lambda c: judged(trials.static(c), threshold), line("static", "compression", threshold))
     statics = sorted(finished(static_study), key=lambda t: -t.user_attrs["compression"])
-    dynamic_studies, knob_name = [], stage3_knob()
+    dynamic_studies, knob_name = [], args.knob or stage3_knob()
     for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
         c = t.params["compression"]
         knob = dynamic_knob(knob_name, t.user_attrs, args.max_alpha, data["resize"], ctx)

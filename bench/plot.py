@@ -1,9 +1,10 @@
-"""The picture: test accuracy against GFLOPs per image, one line per compression level through its alpha
-sweep (static + dynamic), the static-only point of each level, the unpruned network and Torch-Pruning.
+"""The picture: test accuracy against GFLOPs per image (as executed) of every seed's networks: the unpruned
+network and plain dense training, static only, static + dynamic (per-image routes), and the two baselines
+at equal GFLOPs (the best fixed route, static pruning pushed further). A larger marker is the mean of a kind.
 
     python bench/plot.py [bench/results/study_points.json] [bench/results/study.png]
 
-Reads the points bench/study.py wrote (each one names the metrics.json of the run it comes from).
+Reads the points bench/study.py wrote.
 """
 import json
 import os
@@ -15,35 +16,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PEER_MARKERS = {"torch-pruning magnitude": "s", "torch-pruning taylor": "D"}
+STYLE = {  # kind -> (marker, colour)
+    "w/o pruning (row 1)": ("*", "crimson"), "plain dense training": ("P", "grey"),
+    "static only": ("^", "tab:blue"), "static + dynamic (per-image routes)": ("o", "tab:green"),
+    "static only, pushed to equal GFLOPs": ("v", "tab:purple"),
+    "best fixed route (stage-3 weights, under budget)": ("s", "darkorange"),
+    "best fixed route (stage-3 weights, over budget)": ("s", "gold"),
+    "best fixed route (stage-2 weights, under budget)": ("D", "saddlebrown"),
+    "best fixed route (stage-2 weights, over budget)": ("D", "tan"),
+}
 
 
 def plot_points(points, path):
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
-    levels = sorted({p["compression_target"] for p in points if "compression_target" in p})
-    colors = plt.get_cmap("viridis")([0.15 + 0.7 * i / max(1, len(levels) - 1) for i in range(len(levels))])
-    for level, color in zip(levels, colors):
-        static = [p for p in points if p["kind"] == "static" and p["compression_target"] == level]
-        dynamic = sorted((p for p in points if p["kind"] == "static+dynamic" and p["compression_target"] == level),
-                         key=lambda p: p["alpha"])
-        ax.plot([p["gflops_per_image"] for p in dynamic], [p["test_acc"] for p in dynamic], "o-", color=color,
-                ms=5, label=f"static + dynamic, {100 * level:.0f}% params removed (alpha sweep)")
-        for p in dynamic:
-            ax.annotate(f"{p['alpha']:g}", (p["gflops_per_image"], p["test_acc"]), textcoords="offset points",
-                        xytext=(3, 4), fontsize=7, color=color)
-        ax.plot([p["gflops_per_image"] for p in static], [p["test_acc"] for p in static], "^", color=color,
-                ms=9, mec="black", label=f"static only, {100 * level:.0f}%")
-    for p in points:
-        if p["kind"] == "unpruned":
-            ax.plot(p["gflops_per_image"], p["test_acc"], "*", color="crimson", ms=14, mec="black",
-                    label="w/o pruning")
-        elif p["kind"] in PEER_MARKERS:
-            ax.plot(p["gflops_per_image"], p["test_acc"], PEER_MARKERS[p["kind"]], color="darkorange", ms=8,
-                    mec="black", label=f"{p['kind'].replace('torch-pruning', 'Torch-Pruning')}, "
-                                       f"{100 * p['compression']:.0f}%")
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    kinds = [k for k in STYLE if any(p["kind"] == k for p in points)] + \
+        sorted({p["kind"] for p in points} - set(STYLE))
+    for kind in kinds:
+        marker, color = STYLE.get(kind, ("x", "black"))
+        mine = [p for p in points if p["kind"] == kind]
+        xs, ys = [p["gflops_per_image"] for p in mine], [p["test_acc"] for p in mine]
+        ax.plot(xs, ys, marker, color=color, ms=5, alpha=0.45, ls="none")
+        ax.plot(sum(xs) / len(xs), sum(ys) / len(ys), marker, color=color, ms=11, mec="black", ls="none",
+                label=f"{kind} ({len(mine)} seed{'s' * (len(mine) > 1)})")
     ax.set_xlabel("GFLOPs per image (as executed)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs. compute (numbers at points: alpha)", fontsize=10)
+    ax.set_title("Accuracy vs. compute: small markers are seeds, large ones their mean", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     fig.tight_layout()

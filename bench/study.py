@@ -1,29 +1,34 @@
-"""The real-image study on CPU: scikit-learn's digits through the three stage scripts, three seeds, an
-alpha x compression sweep, the Torch-Pruning comparison and the accuracy / GFLOPs picture.
+"""The real-image study on CPU: scikit-learn's digits through the stage scripts, three seeds. It answers:
+(1) is row 1 (stage 1: a dense start, then SkipNet's supervised phase) as good as plain dense training of
+the same net for the same epochs; (2) do the switches move in stage 3 at the seed's flags (alpha 0.1, gamma 1,
+rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by main_search.py on the
+validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
+against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
 
     pip install -c <(echo torch==2.14.1) -r bench/requirements.txt
-    nice -n 10 python bench/study.py                 # the study of bench/results/ (about an hour, 2 cores)
+    nice -n 10 python bench/study.py                 # the study of bench/results/ (about 35 min, 2 cores)
     python bench/study.py --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
 
-Every number comes from the stage scripts run as subprocesses exactly as a user runs them (python main_sp.py
-..., python main_prune.py --config_path <generated json>, python main_rl_prune.py ...) and from the
-metrics.json files they write; nothing here trains or prunes on its own except the Torch-Pruning peer
-(bench/peer_torch_pruning.py). Layout under --out (default bench/out/study, git-ignored):
+Every number comes from the scripts run as subprocesses exactly as a user runs them (main_sp.py,
+main_prune.py --config_path <generated json>, main_rl_prune.py, main_search.py, bench/fixed_route.py) and
+from the JSON files they write. Layout under --out (default bench/out/study, git-ignored):
 
-    data/                      the dataset in the PNG class-folder layout
-    seed<s>/{sp,prune,rl}/     the main pipeline of seed s (compression MAIN_COMPRESSION, alpha MAIN_ALPHA)
-    seed<s>/peer/              Torch-Pruning models and the latency measurements (seed 0)
-    sweep/c<c>/prune/          stage 2 of the sweep (from seed 0's stage-1 checkpoint)
-    sweep/c<c>/a<alpha>/rl/    stage 3 of the sweep
-    logs/<task>.log            every subprocess's output
+    data/                         the dataset in the PNG class-folder layout
+    seed<s>/sp/                   stage 1 (dense start, then hard switches): row 1
+    seed<s>/dense/sp/             the same net trained plainly dense (--train_mode open), same epochs
+    seed<s>/search/               main_search.py (first seed): the static + dynamic setting, on validation
+    seed<s>/{prune,rl}/           the other seeds: stage 2 at the same compression, stage 3 at the chosen setting
+    seed<s>/seedflags/rl/         stage 3 at the seed's flags from the static network (first seed)
+    seed<s>/equal/prune/          stage 2 pushed to the GFLOPs of the seed's static + dynamic network
+    seed<s>/route/route.json      the best fixed route at those GFLOPs (bench/fixed_route.py)
+    logs/<task>.log               every subprocess's output
 
-Results (--results, default bench/results/): study.json (everything, with mean and sample std over seeds),
+Results (--results, default bench/results/): study.json (everything, means and sample std over seeds),
 study.md (the README's tables), study_points.json and study.png (the picture).
 
 Jobs run --jobs at a time (default 2), each with --threads torch threads (default 1): on a 2-core machine
-two single-threaded processes beat one process with two threads, and a busy machine punishes
-oversubscribed threads. The latency measurement runs alone, last. A task whose outputs exist from the
-same command is not run again (delete --out to start afresh).
+two single-threaded processes beat one process with two threads. A task whose outputs exist from the same
+command is not run again (delete --out to start afresh); a crash costs only the task that was running.
 """
 import argparse
 import json
@@ -39,71 +44,104 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 
-# The study's scale. ResNet-32 at width 1 (0.47 M parameters, 0.14 GFLOPs per image) on the 1,438 training
-# images of digits: stage 1 reaches about 98.5% test accuracy in 30 epochs; an epoch takes about 12 s on one
-# core of a quiet machine. Stage 3 differs from the seed's CIFAR-100 command (alpha 0.1, rl_weight 0.1,
-# lr 0.001, 100 epochs) because it has 10 epochs (220 steps) instead of ~20,000 steps: at the seed's weights
-# the switches do not move in that budget, so the policy loss gets weight 1 and lr 0.01, and alpha is swept.
+# The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
+# split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense (SkipNet
+# starts its supervised phase from a trained ResNet). Stage 3 of the search is the demo's: alpha is the knob
+# (a fixed skip reward; the --target_gflops dual ascent met its target but lost accuracy on the demo data),
+# rl_weight 0.01 per image (the policy loss is summed over the 64 images of a batch).
 SCALES = {
     "digits": dict(
-        data="digits", resize=32, depth=32, width=1, bs=64, seeds=(0, 1, 2),
-        sp=dict(epochs=30, lr=0.1),
-        prune=dict(epochs=10, lr=0.01, fisher_batches=22),
-        rl=dict(epochs=10, lr=0.01, gamma=1.0, rl_weight=1.0),
-        main_compression=0.6, main_alpha=1.5, val_split=0.1,
-        search=dict(budget=1.0, dynamic_trials=5, max_alpha=8.0),
-        sweep_compressions=(0.4, 0.6, 0.75), sweep_alphas=(0.5, 1.0, 1.5, 2.0, 4.0, 8.0),
-        peer_methods=("magnitude", "taylor"), latency_repeats=20),
+        data="digits", resize=32, depth=20, width=1, bs=64, seeds=(0, 1, 2), val_split=0.1,
+        sp=dict(epochs=15, dense_epochs=10, lr=0.1),
+        prune=dict(compression=0.6, epochs=5, lr=0.02, fisher_batches=16),
+        rl=dict(epochs=6, lr=0.05, gamma=1.0, rl_weight=0.01),
+        seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
+        search=dict(budget=1.0, knob="alpha", dynamic_trials=3, max_alpha=4.0)),
     "quick": dict(
-        data="synthetic", resize=16, depth=8, width=1, bs=32, seeds=(0,),
-        sp=dict(epochs=1, lr=0.05),
-        prune=dict(epochs=1, lr=0.01, fisher_batches=2),
-        rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=1.0),
-        main_compression=0.5, main_alpha=1.0, val_split=0.25,
-        search=dict(budget=100.0, dynamic_trials=2, max_alpha=4.0),  # any network passes: the code path only
-        sweep_compressions=(0.5,), sweep_alphas=(1.0, 4.0),
-        peer_methods=("magnitude", "taylor"), latency_repeats=1),
+        data="synthetic", resize=16, depth=8, width=1, bs=32, seeds=(0, 1), val_split=0.25,
+        sp=dict(epochs=2, dense_epochs=1, lr=0.05),
+        prune=dict(compression=0.5, epochs=1, lr=0.01, fisher_batches=2),
+        rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=0.01),
+        seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
+        search=dict(budget=100.0, knob="alpha", dynamic_trials=2, max_alpha=4.0)),  # any network passes
 }
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 # ------------------------------------------------------------------------------------ the commands
 
-def sp_command(s, data_dir, run_dir, seed):
+def common_flags(s, data_dir, run_dir, seed):
+    return ["--bs", str(s["bs"]), "--num_workers", "0", "--img_type", "png", "--seed", str(seed), "--device",
+            "cpu", "--data_dir", data_dir, "--result_dir", run_dir, "--val_split", str(s["val_split"])]
+
+
+def sp_command(s, data_dir, run_dir, seed, dense=False):
+    """Stage 1: a dense start then SkipNet's supervised phase (row 1), or plain dense training (the reference)."""
+    mode = ["--train_mode", "open"] if dense else ["--dense_epochs", str(s["sp"]["dense_epochs"])]
     return ["main_sp.py", "--network", "resnet", "--depth", str(s["depth"]), "--width", str(s["width"]),
-            "--epochs", str(s["sp"]["epochs"]), "--lr", str(s["sp"]["lr"]), "--bs", str(s["bs"]),
-            "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed),
-            "--device", "cpu", "--data_dir", data_dir, "--result_dir", run_dir, "--val_split", str(s["val_split"])]
+            "--epochs", str(s["sp"]["epochs"]), "--lr", str(s["sp"]["lr"]), "--resize", str(s["resize"]),
+            *mode, *common_flags(s, data_dir, run_dir, seed)]
 
 
-def prune_config(s, data_dir, run_dir, seed, compression, checkpoint=None):
+def prune_config(s, data_dir, run_dir, seed, checkpoint=None, **target):
+    p = s["prune"]
     return {"result_dir": run_dir, "data_dir": data_dir, "checkpoint": checkpoint, "num_workers": 0,
-            "resize": s["resize"], "prune_mode": "one_pass", "compression": compression, "epochs": s["prune"]["epochs"],
-            "lr": s["prune"]["lr"], "bs": s["bs"], "fisher_batches": s["prune"]["fisher_batches"], "seed": seed,
-            "device": "cpu", "val_split": s["val_split"]}
+            "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"], "lr": p["lr"], "bs": s["bs"],
+            "fisher_batches": p["fisher_batches"], "seed": seed, "device": "cpu", "val_split": s["val_split"],
+            **(target or {"compression": p["compression"]})}
 
 
-def rl_command(s, data_dir, run_dir, seed, alpha, checkpoint=None):
-    cmd = ["main_rl_prune.py", "--network", "resnet", "--depth", str(s["depth"]),
-           "--epochs", str(s["rl"]["epochs"]), "--lr", str(s["rl"]["lr"]), "--bs", str(s["bs"]),
-           "--num_workers", "0", "--img_type", "png", "--resize", str(s["resize"]), "--seed", str(seed),
-           "--device", "cpu",
-           "--data_dir", data_dir, "--result_dir", run_dir, "--alpha", str(alpha),
-           "--gamma", str(s["rl"]["gamma"]), "--rl_weight", str(s["rl"]["rl_weight"]),
-           "--val_split", str(s["val_split"])]
-    return cmd + (["--checkpoint", checkpoint] if checkpoint else [])
+def rl_command(s, data_dir, run_dir, seed, checkpoint, alpha, flags=None, final_split="test"):
+    f = flags or s["rl"]
+    return ["main_rl_prune.py", "--checkpoint", checkpoint, "--epochs", str(s["rl"]["epochs"]),
+            "--lr", repr(f["lr"]), "--alpha", repr(alpha), "--gamma", repr(f["gamma"]),
+            "--rl_weight", repr(f["rl_weight"]), "--final_split", final_split,
+            *common_flags(s, data_dir, run_dir, seed)]
 
 
 def search_command(s, run_dir, config_path):
-    """The table's networks, chosen by main_search.py on the validation split of the stage-1 run: stage 2 at
-    the seed's compression (the seed fixes it; --min/--max_compression pin it), and the stage-3 setting
-    bisected for the fewest GFLOPs within the budget (alpha where stage 3 has no --target_gflops)."""
-    c, search = s["main_compression"], s["search"]
+    """main_search.py on the stage-1 run: stage 2 at the study's compression (--min/--max_compression pin it),
+    then the stage-3 knob bisected for the fewest GFLOPs within the budget, on the validation split."""
+    c, q, rl = s["prune"]["compression"], s["search"], s["rl"]
     return ["main_search.py", "--result_dir", run_dir, "--prune_config", config_path, "--device", "cpu",
-            "--num_workers", "0", "--budget", str(search["budget"]), "--min_compression", str(c),
-            "--max_compression", str(c), "--static_trials", "1", "--dynamic_trials", str(search["dynamic_trials"]),
-            "--max_alpha", str(search["max_alpha"]), "--rl_epochs", str(s["rl"]["epochs"]),
-            "--rl_lr", str(s["rl"]["lr"]), "--rl_bs", str(s["bs"]), "--rl_weight", str(s["rl"]["rl_weight"]),
-            "--gamma", str(s["rl"]["gamma"])]
+            "--num_workers", "0", "--budget", str(q["budget"]), "--min_compression", str(c),
+            "--max_compression", str(c), "--static_trials", "1", "--dynamic_trials", str(q["dynamic_trials"]),
+            "--knob", q["knob"], "--max_alpha", str(q["max_alpha"]), "--rl_epochs", str(rl["epochs"]),
+            "--rl_lr", repr(rl["lr"]), "--rl_bs", str(s["bs"]), "--rl_weight", repr(rl["rl_weight"]),
+            "--gamma", repr(rl["gamma"])]
+
+
+# ------------------------------------------------------------------------------------- the networks
+
+def searched(s, out):
+    """The first seed's search: its table rows (test numbers of the chosen networks) and chosen settings."""
+    run = os.path.join(out, f"seed{s['seeds'][0]}")
+    return read_json(os.path.join(run, "search", "table.json"))["rows"]
+
+
+def chosen_alpha(s, out):
+    row = searched(s, out)[2]
+    if not row.get("present"):
+        raise RuntimeError("main_search.py found no static + dynamic setting within the budget on the "
+                           "validation split of the first seed; see its trials.json")
+    return row["settings"][s["search"]["knob"]]
+
+
+def networks(s, out, seed):
+    """{"static", "dynamic"}: checkpoint, test_acc, gflops_per_image, params of the seed's static network
+    (compression fixed) and its static + dynamic network (the search's setting)."""
+    run = os.path.join(out, f"seed{seed}")
+    if seed == s["seeds"][0]:
+        finals = {k: read_json(os.path.join(run, "search", "final", f"{k}.json")) for k in ("prune", "rl")}
+    else:
+        finals = {k: {**read_json(os.path.join(run, k, "metrics.json")),
+                      "checkpoint": os.path.join(run, k, "checkpoint.pt")} for k in ("prune", "rl")}
+    keys = ("checkpoint", "test_acc", "gflops_per_image", "params")
+    return {name: {k: finals[stage][k] for k in keys} for name, stage in (("static", "prune"), ("dynamic", "rl"))}
 
 
 # ------------------------------------------------------------------------------------- the tasks
@@ -111,71 +149,75 @@ def search_command(s, run_dir, config_path):
 @dataclass
 class Task:
     name: str
-    argv: list                       # python script and its arguments, run from the repository root
-    output: str                      # the file the task exists to write
+    argv: object                     # python script and its arguments, run from the repository root; or a
+    output: str                      # function returning them, called once the dependencies are done
     deps: list = field(default_factory=list)
-    config: dict = None              # written to config_path before the run (stage 2's JSON config)
+    config: object = None            # written to config_path before the run (stage 2's JSON config); or a function
     config_path: str = None
-    exclusive: bool = False          # runs alone (timings)
     seconds: float = None
     reused: bool = False
 
+    def resolve(self):
+        self.argv = self.argv() if callable(self.argv) else self.argv
+        self.config = self.config() if callable(self.config) else self.config
+
 
 def plan(s, out):
-    """Every task of the study with its dependencies."""
+    """Every task of the study with its dependencies, in the order they are started once ready: the chain
+    to the headline numbers first (the first seed's stage 1 and search), the dense reference runs and the
+    equal-GFLOPs stage-2 runs of the other seeds last (a study stopped early reports what it has)."""
     data = os.path.join(out, "data")
-    tasks = []
-    for seed in s["seeds"]:
-        run = os.path.join(out, f"seed{seed}")
-        cfg_path = os.path.join(run, "prune_config.json")
-        tasks += [
-            Task(f"sp/seed{seed}", sp_command(s, data, run, seed), os.path.join(run, "sp", "metrics.json")),
-            Task(f"prune/seed{seed}", ["main_prune.py", "--config_path", cfg_path],
-                 os.path.join(run, "prune", "metrics.json"), [f"sp/seed{seed}"],
-                 prune_config(s, data, run, seed, s["main_compression"]), cfg_path),
-            Task(f"rl/seed{seed}", rl_command(s, data, run, seed, s["main_alpha"]),
-                 os.path.join(run, "rl", "metrics.json"), [f"prune/seed{seed}"])]
-        search_cfg = os.path.join(run, "search_prune_config.json")
-        tasks.append(Task(f"search/seed{seed}", search_command(s, run, search_cfg),
-                          os.path.join(run, "search", "table.json"), [f"sp/seed{seed}"],
-                          prune_config(s, data, run, seed, s["main_compression"]), search_cfg))
-    seed0 = s["seeds"][0]
-    run0 = os.path.join(out, f"seed{seed0}")
-    for c in s["sweep_compressions"]:
-        if c == s["main_compression"]:
-            prune_dir, prune_task = run0, f"prune/seed{seed0}"  # the main run is this sweep level
-        else:
-            prune_dir, prune_task = os.path.join(out, "sweep", f"c{c}"), f"prune/c{c}"
-            cfg_path = os.path.join(prune_dir, "prune_config.json")
-            tasks.append(Task(prune_task, ["main_prune.py", "--config_path", cfg_path],
-                              os.path.join(prune_dir, "prune", "metrics.json"), [f"sp/seed{seed0}"],
-                              prune_config(s, data, prune_dir, seed0, c,
-                                           os.path.join(run0, "sp", "checkpoint.pt")), cfg_path))
-        for a in s["sweep_alphas"]:
-            if c == s["main_compression"] and a == s["main_alpha"]:
-                continue  # seed 0's main stage 3
-            rl_dir = os.path.join(out, "sweep", f"c{c}", f"a{a}")
-            tasks.append(Task(f"rl/c{c}/a{a}", rl_command(
-                s, data, rl_dir, seed0, a, os.path.join(prune_dir, "prune", "checkpoint.pt")),
-                os.path.join(rl_dir, "rl", "metrics.json"), [prune_task]))
-    tasks.sort(key=lambda t: not t.name.startswith("sp/"))  # the longest tasks first (stable otherwise)
-    if peer_available():
-        peer = "bench/peer_torch_pruning.py"
-        for m in s["peer_methods"]:
-            tasks.append(Task(f"peer/{m}", [peer, "finetune", "--result_dir", run0, "--method", m],
-                              os.path.join(run0, "peer", m, "metrics.json"), [f"prune/seed{seed0}"]))
-        tasks.append(Task("measure", [peer, "measure", "--result_dir", run0, "--threads", "2", "--repeats",
-                                      str(s["latency_repeats"])], os.path.join(run0, "peer", "measure.json"),
-                          [t.name for t in tasks], exclusive=True))
-    return tasks
+    first = s["seeds"][0]
+    run0 = os.path.join(out, f"seed{first}")
+    cfg0 = os.path.join(run0, "search_prune_config.json")
+    runs = {seed: os.path.join(out, f"seed{seed}") for seed in s["seeds"]}
+    tasks = [Task(f"sp/seed{first}", sp_command(s, data, run0, first), os.path.join(run0, "sp", "metrics.json")),
+             Task(f"search/seed{first}", search_command(s, run0, cfg0), os.path.join(run0, "search", "table.json"),
+                  [f"sp/seed{first}"], prune_config(s, data, run0, first), cfg0)]
+    others = s["seeds"][1:]
+    tasks += [Task(f"sp/seed{seed}", sp_command(s, data, runs[seed], seed),
+                   os.path.join(runs[seed], "sp", "metrics.json")) for seed in others]
+    for seed in others:  # the first seed's setting applied to the other seeds
+        cfg = os.path.join(runs[seed], "prune_config.json")
+        tasks.append(Task(f"prune/seed{seed}", ["main_prune.py", "--config_path", cfg],
+                          os.path.join(runs[seed], "prune", "metrics.json"), [f"sp/seed{seed}"],
+                          prune_config(s, data, runs[seed], seed), cfg))
+    for seed in others:
+        tasks.append(Task(f"rl/seed{seed}", lambda run=runs[seed], seed=seed: rl_command(
+            s, data, run, seed, os.path.join(run, "prune", "checkpoint.pt"), chosen_alpha(s, out)),
+            os.path.join(runs[seed], "rl", "metrics.json"), [f"prune/seed{seed}", f"search/seed{first}"]))
+    tasks.append(Task(f"seedflags/seed{first}", lambda: rl_command(
+        s, data, os.path.join(run0, "seedflags"), first, os.path.join(searched(s, out)[1]["trial_dir"], "prune",
+                                                                     "checkpoint.pt"),
+        s["seed_flags"]["alpha"], s["seed_flags"], final_split="val"),
+        os.path.join(run0, "seedflags", "rl", "metrics.json"), [f"search/seed{first}"]))
 
+    def budget(seed):
+        return round(networks(s, out, seed)["dynamic"]["gflops_per_image"], 6)
 
-def peer_available():
-    try:
-        import torch_pruning  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    def dynamic_task(seed):
+        return f"search/seed{first}" if seed == first else f"rl/seed{seed}"
+
+    def equal(seed):  # static pruning pushed to the GFLOPs of the seed's static + dynamic network
+        run, cfg = runs[seed], os.path.join(runs[seed], "equal_config.json")
+        return Task(f"equal/seed{seed}", ["main_prune.py", "--config_path", cfg],
+                    os.path.join(run, "equal", "prune", "metrics.json"), [dynamic_task(seed), f"sp/seed{seed}"],
+                    lambda: prune_config(s, data, os.path.join(run, "equal"), seed,
+                                         os.path.join(run, "sp", "checkpoint.pt"), gflops=budget(seed)), cfg)
+
+    def route(seed):  # the best fixed route at those GFLOPs, on the stage-3 and on the stage-2 weights
+        nets = lambda: networks(s, out, seed)  # noqa: E731
+        return Task(f"route/seed{seed}", lambda: [
+            "bench/fixed_route.py", "--checkpoint", nets()["dynamic"]["checkpoint"], "--checkpoint",
+            nets()["static"]["checkpoint"], "--bs", str(s["bs"]), "--budget_gflops", repr(budget(seed)),
+            "--data_dir", data, "--val_split", str(s["val_split"]), "--seed", str(seed), "--out",
+            os.path.join(runs[seed], "route", "route.json")], os.path.join(runs[seed], "route", "route.json"),
+            [dynamic_task(seed)])
+
+    tasks += [equal(first)] + [route(seed) for seed in s["seeds"]]
+    tasks += [Task(f"dense/seed{seed}", sp_command(s, data, os.path.join(runs[seed], "dense"), seed, dense=True),
+                   os.path.join(runs[seed], "dense", "sp", "metrics.json")) for seed in s["seeds"]]
+    return tasks + [equal(seed) for seed in others]
 
 
 def stamp_path(task):
@@ -193,6 +235,7 @@ def already_done(task):
 
 
 def run_task(task, logs, threads, upstream_rerun):
+    task.resolve()
     if already_done(task) and not upstream_rerun:
         with open(stamp_path(task)) as f:
             task.seconds, task.reused = json.load(f)["seconds"], True
@@ -218,150 +261,231 @@ def run_task(task, logs, threads, upstream_rerun):
 
 
 def run_all(tasks, jobs, threads, logs):
-    """Run the tasks, `jobs` at a time, each once its dependencies are done; exclusive ones alone."""
+    """Run the tasks, `jobs` at a time, each once its dependencies are done, in the order given. A failed
+    task skips the tasks that depend on it, not the others; RuntimeError at the end names the failures."""
     os.makedirs(logs, exist_ok=True)
-    pending, running, done, rerun = list(tasks), {}, set(), set()
+    pending, running, done, rerun, failed = list(tasks), {}, set(), set(), {}
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
             for task in list(pending):
-                ready = all(d in done for d in task.deps)
-                room = len(running) < jobs and not any(t.exclusive for t in running.values())
-                if ready and room and (not task.exclusive or not running):
+                if any(d in failed for d in task.deps):
+                    failed[task.name] = "skipped: a dependency failed"
+                    pending.remove(task)
+                elif all(d in done for d in task.deps) and len(running) < jobs:
                     upstream = any(d in rerun for d in task.deps)
                     running[pool.submit(run_task, task, logs, threads, upstream)] = task
                     pending.remove(task)
+            if not running:
+                continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 task = running.pop(future)
-                future.result()  # a failed task stops the study with its log's tail
+                try:
+                    future.result()
+                except Exception as e:  # noqa: BLE001 -- reported with the task's log, the study goes on
+                    failed[task.name] = str(e)
+                    print(f"[study] {e}", flush=True)
+                    continue
                 done.add(task.name)
                 if not task.reused:
                     rerun.add(task.name)
+    if failed:
+        raise RuntimeError("failed: " + "; ".join(f"{k} ({v.splitlines()[0]})" for k, v in failed.items()))
 
 
 # ----------------------------------------------------------------------------------- the results
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def mean_std(values):
     values = [v for v in values if v is not None]
+    if not values:
+        return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+            "n": len(values)}
 
 
-def study_table(s, out):
-    """The headline table of every seed (each search's table.json: settings chosen on the validation split,
-    each network evaluated once on test) and its mean and std over seeds."""
-    per_seed = {seed: read_json(os.path.join(out, f"seed{seed}", "search", "table.json"))["rows"]
-                for seed in s["seeds"]}
-    rows = []
-    for i, first in enumerate(per_seed[s["seeds"][0]]):
-        seeds_rows = [per_seed[seed][i] for seed in s["seeds"]]
-        base = [per_seed[seed][0]["accuracy"] for seed in s["seeds"]]
-        rows.append({"method": first["method"], "stage": first["stage"],
-                     **{k: mean_std([r[k] for r in seeds_rows]) for k in
-                        ("accuracy", "gflops_per_image", "compression", "params")},
-                     "accuracy_drop": mean_std([b - r["accuracy"] for b, r in zip(base, seeds_rows)])})
-    return rows
+def optional(fn, *args):
+    """fn(*args), or None where a task's output is missing (a study stopped early reports what it has)."""
+    try:
+        return fn(*args)
+    except (FileNotFoundError, KeyError, IndexError, TypeError, RuntimeError):
+        return None
 
 
-def targets_met(rows):
-    unpruned, static, dynamic = rows
-    return {"dynamic_within_1_point": dynamic["accuracy_drop"]["mean"] <= 1.0,
-            "compression_at_least_60": dynamic["compression"]["mean"] >= 0.6 - 1e-9,
-            "dynamic_fewer_gflops_than_static":
-                dynamic["gflops_per_image"]["mean"] < static["gflops_per_image"]["mean"]}
+def seed_results(s, out, seed):
+    """Every number of one seed, each from the JSON a script wrote."""
+    run = os.path.join(out, f"seed{seed}")
+    sp = read_json(os.path.join(run, "sp", "metrics.json"))
+    r = {"seed": seed, "row1": {"test_acc": sp["test_acc"], "gflops_per_image": sp["gflops_per_image"],
+                                "routed_acc": sp.get("routed_acc"), "params": sp["params"]}}
+    dense = optional(read_json, os.path.join(run, "dense", "sp", "metrics.json"))
+    r["dense"] = dense and {"test_acc": dense["test_acc"]}
+    nets = optional(networks, s, out, seed)
+    if nets:
+        for name, net in nets.items():
+            r[name] = {**net, "compression": 1 - net["params"] / sp["params"]}
+        r["gflops_reduction"] = 1 - nets["dynamic"]["gflops_per_image"] / nets["static"]["gflops_per_image"]
+        r["dynamic_drop"] = sp["test_acc"] - nets["dynamic"]["test_acc"]
+        r["static_drop"] = sp["test_acc"] - nets["static"]["test_acc"]
+    equal = optional(read_json, os.path.join(run, "equal", "prune", "metrics.json"))
+    r["static_equal"] = equal and {k: equal[k] for k in ("test_acc", "gflops_per_image", "params", "compression")}
+    route = optional(read_json, os.path.join(run, "route", "route.json"))
+    if route and nets:
+        by = route["networks"]
+        r["route_stage3_weights"] = {k: by[nets["dynamic"]["checkpoint"]].get(k) for k in ("at_or_under", "over")}
+        r["route_stage2_weights"] = {k: by[nets["static"]["checkpoint"]].get(k) for k in ("at_or_under", "over")}
+    return r
 
 
-def sweep_points(s, out):
-    """Every point of the picture, each with the metrics.json it comes from."""
-    seed0 = s["seeds"][0]
-    run0 = os.path.join(out, f"seed{seed0}")
-
-    def point(kind, path, **extra):
-        m = read_json(path)
-        return {"kind": kind, "test_acc": m["test_acc"], "gflops_per_image": m["gflops_per_image"],
-                "params": m["params"], "source": os.path.relpath(path, ROOT), **extra}
-
-    points = [point("unpruned", os.path.join(run0, "sp", "metrics.json"), compression=0.0)]
-    for c in s["sweep_compressions"]:
-        prune_dir = run0 if c == s["main_compression"] else os.path.join(out, "sweep", f"c{c}")
-        points.append(point("static", os.path.join(prune_dir, "prune", "metrics.json"), compression_target=c,
-                            compression=read_json(os.path.join(prune_dir, "prune", "metrics.json"))["compression"]))
-        for a in s["sweep_alphas"]:
-            rl_dir = run0 if c == s["main_compression"] and a == s["main_alpha"] else \
-                os.path.join(out, "sweep", f"c{c}", f"a{a}")
-            rl_metrics = os.path.join(rl_dir, "rl", "metrics.json")
-            points.append(point("static+dynamic", rl_metrics, compression_target=c, alpha=a,
-                                compression=read_json(rl_metrics)["compression"]))
-    for m in s["peer_methods"]:
-        path = os.path.join(run0, "peer", m, "metrics.json")
-        if os.path.isfile(path):
-            points.append(point(f"torch-pruning {m}", path, compression=read_json(path)["compression"]))
-    return points
+def seed_flags(s, out):
+    """Stage 3 at the seed's flags from the first seed's static network: greedy execution rate per switch
+    before (the static network) and after, both on the validation split."""
+    before = read_json(os.path.join(searched(s, out)[1]["trial_dir"], "prune", "metrics.json"))
+    after = read_json(os.path.join(out, f"seed{s['seeds'][0]}", "seedflags", "rl", "metrics.json"))
+    return {"flags": s["seed_flags"], "epochs": s["rl"]["epochs"],
+            "before": {k: before[k] for k in ("exec_rate", "val_acc", "gflops_per_image")},
+            "after": {k: after[k] for k in ("exec_rate", "val_acc", "gflops_per_image")}}
 
 
-def comparison(s, out):
-    path = os.path.join(out, f"seed{s['seeds'][0]}", "peer", "measure.json")
-    return read_json(path) if os.path.isfile(path) else None
+def summarise(per_seed):
+    """Means and sample std over the seeds of every headline number."""
+    def over(get):
+        return mean_std([optional(get, r) for r in per_seed])
+    return {
+        "row1_acc": over(lambda r: r["row1"]["test_acc"]), "dense_acc": over(lambda r: r["dense"]["test_acc"]),
+        "static_acc": over(lambda r: r["static"]["test_acc"]),
+        "static_gflops": over(lambda r: r["static"]["gflops_per_image"]),
+        "dynamic_acc": over(lambda r: r["dynamic"]["test_acc"]),
+        "dynamic_gflops": over(lambda r: r["dynamic"]["gflops_per_image"]),
+        "gflops_reduction": over(lambda r: r["gflops_reduction"]), "dynamic_drop": over(lambda r: r["dynamic_drop"]),
+        "static_equal_acc": over(lambda r: r["static_equal"]["test_acc"]),
+        "static_equal_gflops": over(lambda r: r["static_equal"]["gflops_per_image"]),
+        **{f"route_{w}_{k}_{m}": over(lambda r, w=w, k=k, m=m: r[f"route_{w}_weights"][k][m])
+           for w in ("stage3", "stage2") for k in ("at_or_under", "over") for m in ("test_acc", "gflops_per_image")}}
+
+
+def points(per_seed):
+    """The picture's points: every seed's networks (test accuracy, GFLOPs per image as executed)."""
+    pts = []
+
+    def add(kind, seed, acc, gflops):
+        pts.append({"kind": kind, "seed": seed, "test_acc": acc, "gflops_per_image": gflops})
+    for r in per_seed:
+        seed = r["seed"]
+        add("w/o pruning (row 1)", seed, r["row1"]["test_acc"], r["row1"]["gflops_per_image"])
+        if r.get("dense"):
+            add("plain dense training", seed, r["dense"]["test_acc"], r["row1"]["gflops_per_image"])
+        if r.get("static"):
+            add("static only", seed, r["static"]["test_acc"], r["static"]["gflops_per_image"])
+            add("static + dynamic (per-image routes)", seed, r["dynamic"]["test_acc"], r["dynamic"]["gflops_per_image"])
+        if r.get("static_equal"):
+            add("static only, pushed to equal GFLOPs", seed, r["static_equal"]["test_acc"],
+                r["static_equal"]["gflops_per_image"])
+        for w, label in (("stage3", "stage-3 weights"), ("stage2", "stage-2 weights")):
+            for k, v in (r.get(f"route_{w}_weights") or {}).items():
+                if v:
+                    add(f"best fixed route ({label}, {'under' if k == 'at_or_under' else 'over'} budget)", seed,
+                        v["test_acc"], v["gflops_per_image"])
+    return pts
 
 
 # ---------------------------------------------------------------------------------------- Markdown
 
 def pm(stat, scale=1.0, digits=2):
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+    return "-" if stat is None else f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
-def chosen_settings(s, out):
-    """{seed: the static + dynamic row's settings found by the search}."""
-    return {seed: read_json(os.path.join(out, f"seed{seed}", "search", "table.json"))["rows"][2].get("settings") or {}
-            for seed in s["seeds"]}
+def num(x, digits=2, scale=1.0):
+    return "-" if x is None else f"{scale * x:.{digits}f}"
 
 
-def markdown(s, rows, met, peer, points, timing, command, out):
-    n = len(s["seeds"])
+def get(r, *keys):
+    for k in keys:
+        if r is None:
+            return None
+        r = r.get(k) if isinstance(r, dict) else None
+    return r
+
+
+def markdown(s, per_seed, mean, flags, alpha, timing, command):
+    n = len(per_seed)
     data = "Digits (scikit-learn, 1,797 images, 32x32 PNG)" if s["data"] == "digits" else \
         f"Synthetic images ({s['resize']}x{s['resize']} PNG)"
-    lines = [f"{data}, ResNet-{s['depth']} width {s['width']}, "
-             f"{n} seed{'s' * (n > 1)} (mean ± sample std). Reproduce: `{command}`.", "",
-             "| Method | Accuracy (%) | Drop vs unpruned (points) | GFLOPs / image | Compression |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {pm(r['accuracy'])} | {pm(r['accuracy_drop'])} | "
-                     f"{pm(r['gflops_per_image'], digits=4)} | {pm(r['compression'], 100, 1)}% |")
-    seeds = "/".join(map(str, s["seeds"]))
-    lines += ["", "Static + dynamic setting chosen per seed by main_search.py on the validation split of the "
-              f"stage-1 run (budget {s['search']['budget']:g} point; test read once per chosen network): " + "; ".join(
-                  f"seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in settings.items())
-                  for seed, settings in chosen_settings(s, out).items()) + "."]
-    lines += ["", f"Per seed ({seeds}): " + "; ".join(
-        f"{r['method']} {'/'.join(f'{v:.2f}' for v in r['accuracy']['values'])}% at "
-        f"{'/'.join(f'{v:.4f}' for v in r['gflops_per_image']['values'])} GFLOPs" for r in rows) + ".",
-        "", "Targets (on the means): " + ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}"
-                                                   for k, v in met.items()), ""]
-    if peer:
-        m = peer["models"]
-        epochs = peer["finetune_budget"]["epochs"]
-        lines += [f"Torch-Pruning on the same stage-1 network (seed {s['seeds'][0]}), pruned to our stage-2 "
-                  f"parameter count, fine-tuned {epochs} epochs like our stage 2; latency on CPU with "
-                  f"{peer['threads']} threads (median of {peer['repeats']}).", "",
-                  "| Method | Params | Acc. after pruning (%) | Acc. after fine-tuning (%) | GFLOPs / image | "
-                  "Latency b128 (ms) | Latency b1 (ms) |", "|---|---|---|---|---|---|---|"]
-        for key in ("unpruned", "ours_static", "ours_dynamic", "tp_magnitude", "tp_taylor"):
-            if key not in m:
-                continue
-            r = m[key]
-            before = "-" if r.get("test_acc_after_prune") is None else f"{r['test_acc_after_prune']:.2f}"
-            lines.append(f"| {r['label']} | {r['params']:,} | {before} | {r['test_acc']:.2f} | "
-                         f"{r['gflops_per_image']:.4f} | {r['latency_ms_b128']:.1f} | {r['latency_ms_b1']:.2f} |")
-        lines += ["", f"Stage 3 adds {s['rl']['epochs']} REINFORCE epochs to the stage-2 model (alpha "
-                      f"{s['main_alpha']}).", ""]
-    lines += ["![accuracy vs GFLOPs](study.png)", "",
-              f"Picture: {len(points)} runs (bench/results/study_points.json).", "", timing_line(timing)]
-    return "\n".join(lines) + "\n"
+    L = [f"{data}, ResNet-{s['depth']} width {s['width']}, validation split {s['val_split']:g} of train, "
+         f"{n} seed{'s' * (n > 1)} (mean ± sample std). Stage 1: {s['sp']['epochs']} epochs "
+         f"({s['sp']['dense_epochs']} dense, then SkipNet's supervised phase); stage 2: compression "
+         f"{s['prune']['compression']:g}, {s['prune']['epochs']} epochs; stage 3: {s['rl']['epochs']} epochs, lr "
+         f"{s['rl']['lr']:g}, rl_weight {s['rl']['rl_weight']:g} per image, gamma {s['rl']['gamma']:g}. "
+         f"Reproduce: `{command}`.", "", "**1. Row 1 against plain dense training** (same net, same epochs; "
+         "test accuracy %)", "", "| Seed | Row 1 (dense start + switches), every block | its greedy routes | "
+         "plain dense (--train_mode open) |", "|---|---|---|---|"]
+    for r in per_seed:
+        L.append(f"| {r['seed']} | {num(r['row1']['test_acc'])} | {num(r['row1']['routed_acc'])} | "
+                 f"{num(get(r, 'dense', 'test_acc'))} |")
+    L.append(f"| mean | {pm(mean['row1_acc'])} | | {pm(mean['dense_acc'])} |")
+    if flags:
+        b, a = flags["before"], flags["after"]
+        L += ["", f"**2. Stage 3 at the seed's flags** (alpha {flags['flags']['alpha']:g}, gamma "
+              f"{flags['flags']['gamma']:g}, rl_weight {flags['flags']['rl_weight']:g}, lr {flags['flags']['lr']:g}; "
+              f"{flags['epochs']} epochs from the static network of seed {s['seeds'][0]}; validation split):", "",
+              "| | " + " | ".join(f"switch {j + 1}" for j in range(len(b["exec_rate"]))) + " | val acc (%) | GFLOPs |",
+              "|---|" + "---|" * (len(b["exec_rate"]) + 2)]
+        for name, x in (("greedy execution rate before", b), ("after", a)):
+            L.append(f"| {name} | " + " | ".join(f"{100 * v:.0f}%" for v in x["exec_rate"]) +
+                     f" | {x['val_acc']:.2f} | {x['gflops_per_image']:.4f} |")
+    L += ["", f"**3. Static + dynamic against static only** at compression {s['prune']['compression']:g} "
+          f"(alpha {num(alpha, 4) if alpha is not None else '-'} chosen by main_search.py on the validation split "
+          f"of seed {s['seeds'][0]}, budget {s['search']['budget']:g} point, and applied to every seed; test "
+          "accuracy %)", "", "| Seed | Unpruned | Static only | GFLOPs | Static + dynamic | GFLOPs | GFLOPs "
+          "reduction | Drop vs unpruned (points) |", "|---|---|---|---|---|---|---|---|"]
+    for r in per_seed:
+        L.append(f"| {r['seed']} | {num(r['row1']['test_acc'])} | {num(get(r, 'static', 'test_acc'))} | "
+                 f"{num(get(r, 'static', 'gflops_per_image'), 4)} | {num(get(r, 'dynamic', 'test_acc'))} | "
+                 f"{num(get(r, 'dynamic', 'gflops_per_image'), 4)} | {num(r.get('gflops_reduction'), 1, 100)}% | "
+                 f"{num(r.get('dynamic_drop'))} |")
+    L.append(f"| mean | {pm(mean['row1_acc'])} | {pm(mean['static_acc'])} | {pm(mean['static_gflops'], digits=4)} | "
+             f"{pm(mean['dynamic_acc'])} | {pm(mean['dynamic_gflops'], digits=4)} | "
+             f"{pm(mean['gflops_reduction'], 100, 1)}% | {pm(mean['dynamic_drop'])} |")
+    goals = [("GFLOPs reduction >= 25%", mean["gflops_reduction"], lambda m: m >= 0.25),
+             ("within 1 point of unpruned", mean["dynamic_drop"], lambda m: m <= 1.0)]
+    L += ["", "Goals (on the means): " + ", ".join(
+        f"{name}: {'-' if m is None else ('yes' if ok(m['mean']) else 'NO')}" for name, m, ok in goals) + "."]
+    L += ["", "**4. At equal GFLOPs**: per-image routing against the best fixed route (the same blocks skipped "
+          "for every image, chosen greedily on the validation split, BN re-estimated under the route; 'under' "
+          "is the greedy route at or under the budget, 'over' the one greedy step before it) and against "
+          "static pruning alone pushed to the same GFLOPs (stage 2's `gflops` key; test accuracy % at GFLOPs)",
+          "", "| Seed | Per-image routing | Fixed route, stage-3 weights, under / over | Fixed route, stage-2 "
+          "weights, under / over | Static only at equal GFLOPs |", "|---|---|---|---|---|"]
+
+    def at(x):
+        return "-" if not x else f"{x['test_acc']:.2f} @ {x['gflops_per_image']:.4f}"
+    for r in per_seed:
+        w3, w2 = r.get("route_stage3_weights") or {}, r.get("route_stage2_weights") or {}
+        L.append(f"| {r['seed']} | {at(r.get('dynamic'))} | {at(w3.get('at_or_under'))} / {at(w3.get('over'))} | "
+                 f"{at(w2.get('at_or_under'))} / {at(w2.get('over'))} | {at(r.get('static_equal'))} |")
+
+    def mat(prefix):
+        a, g = mean[f"{prefix}_acc" if "route" not in prefix else f"{prefix}_test_acc"], \
+            mean[f"{prefix}_gflops" if "route" not in prefix else f"{prefix}_gflops_per_image"]
+        if a is None:
+            return "-"
+        seeds = "" if a["n"] == n else f" ({a['n']} seed{'s' * (a['n'] > 1)})"
+        return f"{a['mean']:.2f} ± {a['std']:.2f} @ {g['mean']:.4f}{seeds}"
+    L.append(f"| mean | {mat('dynamic')} | {mat('route_stage3_at_or_under')} / {mat('route_stage3_over')} | "
+             f"{mat('route_stage2_at_or_under')} / {mat('route_stage2_over')} | {mat('static_equal')} |")
+    L += ["", "![accuracy vs GFLOPs](study.png)", "", timing_line(timing)]
+    return "\n".join(L) + "\n"
+
+
+def timing_line(timing):
+    searches = timing["search_seconds"]
+    line = "".join(f"The search (main_search.py, {k.split('/')[1]}) took {v / 60:.1f} min wall time. "
+                   for k, v in searches.items() if v)
+    full = timing["from_scratch"]
+    if full:
+        return line + (f"Wall time of the whole study from scratch: {full['wall_seconds'] / 60:.1f} min on 2 CPU "
+                       f"cores shared with other work ({timing['jobs']} jobs at once; finished {full['finished']}).")
+    return line + (f"Wall time from scratch not measured for these settings; the tasks took "
+                   f"{timing['task_seconds_total'] / 60:.1f} job-minutes ({timing['jobs']} jobs at once).")
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -370,31 +494,14 @@ def record_timing(s, tasks, wall, out, jobs):
     """This call's wall time, and the study's from scratch: measured by the last call that reused no task
     (kept in <out>/full_run.json), valid while the scale is the same."""
     path = os.path.join(out, "full_run.json")
-    if not any(t.reused for t in tasks):
+    if tasks and not any(t.reused for t in tasks) and all(t.seconds is not None for t in tasks):
         with open(path, "w") as f:
             json.dump({"wall_seconds": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "load_average_1_5_15_min": os.getloadavg(), "scale": s}, f, indent=2)
     full = read_json(path) if os.path.isfile(path) else None
-    return {"this_call_seconds": wall, "task_seconds_total": sum(t.seconds for t in tasks), "jobs": jobs,
+    return {"this_call_seconds": wall, "task_seconds_total": sum(t.seconds or 0 for t in tasks), "jobs": jobs,
             "search_seconds": {t.name: t.seconds for t in tasks if t.name.startswith("search/")},
             "from_scratch": full if full and full["scale"] == json.loads(json.dumps(s)) else None}
-
-
-def timing_line(timing):
-    searches = timing["search_seconds"]
-    minutes = " / ".join(f"{v / 60:.1f}" for v in searches.values())
-    seeds = ", ".join(k.split("/")[1] for k in searches)
-    line = f"The searches (main_search.py, one process each) took {minutes} min wall time ({seeds}). "
-    return (line if searches else "") + _full_line(timing)
-
-
-def _full_line(timing):
-    full = timing["from_scratch"]
-    if full:
-        return (f"Wall time of the whole study from scratch: {full['wall_seconds'] / 60:.1f} min on 2 CPU cores "
-                f"({timing['jobs']} jobs at once; finished {full['finished']}).")
-    return (f"Wall time from scratch not measured for these settings; the tasks took "
-            f"{timing['task_seconds_total'] / 60:.1f} job-minutes ({timing['jobs']} jobs at once).")
 
 
 def shown(path):
@@ -412,15 +519,28 @@ def prepare_data(s, out):
     return path
 
 
+def report_only(tasks):
+    """The tasks as done by earlier calls (their stamps); RuntimeError names those not done."""
+    missing = []
+    for t in tasks:
+        if optional(t.resolve) is None and callable(t.argv) or not os.path.isfile(stamp_path(t)):
+            missing.append(t.name)
+            continue
+        t.seconds, t.reused = read_json(stamp_path(t))["seconds"], True
+    if missing:
+        raise RuntimeError("not done (yet): " + ", ".join(missing))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny synthetic scale: the smoke test's")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "study"), help="runs and logs")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="summary files")
     p.add_argument("--jobs", type=int, default=2, help="tasks run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task")
-    p.add_argument("--remeasure", action="store_true", help="redo the latency measurement (a quieter machine)")
+    p.add_argument("--report", action="store_true", help="run nothing: write the results from the tasks done "
+                   "(while a study runs, or after one was stopped)")
     args = p.parse_args(argv)
     s = dict(SCALES["quick" if args.quick else "digits"])
     if args.seeds:
@@ -429,40 +549,48 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     prepare_data(s, out)
-    tasks = plan(s, shown(out))
-    if args.remeasure:
-        for t in tasks:
-            if t.name == "measure" and os.path.isfile(stamp_path(t)):
-                os.remove(stamp_path(t))
-    run_all(tasks, args.jobs, args.threads, os.path.join(out, "logs"))
+    tasks = plan(s, out)
+    failure = None
+    try:
+        if args.report:
+            report_only(tasks)
+        else:
+            run_all(tasks, args.jobs, args.threads, os.path.join(out, "logs"))
+    except RuntimeError as e:  # report what exists, then fail
+        failure = str(e)
+        print(f"[study] {failure}", flush=True)
     wall = time.time() - t0
     timing = record_timing(s, tasks, wall, out, args.jobs)
 
-    rows = study_table(s, out)
-    met = targets_met(rows)
-    points = sweep_points(s, shown(out))
-    peer = comparison(s, out)
+    per_seed = [r for r in (optional(seed_results, s, out, seed) for seed in s["seeds"]) if r]
+    mean = summarise(per_seed)
+    flags = optional(seed_flags, s, out)
+    alpha = optional(chosen_alpha, s, out)
     command = "python bench/study.py" + (" --quick" if args.quick else "") + \
         (f" --seeds {' '.join(map(str, s['seeds']))}" if args.seeds else "")
     os.makedirs(args.results, exist_ok=True)
-    summary = {"command": command, "scale": s, "wall_seconds": wall, "timing": timing,
+    pts = points(per_seed)
+    summary = {"command": command, "scale": s, "wall_seconds": wall, "timing": timing, "failure": failure,
                "task_seconds": {t.name: t.seconds for t in tasks}, "tasks_reused": [t.name for t in tasks if t.reused],
-               "table": rows, "targets_met": met, "comparison": peer, "search_settings": chosen_settings(s, out),
-               "commands": {t.name: ["python", *map(shown, t.argv)] for t in tasks},
-               "stage2_configs": {t.name: t.config for t in tasks if t.config is not None}}
+               "search_settings": {"alpha": alpha, "search": optional(searched, s, out)},
+               "per_seed": per_seed, "mean": mean, "seed_flags": flags,
+               "commands": {t.name: ["python", *map(shown, t.argv)] for t in tasks if not callable(t.argv)},
+               "stage2_configs": {t.name: t.config for t in tasks if t.config is not None and not callable(t.config)}}
     with open(os.path.join(args.results, "study.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(args.results, "study_points.json"), "w") as f:
-        json.dump({"x": "gflops_per_image", "y": "test_acc", "points": points}, f, indent=2)
+        json.dump({"x": "gflops_per_image", "y": "test_acc", "points": pts}, f, indent=2)
     try:
         from bench.plot import plot_points
-        plot_points(points, os.path.join(args.results, "study.png"))
+        plot_points(pts, os.path.join(args.results, "study.png"))
     except ImportError:
         print("[study] matplotlib missing: no study.png (pip install -r bench/requirements.txt)", flush=True)
     with open(os.path.join(args.results, "study.md"), "w") as f:
-        f.write(markdown(s, rows, met, peer, points, timing, command, out))
+        f.write(markdown(s, per_seed, mean, flags, alpha, timing, command))
     print(open(os.path.join(args.results, "study.md")).read(), end="")
     print(f"[study] {wall / 60:.1f} min -> {args.results}/study.{{json,md,png}}, study_points.json", flush=True)
+    if failure:
+        raise SystemExit(1)
     return summary
 
 

@@ -1,0 +1,53 @@
+"""Mean switch probability p (execute the block) per switch over the validation split, for each checkpoint
+given: how far stage 3 moved the switches even where the greedy route (p > 0.5) did not change.
+
+    python bench/switch_probs.py CKPT [CKPT ...] --data_dir DIR --val_split 0.1 --seed 0 [--out probs.json]
+"""
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.dist import setup  # noqa: E402
+from utils.engine import prepare  # noqa: E402
+from utils.stage import load_data  # noqa: E402
+
+
+@torch.no_grad()
+def mean_probs(path, data, ctx, bs):
+    ckpt = load_checkpoint(path, None, "checkpoint")
+    loaded = load_data(SimpleNamespace(**data, download=False, bs=bs, final_split="val"), ctx,
+                       recorded=ckpt.get("pipeline"), source=path)
+    model, _ = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
+    model.eval()
+    probs = torch.cat([model(x, "hard")[2] for x, _ in loaded.eval])  # (N, switches)
+    return {"mean_p": probs.mean(0).tolist(), "std_p": probs.std(0).tolist(), "images": len(probs)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--val_split", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bs", type=int, default=64)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    data = {"data_dir": args.data_dir, "img_type": "png", "resize": None, "num_workers": 0,
+            "val_split": args.val_split, "seed": args.seed}
+    ctx = setup("cpu", args.seed)
+    out = {path: mean_probs(path, data, ctx, args.bs) for path in args.checkpoints}
+    for path, r in out.items():
+        print(path, " ".join(f"{v:.4f}" for v in r["mean_p"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
