@@ -299,12 +299,15 @@ def test_gflops_target_through_prune_and_cost_aware_criteria_trade_as_meant(trai
                            criterion="score_per_flop", progress=False)
     assert 0.99 * 0.5 * flops <= model_flops(pruned, SIZE) <= 0.5 * flops
     assert report["gflops"] == pytest.approx(model_flops(pruned, SIZE) / 1e9)
-    # at equal parameters, ranking by score per FLOP removes more FLOPs than the plain score; ranking by
-    # score per parameter reaches equal FLOPs with more parameters removed... or at least as many
+    # at equal parameters, ranking by score per FLOP removes more FLOPs than the plain score; at equal
+    # FLOPs, ranking by score per parameter removes at least as many parameters as by score per FLOP;
+    # score_per_cost is per parameter for a parameter target and per FLOP for a FLOPs target
     plans = {c: plan_for_params(layers, 0.5 * params, 0.95, params, 0.01 * params, flops, c) for c in CRITERIA}
     assert plans["score_per_flop"].flops < plans["score"].flops
+    assert plans["score_per_cost"] == plans["score_per_param"]
     at_flops = {c: plan_for_flops(layers, 0.5 * flops, 0.95, params, flops, 0.01 * flops, c) for c in CRITERIA}
     assert at_flops["score_per_param"].params <= at_flops["score_per_flop"].params
+    assert at_flops["score_per_cost"] == at_flops["score_per_flop"]
 
 
 @pytest.mark.parametrize("ratio,limit", [(0.9, 0.5), (0.999, 1.0)])
