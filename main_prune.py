@@ -8,12 +8,13 @@ Reads the stage-1 checkpoint (the config's `checkpoint`, default <result_dir>/sp
 described in pruners/config.py; the command-line flags override the keys of the same name.
 """
 import os
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-from pruners import check_reachable, evenly_spaced, prunable_convs, prune, set_rotations_trainable
+from pruners import check_schedule, evenly_spaced, prunable_convs, prune, set_rotations_trainable
 from pruners.config import load_config
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import Parser
@@ -21,7 +22,7 @@ from utils.dist import setup, teardown
 from utils.engine import evaluate, make_scheduler, prepare, recalibrate_bn, rng_state, supervised_step
 from utils.errors import UserError, run_main
 from utils.flops import count_params, dense_flops, measure_costs
-from utils.stage import StageRun, check_result_dir, load_data, restore_training_state
+from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state
 
 
 def parse_args(argv=None):
@@ -36,6 +37,20 @@ def parse_args(argv=None):
 
 def targets(schedule):
     return [(r["target"], r["value"]) for r in schedule]
+
+
+def check_resumable(ckpt, schedule, path):
+    """The rounds a checkpoint has pruned (all before its round, and its round) must be the config's; later
+    rounds may have been changed since (a target found out of reach, say)."""
+    done = ckpt["round"] + 1
+    if targets(ckpt["schedule"][:done]) != targets(schedule[:done]):
+        raise UserError(f"--resume {path}: the {done} round(s) it has pruned had targets "
+                        f"{targets(ckpt['schedule'][:done])}, the config's first {done} are "
+                        f"{targets(schedule[:done])}; only rounds not yet begun may change")
+    now, then = schedule[done - 1], ckpt["schedule"][done - 1]
+    if (now["epochs"], now["lr"]) != (then["epochs"], then["lr"]):
+        raise UserError(f"--resume {path}: round {done} is under way with epochs {then['epochs']} and lr "
+                        f"{then['lr']}; the config now says {now['epochs']} and {now['lr']}")
 
 
 def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
@@ -59,6 +74,10 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
               f"factored; {data.eval_name} acc "
               f"{before['acc']:.2f}% before fine-tuning; factor pass {report['factor_seconds']:.1f}s, eigh "
               f"{report['eigen_seconds']:.1f}s", flush=True)
+        if report["directions_cut"] == 0:
+            print(f"warning: round {r + 1}: {spec['target']} {spec['value']} removes nothing (the directions under "
+                  f"the threshold are kept by prune_ratio_limit or lie in layers whose factored form would not "
+                  f"be smaller); the network is unchanged", file=sys.stderr, flush=True)
     return model, report
 
 
@@ -79,9 +98,8 @@ def main(argv=None):
     ckpt = load_checkpoint(resume_from, ("prune",), "--resume") if resume_from else None
     if ckpt and not {"round", "history", "schedule"} <= set(ckpt):
         raise UserError(f"--resume {resume_from}: lacks the pruning state (round, history, schedule)")
-    if ckpt and targets(ckpt["schedule"]) != targets(schedule):
-        raise UserError(f"--resume {resume_from}: its pruning targets {targets(ckpt['schedule'])} differ "
-                        f"from the config's {targets(schedule)}")
+    if ckpt:
+        check_resumable(ckpt, schedule, resume_from)
     if ckpt:  # the run resumed inherited stage 1's pipeline and fixed its own augmentation
         recorded, source = ckpt.get("pipeline"), f"--resume {resume_from}"
     else:
@@ -92,13 +110,16 @@ def main(argv=None):
                         f"data_dir {cfg['data_dir']} holds {data.num_classes}")
     model = model_from_checkpoint(stage1, stage1_path, "checkpoint")
     params_stage1 = count_params(model)
+    check_batch_shapes(model, data.image_size, data.train.batch_size)
     if ckpt:
         model = model_from_checkpoint(ckpt, resume_from, "--resume")
         first_round, history = ckpt["round"], ckpt["history"]
     else:
-        check_reachable(model, schedule[0]["target"], schedule[0]["value"], cfg["prune_ratio_limit"],
-                        params_stage1, data.image_size)
         first_round, history = 0, []
+    # every round still to prune, checked before any work (the resumed round is pruned already)
+    later = first_round + 1 if ckpt else 0
+    check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
+                   image_size=data.image_size)
     run.open(data.pipeline)
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds

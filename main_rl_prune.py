@@ -14,7 +14,7 @@ from utils.dist import setup, teardown
 from utils.engine import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.flops import count_params, measure_costs
-from utils.stage import StageRun, check_result_dir, load_data, restore_training_state, resume_path
+from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 from utils.table import write_table
 
 
@@ -101,6 +101,7 @@ def main(argv=None):
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
+    check_batch_shapes(model, data.image_size, data.train.batch_size)
     if "compression" not in source:
         source["compression"] = source_compression(ckpt, path, count_params(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,

@@ -1,5 +1,7 @@
 """Stage 1: train ResNet + switches end to end (switches in `hard` mode, cross-entropy).
 Writes <result_dir>/sp/{checkpoint.pt, metrics.json, tb/}: the row "w/o pruning"."""
+import sys
+
 import torch
 
 from models import build_model, make_arch
@@ -9,7 +11,9 @@ from utils.dist import setup, teardown
 from utils.engine import make_scheduler, prepare, supervised_step
 from utils.errors import UserError, run_main
 from utils.flops import dense_flops, measure_costs
-from utils.stage import StageRun, check_result_dir, load_data, restore_training_state, resume_path
+from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
+
+LOW_LR = 1e-3  # at or below it, SGD from a random initialisation barely moves in a usual number of epochs
 
 
 def parse_args(argv=None):
@@ -27,6 +31,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_ranges(args)
+    if args.lr <= LOW_LR and not args.pretrained and not args.resume and args.epochs > 0:
+        print(f"warning: --lr {args.lr:g} is a fine-tuning rate, but no --pretrained weights are given: the network "
+              f"trains from scratch (use --lr 0.1, or give --pretrained PATH)", file=sys.stderr, flush=True)
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
     ctx = setup(args.device, args.seed)
@@ -46,6 +53,7 @@ def main(argv=None):
         if args.pretrained:
             load_pretrained(model, args.pretrained)
     model, ddp = prepare(model, ctx)
+    check_batch_shapes(model, data.image_size, data.train.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))

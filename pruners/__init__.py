@@ -14,14 +14,15 @@ from pruners.kfac import collect_factors, evenly_spaced, prunable_convs
 from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_params, plan_for_ratio
 from utils.dist import broadcast_object
 from utils.errors import UserError
+from models import build_model
 from utils.flops import count_params, dense_flops, measure_costs
 
 TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
 TARGETS = ("compression", "ratio", "gflops")
 
-__all__ = ["prune", "max_compression", "check_reachable", "collect_factors", "decompose", "rebuild", "top_directions",
-           "in_channel_basis", "plan_for_params", "plan_for_ratio", "plan_for_flops", "prunable_convs",
-           "evenly_spaced", "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
+__all__ = ["prune", "max_compression", "check_reachable", "check_schedule", "collect_factors", "decompose",
+           "rebuild", "top_directions", "in_channel_basis", "plan_for_params", "plan_for_ratio", "plan_for_flops",
+           "prunable_convs", "evenly_spaced", "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
 
 
 def model_flops(model, image_size):
@@ -62,36 +63,58 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     if (params, flops) != (plan.params, plan.flops):
         raise RuntimeError(f"rebuilt model holds {params} parameters and {flops} FLOPs, the plan said "
                            f"{plan.params} and {plan.flops}")
+    # what was removed, not what fell under the threshold: a side's limit and layers whose factored form
+    # would not be smaller keep directions the threshold cut
     return new, {"target": target, "value": value, "criterion": criterion, "directions": plan.total,
-                 "directions_cut": plan.cut, "ratio": plan.cut / plan.total, "params": params,
-                 "compression": 1 - params / params_reference, "gflops": flops / 1e9,
+                 "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
+                 "ratio": plan.removed / plan.total, "params": params, "compression": 1 - params / params_reference,
+                 "gflops": flops / 1e9,
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
                  "rebuild_seconds": t3 - t2}
 
 
-def smallest(model, limit, image_size=32):
-    """(parameters, FLOPs per image) of `model` after one pruning step with prune_ratio_limit `limit` that
-    cuts every side to its limit, each layer in its fewest-parameter / fewest-FLOPs form. Needs no data."""
-    layers = in_channel_basis(model, image_size)
-    now = count_params(model), model_flops(model, image_size)
-    by_params, by_flops = (Threshold(layers, limit, *now, measure=m) for m in ("params", "flops"))
-    return by_params.plan(by_params.total).params, by_flops.plan(by_flops.total).flops
+def smallest(model, limit, measure="params", rounds=1, image_size=32):
+    """The fewest parameters (measure "params") or FLOPs per image ("flops") that `rounds` pruning steps
+    of `model` with prune_ratio_limit `limit` can leave: every side cut to its limit in every step, each
+    layer in its cheapest form. A bound for any sequence of targets (a layer can keep no fewer after a
+    round the more it kept before it). Needs no data (only the shapes of the pruned networks)."""
+    model = getattr(model, "module", model)
+    for r in range(rounds):
+        threshold = Threshold(in_channel_basis(model, image_size), limit, count_params(model),
+                              model_flops(model, image_size), measure=measure)
+        plan = threshold.plan(threshold.total)
+        if r + 1 < rounds:  # the shapes the next step starts from; the weights do not matter
+            ranks = {**model.arch.get("ranks", {}), **{k: list(v) for k, v in plan.ranks.items()}}
+            model = build_model({**model.arch, "ranks": ranks})
+    return plan.params if measure == "params" else plan.flops
 
 
-def max_compression(model, limit, params_reference):
-    """The largest compression (against params_reference) one pruning step of `model` can reach with
-    prune_ratio_limit `limit`: every side cut to its limit. Needs no data, so it is checked up front."""
-    return 1 - smallest(model, limit)[0] / params_reference
+def max_compression(model, limit, params_reference, rounds=1):
+    """The largest compression (against params_reference) that `rounds` pruning steps of `model` can reach
+    with prune_ratio_limit `limit` (see smallest), checked up front."""
+    return 1 - smallest(model, limit, "params", rounds) / params_reference
 
 
 def check_reachable(model, target, value, limit, params_reference, image_size=32):
     """UserError, before any work, when a compression or GFLOPs target is beyond one step's reach."""
-    if target == "ratio":
-        return
-    params, flops = smallest(model, limit, image_size)
-    if target == "compression" and value > 1 - params / params_reference + TOLERANCE:
-        raise UserError(f"compression {value} is out of reach: with prune_ratio_limit {limit} one pass removes "
-                        f"at most {1 - params / params_reference:.3f} of this network's parameters")
-    if target == "gflops" and value * 1e9 < flops:
-        raise UserError(f"gflops {value} is out of reach: with prune_ratio_limit {limit} one pass leaves at least "
-                        f"{flops / 1e9:.4g} GFLOPs per image at {image_size}x{image_size}")
+    check_schedule(model, [{"target": target, "value": value}], limit, params_reference, image_size=image_size)
+
+
+def check_schedule(model, schedule, limit, params_reference, first_round=0, image_size=32):
+    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"},
+    run from `model`; numbered from `first_round` in the message) whose compression or GFLOPs target no
+    earlier rounds could bring within reach (GFLOPs at image_size x image_size inputs)."""
+    for i, spec in enumerate(schedule):
+        where = f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""
+        steps, ending = ("one pass", "s") if i == 0 else (f"{i + 1} passes", "")
+        if spec["target"] == "compression":
+            reach = max_compression(model, limit, params_reference, rounds=i + 1)
+            if spec["value"] > reach + 1e-9:  # the first round's reach is exact: the target would fail later
+                raise UserError(f"{where}compression {spec['value']} is out of reach: with prune_ratio_limit "
+                                f"{limit} {steps} remove{ending} at most {reach:.3f} of the stage-1 network's parameters")
+        elif spec["target"] == "gflops":
+            reach = smallest(model, limit, "flops", i + 1, image_size)
+            if spec["value"] * 1e9 < reach:
+                raise UserError(f"{where}gflops {spec['value']} is out of reach: with prune_ratio_limit {limit} "
+                                f"{steps} leave{ending} at least {reach / 1e9:.4g} GFLOPs per image at "
+                                f"{image_size}x{image_size}")

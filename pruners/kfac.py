@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models import FactoredConv
 from utils.dist import all_reduce_sum
+from utils.engine import progress as bar
 from utils.errors import UserError
 
 
@@ -140,8 +140,7 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
         # Gradients only w.r.t. activations: autograd.grad towards the input skips every weight gradient.
         for p in model.parameters():
             p.requires_grad_(False)
-        for x, y in tqdm(batches, total=num_batches, desc="factor pass", leave=False, disable=not progress,
-                         dynamic_ncols=True):
+        for x, y in bar(batches, progress, total=num_batches, desc="factor pass"):
             x = x.detach().float().requires_grad_(True)
             logits = model(x, "hard")[0].float()
             if fisher_type == "true":

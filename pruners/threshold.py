@@ -32,6 +32,7 @@ class Plan:
     total: int   # directions in the pool
     params: int  # parameters of the whole model once rebuilt
     flops: int   # FLOPs per image of the whole model once rebuilt, every block run (None if not counted)
+    removed: int = 0  # directions actually removed: those of the layers that shrink, after the rules
 
 
 class Threshold:
@@ -67,7 +68,7 @@ class Threshold:
     def plan_counts(self, counts, cut):
         """The plan when each side loses counts[side] directions (its lowest-scoring ones)."""
         kept = (self.sizes - torch.minimum(counts, self.max_cut)).tolist()
-        ranks, params, flops = {}, self.params_now, self.flops_now
+        ranks, params, flops, removed = {}, self.params_now, self.flops_now, 0
         for layer, r_in, r_out in zip(self.layers, kept[0::2], kept[1::2]):
             n_in, n_out = layer.ranks
             # the layer as it is first, then forms that keep more before those that keep less: the first
@@ -81,7 +82,8 @@ class Threshold:
             params -= layer.params - costs[best][0]
             if flops is not None:
                 flops -= layer.flops - costs[best][1]
-        return Plan(ranks=ranks, cut=cut, total=self.total, params=params, flops=flops)
+            removed += n_in - options[best][0] + n_out - options[best][1]
+        return Plan(ranks=ranks, cut=cut, total=self.total, params=params, flops=flops, removed=removed)
 
 
 def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="score"):

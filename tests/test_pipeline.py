@@ -60,6 +60,18 @@ def test_seed_commands_run_in_order_and_write_the_table(pipeline):
     assert markdown in procs[2].stdout  # stage 3 prints it too
 
 
+def test_logs_hold_summaries_and_no_bar_fragments_when_not_on_a_terminal(pipeline):
+    """stderr is a pipe here, as under nohup or a scheduler: no tqdm refreshes, the summaries in stdout;
+    the seed's stage-1 command (lr 1e-4, no --pretrained) gets one line of warning."""
+    tmp, data, results, procs = pipeline
+    for proc in procs:
+        assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-500:]
+        assert "epoch 1/1" in proc.stdout
+    warnings = [line for line in procs[0].stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "--lr 0.0001" in warnings[0] and "--pretrained" in warnings[0]
+    assert not [line for line in procs[2].stderr.splitlines() if line.strip()]
+
+
 def test_stages_refuse_a_checkpoint_from_the_wrong_place(pipeline):
     tmp, data, results, procs = pipeline
     before = snapshot(results)

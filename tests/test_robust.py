@@ -24,7 +24,7 @@ import main_sp
 from conftest import ROOT
 from helpers import run_script, snapshot, tiny_dataset
 from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from utils.errors import run_main
+from utils.errors import UserError, run_main
 
 DATA = dict(classes=6, train_per_class=32, test_per_class=8, size=16)
 COMMON = ["--bs", "16", "--num_workers", "0", "--device", "cpu"]
@@ -397,3 +397,146 @@ def test_model_from_checkpoint_works_on_raw_images_without_the_training_set(pipe
     from PIL import Image  # a single image as an array, as a user might hold it
     x = preprocess(np.asarray(Image.open(files[0][0])))
     assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def _run(argv, at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if at:
+        env["DYNPRUNE_KILL_AT"] = at
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == (-signal.SIGKILL if at else 0), (at, proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs computing exactly as the one-thread subprocesses that are killed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stage2_killed_at_the_end_or_resumed_when_finished_ends_exactly_as_uninterrupted(pipeline, tmp_path,
+                                                                                         one_thread):
+    """Killed right after the last epoch's checkpoint or during the final BN re-estimation, then resumed;
+    and a finished run resumed: weights AND BN buffers bit for bit those of the uninterrupted run. Only
+    the killed runs are processes of their own (the suite must stay fast)."""
+    tmp, data, res = pipeline
+    ckpts = {}
+    for name in ("straight", "saved:2", "bn:2"):
+        out = tmp_path / name.replace(":", "_")
+        shutil.copytree(res / "sp", out / "sp")
+        argv = ["--config_path", prune_config(out / "c.json", out, data, epochs=2)]
+        if name != "straight":
+            _run(["main_prune.py", *argv], at=name)
+        main_prune.main(argv + (["--resume"] if name != "straight" else []))
+        ckpts[name] = (argv, out / "prune" / "checkpoint.pt")
+    argv, straight = ckpts["straight"]
+    for name in ("saved:2", "bn:2"):
+        _same_weights(straight, ckpts[name][1])
+    before = torch.load(straight, weights_only=True)["model"]
+    main_prune.main([*argv, "--resume"])  # resuming a finished run changes nothing
+    assert all(torch.equal(v, before[k]) for k, v in torch.load(straight, weights_only=True)["model"].items())
+
+
+def test_iterative_rounds_checked_up_front_and_resume_after_a_later_round_changes(pipeline, tmp_path):
+    tmp, data, res = pipeline
+    rounds = lambda *targets: [{"ratio": t, "epochs": 1} for t in targets]  # noqa: E731
+    iterative = dict(compression=None, prune_mode="iterative", fisher_batches=1)
+    straight, grown = tmp_path / "straight", tmp_path / "grown"
+    for out in (straight, grown):
+        shutil.copytree(res / "sp", out / "sp")
+    main_prune.main(["--config_path", prune_config(tmp_path / "s.json", straight, data, **iterative,
+                                                   rounds=rounds(0.2, 0.3))])
+    # the same two rounds, the second one added once the first is done: --resume continues from round 1
+    main_prune.main(["--config_path", prune_config(tmp_path / "g1.json", grown, data, **iterative,
+                                                   rounds=rounds(0.2))])
+    main_prune.main(["--config_path", prune_config(tmp_path / "g2.json", grown, data, **iterative,
+                                                   rounds=rounds(0.2, 0.3)), "--resume"])
+    _same_weights(straight / "prune" / "checkpoint.pt", grown / "prune" / "checkpoint.pt")
+    # a round already pruned may not change
+    with pytest.raises(UserError, match="only rounds not yet begun may change"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "g3.json", grown, data, **iterative,
+                                                       rounds=rounds(0.25, 0.3)), "--resume"])
+    # a later round out of reach is refused before any work (not after round 1's fine-tuning)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(res / "sp", fresh / "sp")
+    before = snapshot(fresh)
+    with pytest.raises(UserError, match=r"rounds\[1\]: compression 0.97 is out of reach"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "f.json", fresh, data, compression=None,
+                                                       prune_mode="iterative", rounds=[
+                                                           {"compression": 0.3, "epochs": 2},
+                                                           {"compression": 0.97, "epochs": 1}])])
+    assert snapshot(fresh) == before
+
+
+def test_recalibrate_bn_reads_a_fixed_sequence_and_leaves_the_rng_alone():
+    from models import build_model, make_arch
+    from utils.data import BatchLoader
+    from utils.dist import Context
+    from utils.engine import recalibrate_bn
+    ctx = Context(device=torch.device("cpu"), rank=0, world_size=1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (32, 3, 8, 8), generator=g).to(torch.uint8), torch.zeros(32, dtype=torch.long)
+    loader = BatchLoader(x, y, 8, train=True, device="cpu", mean=[0.5] * 3, std=[0.25] * 3)
+    model = build_model(make_arch(depth=8, width=1, num_classes=2, gate="ff"))
+    buffers = []
+    for epoch in (3, 7):  # whatever epoch the loader was last set to
+        loader.set_epoch(epoch)
+        rng = torch.get_rng_state()
+        recalibrate_bn(model, loader, ctx, mode="sample", batches=3)
+        assert torch.equal(rng, torch.get_rng_state()) and loader.epoch == epoch
+        buffers.append({k: v.clone() for k, v in model.state_dict().items() if "running" in k})
+    assert buffers[0].keys() and all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
+
+
+@pytest.mark.parametrize("ratio", [0.005, 0.3])
+def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsys, ratio):
+    tmp, data, res = pipeline
+    shutil.copytree(res / "sp", tmp_path / "sp")
+    main_prune.main(["--config_path", prune_config(tmp_path / "c.json", tmp_path, data, compression=None,
+                                                   ratio=ratio, epochs=0)])
+    report = json.load(open(tmp_path / "prune" / "metrics.json"))["rounds"][0]
+    stage1 = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
+    convs = dict(stage1.named_modules())
+    ranks = torch.load(tmp_path / "prune" / "checkpoint.pt", weights_only=True)["arch"]["ranks"]
+    removed = sum(convs[n].in_channels - r_in + convs[n].out_channels - r_out for n, (r_in, r_out) in ranks.items())
+    assert report["directions_cut"] == removed
+    assert report["ratio"] == pytest.approx(removed / report["directions"])
+    err = capsys.readouterr().err
+    assert ("removes nothing" in err) == (removed == 0)
+    if ratio == 0.005:  # the few directions under the threshold cannot pay for a rotation
+        assert removed == 0 < report["directions_under_threshold"]
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_batch_of_one_and_smallest_resolution_in_all_three_stages(tmp_path, gate, capsys):
+    """--bs 1, the smallest --resize (8), and a last evaluation batch of one image (9 test images in
+    stage 2's batches of 2, with ff) work with both switch kinds in every stage; where training would hand a BatchNorm a
+    single value per channel (ff switches on 1x1 maps in a deeper net) every stage refuses up front."""
+    data = tiny_dataset(tmp_path / "data", classes=3, train_per_class=4, test_per_class=3, size=8)
+    res = tmp_path / "res"
+    tiny = ["--num_workers", "0", "--device", "cpu", "--data_dir", data, "--result_dir", str(res), "--epochs", "1"]
+    main_sp.main([*tiny, "--depth", "8", "--width", "1", "--gate", gate, "--resize", "8", "--bs", "1"])
+    main_prune.main(["--config_path", prune_config(tmp_path / "c.json", res, data, compression=None, ratio=0.3,
+                                                   bs=1 if gate == "rnn" else 2, fisher_batches=2)])
+    main_rl_prune.main([*tiny, "--bs", "1"])
+    for stage in ("sp", "prune", "rl"):
+        metrics = json.load(open(res / stage / "metrics.json"))
+        assert metrics["test_images"] == 9 and 0 <= metrics["test_acc"] <= 100
+    if gate == "rnn":
+        return
+    deep = tmp_path / "deep"
+    main_sp.main([*tiny[:-4], "--result_dir", str(deep), "--epochs", "1", "--depth", "14", "--width", "1",
+                  "--gate", "ff", "--resize", "8", "--bs", "2"])
+    before = snapshot(deep)
+    for stage, argv in [("sp", [*tiny[:-4], "--result_dir", str(tmp_path / "new"), "--epochs", "1", "--depth", "14",
+                                "--width", "1", "--gate", "ff", "--resize", "8", "--bs", "1"]),
+                        ("prune", ["--config_path", prune_config(tmp_path / "d.json", deep, data, bs=1)]),
+                        ("rl", [*tiny[:-4], "--result_dir", str(deep), "--epochs", "1", "--bs", "1"])]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: MAINS[stage](argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "one value per channel" in err[0] and "resize 9" in err[0]
+    assert snapshot(deep) == before and not (tmp_path / "new").exists()

@@ -2,13 +2,14 @@
 
 A stage supplies a `step_fn(model, x, y) -> (loss, stats)` (stats: dict of scalar or per-switch tensors,
 averaged over the epoch) and gets back per-epoch training stats, evaluation results with the GFLOPs each
-image really executed, TensorBoard curves, a tqdm bar, a one-line summary per epoch and an atomic
+image really executed, TensorBoard curves, a tqdm bar (on a terminal), a one-line summary per epoch and an atomic
 checkpoint per epoch.
 """
 import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -24,6 +25,12 @@ from utils.faults import kill_point
 
 class TrainingDiverged(UserError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def progress(iterable, enabled=True, **kw):
+    """A tqdm bar, only when stderr is a terminal: in a log file (nohup, a batch scheduler) every refresh
+    would be written as one more fragment. The one-line summaries are printed either way."""
+    return tqdm(iterable, leave=False, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()), **kw)
 
 
 def seed_epoch(ctx, epoch):
@@ -72,7 +79,7 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
     ddp.train()
     sums, n = {}, 0
     first_bad = torch.tensor(-1, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, disable=not ctx.is_main, dynamic_ncols=True)
+    bar = progress(loader, ctx.is_main, desc=f"{desc} {epoch + 1}")
     for step, (x, y) in enumerate(bar):
         kill_point("step", epoch + 1, step + 1)
         with autocast(ctx):
@@ -112,7 +119,7 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
     model = getattr(ddp, "module", ddp)
     model.eval()
     sums = None
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main, dynamic_ncols=True):
+    for x, y in progress(loader, ctx.is_main, desc=desc):
         with autocast(ctx):
             logits, actions, _ = model(x, mode)
         flops = routed_flops(costs, actions) if mode != "open" else \
@@ -129,25 +136,45 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
             "exec_rate": (sums[4:] / n).tolist(), "images": int(n)}
 
 
+BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one no training run reaches
+
+
 @torch.no_grad()
 def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
-    """Re-estimate BatchNorm running statistics with the current weights (cumulative average)."""
+    """Re-estimate BatchNorm running statistics with the current weights (cumulative average over the
+    first `batches` batches of `loader`).
+
+    Deterministic, so that a resumed run ends exactly as an uninterrupted one (and re-running it on the
+    same weights changes nothing): the batches are always those of loader epoch BN_EPOCH, whatever epoch
+    the loader was last set to (a run resumed after its last epoch has not set one), and the global RNG
+    (used by `sample` mode) is seeded inside and left as it was outside. The batch statistics in train
+    mode do not depend on the running statistics, so the result depends only on the weights."""
     model = getattr(ddp, "module", ddp)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
+    was_training = model.training
     model.train()
     execution, model.execution = model.execution, "mask"
+    last_epoch = getattr(loader, "epoch", None)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(BN_EPOCH)
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            kill_point("bn", i + 1)
-            with autocast(ctx):
-                model(x, mode)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(ctx.seed * 1_000_003 + ctx.rank + BN_EPOCH)
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                kill_point("bn", i + 1)
+                with autocast(ctx):
+                    model(x, mode)
     finally:
         model.execution = execution
+        model.train(was_training)
+        if last_epoch is not None:
+            loader.set_epoch(last_epoch)
         for bn in bns:
             bn.momentum = 0.1
     # BN buffers differ per rank after their own shards: average them so every rank holds the same model.

@@ -85,6 +85,45 @@ def _short(names, limit=3):
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+@torch.no_grad()
+def smallest_bn_map(model, image_size):
+    """(pixels, name) of the smallest feature map any BatchNorm of `model` normalises, for images of
+    image_size x image_size (one probe forward, every block and switch run)."""
+    model = getattr(model, "module", model)
+    seen = {}
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = inputs[0].shape[2:].numel()
+        return hook
+    hooks = [m.register_forward_hook(record(name))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    training, execution = model.training, model.execution
+    try:
+        model.eval()
+        model.execution = "mask"
+        device = next(model.parameters()).device
+        model(torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=device), "hard")
+    finally:
+        model.train(training)
+        model.execution = execution
+        for h in hooks:
+            h.remove()
+    name = min(seen, key=seen.get)
+    return seen[name], name
+
+
+def check_batch_shapes(model, image_size, bs):
+    """UserError, before any work, if training batches of `bs` images would hand a BatchNorm a single
+    value per channel (1x1 maps, e.g. the ff switches' stride-2 conv late in a deep net at a small image
+    size): one value has no variance to normalise by, and PyTorch stops mid-run."""
+    pixels, name = smallest_bn_map(model, image_size)
+    if bs * pixels >= 2:
+        return
+    fix = next(s for s in range(image_size + 1, 64 * image_size) if smallest_bn_map(model, s)[0] >= 2)
+    raise UserError(f"bs {bs} at resize {image_size}: in training, BatchNorm {name} of this network would see "
+                    f"one value per channel (1x1 maps); use bs 2 or more, or resize {fix} or more")
+
+
 def check_result_dir(path):
     """--result_dir must be (or be creatable as) a writable directory; checked before anything is written."""
     probe = os.path.abspath(path)
