@@ -5,14 +5,15 @@ runs, eagerly as saved and exported?
 
 Needs the bench dependencies (`pip install -c <(echo torch==2.14.1) -r bench/requirements.txt`). The first
 run trains, once, and caches under bench/out/w4/ (git-ignored): scikit-learn's digits as 32x32 PNGs,
-ResNet-32 at width 4 by main_sp.py (5 epochs, lr 0.02: at 0.1 it diverges in the first epoch), stage 2 by main_prune.py at compression 0.6, Torch-Pruning
+ResNet-32 at width 4 by main_sp.py (5 epochs, lr 0.02: at 0.1 it diverges in the first epoch), stage 2 by
+main_prune.py at compression 0.6 with EigenDamage's plain ranking (criterion "score"), Torch-Pruning
 (global magnitude) at the same parameter count by bench/peer_torch_pruning.py with stage 2's fine-tuning,
 and the exports of the dense and pruned networks by utils/export.py. Then, in one process, every model is
 timed at batch 128 and batch 1, NCHW and channels_last, 2 threads, the models taking turns in every repeat
 (median): the dense stage-1 network and the pruned one as saved (PyTorch eager), the Torch-Pruning
 network (eager), and the exported dense and pruned networks in onnxruntime (thread spinning off). All run
 the static network: every block, no switch (`open` mode). Prints speed-ups over dense eager (and exported
-pruned over exported dense), GFLOPs, parameters and test accuracy.
+pruned over exported dense), GFLOPs, parameters and test accuracy; writes bench/out/w4/bench_prune.json.
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ from utils.synthetic import write_digits  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "out")
 STAGE1 = dict(depth=32, width=4, epochs=5, lr=0.02, bs=32)
-STAGE2 = dict(compression=0.6, epochs=2, lr=0.01, fisher_batches=45)
+STAGE2 = dict(compression=0.6, epochs=2, lr=0.01, fisher_batches=45, criterion="score")
 
 
 def run(argv, log):

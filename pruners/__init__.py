@@ -31,7 +31,7 @@ def model_flops(model, image_size):
 
 
 def prune(model, batches, *, target, value, params_reference, limit=0.95, damping=1e-3, fisher_type="true",
-          criterion="score", image_size=None, num_batches=None, progress=True):
+          criterion="score_per_cost", image_size=None, num_batches=None, progress=True):
     """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
     `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
     fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,

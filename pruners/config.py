@@ -77,9 +77,10 @@ KEYS = {
                 "mean eigenvalue (damping * trace/n * I); raised tenfold if eigh fails"),
     "prune_ratio_limit": (NUMBER, 0.95, _range(0, 1, lo_open=True, hi_open=False), "largest fraction of one "
                           "side (inputs or outputs) of one layer that may be cut"),
-    "criterion": (STR, "score", _in("score", "score_per_param", "score_per_flop"), "what the global threshold "
-                  "ranks directions by: score = EigenDamage's estimate of the loss increase; score_per_param / "
-                  "score_per_flop = that score divided by the parameters / FLOPs per image the direction costs"),
+    "criterion": (STR, "score_per_cost", _in("score", "score_per_param", "score_per_flop", "score_per_cost"),
+                  "what the global threshold ranks directions by: score = EigenDamage's estimate of the loss "
+                  "increase; score_per_param / score_per_flop = that score divided by the parameters / FLOPs per "
+                  "image the direction costs; score_per_cost = per FLOP for a gflops target, else per parameter"),
     "fix_rotation": (BOOL, False, ANY, "freeze the 1x1 rotation convs while fine-tuning"),
     "epochs": (INT, 100, _range(0, None), "fine-tuning epochs (per round in iterative mode, unless the round "
                "says)"),

@@ -2,7 +2,10 @@
 
 A direction's key is its score (criterion "score": EigenDamage's OBD estimate of the loss increase when it
 is removed), or its score divided by what the direction costs ("score_per_param", "score_per_flop":
-Layer.direction_costs), so that cheap-but-important and expensive-but-useless directions compare fairly.
+Layer.direction_costs), so that cheap-but-important and expensive-but-useless directions compare fairly;
+"score_per_cost" divides by the cost the target counts (parameters for a compression or ratio target,
+FLOPs for a GFLOPs target), the default of stage 2: on digits it kept the most accuracy both at equal
+parameters and at equal GFLOPs (bench/bench_criteria.py, README).
 Cutting the c lowest-keyed directions of the pool gives every layer its ranks, subject to three rules:
 a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one
 (its highest-scoring), and each side either takes its cut or keeps every direction it holds, whichever
@@ -18,7 +21,7 @@ import torch
 
 from utils.errors import UserError
 
-CRITERIA = ("score", "score_per_param", "score_per_flop")
+CRITERIA = ("score", "score_per_param", "score_per_flop", "score_per_cost")
 MEASURES = ("params", "flops")
 
 
@@ -43,6 +46,8 @@ class Threshold:
             raise ValueError(f"criterion {criterion!r} / measure {measure!r}")
         self.layers, self.params_now, self.flops_now = layers, params_now, flops_now
         self.measure = 0 if measure == "params" else 1
+        if criterion == "score_per_cost":
+            criterion = "score_per_param" if measure == "params" else "score_per_flop"
         keys = []
         for layer in layers:
             if criterion == "score":

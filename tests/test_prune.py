@@ -231,6 +231,38 @@ def test_ratio_cuts_the_globally_lowest_directions(trained):
     assert plan.removed == sum(sum(layer.ranks) - sum(plan.ranks.get(layer.name, layer.ranks)) for layer in layers)
 
 
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_gflops_target_is_met_within_one_percent(trained, criterion):
+    model, _, layers = trained
+    params, flops = count_params(model), model_flops(model, SIZE)
+    for fraction in (0.7, 0.4):
+        target = fraction * flops
+        plan = plan_for_flops(layers, target, 0.95, params, flops, 0.01 * target, criterion)
+        pruned = rebuild(model, layers, {n: top_directions({l.name: l for l in layers}[n], *r)
+                                         for n, r in plan.ranks.items()})
+        assert 0.99 * target <= model_flops(pruned, SIZE) == plan.flops <= target
+        assert count_params(pruned) == plan.params
+
+
+def test_gflops_target_through_prune_and_cost_aware_criteria_trade_as_meant(trained):
+    model, batches, layers = trained
+    params, flops = count_params(model), model_flops(model, SIZE)
+    torch.manual_seed(0)
+    pruned, report = prune(model, batches[:2], target="gflops", value=0.5 * flops / 1e9, params_reference=params,
+                           criterion="score_per_flop", progress=False)
+    assert 0.99 * 0.5 * flops <= model_flops(pruned, SIZE) <= 0.5 * flops
+    assert report["gflops"] == pytest.approx(model_flops(pruned, SIZE) / 1e9)
+    # at equal parameters, ranking by score per FLOP removes more FLOPs than the plain score; at equal
+    # FLOPs, ranking by score per parameter removes at least as many parameters as by score per FLOP;
+    # score_per_cost is per parameter for a parameter target and per FLOP for a FLOPs target
+    plans = {c: plan_for_params(layers, 0.5 * params, 0.95, params, 0.01 * params, flops, c) for c in CRITERIA}
+    assert plans["score_per_flop"].flops < plans["score"].flops
+    assert plans["score_per_cost"] == plans["score_per_param"]
+    at_flops = {c: plan_for_flops(layers, 0.5 * flops, 0.95, params, flops, 0.01 * flops, c) for c in CRITERIA}
+    assert at_flops["score_per_param"].params <= at_flops["score_per_flop"].params
+    assert at_flops["score_per_cost"] == at_flops["score_per_flop"]
+
+
 @pytest.mark.parametrize("ratio,limit", [(0.9, 0.5), (0.999, 1.0)])
 def test_side_limit_keep_one_and_never_larger(trained, ratio, limit):
     model, _, layers = trained
