@@ -15,9 +15,10 @@ import utils.stage
 from conftest import ROOT, mix_switches
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 from models import FactoredConv, build_model, make_arch
-from pruners import collect_factors, decompose, in_channel_basis, prune, rebuild, top_directions
+from pruners import (CRITERIA, collect_factors, decompose, in_channel_basis, model_flops, prune, rebuild,
+                     top_directions)
 from pruners.config import KEYS, load_config, markdown_table
-from pruners.threshold import plan_for_params, plan_for_ratio
+from pruners.threshold import plan_for_flops, plan_for_params, plan_for_ratio
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import BatchLoader, channel_stats, load_dataset
 from utils.errors import UserError, run_main
