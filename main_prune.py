@@ -60,7 +60,7 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     model, report = prune(
         model.to(ctx.device), evenly_spaced(data.plain_train, cfg["fisher_batches"]), target=spec["target"],
         value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
-        damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"],
+        damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"], round_to=cfg["round_to"],
         image_size=data.image_size, num_batches=min(cfg["fisher_batches"], len(data.plain_train)),
         progress=ctx.is_main)
     before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size),
@@ -119,7 +119,7 @@ def main(argv=None):
     # every round still to prune, checked before any work (the resumed round is pruned already)
     later = first_round + 1 if ckpt else 0
     check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
-                   image_size=data.image_size)
+                   image_size=data.image_size, round_to=cfg["round_to"])
     run.open(data.pipeline)
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds

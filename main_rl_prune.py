@@ -4,11 +4,15 @@ taken (gates/policy.py). The policy loss follows SkipNet's convention: summed ov
 process's batch (every sampled action gets its own REINFORCE term), so --rl_weight means what it means in
 SkipNet's code, where the seed's flags come from. With --target_gflops G, alpha is adapted during training
 (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
-The stage ends like stage 2: BN statistics re-estimated under the greedy routes, save, then the final test
-of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static
+With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
+(the switches fixed). The stage ends like stage 2: BN statistics re-estimated under the greedy routes, save,
+then the final test of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static
 + dynamic pruning", then the whole table as <result_dir>/table.md and table.json."""
 import json
 import os
+import sys
+
+import torch
 
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
@@ -16,13 +20,14 @@ from gates.routes import calibrate_to_flops
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
-from utils.engine import make_scheduler, prepare, recalibrate_bn, rng_state
+from utils.engine import make_scheduler, prepare, recalibrate_bn, rng_state, supervised_step, train_epoch
 from utils.errors import UserError, run_main
 from utils.flops import count_params, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 from utils.table import write_table
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
+ROUTE_SEED = 7_919  # the route fine-tuning's own RNG stream (augmentation), whatever ran before it
 
 
 def parse_args(argv=None):
@@ -48,6 +53,13 @@ def parse_args(argv=None):
                         "during training, then the switches' threshold is calibrated on training data")
     r.add_argument("--alpha_lr", type=float, default=0.05,
                    help="step of the dual ascent on log alpha per training step (with --target_gflops)")
+    r.add_argument("--route_epochs", type=int, default=0,
+                   help="after the last epoch (and, with --target_gflops, the threshold calibration): epochs of "
+                        "fine-tuning the backbone by cross-entropy on the greedy routes, the switches fixed, "
+                        "so that it learns the routes the deployed model runs (training ran on sampled ones, "
+                        "and the calibration moves them); 0: none, as in SkipNet")
+    r.add_argument("--route_lr", type=float, default=None,
+                   help="learning rate of that fine-tuning, cosine to 0 (default: --lr / 10)")
     r.add_argument("--baseline", default="moving", choices=BASELINES,
                    help="per-switch baseline: moving average of the returns, or the batch mean")
     r.add_argument("--baseline_momentum", type=float, default=0.9, help="of the moving-average baseline")
@@ -61,9 +73,13 @@ def check_args(args):
                           ("rl_weight", args.rl_weight >= 0, "must be >= 0"),
                           ("baseline_momentum", 0 <= args.baseline_momentum < 1, "must be in [0, 1)"),
                           ("target_gflops", args.target_gflops is None or args.target_gflops > 0, "must be > 0"),
-                          ("alpha_lr", args.alpha_lr > 0, "must be > 0")]:
+                          ("alpha_lr", args.alpha_lr > 0, "must be > 0"),
+                          ("route_epochs", args.route_epochs >= 0, "must be >= 0"),
+                          ("route_lr", args.route_lr is None or args.route_lr > 0, "must be > 0")]:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
+    if args.route_lr is not None and not args.route_epochs:
+        print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr, flush=True)
     if args.target_gflops is not None and args.alpha <= 0:
         raise UserError(f"--alpha {args.alpha}: --target_gflops adapts alpha multiplicatively, start it > 0")
     check_switch_flags(args)
@@ -116,18 +132,51 @@ def check_target(args, costs):
                         f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")
 
 
-def end_training(ddp, data, ctx, costs, target):
+def finetune_on_routes(ddp, data, ctx, args):
+    """--route_epochs epochs of SGD on the backbone only (the switches' parameters are not stepped; the
+    routes are their greedy decisions, which still move a little with the backbone's features and, for
+    `ff` switches, their BN statistics), cross-entropy on the greedy routes
+    (utils.engine.supervised_step, hard mode), lr --route_lr cosine to 0, the stage's momentum and weight
+    decay. Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
+    uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch."""
+    model = getattr(ddp, "module", ddp)
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("switches.")]
+    lr = args.route_lr if args.route_lr is not None else args.lr / 10
+    optimizer = torch.optim.SGD(backbone, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                nesterov=args.momentum > 0)
+    scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
+    history = []
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(ctx.seed * 1_000_003 + ctx.rank + ROUTE_SEED)
+        for k in range(args.route_epochs):
+            epoch = args.epochs + k  # loader epochs (and fault-injection points) after the stage's own
+            data.train.set_epoch(epoch)
+            tr = train_epoch(ddp, data.train, optimizer, scheduler, supervised_step, ctx, epoch, desc="rl routes")
+            history.append({"loss": tr["loss"], "acc": 100 * tr["acc"]})
+            if ctx.is_main:
+                print(f"[rl] greedy routes {k + 1}/{args.route_epochs}  train loss {tr['loss']:.3f} acc "
+                      f"{100 * tr['acc']:.2f}%  exec {100 * sum(tr['exec_rate']) / len(tr['exec_rate']):.0f}%",
+                      flush=True)
+    for p in model.switches.parameters():  # straight-through gradients reached them; nothing was stepped
+        p.grad = None
+    return history
+
+
+def end_training(ddp, data, ctx, costs, target, args):
     """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
-    augmented) so that the greedy routes cost the target; then re-estimate BN statistics under the greedy
-    routes (training ran on sampled routes, whose statistics differ: the deployed model runs greedy ones),
-    over one epoch of augmented training batches as stage 2 does, and calibrate once more since the new
-    statistics move the switches' inputs. Returns what was done, for the checkpoint and metrics.json."""
+    augmented) so that the greedy routes cost the target; with --route_epochs, fine-tune the backbone on the
+    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on sampled routes,
+    whose statistics differ: the deployed model runs greedy ones), over one epoch of augmented training
+    batches as stage 2 does, and calibrate once more since the new weights and statistics move the
+    switches' inputs. Returns what was done, for the checkpoint and metrics.json."""
     ending = {"bn_batches": len(data.train)}
     batches = None
     if target is not None:
         data.plain_train.set_epoch(0)
         batches = [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
         ending["calibration"] = [calibrate_to_flops(ddp, batches, ctx, costs, target)]
+    if args.route_epochs:
+        ending["route_epochs"] = finetune_on_routes(ddp, data, ctx, args)
     data.train.set_epoch(0)  # the same batches in a run resumed after its last epoch
     recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
     if batches is not None:
@@ -179,7 +228,7 @@ def main(argv=None):
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
             epochs=args.epochs, start_epoch=start, costs=costs, payload=payload)
     if not ending:  # a run resumed after its ending was saved does not redo it
-        ending = end_training(ddp, data, ctx, costs, target)
+        ending = end_training(ddp, data, ctx, costs, target, args)
         run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "epoch": args.epochs, "rng": rng_state(),
                   **payload(args.epochs)})

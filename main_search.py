@@ -10,7 +10,6 @@ search.db (the Optuna studies), trials/ (every trial's stage folder), trials.jso
 and pareto.png. Run the same command again to continue an interrupted search, or on several machines with
 one --storage (and a shared --result_dir) to split its trials (README: "The search").
 """
-import argparse
 import json
 import os
 import time
@@ -24,7 +23,7 @@ from search.report import evaluate_on_test, plot, table_rows, write_table
 from search.trials import DYNAMIC_KNOBS, Trials, label, stage3_knob
 from pruners.config import validate
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import Parser
+from utils.cli import Formatter, Parser
 from utils.dist import setup
 from utils.engine import evaluate, prepare, write_json
 from utils.errors import UserError, run_main
@@ -37,7 +36,7 @@ SET_BY_SEARCH = ("result_dir", "checkpoint", "prune_mode", "compression", "ratio
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
     p.add_argument("--result_dir", default="results", help="reads <result_dir>/sp/, writes <result_dir>/search/")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="the stage-1 checkpoint (default: <result_dir>/sp/checkpoint.pt)")
@@ -72,6 +71,9 @@ def parse_args(argv=None):
     st.add_argument("--rl_bs", type=int, default=256, help="stage 3: --bs")
     st.add_argument("--rl_weight", type=float, default=0.1, help="stage 3: --rl_weight")
     st.add_argument("--gamma", type=float, default=1.0, help="stage 3: --gamma")
+    st.add_argument("--rl_alpha", type=float, default=0.1, help="stage 3: --alpha, where the knob is the GFLOPs "
+                    "target (the dual ascent's starting value)")
+    st.add_argument("--rl_route_epochs", type=int, default=0, help="stage 3: --route_epochs")
     return p.parse_args(argv)
 
 
@@ -84,6 +86,8 @@ def check_args(args):
               ("dynamic_trials", args.dynamic_trials >= 0, "must be >= 0"),
               ("dynamic_networks", args.dynamic_networks >= 1, "must be >= 1"),
               ("max_alpha", args.max_alpha > 0, "must be > 0"), ("rl_epochs", args.rl_epochs >= 0, "must be >= 0"),
+              ("rl_alpha", args.rl_alpha > 0, "must be > 0"),
+              ("rl_route_epochs", args.rl_route_epochs >= 0, "must be >= 0"),
               ("rl_lr", args.rl_lr > 0, "must be > 0"), ("rl_bs", args.rl_bs >= 1, "must be >= 1")]
     for name, ok, why in checks:
         if not ok:
@@ -187,7 +191,10 @@ def main(argv=None):
     print(f"[search] unpruned network: val acc {base['val_acc']:.2f}% on {base['val_images']} validation images; "
           f"trials must reach {threshold:.2f}%", flush=True)
     rl_argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
-               "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma)]
+               "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
+               str(args.rl_route_epochs)]
+    if (args.knob or stage3_knob()) == "target_gflops":
+        rl_argv += ["--alpha", repr(args.rl_alpha)]
     trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device)
     worker = Worker()
 

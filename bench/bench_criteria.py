@@ -8,7 +8,8 @@ then main_prune.py with each criterion (score, score_per_param, score_per_flop) 
 (compression 0.6) and at equal GFLOPs (gflops = the Torch-Pruning network's), every run fine-tuned alike
 (5 epochs, lr 0.01). Everything is cached under bench/out/criteria/ (git-ignored; delete it to rerun).
 Prints the table of test accuracy (mean ± sample std over seeds, and per seed), GFLOPs per image of the
-static network (every block run) and parameters; writes bench/out/criteria/criteria.json.
+static network (every block run) and parameters; writes bench/out/criteria/criteria.json. (The default
+score_per_cost is score_per_param for a compression target and score_per_flop for a GFLOPs one: not run again.)
 """
 import argparse
 import json
@@ -23,12 +24,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_prune import OUT, digits, run  # noqa: E402
 from peer_torch_pruning import shaped_like  # noqa: E402
-from pruners import CRITERIA, model_flops  # noqa: E402
+from pruners import model_flops  # noqa: E402
 
 STAGE1 = dict(depth=32, width=1, epochs=20, lr=0.1, bs=64)
 STAGE2 = dict(epochs=5, lr=0.01, fisher_batches=23)
 COMPRESSION = 0.6
 PEER = "global_magnitude"
+RANKINGS = ("score", "score_per_param", "score_per_flop")  # score_per_cost is one of the last two
 
 
 def done(path):
@@ -77,11 +79,11 @@ def one_seed(seed, data, out):
              "--num_workers", "0", "--device", "cpu", "--seed", str(seed), "--data_dir", data, "--result_dir", base],
             os.path.join(base, "sp.log"))
     rows = {}
-    for criterion in CRITERIA:
+    for criterion in RANKINGS:
         rows[f"params/{criterion}"] = stage2(os.path.join(base, f"params_{criterion}"), data, sp_dir, seed,
                                              compression=COMPRESSION, criterion=criterion)
     rows["params/torch-pruning"] = peer(os.path.join(base, "params_score"))
-    for criterion in CRITERIA:
+    for criterion in RANKINGS:
         rows[f"gflops/{criterion}"] = stage2(os.path.join(base, f"gflops_{criterion}"), data, sp_dir, seed,
                                              gflops=rows["params/torch-pruning"]["gflops"], criterion=criterion)
     with open(os.path.join(sp_dir, "metrics.json")) as f:

@@ -6,18 +6,20 @@ runs, eagerly as saved and exported?
 Needs the bench dependencies (`pip install -c <(echo torch==2.14.1) -r bench/requirements.txt`). The first
 run trains, once, and caches under bench/out/w4/ (git-ignored): scikit-learn's digits as 32x32 PNGs,
 ResNet-32 at width 4 by main_sp.py (5 epochs, lr 0.02: at 0.1 it diverges in the first epoch), stage 2 by
-main_prune.py at compression 0.6 with EigenDamage's plain ranking (criterion "score"), Torch-Pruning
-(global magnitude) at the same parameter count by bench/peer_torch_pruning.py with stage 2's fine-tuning,
-and the exports of the dense and pruned networks by utils/export.py. Then, in one process, every model is
-timed at batch 128 and batch 1, NCHW and channels_last, 2 threads, the models taking turns in every repeat
-(median): the dense stage-1 network and the pruned one as saved (PyTorch eager), the Torch-Pruning
-network (eager), and the exported dense and pruned networks in onnxruntime (thread spinning off). All run
-the static network: every block, no switch (`open` mode). Prints speed-ups over dense eager (and exported
-pruned over exported dense), GFLOPs, parameters and test accuracy; writes bench/out/w4/bench_prune.json.
+main_prune.py at compression 0.6 (criterion score_per_flop: the FLOPs each direction frees count; round_to
+8: every kept rank a multiple of 8, the width of AVX2's blocked kernels), Torch-Pruning (global magnitude)
+at the same parameter count by bench/peer_torch_pruning.py with stage 2's fine-tuning, and the exports of
+the dense and pruned networks by utils/export.py. Then, in one process, every model is timed at batch 128
+and batch 1, NCHW and channels_last, 2 threads, the models taking turns in every repeat (median): the dense
+stage-1 network and the pruned one as saved (PyTorch eager), the Torch-Pruning network (eager), and the
+exported dense and pruned networks in onnxruntime (thread spinning off). All run the static network: every
+block, no switch (`open` mode). Prints speed-ups over dense eager (and exported pruned over exported dense),
+GFLOPs, parameters and test accuracy; writes bench/out/w4/bench_prune.json.
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +40,7 @@ from utils.synthetic import write_digits  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "out")
 STAGE1 = dict(depth=32, width=4, epochs=5, lr=0.02, bs=32)
-STAGE2 = dict(compression=0.6, epochs=2, lr=0.01, fisher_batches=45, criterion="score")
+STAGE2 = dict(compression=0.6, epochs=2, lr=0.01, fisher_batches=45, criterion="score_per_flop", round_to=8)
 
 
 def run(argv, log):
@@ -56,17 +58,29 @@ def digits(out=OUT):
     return path
 
 
+def same_json(run_dir, name, value):
+    """Whether run_dir/name holds `value` (a cached run is reused only if made with the same settings)."""
+    path = os.path.join(run_dir, name)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f) == value
+
+
 def prepare(run_dir, data, stage1=STAGE1, stage2=STAGE2, seed=0, criterion=None, peer="global_magnitude"):
-    """Stage 1, stage 2 and the Torch-Pruning peer of one run, each only if its result is missing."""
+    """Stage 1, stage 2 and the Torch-Pruning peer of one run, each only if its result is missing (stage 2
+    also if it was made with another config; then the peer and the pruned export go too)."""
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.isfile(os.path.join(run_dir, "sp", "metrics.json")):
         run(["main_sp.py", "--depth", str(stage1["depth"]), "--width", str(stage1["width"]), "--epochs",
              str(stage1["epochs"]), "--lr", str(stage1["lr"]), "--bs", str(stage1["bs"]), "--resize", "32",
              "--num_workers", "0", "--device", "cpu", "--seed", str(seed), "--data_dir", data,
              "--result_dir", run_dir], os.path.join(run_dir, "sp.log"))
-    if not os.path.isfile(os.path.join(run_dir, "prune", "metrics.json")):
-        config = {"result_dir": run_dir, "data_dir": data, "num_workers": 0, "device": "cpu", "seed": seed,
-                  "bs": stage1["bs"], **stage2, **({"criterion": criterion} if criterion else {})}
+    config = {"result_dir": run_dir, "data_dir": data, "num_workers": 0, "device": "cpu", "seed": seed,
+              "bs": stage1["bs"], **stage2, **({"criterion": criterion} if criterion else {})}
+    if not (os.path.isfile(os.path.join(run_dir, "prune", "metrics.json")) and same_json(run_dir, "prune.json", config)):
+        for stale in ("prune", "peer", os.path.join("export", "prune")):  # made from another stage 2
+            shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
         with open(os.path.join(run_dir, "prune.json"), "w") as f:
             json.dump(config, f, indent=1)
         run(["main_prune.py", "--config_path", os.path.join(run_dir, "prune.json")], os.path.join(run_dir, "prune.log"))

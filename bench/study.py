@@ -46,24 +46,26 @@ from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 
 # The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
 # split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense (SkipNet
-# starts its supervised phase from a trained ResNet). Stage 3 of the search is the demo's: alpha is the knob
-# (a fixed skip reward; the --target_gflops dual ascent met its target but lost accuracy on the demo data),
-# rl_weight 0.01 per image (the policy loss is summed over the 64 images of a batch).
+# starts its supervised phase from a trained ResNet). Stage 3's knob in the search is the GFLOPs target (dual
+# ascent on alpha from rl_alpha, the threshold calibrated at the end, then route_epochs on the greedy routes),
+# rl_weight 0.01 per image (the policy loss is summed over the 64 images of a batch). The other seeds get a
+# target at the same place between their own static network with every gated block skipped and with all run
+# (setting_for).
 SCALES = {
     "digits": dict(
         data="digits", resize=32, depth=20, width=1, bs=64, seeds=(0, 1, 2), val_split=0.1,
         sp=dict(epochs=15, dense_epochs=10, lr=0.1),
         prune=dict(compression=0.6, epochs=5, lr=0.02, fisher_batches=16),
-        rl=dict(epochs=6, lr=0.05, gamma=1.0, rl_weight=0.01),
+        rl=dict(epochs=6, lr=0.05, gamma=1.0, rl_weight=0.01, alpha=3.5, route_epochs=2),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
-        search=dict(budget=1.0, knob="alpha", dynamic_trials=3, max_alpha=4.0)),
+        search=dict(budget=1.0, knob="target_gflops", dynamic_trials=4, max_alpha=4.0)),
     "quick": dict(
         data="synthetic", resize=16, depth=8, width=1, bs=32, seeds=(0, 1), val_split=0.25,
         sp=dict(epochs=2, dense_epochs=1, lr=0.05),
         prune=dict(compression=0.5, epochs=1, lr=0.01, fisher_batches=2),
-        rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=0.01),
+        rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=0.01, alpha=1.0, route_epochs=1),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
-        search=dict(budget=100.0, knob="alpha", dynamic_trials=2, max_alpha=4.0)),  # any network passes
+        search=dict(budget=100.0, knob="target_gflops", dynamic_trials=2, max_alpha=4.0)),  # any network passes
 }
 
 
@@ -88,18 +90,26 @@ def sp_command(s, data_dir, run_dir, seed, dense=False):
 
 
 def prune_config(s, data_dir, run_dir, seed, checkpoint=None, **target):
+    """Stage 2's config: the scale's compression with EigenDamage's plain ranking, or (static pruning
+    pushed to a GFLOPs target, the non-adaptive alternative to the switches) the target with the ranking
+    that counts FLOPs (score_per_flop), the strongest at equal GFLOPs on digits (bench/bench_criteria.py)."""
     p = s["prune"]
     return {"result_dir": run_dir, "data_dir": data_dir, "checkpoint": checkpoint, "num_workers": 0,
             "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"], "lr": p["lr"], "bs": s["bs"],
             "fisher_batches": p["fisher_batches"], "seed": seed, "device": "cpu", "val_split": s["val_split"],
-            **(target or {"compression": p["compression"]})}
+            **({**target, "criterion": "score_per_flop"} if target else
+               {"compression": p["compression"], "criterion": "score"})}
 
 
-def rl_command(s, data_dir, run_dir, seed, checkpoint, alpha, flags=None, final_split="test"):
+def rl_command(s, data_dir, run_dir, seed, checkpoint, setting, flags=None, final_split="test"):
+    """Stage 3 at `setting`: {"alpha": a} or {"target_gflops": g} (then alpha starts at the scale's)."""
     f = flags or s["rl"]
+    knob = ["--alpha", repr(setting["alpha"])] if "alpha" in setting else \
+        ["--target_gflops", repr(setting["target_gflops"]), "--alpha", repr(f["alpha"])]
     return ["main_rl_prune.py", "--checkpoint", checkpoint, "--epochs", str(s["rl"]["epochs"]),
-            "--lr", repr(f["lr"]), "--alpha", repr(alpha), "--gamma", repr(f["gamma"]),
-            "--rl_weight", repr(f["rl_weight"]), "--final_split", final_split,
+            "--lr", repr(f["lr"]), *knob, "--gamma", repr(f["gamma"]),
+            "--rl_weight", repr(f["rl_weight"]), *(["--route_epochs", str(f["route_epochs"])] if f.get("route_epochs")
+                                                   else []), "--final_split", final_split,
             *common_flags(s, data_dir, run_dir, seed)]
 
 
@@ -112,7 +122,8 @@ def search_command(s, run_dir, config_path):
             "--max_compression", str(c), "--static_trials", "1", "--dynamic_trials", str(q["dynamic_trials"]),
             "--knob", q["knob"], "--max_alpha", str(q["max_alpha"]), "--rl_epochs", str(rl["epochs"]),
             "--rl_lr", repr(rl["lr"]), "--rl_bs", str(s["bs"]), "--rl_weight", repr(rl["rl_weight"]),
-            "--gamma", repr(rl["gamma"])]
+            "--gamma", repr(rl["gamma"]), "--rl_alpha", repr(rl["alpha"]), "--rl_route_epochs",
+            str(rl["route_epochs"])]
 
 
 # ------------------------------------------------------------------------------------- the networks
@@ -123,12 +134,40 @@ def searched(s, out):
     return read_json(os.path.join(run, "search", "table.json"))["rows"]
 
 
-def chosen_alpha(s, out):
-    row = searched(s, out)[2]
-    if not row.get("present"):
+def gflops_range(s, checkpoint):
+    """(GFLOPs per image with every gated block skipped, with every block run) of a stage-2 checkpoint: the
+    interval a stage-3 GFLOPs target must lie in."""
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from utils.flops import measure_costs
+    costs = measure_costs(model_from_checkpoint(load_checkpoint(checkpoint)), s["resize"])
+    low = costs["base"] + costs["switches"]
+    return low / 1e9, (low + sum(costs["blocks"])) / 1e9
+
+
+def chosen(s, out):
+    """The first seed's static + dynamic setting: {"alpha": a} or {"target_gflops": g, "fraction": where g
+    lies between that seed's static network with every gated block skipped (0) and with all run (1)}."""
+    rows = searched(s, out)
+    if not rows[2].get("present"):
         raise RuntimeError("main_search.py found no static + dynamic setting within the budget on the "
                            "validation split of the first seed; see its trials.json")
-    return row["settings"][s["search"]["knob"]]
+    knob = s["search"]["knob"]
+    x = rows[2]["settings"][knob]
+    if knob == "alpha":
+        return {"alpha": x}
+    low, high = gflops_range(s, os.path.join(rows[1]["trial_dir"], "prune", "checkpoint.pt"))
+    return {"target_gflops": x, "fraction": (x - low) / (high - low)}
+
+
+def setting_for(s, out, seed):
+    """The first seed's setting as stage 3's flags for `seed`: a GFLOPs target at the same place between the
+    seed's own static network with every gated block skipped and with all run (so always within its reach;
+    the static networks of different seeds differ in size), alpha as it is."""
+    c = chosen(s, out)
+    if "alpha" in c:
+        return c
+    low, high = gflops_range(s, os.path.join(out, f"seed{seed}", "prune", "checkpoint.pt"))
+    return {"target_gflops": round(low + c["fraction"] * (high - low), 6)}
 
 
 def networks(s, out, seed):
@@ -184,12 +223,12 @@ def plan(s, out):
                           prune_config(s, data, runs[seed], seed), cfg))
     for seed in others:
         tasks.append(Task(f"rl/seed{seed}", lambda run=runs[seed], seed=seed: rl_command(
-            s, data, run, seed, os.path.join(run, "prune", "checkpoint.pt"), chosen_alpha(s, out)),
+            s, data, run, seed, os.path.join(run, "prune", "checkpoint.pt"), setting_for(s, out, seed)),
             os.path.join(runs[seed], "rl", "metrics.json"), [f"prune/seed{seed}", f"search/seed{first}"]))
     tasks.append(Task(f"seedflags/seed{first}", lambda: rl_command(
         s, data, os.path.join(run0, "seedflags"), first, os.path.join(searched(s, out)[1]["trial_dir"], "prune",
                                                                      "checkpoint.pt"),
-        s["seed_flags"]["alpha"], s["seed_flags"], final_split="val"),
+        {"alpha": s["seed_flags"]["alpha"]}, s["seed_flags"], final_split="val"),
         os.path.join(run0, "seedflags", "rl", "metrics.json"), [f"search/seed{first}"]))
 
     def budget(seed):
@@ -406,7 +445,17 @@ def get(r, *keys):
     return r
 
 
-def markdown(s, per_seed, mean, flags, alpha, timing, command):
+def setting_text(c):
+    if c is None:
+        return "no setting"
+    if "alpha" in c:
+        return f"alpha {c['alpha']:.4g}"
+    return (f"a GFLOPs target of {c['target_gflops']:.4g} (where it lies, {100 * c['fraction']:.1f}% of the way "
+            f"from the static network with every gated block skipped to the static network, is what the other "
+            f"seeds get)")
+
+
+def markdown(s, per_seed, mean, flags, setting, timing, command):
     n = len(per_seed)
     data = "Digits (scikit-learn, 1,797 images, 32x32 PNG)" if s["data"] == "digits" else \
         f"Synthetic images ({s['resize']}x{s['resize']} PNG)"
@@ -414,7 +463,11 @@ def markdown(s, per_seed, mean, flags, alpha, timing, command):
          f"{n} seed{'s' * (n > 1)} (mean ± sample std). Stage 1: {s['sp']['epochs']} epochs "
          f"({s['sp']['dense_epochs']} dense, then SkipNet's supervised phase); stage 2: compression "
          f"{s['prune']['compression']:g}, {s['prune']['epochs']} epochs; stage 3: {s['rl']['epochs']} epochs, lr "
-         f"{s['rl']['lr']:g}, rl_weight {s['rl']['rl_weight']:g} per image, gamma {s['rl']['gamma']:g}. "
+         f"{s['rl']['lr']:g}, rl_weight {s['rl']['rl_weight']:g} per image, gamma {s['rl']['gamma']:g}"
+         + (f", knob {s['search']['knob']}" + (f" (dual ascent from alpha {s['rl']['alpha']:g})"
+                                                if s['search']['knob'] == "target_gflops" else ""))
+         + (f", then {s['rl']['route_epochs']} epochs on the greedy routes" if s['rl'].get('route_epochs') else "")
+         + ". "
          f"Reproduce: `{command}`.", "", "**1. Row 1 against plain dense training** (same net, same epochs; "
          "test accuracy %)", "", "| Seed | Row 1 (dense start + switches), every block | its greedy routes | "
          "plain dense (--train_mode open) |", "|---|---|---|---|"]
@@ -433,7 +486,7 @@ def markdown(s, per_seed, mean, flags, alpha, timing, command):
             L.append(f"| {name} | " + " | ".join(f"{100 * v:.0f}%" for v in x["exec_rate"]) +
                      f" | {x['val_acc']:.2f} | {x['gflops_per_image']:.4f} |")
     L += ["", f"**3. Static + dynamic against static only** at compression {s['prune']['compression']:g} "
-          f"(alpha {num(alpha, 4) if alpha is not None else '-'} chosen by main_search.py on the validation split "
+          f"({setting_text(setting)} chosen by main_search.py on the validation split "
           f"of seed {s['seeds'][0]}, budget {s['search']['budget']:g} point, and applied to every seed; test "
           "accuracy %)", "", "| Seed | Unpruned | Static only | GFLOPs | Static + dynamic | GFLOPs | GFLOPs "
           "reduction | Drop vs unpruned (points) |", "|---|---|---|---|---|---|---|---|"]
@@ -565,14 +618,14 @@ def main(argv=None):
     per_seed = [r for r in (optional(seed_results, s, out, seed) for seed in s["seeds"]) if r]
     mean = summarise(per_seed)
     flags = optional(seed_flags, s, out)
-    alpha = optional(chosen_alpha, s, out)
+    setting = optional(chosen, s, out)
     command = "python bench/study.py" + (" --quick" if args.quick else "") + \
         (f" --seeds {' '.join(map(str, s['seeds']))}" if args.seeds else "")
     os.makedirs(args.results, exist_ok=True)
     pts = points(per_seed)
     summary = {"command": command, "scale": s, "wall_seconds": wall, "timing": timing, "failure": failure,
                "task_seconds": {t.name: t.seconds for t in tasks}, "tasks_reused": [t.name for t in tasks if t.reused],
-               "search_settings": {"alpha": alpha, "search": optional(searched, s, out)},
+               "search_settings": {"chosen": setting, "search": optional(searched, s, out)},
                "per_seed": per_seed, "mean": mean, "seed_flags": flags,
                "commands": {t.name: ["python", *map(shown, t.argv)] for t in tasks if not callable(t.argv)},
                "stage2_configs": {t.name: t.config for t in tasks if t.config is not None and not callable(t.config)}}
@@ -586,7 +639,7 @@ def main(argv=None):
     except ImportError:
         print("[study] matplotlib missing: no study.png (pip install -r bench/requirements.txt)", flush=True)
     with open(os.path.join(args.results, "study.md"), "w") as f:
-        f.write(markdown(s, per_seed, mean, flags, alpha, timing, command))
+        f.write(markdown(s, per_seed, mean, flags, setting, timing, command))
     print(open(os.path.join(args.results, "study.md")).read(), end="")
     print(f"[study] {wall / 60:.1f} min -> {args.results}/study.{{json,md,png}}, study_points.json", flush=True)
     if failure:

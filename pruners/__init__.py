@@ -31,12 +31,17 @@ def model_flops(model, image_size):
 
 
 def prune(model, batches, *, target, value, params_reference, limit=0.95, damping=1e-3, fisher_type="true",
-          criterion="score_per_cost", image_size=None, num_batches=None, progress=True):
+          criterion="score_per_cost", round_to=1, image_size=None, num_batches=None, progress=True):
     """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
     `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
     fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
     inputs image_size x image_size, default the batches' size), within 1%. `criterion` ranks directions
-    (pruners/threshold.py). Returns (the rebuilt model, a report of plain data)."""
+    ("score_per_cost": per parameter for compression and ratio, per FLOP for gflops; the report keeps the
+    name given)
+    (pruners/threshold.py); every side keeps a multiple of `round_to` directions, or all of them. Returns
+    (the rebuilt model, a report of plain data). Raises UserError when there are no batches, the target is
+    out of reach or cannot be met within its tolerance; RuntimeError if the rebuilt model does not hold the
+    parameters and FLOPs the plan counted."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
@@ -50,11 +55,12 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     params_now, flops_now = count_params(model), model_flops(model, image_size)
     if target == "compression":
         plan = plan_for_params(layers, (1 - value) * params_reference, limit, params_now,
-                               TOLERANCE * params_reference, flops_now, criterion)
+                               TOLERANCE * params_reference, flops_now, criterion, round_to)
     elif target == "gflops":
-        plan = plan_for_flops(layers, value * 1e9, limit, params_now, flops_now, TOLERANCE * value * 1e9, criterion)
+        plan = plan_for_flops(layers, value * 1e9, limit, params_now, flops_now, TOLERANCE * value * 1e9, criterion,
+                              round_to)
     else:
-        plan = plan_for_ratio(layers, value, limit, params_now, flops_now, criterion)
+        plan = plan_for_ratio(layers, value, limit, params_now, flops_now, criterion, round_to)
     plan = broadcast_object(plan)  # every rank builds the same architecture, whatever eigh's rounding
     by_name = {layer.name: layer for layer in layers}
     new = rebuild(model, layers, {name: top_directions(by_name[name], *r) for name, r in plan.ranks.items()})
@@ -65,7 +71,8 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
                            f"{plan.params} and {plan.flops}")
     # what was removed, not what fell under the threshold: a side's limit and layers whose factored form
     # would not be cheaper keep directions the threshold cut
-    return new, {"target": target, "value": value, "criterion": criterion, "directions": plan.total,
+    return new, {"target": target, "value": value, "criterion": criterion, "round_to": round_to,
+                 "directions": plan.total,
                  "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
                  "ratio": plan.removed / plan.total, "params": params,
                  "compression": 1 - params / params_reference, "gflops": flops / 1e9,
@@ -73,9 +80,10 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
                  "rebuild_seconds": t3 - t2}
 
 
-def smallest(model, limit, image_size=32, rounds=1):
-    """(parameters, FLOPs per image) of `model` after `rounds` pruning steps with prune_ratio_limit `limit`
-    that each cut every side to its limit, each layer in its fewest-parameter (resp. fewest-FLOPs) form. A
+def smallest(model, limit, image_size=32, rounds=1, round_to=1):
+    """(parameters, FLOPs per image at image_size x image_size) of `model` after `rounds` pruning steps with
+    prune_ratio_limit `limit` that each cut every side to its limit (the count kept rounded up to a multiple
+    of round_to, at most the side), each layer in its fewest-parameter (resp. fewest-FLOPs) form. A
     lower bound for any sequence of targets (a layer can keep no fewer after a round the more it kept
     before it). Needs no data (only the shapes of the pruned networks), so it is checked up front."""
     model = getattr(model, "module", model)
@@ -84,7 +92,7 @@ def smallest(model, limit, image_size=32, rounds=1):
         m = model
         for r in range(rounds):
             threshold = Threshold(in_channel_basis(m, image_size), limit, count_params(m),
-                                  model_flops(m, image_size), measure=measure)
+                                  model_flops(m, image_size), measure=measure, round_to=round_to)
             plan = threshold.plan(threshold.total)
             if r + 1 < rounds:  # the shapes the next step starts from; the weights do not matter
                 ranks = {**m.arch.get("ranks", {}), **{k: list(v) for k, v in plan.ranks.items()}}
@@ -93,32 +101,34 @@ def smallest(model, limit, image_size=32, rounds=1):
     return tuple(out)
 
 
-def max_compression(model, limit, params_reference, rounds=1, image_size=32):
+def max_compression(model, limit, params_reference, rounds=1, image_size=32, round_to=1):
     """The largest compression (against params_reference) that `rounds` pruning steps can reach (smallest)."""
-    return 1 - smallest(model, limit, image_size, rounds)[0] / params_reference
+    return 1 - smallest(model, limit, image_size, rounds, round_to)[0] / params_reference
 
 
-def check_reachable(model, target, value, limit, params_reference, image_size=32):
+def check_reachable(model, target, value, limit, params_reference, image_size=32, round_to=1):
     """UserError, before any work, when a compression or GFLOPs target is beyond one step's reach."""
-    check_schedule(model, [{"target": target, "value": value}], limit, params_reference, image_size=image_size)
+    check_schedule(model, [{"target": target, "value": value}], limit, params_reference, image_size=image_size,
+                   round_to=round_to)
 
 
-def check_schedule(model, schedule, limit, params_reference, first_round=0, image_size=32):
-    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"},
-    run from `model`; numbered from `first_round` in the message) whose compression or GFLOPs target no
-    earlier rounds could bring within reach."""
+def check_schedule(model, schedule, limit, params_reference, first_round=0, image_size=32, round_to=1):
+    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"}:
+    compression as a fraction of params_reference, gflops per image at image_size x image_size pixels; run
+    from `model`; numbered from `first_round` in the message) whose target no earlier rounds could bring
+    within reach with prune_ratio_limit `limit` and round_to."""
+    rules = f"prune_ratio_limit {limit}" + (f" and round_to {round_to}" if round_to > 1 else "")
     for i, spec in enumerate(schedule):
         if spec["target"] not in ("compression", "gflops"):
             continue
-        params, flops = smallest(model, limit, image_size, rounds=i + 1)
+        params, flops = smallest(model, limit, image_size, rounds=i + 1, round_to=round_to)
         where = f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""
-        steps = "one pass" if i == 0 else f"{i + 1} passes"
+        steps = "one pass removes" if i == 0 else f"{i + 1} passes remove"
+        leave = "one pass leaves" if i == 0 else f"{i + 1} passes leave"
         # the first round's reach is exact: a target beyond it would only fail later
         if spec["target"] == "compression" and spec["value"] > 1 - params / params_reference + 1e-9:
-            raise UserError(f"{where}compression {spec['value']} is out of reach: with prune_ratio_limit {limit} "
-                            f"{steps} remove at most {1 - params / params_reference:.3f} of the stage-1 "
-                            f"network's parameters")
+            raise UserError(f"{where}compression {spec['value']} is out of reach: with {rules} {steps} at most "
+                            f"{1 - params / params_reference:.3f} of the stage-1 network's parameters")
         if spec["target"] == "gflops" and spec["value"] * 1e9 < flops:
-            raise UserError(f"{where}gflops {spec['value']} is out of reach: with prune_ratio_limit {limit} "
-                            f"{steps} leave at least {flops / 1e9:.4g} GFLOPs per image at "
-                            f"{image_size}x{image_size}")
+            raise UserError(f"{where}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
+                            f"{flops / 1e9:.4g} GFLOPs per image at {image_size}x{image_size}")

@@ -81,6 +81,9 @@ KEYS = {
                   "what the global threshold ranks directions by: score = EigenDamage's estimate of the loss "
                   "increase; score_per_param / score_per_flop = that score divided by the parameters / FLOPs per "
                   "image the direction costs; score_per_cost = per FLOP for a gflops target, else per parameter"),
+    "round_to": (INT, 1, _range(1, None), "every side keeps a multiple of this many directions (or all of "
+                 "them): 8 matches the 8-float channel blocks of onnxruntime's CPU kernels on AVX2 (16 on AVX-512); "
+                 "its speed-up is measured by bench/bench_prune.py"),
     "fix_rotation": (BOOL, False, ANY, "freeze the 1x1 rotation convs while fine-tuning"),
     "epochs": (INT, 100, _range(0, None), "fine-tuning epochs (per round in iterative mode, unless the round "
                "says)"),

@@ -6,11 +6,14 @@ Layer.direction_costs), so that cheap-but-important and expensive-but-useless di
 "score_per_cost" divides by the cost the target counts (parameters for a compression or ratio target,
 FLOPs for a GFLOPs target), the default of stage 2: on digits it kept the most accuracy both at equal
 parameters and at equal GFLOPs (bench/bench_criteria.py, README).
-Cutting the c lowest-keyed directions of the pool gives every layer its ranks, subject to three rules:
+Cutting the c lowest-keyed directions of the pool gives every layer its ranks, subject to four rules:
 a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one
-(its highest-scoring), and each side either takes its cut or keeps every direction it holds, whichever
-leaves the layer cheaper (in the measure the target counts: a cut that costs a rotation larger than it
-saves is not made), the layer staying as it is unless that is strictly cheaper. The model's parameters
+(its highest-scoring); with round_to m, a side keeps a multiple of m directions (the fewest multiple at
+or above what the threshold leaves; all n where that is more): convolutions whose channel counts are
+multiples of the SIMD width run at full speed (onnxruntime's NCHWc kernels pad channels to blocks of 8
+on AVX2, 16 on AVX-512), as Torch-Pruning's round_to; and each side either takes its cut or keeps every
+direction it holds, whichever leaves the layer cheaper (in the measure the target counts: a cut that costs
+a rotation larger than it saves is not made), the layer staying as it is unless that is strictly cheaper. The model's parameters
 and FLOPs never grow with c, so a parameter or FLOPs target is met by bisection on c; where one more
 direction would jump past the target's tolerance, the directions after it are tried in order (_fill).
 """
@@ -38,12 +41,17 @@ class Plan:
 class Threshold:
     """The ranks of every layer as a function of the number of pooled directions cut.
 
-    params_now / flops_now: the whole model's parameters and FLOPs per image (every block run) now;
-    `measure` ("params" or "flops") decides, per layer, which of the forms allowed by the cut is kept."""
+    layers: the eigen.Layer of every prunable conv (scores and costs); limit: the largest fraction of a
+    side that may be cut, in (0, 1]; params_now / flops_now: the whole model's parameters and FLOPs per
+    image (every block run) now; `measure` ("params" or "flops") decides, per layer, which of the forms
+    allowed by the cut is kept, and what "score_per_cost" divides by; round_to (>= 1): every side keeps a
+    multiple of it, or all. ValueError for an unknown criterion or measure, or round_to < 1."""
 
-    def __init__(self, layers, limit, params_now, flops_now=None, criterion="score", measure="params"):
-        if criterion not in CRITERIA or measure not in MEASURES:
-            raise ValueError(f"criterion {criterion!r} / measure {measure!r}")
+    def __init__(self, layers, limit, params_now, flops_now=None, criterion="score", measure="params",
+                 round_to=1):
+        if criterion not in CRITERIA or measure not in MEASURES or round_to < 1:
+            raise ValueError(f"criterion {criterion!r} / measure {measure!r} / round_to {round_to!r}")
+        self.round_to = int(round_to)
         self.layers, self.params_now, self.flops_now = layers, params_now, flops_now
         self.measure = 0 if measure == "params" else 1
         if criterion == "score_per_cost":
@@ -67,7 +75,10 @@ class Threshold:
 
     def plan_counts(self, counts, cut):
         """The plan when each side loses counts[side] directions (its lowest-scoring ones)."""
-        kept = (self.sizes - torch.minimum(counts, self.max_cut)).tolist()
+        kept = self.sizes - torch.minimum(counts, self.max_cut)
+        if self.round_to > 1:  # up to a multiple of round_to, at most the whole side: never smaller with c
+            kept = torch.minimum(self.sizes, (kept + self.round_to - 1) // self.round_to * self.round_to)
+        kept = kept.tolist()
         ranks, params, flops, removed = {}, self.params_now, self.flops_now, 0
         for layer, r_in, r_out in zip(self.layers, kept[0::2], kept[1::2]):
             n_in, n_out = layer.ranks
@@ -86,23 +97,23 @@ class Threshold:
         return Plan(ranks=ranks, cut=cut, total=self.total, params=params, flops=flops, removed=removed)
 
 
-def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="score"):
+def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="score", round_to=1):
     """Cut the fraction `ratio` of all pooled directions."""
-    threshold = Threshold(layers, limit, params_now, flops_now, criterion)
+    threshold = Threshold(layers, limit, params_now, flops_now, criterion, round_to=round_to)
     return threshold.plan(int(ratio * threshold.total))
 
 
-def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None, criterion="score"):
+def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None, criterion="score", round_to=1):
     """The fewest cuts that bring the model to at most `target` parameters; UserError if no cut reaches it
     or the nearest one undershoots it by more than `tolerance` parameters."""
-    threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params")
+    threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params", round_to)
     return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", "parameters")
 
 
-def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score"):
+def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score", round_to=1):
     """The fewest cuts that bring the model to at most `target` FLOPs per image (every block run);
     UserError if no cut reaches it or the nearest one undershoots it by more than `tolerance` FLOPs."""
-    threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops")
+    threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops", round_to)
     return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "FLOPs", "FLOPs per image")
 
 
@@ -110,7 +121,8 @@ def _bisect(threshold, value, target, tolerance, what, unit):
     lo, hi = 0, threshold.total
     fewest = value(threshold.plan(hi))
     if fewest > target:
-        raise UserError(f"the {what} target is out of reach: with this prune_ratio_limit the model keeps at "
+        rules = "prune_ratio_limit" + (f" and round_to {threshold.round_to}" if threshold.round_to > 1 else "")
+        raise UserError(f"the {what} target is out of reach: with this {rules} the model keeps at "
                         f"least {fewest} {unit}, the target is {int(target)}")
     while lo < hi:
         mid = (lo + hi) // 2
@@ -122,8 +134,9 @@ def _bisect(threshold, value, target, tolerance, what, unit):
     if target - value(plan) > tolerance:
         plan = _fill(threshold, value, target, tolerance, lo)
     if plan is None:
+        finer = " (a smaller round_to gives finer steps)" if threshold.round_to > 1 else ""
         raise UserError(f"cannot meet the {what} target {int(target)} within {int(tolerance)}: the nearest "
-                        f"cut gives {value(threshold.plan(lo))}")
+                        f"cut gives {value(threshold.plan(lo))}{finer}")
     return plan
 
 

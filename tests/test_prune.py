@@ -264,6 +264,28 @@ def test_gflops_target_through_prune_and_cost_aware_criteria_trade_as_meant(trai
     assert at_flops["score_per_cost"] == at_flops["score_per_flop"]
 
 
+def test_round_to_keeps_multiples_and_still_meets_the_targets(trained):
+    """round_to 8: every side of every pruned layer keeps a multiple of 8 directions or all of them, the
+    rebuilt network holds what the plan counted, and the parameter and FLOPs targets are still met."""
+    model, _, layers = trained
+    params, flops = count_params(model), model_flops(model, SIZE)
+    by_name = {l.name: l for l in layers}
+    plans = [plan_for_params(layers, 0.5 * params, 0.95, params, 0.01 * params, flops, "score", round_to=8),
+             plan_for_flops(layers, 0.5 * flops, 0.95, params, flops, 0.01 * flops, "score_per_flop", round_to=8)]
+    for plan in plans:
+        assert plan.ranks
+        for name, ranks in plan.ranks.items():
+            for rank, n in zip(ranks, by_name[name].ranks):
+                assert rank % 8 == 0 or rank == n, (name, ranks, by_name[name].ranks)
+        pruned = rebuild(model, layers, {n: top_directions(by_name[n], *r) for n, r in plan.ranks.items()})
+        assert (count_params(pruned), model_flops(pruned, SIZE)) == (plan.params, plan.flops)
+    assert 0.49 * params <= plans[0].params <= 0.5 * params
+    assert 0.495 * flops <= plans[1].flops <= 0.5 * flops
+    # unrounded, some side keeps a count that is no multiple of 8: the rule is what makes them so
+    free = plan_for_params(layers, 0.5 * params, 0.95, params, 0.01 * params, flops, "score")
+    assert any(r % 8 and r != n for name, ranks in free.ranks.items() for r, n in zip(ranks, by_name[name].ranks))
+
+
 @pytest.mark.parametrize("ratio,limit", [(0.9, 0.5), (0.999, 1.0)])
 def test_side_limit_keep_one_and_never_larger(trained, ratio, limit):
     model, _, layers = trained

@@ -231,6 +231,28 @@ def test_from_a_pruned_checkpoint_and_the_table(stages):
     assert f"{rl['test_acc']:.2f}%" in markdown
 
 
+def test_route_epochs_train_the_backbone_on_greedy_routes_and_leave_the_switches(stages, tmp_path):
+    """--route_epochs 1 after zero stage-3 epochs: the switches (the routes) are the source's exactly, the
+    backbone has moved, the greedy routes in hard mode are what the saved model runs, and the ending is
+    recorded. Run twice, the saved weights are bit-identical (the fine-tuning has its own RNG stream)."""
+    data, results = stages
+    source = load_checkpoint(str(results / "prune" / "checkpoint.pt"))
+    saved = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        shutil.copytree(results / "prune", run / "prune")
+        rl = _rl(data, run, "--epochs", "0", "--route_epochs", "1", "--route_lr", "0.05")
+        assert len(rl["ending"]["route_epochs"]) == 1 and 0 <= rl["ending"]["route_epochs"][0]["acc"] <= 100
+        saved.append(load_checkpoint(str(run / "rl" / "checkpoint.pt"), ("rl",))["model"])
+    for k, v in saved[0].items():
+        assert torch.equal(v, saved[1][k]), k
+        if k.startswith("switches."):
+            assert torch.equal(v, source["model"][k]), k
+    moved = [k for k, v in saved[0].items() if v.is_floating_point() and not k.startswith("switches.") and
+             "running" not in k and not torch.equal(v, source["model"][k])]
+    assert any(k.startswith("blocks.") for k in moved) and any(k.startswith("fc") for k in moved), moved
+
+
 class Stop(Exception):
     pass
 

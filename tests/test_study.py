@@ -6,6 +6,8 @@ digits instead."""
 import importlib
 import json
 
+import pytest
+
 from bench import study
 
 
@@ -29,9 +31,14 @@ def test_quick_study_runs_every_part_and_writes_the_results(tmp_path):
     assert scripts["search/seed0"] == "main_search.py" and summary["timing"]["search_seconds"]["search/seed0"] > 0
     assert scripts["route/seed1"] == "bench/fixed_route.py"
     # the search's setting (chosen on validation) is what the second seed's stage 3 ran with
-    alpha = summary["search_settings"]["alpha"]
+    # (a GFLOPs target: at the same place between the seed's static network with every gated block skipped
+    # and with all run)
+    chosen = summary["search_settings"]["chosen"]
     rl = summary["commands"]["rl/seed1"]
-    assert alpha is not None and float(rl[rl.index("--alpha") + 1]) == alpha
+    low, high = study.gflops_range(study.SCALES["quick"], str(out / "seed1" / "prune" / "checkpoint.pt"))
+    assert 0 < chosen["fraction"] < 1
+    assert float(rl[rl.index("--target_gflops") + 1]) == pytest.approx(low + chosen["fraction"] * (high - low),
+                                                                      abs=1e-6)
     flags = summary["commands"]["seedflags/seed0"]
     assert [flags[flags.index(f) + 1] for f in ("--alpha", "--rl_weight", "--lr")] == ["0.1", "0.1", "0.001"]
     # static pushed to the per-image network's GFLOPs: its stage-2 config has the gflops target

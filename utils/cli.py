@@ -10,9 +10,16 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def base_parser(description):
     """Flags of the seed's stage-1 and stage-3 commands, plus ours."""
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=Formatter)
     d = p.add_argument_group("data")
     d.add_argument("--data_dir", default="data", help="class folders train/<class>/*.<img_type> + test/..., "
                    "or cifar-100-python/ pickles; found automatically")
