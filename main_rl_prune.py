@@ -5,9 +5,10 @@ process's batch (every sampled action gets its own REINFORCE term), so --rl_weig
 SkipNet's code, where the seed's flags come from. With --target_gflops G, alpha is adapted during training
 (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
-(the switches fixed). The stage ends like stage 2: BN statistics re-estimated under the greedy routes, save,
-then the final test of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static
-+ dynamic pruning", then the whole table as <result_dir>/table.md and table.json."""
+(the switches' weights not stepped). The stage ends like stage 2: BN statistics re-estimated under the
+greedy routes, save, then the final test of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt,
+metrics.json, tb/}: the row "static + dynamic pruning", then the whole table as <result_dir>/table.md and
+table.json."""
 import json
 import os
 import sys
@@ -55,9 +56,9 @@ def parse_args(argv=None):
                    help="step of the dual ascent on log alpha per training step (with --target_gflops)")
     r.add_argument("--route_epochs", type=int, default=0,
                    help="after the last epoch (and, with --target_gflops, the threshold calibration): epochs of "
-                        "fine-tuning the backbone by cross-entropy on the greedy routes, the switches fixed, "
-                        "so that it learns the routes the deployed model runs (training ran on sampled ones, "
-                        "and the calibration moves them); 0: none, as in SkipNet")
+                        "fine-tuning the backbone by cross-entropy on the greedy routes, the switches' weights "
+                        "not stepped, so that it learns the routes the deployed model runs (training ran on "
+                        "sampled ones, and the calibration moves them); 0: none, as in SkipNet")
     r.add_argument("--route_lr", type=float, default=None,
                    help="learning rate of that fine-tuning, cosine to 0 (default: --lr / 10)")
     r.add_argument("--baseline", default="moving", choices=BASELINES,
@@ -79,7 +80,8 @@ def check_args(args):
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
     if args.route_lr is not None and not args.route_epochs:
-        print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr, flush=True)
+        print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr,
+              flush=True)
     if args.target_gflops is not None and args.alpha <= 0:
         raise UserError(f"--alpha {args.alpha}: --target_gflops adapts alpha multiplicatively, start it > 0")
     check_switch_flags(args)

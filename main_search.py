@@ -193,7 +193,8 @@ def main(argv=None):
     rl_argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
                "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
                str(args.rl_route_epochs)]
-    if (args.knob or stage3_knob()) == "target_gflops":
+    knob_name = args.knob or stage3_knob()
+    if knob_name == "target_gflops":  # alpha is where the dual ascent starts
         rl_argv += ["--alpha", repr(args.rl_alpha)]
     trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device)
     worker = Worker()
@@ -201,7 +202,7 @@ def main(argv=None):
     worker.run_phase(static_study, knob_c, args.static_trials,
                      lambda c: judged(trials.static(c), threshold), line("static", "compression", threshold))
     statics = sorted(finished(static_study), key=lambda t: -t.user_attrs["compression"])
-    dynamic_studies, knob_name = [], args.knob or stage3_knob()
+    dynamic_studies = []
     for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
         c = t.params["compression"]
         knob = dynamic_knob(knob_name, t.user_attrs, args.max_alpha, data["resize"], ctx)

@@ -82,7 +82,8 @@ def prepare(run_dir, data, stage1=STAGE1, stage2=STAGE2, seed=0, criterion=None,
              "--result_dir", run_dir], os.path.join(run_dir, "sp.log"))
     config = {"result_dir": run_dir, "data_dir": data, "num_workers": 0, "device": "cpu", "seed": seed,
               "bs": stage1["bs"], **stage2, **({"criterion": criterion} if criterion else {})}
-    if not (os.path.isfile(os.path.join(run_dir, "prune", "metrics.json")) and same_json(run_dir, "prune.json", config)):
+    cached = os.path.isfile(os.path.join(run_dir, "prune", "metrics.json")) and same_json(run_dir, "prune.json", config)
+    if not cached:
         for stale in ("prune", "peer", os.path.join("export", "prune")):  # made from another stage 2
             shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
         with open(os.path.join(run_dir, "prune.json"), "w") as f:

@@ -11,7 +11,7 @@ import time
 
 from pruners.eigen import decompose, in_channel_basis, rebuild, set_rotations_trainable, top_directions
 from pruners.kfac import collect_factors, evenly_spaced, prunable_convs
-from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_params, plan_for_ratio
+from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_params, plan_for_ratio, rules_text
 from utils.dist import broadcast_object
 from utils.errors import UserError
 from models import build_model
@@ -36,9 +36,8 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
     fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
     inputs image_size x image_size, default the batches' size), within 1%. `criterion` ranks directions
-    ("score_per_cost": per parameter for compression and ratio, per FLOP for gflops; the report keeps the
-    name given)
-    (pruners/threshold.py); every side keeps a multiple of `round_to` directions, or all of them. Returns
+    (pruners/threshold.py; "score_per_cost": per parameter for compression and ratio, per FLOP for gflops,
+    the report keeps the name given); every side keeps a multiple of `round_to` directions, or all. Returns
     (the rebuilt model, a report of plain data). Raises UserError when there are no batches, the target is
     out of reach or cannot be met within its tolerance; RuntimeError if the rebuilt model does not hold the
     parameters and FLOPs the plan counted."""
@@ -72,8 +71,7 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     # what was removed, not what fell under the threshold: a side's limit and layers whose factored form
     # would not be cheaper keep directions the threshold cut
     return new, {"target": target, "value": value, "criterion": criterion, "round_to": round_to,
-                 "directions": plan.total,
-                 "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
+                 "directions": plan.total, "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
                  "ratio": plan.removed / plan.total, "params": params,
                  "compression": 1 - params / params_reference, "gflops": flops / 1e9,
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
@@ -117,7 +115,7 @@ def check_schedule(model, schedule, limit, params_reference, first_round=0, imag
     compression as a fraction of params_reference, gflops per image at image_size x image_size pixels; run
     from `model`; numbered from `first_round` in the message) whose target no earlier rounds could bring
     within reach with prune_ratio_limit `limit` and round_to."""
-    rules = f"prune_ratio_limit {limit}" + (f" and round_to {round_to}" if round_to > 1 else "")
+    rules = rules_text(limit, round_to)
     for i, spec in enumerate(schedule):
         if spec["target"] not in ("compression", "gflops"):
             continue

@@ -13,9 +13,10 @@ or above what the threshold leaves; all n where that is more): convolutions whos
 multiples of the SIMD width run at full speed (onnxruntime's NCHWc kernels pad channels to blocks of 8
 on AVX2, 16 on AVX-512), as Torch-Pruning's round_to; and each side either takes its cut or keeps every
 direction it holds, whichever leaves the layer cheaper (in the measure the target counts: a cut that costs
-a rotation larger than it saves is not made), the layer staying as it is unless that is strictly cheaper. The model's parameters
-and FLOPs never grow with c, so a parameter or FLOPs target is met by bisection on c; where one more
-direction would jump past the target's tolerance, the directions after it are tried in order (_fill).
+a rotation larger than it saves is not made), the layer staying as it is unless that is strictly cheaper.
+The model's parameters and FLOPs never grow with c, so a parameter or FLOPs target is met by bisection on c;
+where one more direction would jump past the target's tolerance, the directions after it are tried in order
+(_fill).
 """
 import math
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ from utils.errors import UserError
 
 CRITERIA = ("score", "score_per_param", "score_per_flop", "score_per_cost")
 MEASURES = ("params", "flops")
+
+
+def rules_text(limit, round_to):
+    """The per-side rules a reach is bounded by, for error messages."""
+    return f"prune_ratio_limit {limit}" + (f" and round_to {round_to}" if round_to > 1 else "")
 
 
 @dataclass
@@ -51,7 +57,7 @@ class Threshold:
                  round_to=1):
         if criterion not in CRITERIA or measure not in MEASURES or round_to < 1:
             raise ValueError(f"criterion {criterion!r} / measure {measure!r} / round_to {round_to!r}")
-        self.round_to = int(round_to)
+        self.limit, self.round_to = limit, int(round_to)
         self.layers, self.params_now, self.flops_now = layers, params_now, flops_now
         self.measure = 0 if measure == "params" else 1
         if criterion == "score_per_cost":
@@ -121,9 +127,8 @@ def _bisect(threshold, value, target, tolerance, what, unit):
     lo, hi = 0, threshold.total
     fewest = value(threshold.plan(hi))
     if fewest > target:
-        rules = "prune_ratio_limit" + (f" and round_to {threshold.round_to}" if threshold.round_to > 1 else "")
-        raise UserError(f"the {what} target is out of reach: with this {rules} the model keeps at "
-                        f"least {fewest} {unit}, the target is {int(target)}")
+        raise UserError(f"the {what} target is out of reach: with {rules_text(threshold.limit, threshold.round_to)} "
+                        f"the model keeps at least {fewest} {unit}, the target is {int(target)}")
     while lo < hi:
         mid = (lo + hi) // 2
         if value(threshold.plan(mid)) <= target:
