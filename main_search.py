@@ -74,6 +74,8 @@ def parse_args(argv=None):
     st.add_argument("--rl_alpha", type=float, default=0.1, help="stage 3: --alpha, where the knob is the GFLOPs "
                     "target (the dual ascent's starting value)")
     st.add_argument("--rl_route_epochs", type=int, default=0, help="stage 3: --route_epochs")
+    st.add_argument("--rl_route_lr", type=float, default=None, help="stage 3: --route_lr (default: its own, "
+                    "--rl_lr / 10)")
     return p.parse_args(argv)
 
 
@@ -88,6 +90,7 @@ def check_args(args):
               ("max_alpha", args.max_alpha > 0, "must be > 0"), ("rl_epochs", args.rl_epochs >= 0, "must be >= 0"),
               ("rl_alpha", args.rl_alpha > 0, "must be > 0"),
               ("rl_route_epochs", args.rl_route_epochs >= 0, "must be >= 0"),
+              ("rl_route_lr", args.rl_route_lr is None or args.rl_route_lr > 0, "must be > 0"),
               ("rl_lr", args.rl_lr > 0, "must be > 0"), ("rl_bs", args.rl_bs >= 1, "must be >= 1")]
     for name, ok, why in checks:
         if not ok:
@@ -193,6 +196,8 @@ def main(argv=None):
     rl_argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
                "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
                str(args.rl_route_epochs)]
+    if args.rl_route_lr is not None:
+        rl_argv += ["--route_lr", repr(args.rl_route_lr)]
     knob_name = args.knob or stage3_knob()
     if knob_name == "target_gflops":  # alpha is where the dual ascent starts
         rl_argv += ["--alpha", repr(args.rl_alpha)]

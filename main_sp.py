@@ -15,7 +15,7 @@ from models import build_model, make_arch
 from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
-from utils.engine import make_scheduler, prepare, supervised_step
+from utils.engine import make_scheduler, prepare, supervised_step, touch_switches
 from utils.errors import UserError, run_main
 from utils.flops import dense_flops, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
@@ -47,8 +47,7 @@ def dense_step(model, x, y):
     """Plain dense training: every block, no switch evaluated. The switches' parameters enter the loss with
     weight 0, so that DistributedDataParallel finds every parameter used."""
     loss, stats = supervised_step(model, x, y, mode="open")
-    switches = getattr(model, "module", model).switches
-    return loss + 0 * sum(p.sum() for p in switches.parameters()), stats
+    return touch_switches(model, loss), stats
 
 
 def spread_images(loader, n=SPREAD_IMAGES):

@@ -56,14 +56,14 @@ SCALES = {
         data="digits", resize=32, depth=20, width=1, bs=64, seeds=(0, 1, 2), val_split=0.1,
         sp=dict(epochs=15, dense_epochs=10, lr=0.1),
         prune=dict(compression=0.6, epochs=5, lr=0.02, fisher_batches=16),
-        rl=dict(epochs=6, lr=0.05, gamma=1.0, rl_weight=0.01, alpha=3.5, route_epochs=2),
+        rl=dict(epochs=12, lr=0.05, gamma=1.0, rl_weight=0.01, alpha=3.5, route_epochs=6, route_lr=0.02),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
         search=dict(budget=1.0, knob="target_gflops", dynamic_trials=4, max_alpha=4.0)),
     "quick": dict(
         data="synthetic", resize=16, depth=8, width=1, bs=32, seeds=(0, 1), val_split=0.25,
         sp=dict(epochs=2, dense_epochs=1, lr=0.05),
         prune=dict(compression=0.5, epochs=1, lr=0.01, fisher_batches=2),
-        rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=0.01, alpha=1.0, route_epochs=1),
+        rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=0.01, alpha=1.0, route_epochs=1, route_lr=0.01),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
         search=dict(budget=100.0, knob="target_gflops", dynamic_trials=2, max_alpha=4.0)),  # any network passes
 }
@@ -108,8 +108,9 @@ def rl_command(s, data_dir, run_dir, seed, checkpoint, setting, flags=None, fina
         ["--target_gflops", repr(setting["target_gflops"]), "--alpha", repr(f["alpha"])]
     return ["main_rl_prune.py", "--checkpoint", checkpoint, "--epochs", str(s["rl"]["epochs"]),
             "--lr", repr(f["lr"]), *knob, "--gamma", repr(f["gamma"]),
-            "--rl_weight", repr(f["rl_weight"]), *(["--route_epochs", str(f["route_epochs"])] if f.get("route_epochs")
-                                                   else []), "--final_split", final_split,
+            "--rl_weight", repr(f["rl_weight"]),
+            *(["--route_epochs", str(f["route_epochs"]), "--route_lr", repr(f["route_lr"])] if f.get("route_epochs")
+              else []), "--final_split", final_split,
             *common_flags(s, data_dir, run_dir, seed)]
 
 
@@ -123,7 +124,7 @@ def search_command(s, run_dir, config_path):
             "--knob", q["knob"], "--max_alpha", str(q["max_alpha"]), "--rl_epochs", str(rl["epochs"]),
             "--rl_lr", repr(rl["lr"]), "--rl_bs", str(s["bs"]), "--rl_weight", repr(rl["rl_weight"]),
             "--gamma", repr(rl["gamma"]), "--rl_alpha", repr(rl["alpha"]), "--rl_route_epochs",
-            str(rl["route_epochs"])]
+            str(rl["route_epochs"]), "--rl_route_lr", repr(rl["route_lr"])]
 
 
 # ------------------------------------------------------------------------------------- the networks

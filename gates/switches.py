@@ -5,6 +5,7 @@ depends on the mode:
   open    all blocks run, switches are not evaluated (the dense network)
   hard    execute iff p > 0.5; in training the 0/1 value goes forward and the gradient flows to p
           (straight-through)
+  greedy  execute iff p > 0.5, no gradient to p (stage 3's fine-tuning of the backbone on fixed routes)
   sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
           (never stashed in the module, so that DistributedDataParallel sees a pure function)
 """
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODES = ("open", "hard", "sample")
+MODES = ("open", "hard", "greedy", "sample")
 KINDS = ("rnn", "ff")
 
 
@@ -76,10 +77,16 @@ def build_switches(kind, channels):
 
 
 def act(p, mode, training):
-    """0/1 execution decisions (float, shape of p) from probabilities p, for `hard` and `sample` modes."""
+    """0/1 execution decisions (float, shape of p) from probabilities p: `sample` draws them, `hard` and
+    `greedy` take p > 0.5. In training, `hard` passes gradients straight through to p (SkipNet's supervised
+    phase: the switches and, through their inputs, the backbone learn the routes); `greedy` passes none (the
+    routes are fixed functions of the features: stage 3's route fine-tuning trains the backbone on them
+    without teaching it to turn blocks back on through the switches' inputs)."""
     if mode == "sample":
         return torch.bernoulli(p.detach())
     hard = (p > 0.5).to(p.dtype)
+    if mode == "greedy":
+        return hard.detach()
     # Straight-through: forward the 0/1 value, backward as if it were p. (p - p.detach()) is exactly 0, so
     # the forward value is exactly 0 or 1 (hard + p - p.detach() rounds 1 + p - p to 0.99999994 at times).
     return hard + (p - p.detach()) if training else hard

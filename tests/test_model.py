@@ -59,7 +59,7 @@ def test_skip_execution_equals_masked_execution(gate):
 def test_modes_and_shapes():
     model = build_model(make_arch(depth=8, width=1, num_classes=7))
     x = torch.randn(3, 3, 16, 16)
-    for mode in ("open", "hard", "sample"):
+    for mode in ("open", "hard", "greedy", "sample"):
         logits, actions, probs = model(x, mode)
         assert logits.shape == (3, 7) and actions.shape == probs.shape == (3, 2)
         assert set(actions.detach().unique().tolist()) <= {0.0, 1.0}
@@ -70,6 +70,27 @@ def test_hard_mode_straight_through_reaches_switches():
     logits, _, _ = model(torch.randn(4, 3, 16, 16), "hard")
     logits.square().sum().backward()
     assert model.switches.head.weight.grad.abs().sum() > 0
+
+
+def test_greedy_mode_takes_the_hard_routes_and_passes_no_gradient_through_them():
+    """Stage 3's route fine-tuning: the same routes and logits as `hard`, but the loss reaches neither the
+    switches nor, through the switches' inputs, the backbone (only through the blocks that ran)."""
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=8, width=1, num_classes=5)).train()
+    x = torch.randn(4, 3, 16, 16)
+    grads = {}
+    for mode in ("hard", "greedy"):
+        model.zero_grad(set_to_none=True)
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # BN running stats move in train mode
+        logits, actions, _ = model(x, mode)
+        logits.square().sum().backward()
+        model.load_state_dict(state)
+        grads[mode] = (logits.detach(), actions.detach(),
+                       {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads["greedy"][0], grads["hard"][0])
+    assert torch.equal(grads["greedy"][1], grads["hard"][1])
+    assert not any(n.startswith("switches.") for n in grads["greedy"][2])
+    assert any(n.startswith("switches.") for n in grads["hard"][2])
 
 
 @pytest.mark.parametrize("arch", [dict(depth=33), dict(depth=4), dict(network="vgg"), dict(gate="lstm"),

@@ -369,13 +369,17 @@ def deeper_stage1(tmp_path_factory):
 
 
 def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deeper_stage1):
+    """With route epochs after the training: the threshold is calibrated after the training, before every
+    further route epoch and after the BN re-estimate, and the saved model meets the target."""
     data, results = deeper_stage1
     sp = json.load(open(results / "sp" / "metrics.json"))
     target = round(0.6 * sp["dense_gflops"], 6)
     main_rl_prune.main([*TINY, "--lr", "0.01", "--epochs", "2", "--alpha", "0.5", "--rl_weight", "0.02",
-                        "--target_gflops", str(target), "--data_dir", data, "--result_dir", str(results)])
+                        "--route_epochs", "2", "--target_gflops", str(target), "--data_dir", data,
+                        "--result_dir", str(results)])
     rl = json.load(open(results / "rl" / "metrics.json"))
     assert rl["gflops_per_image"] == pytest.approx(target, rel=0.03), rl["ending"]
+    assert len(rl["ending"]["route_epochs"]) == 2 and len(rl["ending"]["calibration"]) == 3, rl["ending"]
     assert rl["target_gflops"] == target and rl["alpha_final"] != rl["alpha"]  # alpha moved
     ckpt = torch.load(results / "rl" / "checkpoint.pt", weights_only=True)
     assert ckpt["extra"]["price"]["alpha"].item() == rl["alpha_final"]

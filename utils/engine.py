@@ -76,6 +76,13 @@ def supervised_step(model, x, y, mode="hard"):
                   "exec_rate": actions.detach().mean(0)}
 
 
+def touch_switches(model, loss):
+    """loss + 0 x the switches' parameters, for steps where the switches take no part in the loss (dense
+    training, the route fine-tuning): DistributedDataParallel then finds every parameter used."""
+    switches = getattr(model, "module", model).switches
+    return loss + 0 * sum(p.sum() for p in switches.parameters())
+
+
 def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="train"):
     ddp.train()
     sums, n = {}, 0
