@@ -5,10 +5,12 @@ process's batch (every sampled action gets its own REINFORCE term), so --rl_weig
 SkipNet's code, where the seed's flags come from. With --target_gflops G, alpha is adapted during training
 (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
-(the switches' weights not stepped). The stage ends like stage 2: BN statistics re-estimated under the
+(the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
+is recalibrated before every route epoch). The stage ends like stage 2: BN statistics re-estimated under the
 greedy routes, save, then the final test of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt,
 metrics.json, tb/}: the row "static + dynamic pruning", then the whole table as <result_dir>/table.md and
 table.json."""
+import functools
 import json
 import os
 import sys
@@ -58,8 +60,10 @@ def parse_args(argv=None):
     r.add_argument("--route_epochs", type=int, default=0,
                    help="after the last epoch (and, with --target_gflops, the threshold calibration): epochs of "
                         "fine-tuning the backbone by cross-entropy on the greedy routes, the switches' weights "
-                        "not stepped, so that it learns the routes the deployed model runs (training ran on "
-                        "sampled ones, and the calibration moves them); 0: none, as in SkipNet")
+                        "not stepped and their decisions passing no gradient, so that it learns the routes the "
+                        "deployed model runs (training ran on sampled ones, and the calibration moves them); "
+                        "with --target_gflops the threshold is recalibrated before every route epoch; 0: none, "
+                        "as in SkipNet")
     r.add_argument("--route_lr", type=float, default=None,
                    help="learning rate of that fine-tuning, cosine to 0 (default: --lr / 10)")
     r.add_argument("--baseline", default="moving", choices=BASELINES,
@@ -146,9 +150,10 @@ def greedy_step(model, x, y):
 def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
     """--route_epochs epochs of SGD on the backbone only (the switches' parameters are not stepped; the
     routes are their greedy decisions, which still move with the backbone's features and, for `ff`
-    switches, their BN statistics), cross-entropy on the greedy routes (greedy_step), lr --route_lr cosine to 0, the stage's momentum and weight decay. `recalibrate` (with a FLOPs
-    target) is called before every epoch but the first (which follows a calibration), so that the backbone
-    trains on routes at the target whatever the features' drift, and the final calibration moves little.
+    switches, their BN statistics), cross-entropy on the greedy routes (greedy_step), lr --route_lr cosine
+    to 0, the stage's momentum and weight decay. `recalibrate` (with a FLOPs target) is called before every
+    epoch but the first (which follows a calibration), so that the backbone trains on routes at the target
+    whatever the features' drift, and the final calibration moves little.
     Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
     uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
     made (recalibrate's results)."""
@@ -190,11 +195,12 @@ def end_training(ddp, data, ctx, costs, target, args):
     if target is not None:
         data.plain_train.set_epoch(0)
         batches = [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
-        calibrate = lambda: calibrate_to_flops(ddp, batches, ctx, costs, target)  # noqa: E731
+        calibrate = functools.partial(calibrate_to_flops, ddp, batches, ctx, costs, target)
         ending["calibration"] = [calibrate()]
     if args.route_epochs:
         ending["route_epochs"], during = finetune_on_routes(ddp, data, ctx, args, calibrate)
-        ending["calibration"] = ending.get("calibration", []) + during
+        if calibrate is not None:
+            ending["calibration"] += during
     data.train.set_epoch(0)  # the same batches in a run resumed after its last epoch
     recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
     if calibrate is not None:

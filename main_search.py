@@ -196,7 +196,7 @@ def main(argv=None):
     rl_argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
                "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
                str(args.rl_route_epochs)]
-    if args.rl_route_lr is not None:
+    if args.rl_route_lr is not None and args.rl_route_epochs:
         rl_argv += ["--route_lr", repr(args.rl_route_lr)]
     knob_name = args.knob or stage3_knob()
     if knob_name == "target_gflops":  # alpha is where the dual ascent starts

@@ -27,23 +27,35 @@ STYLE = {  # kind -> (marker, colour)
 }
 
 
-def plot_points(points, path):
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+def plot_points(points, path, band=5.0):
+    """Left: every point. Right: the same points, the accuracy axis zoomed onto the kinds whose mean lies
+    within `band` points of the best mean (where the comparison is decided; far-off kinds such as fixed
+    routes on untrained weights squash it on the left)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), dpi=120)
     kinds = [k for k in STYLE if any(p["kind"] == k for p in points)] + \
         sorted({p["kind"] for p in points} - set(STYLE))
+    means = {}
     for kind in kinds:
-        marker, color = STYLE.get(kind, ("x", "black"))
         mine = [p for p in points if p["kind"] == kind]
         xs, ys = [p["gflops_per_image"] for p in mine], [p["test_acc"] for p in mine]
-        ax.plot(xs, ys, marker, color=color, ms=5, alpha=0.45, ls="none")
-        ax.plot(sum(xs) / len(xs), sum(ys) / len(ys), marker, color=color, ms=11, mec="black", ls="none",
-                label=f"{kind} ({len(mine)} seed{'s' * (len(mine) > 1)})")
-    ax.set_xlabel("GFLOPs per image (as executed)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs. compute: small markers are seeds, large ones their mean", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", framealpha=0.8)
-    fig.tight_layout()
+        means[kind] = (sum(ys) / len(ys), ys)
+        marker, color = STYLE.get(kind, ("x", "black"))
+        for ax in axes:
+            ax.plot(xs, ys, marker, color=color, ms=5, alpha=0.45, ls="none")
+            ax.plot(sum(xs) / len(xs), sum(ys) / len(ys), marker, color=color, ms=11, mec="black", ls="none",
+                    label=f"{kind} ({len(mine)} seed{'s' * (len(mine) > 1)})" if ax is axes[0] else None)
+    if means:  # a study with nothing done yet draws empty axes
+        best = max(m for m, _ in means.values())
+        near = [y for m, ys in means.values() if m >= best - band for y in ys]
+        axes[1].set_ylim(min(near) - 0.5, max(near) + 0.5)
+    for ax, title in zip(axes, ("all networks", f"zoomed: kinds within {band:g} points of the best mean")):
+        ax.set_xlabel("GFLOPs per image (as executed)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy vs. compute: small markers are seeds, large ones their mean", fontsize=11)
+    fig.legend(fontsize=7, loc="lower center", ncol=3, framealpha=0.8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path

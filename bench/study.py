@@ -6,7 +6,7 @@ validation split) against static only at the same compression; (4) at equal GFLO
 against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
 
     pip install -c <(echo torch==2.14.1) -r bench/requirements.txt
-    nice -n 10 python bench/study.py                 # the study of bench/results/ (about 35 min, 2 cores)
+    nice -n 10 python bench/study.py                 # the study of bench/results/ (about an hour, 2 cores)
     python bench/study.py --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
 
 Every number comes from the scripts run as subprocesses exactly as a user runs them (main_sp.py,
@@ -89,13 +89,21 @@ def sp_command(s, data_dir, run_dir, seed, dense=False):
             *mode, *common_flags(s, data_dir, run_dir, seed)]
 
 
-def prune_config(s, data_dir, run_dir, seed, checkpoint=None, **target):
+def equal_epochs(s):
+    """Fine-tuning epochs of static pruning pushed to equal GFLOPs: as many as the static + dynamic network
+    trains after pruning (stage 2's, then stage 3's and its route epochs), so that neither side of that
+    comparison has more training."""
+    return s["prune"]["epochs"] + s["rl"]["epochs"] + s["rl"].get("route_epochs", 0)
+
+
+def prune_config(s, data_dir, run_dir, seed, checkpoint=None, epochs=None, **target):
     """Stage 2's config: the scale's compression with EigenDamage's plain ranking, or (static pruning
     pushed to a GFLOPs target, the non-adaptive alternative to the switches) the target with the ranking
     that counts FLOPs (score_per_flop), the strongest at equal GFLOPs on digits (bench/bench_criteria.py)."""
     p = s["prune"]
     return {"result_dir": run_dir, "data_dir": data_dir, "checkpoint": checkpoint, "num_workers": 0,
-            "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"], "lr": p["lr"], "bs": s["bs"],
+            "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"] if epochs is None else epochs, "lr": p["lr"],
+            "bs": s["bs"],
             "fisher_batches": p["fisher_batches"], "seed": seed, "device": "cpu", "val_split": s["val_split"],
             **({**target, "criterion": "score_per_flop"} if target else
                {"compression": p["compression"], "criterion": "score"})}
@@ -109,8 +117,8 @@ def rl_command(s, data_dir, run_dir, seed, checkpoint, setting, flags=None, fina
     return ["main_rl_prune.py", "--checkpoint", checkpoint, "--epochs", str(s["rl"]["epochs"]),
             "--lr", repr(f["lr"]), *knob, "--gamma", repr(f["gamma"]),
             "--rl_weight", repr(f["rl_weight"]),
-            *(["--route_epochs", str(f["route_epochs"]), "--route_lr", repr(f["route_lr"])] if f.get("route_epochs")
-              else []), "--final_split", final_split,
+            *(["--route_epochs", str(f["route_epochs"])] if f.get("route_epochs") else []),
+            *(["--route_lr", repr(f["route_lr"])] if f.get("route_epochs") and f.get("route_lr") else []), "--final_split", final_split,
             *common_flags(s, data_dir, run_dir, seed)]
 
 
@@ -124,7 +132,7 @@ def search_command(s, run_dir, config_path):
             "--knob", q["knob"], "--max_alpha", str(q["max_alpha"]), "--rl_epochs", str(rl["epochs"]),
             "--rl_lr", repr(rl["lr"]), "--rl_bs", str(s["bs"]), "--rl_weight", repr(rl["rl_weight"]),
             "--gamma", repr(rl["gamma"]), "--rl_alpha", repr(rl["alpha"]), "--rl_route_epochs",
-            str(rl["route_epochs"]), "--rl_route_lr", repr(rl["route_lr"])]
+            str(rl["route_epochs"]), *(["--rl_route_lr", repr(rl["route_lr"])] if rl.get("route_lr") else [])]
 
 
 # ------------------------------------------------------------------------------------- the networks
@@ -243,7 +251,8 @@ def plan(s, out):
         return Task(f"equal/seed{seed}", ["main_prune.py", "--config_path", cfg],
                     os.path.join(run, "equal", "prune", "metrics.json"), [dynamic_task(seed), f"sp/seed{seed}"],
                     lambda: prune_config(s, data, os.path.join(run, "equal"), seed,
-                                         os.path.join(run, "sp", "checkpoint.pt"), gflops=budget(seed)), cfg)
+                                         os.path.join(run, "sp", "checkpoint.pt"), equal_epochs(s),
+                                         gflops=budget(seed)), cfg)
 
     def route(seed):  # the best fixed route at those GFLOPs, on the stage-3 and on the stage-2 weights
         nets = lambda: networks(s, out, seed)  # noqa: E731
@@ -506,7 +515,8 @@ def markdown(s, per_seed, mean, flags, setting, timing, command):
     L += ["", "**4. At equal GFLOPs**: per-image routing against the best fixed route (the same blocks skipped "
           "for every image, chosen greedily on the validation split, BN re-estimated under the route; 'under' "
           "is the greedy route at or under the budget, 'over' the one greedy step before it) and against "
-          "static pruning alone pushed to the same GFLOPs (stage 2's `gflops` key; test accuracy % at GFLOPs)",
+          f"static pruning alone pushed to the same GFLOPs (stage 2's `gflops` key, {equal_epochs(s)} fine-tuning "
+          "epochs: as many as the per-image network trained after pruning; test accuracy % at GFLOPs)",
           "", "| Seed | Per-image routing | Fixed route, stage-3 weights, under / over | Fixed route, stage-2 "
           "weights, under / over | Static only at equal GFLOPs |", "|---|---|---|---|---|"]
 

@@ -5,7 +5,7 @@ depends on the mode:
   open    all blocks run, switches are not evaluated (the dense network)
   hard    execute iff p > 0.5; in training the 0/1 value goes forward and the gradient flows to p
           (straight-through)
-  greedy  execute iff p > 0.5, no gradient to p (stage 3's fine-tuning of the backbone on fixed routes)
+  greedy  execute iff p > 0.5, no gradient to p (stage 3's fine-tuning of the backbone on the greedy routes)
   sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
           (never stashed in the module, so that DistributedDataParallel sees a pure function)
 """

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gates.switches import act, build_switches
+from gates.switches import MODES, act, build_switches
 
 
 class FactoredConv(nn.Module):
@@ -142,6 +142,8 @@ class ResNet(nn.Module):
         image took and the switches' probabilities (all ones in `open` mode, where switches are not run; the
         actions there are ones, or the fixed route)."""
         mode = mode or self.mode
+        if mode not in MODES:  # a typo would silently run `hard`'s straight-through gradient
+            raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
         x = F.relu(self.stem_bn(self.stem(x)))
         x = self.blocks[0](x)
         if mode == "open":

@@ -73,8 +73,8 @@ def test_hard_mode_straight_through_reaches_switches():
 
 
 def test_greedy_mode_takes_the_hard_routes_and_passes_no_gradient_through_them():
-    """Stage 3's route fine-tuning: the same routes and logits as `hard`, but the loss reaches neither the
-    switches nor, through the switches' inputs, the backbone (only through the blocks that ran)."""
+    """Stage 3's route fine-tuning: the same routes and logits as `hard`, but no gradient reaches the
+    switches' parameters (in `hard` mode the straight-through gradient does); an unknown mode is refused."""
     torch.manual_seed(0)
     model = build_model(make_arch(depth=8, width=1, num_classes=5)).train()
     x = torch.randn(4, 3, 16, 16)
@@ -91,6 +91,8 @@ def test_greedy_mode_takes_the_hard_routes_and_passes_no_gradient_through_them()
     assert torch.equal(grads["greedy"][1], grads["hard"][1])
     assert not any(n.startswith("switches.") for n in grads["greedy"][2])
     assert any(n.startswith("switches.") for n in grads["hard"][2])
+    with pytest.raises(ValueError, match="unknown mode"):
+        model(x, "gready")
 
 
 @pytest.mark.parametrize("arch", [dict(depth=33), dict(depth=4), dict(network="vgg"), dict(gate="lstm"),

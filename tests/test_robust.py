@@ -268,13 +268,18 @@ def _same_weights(a, b):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-target"])
+@pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-target", "rl-routes"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, stage):
+    """Killed in epoch 2 (rl-routes: in the second route epoch after the 4 epochs, its calibrations and BN
+    re-estimate redone on resume), the resumed run's weights are the uninterrupted run's bit for bit."""
     tmp, data, res = pipeline
-    target = []
-    if stage == "rl-target":  # alpha adapted towards a GFLOPs target: its trajectory resumes exactly too
-        stage = "rl"
+    target, kill, killed_epoch = [], "step:2:3", 1
+    if stage in ("rl-target", "rl-routes"):  # alpha adapted towards a GFLOPs target: its trajectory resumes
         target = ["--target_gflops", str(0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"])]
+        if stage == "rl-routes":  # loader epochs 5 and 6 are the route epochs
+            target += ["--route_epochs", "2"]
+            kill, killed_epoch = "step:6:2", 4
+        stage = "rl"
     runs = {}
     for name in ("straight", "killed"):
         out = tmp_path / name
@@ -294,7 +299,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     argv, ckpt_killed = runs["killed"]
-    assert _kill_mid_run(argv, ckpt_killed) == 1  # killed in epoch 2: its checkpoint holds epoch 1
+    assert _kill_mid_run(argv, ckpt_killed, kill) == killed_epoch  # its last checkpoint
     proc = subprocess.run([sys.executable, *argv, "--resume"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -302,6 +307,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
     if target:
         a, b = (torch.load(c, weights_only=True)["extra"]["price"]["alpha"] for c in (ckpt, ckpt_killed))
         assert torch.equal(a, b) and a.item() != 0.5
+        a, b = (json.load(open(os.path.join(os.path.dirname(c), "metrics.json"))) for c in (ckpt, ckpt_killed))
+        assert a["ending"] == b["ending"]  # after training, [before route epoch 2,] after the BN re-estimate
+        assert len(a["ending"]["calibration"]) == (3 if "--route_epochs" in target else 2), a["ending"]
 
 
 @pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
@@ -317,6 +325,9 @@ def test_torchrun_two_processes(pipeline, tmp_path, stage):
     else:
         argv = ["main_sp.py" if stage == "sp" else "main_rl_prune.py", *(SP if stage == "sp" else RL),
                 "--bs", "8", "--epochs", "1", "--data_dir", data, "--result_dir", str(out)]
+    if stage == "rl":  # the dual ascent, the calibrations and a route epoch (greedy_step) under DDP too
+        target = 0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"]
+        argv += ["--target_gflops", str(target), "--route_epochs", "1"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -328,6 +339,8 @@ def test_torchrun_two_processes(pipeline, tmp_path, stage):
     assert torch.isfinite(logits).all()
     metrics = json.load(open(out / stage / "metrics.json"))
     assert metrics["test_images"] == DATA["classes"] * DATA["test_per_class"]  # every test image, once
+    if stage == "rl":
+        assert len(metrics["ending"]["route_epochs"]) == 1 and len(metrics["ending"]["calibration"]) == 2
 
 
 def _factors_on_rank(rank, world_size, init_file, out_dir):

@@ -68,8 +68,8 @@ def make_scheduler(optimizer, name, epochs, steps_per_epoch):
 
 
 def supervised_step(model, x, y, mode="hard"):
-    """Stages 1 and 2: cross-entropy on the routes the hard switches take (or, mode "open", of the dense
-    network, switches untouched)."""
+    """Cross-entropy on the routes the switches take in `mode` (stages 1 and 2: "hard"; stage 3's route
+    fine-tuning: "greedy"), or, mode "open", of the dense network, switches untouched."""
     logits, actions, _ = model(x, mode)
     loss = F.cross_entropy(logits, y)
     return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean(),
