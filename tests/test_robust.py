@@ -268,18 +268,19 @@ def _same_weights(a, b):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-target", "rl-routes"])
+@pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-target"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, stage):
-    """Killed in epoch 2 (rl-routes: in the second route epoch after the 4 epochs, its calibrations and BN
-    re-estimate redone on resume), the resumed run's weights are the uninterrupted run's bit for bit."""
+    """Killed in epoch 2, the resumed run's weights are the uninterrupted run's bit for bit. rl-target
+    (alpha adapted towards a GFLOPs target, then 2 route epochs) is killed twice: in epoch 2 (alpha's
+    trajectory resumes exactly), and after resuming, in the second route epoch (the calibrations, route
+    epochs and BN re-estimate after the last epoch are redone from its checkpoint)."""
     tmp, data, res = pipeline
-    target, kill, killed_epoch = [], "step:2:3", 1
-    if stage in ("rl-target", "rl-routes"):  # alpha adapted towards a GFLOPs target: its trajectory resumes
-        target = ["--target_gflops", str(0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"])]
-        if stage == "rl-routes":  # loader epochs 5 and 6 are the route epochs
-            target += ["--route_epochs", "2"]
-            kill, killed_epoch = "step:6:2", 4
+    target, kills = [], [("step:2:3", 1)]  # (fault-injection point, epoch the last checkpoint then holds)
+    if stage == "rl-target":
         stage = "rl"
+        target = ["--target_gflops", str(0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"]),
+                  "--route_epochs", "2"]
+        kills.append(("step:6:2", 4))  # loader epochs 5 and 6 are the route epochs
     runs = {}
     for name in ("straight", "killed"):
         out = tmp_path / name
@@ -299,7 +300,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     argv, ckpt_killed = runs["killed"]
-    assert _kill_mid_run(argv, ckpt_killed, kill) == killed_epoch  # its last checkpoint
+    for i, (at, epoch) in enumerate(kills):
+        assert _kill_mid_run(argv + ["--resume"] * (i > 0), ckpt_killed, at) == epoch  # its last checkpoint
     proc = subprocess.run([sys.executable, *argv, "--resume"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -308,8 +310,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
         a, b = (torch.load(c, weights_only=True)["extra"]["price"]["alpha"] for c in (ckpt, ckpt_killed))
         assert torch.equal(a, b) and a.item() != 0.5
         a, b = (json.load(open(os.path.join(os.path.dirname(c), "metrics.json"))) for c in (ckpt, ckpt_killed))
-        assert a["ending"] == b["ending"]  # after training, [before route epoch 2,] after the BN re-estimate
-        assert len(a["ending"]["calibration"]) == (3 if "--route_epochs" in target else 2), a["ending"]
+        assert a["ending"] == b["ending"]  # calibrated after training, before route epoch 2, after the BN
+        assert len(a["ending"]["calibration"]) == 3 and len(a["ending"]["route_epochs"]) == 2, a["ending"]
 
 
 @pytest.mark.parametrize("stage", ["sp", "prune", "rl"])

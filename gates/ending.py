@@ -1,0 +1,85 @@
+"""How stage 3 ends, after its last REINFORCE epoch: with a FLOPs target, the switches' threshold calibrated
+(gates/routes.calibrate_to_flops); with --route_epochs, the backbone fine-tuned on the greedy routes; then
+BN statistics re-estimated under the greedy routes (what the deployed model runs) and, with a target, the
+threshold calibrated once more. main_rl_prune.py saves what end_training returns in the checkpoint, so a
+run resumed after its ending does not redo it, and one killed during it redoes it from the last epoch's
+checkpoint (every step here is deterministic).
+"""
+import functools
+
+import torch
+
+from gates.routes import calibrate_to_flops
+from utils.engine import make_scheduler, recalibrate_bn, supervised_step, touch_switches, train_epoch
+
+CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
+ROUTE_SEED = 7_919  # the route fine-tuning's own RNG stream (augmentation), whatever ran before it
+
+
+def greedy_step(model, x, y):
+    """Cross-entropy on the greedy routes with no gradient through the decisions (mode `greedy`): a
+    straight-through gradient (mode `hard`) would teach the backbone to turn blocks back on through the
+    switches' inputs (on digits the routes drifted from 0.030 to 0.035 GFLOPs per epoch)."""
+    loss, stats = supervised_step(model, x, y, mode="greedy")
+    return touch_switches(model, loss), stats
+
+
+def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
+    """--route_epochs epochs of SGD on the backbone only (the switches' parameters are not stepped; the
+    routes are their greedy decisions, which still move with the backbone's features and, for `ff`
+    switches, their BN statistics), cross-entropy on the greedy routes (greedy_step), lr --route_lr cosine
+    to 0, the stage's momentum and weight decay. `recalibrate` (with a FLOPs target) is called before every
+    epoch but the first (which follows a calibration), so that the backbone trains on routes at the target
+    whatever the features' drift, and the final calibration moves little.
+    Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
+    uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
+    made (recalibrate's results)."""
+    model = getattr(ddp, "module", ddp)
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("switches.")]
+    lr = args.route_lr if args.route_lr is not None else args.lr / 10
+    optimizer = torch.optim.SGD(backbone, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                nesterov=args.momentum > 0)
+    scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
+    history, calibrations = [], []
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(ctx.seed * 1_000_003 + ctx.rank + ROUTE_SEED)
+        for k in range(args.route_epochs):
+            if k and recalibrate is not None:
+                calibrations.append(recalibrate())
+            epoch = args.epochs + k  # loader epochs (and fault-injection points) after the stage's own
+            data.train.set_epoch(epoch)
+            tr = train_epoch(ddp, data.train, optimizer, scheduler, greedy_step, ctx, epoch, desc="rl routes")
+            history.append({"loss": tr["loss"], "acc": 100 * tr["acc"]})
+            if ctx.is_main:
+                print(f"[rl] greedy routes {k + 1}/{args.route_epochs}  train loss {tr['loss']:.3f} acc "
+                      f"{100 * tr['acc']:.2f}%  exec {100 * sum(tr['exec_rate']) / len(tr['exec_rate']):.0f}%",
+                      flush=True)
+    for p in model.switches.parameters():  # zero gradients (touch_switches); nothing was stepped
+        p.grad = None
+    return history, calibrations
+
+
+def end_training(ddp, data, ctx, costs, target, args):
+    """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
+    augmented) so that the greedy routes cost the target; with --route_epochs, fine-tune the backbone on the
+    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on sampled routes,
+    whose statistics differ: the deployed model runs greedy ones), over one epoch of augmented training
+    batches as stage 2 does, and calibrate once more since the new weights and statistics move the
+    switches' inputs (and before every route epoch, see finetune_on_routes). Returns what was done, for
+    the checkpoint and metrics.json: "calibration" lists every calibration in order."""
+    ending = {"bn_batches": len(data.train)}
+    calibrate = None
+    if target is not None:
+        data.plain_train.set_epoch(0)
+        batches = [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
+        calibrate = functools.partial(calibrate_to_flops, ddp, batches, ctx, costs, target)
+        ending["calibration"] = [calibrate()]
+    if args.route_epochs:
+        ending["route_epochs"], during = finetune_on_routes(ddp, data, ctx, args, calibrate)
+        if calibrate is not None:
+            ending["calibration"] += during
+    data.train.set_epoch(0)  # the same batches in a run resumed after its last epoch
+    recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
+    if calibrate is not None:
+        ending["calibration"].append(calibrate())
+    return ending
