@@ -67,6 +67,9 @@ SCALES = {
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
         search=dict(budget=100.0, knob="target_gflops", dynamic_trials=2, max_alpha=4.0)),  # any network passes
 }
+# The same with a spread of difficulty, where which image skips a block should matter: half the images
+# (train and test) with contrast halved and strong noise (utils/synthetic.write_digits' hard_fraction).
+SCALES["digits-mixed"] = {**SCALES["digits"], "data": "digits-mixed"}
 
 
 def read_json(path):
@@ -467,8 +470,10 @@ def setting_text(c):
 
 def markdown(s, per_seed, mean, flags, setting, timing, command):
     n = len(per_seed)
-    data = "Digits (scikit-learn, 1,797 images, 32x32 PNG)" if s["data"] == "digits" else \
-        f"Synthetic images ({s['resize']}x{s['resize']} PNG)"
+    data = {"digits": "Digits (scikit-learn, 1,797 images, 32x32 PNG)",
+            "digits-mixed": "Digits with a spread of difficulty (scikit-learn, 1,797 images, 32x32 PNG; half of "
+                            "them, train and test alike, with contrast halved and Gaussian noise of std 64)"}.get(
+        s["data"], f"Synthetic images ({s['resize']}x{s['resize']} PNG)")
     L = [f"{data}, ResNet-{s['depth']} width {s['width']}, validation split {s['val_split']:g} of train, "
          f"{n} seed{'s' * (n > 1)} (mean ± sample std). Stage 1: {s['sp']['epochs']} epochs "
          f"({s['sp']['dense_epochs']} dense, then SkipNet's supervised phase); stage 2: compression "
@@ -576,8 +581,8 @@ def shown(path):
 def prepare_data(s, out):
     path = os.path.join(out, "data")
     if not os.path.isdir(path):
-        if s["data"] == "digits":
-            write_digits(path, size=32)
+        if s["data"] in ("digits", "digits-mixed"):
+            write_digits(path, size=32, hard_fraction=0.5 if s["data"] == "digits-mixed" else 0.0)
         else:
             write_synthetic(path, num_classes=4, train_per_class=16, test_per_class=8, size=s["resize"])
     return path
@@ -598,6 +603,8 @@ def report_only(tasks):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny synthetic scale: the smoke test's")
+    p.add_argument("--mixed", action="store_true", help="digits with a spread of difficulty: half the images "
+                   "(train and test) with contrast halved and strong noise")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "study"), help="runs and logs")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="summary files")
@@ -606,7 +613,9 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="run nothing: write the results from the tasks done "
                    "(while a study runs, or after one was stopped)")
     args = p.parse_args(argv)
-    s = dict(SCALES["quick" if args.quick else "digits"])
+    if args.quick and args.mixed:
+        p.error("--quick and --mixed are two scales: give one")
+    s = dict(SCALES["quick" if args.quick else "digits-mixed" if args.mixed else "digits"])
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
     out = os.path.abspath(args.out)
@@ -630,7 +639,7 @@ def main(argv=None):
     mean = summarise(per_seed)
     flags = optional(seed_flags, s, out)
     setting = optional(chosen, s, out)
-    command = "python bench/study.py" + (" --quick" if args.quick else "") + \
+    command = "python bench/study.py" + (" --quick" if args.quick else "") + (" --mixed" if args.mixed else "") + \
         (f" --seeds {' '.join(map(str, s['seeds']))}" if args.seeds else "")
     os.makedirs(args.results, exist_ok=True)
     pts = points(per_seed)

@@ -122,9 +122,13 @@ def _write_pickles(pickle_dir, train_x, train_y, test_x, test_y, classes):
             pickle.dump(obj, f, protocol=2)
 
 
-def write_digits(root, size=32, test_fraction=0.2, seed=0):
+def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, noise=64.0):
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as RGB PNGs of size x size in the
-    class-folder layout, with a stratified deterministic train/test split. Returns root."""
+    class-folder layout, with a stratified deterministic train/test split. Returns root.
+
+    hard_fraction > 0 gives the data a spread of difficulty (the case per-image routing is for): that
+    fraction of the images, drawn at random in train and test alike, has its contrast halved and Gaussian
+    noise of std `noise` (pixel values 0..255) added, per pixel and channel."""
     from sklearn.datasets import load_digits  # bench-only dependency
 
     digits = load_digits()
@@ -133,6 +137,11 @@ def write_digits(root, size=32, test_fraction=0.2, seed=0):
         np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR).convert("RGB")).transpose(2, 0, 1)
         for g in grey])
     labels = digits.target.astype(np.int64)
+    if hard_fraction > 0:
+        degrade = np.random.default_rng(seed + 1)
+        hard = degrade.random(len(labels)) < hard_fraction
+        noisy = 0.5 * images[hard] + degrade.normal(0.0, noise, images[hard].shape)
+        images[hard] = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
     rng = np.random.default_rng(seed)
     test_idx = []
