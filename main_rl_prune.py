@@ -43,7 +43,7 @@ def parse_args(argv=None):
                         "starting value")
     r.add_argument("--gamma", type=float, default=1.0, help="discount of the returns, in [0, 1]")
     r.add_argument("--rl_weight", type=float, default=0.1,
-                   help="weight of the policy loss beside the CE (mean over the batch); the policy loss is "
+                   help="weight of the policy loss beside the CE (itself averaged over the batch); the policy loss is "
                         "SUMMED over the images of a process's batch, as in SkipNet's code "
                         "(action.reinforce(rl_weight * R) per sampled action)")
     r.add_argument("--target_gflops", type=float, default=None, metavar="G",

@@ -20,10 +20,10 @@ import optuna
 from search.bisection import Knob
 from search.phase import Worker, open_storage, open_study, trial_records
 from search.report import evaluate_on_test, plot, table_rows, write_table
-from search.trials import DYNAMIC_KNOBS, Trials, label, stage3_knob
+from search.trials import DYNAMIC_KNOBS, Trials, label, stage3_argv, stage3_knob
 from pruners.config import validate
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import Formatter, Parser
+from utils.cli import Formatter, Parser, check_finite
 from utils.dist import setup
 from utils.engine import evaluate, prepare, write_json
 from utils.errors import UserError, run_main
@@ -80,6 +80,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    check_finite(args)
     checks = [("budget", args.budget >= 0, "must be >= 0"),
               ("min_compression", 0 < args.min_compression < 1, "must be in (0, 1)"),
               ("max_compression", args.min_compression <= args.max_compression < 1,
@@ -170,6 +171,7 @@ def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
     check_args(args)
+    stage3_argv(args, args.knob or stage3_knob())  # stage 3's flags checked before any work
     stage1_path = args.checkpoint or os.path.join(args.result_dir, "sp", "checkpoint.pt")
     if not os.path.isfile(stage1_path):
         raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py (with --val_split > 0) first, "
@@ -193,14 +195,8 @@ def main(argv=None):
     threshold = base["val_acc"] - args.budget
     print(f"[search] unpruned network: val acc {base['val_acc']:.2f}% on {base['val_images']} validation images; "
           f"trials must reach {threshold:.2f}%", flush=True)
-    rl_argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
-               "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
-               str(args.rl_route_epochs)]
-    if args.rl_route_lr is not None and args.rl_route_epochs:
-        rl_argv += ["--route_lr", repr(args.rl_route_lr)]
     knob_name = args.knob or stage3_knob()
-    if knob_name == "target_gflops":  # alpha is where the dual ascent starts
-        rl_argv += ["--alpha", repr(args.rl_alpha)]
+    rl_argv = stage3_argv(args, knob_name)
     trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device)
     worker = Worker()
 

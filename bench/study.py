@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from utils.cli import Parser  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
 from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 
 # The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
@@ -579,12 +581,19 @@ def shown(path):
 
 
 def prepare_data(s, out):
-    path = os.path.join(out, "data")
+    """The scale's dataset under <out>/data, written once; its kind is stamped there, so that runs of another
+    scale are never reused under the same --out."""
+    path, stamp = os.path.join(out, "data"), os.path.join(out, "data_kind.txt")
+    kind = open(stamp).read().strip() if os.path.isfile(stamp) else None
+    if os.path.isdir(path) and kind not in (None, s["data"]):  # None: a study from before the stamp
+        raise UserError(f"--out {out} holds a study of {kind!r} data, not {s['data']!r}: give another --out")
     if not os.path.isdir(path):
         if s["data"] in ("digits", "digits-mixed"):
             write_digits(path, size=32, hard_fraction=0.5 if s["data"] == "digits-mixed" else 0.0)
         else:
             write_synthetic(path, num_classes=4, train_per_class=16, test_per_class=8, size=s["resize"])
+    with open(stamp, "w") as f:
+        f.write(s["data"])
     return path
 
 
@@ -601,13 +610,15 @@ def report_only(tasks):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny synthetic scale: the smoke test's")
     p.add_argument("--mixed", action="store_true", help="digits with a spread of difficulty: half the images "
                    "(train and test) with contrast halved and strong noise")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "study"), help="runs and logs")
-    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="summary files")
+    p.add_argument("--out", default=None, help="runs and logs (default: bench/out/study; --mixed: "
+                   "bench/out/study-mixed)")
+    p.add_argument("--results", default=None, help="summary files (default: bench/results; --mixed: "
+                   "bench/results/mixed)")
     p.add_argument("--jobs", type=int, default=2, help="tasks run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task")
     p.add_argument("--report", action="store_true", help="run nothing: write the results from the tasks done "
@@ -615,7 +626,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick and args.mixed:
         p.error("--quick and --mixed are two scales: give one")
+    for name in ("jobs", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)} must be >= 1")
     s = dict(SCALES["quick" if args.quick else "digits-mixed" if args.mixed else "digits"])
+    args.out = args.out or os.path.join(ROOT, "bench", "out", "study-mixed" if args.mixed else "study")
+    args.results = args.results or os.path.join(ROOT, "bench", "results", *(["mixed"] if args.mixed else []))
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
     out = os.path.abspath(args.out)
@@ -636,6 +652,9 @@ def main(argv=None):
     timing = record_timing(s, tasks, wall, out, args.jobs)
 
     per_seed = [r for r in (optional(seed_results, s, out, seed) for seed in s["seeds"]) if r]
+    if not per_seed:  # nothing done yet: leave the results of an earlier study as they are
+        print(f"[study] no seed has results yet: nothing written to {args.results}", flush=True)
+        raise SystemExit(1)
     mean = summarise(per_seed)
     flags = optional(seed_flags, s, out)
     setting = optional(chosen, s, out)
@@ -668,4 +687,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

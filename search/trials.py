@@ -26,6 +26,31 @@ def stage3_knob():
     return "target_gflops"
 
 
+def stage3_argv(args, knob_name):
+    """main_rl_prune.py's flags of every dynamic trial from the search's (the knob's value is added per
+    trial). Checked by stage 3's own parser and checks at once, so that the search never runs its static
+    phase to find out that stage 3 refuses them: UserError naming the search's flag."""
+    argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
+            "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
+            str(args.rl_route_epochs)]
+    if args.rl_route_lr is not None and args.rl_route_epochs:
+        argv += ["--route_lr", repr(args.rl_route_lr)]
+    if knob_name == "target_gflops":  # alpha is where the dual ascent starts
+        argv += ["--alpha", repr(args.rl_alpha)]
+    names = {"epochs": "rl_epochs", "lr": "rl_lr", "bs": "rl_bs", "route_epochs": "rl_route_epochs",
+             "route_lr": "rl_route_lr", "alpha": "rl_alpha"}  # stage 3's flag -> the search's
+    probe = ["--target_gflops", "1"] if knob_name == "target_gflops" else ["--alpha", "1"]
+    try:
+        main_rl_prune.check_args(main_rl_prune.parse_args(argv + probe))
+    except UserError as e:
+        message = str(e)
+        for stage3, search in names.items():
+            message = message.replace(f"--{stage3} ", f"--{search} ", 1) if message.startswith(f"--{stage3} ") \
+                else message
+        raise UserError(f"{message} (stage 3's flag, as main_rl_prune.py would refuse it)") from None
+    return argv
+
+
 def label(x):
     return f"{x:.6g}"
 

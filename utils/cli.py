@@ -1,5 +1,6 @@
 """Command-line flags shared by the stage scripts. A bad flag is one line and exit status 2."""
 import argparse
+import math
 
 from utils.data import AUGMENTS
 from utils.errors import UserError
@@ -54,8 +55,17 @@ def base_parser(description):
     return p
 
 
+def check_finite(args):
+    """Every float flag finite: argparse's float() takes "inf" and "nan", which no range check below refuses
+    reliably (nan fails every comparison) and no training survives."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} {value} must be a finite number")
+
+
 def check_ranges(args):
-    """Values argparse cannot check by type alone."""
+    """Values argparse cannot check by type alone (every float finite, then the ranges)."""
+    check_finite(args)
     checks = [("epochs", args.epochs >= 0, "must be >= 0"), ("lr", args.lr > 0, "must be > 0"),
               ("bs", args.bs >= 1, "must be >= 1"), ("momentum", 0 <= args.momentum < 1, "must be in [0, 1)"),
               ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
