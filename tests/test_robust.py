@@ -177,6 +177,10 @@ def hostile_cases(tmp, data, res):
         (*sp("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
         (*pr(cfg("resultdir", result_dir=str(bad / "file"))), ["not a directory"]),
         (*rl("--data_dir", data, "--result_dir", str(bad / "file")), ["not a directory"]),
+        # numbers argparse's float() takes but no training survives
+        (*sp("--data_dir", data, "--lr", "nan"), ["--lr", "finite"]),
+        (*rl("--data_dir", data, "--alpha", "inf"), ["--alpha", "finite"]),
+        (*rl("--data_dir", data, "--switch_lr", "nan"), ["--switch_lr", "finite"]),
     ]
 
 

@@ -169,3 +169,14 @@ def test_final_split_val_needs_a_validation_split(tmp_path):
                       "--resize", "16", "--device", "cpu", "--data_dir", data, "--result_dir",
                       str(tmp_path / "r"), "--final_split", "val")
     assert_one_line_error(proc, "--final_split val", "--val_split")
+
+
+@pytest.mark.parametrize("flags,words", [(["--gamma", "2"], ["--gamma 2.0", "stage 3"]),
+                                         (["--rl_lr", "inf"], ["--rl_lr inf", "finite"]),
+                                         (["--rl_route_epochs", "2", "--rl_route_lr", "0"], ["--rl_route_lr"])])
+def test_stage3_flags_are_refused_before_any_work(tmp_path, flags, words):
+    """What stage 3 would refuse fails the search at once (not after its static phase, as failed trials),
+    and naming the search's flag; no checkpoint is needed to find out, nothing is written."""
+    proc = run_script("main_search.py", "--result_dir", str(tmp_path / "r"), *flags)
+    assert_one_line_error(proc, *words)
+    assert not (tmp_path / "r").exists()

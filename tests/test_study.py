@@ -61,3 +61,17 @@ def test_quick_study_runs_every_part_and_writes_the_results(tmp_path):
     # a second call finds every task done by the same command and only re-aggregates
     again = study.main(["--quick", "--out", str(out), "--results", str(results)])
     assert sorted(again["tasks_reused"]) == sorted(summary["commands"])
+
+
+def test_bad_flags_and_another_scales_out_are_refused(tmp_path):
+    """One line each, before any data is written; an --out holding another scale's data is never reused."""
+    from utils.errors import UserError
+    for argv, words in [(["--quick", "--mixed"], "two scales"), (["--quick", "--jobs", "0"], "--jobs 0")]:
+        with pytest.raises(UserError, match=words):
+            study.main([*argv, "--out", str(tmp_path / "none"), "--results", str(tmp_path / "res")])
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "data_kind.txt").write_text("digits")
+    with pytest.raises(UserError, match="'digits' data, not 'synthetic'"):
+        study.main(["--quick", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists()
