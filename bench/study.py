@@ -268,7 +268,16 @@ def plan(s, out):
             os.path.join(runs[seed], "route", "route.json")], os.path.join(runs[seed], "route", "route.json"),
             [dynamic_task(seed)])
 
+    def difficulty(seed):  # --mixed: the routes of hard and easy test images (stage 2's and stage 3's network)
+        nets = lambda: networks(s, out, seed)  # noqa: E731
+        return Task(f"difficulty/seed{seed}", lambda: [
+            "bench/routes_by_difficulty.py", nets()["static"]["checkpoint"], nets()["dynamic"]["checkpoint"],
+            "--data_dir", data, "--out", os.path.join(runs[seed], "difficulty.json")],
+            os.path.join(runs[seed], "difficulty.json"), [dynamic_task(seed)])
+
     tasks += [equal(first)] + [route(seed) for seed in s["seeds"]]
+    if s["data"] == "digits-mixed":
+        tasks += [difficulty(seed) for seed in s["seeds"]]
     tasks += [Task(f"dense/seed{seed}", sp_command(s, data, os.path.join(runs[seed], "dense"), seed, dense=True),
                    os.path.join(runs[seed], "dense", "sp", "metrics.json")) for seed in s["seeds"]]
     return tasks + [equal(seed) for seed in others]
@@ -387,6 +396,9 @@ def seed_results(s, out, seed):
         by = route["networks"]
         r["route_stage3_weights"] = {k: by[nets["dynamic"]["checkpoint"]].get(k) for k in ("at_or_under", "over")}
         r["route_stage2_weights"] = {k: by[nets["static"]["checkpoint"]].get(k) for k in ("at_or_under", "over")}
+    difficulty = optional(read_json, os.path.join(run, "difficulty.json"))
+    if difficulty and nets:
+        r["by_difficulty"] = {name: difficulty[nets[name]["checkpoint"]] for name in ("static", "dynamic")}
     return r
 
 
@@ -543,6 +555,16 @@ def markdown(s, per_seed, mean, flags, setting, timing, command):
         return f"{a['mean']:.2f} ± {a['std']:.2f} @ {g['mean']:.4f}{seeds}"
     L.append(f"| mean | {mat('dynamic')} | {mat('route_stage3_at_or_under')} / {mat('route_stage3_over')} | "
              f"{mat('route_stage2_at_or_under')} / {mat('route_stage2_over')} | {mat('static_equal')} |")
+    if any(r.get("by_difficulty") for r in per_seed):
+        L += ["", "**5. Routes by difficulty** (test images, hard: contrast halved and noise added; easy: as "
+              "written; accuracy %, GFLOPs per image as executed, greedy execution rate per switch)", "",
+              "| Seed | Network | Images | Accuracy | GFLOPs | Execution rate per switch |", "|---|---|---|---|---|---|"]
+        for r in per_seed:
+            for name, label in (("static", "static only"), ("dynamic", "static + dynamic")):
+                for group, g in (get(r, "by_difficulty", name) or {}).items():
+                    rates = " / ".join(f"{100 * x:.0f}" for x in g["exec_rate"])
+                    L.append(f"| {r['seed']} | {label} | {group} ({g['images']}) | {g['acc']:.2f} | "
+                             f"{g['gflops_per_image']:.4f} | {rates} |")
     L += ["", "![accuracy vs GFLOPs](study.png)", "", timing_line(timing)]
     return "\n".join(L) + "\n"
 

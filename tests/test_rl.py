@@ -438,3 +438,30 @@ def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
     assert best["gflops"] <= budget and len(best["history"]) == best["route"].count(0) >= 1
     assert best["acc"] == evaluate_route(model, test, CPU, costs, best["route"])["acc"]
     assert model.route is None  # the model is left as it was
+
+
+def test_routes_by_difficulty_splits_the_stage_evaluation_exactly(stages, tmp_path):
+    """bench/routes_by_difficulty.py on a stage-3 network, half the test images listed as hard: its two
+    groups, weighted by their sizes, give back exactly the accuracy, GFLOPs and execution rates of the
+    stage's own final test (the same images through the checkpoint's recorded pipeline)."""
+    from bench import routes_by_difficulty
+    data, results = stages
+    run = tmp_path / "run"
+    shutil.copytree(results / "prune", run / "prune")
+    rl = _rl(data, run, "--epochs", "1")
+    test = os.path.join(data, "test")
+    listed = [f"test/{c}/{f}" for c in sorted(os.listdir(test)) for f in sorted(os.listdir(os.path.join(test, c)))]
+    with open(os.path.join(data, "hard.txt"), "w") as f:
+        f.write("\n".join(listed[::2]) + "\n")
+    try:
+        out = routes_by_difficulty.main([str(run / "rl" / "checkpoint.pt"), "--data_dir", data, "--bs", "7"])
+    finally:
+        os.remove(os.path.join(data, "hard.txt"))
+    (groups,) = out.values()
+    n = {k: g["images"] for k, g in groups.items()}
+    assert n == {"hard": (len(listed) + 1) // 2, "easy": len(listed) // 2}
+    mean = lambda key: sum(g[key] * n[k] for k, g in groups.items()) / len(listed)  # noqa: E731
+    assert mean("acc") == pytest.approx(rl["test_acc"], abs=1e-9)
+    assert mean("gflops_per_image") == pytest.approx(rl["gflops_per_image"], rel=1e-9)
+    for j, rate in enumerate(rl["exec_rate"]):
+        assert sum(g["exec_rate"][j] * n[k] for k, g in groups.items()) / len(listed) == pytest.approx(rate)

@@ -128,7 +128,8 @@ def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, no
 
     hard_fraction > 0 gives the data a spread of difficulty (the case per-image routing is for): that
     fraction of the images, drawn at random in train and test alike, has its contrast halved and Gaussian
-    noise of std `noise` (pixel values 0..255) added, per pixel and channel."""
+    noise of std `noise` (pixel values 0..255) added, per pixel and channel. Their paths, relative to root
+    ("test/3/00012.png"), are listed in root/hard.txt (bench/routes_by_difficulty.py reads it)."""
     from sklearn.datasets import load_digits  # bench-only dependency
 
     digits = load_digits()
@@ -153,6 +154,14 @@ def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, no
     classes = [str(c) for c in range(10)]
     _write_folders(os.path.join(root, "train"), images[~is_test], labels[~is_test], classes)
     _write_folders(os.path.join(root, "test"), images[is_test], labels[is_test], classes)
+    if hard_fraction > 0:
+        listed = []
+        for split, part in (("train", ~is_test), ("test", is_test)):
+            width = max(5, len(str(part.sum() - 1)))  # _write_folders' names
+            listed += [f"{split}/{classes[labels[j]]}/{i:0{width}d}.png"
+                       for i, j in enumerate(np.flatnonzero(part)) if hard[j]]
+        with open(os.path.join(root, "hard.txt"), "w") as f:
+            f.write("\n".join(listed) + "\n")
     return root
 
 

@@ -1,0 +1,90 @@
+"""Do the switches route by difficulty? For each checkpoint, the test images of a dataset written with a
+spread of difficulty (utils/synthetic.write_digits' hard_fraction: <data_dir>/hard.txt lists the degraded
+images) split into hard and easy ones, and for each group: accuracy, GFLOPs per image as executed (greedy
+routes, skipped blocks not counted), and every switch's greedy execution rate.
+
+    python bench/routes_by_difficulty.py CKPT [CKPT ...] --data_dir DIR [--out routes_by_difficulty.json]
+
+Images go through the checkpoint's recorded input pipeline (utils.data.Preprocess), as a deployed model
+sees them, in batches of --bs.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.cli import Parser  # noqa: E402
+from utils.data import Preprocess  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.flops import measure_costs, routed_flops  # noqa: E402
+
+
+def test_images(data_dir):
+    """[(path relative to data_dir, class name, hard?)] of the test split, in sorted order."""
+    listing = os.path.join(data_dir, "hard.txt")
+    if not os.path.isfile(listing):
+        raise UserError(f"{listing} does not exist: --data_dir must be written with a spread of difficulty "
+                        f"(bench/study.py --mixed, or utils/synthetic.write_digits(..., hard_fraction=0.5))")
+    with open(listing) as f:
+        hard = set(f.read().split())
+    test = os.path.join(data_dir, "test")
+    return [(f"test/{c}/{name}", c, f"test/{c}/{name}" in hard)
+            for c in sorted(os.listdir(test)) for name in sorted(os.listdir(os.path.join(test, c)))]
+
+
+@torch.no_grad()
+def by_difficulty(path, data_dir, bs):
+    """{"hard"/"easy": {"images", "acc" (%), "gflops_per_image", "exec_rate" (per switch)}} of one checkpoint
+    on the test split, greedy routes (`hard` mode, eval)."""
+    ckpt = load_checkpoint(path, None, "checkpoint")
+    model = model_from_checkpoint(ckpt, path, "checkpoint").eval()
+    prep = Preprocess(ckpt["pipeline"], f"checkpoint {path}")
+    costs = measure_costs(model, prep.size)
+    images = test_images(data_dir)
+    correct, flops, actions = [], [], []
+    for i in range(0, len(images), bs):
+        chunk = images[i:i + bs]
+        logits, a, _ = model(prep([os.path.join(data_dir, p) for p, _, _ in chunk]), "hard")
+        labels = torch.tensor([prep.classes.index(c) for _, c, _ in chunk])
+        correct.append(logits.argmax(1) == labels)
+        flops.append(routed_flops(costs, a))
+        actions.append(a)
+    correct, flops, actions = torch.cat(correct), torch.cat(flops), torch.cat(actions)
+    hard = torch.tensor([h for _, _, h in images])
+    out = {}
+    for name, mask in (("hard", hard), ("easy", ~hard)):
+        out[name] = {"images": int(mask.sum()), "acc": 100 * correct[mask].float().mean().item(),
+                     "gflops_per_image": flops[mask].mean().item() / 1e9,
+                     "exec_rate": actions[mask].float().mean(0).tolist()}
+    return out
+
+
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--bs", type=int, default=128)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    if args.bs < 1:
+        p.error(f"--bs {args.bs} must be >= 1")
+    results = {path: by_difficulty(path, args.data_dir, args.bs) for path in args.checkpoints}
+    for path, r in results.items():
+        print(path)
+        for name, g in r.items():
+            rates = " ".join(f"{100 * x:.0f}%" for x in g["exec_rate"])
+            print(f"  {name}: {g['images']} images, acc {g['acc']:.2f}%, {g['gflops_per_image']:.4f} GFLOPs, "
+                  f"execution rate per switch {rates}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)
