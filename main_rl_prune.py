@@ -27,7 +27,6 @@ from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_dat
 from utils.table import write_table
 
 
-
 def parse_args(argv=None):
     p = base_parser(__doc__)
     p.set_defaults(epochs=100, lr=0.001, bs=256)  # the seed's stage-3 command

@@ -88,11 +88,7 @@ def check_args(args):
               ("static_trials", args.static_trials >= 1, "must be >= 1"),
               ("dynamic_trials", args.dynamic_trials >= 0, "must be >= 0"),
               ("dynamic_networks", args.dynamic_networks >= 1, "must be >= 1"),
-              ("max_alpha", args.max_alpha > 0, "must be > 0"), ("rl_epochs", args.rl_epochs >= 0, "must be >= 0"),
-              ("rl_alpha", args.rl_alpha > 0, "must be > 0"),
-              ("rl_route_epochs", args.rl_route_epochs >= 0, "must be >= 0"),
-              ("rl_route_lr", args.rl_route_lr is None or args.rl_route_lr > 0, "must be > 0"),
-              ("rl_lr", args.rl_lr > 0, "must be > 0"), ("rl_bs", args.rl_bs >= 1, "must be >= 1")]
+              ("max_alpha", args.max_alpha > 0, "must be > 0")]  # stage 3's flags: search.trials.stage3_argv
     for name, ok, why in checks:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
@@ -171,7 +167,8 @@ def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
     check_args(args)
-    stage3_argv(args, args.knob or stage3_knob())  # stage 3's flags checked before any work
+    knob_name = args.knob or stage3_knob()
+    rl_argv = stage3_argv(args, knob_name)  # stage 3's flags, checked by stage 3's checks before any work
     stage1_path = args.checkpoint or os.path.join(args.result_dir, "sp", "checkpoint.pt")
     if not os.path.isfile(stage1_path):
         raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py (with --val_split > 0) first, "
@@ -195,8 +192,6 @@ def main(argv=None):
     threshold = base["val_acc"] - args.budget
     print(f"[search] unpruned network: val acc {base['val_acc']:.2f}% on {base['val_images']} validation images; "
           f"trials must reach {threshold:.2f}%", flush=True)
-    knob_name = args.knob or stage3_knob()
-    rl_argv = stage3_argv(args, knob_name)
     trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device)
     worker = Worker()
 

@@ -107,9 +107,9 @@ def prune_config(s, data_dir, run_dir, seed, checkpoint=None, epochs=None, **tar
     that counts FLOPs (score_per_flop), the strongest at equal GFLOPs on digits (bench/bench_criteria.py)."""
     p = s["prune"]
     return {"result_dir": run_dir, "data_dir": data_dir, "checkpoint": checkpoint, "num_workers": 0,
-            "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"] if epochs is None else epochs, "lr": p["lr"],
-            "bs": s["bs"],
-            "fisher_batches": p["fisher_batches"], "seed": seed, "device": "cpu", "val_split": s["val_split"],
+            "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"] if epochs is None else epochs,
+            "lr": p["lr"], "bs": s["bs"], "fisher_batches": p["fisher_batches"], "seed": seed, "device": "cpu",
+            "val_split": s["val_split"],
             **({**target, "criterion": "score_per_flop"} if target else
                {"compression": p["compression"], "criterion": "score"})}
 
@@ -123,7 +123,8 @@ def rl_command(s, data_dir, run_dir, seed, checkpoint, setting, flags=None, fina
             "--lr", repr(f["lr"]), *knob, "--gamma", repr(f["gamma"]),
             "--rl_weight", repr(f["rl_weight"]),
             *(["--route_epochs", str(f["route_epochs"])] if f.get("route_epochs") else []),
-            *(["--route_lr", repr(f["route_lr"])] if f.get("route_epochs") and f.get("route_lr") else []), "--final_split", final_split,
+            *(["--route_lr", repr(f["route_lr"])] if f.get("route_epochs") and f.get("route_lr") else []),
+            "--final_split", final_split,
             *common_flags(s, data_dir, run_dir, seed)]
 
 
@@ -558,7 +559,8 @@ def markdown(s, per_seed, mean, flags, setting, timing, command):
     if any(r.get("by_difficulty") for r in per_seed):
         L += ["", "**5. Routes by difficulty** (test images, hard: contrast halved and noise added; easy: as "
               "written; accuracy %, GFLOPs per image as executed, greedy execution rate per switch)", "",
-              "| Seed | Network | Images | Accuracy | GFLOPs | Execution rate per switch |", "|---|---|---|---|---|---|"]
+              "| Seed | Network | Images | Accuracy | GFLOPs | Execution rate per switch |",
+              "|---|---|---|---|---|---|"]
         for r in per_seed:
             for name, label in (("static", "static only"), ("dynamic", "static + dynamic")):
                 for group, g in (get(r, "by_difficulty", name) or {}).items():

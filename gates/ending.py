@@ -54,8 +54,6 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
                 print(f"[rl] greedy routes {k + 1}/{args.route_epochs}  train loss {tr['loss']:.3f} acc "
                       f"{100 * tr['acc']:.2f}%  exec {100 * sum(tr['exec_rate']) / len(tr['exec_rate']):.0f}%",
                       flush=True)
-    for p in model.switches.parameters():  # zero gradients (touch_switches); nothing was stepped
-        p.grad = None
     return history, calibrations
 
 

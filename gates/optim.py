@@ -16,9 +16,9 @@ def add_switch_flags(parser):
 
 
 def check_switch_flags(args):
-    if args.switch_lr is not None and not args.switch_lr > 0:
+    if args.switch_lr is not None and args.switch_lr <= 0:
         raise UserError(f"--switch_lr {args.switch_lr} must be > 0")
-    if args.switch_weight_decay is not None and not args.switch_weight_decay >= 0:
+    if args.switch_weight_decay is not None and args.switch_weight_decay < 0:
         raise UserError(f"--switch_weight_decay {args.switch_weight_decay} must be >= 0")
 
 

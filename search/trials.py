@@ -26,6 +26,10 @@ def stage3_knob():
     return "target_gflops"
 
 
+STAGE3_FLAGS = {"--epochs": "--rl_epochs", "--lr": "--rl_lr", "--bs": "--rl_bs", "--alpha": "--rl_alpha",
+                "--route_epochs": "--rl_route_epochs", "--route_lr": "--rl_route_lr"}  # stage 3's -> the search's
+
+
 def stage3_argv(args, knob_name):
     """main_rl_prune.py's flags of every dynamic trial from the search's (the knob's value is added per
     trial). Checked by stage 3's own parser and checks at once, so that the search never runs its static
@@ -37,17 +41,13 @@ def stage3_argv(args, knob_name):
         argv += ["--route_lr", repr(args.rl_route_lr)]
     if knob_name == "target_gflops":  # alpha is where the dual ascent starts
         argv += ["--alpha", repr(args.rl_alpha)]
-    names = {"epochs": "rl_epochs", "lr": "rl_lr", "bs": "rl_bs", "route_epochs": "rl_route_epochs",
-             "route_lr": "rl_route_lr", "alpha": "rl_alpha"}  # stage 3's flag -> the search's
     probe = ["--target_gflops", "1"] if knob_name == "target_gflops" else ["--alpha", "1"]
     try:
         main_rl_prune.check_args(main_rl_prune.parse_args(argv + probe))
     except UserError as e:
-        message = str(e)
-        for stage3, search in names.items():
-            message = message.replace(f"--{stage3} ", f"--{search} ", 1) if message.startswith(f"--{stage3} ") \
-                else message
-        raise UserError(f"{message} (stage 3's flag, as main_rl_prune.py would refuse it)") from None
+        flag, _, rest = str(e).partition(" ")  # stage 3's errors start with the flag: name the search's
+        flag = STAGE3_FLAGS.get(flag, flag)
+        raise UserError(f"{flag} {rest} (stage 3's flag, as main_rl_prune.py would refuse it)") from None
     return argv
 
 
