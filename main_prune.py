@@ -1,12 +1,13 @@
 """Stage 2: prune the stage-1 network in the Kronecker-factored eigenbasis (EigenDamage), then fine-tune.
 
     python main_prune.py --config_path config.json [--resume [PATH]] [--result_dir DIR] [--data_dir DIR]
-                         [--device DEV] [--checkpoint PATH]
+                         [--device DEV] [--checkpoint PATH] [--set KEY=VALUE ...] [--overwrite]
 
 Reads the stage-1 checkpoint (the config's `checkpoint`, default <result_dir>/sp/checkpoint.pt) and writes
 <result_dir>/prune/{checkpoint.pt, metrics.json, tb/}: the row "static pruning only". The config keys are
 described in pruners/config.py; the command-line flags override the keys of the same name.
 """
+import json
 import os
 import sys
 import time
@@ -19,8 +20,9 @@ from pruners.config import load_config
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import Parser
 from utils.dist import setup, teardown
-from utils.engine import evaluate, make_scheduler, prepare, recalibrate_bn, rng_state, supervised_step
+from utils.engine import dense_step, evaluate, make_scheduler, prepare, recalibrate_bn, supervised_step
 from utils.errors import UserError, run_main
+from utils.lineage import check_chain, guard_rerun, parent_record
 from utils.flops import count_params, dense_flops, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state
 
@@ -32,7 +34,27 @@ def parse_args(argv=None):
                    help="continue from this stage's last checkpoint (default: the one in result_dir)")
     for key in ("result_dir", "data_dir", "device", "checkpoint"):
         p.add_argument(f"--{key}", default=None, help=f"overrides the config's '{key}'")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config key for this run (VALUE as JSON: --set epochs=5 --set "
+                        "criterion=score; a bare word is a string); repeatable")
+    p.add_argument("--overwrite", action="store_true",
+                   help="when result_dir holds stage 3's results (made from the network this run replaces), move "
+                        "them into <result_dir>/stale-<time>/ instead of refusing")
     return p.parse_args(argv)
+
+
+def parse_overrides(items):
+    """{key: value} of --set KEY=VALUE items (VALUE read as JSON, else taken as a string)."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item}: expected KEY=VALUE (e.g. --set epochs=5)")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def targets(schedule):
@@ -62,8 +84,8 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
         value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
         damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"], round_to=cfg["round_to"],
         image_size=data.image_size, num_batches=min(cfg["fisher_batches"], len(data.plain_train)),
-        progress=ctx.is_main)
-    before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size),
+        progress=ctx.is_main, mode=cfg["mode"])
+    before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size), mode="open",
                       desc=f"{data.eval_name} after pruning")
     report.update({f"{data.eval_name}_acc_before_finetune": before["acc"],
                    f"{data.eval_name}_loss_before_finetune": before["loss"]})
@@ -83,23 +105,30 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config_path, {k: getattr(args, k) for k in
-                                         ("result_dir", "data_dir", "device", "checkpoint", "resume")})
+    cfg = load_config(args.config_path, {**parse_overrides(args.overrides), **{
+        k: getattr(args, k) for k in ("result_dir", "data_dir", "device", "checkpoint", "resume")}})
     schedule = cfg["schedule"]
     check_result_dir(cfg["result_dir"])
-    ctx = setup(cfg["device"], cfg["seed"])
+    ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"])
     run = StageRun("prune", cfg["result_dir"], ctx)
     stage1_path = cfg["checkpoint"] or os.path.join(cfg["result_dir"], "sp", "checkpoint.pt")
     if not cfg["checkpoint"] and not os.path.isfile(stage1_path):
         raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py with this result_dir first "
                         f"(or set the config's 'checkpoint')")
+    if not cfg["checkpoint"]:
+        check_chain(cfg["result_dir"], ("sp",))
     stage1 = load_checkpoint(stage1_path, ("sp",), "checkpoint")
+    parent = parent_record("sp", stage1_path)
     resume_from = run.checkpoint_path if cfg["resume"] is True else cfg["resume"]
     ckpt = load_checkpoint(resume_from, ("prune",), "--resume") if resume_from else None
     if ckpt and not {"round", "history", "schedule"} <= set(ckpt):
         raise UserError(f"--resume {resume_from}: lacks the pruning state (round, history, schedule)")
     if ckpt:
         check_resumable(ckpt, schedule, resume_from)
+        began_from = (ckpt.get("parent") or {}).get("sha256")
+        if began_from and began_from != parent["sha256"]:
+            raise UserError(f"--resume {resume_from}: began from another stage-1 network than {stage1_path} holds "
+                            f"now (stage 1 was rerun since); start stage 2 afresh")
     if ckpt:  # the run resumed inherited stage 1's pipeline and fixed its own augmentation
         recorded, source = ckpt.get("pipeline"), f"--resume {resume_from}"
     else:
@@ -110,7 +139,7 @@ def main(argv=None):
                         f"data_dir {cfg['data_dir']} holds {data.num_classes}")
     model = model_from_checkpoint(stage1, stage1_path, "checkpoint")
     params_stage1 = count_params(model)
-    check_batch_shapes(model, data.image_size, data.train.batch_size)
+    check_batch_shapes(model, data.image_size, data.train.batch_size, resize_fixed=recorded is not None)
     if ckpt:
         model = model_from_checkpoint(ckpt, resume_from, "--resume")
         first_round, history = ckpt["round"], ckpt["history"]
@@ -120,15 +149,22 @@ def main(argv=None):
     later = first_round + 1 if ckpt else 0
     check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
                    image_size=data.image_size, round_to=cfg["round_to"])
-    run.open(data.pipeline)
+    guard_rerun(cfg["result_dir"], "prune", args.overwrite, ctx.is_main)
+    run.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", stage1.get("epoch", 0)))
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds
+    total_epochs = sum(spec["epochs"] for spec in schedule)
+    if cfg["mode"] == "open":  # the static network: every block, the switches untouched
+        step, evals = dense_step, (("dense", "open"),)
+    else:
+        step, evals = supervised_step, (("dense", "open"), ("routed", "hard"))
     for r in range(first_round, len(schedule)):
         spec, resuming = schedule[r], ckpt is not None and r == first_round
         if not resuming:
             model, report = prune_round(model, data, ctx, cfg, spec, r, params_stage1)
             history.append(report)
-            run.logger.scalars("prune", {k: report[k] for k in ("compression", "params")}, logged)
+            run.logger.scalars("prune/round", {k: report[k] for k in ("compression", "params", "gflops")},
+                               run.step_offset + logged)
         set_rotations_trainable(model, not cfg["fix_rotation"])
         model, ddp = prepare(model, ctx)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=spec["lr"],
@@ -137,32 +173,31 @@ def main(argv=None):
         scheduler = make_scheduler(optimizer, cfg["scheduler"], spec["epochs"], len(data.train))
         costs = measure_costs(model, data.image_size)
 
-        def payload(epoch, r=r):
+        def payload(r=r):
             return {"round": r, "history": history, "schedule": schedule, "config": cfg,
                     "params_stage1": params_stage1, "stage1_checkpoint": stage1_path}
 
         def save(epoch):
-            run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(), **payload(epoch)})
+            run.save({**run.state(model, optimizer, scheduler, epoch), **payload()})
 
         if resuming:
             start = restore_training_state(ckpt, optimizer, scheduler)
         else:
             start = 0
             save(0)  # right after pruning: --resume continues the fine-tuning from here
-        run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler,
-                step_fn=supervised_step, epochs=spec["epochs"], start_epoch=start, costs=costs, payload=payload,
-                log_offset=logged)
+        run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
+                epochs=spec["epochs"], start_epoch=start, costs=costs, payload=payload, log_offset=logged,
+                evals=evals, total_epochs=total_epochs)
         t0 = time.perf_counter()
-        # One epoch of shuffled, augmented training batches: the statistics the fine-tuned weights were
-        # trained under, over every training image.
-        recalibrate_bn(ddp, data.train, ctx, batches=len(data.train))
+        # One epoch of shuffled, augmented training batches in the mode the weights were trained in: the
+        # statistics they were trained under, over every training image.
+        recalibrate_bn(ddp, data.train, ctx, mode=cfg["mode"], batches=len(data.train))
         history[-1]["bn_seconds"] = time.perf_counter() - t0
         save(spec["epochs"])  # with the re-estimated BN statistics that the next round and the metrics use
         logged += spec["epochs"]
 
     params = count_params(model)
-    run.finish(model, ddp, data, costs, {
+    run.finish(model, ddp, data, costs, mode="open", extra={"mode": cfg["mode"],
         "params_stage1": params_stage1, "compression": 1 - params / params_stage1,
         "dense_gflops": dense_flops(costs) / 1e9, "ranks": model.arch["ranks"],
         "layers_unpruned": [n for n in prunable_convs(model) if n not in model.arch["ranks"]], "rounds": history,

@@ -20,8 +20,9 @@ from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
-from utils.engine import make_scheduler, prepare, rng_state
+from utils.engine import make_scheduler, prepare
 from utils.errors import UserError, run_main
+from utils.lineage import check_chain, parent_record
 from utils.flops import count_params, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 from utils.table import write_table
@@ -80,6 +81,10 @@ def check_args(args):
     if args.route_lr is not None and not args.route_epochs:
         print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr,
               flush=True)
+    if args.baseline == "batch" and args.bs < 2:  # --bs is per process, and so is the batch baseline
+        raise UserError(f"--baseline batch needs --bs 2 or more (per process): the mean return of a batch of "
+                        f"{args.bs} image is that image's own return, so the policy loss would be 0 at every "
+                        f"step (use --baseline moving)")
     if args.target_gflops is not None and args.alpha <= 0:
         raise UserError(f"--alpha {args.alpha}: --target_gflops adapts alpha multiplicatively, start it > 0")
     check_switch_flags(args)
@@ -136,7 +141,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     check_result_dir(args.result_dir)
-    ctx = setup(args.device, args.seed)
+    ctx = setup(args.device, args.seed, args.amp, args.channels_last)
     run = StageRun("rl", args.result_dir, ctx)
     if args.resume:
         path, flag = resume_path(args.resume, run), "--resume"
@@ -144,15 +149,23 @@ def main(argv=None):
         source = ckpt.get("extra", {}).get("source", {})
     else:
         path, flag = source_path(args), "--checkpoint"
+        if not args.checkpoint:  # the network of this --result_dir's chain, which must hold
+            check_chain(args.result_dir, ("sp", "prune"))
         ckpt = load_checkpoint(path, ("prune", "sp"), flag)
         source = {"path": path, "stage": ckpt["stage"]}
+    parent = parent_record(source.get("stage"), source["path"]) if not args.resume else None
+    if args.resume and os.path.isfile(source.get("path", "")):
+        began_from = (ckpt.get("parent") or {}).get("sha256")
+        if began_from and began_from != parent_record(source["stage"], source["path"])["sha256"]:
+            raise UserError(f"--resume {path}: began from another network than {source['path']} holds now (an "
+                            f"earlier stage was rerun since); start stage 3 afresh")
     check_flags_match(args, ckpt["arch"], path, flag)
     data = load_data(args, ctx, recorded=ckpt.get("pipeline"), source=f"{flag} {path}", resuming=bool(args.resume))
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
-    check_batch_shapes(model, data.image_size, data.train.batch_size)
+    check_batch_shapes(model, data.image_size, data.train.batch_size, resize_fixed="pipeline" in ckpt)
     if "compression" not in source:
         source["compression"] = source_compression(ckpt, path, count_params(model))
     optimizer = make_optimizer(model, args)
@@ -169,19 +182,18 @@ def main(argv=None):
         ending = extra.get("ending") or {}
     costs = measure_costs(model, data.image_size)
     check_target(args, costs)
-    run.open(data.pipeline)
+    run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
+             start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
-    payload = lambda e: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
+    payload = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
                                                        "source": source, "ending": ending}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
             epochs=args.epochs, start_epoch=start, costs=costs, payload=payload)
     if not ending:  # a run resumed after its ending was saved does not redo it
         ending = end_training(ddp, data, ctx, costs, target, args)
-        run.save({"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "epoch": args.epochs, "rng": rng_state(),
-                  **payload(args.epochs)})
+        run.save({**run.state(model, optimizer, scheduler, args.epochs), **payload()})
     alpha_final = price.alpha.item()
-    run.logger.scalars("train", {"alpha_final": alpha_final}, args.epochs)
+    run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
     run.finish(model, ddp, data, costs, {
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,

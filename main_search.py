@@ -17,12 +17,13 @@ from types import SimpleNamespace
 
 import optuna
 
-from search.bisection import Knob
+from search.bisection import Knob, label, no_trial_reason
 from search.phase import Worker, open_storage, open_study, trial_records
-from search.report import evaluate_on_test, plot, table_rows, write_table
-from search.trials import DYNAMIC_KNOBS, Trials, label, stage3_argv, stage3_knob
+from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
+from search.trials import DYNAMIC_KNOBS, Trials, stage3_argv, stage3_knob
 from pruners.config import validate
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.lineage import check_chain
 from utils.cli import Formatter, Parser, check_finite
 from utils.dist import setup
 from utils.engine import evaluate, prepare, write_json
@@ -173,6 +174,8 @@ def main(argv=None):
     if not os.path.isfile(stage1_path):
         raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py (with --val_split > 0) first, "
                         f"or give --checkpoint")
+    if not args.checkpoint:  # this --result_dir's stage 1 must be the network its metrics describe
+        check_chain(args.result_dir, ("sp",))
     stage1 = load_checkpoint(stage1_path, ("sp",), "--checkpoint")
     data = stage1_data(args, stage1, stage1_path)
     eval_bs = (stage1.get("args") or {}).get("bs", 128)  # the stage-1 run's: fits its training split
@@ -193,24 +196,33 @@ def main(argv=None):
     print(f"[search] unpruned network: val acc {base['val_acc']:.2f}% on {base['val_images']} validation images; "
           f"trials must reach {threshold:.2f}%", flush=True)
     trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device)
-    worker = Worker()
+    worker = Worker(trials.root)
 
     worker.run_phase(static_study, knob_c, args.static_trials,
-                     lambda c: judged(trials.static(c), threshold), line("static", "compression", threshold))
+                     lambda c, folder: judged(trials.static(c, folder), threshold),
+                     line("static", "compression", threshold))
     statics = sorted(finished(static_study), key=lambda t: -t.user_attrs["compression"])
-    dynamic_studies = []
+    dynamic_studies, idle = [], []  # idle: why the dynamic phase ran no trial on a static network
     for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
         c = t.params["compression"]
         knob = dynamic_knob(knob_name, t.user_attrs, args.max_alpha, data["resize"], ctx)
+        why = no_trial_reason(knob)
+        if why:
+            ends = " (GFLOPs from the network with every gated block skipped to the static network itself)" \
+                if knob.name == "target_gflops" else ""
+            idle.append(f"on the network at compression {c:.6g}{ends}, {why}")
+            print(f"[search] dynamic (compression {c:.6g}): no trial{ends}: {why}", flush=True)
+            continue
         study = open_study(storage, f"{args.study_name}.dynamic.c{label(c)}", knob,
                            {**settings, "rl": rl_argv, "knob": [knob.name, knob.low, knob.high]})
         worker.run_phase(study, knob, args.dynamic_trials,
-                         lambda x, c=c, src=t.user_attrs["checkpoint"]: judged(
-                             trials.dynamic(src, c, knob.name, x), threshold),
+                         lambda x, folder, src=t.user_attrs["checkpoint"]: judged(
+                             trials.dynamic(src, knob.name, x, folder), threshold),
                          line(f"dynamic (compression {c:.6g})", knob.name, threshold))
         dynamic_studies.append((c, study))
+    notes = missing_notes(static_study, dynamic_studies, bool(statics), args.dynamic_trials, idle)
     report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics,
-           dynamic_studies, t0)
+           dynamic_studies, notes, t0)
 
 
 def dynamic_knob(name, static, max_alpha, image_size, ctx):
@@ -225,14 +237,14 @@ def dynamic_knob(name, static, max_alpha, image_size, ctx):
 
 
 def report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics,
-           dynamic_studies, t0):
+           dynamic_studies, notes, t0):
     """Choose, evaluate the chosen networks once on test, write trials.json, pareto.png and the table."""
     dynamics = [(c, t) for c, s in dynamic_studies for t in finished(s)]
     chosen = {"sp": {"checkpoint": os.path.abspath(stage1_path), "mode": "open"}}
     info = {"sp": {"settings": {}, "val_acc": base["val_acc"], "val_gflops": base["val_gflops"]}}
     if statics:
         t = statics[0]
-        chosen["prune"] = {"checkpoint": t.user_attrs["checkpoint"], "mode": "hard"}
+        chosen["prune"] = {"checkpoint": t.user_attrs["checkpoint"], "mode": "open"}  # row 2: every block
         info["prune"] = {"settings": {"compression target": t.params["compression"]},
                          "val_acc": t.user_attrs["val_acc"], "val_gflops": t.user_attrs["val_gflops"],
                          "trial_dir": t.user_attrs["dir"]}
@@ -254,7 +266,7 @@ def report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, s
     tested = evaluate_on_test(chosen, data, eval_bs, ctx, os.path.join(search_dir, "final"))
     if tested is None:
         return
-    rows = table_rows(tested, info, base["params"])
+    rows = table_rows(tested, info, base["params"], notes)
     text = write_table(search_dir, rows, args.budget, base["val_acc"], {
         "this_call_seconds": time.time() - t0,
         "trial_seconds_total": sum(r.get("seconds", 0) for r in records),

@@ -1,9 +1,13 @@
-"""Stage 1: SkipNet's supervised phase. ResNet and switches train together by cross-entropy, switches in
-`hard` mode (execute iff p > 0.5, straight-through gradient to p): blocks really are skipped while the
-backbone trains, so it learns to tolerate skipping and the switches learn a routing that depends on the
-image. From scratch, or fine-tuning a dense network (--pretrained). Writes <result_dir>/sp/{checkpoint.pt,
-metrics.json, tb/}: the row "w/o pruning" = the dense network (every block, no switch evaluated): test_acc,
-gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops and per-switch exec_rate."""
+"""Stage 1: the network and its switches, trained by cross-entropy. --train_mode joint (default): every
+step the cross-entropy of the dense network (every block) plus that of the routes the switches take
+(`hard`: execute iff p > 0.5, straight-through gradient to p), so the backbone learns to tolerate skipping
+while the dense network, the row "w/o pruning", trains as in plain dense training; the switches then
+restart from their data-dependent spread on the trained network, so that stage 3 finds them where
+REINFORCE can move them. hard: SkipNet's supervised phase alone (the dense network then is much weaker);
+open: plain dense training. From scratch, or fine-tuning a dense network (--pretrained). Writes
+<result_dir>/sp/{checkpoint.pt, metrics.json, tb/}: the row "w/o pruning" = the dense network (every block,
+no switch evaluated): test_acc, gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops
+and per-switch exec_rate."""
 import itertools
 import sys
 
@@ -14,9 +18,10 @@ from gates.switches import spread_decisions
 from models import build_model, make_arch
 from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
-from utils.dist import setup, teardown
-from utils.engine import make_scheduler, prepare, supervised_step, touch_switches
+from utils.dist import broadcast_tensors, setup, teardown
+from utils.engine import dense_step, make_scheduler, prepare, supervised_step
 from utils.errors import UserError, run_main
+from utils.lineage import guard_rerun, parent_record
 from utils.flops import dense_flops, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
 
@@ -33,8 +38,10 @@ def parse_args(argv=None):
     m.add_argument("--gate", default="rnn", help="switch kind: rnn or ff")
     m.add_argument("--pretrained", default=None, metavar="PATH",
                    help="start from these weights (a checkpoint or a state dict; switches may be missing)")
-    m.add_argument("--train_mode", default="hard", choices=["hard", "open"],
-                   help="hard: SkipNet's supervised phase (blocks skipped where the switches say so); open: "
+    m.add_argument("--train_mode", default="joint", choices=["joint", "hard", "open"],
+                   help="joint: cross-entropy of the dense network plus that of the switches' routes, then the "
+                        "switches re-spread on the trained network; hard: SkipNet's supervised phase alone "
+                        "(blocks skipped where the switches say so; the dense network is much weaker); open: "
                         "plain dense training, switches untouched (the reference for the dense accuracy)")
     m.add_argument("--dense_epochs", type=int, default=0,
                    help="train the first N epochs as a plain dense network (switches untouched), then SkipNet's "
@@ -43,11 +50,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def dense_step(model, x, y):
-    """Plain dense training: every block, no switch evaluated. The switches' parameters enter the loss with
-    weight 0, so that DistributedDataParallel finds every parameter used."""
-    loss, stats = supervised_step(model, x, y, mode="open")
-    return touch_switches(model, loss), stats
+def joint_step(model, x, y):
+    """Cross-entropy of the dense network plus that of the routes the switches take (hard mode). The
+    dense network's gradient is exactly plain dense training's; the routed term teaches the backbone to
+    tolerate skipping. Two forward passes, one backward (DistributedDataParallel reduces once)."""
+    dense, dense_stats = supervised_step(model, x, y, mode="open")
+    routed, routed_stats = supervised_step(model, x, y, mode="hard")
+    return dense + routed, {"loss": dense_stats["loss"], "acc": dense_stats["acc"],
+                            "routed_loss": routed_stats["loss"], "routed_acc": routed_stats["acc"],
+                            "exec_rate": routed_stats["exec_rate"]}
+
+
+STEPS = {"joint": (joint_step, (("dense", "open"), ("routed", "hard"))),
+         "hard": (supervised_step, (("routed", "hard"), ("dense", "open"))),
+         "open": (dense_step, (("dense", "open"),))}
 
 
 def spread_images(loader, n=SPREAD_IMAGES):
@@ -68,7 +84,7 @@ def main(argv=None):
         raise UserError(f"--dense_epochs {args.dense_epochs} must be in [0, --epochs {args.epochs}]")
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
-    ctx = setup(args.device, args.seed)
+    ctx = setup(args.device, args.seed, args.amp, args.channels_last)
     run = StageRun("sp", args.result_dir, ctx)
     ckpt = load_checkpoint(resume_path(args.resume, run), ("sp",), "--resume") if args.resume else None
     data = load_data(args, ctx, recorded=ckpt.get("pipeline") if ckpt else None,
@@ -94,13 +110,25 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))
     start = restore_training_state(ckpt, optimizer, scheduler) if ckpt else 0
     costs = measure_costs(model, data.image_size)
-    run.open(data.pipeline)
+    parent = parent_record("pretrained", args.pretrained) if args.pretrained and not ckpt else None
+    guard_rerun(args.result_dir, "sp", args.overwrite, ctx.is_main)
+    run.open(data.pipeline, parent=parent, resumed=ckpt)
+    respread = [bool((ckpt or {}).get("switches_respread"))]  # done once, after the last epoch
+    payload = lambda: {"args": vars(args), "switches_respread": respread[0]}
     common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
-                  payload=lambda e: {"args": vars(args)})
-    if start < args.dense_epochs:
-        run.fit(step_fn=dense_step, epochs=args.dense_epochs, start_epoch=start, **common)
-    step = dense_step if args.train_mode == "open" else supervised_step
-    run.fit(step_fn=step, epochs=args.epochs, start_epoch=max(start, args.dense_epochs), **common)
+                  payload=payload, total_epochs=args.epochs)
+    if start < args.dense_epochs:  # the network being trained is the dense one: evaluated as such
+        run.fit(step_fn=dense_step, epochs=args.dense_epochs, start_epoch=start, evals=(("dense", "open"),),
+                **common)
+    step, evals = STEPS[args.train_mode]
+    run.fit(step_fn=step, epochs=args.epochs, start_epoch=max(start, args.dense_epochs), evals=evals, **common)
+    if args.train_mode == "joint" and not respread[0]:
+        # trained with the dense network beside them, the switches end up executing nearly every block
+        # (p ~ 1, where REINFORCE's push p(1-p) vanishes); spread them again on the trained features
+        spread_decisions(model, spread_images(data.plain_train))
+        broadcast_tensors(list(model.switches.parameters()))  # rank 0's spread, on every rank
+        respread[0] = True
+        run.save({**run.state(model, optimizer, scheduler, args.epochs), **payload()})
     run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode},
                mode="open")
     teardown()

@@ -68,7 +68,9 @@ class Baseline:
     moving: an exponential moving average over batches; the batch being trained on is compared with the
             average of the batches before it (the first batch with its own mean). Averaged over DDP ranks,
             so every rank holds the same state and the checkpoint of rank 0 resumes all of them.
-    batch:  the mean return of each switch over the current batch; keeps no state.
+    batch:  the mean return of each switch over the current batch (this process's, not averaged over
+            ranks); keeps no state. It needs 2 or more images per batch: one image's mean is its own
+            return, every advantage 0, and REINFORCE would do nothing.
     """
 
     def __init__(self, kind, num_switches, momentum=0.9, device="cpu"):
@@ -82,6 +84,8 @@ class Baseline:
         """b (S,) for this batch's returns (N, S); advances the moving average."""
         mean = returns.detach().mean(0)
         if self.kind == "batch":
+            if returns.shape[0] < 2:  # a shape, no host sync; the stage refuses such a --bs up front
+                raise ValueError("the batch baseline of a one-image batch is its own return: zero advantage")
             return mean
         mean = all_reduce_sum(mean) / (dist.get_world_size() if dist.is_initialized() else 1)
         b = torch.where(self.steps > 0, self.value, mean)  # tensor ops: no host sync per step

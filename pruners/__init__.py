@@ -31,7 +31,8 @@ def model_flops(model, image_size):
 
 
 def prune(model, batches, *, target, value, params_reference, limit=0.95, damping=1e-3, fisher_type="true",
-          criterion="score_per_cost", round_to=1, image_size=None, num_batches=None, progress=True):
+          criterion="score_per_cost", round_to=1, image_size=None, num_batches=None, progress=True,
+          mode="open"):
     """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
     `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
     fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
@@ -40,14 +41,15 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     the report keeps the name given); every side keeps a multiple of `round_to` directions, or all. Returns
     (the rebuilt model, a report of plain data). Raises UserError when there are no batches, the target is
     out of reach or cannot be met within its tolerance; RuntimeError if the rebuilt model does not hold the
-    parameters and FLOPs the plan counted."""
+    parameters and FLOPs the plan counted. `mode`: the network the factors are collected in (open: every
+    block; hard: the switches' routes; pruners/kfac.py)."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
         raise UserError("the factor pass got no batches (fisher_batches or the training set is empty)")
     image_size = image_size or first[0].shape[-1]
     t0 = time.perf_counter()
-    factors = collect_factors(model, itertools.chain([first], batches), fisher_type, num_batches, progress)
+    factors = collect_factors(model, itertools.chain([first], batches), fisher_type, num_batches, progress, mode)
     t1 = time.perf_counter()
     layers = decompose(model, factors, damping)
     t2 = time.perf_counter()

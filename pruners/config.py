@@ -84,6 +84,10 @@ KEYS = {
     "round_to": (INT, 1, _range(1, None), "every side keeps a multiple of this many directions (or all of "
                  "them): 8 matches the 8-float channel blocks of onnxruntime's CPU kernels on AVX2 (16 on AVX-512); "
                  "its speed-up is measured by bench/bench_prune.py"),
+    "mode": (STR, "open", _in("open", "hard"), "the network the factor pass and the fine-tuning run: open = "
+             "every block, no switch (the static network of the row \"static pruning only\"); hard = stage 1's "
+             "routes (switches in hard mode, straight-through). The row is the pruned network with every block "
+             "either way"),
     "fix_rotation": (BOOL, False, ANY, "freeze the 1x1 rotation convs while fine-tuning"),
     "epochs": (INT, 100, _range(0, None), "fine-tuning epochs (per round in iterative mode, unless the round "
                "says)"),
@@ -95,7 +99,12 @@ KEYS = {
                   "fine-tuning (per step)"),
     "bs": (INT, 128, _range(1, None), "batch size per process (fine-tuning, factor pass, evaluation)"),
     "seed": (INT, 0, ANY, "seed of data order, augmentation and sampled Fisher labels"),
-    "device": (STR + (NULL,), None, ANY, "cpu, cuda or cuda:N; null: cuda when available"),
+    "device": (STR + (NULL,), None, ANY, "cpu, cuda or cuda:N; null: cuda when available (under torchrun each "
+               "process takes cuda:LOCAL_RANK; cuda:N is refused with several processes per machine)"),
+    "amp": (STR + (NULL,), None, _in("bf16", "off"), "bf16: bfloat16 autocast (weights, optimizer state and "
+            "checkpoints stay float32); off: float32 throughout; null: bf16 on CUDA, off on CPU"),
+    "channels_last": (BOOL + (NULL,), None, ANY, "weights and batches in the NHWC memory format (false: NCHW); "
+                      "null: true on CUDA, false on CPU"),
 }
 ROUND_KEYS = ("compression", "ratio", "gflops", "epochs", "lr")
 TARGET_KEYS = ("compression", "ratio", "gflops")

@@ -6,12 +6,13 @@ gradients s w.r.t. its output (one per output location):
     G = mean of s s^T over images and output locations                     (out x out)
 and the Fisher of a weight in the eigenbasis is about T * g[i] * a[j], T the number of output locations.
 
-The pass runs the model as stage 1 left it: switches in `hard` mode, eval mode (BN running statistics,
-so each image's gradient does not depend on the rest of its batch) and masked execution, so every conv
-sees every image. Where a switch skips a block for an image, the block's output is multiplied by 0 and
-its gradient for that image is 0: we keep those zeros in G's average on purpose. The block does not
-affect that image's loss, and the zeros scale its G by the fraction of images that run it, which is
-exactly how much the loss depends on it. (A still averages over all images, a small approximation.)
+The pass runs the model in eval mode (BN running statistics, so each image's gradient does not depend
+on the rest of its batch) in the network the stage prunes for: mode `open` (every block, no switch: the
+static network) or `hard` (stage 1's routes, masked execution, so every conv sees every image). Under
+`hard`, where a switch skips a block for an image, the block's output is multiplied by 0 and its gradient
+for that image is 0: those zeros stay in G's average on purpose. The block does not affect that image's
+loss, and the zeros scale its G by the fraction of images that run it, which is exactly how much the loss
+depends on it. (A still averages over all images, a small approximation.)
 """
 from dataclasses import dataclass
 
@@ -93,7 +94,7 @@ def evenly_spaced(loader, count):
             yield batch
 
 
-def collect_factors(model, batches, fisher_type="true", num_batches=None, progress=True):
+def collect_factors(model, batches, fisher_type="true", num_batches=None, progress=True, mode="open"):
     """Run `batches` of (x, y) through `model` and return {name: Factors} for every prunable conv.
     fisher_type "true": labels sampled from the model's softmax (global RNG); "empirical": the real y.
     Sums are reduced over ranks under torchrun."""
@@ -130,7 +131,7 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
             p.requires_grad_(False)
         for x, y in bar(batches, progress, total=num_batches, desc="factor pass"):
             x = x.detach().float().requires_grad_(True)
-            logits = model(x, "hard")[0].float()
+            logits = model(x, mode)[0].float()
             if fisher_type == "true":
                 y = torch.multinomial(logits.detach().softmax(1), 1).squeeze(1)
             # reduction "sum": the gradient of every image's own loss, as if the batch mean were scaled

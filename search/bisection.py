@@ -7,7 +7,8 @@ uncertainty with every trial, which a model-based sampler does not do on a one-d
 question, and it is deterministic: a resumed search proposes again exactly the point whose trial was
 interrupted, so that trial continues in its own result folder instead of starting elsewhere. Trials other
 workers are running split the interval too (the next point is the middle of the widest gap left between
-the bracket and the points in flight), so workers sharing a study never run the same point.
+the bracket and the points in flight); search/phase.py's claim() makes that view complete, so workers
+sharing a study never run the same point.
 
 Noise: a feasible point beyond an infeasible one moves the bracket past it (the best feasible point wins);
 infeasible points below the best feasible one are ignored.
@@ -38,15 +39,18 @@ class Knob:
         return (self.low, self.high) if self.aggressive == "high" else (self.high, self.low)
 
 
-def outcomes(study, knob, exclude=None):
-    """The study's trials as seen by the bisection: ([(x, feasible)] of the finished ones, [x] in flight,
-    number of running trials). A trial that failed with an error of its stage (user attr `error`, e.g. an
-    unreachable target or a diverged training) counts as infeasible; one failed because its process died
-    does not count at all (its point is proposed again)."""
+def label(x):
+    """A knob value as it appears in folder names and logs."""
+    return f"{x:.6g}"
+
+
+def outcomes(trials, knob):
+    """Trials (FrozenTrials of one study) as seen by the bisection: ([(x, feasible)] of the finished ones,
+    [x] in flight, number of running trials). A trial that failed with an error of its stage (user attr
+    `error`, e.g. an unreachable target or a diverged training) counts as infeasible; one failed because
+    its process died does not count at all (its point is proposed again)."""
     done, flying, running = [], [], 0
-    for t in study.get_trials(deepcopy=False):
-        if t.number == exclude:
-            continue
+    for t in trials:
         x = t.params.get(knob.name)
         if t.state == TrialState.RUNNING:
             running += 1
@@ -73,17 +77,31 @@ def next_point(knob, done, flying):
     is worth a trial (the threshold is located to the knob's resolution, or the rest is in flight)."""
     if knob.low == knob.high:  # one fixed value: a single trial
         return None if done or flying else knob.low
+    if no_trial_reason(knob):
+        return None
     lo, hi = sorted(bracket(knob, done))
     cuts = sorted({lo, hi, *(x for x in flying if lo < x < hi)})
     width, a, b = max((b - a, a, b) for a, b in zip(cuts, cuts[1:]))
     return None if width / 2 < knob.resolution else (a + b) / 2
 
 
+def no_trial_reason(knob):
+    """Why no point of the knob's interval is worth a trial (next_point's test before any trial), or None."""
+    span = f"[{knob.low:.4g}, {knob.high:.4g}]"
+    if knob.low > knob.high:
+        return f"its {knob.name} interval {span} is empty (its low end is above its high end)"
+    if knob.low < knob.high and (knob.high - knob.low) / 2 < knob.resolution:
+        return (f"its {knob.name} interval {span} is too narrow: under twice the {knob.resolution:.4g} within "
+                f"which the stage meets a {knob.name}, so no point of it is worth a trial")
+    return None
+
+
 class BisectionSampler(optuna.samplers.BaseSampler):
-    """Proposes next_point for the knob (see the module docstring for why this sampler)."""
+    """Proposes the point search.phase.claim() chose for the trial (see the module docstring for why this
+    sampler); next_point from the trials numbered below it for a trial not run by a search.phase.Worker."""
 
     def __init__(self, knob):
-        self.knob = knob
+        self.knob, self.claimed = knob, {}  # trial number -> its claimed point, set just before suggest
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -92,9 +110,11 @@ class BisectionSampler(optuna.samplers.BaseSampler):
         return {}
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        done, flying, _ = outcomes(study, self.knob, exclude=trial.number)
+        if trial.number in self.claimed:
+            return self.claimed.pop(trial.number)
+        done, flying, _ = outcomes([t for t in study.get_trials(deepcopy=False) if t.number < trial.number],
+                                   self.knob)
         x = next_point(self.knob, done, flying)
-        if x is None:  # another worker took the last gap since the caller looked: share its gap
-            lo, hi = sorted(bracket(self.knob, done))
-            x = (lo + hi) / 2
+        if x is None:  # nothing worth a trial left: the bracket's middle
+            x = sum(bracket(self.knob, done)) / 2
         return x

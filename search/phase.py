@@ -1,13 +1,17 @@
 """Optuna storage and studies of a search, and one worker's loop over the trials of a phase.
 
-Every worker (one process, on this machine or another) runs the same loop on the same studies: the
-storage hands out trial numbers, the bisection sampler keeps workers off each other's points, a budget
+Every worker (one process, on this machine or another) runs the same loop on the same studies. Claiming a
+trial (claim()): the storage hands out trial numbers atomically (Optuna's ask(), under a lock of the
+study's row in an RDB), and a trial's point is chosen from the trials numbered below it only, once each of
+them holds its point or has ended; so every trial sees every point claimed before it, the bisection puts
+it elsewhere, and two live trials never hold one point. Its folder is named by its trial number. A budget
 counted in trial-number order keeps the phase to its number of trials, and a worker leaves a phase only
 once no trial of it is running, because the next phase starts from its result.
 
 Interrupted trials: a trial left RUNNING by a process that died is failed (without an `error`) as soon as
 a worker on the same host sees the process gone, or by Optuna's heartbeat after GRACE_SECONDS when it ran
-on another machine; the bisection then proposes its point again and the new trial resumes its folder.
+on another machine; the bisection then proposes its point again and the new trial, the only live one at
+that point, resumes the dead trial's folder.
 """
 import os
 import socket
@@ -17,12 +21,13 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from search.bisection import BisectionSampler, next_point, outcomes
+from search.bisection import BisectionSampler, label, next_point, outcomes
 from utils.errors import UserError
 from utils.faults import scoped
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 600
 POLL_SECONDS = 2.0  # a worker waiting for other workers' trials looks this often
+CLAIM_POLL_SECONDS = 0.05  # a claim waiting for earlier trials to take their points (a few storage calls)
 
 
 def open_storage(url):
@@ -82,27 +87,50 @@ def fail_dead_trials(study):
     optuna.storages.fail_stale_trials(study)
 
 
-def _over_budget(study, number, budget):
-    """Trials numbered below this one that run or ran (not skipped, not killed) fill the budget."""
-    counted = [t for t in study.get_trials(deepcopy=False) if t.number < number and (
-        t.state in (TrialState.RUNNING, TrialState.COMPLETE)
-        or (t.state == TrialState.FAIL and "error" in t.user_attrs))]
-    return len(counted) >= budget
+def _counted(trials):
+    """The trials that fill a phase's budget: running or ran (not skipped, not killed)."""
+    return [t for t in trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)
+            or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+
+
+def trial_dir(root, study, number, knob, x):
+    """A trial's own folder: named by its study and trial number, unique in the storage."""
+    return os.path.join(root, study.study_name, f"{number}-{knob.name}{label(x)}")
+
+
+def claim(study, knob, budget, number):
+    """The point of trial `number` (RUNNING, created by ask()) and the folder of a dead trial at that point
+    to resume (or None): (x, folder), or None when the phase has no trial left for it."""
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < number]
+        # an earlier trial without a point is choosing one: ours must see it, or both could take one point
+        if not any(t.state == TrialState.RUNNING and knob.name not in t.params for t in earlier):
+            break
+        time.sleep(CLAIM_POLL_SECONDS)
+        fail_dead_trials(study)  # one that died choosing would be waited for until failed
+    done, flying, _ = outcomes(earlier, knob)
+    x = next_point(knob, done, flying)
+    if x is None or len(_counted(earlier)) >= budget:
+        return None
+    dead = [t for t in earlier if t.state == TrialState.FAIL and "error" not in t.user_attrs
+            and knob.name in t.params and label(t.params[knob.name]) == label(x) and "dir" in t.user_attrs]
+    return x, max(dead, key=lambda t: t.number).user_attrs["dir"] if dead else None
 
 
 class Worker:
-    """Runs trials in this process; counts them for the fault hook (DYNPRUNE_KILL_AT="trial:N:...")."""
+    """Runs trials in this process, each in a folder under `root`; counts them for the fault hook
+    (DYNPRUNE_KILL_AT="trial:N:...")."""
 
-    def __init__(self, log=print):
-        self.count, self.log = 0, log
+    def __init__(self, root, log=print):
+        self.root, self.count, self.log = root, 0, log
 
     def run_phase(self, study, knob, budget, run_trial, describe):
-        """Run this worker's share of the phase: `run_trial(x)` -> dict with val_acc, val_gflops, feasible
-        (and any other result, kept as user attrs); `describe(x, result, seconds)` is the trial's line.
-        Returns once every trial of the phase has finished, in this worker or any other."""
+        """Run this worker's share of the phase: `run_trial(x, folder)` -> dict with val_acc, val_gflops,
+        feasible (and any other result, kept as user attrs); `describe(x, result, seconds)` is the trial's
+        line. Returns once every trial of the phase has finished, in this worker or any other."""
         while True:
             fail_dead_trials(study)
-            done, flying, running = outcomes(study, knob)
+            done, flying, running = outcomes(study.get_trials(deepcopy=False), knob)
             if len(done) + running < budget and next_point(knob, done, flying) is not None:
                 study.optimize(lambda trial: self._objective(trial, study, knob, budget, run_trial, describe),
                                n_trials=1, catch=(UserError,))
@@ -114,16 +142,20 @@ class Worker:
     def _objective(self, trial, study, knob, budget, run_trial, describe):
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        done, flying, _ = outcomes(study, knob, exclude=trial.number)
-        if _over_budget(study, trial.number, budget) or next_point(knob, done, flying) is None:
+        claimed = claim(study, knob, budget, trial.number)
+        if claimed is None:  # lost the race for the phase's last point: the loop finds other work or waits
             trial.set_user_attr("skipped", "another worker took the phase's last trial")
             raise optuna.TrialPruned()
+        x, resumed = claimed
+        folder = resumed or trial_dir(self.root, study, trial.number, knob, x)
+        trial.set_user_attr("dir", folder)  # before running: a trial resuming it after a crash finds it
+        study.sampler.claimed[trial.number] = x
         x = trial.suggest_float(knob.name, knob.low, knob.high)
         self.count += 1
         t0 = time.time()
         try:
             with scoped("trial", self.count):
-                result = run_trial(x)
+                result = run_trial(x, folder)
         except UserError as e:
             trial.set_user_attr("error", str(e))
             self.log(describe(x, {"error": str(e)}, time.time() - t0))

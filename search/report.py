@@ -9,6 +9,8 @@ import os
 import socket
 from types import SimpleNamespace
 
+from optuna.trial import TrialState
+
 from search.phase import alive
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.engine import evaluate, prepare, write_json
@@ -78,15 +80,45 @@ def evaluate_on_test(chosen, data, bs, ctx, final_dir, log=print):
         os.remove(lock)
 
 
-def table_rows(tested, chosen_info, params_stage1):
-    """The three rows in utils/table.py's format, each with the settings found and its validation numbers."""
+def _ran(studies, phase):
+    """"<n> <phase> trials ran, none within the budget ...", or None when none ran."""
+    trials = [t for s in studies for t in s.get_trials(deepcopy=False)]
+    failed = sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in trials)
+    n = failed + sum(t.state == TrialState.COMPLETE for t in trials)
+    if not n:
+        return None
+    failures = f" ({failed} failed, counted as outside the budget)" if failed else ""
+    return f"{n} {phase} trial{'s' if n != 1 else ''} ran{failures}, none within the budget on the validation split"
+
+
+def missing_notes(static_study, dynamic_studies, any_static, dynamic_trials, idle):
+    """{row: why it has no network}: the phase ran no trial (and why), or its trials ran and none is within
+    the budget. `dynamic_studies`: [(compression, study)] the dynamic phase ran; `idle`: why it ran no
+    trial on each other static network it was to start from."""
+    static = _ran([static_study], "static") or "the static phase ran no trial"
+    if not dynamic_trials:
+        dynamic = "the dynamic phase was not run (--dynamic_trials 0)"
+    elif not any_static:
+        dynamic = "the dynamic phase ran no trial: no static network within the budget to start from"
+    else:
+        dynamic = _ran([s for _, s in dynamic_studies], "dynamic")
+        if dynamic is None:
+            dynamic = "the dynamic phase ran no trial" + (": " + "; ".join(idle) if idle else "")
+        elif idle:
+            dynamic += "; no trial " + "; ".join(idle)
+    return {"prune": static, "rl": dynamic}
+
+
+def table_rows(tested, chosen_info, params_stage1, notes=None):
+    """The three rows in utils/table.py's format, each with the settings found and its validation numbers;
+    a row without a network gets its note from `notes` ({row: why}, missing_notes)."""
     rows = []
     for stage, method in ROWS:
         t, info = tested.get(stage), chosen_info.get(stage)
         row = {"method": method, "stage": stage, "present": t is not None, "accuracy": None,
                "gflops_per_image": None, "params": None, "compression": None, "note": None}
         if t is None:
-            row["note"] = "no trial within the budget on the validation split"
+            row["note"] = (notes or {}).get(stage) or "no trial within the budget on the validation split"
         else:
             row.update(accuracy=t["test_acc"], gflops_per_image=t["gflops_per_image"], params=t["params"],
                        compression=1 - t["params"] / params_stage1)

@@ -1,10 +1,11 @@
 """One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha) through the
-stage's own main(), in its own result folder under <search_dir>/trials/, ending on the validation split
-(--final_split val: no trial ever reads the test split). A folder whose metrics.json exists is read, not
-run again; one with a checkpoint but no metrics.json (an interrupted trial) is resumed from it.
+stage's own main(), in its own result folder under <search_dir>/trials/ (named by its study and trial
+number: search/phase.py's trial_dir), ending on the validation split (--final_split val: no trial ever
+reads the test split). A folder whose metrics.json exists is read, not run again; one with a checkpoint but
+no metrics.json (an interrupted trial) is resumed from it.
 
-    trials/static/c<compression>/              prune_config.json, prune/{checkpoint.pt, metrics.json, tb/}
-    trials/dynamic/c<compression>/<knob><x>/   rl/{checkpoint.pt, metrics.json, tb/}
+    trials/<study>.static/<n>-compression<c>/        prune_config.json, prune/{checkpoint.pt, metrics.json, tb/}
+    trials/<study>.dynamic.c<c>/<n>-<knob><x>/       rl/{checkpoint.pt, metrics.json, tb/}
 """
 import json
 import os
@@ -51,10 +52,6 @@ def stage3_argv(args, knob_name):
     return argv
 
 
-def label(x):
-    return f"{x:.6g}"
-
-
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -70,12 +67,6 @@ class Trials:
         self.stage1_path, self.data, self.device = stage1_path, data, device
         self.prune_config, self.rl_argv = prune_config, rl_argv
 
-    def static_dir(self, compression):
-        return os.path.join(self.root, "static", f"c{label(compression)}")
-
-    def dynamic_dir(self, compression, knob, x):
-        return os.path.join(self.root, "dynamic", f"c{label(compression)}", f"{knob}{label(x)}")
-
     def prune_settings(self, compression, folder):
         """The stage-2 config of a static trial: the given config, its target, this search's data and
         validation split, and an end on that split."""
@@ -84,9 +75,8 @@ class Trials:
                 "final_split": "val", "device": self.device,
                 "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
 
-    def static(self, compression):
-        """Stage 2 at `compression` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
-        folder = self.static_dir(compression)
+    def static(self, compression, folder):
+        """Stage 2 at `compression` in `folder` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
         metrics = os.path.join(folder, "prune", "metrics.json")
         if not os.path.isfile(metrics):
             os.makedirs(folder, exist_ok=True)
@@ -108,9 +98,8 @@ class Trials:
             argv.append("--resume")
         return argv
 
-    def dynamic(self, source, compression, knob, x):
-        """Stage 3 from the static trial's checkpoint `source` at knob = x -> its metrics."""
-        folder = self.dynamic_dir(compression, knob, x)
+    def dynamic(self, source, knob, x, folder):
+        """Stage 3 from the static trial's checkpoint `source` at knob = x in `folder` -> its metrics."""
         metrics = os.path.join(folder, "rl", "metrics.json")
         if not os.path.isfile(metrics):
             main_rl_prune.main(self.rl_command(source, folder, knob, x))

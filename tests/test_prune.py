@@ -111,7 +111,7 @@ def test_factors_equal_brute_force_from_patches_and_per_image_gradients():
         model.switches.head.bias.zero_()
     x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 3, 1, 7, 3])
     names = ["stem", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.shortcut", "blocks.2.conv2"]
-    factors = collect_factors(model, [(x, y)], "empirical", progress=False)
+    factors = collect_factors(model, [(x, y)], "empirical", progress=False, mode="hard")  # as model(xi) below
 
     convs = {n: dict(model.named_modules())[n] for n in names}
     a_sums = {n: 0 for n in names}
@@ -279,8 +279,10 @@ def test_round_to_keeps_multiples_and_still_meets_the_targets(trained):
                 assert rank % 8 == 0 or rank == n, (name, ranks, by_name[name].ranks)
         pruned = rebuild(model, layers, {n: top_directions(by_name[n], *r) for n, r in plan.ranks.items()})
         assert (count_params(pruned), model_flops(pruned, SIZE)) == (plan.params, plan.flops)
+    # within the tolerance each plan was given (1% of the dense count), not closer: how near to the target
+    # the multiples of 8 land depends on the trained weights, so on the CPU's float order
     assert 0.49 * params <= plans[0].params <= 0.5 * params
-    assert 0.495 * flops <= plans[1].flops <= 0.5 * flops
+    assert 0.49 * flops <= plans[1].flops <= 0.5 * flops
     # unrounded, some side keeps a count that is no multiple of 8: the rule is what makes them so
     free = plan_for_params(layers, 0.5 * params, 0.95, params, 0.01 * params, flops, "score")
     assert any(r % 8 and r != n for name, ranks in free.ranks.items() for r, n in zip(ranks, by_name[name].ranks))

@@ -104,6 +104,16 @@ def _loaders(size=8, classes=4):
     return BatchLoader(tx, ty, 32, train=True, **common), BatchLoader(vx, vy, 128, train=False, **common)
 
 
+def _mean_execute_probability(model, loader):
+    """Mean p = P(execute) over the test images and switches: continuous in the weights, so a float-order
+    difference moves it by ~1e-6 where a 0/1 greedy decision at p ~ 0.5 could flip."""
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([model(x, "greedy")[2] for x, _ in loader])
+    model.train()
+    return probs.mean().item()
+
+
 def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
     train, test = _loaders()
     torch.manual_seed(0)
@@ -115,6 +125,7 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
         train.set_epoch(epoch)
         train_epoch(model, train, optimizer, None, dense_step, CPU, epoch)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
+    p_start = _mean_execute_probability(model, test)
 
     def reinforce(alpha, epochs=3):
         model.load_state_dict(trained)
@@ -127,14 +138,20 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
             train.set_epoch(epoch)
             stats = train_epoch(model, train, optimizer, None, step, CPU, epoch)
             rates.append(sum(stats["exec_rate"]) / 5)
-        return rates, evaluate(model, test, CPU, costs)
+        return rates, _mean_execute_probability(model, test), evaluate(model, test, CPU, costs)
 
-    # the same start, the same sampling seed: only the skip reward differs
-    rates, end = reinforce(alpha=2.0)
-    rates0, end0 = reinforce(alpha=0.0)
-    assert rates[-1] < rates0[-1] - 0.2, (rates, rates0)  # the sampled routes skip clearly more
-    assert end["gflops"] < end0["gflops"], (end["gflops"], end0["gflops"])  # greedy routes too
-    assert sum(end["exec_rate"]) < 0.1
+    # The same start, the same sampling seed: only the skip reward differs. The switches start at p ~ 0.45,
+    # just below the greedy threshold, so the greedy routes of the start already skip nearly everything and
+    # cannot tell the two runs apart; what training moves is p itself. Measured on AVX-512, AVX2 and the
+    # default kernels with 1 and 2 threads: sampled execution rate in the last epoch 0.04 (alpha 2) against
+    # 0.44-0.47 (alpha 0), mean test p 0.011-0.014 against 0.43-0.45; every bound below sits over 0.1 from
+    # both, where float order moves p by ~1e-3 at most.
+    rates, p, end = reinforce(alpha=2.0)
+    rates0, p0, _ = reinforce(alpha=0.0)
+    assert 0.3 < p_start < 0.7, p_start
+    assert rates[-1] < 0.15 and rates0[-1] > 0.3, (rates, rates0)  # the sampled routes skip clearly more
+    assert p < 0.15 < 0.3 < p0, (p, p0, p_start)  # the skip reward, not drift, drove p down
+    assert sum(end["exec_rate"]) < 0.1  # greedy routes of the rewarded run skip every block
 
 
 # ------------------------------------------------------------------------ 3. dynamic GFLOPs

@@ -1,11 +1,16 @@
 """main_search.py on a tiny written dataset (4 classes of 16x16 images, ResNet-8 at width 1, 1 epoch per
 stage): the table's rows keep the budget on the validation split, the test split is read once per chosen
-network and never by the search, a search killed mid-trial resumes without redoing finished trials, and
-two processes sharing one SQLite study split its trials without running any twice."""
+network and never by the search, a search killed mid-trial resumes without redoing finished trials, two
+processes sharing one SQLite study split its trials without running any twice, three workers started
+together never claim one point or folder twice, and a phase that ran no trial says why."""
+import collections
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+
+import optuna
 
 import pytest
 
@@ -14,6 +19,9 @@ import main_sp
 import utils.stage as stage
 from conftest import ROOT
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
+from search.bisection import Knob, next_point, no_trial_reason
+from search.phase import open_storage, open_study
+from search.report import missing_notes
 
 STAGE_FLAGS = ["--rl_epochs", "1", "--rl_lr", "0.01", "--rl_bs", "16", "--rl_weight", "1", "--device", "cpu"]
 
@@ -121,7 +129,7 @@ def test_search_resumes_after_being_killed_mid_trial(stage1):
                                            "--budget", "50")]
     killed = run_script(*argv, env={"DYNPRUNE_KILL_AT": "trial:3:saved:1", "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    static = out / "search" / "trials" / "static"
+    static = out / "search" / "trials" / "search.static"  # <study>/<trial number>-compression<c>
     finished = {d: snapshot(static / d) for d in os.listdir(static)
                 if (static / d / "prune" / "metrics.json").is_file()}
     assert len(finished) == 2 and len(os.listdir(static)) == 3
@@ -131,7 +139,9 @@ def test_search_resumes_after_being_killed_mid_trial(stage1):
     again = run_script(*argv, env={"OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, again.stderr[-3000:]
     lines = [line for line in again.stdout.splitlines() if line.startswith("[search] static")]
-    assert len(lines) == 1 and f"compression {interrupted[1:]}:" in lines[0], again.stdout[-3000:]
+    point = interrupted.split("compression")[1]
+    assert len(lines) == 1 and f"compression {point}:" in lines[0], again.stdout[-3000:]
+    assert len(os.listdir(static)) == 3  # the retry took over the dead trial's folder
     for d, files in finished.items():
         assert snapshot(static / d) == files  # finished trials not redone
     config = json.loads((static / interrupted / "prune_config.json").read_text())
@@ -161,6 +171,129 @@ def test_two_processes_share_one_study_without_running_a_trial_twice(stage1):
     trials = json.loads((out / "search" / "trials.json").read_text())["trials"]
     complete = [t["point"]["compression"] for t in trials if t["state"] == "COMPLETE"]
     assert len(complete) == len(set(complete)) == 4
+
+
+# One worker of the collision test: for each launch, opens the study named on stdin, says "opened", waits for
+# "go" (the barrier: the test releases all three at once), then runs a phase of the search's Worker whose
+# trial marks its folder exclusively (a second run in it fails) and logs its point.
+WORKER = r"""
+import json, os, sys
+import optuna
+from search.bisection import Knob
+import search.phase
+from search.phase import Worker, open_storage, open_study
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+search.phase.POLL_SECONDS = 0.05  # trials of milliseconds: a worker waiting for the others looks often
+knob = Knob("compression", 0.1, 0.9, "high", 0.01)
+for round_dir in iter(sys.stdin.readline, ""):
+    round_dir = round_dir.strip()
+    study = open_study(open_storage(f"sqlite:///{round_dir}/study.db"), "s.static", knob, {"budget": 6})
+    print("opened", flush=True)
+    assert sys.stdin.readline() == "go\n"
+
+    def run(x, folder):
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(os.path.join(folder, "ran"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        with open(os.path.join(round_dir, "log"), "a") as f:
+            f.write(json.dumps([x, folder]) + "\n")
+        return {"val_acc": 90.0 if x <= 0.6 else 10.0, "val_gflops": 1 - x, "feasible": x <= 0.6}
+
+    Worker(os.path.join(round_dir, "trials"), log=lambda s: None).run_phase(
+        study, knob, 6, run, lambda *a: "")
+    print("done", flush=True)
+"""
+
+
+def test_three_workers_started_together_never_claim_a_point_or_folder_twice(tmp_path):
+    """Five launches of three workers released together on a fresh study: every point and every folder
+    runs once, the phase runs exactly its 6 trials, and every worker (a loser of a race included) exits 0.
+    The workers' Python stays up between launches, so that each launch costs trials, not imports."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(3)]
+
+    def tell_all(message, answer):
+        for w in workers:
+            w.stdin.write(message + "\n")
+            w.stdin.flush()
+        for w in workers:
+            assert w.stdout.readline() == answer + "\n", w.stderr.read()[-3000:]
+
+    try:
+        for launch in range(5):
+            round_dir = tmp_path / f"launch{launch}"
+            round_dir.mkdir()
+            url = f"sqlite:///{round_dir}/study.db"
+            open_study(open_storage(url), "s.static", Knob("compression", 0.1, 0.9, "high", 0.01), {"budget": 6})
+            tell_all(str(round_dir), "opened")  # each then blocks on stdin
+            tell_all("go", "done")
+            ran = [tuple(json.loads(line)) for line in (round_dir / "log").read_text().splitlines()]
+            points = collections.Counter(x for x, _ in ran)
+            folders = collections.Counter(folder for _, folder in ran)
+            assert len(ran) == 6 and max(points.values()) == 1 and max(folders.values()) == 1, (launch, ran)
+            complete = [t.params["compression"] for t in optuna.load_study(study_name="s.static", storage=url)
+                        .get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+            assert sorted(complete) == sorted(points), (launch, complete)
+    finally:
+        for w in workers:
+            w.stdin.close()  # end of input: the worker exits
+        errors = [w.stderr.read() for w in workers]
+        for w in workers:
+            w.wait(timeout=60)
+    for w, err in zip(workers, errors):
+        assert w.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+
+def test_a_dynamic_phase_that_ran_no_trial_says_why(stage1, monkeypatch, capsys):
+    """A GFLOPs interval too narrow for a trial: no dynamic trial, and the table says so (not "no trial within
+    the budget", which says that trials ran)."""
+    real = main_search.dynamic_knob
+
+    def narrow(*args, **kwargs):
+        knob = real(*args, **kwargs)
+        return dataclasses.replace(knob, low=knob.high - knob.resolution)
+
+    monkeypatch.setattr(main_search, "dynamic_knob", narrow)
+    out = fresh_result_dir(stage1, "narrow")
+    main_search.main(search_argv(stage1, out, "--budget", "50", "--min_compression", "0.5", "--max_compression",
+                                 "0.5", "--static_trials", "1", "--dynamic_trials", "2"))
+    search = out / "search"
+    rows = {r["stage"]: r for r in json.loads((search / "table.json").read_text())["rows"]}
+    assert rows["prune"]["present"] and not rows["rl"]["present"]
+    note = rows["rl"]["note"]
+    assert note.startswith("the dynamic phase ran no trial: on the network at compression 0.5") \
+        and "target_gflops interval [" in note and "too narrow" in note and "within the budget" not in note, note
+    assert note in (search / "table.md").read_text()
+    assert "[search] dynamic (compression 0.5): no trial" in capsys.readouterr().out
+    trials = json.loads((search / "trials.json").read_text())["trials"]
+    assert [t["phase"] for t in trials] == ["static"]
+
+
+def test_why_a_phase_ran_no_trial_is_told_apart_from_trials_outside_the_budget():
+    knob = Knob("target_gflops", 1.0, 2.0, "low", 0.03)
+    assert no_trial_reason(knob) is None and next_point(knob, [], []) == 1.5
+    empty = dataclasses.replace(knob, low=2.5)
+    assert "is empty" in no_trial_reason(empty) and next_point(empty, [], []) is None
+    narrow = dataclasses.replace(knob, low=1.95)
+    assert "too narrow" in no_trial_reason(narrow) and next_point(narrow, [], []) is None
+    assert no_trial_reason(dataclasses.replace(knob, low=2.0)) is None  # one fixed value: one trial
+
+    def study(*feasible):
+        s = optuna.create_study(directions=["maximize", "minimize"])
+        for i, ok in enumerate(feasible):
+            s.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions={
+                "x": optuna.distributions.FloatDistribution(0, 1)}, values=[1.0, 1.0], user_attrs={"feasible": ok}))
+        return s
+
+    ran = missing_notes(study(False), [(0.5, study(False, False))], False, 2, [])
+    assert ran == {"prune": "1 static trial ran, none within the budget on the validation split",
+                   "rl": "the dynamic phase ran no trial: no static network within the budget to start from"}
+    notes = missing_notes(study(True), [(0.5, study(False, False))], True, 2, [])
+    assert notes["rl"] == "2 dynamic trials ran, none within the budget on the validation split"
+    notes = missing_notes(study(True), [], True, 2, ["on the network at compression 0.5, its x interval is empty"])
+    assert notes["rl"] == "the dynamic phase ran no trial: on the network at compression 0.5, its x interval is empty"
+    assert missing_notes(study(True), [], True, 0, [])["rl"] == "the dynamic phase was not run (--dynamic_trials 0)"
 
 
 def test_final_split_val_needs_a_validation_split(tmp_path):

@@ -48,10 +48,21 @@ def base_parser(description):
     t.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "constant"],
                    help="learning-rate schedule, per step (step: x0.1 at 50%% and 75%%)")
     t.add_argument("--seed", type=int, default=0, help="initialisation, data order, augmentation, sampling")
-    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N; none: cuda when available")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available). Under "
+                   "torchrun each process takes cuda:LOCAL_RANK; cuda:N is refused when torchrun starts several "
+                   "processes per machine (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    t.add_argument("--amp", default=None, choices=["bf16", "off"],
+                   help="bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay float32); off: "
+                        "float32 throughout (default: bf16 on CUDA, off on CPU)")
+    t.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
+                   help="weights and batches in the NHWC memory format; --no-channels_last: NCHW (default: on "
+                        "with CUDA, off on CPU)")
     t.add_argument("--result_dir", default="results", help="each stage writes <result_dir>/<stage>/")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from this stage's last checkpoint (default: the one in --result_dir)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="when --result_dir holds later stages' results (made from the network this run "
+                        "replaces), move them into <result_dir>/stale-<time>/ instead of refusing")
     return p
 
 

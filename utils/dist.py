@@ -9,12 +9,24 @@ import torch.distributed as dist
 from utils.errors import UserError
 
 
+PRECISIONS = ("bf16", "off")  # --amp / config "amp"; None: by device
+
+
 @dataclass
 class Context:
+    """A run's device, rank and numerics. amp (bf16 autocast) and channels_last left None follow the
+    device: on for CUDA, off for CPU."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    amp: bool = None
+    channels_last: bool = None
+
+    def __post_init__(self):
+        on_gpu = self.device.type == "cuda"
+        self.amp = on_gpu if self.amp is None else bool(self.amp)
+        self.channels_last = on_gpu if self.channels_last is None else bool(self.channels_last)
 
     @property
     def is_main(self):
@@ -24,33 +36,80 @@ class Context:
     def distributed(self):
         return self.world_size > 1
 
-    @property
-    def amp(self):  # bf16 autocast and channels_last on CUDA; plain float32 on CPU
-        return self.device.type == "cuda"
+
+def _env_int(name, default):
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def setup(device=None, seed=0):
-    """Pick the device (`cuda` when available unless --device says otherwise) and join the process group
-    when started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _parse_device(name):
+    """cpu, cuda or cuda:N as a torch.device; anything else is a UserError."""
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device (expected cpu, cuda or cuda:N)")
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+def _cuda_device(device, local_rank, local_world_size):
+    """The indexed CUDA device of this process (torch.cuda.set_device refuses a bare "cuda"): cuda:N as
+    given; a bare cuda is cuda:LOCAL_RANK (cuda:0 without torchrun)."""
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible (use --device cpu)")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        if local_world_size > count:  # said by every process of this machine, not only the ones left over
+            raise UserError(f"torchrun started {local_world_size} processes on this machine, but only {count} "
+                            f"CUDA GPU(s) are visible: one GPU per process (--nproc_per_node <= {count})")
+        if local_rank >= count:
+            raise UserError(f"LOCAL_RANK {local_rank} would use cuda:{local_rank}, but only {count} CUDA GPU(s) "
+                            f"are visible")
+        return torch.device("cuda", local_rank)
+    if local_world_size > 1:  # one flag for all processes: they would share one GPU, which nccl refuses
+        raise UserError(f"--device {device} under torchrun with several processes per machine: give --device "
+                        f"cuda (each process takes cuda:LOCAL_RANK); choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if device.index >= count:
+        raise UserError(f"--device {device}: only {count} CUDA GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def setup(device=None, seed=0, amp=None, channels_last=None):
+    """Pick the device (`cuda` when available unless --device says otherwise) and the numerics (amp:
+    "bf16" / "off", channels_last: True / False; None follows the device), and join the process group
+    when started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
+    world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    if not (world_size >= 1 and 0 <= rank < world_size):
+        raise UserError(f"environment: RANK {rank} is outside WORLD_SIZE {world_size} (set by torchrun)")
+    # one process: a stale LOCAL_RANK is ignored, as before; without LOCAL_WORLD_SIZE (other launchers)
+    # every process is taken to share this machine
+    local_rank = _env_int("LOCAL_RANK", 0) if world_size > 1 else 0
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size) if world_size > 1 else 1
+    if not 0 <= local_rank < local_world_size:
+        raise UserError(f"environment: LOCAL_RANK {local_rank} is outside LOCAL_WORLD_SIZE {local_world_size} "
+                        f"(set by torchrun)")
+    if amp not in (None, True, False, *PRECISIONS):
+        raise UserError(f"--amp {amp!r} must be one of {', '.join(PRECISIONS)}")
+    amp = {"bf16": True, "off": False}.get(amp, amp)
+    device = _parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but no CUDA GPU is visible")
-        if world_size > 1:
-            device = torch.device("cuda", local_rank)
+        device = _cuda_device(device, local_rank, local_world_size)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+        if amp is not False and not torch.cuda.is_bf16_supported():  # autocast would refuse at the first step
+            if amp:
+                raise UserError(f"--amp bf16: {device} has no bfloat16 support (use --amp off)")
+            amp = False
     torch.manual_seed(seed)  # model initialisation: the same on every rank and in every run of this seed
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
                                 device if device.type == "cuda" else None)
-    return Context(device=device, rank=rank, world_size=world_size, seed=seed)
+    return Context(device=device, rank=rank, world_size=world_size, seed=seed, amp=amp,
+                   channels_last=channels_last)
 
 
 def teardown():
@@ -72,6 +131,13 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensors(tensors, src=0):
+    """Rank `src`'s values of `tensors` on every rank, in place (no-op on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t.data, src=src)
 
 
 def barrier():

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from utils.dist import all_reduce_sum
 from utils.flops import dense_flops, routed_flops
-from utils.errors import UserError
+from utils.errors import UserError, write_error
 from utils.faults import kill_point
 
 
@@ -40,13 +39,15 @@ def seed_epoch(ctx, epoch):
 
 
 def autocast(ctx):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if ctx.amp else contextlib.nullcontext()
+    """bf16 autocast on the run's device type (CPU too) when the run asked for it (ctx.amp)."""
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.amp else contextlib.nullcontext()
 
 
 def prepare(model, ctx):
-    """Move to the device (channels_last on CUDA) and wrap in DDP under torchrun. Returns (model, ddp):
-    `model` is the plain module (for checkpoints, FLOPs), `ddp` what the step calls."""
-    model = model.to(ctx.device, memory_format=torch.channels_last if ctx.amp else torch.preserve_format)
+    """Move to the device in the run's memory format (ctx.channels_last, else NCHW) and wrap in DDP under
+    torchrun. Returns (model, ddp): `model` is the plain module (for checkpoints, FLOPs), `ddp` what the
+    step calls."""
+    model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
     if not ctx.distributed:
         return model, model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -81,6 +82,13 @@ def touch_switches(model, loss):
     training, the route fine-tuning): DistributedDataParallel then finds every parameter used."""
     switches = getattr(model, "module", model).switches
     return loss + 0 * sum(p.sum() for p in switches.parameters())
+
+
+def dense_step(model, x, y):
+    """Plain dense training: every block, no switch evaluated. The switches' parameters enter the loss with
+    weight 0, so that DistributedDataParallel finds every parameter used."""
+    loss, stats = supervised_step(model, x, y, mode="open")
+    return touch_switches(model, loss), stats
 
 
 def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="train"):
@@ -207,16 +215,31 @@ def set_rng_state(state):
 
 
 def write_json(path, data):
-    """Atomic JSON write (a killed process never leaves half a metrics file)."""
+    """Atomic JSON write (a killed process never leaves half a metrics file). An OSError (disk full, no
+    permission, a path component that is a file) is a UserError naming `path` and the reason; the previous
+    file stays as it was."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash never leaves an empty file
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)  # never a half-written file beside the good one
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
 
 
-def summary_line(stage, epoch, epochs, train, ev, seconds, lr):
+def summary_line(stage, epoch, epochs, train, ev, seconds, lr, name="routed"):
+    """One line per epoch; `name` says which network the evaluation was of (dense: every block; routed:
+    the greedy routes)."""
     rate = sum(ev["exec_rate"]) / max(1, len(ev["exec_rate"]))
     return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {100 * train['acc']:.2f}%  "
-            f"| eval acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "
+            f"| eval {name} acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "
             f"exec {100 * rate:.0f}%  lr {lr:.2e}  {seconds:.0f}s")

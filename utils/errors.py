@@ -3,6 +3,7 @@
 Bad input (data dir, config, checkpoint, flags) must end the program with a single line naming the
 problem and exit status 2, never a traceback, and before anything in --result_dir is written.
 """
+import os
 import sys
 
 
@@ -10,12 +11,32 @@ class UserError(Exception):
     """A problem with what the user gave us (paths, flags, config, checkpoints): reported in one line."""
 
 
+def _why(e):
+    """The operating system's reason for OSError `e`, in words (one line)."""
+    return " ".join(str(e.strerror or str(e) or type(e).__name__).split())
+
+
+def write_error(path, e):
+    """UserError for OSError `e` (disk full, no permission, a path component that is a file, a name too
+    long ...) raised while writing `path`: one line naming the path and the reason."""
+    why = _why(e)
+    if isinstance(e, FileExistsError) and isinstance(e.filename, str) and not os.path.isdir(e.filename):
+        why = "Not a directory"  # os.makedirs over a regular file says "File exists"
+    # the file the OS named, unless it is `path` or its temporary copy beside it (said already)
+    other = isinstance(e.filename, str) and \
+        os.path.dirname(os.path.abspath(e.filename)) != os.path.dirname(os.path.abspath(path))
+    return UserError(f"cannot write {path}: {why}" + (f" ({e.filename})" if other else ""))
+
+
 def run_main(main):
-    """Run `main()`; a UserError (or Ctrl-C) becomes one line on stderr and exit status 2 (130)."""
+    """Run `main()`; a UserError or an OSError (or Ctrl-C) becomes one line on stderr and exit status 2 (130)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # one the code did not wrap (a full disk under TensorBoard's writer ...): still one line
+        print(f"error: {_why(e)}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

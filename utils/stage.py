@@ -14,6 +14,7 @@ from utils.dist import barrier
 from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
 from utils.errors import UserError
 from utils.faults import kill_point
+from utils.lineage import file_sha256
 from utils.flops import count_params, probe
 from utils.log import Logger
 
@@ -54,13 +55,28 @@ def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
     resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
     ds = load_dataset(args.data_dir, args.img_type, resize, args.download, args.num_workers)
     if recorded is not None and ds.classes != recorded["classes"]:
-        only_here = sorted(set(ds.classes) - set(recorded["classes"]))
-        only_there = sorted(set(recorded["classes"]) - set(ds.classes))
-        raise UserError(f"data_dir {args.data_dir} holds other classes than {source} was trained on (only in "
-                        f"the data: {_short(only_here)}; only in the checkpoint: {_short(only_there)})")
+        raise UserError(f"data_dir {args.data_dir} holds other classes than {source} was trained on "
+                        f"({_class_difference(ds.classes, recorded['classes'])})")
     train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
     if len(train_x) == 0:
         raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
+    if args.val_split > 0 and len(val_x) == 0:  # else evaluation would quietly fall back to test
+        n = len(ds.train_y)
+        if n == 1:
+            raise UserError(f"--val_split {args.val_split} holds out no image: there is 1 training image, and "
+                            f"one must be left to train on")
+        raise UserError(f"--val_split {args.val_split} holds out no image of the {n} training images; the "
+                        f"smallest fraction that holds one out is {1 / n:.3g}")
+    # a class without a training image can never be learnt: say which, not a quietly useless logit
+    before = torch.bincount(ds.train_y, minlength=len(ds.classes)).tolist()
+    after = torch.bincount(train_y, minlength=len(ds.classes)).tolist()
+    never = [c for c, k in zip(ds.classes, before) if k == 0]
+    if never:
+        raise UserError(f"--data_dir {args.data_dir}: {_classes(never)} no training image")
+    gone = [c for c, k in zip(ds.classes, after) if k == 0]
+    if gone:
+        raise UserError(f"--val_split {args.val_split} (seed {args.seed}) leaves {_classes(gone)} no training "
+                        f"image (all held out for validation); lower --val_split or add training images")
     final = getattr(args, "final_split", "test")
     if final == "val" and len(val_x) == 0:
         raise UserError("--final_split val needs a validation split: give --val_split > 0")
@@ -74,7 +90,7 @@ def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
     pipeline = make_pipeline(resize, mean, std, ds.classes, augment)
     bs = bs or args.bs
     common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
-                  world_size=ctx.world_size, channels_last=ctx.amp)
+                  world_size=ctx.world_size, channels_last=ctx.channels_last)
     test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common) if final == "test" else None
     val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
     return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, augment=augment, **common),
@@ -84,9 +100,26 @@ def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
 
 
 def _short(names, limit=3):
-    if not names:
-        return "none (same names, other order)"
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _classes(names):
+    return f"class {names[0]} has" if len(names) == 1 else f"classes {_short(names)} have"
+
+
+def _class_difference(data_classes, ckpt_classes):
+    """How the data's class list differs from a checkpoint's, in words (only what is true of the two)."""
+    only_here = sorted(set(data_classes) - set(ckpt_classes))
+    only_there = sorted(set(ckpt_classes) - set(data_classes))
+    if len(data_classes) != len(ckpt_classes):
+        count = f"the data has {len(data_classes)} classes, the checkpoint {len(ckpt_classes)}"
+    else:
+        count = f"{len(data_classes)} classes each"
+    parts = ([f"only in the data: {_short(only_here)}"] if only_here else []) \
+        + ([f"only in the checkpoint: {_short(only_there)}"] if only_there else [])
+    if not parts:
+        parts = ["same names, other order" if len(data_classes) == len(ckpt_classes) else "names repeated"]
+    return f"{count}: {'; '.join(parts)}"
 
 
 @torch.no_grad()
@@ -102,16 +135,20 @@ def smallest_bn_map(model, image_size):
     return seen[name], name
 
 
-def check_batch_shapes(model, image_size, bs):
+def check_batch_shapes(model, image_size, bs, resize_fixed=False):
     """UserError, before any work, if training batches of `bs` images would hand a BatchNorm a single
     value per channel (1x1 maps, e.g. the ff switches' stride-2 conv late in a deep net at a small image
-    size): one value has no variance to normalise by, and PyTorch stops mid-run."""
+    size): one value has no variance to normalise by, and PyTorch stops mid-run.
+    resize_fixed: the resize comes from a checkpoint (stages 2 and 3), so only the batch size is suggested."""
     pixels, name = smallest_bn_map(model, image_size)
     if bs * pixels >= 2:
         return
+    problem = (f"bs {bs} at resize {image_size}: in training, BatchNorm {name} of this network would see "
+               f"one value per channel (1x1 maps)")
+    if resize_fixed:
+        raise UserError(f"{problem}; use bs 2 or more (the resize is the checkpoint's)")
     fix = next(s for s in range(image_size + 1, 64 * image_size) if smallest_bn_map(model, s)[0] >= 2)
-    raise UserError(f"bs {bs} at resize {image_size}: in training, BatchNorm {name} of this network would see "
-                    f"one value per channel (1x1 maps); use bs 2 or more, or resize {fix} or more")
+    raise UserError(f"{problem}; use bs 2 or more, or resize {fix} or more")
 
 
 def check_result_dir(path):
@@ -126,46 +163,83 @@ def check_result_dir(path):
 
 
 class StageRun:
-    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/."""
+    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/.
+
+    TensorBoard: every run of the stage logs into its own folder tb/<run id> (a resumed run continues its
+    own), and its steps are epochs counted from the start of the lineage: stage 2's first epoch comes
+    after stage 1's last, so `tensorboard --logdir RESULTS` shows the three stages one after the other."""
 
     def __init__(self, name, result_dir, ctx):
         self.name, self.ctx = name, ctx
+        self.result_dir = result_dir
         self.dir = os.path.join(result_dir, name)
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
         self.logger = None
         self.pipeline = None
+        self.parent = None     # lineage record of the checkpoint this stage started from (utils/lineage.py)
+        self.run_id = None
+        self.step_offset = 0   # TensorBoard steps of the stages before this one
+        self.last_step = 0
 
-    def open(self, pipeline=None):
+    def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
         """Create the stage's folder and TensorBoard writer. Call only once all input has been checked.
-        `pipeline` (Data.pipeline) goes into every checkpoint."""
-        self.pipeline = pipeline
+        `pipeline` (Data.pipeline) goes into every checkpoint; `parent` is the lineage record of the
+        checkpoint the stage started from; `resumed`, the checkpoint of this stage a --resume continues (its
+        run folder and step offset are kept); `start_step`, the parent's last TensorBoard step."""
+        self.pipeline, self.parent = pipeline, parent
+        if resumed is not None:
+            self.run_id = resumed.get("run_id")
+            self.parent = resumed.get("parent", parent)
+            self.step_offset = resumed.get("step_offset", 0)
+        else:
+            self.step_offset = start_step
+        self.run_id = self.run_id or time.strftime("run-%Y%m%d-%H%M%S-") + f"{os.getpid()}"
+        self.last_step = self.step_offset
         if self.ctx.is_main:
             try:
                 os.makedirs(self.dir, exist_ok=True)
+                if resumed is None and os.path.exists(self.metrics_path):
+                    # a fresh run: the old numbers no longer describe this folder's checkpoint
+                    os.replace(self.metrics_path, self.metrics_path + ".replaced")
             except OSError as e:
                 raise UserError(f"cannot create {self.dir}: {e.strerror}") from None
-        self.logger = Logger(os.path.join(self.dir, "tb"), enabled=self.ctx.is_main)
+        self.logger = Logger(os.path.join(self.dir, "tb", self.run_id), enabled=self.ctx.is_main)
         return self
+
+    def lineage(self):
+        """What every checkpoint of this run records about where it comes from."""
+        return {"run_id": self.run_id, "parent": self.parent, "step_offset": self.step_offset,
+                "tb_step": self.last_step}
+
+    @staticmethod
+    def state(model, optimizer, scheduler, epoch):
+        """The training state in every checkpoint of every stage (each stage adds its own keys beside it;
+        save() adds the stage, the input pipeline and the lineage)."""
+        return {"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state()}
 
     def save(self, payload):
         if self.ctx.is_main:
             record = {"pipeline": self.pipeline} if self.pipeline is not None else {}
-            save_checkpoint(self.checkpoint_path, {"stage": self.name, **record, **payload})
+            save_checkpoint(self.checkpoint_path, {"stage": self.name, **record, **self.lineage(), **payload})
         barrier()
         kill_point("saved", payload.get("epoch"))
 
     def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, payload,
-            log_offset=0):
-        """The epoch loop. `payload(epoch)` returns the checkpoint dict of the stage's state after `epoch`
-        epochs (arch, model, optimizer ... are filled in here). Returns the last evaluation."""
+            log_offset=0, evals=(("routed", "hard"),), total_epochs=None):
+        """The epoch loop. `payload()` returns the checkpoint dict of the stage's own state (arch, model,
+        optimizer ... are filled in here). After every epoch the network being trained is evaluated in each
+        of `evals` ((name, mode): "dense" in mode open, "routed" in hard); the first is the one-line
+        summary's. Epochs are shown as epoch / total_epochs (default `epochs`), so that a stage calling fit
+        twice (stage 1's dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
         def checkpoint(epoch):
-            return {"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch,
-                    "rng": rng_state(), **payload(epoch)}
+            return {**self.state(model, optimizer, scheduler, epoch), **payload()}
 
-        ev = None
+        total = total_epochs or epochs
+        evs = None
         if start_epoch >= epochs:  # nothing to train in this call: still leave this stage's checkpoint
+            self.last_step = max(self.last_step, self.step_offset + log_offset + epochs)
             self.save(checkpoint(max(start_epoch, epochs)))
         for epoch in range(start_epoch, epochs):
             seed_epoch(self.ctx, epoch)
@@ -173,40 +247,57 @@ class StageRun:
             t0 = time.time()
             tr = train_epoch(ddp, data.train, optimizer, scheduler, step_fn, self.ctx, epoch=epoch,
                              desc=f"{self.name} epoch")
-            ev = evaluate(ddp, data.eval, self.ctx, costs, desc=data.eval_name)
+            evs = {name: evaluate(ddp, data.eval, self.ctx, costs, mode=mode, desc=f"{data.eval_name} {name}")
+                   for name, mode in evals}
             lr = optimizer.param_groups[0]["lr"]
+            first = evals[0][0]
             if self.ctx.is_main:
-                print(summary_line(self.name, epoch + 1, epochs, tr, ev, time.time() - t0, lr), flush=True)
-            step = log_offset + epoch + 1
-            self.logger.scalars("train", tr, step)
-            self.logger.scalars(data.eval_name, ev, step)
-            self.logger.scalars("train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
+                shown = log_offset + epoch + 1 if total_epochs else epoch + 1  # stage 2's rounds count on
+                print(summary_line(self.name, shown, total, tr, evs[first], time.time() - t0, lr, first),
+                      flush=True)
+            step = self.step_offset + log_offset + epoch + 1
+            self.last_step = step
+            self.logger.scalars(f"{self.name}/train", tr, step)
+            for name, ev in evs.items():
+                self.logger.scalars(f"{self.name}/{data.eval_name}_{name}", ev, step)
+            self.logger.scalars(f"{self.name}/train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
             self.save(checkpoint(epoch + 1))
-        return ev
+        return evs
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
         """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
-        model the stage ends with -> metrics.json and TensorBoard: <split>_acc, <split>_loss, <split>_images,
-        gflops_per_image (on that split; under val also as val_gflops) ... mode "open" (stage 1's row "w/o
-        pruning"): those are the dense network's, and routed_acc, routed_gflops, exec_rate those of the greedy
-        routes beside it, on the same split. Returns the metrics dict."""
+        model the stage ends with, exactly as saved -> metrics.json and TensorBoard (at the stage's last
+        step): <split>_acc, <split>_loss, <split>_images, gflops_per_image (on that split; under val also as
+        val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
+        with every block executed and no switch evaluated, and routed_acc, routed_gflops, exec_rate those of
+        the greedy routes beside it, on the same split. Also the lineage: the sha256 of the checkpoint the
+        numbers are of, and the parent it started from. Returns the metrics dict."""
         split = data.final_name
         loader = data.test if split == "test" else data.eval
         final = evaluate(ddp, loader, self.ctx, costs, mode=mode, desc=split)
         metrics = {"stage": self.name, f"{split}_acc": final["acc"], f"{split}_loss": final["loss"],
-                   "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"],
+                   "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"], "mode": mode,
                    "params": count_params(model), f"{split}_images": final["images"], "final_split": split,
                    **({} if split == "test" else {f"{split}_gflops": final["gflops"]})}
         if mode == "open":
             routed = evaluate(ddp, loader, self.ctx, costs, desc=f"{split} routed")
             metrics.update(routed_acc=routed["acc"], routed_gflops=routed["gflops"], exec_rate=routed["exec_rate"])
         metrics.update(extra or {})
+        metrics.update(parent=self.parent, run_id=self.run_id, tb_step=self.last_step)
         if self.ctx.is_main:
-            write_json(self.metrics_path, metrics)
+            metrics["checkpoint_sha256"] = file_sha256(self.checkpoint_path)
+            try:
+                write_json(self.metrics_path, metrics)
+            except OSError as e:
+                raise UserError(f"cannot write {self.metrics_path}: {e.strerror}") from None
             print(f"[{self.name}] {split} acc {metrics[f'{split}_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
                   f"GFLOPs/image  {metrics['params'] / 1e6:.3f} M params  -> {self.metrics_path}", flush=True)
         if self.logger:
-            self.logger.scalars(split, {k: metrics[k] for k in (f"{split}_acc", "gflops_per_image", "params")}, 0)
+            final_tags = {f"{split}_acc": metrics[f"{split}_acc"], "gflops_per_image": metrics["gflops_per_image"],
+                          "params": metrics["params"]}
+            if mode == "open":
+                final_tags.update(routed_acc=metrics["routed_acc"], routed_gflops=metrics["routed_gflops"])
+            self.logger.scalars(f"{self.name}/final_{split}", final_tags, self.last_step)
             self.logger.close()
         return metrics
 

@@ -1,17 +1,22 @@
-"""The headline table (SPEC.md): one row per stage, read from the stages' metrics.json in --result_dir.
+"""The headline table: one row per stage, read from the stages' metrics.json in --result_dir.
 
     | Method | Accuracy | GFLOPs / image | Compression (params removed) |
 
 Compression = 1 - params / params of the stage-1 model (every parameter counted); without stage 1's
 metrics the stage's own `compression` field is used. A stage that was not run keeps its row, marked
 "not run", with a note saying which file is missing. A stage-3 run started from the stage-1 checkpoint
-(dynamic pruning alone) is labelled as such.
+(dynamic pruning alone) is labelled as such. The rows must come from one chain of networks (each stage
+started from the network of the stage before it in the same --result_dir, utils/lineage.py): a broken chain
+is refused in one line naming the stale stage.
 
     python -m utils.table RESULT_DIR [--write]   # print the table; --write also writes table.md/.json
 """
 import argparse
 import json
 import os
+
+from utils.errors import UserError, run_main
+from utils.lineage import check_chain
 
 STAGES = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
 COLUMNS = ("Method", "Accuracy", "GFLOPs / image", "Compression (params removed)")
@@ -27,7 +32,8 @@ def read_metrics(result_dir, stage):
 
 def build_table(result_dir):
     """Rows (dicts) in stage order: method, stage, present, accuracy (%), gflops_per_image, params,
-    compression (fraction) and note."""
+    compression (fraction) and note. UserError when the stages' lineage does not hold."""
+    check_chain(result_dir)
     metrics = {stage: read_metrics(result_dir, stage) for stage, _ in STAGES}
     base_params = (metrics["sp"] or {}).get("params")
     rows = []
@@ -79,15 +85,15 @@ def write_table(result_dir):
     return text
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Print the headline table of a --result_dir.")
     p.add_argument("result_dir")
     p.add_argument("--write", action="store_true", help="also write table.md and table.json there")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not os.path.isdir(args.result_dir):
-        p.exit(2, f"error: {args.result_dir} is not a directory\n")
+        raise UserError(f"{args.result_dir} is not a directory")
     print(write_table(args.result_dir) if args.write else to_markdown(build_table(args.result_dir)), end="")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,0 +1,181 @@
+"""Rows that mean what they say and reruns that never mix networks: row 2 is the pruned network with every
+block, each stage records the checkpoint it started from, reruns into a folder with later results are
+refused or move them aside, the table and later stages refuse a broken chain, TensorBoard steps continue
+across stages, and the README's GPU commands chain when copied."""
+import json
+import os
+import re
+import shlex
+
+import pytest
+
+import main_prune
+import main_rl_prune
+import main_sp
+from helpers import snapshot, tiny_dataset
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.errors import UserError
+from utils.flops import dense_flops, measure_costs
+from utils.lineage import file_sha256
+from utils.table import build_table
+
+from conftest import ROOT
+
+SIZE = 16
+TINY = ["--depth", "8", "--bs", "32", "--num_workers", "0", "--device", "cpu"]
+
+
+def prune_config(path, results, data, **extra):
+    cfg = {"result_dir": str(results), "data_dir": data, "compression": 0.5, "epochs": 1, "lr": 0.01, "bs": 32,
+           "fisher_batches": 2, "num_workers": 0, "device": "cpu", **extra}
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("lineage") / "data", classes=4, train_per_class=32,
+                        test_per_class=16, size=SIZE)
+
+
+def stage1(results, data, *extra):
+    main_sp.main([*TINY, "--width", "1", "--lr", "0.05", "--resize", str(SIZE), "--epochs", "2", "--data_dir", data,
+                  "--result_dir", str(results), *extra])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, data):
+    """Stage 1 with switches skipping blocks, stage 2, stage 3. Stage 1 trains no epoch: its switches keep
+    their data-dependent start, which sends about half the images through each block (trained, the
+    switches of a net this small may end up executing every block, and then row 2 could not tell)."""
+    results = tmp_path_factory.mktemp("chain") / "results"
+    stage1(results, data, "--epochs", "0")
+    main_prune.main(["--config_path", prune_config(results.parent / "prune.json", results, data)])
+    main_rl_prune.main([*TINY, "--epochs", "1", "--lr", "0.01", "--data_dir", data, "--result_dir", str(results)])
+    return results
+
+
+def read(results, stage):
+    return json.load(open(results / stage / "metrics.json"))
+
+
+def test_row2_is_the_pruned_network_with_every_block(chain):
+    sp, prune = read(chain, "sp"), read(chain, "prune")
+    assert min(sp["exec_rate"]) < 1  # stage 1's switches skip: a routed row 2 would cost less than every block
+    pruned = model_from_checkpoint(load_checkpoint(str(chain / "prune" / "checkpoint.pt")))
+    every_block = dense_flops(measure_costs(pruned, SIZE)) / 1e9
+    assert prune["mode"] == "open" and prune["gflops_per_image"] == pytest.approx(every_block, rel=1e-12)
+    assert prune["dense_gflops"] == pytest.approx(every_block, rel=1e-12)
+    assert {"routed_acc", "routed_gflops", "exec_rate"} <= set(prune)  # the routes' numbers beside it
+    rows = {r["stage"]: r for r in build_table(str(chain))}
+    assert rows["prune"]["gflops_per_image"] == prune["gflops_per_image"]
+    assert rows["sp"]["gflops_per_image"] == pytest.approx(sp["dense_gflops"], rel=1e-12)
+
+
+def test_every_stage_records_where_it_started(chain):
+    sp, prune, rl = (read(chain, s) for s in ("sp", "prune", "rl"))
+    assert sp["parent"] is None
+    assert prune["parent"]["stage"] == "sp" and prune["parent"]["sha256"] == sp["checkpoint_sha256"]
+    assert rl["parent"]["stage"] == "prune" and rl["parent"]["sha256"] == prune["checkpoint_sha256"]
+    for stage, m in (("sp", sp), ("prune", prune), ("rl", rl)):
+        assert file_sha256(chain / stage / "checkpoint.pt") == m["checkpoint_sha256"]
+    # TensorBoard steps go on across stages: stage 1's 0 epochs, then stage 2's 1, then stage 3's 1
+    assert (sp["tb_step"], prune["tb_step"], rl["tb_step"]) == (0, 1, 2)
+    for stage in ("sp", "prune", "rl"):
+        assert len(os.listdir(chain / stage / "tb")) == 1  # one run folder per run
+
+
+def copy_results(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_rerun_is_refused_then_overwrite_moves_later_stages_aside(chain, data, tmp_path, capsys):
+    results = copy_results(chain, tmp_path / "results")
+    before = snapshot(results)
+    with pytest.raises(UserError, match=r"later stages \(prune/, rl/\).*--overwrite"):
+        stage1(results, data, "--depth", "14")
+    assert snapshot(results) == before  # nothing touched
+    with pytest.raises(UserError, match=r"later stages \(rl/\)"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "p.json", results, data)])
+    assert snapshot(results) == before
+
+    stage1(results, data, "--depth", "14", "--overwrite")
+    aside = [d for d in os.listdir(results) if d.startswith("stale-")]
+    assert len(aside) == 1 and sorted(os.listdir(results / aside[0])) == ["prune", "rl", "table.json", "table.md"]
+    moved = snapshot(results / aside[0])
+    assert moved == {k: v for k, v in before.items() if not k.startswith("sp/")}  # intact
+    rows = {r["stage"]: r for r in build_table(str(results))}
+    assert not rows["prune"]["present"] and not rows["rl"]["present"]
+    assert len(os.listdir(results / "sp" / "tb")) == 2  # the new run logs into its own folder
+
+
+def test_table_and_later_stages_refuse_a_broken_chain(chain, data, tmp_path):
+    results = copy_results(chain, tmp_path / "results")
+    other = tmp_path / "other"
+    stage1(other, data, "--seed", "5")
+    # stage 1 replaced behind the chain's back (another run's network and metrics copied in)
+    for name in ("checkpoint.pt", "metrics.json"):
+        (results / "sp" / name).write_bytes((other / "sp" / name).read_bytes())
+    with pytest.raises(UserError, match=r"stage 2 \(prune/\) is stale"):
+        build_table(str(results))
+    with pytest.raises(UserError, match=r"stage 2 \(prune/\) is stale"):
+        main_rl_prune.main([*TINY, "--epochs", "1", "--data_dir", data, "--result_dir", str(results)])
+    # a stage-2 run resumed on top of another stage-1 network
+    (results / "rl").rename(tmp_path / "rl-away")
+    with pytest.raises(UserError, match=r"stage 1 was rerun since"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "p.json", results, data), "--resume"])
+    # a checkpoint changed after its metrics were written (an interrupted rerun)
+    results2 = copy_results(chain, tmp_path / "results2")
+    (results2 / "prune" / "checkpoint.pt").write_bytes((chain / "sp" / "checkpoint.pt").read_bytes())
+    with pytest.raises(UserError, match=r"stage 2 \(prune/\) is stale: its checkpoint.pt is not the network"):
+        build_table(str(results2))
+
+
+def test_table_command_refuses_a_broken_chain_in_one_line(chain, data, tmp_path):
+    from helpers import assert_one_line_error, run_script
+    results = copy_results(chain, tmp_path / "results")
+    (results / "prune" / "checkpoint.pt").write_bytes(b"not the network")
+    assert_one_line_error(run_script("-m", "utils.table", str(results)), "stage 2 (prune/) is stale")
+
+
+def test_stage1_printout_counts_on_and_names_what_it_evaluates(data, tmp_path, capsys):
+    stage1(tmp_path / "r", data, "--epochs", "3", "--dense_epochs", "2")
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("[sp] epoch")]
+    assert [l.split()[2] for l in lines] == ["1/3", "2/3", "3/3"]
+    assert all("eval dense acc" in line for line in lines)  # row 1's network, every epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = os.listdir(tmp_path / "r" / "sp" / "tb")[0]
+    acc = EventAccumulator(str(tmp_path / "r" / "sp" / "tb" / run))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "sp/test_dense/acc" in tags and "sp/test_routed/acc" in tags
+    assert [e.step for e in acc.Scalars("sp/test_dense/acc")] == [1, 2, 3]  # dense evaluated every epoch
+    assert [e.step for e in acc.Scalars("sp/test_routed/acc")] == [3]       # routed once the switches train
+    assert [e.step for e in acc.Scalars("sp/final_test/test_acc")] == [3]   # final numbers at the last step
+
+
+README_BLOCK = re.compile(r"## The three stages on CIFAR-100 \(GPU\).*?```\n(.*?)```", re.S)
+SCALE = {"main_sp.py": ["--depth", "8", "--width", "1", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
+                        "--bs", "32", "--lr", "0.05"],
+         "main_prune.py": ["--device", "cpu", "--set", "epochs=1", "--set", "fisher_batches=2", "--set", "bs=32",
+                           "--set", "num_workers=0", "--set", "compression=0.3"],
+         "main_rl_prune.py": ["--depth", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu", "--bs", "32"]}
+
+
+def test_readme_gpu_commands_chain_when_copied(data, tmp_path, monkeypatch):
+    """The README's three commands, verbatim but for the placeholders and flags of scale appended (the
+    last of a repeated flag wins), run in order in one folder: each stage finds the one before it."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    commands = README_BLOCK.search(text).group(1).replace("\\\n", " ").strip().splitlines()
+    assert [shlex.split(c)[1] for c in commands] == ["main_sp.py", "main_prune.py", "main_rl_prune.py"]
+    monkeypatch.chdir(ROOT)
+    mains = {"main_sp.py": main_sp.main, "main_prune.py": main_prune.main, "main_rl_prune.py": main_rl_prune.main}
+    for command in commands:
+        argv = shlex.split(command.replace("RESULTS", str(tmp_path / "R")).replace("DATA", data))
+        assert argv[0] == "python"
+        mains[argv[1]]([*argv[2:], *SCALE[argv[1]]])
+    rows = build_table(str(tmp_path / "R"))
+    assert all(r["present"] for r in rows)

@@ -1,0 +1,110 @@
+"""Which network each stage started from, so that a table row, a later stage, the search or an export never
+combines one run's stage with another run's.
+
+Every stage records in its checkpoints and metrics.json a `parent`: {"stage", "path", "sha256"} of the
+checkpoint file it started from (None for stage 1 trained from scratch), and in metrics.json the sha256 of
+the checkpoint it ended with. The chain of a --result_dir holds when each stage's parent is the final
+checkpoint of the stage before it there, and each metrics.json describes the checkpoint beside it.
+Records written before lineage was kept carry no hashes: they are reported as unchecked, not refused.
+"""
+import hashlib
+import json
+import os
+import shutil
+import time
+
+from utils.errors import UserError
+
+ORDER = ("sp", "prune", "rl")
+SCRIPTS = {"sp": "main_sp.py", "prune": "main_prune.py", "rl": "main_rl_prune.py"}
+LABELS = {"sp": "stage 1 (sp/)", "prune": "stage 2 (prune/)", "rl": "stage 3 (rl/)"}
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parent_record(stage, path):
+    """The lineage record of a checkpoint a stage starts from."""
+    return {"stage": stage, "path": os.path.abspath(path), "sha256": file_sha256(path)}
+
+
+def _metrics(result_dir, stage):
+    path = os.path.join(result_dir, stage, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{path}: unreadable or not JSON") from None
+
+
+def chain_problems(result_dir, stages=ORDER):
+    """One line per broken link among `stages` of result_dir (empty when the chain holds or is unrecorded)."""
+    problems = []
+    finished = {}
+    for stage in stages:
+        m = _metrics(result_dir, stage)
+        if m is None:
+            continue
+        ckpt = os.path.join(result_dir, stage, "checkpoint.pt")
+        own = m.get("checkpoint_sha256")
+        if own and os.path.isfile(ckpt) and file_sha256(ckpt) != own:
+            problems.append(f"{LABELS[stage]} is stale: its checkpoint.pt is not the network its metrics.json "
+                            f"describes (rerun or interrupted since; finish it with {SCRIPTS[stage]} --resume)")
+        finished[stage] = m
+    for stage, m in finished.items():
+        parent = m.get("parent")
+        if not parent or not parent.get("sha256") or parent.get("stage") not in finished:
+            continue
+        up = finished[parent["stage"]].get("checkpoint_sha256")
+        if up and up != parent["sha256"]:
+            problems.append(f"{LABELS[stage]} is stale: it started from another {LABELS[parent['stage']]} network "
+                            f"than the one there now (rerun {SCRIPTS[stage]}, or rerun the earlier stage with "
+                            f"--overwrite to move it aside)")
+    return problems
+
+
+def check_chain(result_dir, stages=ORDER):
+    problems = chain_problems(result_dir, stages)
+    if problems:
+        raise UserError(f"{result_dir}: {problems[0]}")
+
+
+def later_stages(result_dir, stage):
+    """The folders of stages after `stage` that hold results in result_dir."""
+    return [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
+
+
+def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True):
+    """Before a stage writes into result_dir: later stages' results there were made from the network this
+    run replaces. Refused unless `overwrite`, which moves them (and the table) into
+    <result_dir>/stale-<time>/, never deleting anything. Call it with move=False before any work (to refuse
+    early), then with move=True once every input has been checked. Returns the folder used, or None."""
+    later = later_stages(result_dir, stage)
+    if not later:
+        return None
+    if not overwrite:
+        raise UserError(f"{result_dir} holds results of later stages ({', '.join(s + '/' for s in later)}) made "
+                        f"from the {stage}/ network this run replaces; give --overwrite to move them aside, or "
+                        f"another --result_dir")
+    if not is_main or not move:
+        return None
+    aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(aside):
+        aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S") + f"-{n}")
+        n += 1
+    try:
+        os.makedirs(aside)
+        for name in [*later, "table.md", "table.json"]:
+            if os.path.exists(os.path.join(result_dir, name)):
+                shutil.move(os.path.join(result_dir, name), os.path.join(aside, name))
+    except OSError as e:
+        raise UserError(f"cannot move stale results into {aside}: {e.strerror}") from None
+    return aside
