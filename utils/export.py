@@ -12,9 +12,11 @@ What is exported is the network as it is deployed, not as it is trained:
   location: stage 2 itself only keeps a rot_out that pays, so this matters for older checkpoints);
   rot_in is never merged (measured: a k x k core over every input channel never paid);
 - channels_last activations (the NHWC input is already in that layout);
-- `--mode hard` (the default for stages 2 and 3; stage 1's table row is its `open` network, the default
-  there): the switches decide per image, outputs (logits, routes), routes (N, number of switches) 0/1
-  float. `--mode open`: every block, no switch, output logits.
+- `--mode hard` (the default for stage 3, whose table row is its routed network): the switches decide per
+  image, outputs (logits, routes), routes (N, number of switches) 0/1 float. `--mode open` (the default
+  for stages 1 and 2, whose rows are their networks with every block): every block, no switch, logits.
+A checkpoint exported from <result_dir>/<stage>/checkpoint.pt must belong to that folder's chain of stages
+(utils/lineage.py): a stale one is refused in one line.
 
 Files in DIR: model.onnx and model.pt2 (torch.export.save; load with torch.export.load(p).module()) for
 any batch size; in `hard` mode also model_b1.onnx / model_b1.pt2 for one image at a time, where each
@@ -39,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import FactoredConv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.lineage import ORDER, check_chain
 from utils.cli import Parser
 from utils.errors import UserError, run_main
 
@@ -88,10 +91,12 @@ class Block(nn.Module):
         super().__init__()
         self.conv1 = folded(block.conv1, block.bn1)
         self.conv2 = folded(block.conv2, block.bn2)
+        self.projects = block.projects
         self.shortcut = folded(block.shortcut, block.shortcut_bn) if block.projects else nn.Identity()
 
     def skip(self, x):
-        return self.shortcut(x)
+        # a fresh tensor: torch.cond's branches must not return their input (export refuses aliasing)
+        return self.shortcut(x) if self.projects else x.clone()
 
     def forward(self, x):
         return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
@@ -163,7 +168,17 @@ class InferenceNet(nn.Module):
 
 
 def default_mode(ckpt):
-    return "open" if ckpt.get("stage") == "sp" else "hard"
+    """The network of the stage's table row: stage 3's routes; every block for stages 1 and 2 (their
+    switches are not what those rows measure)."""
+    return "hard" if ckpt.get("stage") == "rl" else "open"
+
+
+def check_lineage(ckpt_path):
+    """A checkpoint exported from <result_dir>/<stage>/checkpoint.pt must belong to that folder's chain."""
+    stage_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    stage, result_dir = os.path.basename(stage_dir), os.path.dirname(stage_dir)
+    if os.path.basename(ckpt_path) == "checkpoint.pt" and stage in ORDER:
+        check_chain(result_dir, ORDER[:ORDER.index(stage) + 1])
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -219,11 +234,41 @@ def compare(got, expected):
     return diff, routes
 
 
+def one_line(e, limit=300):
+    """Exception `e` as one line: its type and the start of its message, whitespace collapsed."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def export_form(model, pipeline, mode, single, out_dir, channels, images, expected):
+    """Export one batch form of `model` and check its files on `images` against `expected`: returns the
+    files and the checks, keyed as in export.json; UserError when a file does not reproduce `expected`."""
+    suffix = "_b1" if single else ""
+    net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
+    net = net.to(memory_format=torch.channels_last)
+    files = export_files(net, out_dir, channels, pipeline["resize"], single)
+    batch = [images[i:i + 1] for i in range(len(images))] if single else [images]
+    loaded = torch.export.load(files["pt2"]).module()
+    check = {}
+    for kind, run in (("onnx", lambda b: run_onnx(files["onnx"], b)), ("pt2", lambda b: loaded(b))):
+        with torch.no_grad():
+            outs = [run(b) for b in batch]
+        got = [torch.cat([o[i] if isinstance(o, (list, tuple)) else o for o in outs]) for i in range(len(expected))]
+        diff, routes = compare(got, expected)
+        name = kind + suffix
+        check[name] = {"max_relative_diff": diff, "routes_equal": routes}
+        if diff > TOLERANCE or not routes:
+            raise UserError(f"exported {name} does not reproduce the checkpoint (difference {diff:.2g}, "
+                            f"routes {'equal' if routes else 'differ'})")
+    return {k + suffix: v for k, v in files.items()}, check
+
+
 def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, check_images=8, seed=0):
     """Export the checkpoint at `ckpt_path` into `out_dir` (see the module docstring). Returns the
     export.json dict. UserError when the pipeline (mean, std, resize) is unknown or conflicts with the
     flags, or when an exported file does not reproduce the checkpoint's outputs."""
     ckpt = load_checkpoint(ckpt_path, None, "CHECKPOINT")
+    check_lineage(ckpt_path)
     pipeline = dict(ckpt.get("pipeline") or {})
     for key, value in (("mean", mean), ("std", std), ("resize", resize)):
         if value is None:
@@ -255,23 +300,15 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
               "gflops_every_block": counter.get_total_flops() / 1e9,
               "outputs": ["logits"] + (["routes"] if mode == "hard" else []), "files": {}, "check": {}}
     for single in ((False, True) if mode == "hard" else (False,)):
-        net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
-        net = net.to(memory_format=torch.channels_last)
-        files = export_files(net, out_dir, channels, size, single)
-        report["files"].update({f"{k}{'_b1' if single else ''}": v for k, v in files.items()})
-        batch = [images[i:i + 1] for i in range(len(images))] if single else [images]
-        loaded = torch.export.load(files["pt2"]).module()
-        for kind, run in (("onnx", lambda b: run_onnx(files["onnx"], b)), ("pt2", lambda b: loaded(b))):
-            with torch.no_grad():
-                outs = [run(b) for b in batch]
-            got = [torch.cat([o[i] if isinstance(o, (list, tuple)) else o for o in outs])
-                   for i in range(len(expected))]
-            diff, routes = compare(got, expected)
-            name = f"{kind}{'_b1' if single else ''}"
-            report["check"][name] = {"max_relative_diff": diff, "routes_equal": routes}
-            if diff > TOLERANCE or not routes:
-                raise UserError(f"exported {name} does not reproduce the checkpoint (difference {diff:.2g}, "
-                                f"routes {'equal' if routes else 'differ'})")
+        try:
+            files, check = export_form(model, pipeline, mode, single, out_dir, channels, images, expected)
+        except (UserError, OSError):  # one line already (run_main words an OSError)
+            raise
+        except Exception as e:  # torch.export's, the ONNX exporter's, onnxruntime's: one line, no traceback
+            raise UserError(f"cannot export {'model_b1' if single else 'model'} ({mode} mode): "
+                            f"{one_line(e)}") from None
+        report["files"].update(files)
+        report["check"].update(check)
     with open(os.path.join(out_dir, "export.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
@@ -282,7 +319,7 @@ def main(argv=None):
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--out", required=True, help="folder for model.onnx, model.pt2, export.json")
     p.add_argument("--mode", choices=["hard", "open"], default=None,
-                   help="hard: switches route each image (default for stages 2, 3); open: every block (stage 1)")
+                   help="hard: switches route each image (default for stage 3); open: every block (stages 1, 2)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean in [0, 1] units, for checkpoints "
                    "without ckpt['pipeline']")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std in [0, 1] units (idem)")
