@@ -76,7 +76,7 @@ def check_resumable(ckpt, schedule, path):
 
 
 def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
-    """Steps 1-6 of SPEC.md stage 2 on `model`; returns the rebuilt model (on the device) and the round's
+    """Steps 1-6 of stage 2 (pruners/__init__.py) on `model`; returns the rebuilt model (on the device) and the round's
     report, with the evaluation of the pruned net before any fine-tuning."""
     torch.manual_seed(cfg["seed"] * 1_000_003 + r)  # the labels the true Fisher samples
     model, report = prune(

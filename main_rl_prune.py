@@ -17,6 +17,7 @@ import sys
 from gates.ending import end_training
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
+from models.resnet import compile_step
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
@@ -185,6 +186,8 @@ def main(argv=None):
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
+    if args.compile:
+        step = compile_step(step, ctx.device)
     payload = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
                                                        "source": source, "ending": ending}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,

@@ -16,6 +16,7 @@ import torch
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.switches import spread_decisions
 from models import build_model, make_arch
+from models.resnet import compile_step
 from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import broadcast_tensors, setup, teardown
@@ -113,14 +114,17 @@ def main(argv=None):
     parent = parent_record("pretrained", args.pretrained) if args.pretrained and not ckpt else None
     guard_rerun(args.result_dir, "sp", args.overwrite, ctx.is_main)
     run.open(data.pipeline, parent=parent, resumed=ckpt)
-    respread = [bool((ckpt or {}).get("switches_respread"))]  # done once, after the last epoch
+    # done once, after the last epoch (again if a resumed run trains further epochs)
+    respread = [bool((ckpt or {}).get("switches_respread")) and start >= args.epochs]
     payload = lambda: {"args": vars(args), "switches_respread": respread[0]}
     common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
                   payload=payload, total_epochs=args.epochs)
     if start < args.dense_epochs:  # the network being trained is the dense one: evaluated as such
-        run.fit(step_fn=dense_step, epochs=args.dense_epochs, start_epoch=start, evals=(("dense", "open"),),
-                **common)
+        run.fit(step_fn=compile_step(dense_step, ctx.device) if args.compile else dense_step,
+                epochs=args.dense_epochs, start_epoch=start, evals=(("dense", "open"),), **common)
     step, evals = STEPS[args.train_mode]
+    if args.compile:
+        step = compile_step(step, ctx.device)
     run.fit(step_fn=step, epochs=args.epochs, start_epoch=max(start, args.dense_epochs), evals=evals, **common)
     if args.train_mode == "joint" and not respread[0]:
         # trained with the dense network beside them, the switches end up executing nearly every block

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full-scale recipe: the seed's three commands (SPEC.md) on CIFAR-100 with ResNet-32 (width 4, 7.45 M
+# The full-scale recipe: the seed's three commands (README) on CIFAR-100 with ResNet-32 (width 4, 7.45 M
 # parameters, 2.20 GFLOPs per image) on one GPU, then the headline table.
 #
 #   DATA=/path/to/cifar100 RESULTS=results/cifar100 bash bench/run_cifar100.sh

@@ -109,7 +109,7 @@ def prune_config(s, data_dir, run_dir, seed, checkpoint=None, epochs=None, **tar
     return {"result_dir": run_dir, "data_dir": data_dir, "checkpoint": checkpoint, "num_workers": 0,
             "resize": s["resize"], "prune_mode": "one_pass", "epochs": p["epochs"] if epochs is None else epochs,
             "lr": p["lr"], "bs": s["bs"], "fisher_batches": p["fisher_batches"], "seed": seed, "device": "cpu",
-            "val_split": s["val_split"],
+            "val_split": s["val_split"], "round_to": 1,  # free ranks, as when the study's numbers were made
             **({**target, "criterion": "score_per_flop"} if target else
                {"compression": p["compression"], "criterion": "score"})}
 

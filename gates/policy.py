@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gates.switches import log_prob
+from gates.switches import autocast_off, log_prob
 from utils.dist import all_reduce_sum
 
 BASELINES = ("moving", "batch")
@@ -150,31 +150,56 @@ class ReinforceStep:
     images of all rewards received, undiscounted), policy_loss (summed over the batch), exec_rate (per
     switch, of the sampled routes), gflops (per image, of the sampled routes, switches and rotations
     included), greedy_gflops (per image, greedy decisions along the sampled routes) and alpha.
-    `price` is a SkipPrice (or a number: a fixed alpha)."""
+    `price` is a SkipPrice (or a number: a fixed alpha).
+
+    The arithmetic is that of skip_rewards, discounted_returns and policy_loss above, folded into constants
+    made once (the step's host time is its op count, not its FLOPs): with w = block FLOPs / their sum and
+    K[j, i] = w_j gamma^(j - i) (j >= i), the returns are alpha (1 - a) K - CE gamma^(S - i)."""
 
     def __init__(self, costs, price, gamma, rl_weight, baseline):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)
         self.costs, self.gamma, self.rl_weight = costs, gamma, rl_weight
         self.baseline = baseline
-        self.blocks = None  # the blocks' FLOPs on the batch's device, made once
+        self.consts = None  # the tensors below, on the batch's device, made once
+
+    def _constants(self, device):
+        blocks = torch.tensor(self.costs["blocks"], dtype=torch.float64)
+        s = len(blocks)
+        w = (blocks / blocks.sum()).float()
+        i = torch.arange(s + 1, dtype=torch.float32)
+        lag = i.view(1, -1) - i.view(-1, 1)  # lag[j, k] = k - j, as in discounted_returns
+        discount = torch.where(lag >= 0, torch.pow(float(self.gamma), lag.clamp(min=0)), 0.0)
+        k = w.view(-1, 1) * discount[:s, :s].T  # K[j, i] = w_j gamma^(j - i) for j >= i
+        always = (self.costs["base"] + self.costs["switches"]) / 1e9
+        self.consts = {"k": k.to(device), "k_sum": k.sum(0).to(device), "final": discount[:s, s].to(device),
+                       "w": w.to(device), "blocks": (blocks / 1e9).to(device),
+                       "always": torch.tensor(always, dtype=torch.float64, device=device)}
 
     def __call__(self, model, x, y):
-        if self.blocks is None:
-            self.blocks = torch.tensor(self.costs["blocks"], dtype=torch.float64, device=x.device)
+        if self.consts is None or self.consts["k"].device != x.device:
+            self._constants(x.device)
+        k = self.consts
         logits, actions, probs = model(x, "sample")
-        ce = F.cross_entropy(logits.float(), y, reduction="none")
-        final = -ce.detach()
+        if actions.requires_grad:  # sampled: never, but a hooked model might
+            actions = actions.detach()
         alpha = self.price.alpha
-        rewards = skip_rewards(actions, self.blocks, alpha)
-        returns = discounted_returns(rewards, self.gamma, final)
-        p_loss = policy_loss(log_prob(probs.float(), actions.float()), returns, self.baseline(returns))
-        loss = ce.mean() + self.rl_weight * p_loss
-        always = self.costs["base"] + self.costs["switches"]
-        flops = always + actions.detach().double() @ self.blocks
-        greedy = always + (probs.detach() > 0.5).double() @ self.blocks
-        self.price.update(greedy)
-        stats = {"loss": loss.detach(), "ce": ce.detach().mean(), "acc": (logits.argmax(1) == y).float().mean(),
-                 "reward": rewards.sum(1).mean() + final.mean(), "policy_loss": p_loss.detach(),
-                 "exec_rate": actions.detach().float().mean(0), "gflops": flops.mean() / 1e9,
-                 "greedy_gflops": greedy.mean() / 1e9, "alpha": alpha}
+        with autocast_off(x.device.type):  # float32 (bf16 would round the returns to 3 digits)
+            ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y, reduction="none")
+            ce_mean, final = ce.mean(), ce.detach()
+            # R = alpha (1 - a) K - CE x gamma^(S - i): skip rewards and final reward -CE, discounted
+            returns = torch.addcmul(alpha * (k["k_sum"] - actions @ k["k"]), final.view(-1, 1), k["final"], value=-1)
+            p_loss = (log_prob(probs if probs.dtype == torch.float32 else probs.float(), actions)
+                      * (self.baseline(returns) - returns)).sum()  # policy_loss: -sum log pi (R - b)
+            loss = torch.add(ce_mean, p_loss, alpha=self.rl_weight)
+            with torch.no_grad():  # statistics: no graph, so no detach ops
+                exec_rate = actions.mean(0)
+                greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]  # GFLOPs/image
+                if self.price.target is not None:
+                    self.price.update(greedy * 1e9)
+                stats = {"loss": loss.detach(), "ce": final.mean(),
+                         "acc": (logits.argmax(1) == y).mean(dtype=torch.float32),
+                         # the mean over images of all rewards received: alpha (1 - a . w) - CE (w sums to 1)
+                         "reward": alpha * (1 - exec_rate @ k["w"]) - ce_mean, "policy_loss": p_loss.detach(),
+                         "exec_rate": exec_rate, "gflops": k["always"] + exec_rate.double() @ k["blocks"],
+                         "greedy_gflops": greedy, "alpha": alpha}
         return loss, stats

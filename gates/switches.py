@@ -9,6 +9,8 @@ depends on the mode:
   sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
           (never stashed in the module, so that DistributedDataParallel sees a pure function)
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,25 +31,86 @@ def init_switch_head(head):
     nn.init.zeros_(head.bias)
 
 
+class _ConvLSTMCell(nn.LSTMCell):
+    """nn.LSTMCell (same parameters and state dict) that on (N, C, 1, 1) tensors runs its matmul as one 1x1
+    convolution of [input, h]: one op each way (convolution_backward gives the input, weight and bias
+    gradients at once), where two linear layers' backward are a dozen (mm, t, sum). 2-D input runs
+    nn.LSTMCell itself."""
+
+    def forward(self, input, hx=None, weights=None):
+        if input.dim() != 4:
+            return super().forward(input, hx)
+        w, bias = weights if weights is not None else self.conv_weights()
+        h = input.new_zeros(input.shape[0], self.hidden_size, 1, 1) if hx is None else hx[0]
+        # W_hh h is computed for the zero state too: the FLOPs are those every switch counts
+        sig, g = F.conv2d(torch.cat([input, h], 1), w, bias).split([3 * self.hidden_size, self.hidden_size], 1)
+        o, i, f = sig.sigmoid().chunk(3, 1)
+        c = i * g.tanh() if hx is None else torch.addcmul(f * hx[1], i, g.tanh())  # f * c = 0 for c = 0
+        return o * c.tanh(), c
+
+    def conv_weights(self):
+        """([W_ih W_hh] as a 1x1 conv's weight, b_ih + b_hh), their rows rolled by one gate from nn.LSTMCell's
+        (i, f, g, o) to (o, i, f, g), so that one sigmoid covers the three sigmoid gates. Made once per forward
+        pass of the network, so that the switches share them (and the sum of their gradients)."""
+        w = torch.roll(torch.cat([self.weight_ih, self.weight_hh], 1), self.hidden_size, 0)
+        return _as_conv(w), torch.roll(self.bias_ih + self.bias_hh, self.hidden_size, 0)
+
+
+class _ConvHead(nn.Linear):
+    """nn.Linear (same parameters) that maps (N, C, 1, 1) to (N, out, 1, 1) by a 1x1 convolution (`weight`:
+    that conv's weight, if made already). 2-D input runs nn.Linear itself."""
+
+    def forward(self, input, weight=None):
+        if input.dim() != 4:
+            return super().forward(input)
+        return F.conv2d(input, _as_conv(self.weight) if weight is None else weight, self.bias)
+
+
+def _as_conv(weight):
+    """A linear layer's weight (out, in) as a 1x1 conv's (out, in, 1, 1): one view."""
+    return weight.view(*weight.shape, 1, 1)
+
+
 class RNNSwitches(nn.Module):
     """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, then one LSTM cell shared
     by every switch of the network (its state runs from block to block within one forward pass) and a
-    linear head to one logit. Nearly free: a few thousand FLOPs per switch."""
+    linear head to one logit. Nearly free: a few thousand FLOPs per switch.
+
+    Kept as (N, C, 1, 1) maps throughout, so every matmul is a 1x1 convolution (see _ConvLSTMCell): the
+    switches are most of the ops a training step dispatches, and each op costs the host the same whatever
+    its size. The state passed from switch to switch is (h, c, weights), `weights` the LSTM's and head's
+    conv weights, made at the first switch."""
 
     def __init__(self, channels, embed_dim=10, hidden_dim=10):
         super().__init__()
         self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1, bias=True) for c in channels)
-        self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
-        self.head = nn.Linear(hidden_dim, 1)
+        self.lstm = _ConvLSTMCell(embed_dim, hidden_dim)
+        self.head = _ConvHead(hidden_dim, 1)
         init_switch_head(self.head)
 
     def forward(self, j, x, state):
-        e = self.proj[j](F.adaptive_avg_pool2d(x, 1)).flatten(1)
+        e = self.proj[j](F.avg_pool2d(x, x.shape[2:]))  # global mean; backward one op (adaptive: two)
         # The recurrence runs in float32 even under bf16 autocast: its state crosses 14 switches and p is
         # compared with 0.5, so rounding would flip decisions. It costs nothing at this size.
-        with torch.autocast(x.device.type, enabled=False):
-            h, c = self.lstm(e.float(), state)
-            return torch.sigmoid(self.head(h)).squeeze(1), (h, c)
+        with autocast_off(x.device.type):
+            if e.dtype != torch.float32:
+                e = e.float()
+            if state is None:
+                # A parameter's view made under no_grad has no grad_fn, and module hooks that track gradients
+                # (FlopCounterMode's) refuse it among a module's inputs or outputs: the head then views its own.
+                head = _as_conv(self.head.weight) if torch.is_grad_enabled() else None
+                hx, weights = None, self.lstm.conv_weights() + (head,)
+            else:
+                hx, weights = state[:2], state[2]
+            h, c = self.lstm(e, hx, weights=weights[:2])
+            return torch.sigmoid(self.head(h, weight=weights[2])).view(-1), (h, c, weights)
+
+
+def autocast_off(device_type):
+    """Autocast off, entered only when it is on (entering and leaving costs host time at every switch)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class FFSwitches(nn.Module):
@@ -65,7 +128,8 @@ class FFSwitches(nn.Module):
     def forward(self, j, x, state):
         z = F.relu(self.bns[j](self.convs[j](x)))
         z = F.adaptive_avg_pool2d(z, 1).flatten(1)
-        return torch.sigmoid(self.heads[j](z).float()).squeeze(1), state
+        logit = self.heads[j](z)
+        return torch.sigmoid(logit if logit.dtype == torch.float32 else logit.float()).squeeze(1), state
 
 
 def build_switches(kind, channels):
@@ -83,13 +147,26 @@ def act(p, mode, training):
     routes are fixed functions of the features: stage 3's route fine-tuning trains the backbone on them
     without teaching it to turn blocks back on through the switches' inputs)."""
     if mode == "sample":
-        return torch.bernoulli(p.detach())
-    hard = (p > 0.5).to(p.dtype)
-    if mode == "greedy":
-        return hard.detach()
-    # Straight-through: forward the 0/1 value, backward as if it were p. (p - p.detach()) is exactly 0, so
-    # the forward value is exactly 0 or 1 (hard + p - p.detach() rounds 1 + p - p to 0.99999994 at times).
-    return hard + (p - p.detach()) if training else hard
+        with torch.no_grad():  # no graph node (a detach would be one more op)
+            return torch.bernoulli(p)
+    if mode == "hard" and training:
+        return _StraightThrough.apply(p)
+    return (p > 0.5).to(p.dtype)  # a comparison carries no gradient: no detach needed
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward the 0/1 value of p > 0.5, backward as if it were p. One op forward, none backward (the
+    expression hard + (p - p.detach()) is five, and exact too: p - p.detach() is exactly 0)."""
+
+    @staticmethod
+    def forward(ctx, p):
+        # round(p) is p > 0.5 for p in [0, 1] (0.5 rounds to even: 0), in p's dtype, in one op; a NaN p gives
+        # NaN (so does p - p.detach()): the loss is NaN and training stops either way
+        return torch.round(p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def log_prob(p, actions, eps=1e-6):
@@ -134,7 +211,7 @@ def spread_decisions(model, x):
                 lambda module, inputs, output: logits.append(output.detach()))
             model(x, "hard")
             hook.remove()
-            _normalise(switches.head, torch.cat(logits))
+            _normalise(switches.head, torch.cat(logits).flatten(1))  # the head's logits are (N, 1, 1, 1)
         else:
             for head in switches.heads:
                 hook = head.register_forward_hook(capture("head"))

@@ -82,10 +82,7 @@ class BasicBlock(nn.Module):
     def forward_masked(self, x, a):
         """Every image computes the block; the 0/1 mask `a` (N,) mixes block output and shortcut. Used in
         training (the mask carries the switch's gradient) and as the reference for skip execution."""
-        s = self.skip(x)
-        y = F.relu(self.residual(x) + s)
-        a = a.view(-1, 1, 1, 1).to(y.dtype)
-        return y * a + s * (1 - a)  # exact for a in {0, 1}: equals skip execution bit for bit
+        return _Mix.apply(self.residual(x), self.skip(x), a)
 
     def forward_skipping(self, x, a):
         """Inference: the block runs only on the sub-batch of images that execute it, so skipping saves
@@ -101,6 +98,33 @@ class BasicBlock(nn.Module):
         # per image, which costs ~100x more when the cores are shared (measured by bench/bench_dynamic.py)
         y = F.relu(self.residual(x[idx]) + s[idx])
         return s.index_copy(0, idx, y.to(s.dtype))
+
+
+class _Mix(torch.autograd.Function):
+    """relu(r + s) where a = 1, s where a = 0, per image (r: the residual branch, s: the shortcut, a: (N,) in
+    {0, 1}), bit for bit: lerp(s, y, a) computes s + a (y - s) for a < 0.5 and y - (y - s)(1 - a) otherwise,
+    on CPU and CUDA alike. The gradient to a is <grad, y - s> per image, as for y a + s (1 - a). Written out
+    because autograd through that expression dispatches about twice the ops backward."""
+
+    @staticmethod
+    def forward(ctx, r, s, a):
+        y = F.relu(r + s)
+        a4 = a.view(-1, 1, 1, 1)
+        if a4.dtype != y.dtype:
+            a4 = a4.to(y.dtype)
+        if s.dtype != y.dtype:
+            s = s.to(y.dtype)
+        ctx.save_for_backward(y, s, a4)
+        return torch.lerp(s, y, a4)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, s, a4 = ctx.saved_tensors
+        grad_r = torch.ops.aten.threshold_backward(grad * a4, y, 0)  # relu's gradient, where a = 1
+        # d/ds = (1 - a) grad + grad_r: grad where a = 0 (grad_r is 0 there), grad_r where a = 1 (exact)
+        grad_s = torch.lerp(grad, grad_r, a4)
+        grad_a = ((y - s) * grad).sum((1, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_r, grad_s, grad_a
 
 
 class ResNet(nn.Module):
@@ -163,3 +187,28 @@ class ResNet(nn.Module):
             probs.append(p)
         logits = self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
         return logits, torch.stack(actions, 1), torch.stack(probs, 1)
+
+
+def compile_step(step_fn, device, backend=None, mode=None):
+    """step_fn(model, x, y) with the model compiled by torch.compile: its forward, and through AOTAutograd its
+    backward. The loss and statistics around it stay eager, so the state that stage 3's step keeps between
+    steps (baseline, price) never lives in CUDA graphs' memory, which the next replay overwrites.
+    Default backend: on CUDA inductor with CUDA graphs ("reduce-overhead": one launch per graph instead of
+    an op per kernel; training batches have static shapes, the last partial one being dropped); elsewhere
+    "aot_eager", which traces in seconds and runs the same kernels (a check, not a speed-up). Evaluation
+    and everything else outside step_fn call the model itself, uncompiled."""
+    device = torch.device(device)
+    if backend is None:
+        backend = "inductor" if device.type == "cuda" else "aot_eager"
+    if mode is None and backend == "inductor" and device.type == "cuda":
+        mode = "reduce-overhead"
+    compiled = {}  # id(model) -> its compiled wrapper (which keeps the model alive: ids stay unique)
+
+    def step(model, x, y):
+        fast = compiled.get(id(model))
+        if fast is None:
+            fast = compiled[id(model)] = torch.compile(model, backend=backend, mode=mode, dynamic=False)
+        return step_fn(fast, x, y)
+
+    step.step_fn, step.backend, step.mode = step_fn, backend, mode
+    return step

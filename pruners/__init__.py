@@ -1,4 +1,4 @@
-"""Static pruning in the Kronecker-factored eigenbasis (EigenDamage, Wang et al., ICML 2019): SPEC.md stage 2.
+"""Static pruning in the Kronecker-factored eigenbasis (EigenDamage, Wang et al., ICML 2019): stage 2.
 
     factors = collect_factors(model, batches)   kfac.py       step 1: A and G of every prunable conv
     layers = decompose(model, factors, damping) eigen.py      steps 2-4: eigenbases, W', scores

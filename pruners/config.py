@@ -77,13 +77,16 @@ KEYS = {
                 "mean eigenvalue (damping * trace/n * I); raised tenfold if eigh fails"),
     "prune_ratio_limit": (NUMBER, 0.95, _range(0, 1, lo_open=True, hi_open=False), "largest fraction of one "
                           "side (inputs or outputs) of one layer that may be cut"),
-    "criterion": (STR, "score_per_cost", _in("score", "score_per_param", "score_per_flop", "score_per_cost"),
+    "criterion": (STR, "score_per_flop", _in("score", "score_per_param", "score_per_flop", "score_per_cost"),
                   "what the global threshold ranks directions by: score = EigenDamage's estimate of the loss "
                   "increase; score_per_param / score_per_flop = that score divided by the parameters / FLOPs per "
-                  "image the direction costs; score_per_cost = per FLOP for a gflops target, else per parameter"),
-    "round_to": (INT, 1, _range(1, None), "every side keeps a multiple of this many directions (or all of "
-                 "them): 8 matches the 8-float channel blocks of onnxruntime's CPU kernels on AVX2 (16 on AVX-512); "
-                 "its speed-up is measured by bench/bench_prune.py"),
+                  "image the direction costs (the default: the saved network runs fastest, with as much accuracy as the "
+                  "others within the seeds' spread; bench/bench_prune.py, bench/bench_criteria.py); score_per_cost = "
+                  "per FLOP for a gflops target, else per parameter; score = EigenDamage's own ranking"),
+    "round_to": (INT, 8, _range(1, None), "every side keeps a multiple of this many directions (or all of "
+                 "them): 8 matches the 8-float channel blocks of onnxruntime's CPU kernels on AVX2 and the channel "
+                 "multiples of 8 that GPU tensor cores take in bf16; 1 = EigenDamage's free ranks; the speed-up is "
+                 "measured by bench/bench_prune.py"),
     "mode": (STR, "open", _in("open", "hard"), "the network the factor pass and the fine-tuning run: open = "
              "every block, no switch (the static network of the row \"static pruning only\"); hard = stage 1's "
              "routes (switches in hard mode, straight-through). The row is the pruned network with every block "

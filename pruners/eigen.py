@@ -1,6 +1,6 @@
 """Stage 2, steps 2, 3, 4 and 6: eigenbases of the Kronecker factors, the weights rotated into them, the
 OBD score of every direction, and the rebuild of pruned convs as rot_in (1x1) -> core (k x k) -> rot_out
-(1x1) (SPEC.md "Stage 2"). Everything here runs on the CPU in float64: the matrices are small."""
+(1x1). Everything here runs on the CPU in float64: the matrices are small."""
 from dataclasses import dataclass
 
 import torch

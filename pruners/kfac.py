@@ -1,4 +1,4 @@
-"""Stage 2, step 1: the Kronecker factors of every prunable conv (SPEC.md "Stage 2", "Scale, exactly").
+"""Stage 2, step 1: the Kronecker factors of every prunable conv.
 
 For a conv with input channel vectors x (one per kernel position per output location) and per-image loss
 gradients s w.r.t. its output (one per output location):

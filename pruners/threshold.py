@@ -4,8 +4,7 @@ A direction's key is its score (criterion "score": EigenDamage's OBD estimate of
 is removed), or its score divided by what the direction costs ("score_per_param", "score_per_flop":
 Layer.direction_costs), so that cheap-but-important and expensive-but-useless directions compare fairly;
 "score_per_cost" divides by the cost the target counts (parameters for a compression or ratio target,
-FLOPs for a GFLOPs target), the default of stage 2: on digits it kept the most accuracy both at equal
-parameters and at equal GFLOPs (bench/bench_criteria.py, README).
+FLOPs for a GFLOPs target). Stage 2's default is score_per_flop (pruners/config.py says why).
 Cutting the c lowest-keyed directions of the pool gives every layer its ranks, subject to four rules:
 a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one
 (its highest-scoring); with round_to m, a side keeps a multiple of m directions (the fewest multiple at

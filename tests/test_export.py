@@ -148,6 +148,8 @@ def covering(routes):
     ("rnn", 14, True, "prune"),  # stage 2's checkpoint: factored convs
     ("rnn", 14, False, "rl"),  # stage 3's on an unpruned net
     ("ff", 14, True, "rl"),
+    ("rnn", 32, True, "prune"),  # the seed's depth
+    ("rnn", 32, True, "rl"),
 ])
 def test_exported_onnx_and_pt2_reproduce_the_checkpoint(images, tmp_path, gate, depth, pruned, stage):
     x, mean, std = images

@@ -1,4 +1,4 @@
-"""The network, its switches and the FLOPs/parameter counter (SPEC.md: Model, Conventions)."""
+"""The network, its switches and the FLOPs/parameter counter."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode

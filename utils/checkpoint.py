@@ -9,13 +9,13 @@ loaded with weights_only=True (a checkpoint never runs code).
 load_model(path) gives a network and the preprocessing of raw images it was trained with.
 """
 import os
-import tempfile
 
 import torch
 
 from models import absorb_legacy_rotations, build_model, check_arch
 from utils.data import Preprocess, check_pipeline
-from utils.errors import UserError, write_error
+from utils.errors import UserError
+from utils.files import atomic_write
 
 FORMAT = "dynprune-checkpoint/1"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -24,31 +24,9 @@ STAGE_NAMES = {"sp": "stage 1 (main_sp.py)", "prune": "stage 2 (main_prune.py)",
 
 
 def save_checkpoint(path, payload):
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a process killed while
-    writing leaves the previous checkpoint in place. An OSError (disk full, no permission, a path component
-    that is a file) is a UserError naming `path` and the reason; the previous checkpoint stays as it was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        for stale in os.listdir(directory):  # left by a process killed while writing (one writer per folder)
-            if stale.startswith(TMP_PREFIX):
-                os.unlink(os.path.join(directory, stale))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".pt")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)  # never a half-written file beside the good one
-            except OSError:
-                pass
-        if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        raise
+    """Atomic (utils/files.py): a process killed while writing leaves the previous checkpoint in place; an
+    OSError is a UserError naming `path` and the reason."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), binary=True, tmp_prefix=TMP_PREFIX)
 
 
 def read_file(path, flag):

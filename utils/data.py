@@ -1,6 +1,6 @@
 """CIFAR-style data: find and load a dataset into memory as uint8 tensors, and batch it on the device.
 
-Two on-disk layouts are recognised without being told which (SPEC "Data"):
+Two on-disk layouts are recognised without being told which:
   folders  data_dir/train/<class>/*.<img_type> and data_dir/test/<class>/*.<img_type>
   pickle   data_dir/cifar-100-python/{train,test,meta}, the official archive (or data_dir is that folder)
 With neither present and download=True, torchvision fetches the official archive.
@@ -409,13 +409,15 @@ def crop_and_flip(x, offsets, flips, pad=PAD):
 
 def augment(x_uint8_batch, generator, pad=PAD, flip=True):
     """Standard CIFAR augmentation on a batch: random crop of the `pad`-zero-padded image and (if `flip`)
-    random horizontal flip, each drawn per image from `generator` (a CPU torch.Generator), done on x's
-    device. The draws are the same with and without flips (flip=False only ignores them)."""
+    random horizontal flip, each drawn per image from `generator`, done on x's device. A generator on x's
+    device draws there (no host-to-device copy, no sync); a CPU one draws on the CPU and the draws are copied.
+    The draws are the same with and without flips (flip=False only ignores them)."""
     b = x_uint8_batch.shape[0]
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
-    flips = torch.randint(0, 2, (b, 1), generator=generator) * int(flip)
-    draws = torch.cat([offsets, flips], dim=1).to(x_uint8_batch.device)  # one small host-to-device copy
-    return crop_and_flip(x_uint8_batch, draws[:, :2], draws[:, 2], pad)
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device)
+    flips = torch.randint(0, 2, (b,), generator=generator, device=generator.device)
+    if generator.device != x_uint8_batch.device:
+        offsets, flips = offsets.to(x_uint8_batch.device), flips.to(x_uint8_batch.device)
+    return crop_and_flip(x_uint8_batch, offsets, flips if flip else torch.zeros_like(flips), pad)
 
 
 # ---------------------------------------------------------------------------------------- batching
@@ -437,7 +439,9 @@ class BatchLoader:
     train=False: fixed order, no augmentation, last partial batch kept; rank r takes the r-th contiguous
     shard, so the ranks together see every image exactly once (shards differ in size by at most one).
     Order and augmentation depend only on (seed, epoch) (and rank for the augmentation): call
-    set_epoch(e) before iterating epoch e. Yields (x float32 normalised, y int64), both on `device`.
+    set_epoch(e) before iterating epoch e. The augmentation is drawn on `device` (a CUDA generator draws
+    other numbers than the CPU's from the same seed, as deterministically). Yields (x float32 normalised,
+    y int64), both on `device`.
     """
 
     def __init__(self, x_uint8, y, batch_size, *, train, device, mean, std, seed=0, rank=0, world_size=1,
@@ -498,8 +502,11 @@ class BatchLoader:
         return mine[:self.num_samples]
 
     def __iter__(self):
-        idx = self._indices().to(self.device)
-        aug_gen = _seeded_generator(self.seed, self.epoch, self.rank, 1)
+        idx = self._indices().to(self.device)  # one copy per epoch
+        # Augmentation draws on the images' device (the same seed; on the CPU the same draws as ever): a CPU
+        # generator would copy its draws to the GPU, from pageable memory, at every batch.
+        aug_gen = torch.Generator(device=self.x.device)
+        aug_gen.manual_seed(_seeded_generator(self.seed, self.epoch, self.rank, 1).initial_seed())
         for start in range(0, self.num_samples, self.batch_size):
             batch_idx = idx[start:start + self.batch_size]
             x = self.x.index_select(0, batch_idx)

@@ -8,7 +8,6 @@ checkpoint per epoch.
 import contextlib
 import json
 import math
-import os
 import sys
 
 import torch
@@ -17,9 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from utils.dist import all_reduce_sum
-from utils.flops import dense_flops, routed_flops
-from utils.errors import UserError, write_error
+from utils.flops import dense_flops
+from utils.errors import UserError
 from utils.faults import kill_point
+from utils.files import atomic_write
 
 
 class TrainingDiverged(UserError):
@@ -73,8 +73,9 @@ def supervised_step(model, x, y, mode="hard"):
     fine-tuning: "greedy"), or, mode "open", of the dense network, switches untouched."""
     logits, actions, _ = model(x, mode)
     loss = F.cross_entropy(logits, y)
-    return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean(),
-                  "exec_rate": actions.detach().mean(0)}
+    with torch.no_grad():  # statistics: no graph, so no detach ops
+        return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).mean(dtype=torch.float32),
+                      "exec_rate": actions.mean(0)}
 
 
 def touch_switches(model, loss):
@@ -94,7 +95,8 @@ def dense_step(model, x, y):
 def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="train"):
     ddp.train()
     sums, n = {}, 0
-    first_bad = torch.tensor(-1, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
+    none_bad = 2**62
+    first_bad = torch.tensor(none_bad, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
     bar = progress(loader, ctx.is_main, desc=f"{desc} {epoch + 1}")
     for step, (x, y) in enumerate(bar):
         kill_point("step", epoch + 1, step + 1)
@@ -105,13 +107,17 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
+        # Bookkeeping in a few ops on the device (each op costs host time, each .item() a sync): the stats
+        # summed by one foreach add, and a non-finite loss caught at the next sync point.
+        with torch.no_grad():
+            if sums:
+                torch._foreach_add_(list(sums.values()), [stats[k] for k in sums])
+            else:
+                sums = {k: v.detach().float().clone() for k, v in stats.items()}
+            first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss), none_bad, step))
         n += 1
-        # A non-finite loss is caught at the next sync point (no .item() per step on the hot path).
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         if step % 25 == 0 or step == len(loader) - 1:
-            if first_bad.item() >= 0:
+            if first_bad.item() < none_bad:
                 raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step "
                                        f"{first_bad.item() + 1}; stopped, last good checkpoint kept")
             bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}")
@@ -129,27 +135,41 @@ def reduce_means(sums, n):
 
 
 @torch.no_grad()
-def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval"):
-    """Top-1 accuracy, loss and the FLOPs each image really executed (skip execution, greedy switches),
-    over every image of `loader` (all ranks together)."""
+def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
+    """Top-1 accuracy, loss and the FLOPs each image's route executes (greedy switches), over every image of
+    `loader` (all ranks together). `execution`: how the gated blocks run; None: the model's own setting
+    (skipping at inference); "skip": each block runs on the sub-batch that executes it, so the time saved is
+    real, at one host sync per gated block and batch (to size the sub-batch); "mask": every image computes
+    every block and its decision selects the output: the same decisions, accuracy and GFLOPs (up to the
+    float rounding of a sub-batch's convolutions), and no host sync until the end (per-epoch evaluation).
+    GFLOPs count the blocks each route executes, whichever execution."""
     model = getattr(ddp, "module", ddp)
     model.eval()
-    sums = None
-    for x, y in progress(loader, ctx.is_main, desc=desc):
-        with autocast(ctx):
-            logits, actions, _ = model(x, mode)
-        flops = routed_flops(costs, actions) if mode != "open" else \
-            torch.full((x.shape[0],), float(dense_flops(costs)), dtype=torch.float64, device=x.device)
-        batch = torch.cat([torch.stack([
-            (logits.argmax(1) == y).sum().double(),
-            F.cross_entropy(logits.float(), y, reduction="sum").double(),
-            flops.sum(), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)]),
-            actions.double().sum(0)])
-        sums = batch if sums is None else sums + batch
-    sums = all_reduce_sum(sums)
-    n = sums[3].item()
-    return {"acc": 100.0 * sums[0].item() / n, "loss": sums[1].item() / n, "gflops": sums[2].item() / n / 1e9,
-            "exec_rate": (sums[4:] / n).tolist(), "images": int(n)}
+    before = model.execution
+    if execution is not None:
+        model.execution = execution
+    sums, images = None, 0
+    try:
+        for x, y in progress(loader, ctx.is_main, desc=desc):
+            with autocast(ctx):
+                logits, actions, _ = model(x, mode)
+            batch = torch.cat([torch.stack([(logits.argmax(1) == y).sum(dtype=torch.float64),
+                                            F.cross_entropy(logits.float(), y, reduction="sum").double()]),
+                               actions.sum(0, dtype=torch.float64)])
+            sums = batch if sums is None else sums.add_(batch)
+            images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
+    finally:
+        model.execution = before
+    if sums is None:  # a rank without images still joins the sum
+        sums = torch.zeros(2 + model.num_switches, dtype=torch.float64, device=ctx.device)
+    total = all_reduce_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()  # the one sync
+    correct, ce, executed, n = total[0], total[1], total[2:-1], total[-1]
+    if mode == "open":
+        flops = dense_flops(costs) * n
+    else:  # sum over images of base + switches + a . blocks, exact in float64 (integers)
+        flops = (costs["base"] + costs["switches"]) * n + sum(e * b for e, b in zip(executed, costs["blocks"]))
+    return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": flops / n / 1e9,
+            "exec_rate": [e / n for e in executed], "images": int(n)}
 
 
 BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one no training run reaches
@@ -215,25 +235,11 @@ def set_rng_state(state):
 
 
 def write_json(path, data):
-    """Atomic JSON write (a killed process never leaves half a metrics file). An OSError (disk full, no
-    permission, a path component that is a file) is a UserError naming `path` and the reason; the previous
-    file stays as it was."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a crash never leaves an empty file
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)  # never a half-written file beside the good one
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        raise
+    """Atomic JSON write (utils/files.py): a killed process never leaves half a metrics file."""
+    def write(f):
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    atomic_write(path, write)
 
 
 def summary_line(stage, epoch, epochs, train, ev, seconds, lr, name="routed"):

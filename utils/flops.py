@@ -1,4 +1,4 @@
-"""FLOPs and parameters, measured on the model as deployed (SPEC.md's conventions).
+"""FLOPs and parameters, measured on the model as deployed (the README's conventions).
 
 FLOPs = 2 x multiply-accumulates of convolutions and linear layers (and the LSTM cell's matmuls), the
 convention of torch.utils.flop_counter.FlopCounterMode. A network's cost splits into

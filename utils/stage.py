@@ -4,6 +4,7 @@ their flags, their model and their step function."""
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -247,8 +248,11 @@ class StageRun:
             t0 = time.time()
             tr = train_epoch(ddp, data.train, optimizer, scheduler, step_fn, self.ctx, epoch=epoch,
                              desc=f"{self.name} epoch")
-            evs = {name: evaluate(ddp, data.eval, self.ctx, costs, mode=mode, desc=f"{data.eval_name} {name}")
-                   for name, mode in evals}
+            # On a GPU per-epoch evaluation masks instead of skipping (the same decisions and GFLOPs, no host
+            # sync per gated block); on the CPU skipping is the faster. The final numbers (finish) skip.
+            execution = "mask" if self.ctx.device.type == "cuda" else None
+            evs = {name: evaluate(ddp, data.eval, self.ctx, costs, mode=mode, desc=f"{data.eval_name} {name}",
+                                  execution=execution) for name, mode in evals}
             lr = optimizer.param_groups[0]["lr"]
             first = evals[0][0]
             if self.ctx.is_main:
@@ -266,7 +270,7 @@ class StageRun:
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
         """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
-        model the stage ends with, exactly as saved -> metrics.json and TensorBoard (at the stage's last
+        model the stage ends with, exactly as saved (float32, even after bf16 training) -> metrics.json and TensorBoard (at the stage's last
         step): <split>_acc, <split>_loss, <split>_images, gflops_per_image (on that split; under val also as
         val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
         with every block executed and no switch evaluated, and routed_acc, routed_gflops, exec_rate those of
@@ -274,22 +278,21 @@ class StageRun:
         numbers are of, and the parent it started from. Returns the metrics dict."""
         split = data.final_name
         loader = data.test if split == "test" else data.eval
-        final = evaluate(ddp, loader, self.ctx, costs, mode=mode, desc=split)
+        # float32 whatever the training precision: the numbers are the saved (float32) model's, as deployed
+        exact = dataclasses.replace(self.ctx, amp=False)
+        final = evaluate(ddp, loader, exact, costs, mode=mode, desc=split)
         metrics = {"stage": self.name, f"{split}_acc": final["acc"], f"{split}_loss": final["loss"],
                    "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"], "mode": mode,
                    "params": count_params(model), f"{split}_images": final["images"], "final_split": split,
                    **({} if split == "test" else {f"{split}_gflops": final["gflops"]})}
         if mode == "open":
-            routed = evaluate(ddp, loader, self.ctx, costs, desc=f"{split} routed")
+            routed = evaluate(ddp, loader, exact, costs, desc=f"{split} routed")
             metrics.update(routed_acc=routed["acc"], routed_gflops=routed["gflops"], exec_rate=routed["exec_rate"])
         metrics.update(extra or {})
         metrics.update(parent=self.parent, run_id=self.run_id, tb_step=self.last_step)
         if self.ctx.is_main:
             metrics["checkpoint_sha256"] = file_sha256(self.checkpoint_path)
-            try:
-                write_json(self.metrics_path, metrics)
-            except OSError as e:
-                raise UserError(f"cannot write {self.metrics_path}: {e.strerror}") from None
+            write_json(self.metrics_path, metrics)
             print(f"[{self.name}] {split} acc {metrics[f'{split}_acc']:.2f}%  {metrics['gflops_per_image']:.4f} "
                   f"GFLOPs/image  {metrics['params'] / 1e6:.3f} M params  -> {self.metrics_path}", flush=True)
         if self.logger:

@@ -1,0 +1,36 @@
+"""Atomic writes: a file is replaced whole or not at all."""
+import os
+import tempfile
+
+from utils.errors import write_error
+
+
+def atomic_write(path, write, binary=False, tmp_prefix=None):
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a
+    process killed while writing leaves the previous file in place, and a crash never leaves an empty one.
+    Temporary files of earlier killed writers (`tmp_prefix`, default ".tmp-<name>-") are removed first (one
+    writer per file). An OSError (disk full, no permission, a path component that is a file) is a UserError
+    naming `path` and the reason; the previous file stays as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = tmp_prefix or f".tmp-{os.path.basename(path)}-"
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for stale in os.listdir(directory):
+            if stale.startswith(prefix):
+                os.unlink(os.path.join(directory, stale))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)  # never a half-written file beside the good one
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
