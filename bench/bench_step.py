@@ -26,9 +26,10 @@ import os
 import sys
 import types
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before torch: the profiler logs every start and stop below it
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -97,7 +97,9 @@ class BasicBlock(nn.Module):
         # x[idx], not x.index_select(0, idx): on CPU index_select copies a large row in one parallel region
         # per image, which costs ~100x more when the cores are shared (measured by bench/bench_dynamic.py)
         y = F.relu(self.residual(x[idx]) + s[idx])
-        return s.index_copy(0, idx, y.to(s.dtype))
+        # in place on a clone: out-of-place index_copy returns NCHW whatever s's layout, and every later block
+        # would then run its convolutions outside channels_last
+        return s.clone().index_copy_(0, idx, y.to(s.dtype))
 
 
 class _Mix(torch.autograd.Function):

@@ -56,6 +56,27 @@ def test_skip_execution_equals_masked_execution(gate):
     torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=0)
 
 
+def test_skip_execution_keeps_channels_last():
+    """A partly skipped block's output keeps the batch's memory format (an out-of-place index_copy returned
+    NCHW, and every later block then ran outside channels_last)."""
+    model = mix_switches(build_model(make_arch(depth=20, width=1, num_classes=10)), seed=1).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    layouts = []
+    # what every convolution reads (a gated block's own forward is called directly: no module hook on it)
+    convs = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [c.register_forward_pre_hook(lambda m, inputs: layouts.append(
+        inputs[0].is_contiguous(memory_format=torch.channels_last))) for c in convs]
+    with torch.no_grad():
+        model.execution = "skip"
+        _, actions, _ = model(x)
+    for h in hooks:
+        h.remove()
+    rates = actions.mean(0)
+    assert ((rates > 0) & (rates < 1)).any()  # some blocks partly skipped
+    assert len(layouts) >= len(convs) // 2 and all(layouts), layouts
+
+
 def test_modes_and_shapes():
     model = build_model(make_arch(depth=8, width=1, num_classes=7))
     x = torch.randn(3, 3, 16, 16)

@@ -337,7 +337,8 @@ def test_torchrun_two_processes(pipeline, tmp_path, stage):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the workers' own lines come first, torchrun's summary last: show both
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
     path = str(out / stage / "checkpoint.pt")
     ckpt = load_checkpoint(path, (stage,))
     model = model_from_checkpoint(ckpt, path).eval()
@@ -583,3 +584,18 @@ def test_batch_of_one_and_smallest_resolution_in_all_three_stages(tmp_path, gate
         # stage 1 chooses the resize; stages 2 and 3 take the checkpoint's, so only the batch size is advised
         assert ("resize 9" in err[0]) == (stage == "sp"), err[0]
     assert snapshot(deep) == before and not (tmp_path / "new").exists()
+
+
+def test_an_error_ends_the_process_group_before_the_exit(tmp_path, capsys):
+    """A rank stopping on an error destroys its process group before exiting (without waiting for the
+    others): gloo's threads alive at interpreter shutdown would abort the process and hide its message."""
+    import torch.distributed as dist
+
+    def main():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise UserError("bad input")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
+    assert not dist.is_initialized()

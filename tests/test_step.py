@@ -292,6 +292,22 @@ def test_masked_evaluation_reads_once_and_equals_skip_evaluation(monkeypatch):
     assert mask["loss"] == pytest.approx(skip["loss"], rel=1e-5)
 
 
+def test_skip_evaluation_runs_without_cudnn_benchmark(monkeypatch):
+    """Skipping gives each gated block a new sub-batch size per batch: cudnn.benchmark (on with CUDA) is off
+    while an evaluation skips, on while it masks (static shapes), and restored after either."""
+    _, test = _data(16, size=32)
+    model = mix_switches(build_model(make_arch(depth=8, width=1, num_classes=4)), seed=2)
+    costs = measure_costs(model, 32)
+    seen = []
+    model.register_forward_pre_hook(lambda m, inputs: seen.append(torch.backends.cudnn.benchmark))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    for execution in ("skip", "mask", None):  # None: the model's own (skipping at inference)
+        seen.clear()
+        evaluate(model, test, CPU, costs, execution=execution)
+        assert seen and set(seen) == {execution == "mask"}, execution
+        assert torch.backends.cudnn.benchmark
+
+
 def test_augmentation_draws_on_the_images_device_without_copies(monkeypatch):
     """The crop and flip draws come from a generator on the images' device: no Tensor.to per batch (a CPU
     generator's draws were copied to the GPU at every batch); only the epoch's permutation is copied."""

@@ -113,8 +113,14 @@ def setup(device=None, seed=0, amp=None, channels_last=None):
 
 
 def teardown():
+    """End of a run: every rank waits for the others (rank 0 writes the results after the last collective),
+    then the process group is destroyed, before the interpreter exits: gloo's worker threads still alive at
+    interpreter shutdown can abort the process (SIGABRT, "terminate called without an active exception")."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
 
 
 def all_reduce_sum(t):

@@ -145,9 +145,13 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
     GFLOPs count the blocks each route executes, whichever execution."""
     model = getattr(ddp, "module", ddp)
     model.eval()
-    before = model.execution
+    before, benchmark = model.execution, torch.backends.cudnn.benchmark
     if execution is not None:
         model.execution = execution
+    if model.execution != "mask":
+        # skipping runs each gated block on a sub-batch whose size changes with every batch: cudnn.benchmark
+        # would autotune every new shape (most of an evaluation pass) for kernels used once
+        torch.backends.cudnn.benchmark = False
     sums, images = None, 0
     try:
         for x, y in progress(loader, ctx.is_main, desc=desc):
@@ -159,7 +163,7 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
             sums = batch if sums is None else sums.add_(batch)
             images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
     finally:
-        model.execution = before
+        model.execution, torch.backends.cudnn.benchmark = before, benchmark
     if sums is None:  # a rank without images still joins the sum
         sums = torch.zeros(2 + model.num_switches, dtype=torch.float64, device=ctx.device)
     total = all_reduce_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()  # the one sync

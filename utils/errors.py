@@ -28,10 +28,26 @@ def write_error(path, e):
     return UserError(f"cannot write {path}: {why}" + (f" ({e.filename})" if other else ""))
 
 
+def _abandon_process_group():
+    """A process group still open here was left by an error (a finished run destroyed it): destroy it without
+    waiting for the other ranks (they may never come), so that this process exits with its own status and
+    message; gloo's worker threads alive at interpreter shutdown would abort it ("terminate called without
+    an active exception", SIGABRT) and hide both."""
+    dist = sys.modules.get("torch.distributed")  # only if the program imported it: nothing to import here
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already broken: exiting is all that is left
+            pass
+
+
 def run_main(main):
     """Run `main()`; a UserError or an OSError (or Ctrl-C) becomes one line on stderr and exit status 2 (130)."""
     try:
-        main()
+        try:
+            main()
+        finally:
+            _abandon_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
