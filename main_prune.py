@@ -22,7 +22,7 @@ from utils.cli import Parser
 from utils.dist import setup, teardown
 from utils.engine import dense_step, evaluate, make_scheduler, prepare, recalibrate_bn, supervised_step
 from utils.errors import UserError, run_main
-from utils.lineage import check_chain, guard_rerun, parent_record
+from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 from utils.flops import count_params, dense_flops, measure_costs
 from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state
 
@@ -105,8 +105,9 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config_path, {**parse_overrides(args.overrides), **{
-        k: getattr(args, k) for k in ("result_dir", "data_dir", "device", "checkpoint", "resume")}})
+    cfg = load_config(args.config_path, {k: getattr(args, k) for k in ("result_dir", "data_dir", "device",
+                                                                        "checkpoint", "resume")},
+                      sets=parse_overrides(args.overrides))
     schedule = cfg["schedule"]
     check_result_dir(cfg["result_dir"])
     ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"])
@@ -119,6 +120,8 @@ def main(argv=None):
         check_chain(cfg["result_dir"], ("sp",))
     stage1 = load_checkpoint(stage1_path, ("sp",), "checkpoint")
     parent = parent_record("sp", stage1_path)
+    if cfg["checkpoint"]:
+        check_parent_fits(cfg["result_dir"], parent, "checkpoint")
     resume_from = run.checkpoint_path if cfg["resume"] is True else cfg["resume"]
     ckpt = load_checkpoint(resume_from, ("prune",), "--resume") if resume_from else None
     if ckpt and not {"round", "history", "schedule"} <= set(ckpt):
@@ -149,7 +152,7 @@ def main(argv=None):
     later = first_round + 1 if ckpt else 0
     check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
                    image_size=data.image_size, round_to=cfg["round_to"])
-    guard_rerun(cfg["result_dir"], "prune", args.overwrite, ctx.is_main)
+    guard_rerun(cfg["result_dir"], "prune", args.overwrite, ctx.is_main, resuming=bool(ckpt))
     run.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", stage1.get("epoch", 0)))
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds

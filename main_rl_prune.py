@@ -23,9 +23,10 @@ from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
 from utils.engine import make_scheduler, prepare
 from utils.errors import UserError, run_main
-from utils.lineage import check_chain, parent_record
+from utils.lineage import check_chain, check_parent_fits, parent_record
 from utils.flops import count_params, measure_costs
-from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
+from utils.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, load_data,
+                         restore_training_state, resume_path)
 from utils.table import write_table
 
 
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     m = p.add_argument_group("model (taken from the checkpoint; flags given must agree with it)")
     m.add_argument("--network", default=None, help="if given, must be the checkpoint's network (resnet)")
     m.add_argument("--depth", type=int, default=None, help="if given, must be the checkpoint's depth")
+    m.add_argument("--width", type=int, default=None, help="if given, must be the checkpoint's width multiplier")
     m.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="stage-2 or stage-1 checkpoint to start from (default: <result_dir>/prune/checkpoint.pt "
                         "if present, else <result_dir>/sp/checkpoint.pt)")
@@ -119,11 +121,11 @@ def source_compression(ckpt, path, params):
 
 
 def check_flags_match(args, arch, path, flag):
-    for name in ("network", "depth"):
+    for name in ("network", "depth", "width"):
         given = getattr(args, name)
-        if given is not None and given != arch[name]:
+        if given is not None and given != arch.get(name):
             raise UserError(f"--{name} {given} disagrees with {flag} {path}, which holds a "
-                            f"{arch['network']}-{arch['depth']}")
+                            f"{arch['network']}-{arch['depth']} of width {arch.get('width')}")
 
 
 def check_target(args, costs):
@@ -147,6 +149,7 @@ def main(argv=None):
     if args.resume:
         path, flag = resume_path(args.resume, run), "--resume"
         ckpt = load_checkpoint(path, ("rl",), flag)
+        check_resume_args(ckpt, args, path)
         source = ckpt.get("extra", {}).get("source", {})
     else:
         path, flag = source_path(args), "--checkpoint"
@@ -155,6 +158,8 @@ def main(argv=None):
         ckpt = load_checkpoint(path, ("prune", "sp"), flag)
         source = {"path": path, "stage": ckpt["stage"]}
     parent = parent_record(source.get("stage"), source["path"]) if not args.resume else None
+    if parent and args.checkpoint:
+        check_parent_fits(args.result_dir, parent, "--checkpoint")
     if args.resume and os.path.isfile(source.get("path", "")):
         began_from = (ckpt.get("parent") or {}).get("sha256")
         if began_from and began_from != parent_record(source["stage"], source["path"])["sha256"]:

@@ -24,7 +24,8 @@ from utils.engine import dense_step, make_scheduler, prepare, supervised_step
 from utils.errors import UserError, run_main
 from utils.lineage import guard_rerun, parent_record
 from utils.flops import dense_flops, measure_costs
-from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state, resume_path
+from utils.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, load_data,
+                         restore_training_state, resume_path)
 
 LOW_LR = 1e-3  # at or below it, SGD from a random initialisation barely moves in a usual number of epochs
 SPREAD_IMAGES = 256  # the switches' data-dependent start measures spreads over this many images, whatever --bs
@@ -92,6 +93,7 @@ def main(argv=None):
                      source=f"--resume {resume_path(args.resume, run)}" if ckpt else None, resuming=True)
     arch = make_arch(args.network, args.depth, args.width, data.num_classes, args.gate)
     if ckpt:
+        check_resume_args(ckpt, args, resume_path(args.resume, run))
         differ = [f"{k} {ckpt['arch'].get(k)} vs {v}" for k, v in arch.items() if ckpt["arch"].get(k) != v]
         if differ:
             raise UserError(f"--resume {resume_path(args.resume, run)}: its network differs from the flags' "
@@ -112,7 +114,7 @@ def main(argv=None):
     start = restore_training_state(ckpt, optimizer, scheduler) if ckpt else 0
     costs = measure_costs(model, data.image_size)
     parent = parent_record("pretrained", args.pretrained) if args.pretrained and not ckpt else None
-    guard_rerun(args.result_dir, "sp", args.overwrite, ctx.is_main)
+    guard_rerun(args.result_dir, "sp", args.overwrite, ctx.is_main, resuming=bool(ckpt))
     run.open(data.pipeline, parent=parent, resumed=ckpt)
     # done once, after the last epoch (again if a resumed run trains further epochs)
     respread = [bool((ckpt or {}).get("switches_respread")) and start >= args.epochs]

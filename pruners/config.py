@@ -191,8 +191,9 @@ def _schedule(cfg, where):
     return schedule
 
 
-def load_config(path, overrides=None):
-    """Read, apply command-line overrides (keys of KEYS, None meaning not given) and validate."""
+def load_config(path, overrides=None, sets=None):
+    """Read, apply command-line overrides (keys of KEYS, None meaning not given), then `sets` (--set KEY=VALUE:
+    every value applied, null included, so that a key can be cleared), and validate."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -204,6 +205,7 @@ def load_config(path, overrides=None):
         raise UserError(f"--config_path {path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
             from None
     if isinstance(cfg, dict):
+        cfg.update(sets or {})
         cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return validate(cfg, where=str(path))
 

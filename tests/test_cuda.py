@@ -242,6 +242,7 @@ BAD = [  # (flags, GPUs (0: none, the real CPU-only machine), torchrun, words of
     (["--device", "gpu"], 1, None, ["gpu", "cpu, cuda or cuda:N"]),
     (["--device", "cuda:x"], 1, None, ["cuda:x"]),
     (["--device", "mps"], 1, None, ["mps"]),
+    (["--device", ""], 1, None, ["--device is empty"]),
     (["--device", "cuda:7"], 1, None, ["cuda:7", "1 CUDA GPU"]),
     (["--device", "cuda"], 0, None, ["no CUDA GPU"]),
     (["--device", "cuda:0"], 0, None, ["no CUDA GPU"]),

@@ -103,12 +103,78 @@ def test_rerun_is_refused_then_overwrite_moves_later_stages_aside(chain, data, t
 
     stage1(results, data, "--depth", "14", "--overwrite")
     aside = [d for d in os.listdir(results) if d.startswith("stale-")]
-    assert len(aside) == 1 and sorted(os.listdir(results / aside[0])) == ["prune", "rl", "table.json", "table.md"]
-    moved = snapshot(results / aside[0])
-    assert moved == {k: v for k, v in before.items() if not k.startswith("sp/")}  # intact
+    assert len(aside) == 1
+    assert sorted(os.listdir(results / aside[0])) == ["prune", "rl", "sp", "table.json", "table.md"]
+    assert snapshot(results / aside[0]) == before  # the earlier run's whole chain, intact
+    assert build_table(str(results / aside[0]))[2]["present"]  # and still a table
     rows = {r["stage"]: r for r in build_table(str(results))}
-    assert not rows["prune"]["present"] and not rows["rl"]["present"]
-    assert len(os.listdir(results / "sp" / "tb")) == 2  # the new run logs into its own folder
+    assert rows["sp"]["present"] and not rows["prune"]["present"] and not rows["rl"]["present"]
+    assert len(os.listdir(results / "sp" / "tb")) == 1  # the new run in a folder of its own
+
+
+def test_overwrite_moves_all_or_nothing(chain, data, tmp_path, monkeypatch):
+    results = copy_results(chain, tmp_path / "results")
+    before = snapshot(results)
+    real = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "Permission denied", a))
+                        if str(a).endswith("rl") else real(a, b))
+    with pytest.raises(UserError, match=r"cannot move stale results .*Permission denied.*nothing was moved"):
+        stage1(results, data, "--overwrite")
+    assert snapshot(results) == before and not [d for d in os.listdir(results) if d.startswith("stale-")]
+
+
+def test_a_checkpoint_from_another_folder_is_refused_before_any_work(chain, data, tmp_path):
+    results = copy_results(chain, tmp_path / "results")
+    other = tmp_path / "other"
+    stage1(other, data, "--seed", "5", "--epochs", "0")
+    before = snapshot(results)
+    with pytest.raises(UserError, match=r"is not the stage 1 \(sp/\) network of .*another --result_dir"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "p.json", results, data,
+                                                       checkpoint=str(other / "sp" / "checkpoint.pt"))])
+    with pytest.raises(UserError, match=r"is not the stage 1 \(sp/\) network of"):
+        main_rl_prune.main([*TINY, "--epochs", "1", "--data_dir", data, "--result_dir", str(results),
+                            "--checkpoint", str(other / "sp" / "checkpoint.pt")])
+    assert snapshot(results) == before
+    # the folder's own network is welcome by path
+    assert build_table(str(results))[2]["present"]
+
+
+def test_a_stage_whose_parent_is_gone_is_orphaned(chain, tmp_path):
+    import shutil
+    results = copy_results(chain, tmp_path / "results")
+    shutil.rmtree(results / "prune")
+    with pytest.raises(UserError, match=r"stage 3 \(rl/\) is orphaned"):
+        build_table(str(results))
+
+
+def test_table_of_a_run_ended_on_validation_and_of_foreign_metrics(chain, tmp_path):
+    from helpers import assert_one_line_error, run_script
+    from utils.table import to_markdown
+    results = copy_results(chain, tmp_path / "results")
+    m = read(results, "rl")
+    m.pop("test_acc")
+    m.update(final_split="val", val_acc=50.0)
+    (results / "rl" / "metrics.json").write_text(json.dumps(m))
+    row = build_table(str(results))[2]
+    assert row["accuracy"] is None and "val split" in row["note"]
+    assert "| static + dynamic pruning | - |" in to_markdown(build_table(str(results)))
+    del m["gflops_per_image"]
+    (results / "rl" / "metrics.json").write_text(json.dumps(m))
+    assert_one_line_error(run_script("-m", "utils.table", str(results)), "no valid gflops_per_image")
+
+
+def test_resume_refuses_changed_training_flags(chain, data, tmp_path):
+    results = copy_results(chain, tmp_path / "results")
+    before = snapshot(results)
+    with pytest.raises(UserError, match=r"started with other training flags \(--lr 0.05 -> 0.5\)"):
+        stage1(results, data, "--epochs", "0", "--lr", "0.5", "--resume")
+    with pytest.raises(UserError, match=r"--bs 32 -> 16"):
+        main_rl_prune.main([*TINY, "--epochs", "1", "--lr", "0.01", "--bs", "16", "--data_dir", data,
+                            "--result_dir", str(results), "--resume"])
+    with pytest.raises(UserError, match=r"--epochs 1 -> 0.*may only grow"):
+        main_rl_prune.main([*TINY, "--epochs", "0", "--lr", "0.01", "--data_dir", data, "--result_dir",
+                            str(results), "--resume"])
+    assert snapshot(results) == before
 
 
 def test_table_and_later_stages_refuse_a_broken_chain(chain, data, tmp_path):

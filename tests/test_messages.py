@@ -251,22 +251,30 @@ def test_a_full_disk_mid_run_is_one_line_and_loses_nothing(stage1, tmp_path, mon
     """A resumed stage-1 run whose next checkpoint, then whose metrics.json, cannot be written: one line
     naming the file and the reason, and the previous file byte for byte as it was."""
     _, data, res = stage1
+    # a 2-epoch run killed right after its first checkpoint, resumed with its next checkpoint unwritable
+    killed = tmp_path / "killed"
+    argv = [*SP, "--data_dir", data, "--result_dir", str(killed), "--epochs", "2"]
+    assert run_script("main_sp.py", *argv, env={"DYNPRUNE_KILL_AT": "saved:1"}).returncode == -9
+    ckpt = killed / "sp" / "checkpoint.pt"
+    before = same_bytes(ckpt)
+    monkeypatch.setattr(torch, "save", no_space)
+    one_line_exit_2(capsys, main_sp.main, [*argv, "--resume"], f"cannot write {ckpt}", "no space left")
+    monkeypatch.undo()
+    assert same_bytes(ckpt) == before
+
+    # a finished run resumed (nothing left to train) whose metrics.json cannot be written
     copy = tmp_path / "results"
     shutil.copytree(res, copy)
-    ckpt, metrics = copy / "sp" / "checkpoint.pt", copy / "sp" / "metrics.json"
-    before = same_bytes(ckpt, metrics)
+    metrics = copy / "sp" / "metrics.json"
+    before = same_bytes(metrics)
     argv = [*SP, "--data_dir", data, "--result_dir", str(copy), "--resume"]
-    monkeypatch.setattr(torch, "save", no_space)
-    one_line_exit_2(capsys, main_sp.main, [*argv, "--epochs", "2"], f"cannot write {ckpt}", "no space left")
-    monkeypatch.undo()
-    assert same_bytes(ckpt, metrics) == before
 
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: no_space() if str(b).endswith("metrics.json")
                         else real_replace(a, b))
     one_line_exit_2(capsys, main_sp.main, [*argv, "--epochs", "1"], f"cannot write {metrics}", "no space left")
     monkeypatch.undo()
-    assert same_bytes(metrics) == {str(metrics): before[str(metrics)]}
+    assert same_bytes(metrics) == before
     assert not [n for n in os.listdir(copy / "sp") if n.startswith(".tmp")]  # no temporary file left
     json.load(open(metrics))
 

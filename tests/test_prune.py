@@ -556,3 +556,13 @@ def test_bad_config_is_one_line_exit_2_and_touches_nothing(stage1, tmp_path, cap
 def test_readme_documents_every_config_key_as_generated():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     assert markdown_table() in readme  # regenerate with: python -m pruners.config
+
+
+def test_set_null_clears_a_key_of_the_shipped_config():
+    """--set KEY=null clears a key (switching the shipped compression target to a GFLOPs one from the command
+    line); the named flags (--device ...) left out still mean "not given"."""
+    from main_prune import parse_overrides
+    sets = parse_overrides(["compression=null", "gflops=0.5"])
+    cfg = load_config(os.path.join(ROOT, "config.json"), {"device": None}, sets=sets)
+    assert cfg["schedule"][0]["target"] == "gflops" and cfg["schedule"][0]["value"] == 0.5
+    assert cfg["device"] is None

@@ -95,6 +95,8 @@ def setup(device=None, seed=0, amp=None, channels_last=None):
     if amp not in (None, True, False, *PRECISIONS):
         raise UserError(f"--amp {amp!r} must be one of {', '.join(PRECISIONS)}")
     amp = {"bf16": True, "off": False}.get(amp, amp)
+    if device is not None and not str(device).strip():
+        raise UserError("--device is empty: give cpu, cuda or cuda:N (or leave it out: cuda when available)")
     device = _parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = _cuda_device(device, local_rank, local_world_size)

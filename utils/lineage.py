@@ -10,7 +10,6 @@ Records written before lineage was kept carry no hashes: they are reported as un
 import hashlib
 import json
 import os
-import shutil
 import time
 
 from utils.errors import UserError
@@ -60,7 +59,16 @@ def chain_problems(result_dir, stages=ORDER):
         finished[stage] = m
     for stage, m in finished.items():
         parent = m.get("parent")
-        if not parent or not parent.get("sha256") or parent.get("stage") not in finished:
+        if not parent or not parent.get("sha256"):
+            continue
+        if parent.get("stage") in ORDER and parent["stage"] not in finished:
+            # the folder holds a stage before the parent and one after it, not the network between them
+            if any(ORDER.index(s) < ORDER.index(parent["stage"]) for s in finished):
+                problems.append(f"{LABELS[stage]} is orphaned: it started from a {LABELS[parent['stage']]} network "
+                                f"that is no longer in this folder (rerun {SCRIPTS[parent['stage']]} and "
+                                f"{SCRIPTS[stage]})")
+            continue
+        if parent.get("stage") not in finished:
             continue
         up = finished[parent["stage"]].get("checkpoint_sha256")
         if up and up != parent["sha256"]:
@@ -68,6 +76,18 @@ def chain_problems(result_dir, stages=ORDER):
                             f"than the one there now (rerun {SCRIPTS[stage]}, or rerun the earlier stage with "
                             f"--overwrite to move it aside)")
     return problems
+
+
+def check_parent_fits(result_dir, parent, flag):
+    """A stage started from a checkpoint given by `flag` writes into result_dir beside what is there: if
+    result_dir holds a run of the parent's stage, the parent must be that network (the same file content),
+    else the folder would combine two runs. Checked before any work."""
+    stage = parent.get("stage")
+    there = os.path.join(result_dir, stage, "checkpoint.pt") if stage in ORDER else None
+    if there and os.path.isfile(there) and file_sha256(there) != parent["sha256"]:
+        raise UserError(f"{flag} {parent['path']} is not the {LABELS[stage]} network of {result_dir}: this "
+                        f"stage's results would sit beside another run's; give another --result_dir (or the "
+                        f"checkpoint that is there)")
 
 
 def check_chain(result_dir, stages=ORDER):
@@ -81,11 +101,13 @@ def later_stages(result_dir, stage):
     return [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
 
 
-def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True):
+def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=False):
     """Before a stage writes into result_dir: later stages' results there were made from the network this
-    run replaces. Refused unless `overwrite`, which moves them (and the table) into
-    <result_dir>/stale-<time>/, never deleting anything. Call it with move=False before any work (to refuse
-    early), then with move=True once every input has been checked. Returns the folder used, or None."""
+    run replaces. Refused unless `overwrite`, which moves them, the table and (unless `resuming`) this
+    stage's own earlier results into <result_dir>/stale-<time>/, never deleting anything: the folder aside
+    holds the earlier run's whole chain. All or nothing: renamed within result_dir (never copied), undone if
+    one rename fails. Call it with move=False before any work (to refuse early), then with move=True once
+    every input has been checked. Returns the folder used, or None."""
     later = later_stages(result_dir, stage)
     if not later:
         return None
@@ -100,11 +122,29 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True):
     while os.path.exists(aside):
         aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S") + f"-{n}")
         n += 1
+    names = [name for name in [*([] if resuming else [stage]), *later, "table.md", "table.json"]
+             if os.path.exists(os.path.join(result_dir, name))]
+    moved = []
     try:
+        # a folder is renamed into another only with write access to it (its ".." changes): checked first
+        for name in names:
+            path = os.path.join(result_dir, name)
+            if os.path.isdir(path) and not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied", path)
         os.makedirs(aside)
-        for name in [*later, "table.md", "table.json"]:
-            if os.path.exists(os.path.join(result_dir, name)):
-                shutil.move(os.path.join(result_dir, name), os.path.join(aside, name))
+        for name in names:
+            os.rename(os.path.join(result_dir, name), os.path.join(aside, name))
+            moved.append(name)
     except OSError as e:
-        raise UserError(f"cannot move stale results into {aside}: {e.strerror}") from None
+        for name in reversed(moved):  # put back what was moved: the folder as it was
+            try:
+                os.rename(os.path.join(aside, name), os.path.join(result_dir, name))
+            except OSError:
+                pass
+        try:
+            os.rmdir(aside)
+        except OSError:
+            pass
+        where = f" ({e.filename})" if isinstance(e.filename, str) else ""
+        raise UserError(f"cannot move stale results into {aside}: {e.strerror}{where}; nothing was moved") from None
     return aside

@@ -310,6 +310,27 @@ def resume_path(arg, run):
     return run.checkpoint_path if arg == "auto" else arg
 
 
+# Flags a resumed run may change: where and how fast it runs, not what it computes (the network's own flags
+# are checked against its architecture, the resize against its recorded pipeline, with their own messages)
+RESUME_FREE = {"resume", "device", "num_workers", "data_dir", "result_dir", "overwrite", "compile", "amp",
+               "channels_last", "download", "checkpoint", "pretrained", "resize", "network", "depth", "width", "gate"}
+
+
+def check_resume_args(ckpt, args, path):
+    """A resumed run continues the run its checkpoint began: refused (one line, before any work) when a flag
+    that shapes the training (learning rate, batch size, recipe, seed, fewer epochs ...) differs from the one
+    that run was started with: the result would be neither run, recorded as the new."""
+    recorded = ckpt.get("args") or {}
+    # --epochs may grow: the run goes on to the new count, its schedule continuing as the longer run's from
+    # the step reached (a cosine then resumes where that run's curve is at this step)
+    grows = lambda k, v: k == "epochs" and isinstance(v, int) and isinstance(recorded[k], int) and v >= recorded[k]
+    differ = [f"--{k} {recorded[k]!r} -> {v!r}" for k, v in sorted(vars(args).items())
+              if k not in RESUME_FREE and k in recorded and recorded[k] != v and not grows(k, v)]
+    if differ:
+        raise UserError(f"--resume {path}: the run was started with other training flags ({', '.join(differ)}); "
+                        f"resume with the same flags (--epochs may only grow), or start a new run")
+
+
 def restore_training_state(ckpt, optimizer, scheduler):
     """Optimizer / scheduler / RNG state of a checkpoint (the model is rebuilt by the caller)."""
     try:

@@ -46,7 +46,17 @@ def build_table(result_dir):
         if m is None:
             row["note"] = f"not run: no {os.path.join(result_dir, stage, 'metrics.json')}"
         else:
-            row.update(accuracy=m["test_acc"], gflops_per_image=m["gflops_per_image"], params=m["params"])
+            try:
+                row.update(gflops_per_image=float(m["gflops_per_image"]), params=int(m["params"]))
+                split = m.get("final_split", "test")
+                if split == "test":
+                    row["accuracy"] = float(m["test_acc"])
+                else:  # the table is of test numbers: a run that never read test has none to show
+                    row["note"] = f"no test accuracy: the stage ended on the {split} split (--final_split {split})"
+            except (KeyError, TypeError, ValueError) as e:
+                key = e.args[0] if isinstance(e, KeyError) else "a number"
+                raise UserError(f"{os.path.join(result_dir, stage, 'metrics.json')}: no valid {key!s} (not "
+                                f"written by this version's {stage} stage?)") from None
             if base_params:
                 row["compression"] = 1 - m["params"] / base_params
             elif m.get("compression") is not None:
@@ -67,7 +77,8 @@ def to_markdown(rows):
             cells = [r["method"], "not run", "-", "-"]
         else:
             comp = "-" if r["compression"] is None else f"{100 * r['compression']:.0f}%"
-            cells = [r["method"], f"{r['accuracy']:.2f}%", _gflops(r["gflops_per_image"]), comp]
+            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}%"
+            cells = [r["method"], acc, _gflops(r["gflops_per_image"]), comp]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['method']}: {r['note']}" for r in rows if r["note"]]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
