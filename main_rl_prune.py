@@ -209,10 +209,10 @@ def main(argv=None):
         "baseline": args.baseline, "ending": ending})
     if ctx.is_main and args.final_split == "test":  # the table holds test numbers only
         print(f"\n{write_table(args.result_dir)}", end="", flush=True)
+        print(f"-> {os.path.join(args.result_dir, 'table.md')} and table.json", flush=True)
     elif ctx.is_main:
         print(f"no table written: the run ended on the {args.final_split} split (--final_split "
               f"{args.final_split}), and the table is of test numbers", flush=True)
-        print(f"-> {os.path.join(args.result_dir, 'table.md')} and table.json", flush=True)
     teardown()
 
 

@@ -121,13 +121,13 @@ def main(argv=None):
     payload = lambda: {"args": vars(args), "switches_respread": respread[0]}
     common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
                   payload=payload, total_epochs=args.epochs)
+    compiled = (lambda fn: compile_step(fn, ctx.device)) if args.compile else (lambda fn: fn)
     if start < args.dense_epochs:  # the network being trained is the dense one: evaluated as such
-        run.fit(step_fn=compile_step(dense_step, ctx.device) if args.compile else dense_step,
-                epochs=args.dense_epochs, start_epoch=start, evals=(("dense", "open"),), **common)
+        run.fit(step_fn=compiled(dense_step), epochs=args.dense_epochs, start_epoch=start,
+                evals=(("dense", "open"),), **common)
     step, evals = STEPS[args.train_mode]
-    if args.compile:
-        step = compile_step(step, ctx.device)
-    run.fit(step_fn=step, epochs=args.epochs, start_epoch=max(start, args.dense_epochs), evals=evals, **common)
+    run.fit(step_fn=compiled(step), epochs=args.epochs, start_epoch=max(start, args.dense_epochs), evals=evals,
+            **common)
     if args.train_mode == "joint" and not respread[0]:
         # trained with the dense network beside them, the switches end up executing nearly every block
         # (p ~ 1, where REINFORCE's push p(1-p) vanishes); spread them again on the trained features

@@ -124,7 +124,6 @@ def teardown():
         dist.destroy_process_group()
 
 
-
 def all_reduce_sum(t):
     """Sum a tensor over ranks in place (no-op on one process); returns it."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -270,9 +270,9 @@ class StageRun:
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
         """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
-        model the stage ends with, exactly as saved (float32, even after bf16 training) -> metrics.json and TensorBoard (at the stage's last
-        step): <split>_acc, <split>_loss, <split>_images, gflops_per_image (on that split; under val also as
-        val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
+        model the stage ends with, exactly as saved (float32, even after bf16 training) -> metrics.json and
+        TensorBoard (at the stage's last step): <split>_acc, <split>_loss, <split>_images, gflops_per_image
+        (on that split; under val also as val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
         with every block executed and no switch evaluated, and routed_acc, routed_gflops, exec_rate those of
         the greedy routes beside it, on the same split. Also the lineage: the sha256 of the checkpoint the
         numbers are of, and the parent it started from. Returns the metrics dict."""
