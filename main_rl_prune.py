@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from gates.counterfactual import CounterfactualStep
 from gates.ending import end_training
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
@@ -30,6 +31,9 @@ from utils.stage import (StageRun, check_batch_shapes, check_result_dir, check_r
 from utils.table import write_table
 
 
+CONTROLLERS = ("counterfactual", "reinforce")
+
+
 def parse_args(argv=None):
     p = base_parser(__doc__)
     p.set_defaults(epochs=100, lr=0.001, bs=256)  # the seed's stage-3 command
@@ -40,15 +44,25 @@ def parse_args(argv=None):
     m.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="stage-2 or stage-1 checkpoint to start from (default: <result_dir>/prune/checkpoint.pt "
                         "if present, else <result_dir>/sp/checkpoint.pt)")
-    r = p.add_argument_group("REINFORCE")
+    r = p.add_argument_group("switch training")
+    r.add_argument("--controller", default="counterfactual", choices=CONTROLLERS,
+                   help="how the switches learn: counterfactual (default: per image and block, the loss with "
+                        "the block skipped minus with it executed, against the block's price; "
+                        "gates/counterfactual.py) or reinforce (SkipNet's policy gradient, gates/policy.py)")
+    r.add_argument("--tau", type=float, default=0.05,
+                   help="counterfactual: temperature of the switches' targets sigmoid((benefit - price) / tau), "
+                        "in cross-entropy units")
+    r.add_argument("--explore_bound", type=float, default=0.1,
+                   help="counterfactual: the training routes are drawn from p clamped to [b, 1 - b]")
     r.add_argument("--alpha", type=float, default=0.1,
                    help="total reward for skipping every gated block (per image); with --target_gflops, its "
                         "starting value")
-    r.add_argument("--gamma", type=float, default=1.0, help="discount of the returns, in [0, 1]")
+    r.add_argument("--gamma", type=float, default=1.0, help="reinforce: discount of the returns, in [0, 1]")
     r.add_argument("--rl_weight", type=float, default=0.1,
-                   help="weight of the policy loss beside the CE (itself averaged over the batch); the policy loss is "
-                        "SUMMED over the images of a process's batch, as in SkipNet's code "
-                        "(action.reinforce(rl_weight * R) per sampled action)")
+                   help="weight of the switches' loss (reinforce: the policy loss; counterfactual: the switch "
+                        "loss) beside the CE (itself averaged over the batch); the switches' loss is SUMMED over "
+                        "the images of a process's batch, as in SkipNet's code (action.reinforce(rl_weight * R) "
+                        "per sampled action)")
     r.add_argument("--target_gflops", type=float, default=None, metavar="G",
                    help="GFLOPs per image that the greedy routes must cost: alpha is adapted by dual ascent "
                         "during training, then the switches' threshold is calibrated on training data")
@@ -64,8 +78,8 @@ def parse_args(argv=None):
     r.add_argument("--route_lr", type=float, default=None,
                    help="learning rate of that fine-tuning, cosine to 0 (default: --lr / 10)")
     r.add_argument("--baseline", default="moving", choices=BASELINES,
-                   help="per-switch baseline: moving average of the returns, or the batch mean")
-    r.add_argument("--baseline_momentum", type=float, default=0.9, help="of the moving-average baseline")
+                   help="reinforce: per-switch baseline, moving average of the returns or the batch mean")
+    r.add_argument("--baseline_momentum", type=float, default=0.9, help="reinforce: of the moving-average baseline")
     add_switch_flags(p)
     return p.parse_args(argv)
 
@@ -78,16 +92,25 @@ def check_args(args):
                           ("target_gflops", args.target_gflops is None or args.target_gflops > 0, "must be > 0"),
                           ("alpha_lr", args.alpha_lr > 0, "must be > 0"),
                           ("route_epochs", args.route_epochs >= 0, "must be >= 0"),
-                          ("route_lr", args.route_lr is None or args.route_lr > 0, "must be > 0")]:
+                          ("route_lr", args.route_lr is None or args.route_lr > 0, "must be > 0"),
+                          ("tau", args.tau > 0, "must be > 0"),
+                          ("explore_bound", 0 <= args.explore_bound < 0.5, "must be in [0, 0.5)")]:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
     if args.route_lr is not None and not args.route_epochs:
         print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr,
               flush=True)
-    if args.baseline == "batch" and args.bs < 2:  # --bs is per process, and so is the batch baseline
+    if args.baseline == "batch" and args.bs < 2 and args.controller == "reinforce":  # --bs is per process, and so is the batch baseline
         raise UserError(f"--baseline batch needs --bs 2 or more (per process): the mean return of a batch of "
                         f"{args.bs} image is that image's own return, so the policy loss would be 0 at every "
                         f"step (use --baseline moving)")
+    if args.controller == "counterfactual":  # REINFORCE's own knobs would silently do nothing
+        ignored = [f"--{k} {getattr(args, k)}" for k, default in (("gamma", 1.0), ("baseline", "moving"),
+                                                                  ("baseline_momentum", 0.9))
+                   if getattr(args, k) != default]
+        if ignored:
+            print(f"warning: {', '.join(ignored)} only apply to --controller reinforce (the counterfactual "
+                  f"controller has no returns and no baseline)", file=sys.stderr, flush=True)
     if args.target_gflops is not None and args.alpha <= 0:
         raise UserError(f"--alpha {args.alpha}: --target_gflops adapts alpha multiplicatively, start it > 0")
     check_switch_flags(args)
@@ -149,6 +172,8 @@ def main(argv=None):
     if args.resume:
         path, flag = resume_path(args.resume, run), "--resume"
         ckpt = load_checkpoint(path, ("rl",), flag)
+        if isinstance(ckpt.get("args"), dict):  # stage 3 had no other controller before --controller
+            ckpt["args"].setdefault("controller", "reinforce")
         check_resume_args(ckpt, args, path)
         source = ckpt.get("extra", {}).get("source", {})
     else:
@@ -190,7 +215,12 @@ def main(argv=None):
     check_target(args, costs)
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
-    step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
+    if args.controller == "counterfactual":
+        ddp_model = getattr(ddp, "module", ddp)
+        ddp_model.explore_bound = args.explore_bound
+        step = CounterfactualStep(costs, price, args.tau, args.rl_weight)
+    else:
+        step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
     if args.compile:
         step = compile_step(step, ctx.device)
     payload = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
@@ -206,7 +236,7 @@ def main(argv=None):
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
         "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,
-        "baseline": args.baseline, "ending": ending})
+        "baseline": args.baseline, "controller": args.controller, "ending": ending})
     if ctx.is_main and args.final_split == "test":  # the table holds test numbers only
         print(f"\n{write_table(args.result_dir)}", end="", flush=True)
         print(f"-> {os.path.join(args.result_dir, 'table.md')} and table.json", flush=True)

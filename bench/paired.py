@@ -9,6 +9,7 @@ image-to-image variation in difficulty cancels. Unpaired tests on the two accura
     paired_loss_test     Wilcoxon signed-rank and paired t on per-image cross-entropy
     route_table          (N, S) per-image routes -> distinct routes and each image's route index
     shuffle_control      the same routes shuffled across images (overall or within groups): a permutation test
+    pooled_shuffle       the same over several test sets (folds x seeds), each shuffled within itself
     two_route_oracle     headroom of the best pair of admissible routes over assigning them at random
     cross_fit_splits     (train, val, test) per seed and fold; every image is test exactly once per seed
     pooled_report        pools per-(fold, seed) results: accuracies, McNemar, bootstrap CI and power
@@ -226,19 +227,10 @@ class ShuffleControl:
     n_perm: int
 
 
-def shuffle_control(correct, assign, groups=None, n_perm=1000, seed=0, chunk=256):
-    """The control "same routes, shuffled across images": does it matter WHICH image gets which route, or
-    only how often each route is used?
-
-    correct: (N, R) 0/1, image i correct under candidate route r (each route evaluated on every image).
-    assign:  (N,) the route index the router chose for each image (see route_table).
-    groups:  optional (N,) labels (e.g. difficulty levels); shuffling is then done within each group, which
-             asks whether routing beats merely routing by group.
-
-    A permutation keeps the multiset of routes exactly (within each group too), hence the average cost in
-    GFLOPs, so the comparison is at equal cost. Returns the assigned accuracy, the shuffled accuracies' mean,
-    spread and 95% range over n_perm permutations, and the one-sided permutation p-value
-    (1 + #{shuffled >= assigned}) / (1 + n_perm)."""
+def shuffle_hits(correct, assign, groups=None, n_perm=1000, seed=0, chunk=256):
+    """(hits of the assignment, hits of each of n_perm shuffles (n_perm,)): the integer counts behind
+    shuffle_control, so that independent shuffles of several test sets (folds, seeds) add up to a
+    shuffle of the pooled one (pooled_shuffle)."""
     correct = _np(correct)
     if correct.ndim != 2 or not np.isin(correct, (0, 1)).all():
         raise ValueError(f"correct must be an (images, routes) 0/1 matrix, got shape {correct.shape}")
@@ -253,8 +245,6 @@ def shuffle_control(correct, assign, groups=None, n_perm=1000, seed=0, chunk=256
     members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     rows = np.arange(n)
     rng = np.random.default_rng(seed)
-    # Integer counts, not float accuracies, so that "shuffled >= assigned" is an exact comparison.
-    hits_assigned = int(correct[rows, assign].sum())
     hits = np.empty(n_perm, dtype=np.int64)
     for start in range(0, n_perm, chunk):  # chunks bound the (perms x images) index matrix
         k = min(chunk, n_perm - start)
@@ -262,12 +252,45 @@ def shuffle_control(correct, assign, groups=None, n_perm=1000, seed=0, chunk=256
         for idx in members:
             source[:, idx] = rng.permuted(np.tile(idx, (k, 1)), axis=1)
         hits[start:start + k] = correct[rows, assign[source]].sum(axis=1)
-    # Mean and spread from the integer counts, so identical shuffles report exactly the assigned accuracy.
+    return int(correct[rows, assign].sum()), hits
+
+
+def _shuffle_summary(hits_assigned, hits, n):
+    # Integer counts, not float accuracies, so that "shuffled >= assigned" is an exact comparison, and
+    # identical shuffles report exactly the assigned accuracy.
     low, high = np.quantile(hits, [0.025, 0.975]) / n
     return ShuffleControl(
         acc_assigned=hits_assigned / n, acc_shuffled=float(hits.mean() / n),
-        std=float(hits.std(ddof=1) / n) if n_perm > 1 else 0.0, low=float(low), high=float(high),
-        p=float((1 + np.sum(hits >= hits_assigned)) / (1 + n_perm)), n_perm=n_perm)
+        std=float(hits.std(ddof=1) / n) if hits.size > 1 else 0.0, low=float(low), high=float(high),
+        p=float((1 + np.sum(hits >= hits_assigned)) / (1 + hits.size)), n_perm=int(hits.size))
+
+
+def shuffle_control(correct, assign, groups=None, n_perm=1000, seed=0, chunk=256):
+    """The control "same routes, shuffled across images": does it matter WHICH image gets which route, or
+    only how often each route is used?
+
+    correct: (N, R) 0/1, image i correct under candidate route r (each route evaluated on every image).
+    assign:  (N,) the route index the router chose for each image (see route_table).
+    groups:  optional (N,) labels (e.g. difficulty levels); shuffling is then done within each group, which
+             asks whether routing beats merely routing by group.
+
+    A permutation keeps the multiset of routes exactly (within each group too), hence the average cost in
+    GFLOPs, so the comparison is at equal cost. Returns the assigned accuracy, the shuffled accuracies' mean,
+    spread and 95% range over n_perm permutations, and the one-sided permutation p-value
+    (1 + #{shuffled >= assigned}) / (1 + n_perm)."""
+    assigned, hits = shuffle_hits(correct, assign, groups, n_perm, seed, chunk)
+    return _shuffle_summary(assigned, hits, len(_np(assign)))
+
+
+def pooled_shuffle(parts, n_perm=1000, seed=0):
+    """shuffle_control over several test sets, each shuffled within itself: parts is a list of (correct,
+    assign, groups or None) (one per fold x seed, each with its own routes); the k-th shuffles of all parts
+    add up to the k-th shuffle of the pool."""
+    total, hits, n = 0, np.zeros(n_perm, dtype=np.int64), 0
+    for k, (correct, assign, groups) in enumerate(parts):
+        a, h = shuffle_hits(correct, assign, groups, n_perm, seed + k)
+        total, hits, n = total + a, hits + h, n + len(_np(assign))
+    return _shuffle_summary(total, hits, n)
 
 
 # ---------------------------------------------------------------------------------------------- oracle

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The full-scale recipe: the seed's three commands (README) on CIFAR-100 with ResNet-32 (width 4, 7.45 M
-# parameters, 2.20 GFLOPs per image) on one GPU, then the headline table.
+# The full-scale recipe: the three stage commands (README) on CIFAR-100 with ResNet-32 (width 4, 7.45 M
+# parameters, 2.20 GFLOPs per image) on one GPU, then the headline table, then what the switches add on
+# the 10,000 test images (bench/crossfit.py's evaluation: per-image routing against the best fixed route
+# and static pruning at equal GFLOPs, paired tests, controls; results/cifar100/crossfit.md).
 #
 #   DATA=/path/to/cifar100 RESULTS=results/cifar100 bash bench/run_cifar100.sh
 #
@@ -29,6 +31,10 @@ WORKERS=${WORKERS:-16}
 # train from scratch instead: SP_LR=0.1.
 PRETRAINED=${PRETRAINED:-}
 SP_LR=${SP_LR:-0.0001}
+# Every stage holds out VAL_SPLIT of the training images (the same ones: same seed), where the evaluation
+# chooses the fixed route; the test split is only ever reported on. 0 runs the commands exactly as written
+# and skips the evaluation.
+VAL_SPLIT=${VAL_SPLIT:-0.1}
 
 download=()
 [ -d "$DATA" ] || download=(--download)
@@ -49,14 +55,30 @@ stage() {  # name, then the command; prints and records its wall time
 
 stage "stage 1" python main_sp.py --network resnet --depth 32 --epochs 200 --lr "$SP_LR" --bs 128 \
   --num_workers "$WORKERS" --momentum 0.9 --weight_decay 0.0005 --img_type png --resize 32 \
-  --result_dir "$RESULTS" --data_dir "$DATA" "${download[@]}" "${pretrained[@]}"
+  --val_split "$VAL_SPLIT" --result_dir "$RESULTS" --data_dir "$DATA" "${download[@]}" "${pretrained[@]}"
 
 # config.json holds the seed's stage-2 settings (compression 0.6, 100 epochs at lr 0.01, 200 factor
 # batches); the flags only say where the data and results are.
-stage "stage 2" python main_prune.py --config_path config.json --result_dir "$RESULTS" --data_dir "$DATA"
+stage "stage 2" python main_prune.py --config_path config.json --result_dir "$RESULTS" --data_dir "$DATA" \
+  --set val_split="$VAL_SPLIT"
 
 stage "stage 3" python main_rl_prune.py --network resnet --depth 32 --epochs 100 --lr 0.001 --bs 256 \
   --num_workers "$WORKERS" --momentum 0.9 --weight_decay 0.0005 --img_type png --resize 32 \
-  --result_dir "$RESULTS" --data_dir "$DATA" --alpha 0.1 --gamma 1 --rl_weight 0.1
+  --val_split "$VAL_SPLIT" --result_dir "$RESULTS" --data_dir "$DATA" --alpha 0.1 --gamma 1 --rl_weight 0.1
 
 cat "$RESULTS/table.md"
+[ "$VAL_SPLIT" = "0" ] && exit 0
+
+# What the switches add: the best fixed route at the stage-3 network's GFLOPs (chosen on the validation
+# split, fine-tuned on its route for ROUTE_EPOCHS), static pruning pushed to the same GFLOPs (stage 2 from
+# the stage-1 network, fine-tuned as long as stages 2 and 3 together), then every network on each test image.
+ROUTE_EPOCHS=${ROUTE_EPOCHS:-10}
+unit=(--data_dir "$DATA" --val_split "$VAL_SPLIT" --seed 0 --bs 256 --device cuda)
+stage "fixed route" python bench/crossfit.py route "$RESULTS" "${unit[@]}" --route_epochs "$ROUTE_EPOCHS" \
+  --route_lr 0.001
+gflops=$(python -c "import json; print(json.load(open('$RESULTS/route.json'))['gflops'])")
+stage "static at equal GFLOPs" python main_prune.py --config_path config.json --result_dir "$RESULTS/equal" \
+  --data_dir "$DATA" --checkpoint "$RESULTS/sp/checkpoint.pt" --set val_split="$VAL_SPLIT" \
+  --set compression=null --set gflops="$gflops" --set criterion=score_per_flop --set epochs=$((200 + ROUTE_EPOCHS))
+stage "evaluation" python bench/crossfit.py evaluate "$RESULTS" "${unit[@]}"
+python bench/crossfit.py report "$RESULTS"

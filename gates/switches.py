@@ -8,6 +8,9 @@ depends on the mode:
   greedy  execute iff p > 0.5, no gradient to p (stage 3's fine-tuning of the backbone on the greedy routes)
   sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
           (never stashed in the module, so that DistributedDataParallel sees a pure function)
+  explore a ~ Bernoulli(p clamped to [b, 1 - b]), b the model's `explore_bound`, and the switches read their
+          blocks' inputs detached: stage 3's counterfactual controller (gates/counterfactual.py), where the
+          switches learn by their own loss only and every route keeps being tried
 """
 import contextlib
 
@@ -15,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODES = ("open", "hard", "greedy", "sample")
+MODES = ("open", "hard", "greedy", "sample", "explore")
 KINDS = ("rnn", "ff")
 
 
@@ -140,8 +143,9 @@ def build_switches(kind, channels):
     raise ValueError(f"unknown switch kind {kind!r} (expected one of {KINDS})")
 
 
-def act(p, mode, training):
-    """0/1 execution decisions (float, shape of p) from probabilities p: `sample` draws them, `hard` and
+def act(p, mode, training, bound=0.0):
+    """0/1 execution decisions (float, shape of p) from probabilities p: `sample` draws them (`explore` from
+    p clamped to [bound, 1 - bound]), `hard` and
     `greedy` take p > 0.5. In training, `hard` passes gradients straight through to p (SkipNet's supervised
     phase: the switches and, through their inputs, the backbone learn the routes); `greedy` passes none (the
     routes are fixed functions of the features: stage 3's route fine-tuning trains the backbone on them
@@ -149,6 +153,9 @@ def act(p, mode, training):
     if mode == "sample":
         with torch.no_grad():  # no graph node (a detach would be one more op)
             return torch.bernoulli(p)
+    if mode == "explore":
+        with torch.no_grad():
+            return torch.bernoulli(p.clamp(bound, 1 - bound))
     if mode == "hard" and training:
         return _StraightThrough.apply(p)
     return (p > 0.5).to(p.dtype)  # a comparison carries no gradient: no detach needed

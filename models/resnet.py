@@ -155,6 +155,8 @@ class ResNet(nn.Module):
         # `open` mode only: None (every block), or a fixed 0/1 per gated block, the same blocks skipped for
         # every image and no switch evaluated (static block removal: gates/routes.py)
         self.route = None
+        # `explore` mode only: its decisions are drawn from p clamped to [explore_bound, 1 - explore_bound]
+        self.explore_bound = 0.1
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -181,9 +183,10 @@ class ResNet(nn.Module):
             return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)), actions, ones
         skipping = self.execution == "skip" or (self.execution == "auto" and not self.training)
         state, actions, probs = None, [], []
+        explore = mode == "explore"
         for j, block in enumerate(self.blocks[1:]):
-            p, state = self.switches(j, x, state)
-            a = act(p, mode, self.training)
+            p, state = self.switches(j, x.detach() if explore else x, state)
+            a = act(p, mode, self.training, self.explore_bound)
             x = block.forward_skipping(x, a.detach()) if skipping else block.forward_masked(x, a)
             actions.append(a)
             probs.append(p)

