@@ -77,13 +77,13 @@ def test_batch_baseline_with_one_image_per_process_is_refused(tmp_path):
     assert policy_loss(torch.randn(1, 3), returns, returns.mean(0)).item() == 0
     with pytest.raises(ValueError):
         Baseline("batch", 3)(returns)
-    proc = run_script("main_rl_prune.py", "--baseline", "batch", "--bs", "1", "--data_dir", str(tmp_path),
-                      "--result_dir", str(tmp_path / "res"), *COMMON)
+    proc = run_script("main_rl_prune.py", "--controller", "reinforce", "--baseline", "batch", "--bs", "1",
+                      "--data_dir", str(tmp_path), "--result_dir", str(tmp_path / "res"), *COMMON)
     assert_one_line_error(proc, "--baseline batch", "--bs 2", "per process")
     assert not (tmp_path / "res").exists()
     # two images, or the moving baseline with one, pass the flag checks
     for flags in (["--baseline", "batch", "--bs", "2"], ["--baseline", "moving", "--bs", "1"]):
-        main_rl_prune.check_args(main_rl_prune.parse_args(flags))
+        main_rl_prune.check_args(main_rl_prune.parse_args(["--controller", "reinforce", *flags]))
 
 
 # ------------------------------------------------------------ 2. a --val_split that holds out no image
