@@ -14,7 +14,7 @@ import sys
 import torch
 
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
-from gates.switches import spread_decisions
+from models.switches import spread_decisions
 from models import build_model, make_arch
 from models.resnet import compile_step
 from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint

@@ -34,7 +34,7 @@ forward only for S switches. alpha is fixed or adapted towards a GFLOPs target b
 import torch
 import torch.nn.functional as F
 
-from gates.switches import autocast_off
+from models.switches import autocast_off
 
 
 def unwrap(model):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gates.switches import autocast_off, log_prob
+from models.switches import autocast_off, log_prob
 from utils.dist import all_reduce_sum
 
 BASELINES = ("moving", "batch")

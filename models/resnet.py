@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gates.switches import MODES, act, build_switches
+from models.switches import MODES, act, build_switches
 
 
 class FactoredConv(nn.Module):

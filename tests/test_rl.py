@@ -18,7 +18,7 @@ import main_sp
 import utils.stage
 from conftest import ROOT, mix_switches
 from gates.policy import Baseline, ReinforceStep, SkipPrice, discounted_returns, policy_loss, skip_rewards
-from gates.switches import log_prob
+from models.switches import log_prob
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import build_model, make_arch
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint

@@ -130,7 +130,7 @@ def test_switches_route_per_image_and_row_1_is_the_dense_network(data, tmp_path)
 def test_spread_decisions_centres_many_images_and_never_makes_a_weight_non_finite(gate):
     """Over a batch, the switches' logits have mean 0 and std 1; one image (no spread) or a switch input that
     does not vary leaves every weight finite."""
-    from gates.switches import spread_decisions
+    from models.switches import spread_decisions
     from models import build_model, make_arch
     torch.manual_seed(0)
     model = build_model(make_arch(depth=8, width=1, num_classes=3, gate=gate))

@@ -18,7 +18,7 @@ from bench.bench_step import top_level_ops
 from conftest import mix_switches
 from gates.optim import make_optimizer
 from gates.policy import Baseline, ReinforceStep, discounted_returns, policy_loss, skip_rewards
-from gates.switches import act, log_prob
+from models.switches import act, log_prob
 from helpers import tiny_dataset
 from models import build_model, make_arch
 from models.resnet import _Mix, compile_step

@@ -110,7 +110,7 @@ class Block(nn.Module):
 
 
 class Switches(nn.Module):
-    """The checkpoint's switches (rnn or ff), BN folded; p = P(execute) of switch j, as in gates/switches.py."""
+    """The checkpoint's switches (rnn or ff), BN folded; p = P(execute) of switch j, as in models/switches.py."""
 
     def __init__(self, switches):
         super().__init__()
