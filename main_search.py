@@ -13,7 +13,6 @@ one --storage (and a shared --result_dir) to split its trials (README: "The sear
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import optuna
 
@@ -22,14 +21,17 @@ from search.phase import Worker, open_storage, open_study, trial_records
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from search.trials import DYNAMIC_KNOBS, Trials, stage3_argv, stage3_knob
 from pruners.config import validate
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.lineage import check_chain
 from utils.cli import Formatter, Parser, check_finite
 from utils.dist import setup
-from utils.engine import evaluate, prepare, write_json
+from runtime.evaluate import evaluate
+from runtime.loop import prepare
+from utils.files import write_json
 from utils.errors import UserError, run_main
-from utils.flops import count_params, measure_costs
-from utils.stage import check_result_dir, load_data
+from utils.flops import count_params, measure_costs, skipped_flops
+from runtime.stage import check_result_dir
+from utils.data import DataSettings, load_data
 
 DATA_KEYS = ("data_dir", "img_type", "resize", "num_workers")
 SET_BY_SEARCH = ("result_dir", "checkpoint", "prune_mode", "compression", "ratio", "rounds", "final_split",
@@ -131,7 +133,7 @@ def baseline(study, stage1_path, data, eval_bs, ctx):
     every worker and every resumed run compares with the same number."""
     if "baseline" not in study.user_attrs:
         ckpt = load_checkpoint(stage1_path, ("sp",))
-        loaded = load_data(SimpleNamespace(**data, download=False, bs=eval_bs, final_split="val"), ctx,
+        loaded = load_data(DataSettings.of(data, bs=eval_bs, final_split="val"), ctx,
                            recorded=ckpt.get("pipeline"), source=f"--checkpoint {stage1_path}")
         model, ddp = prepare(model_from_checkpoint(ckpt, stage1_path), ctx)
         r = evaluate(ddp, loaded.eval, ctx, measure_costs(model, loaded.image_size), mode="open", desc="val")
@@ -232,7 +234,7 @@ def dynamic_knob(name, static, max_alpha, image_size, ctx):
         return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
     model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
     costs = measure_costs(model.to(ctx.device), image_size)
-    floor = (costs["base"] + costs["switches"]) / 1e9
+    floor = skipped_flops(costs) / 1e9
     return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
 
 

@@ -38,7 +38,7 @@ from gates.optim import make_optimizer  # noqa: E402
 from gates.policy import Baseline, ReinforceStep  # noqa: E402
 from models import build_model, make_arch  # noqa: E402
 from models.resnet import compile_step  # noqa: E402
-from utils.engine import supervised_step  # noqa: E402
+from runtime.steps import supervised_step  # noqa: E402
 from utils.flops import measure_costs  # noqa: E402
 
 STEPS = ("dense", "hard", "joint", "rl")

@@ -47,13 +47,15 @@ from bench.study import Task, run_all  # noqa: E402
 from gates.ending import CALIBRATION_BATCHES  # noqa: E402
 from gates.routes import (best_fixed_route, calibrate_to_flops, evaluate_route, recalibrate_route,  # noqa: E402
                           route_flops)
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.dist import setup  # noqa: E402
-from utils.engine import make_scheduler, prepare, supervised_step, touch_switches, train_epoch, write_json  # noqa: E402
+from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
+from runtime.steps import supervised_step, touch_switches  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
-from utils.flops import measure_costs, routed_flops  # noqa: E402
-from utils.stage import load_data  # noqa: E402
+from utils.flops import measure_costs, routed_flops, skipped_flops  # noqa: E402
+from utils.data import DataSettings, load_data  # noqa: E402
 from utils.synthetic import digits_images, write_split  # noqa: E402
 
 # ResNet-20 width 1 on digits at 16x16 (the cost of a unit: about 4 min on one core). Stage 3 at a target of
@@ -119,7 +121,7 @@ def target_gflops(s, unit_dir):
     path = os.path.join(unit_dir, "prune", "checkpoint.pt")
     model = model_from_checkpoint(load_checkpoint(path, ("prune",), "checkpoint"), path, "checkpoint")
     costs = measure_costs(model, s["resize"])
-    low = costs["base"] + costs["switches"]
+    low = skipped_flops(costs)
     return round((low + s["budget"] * sum(costs["blocks"])) / 1e9, 7)
 
 
@@ -196,9 +198,8 @@ def unit_where(s, u, args=None):
 def load_unit(w, path, ctx):
     """(ddp, data, costs) of a checkpoint, with the unit's data and validation split (w: unit_where)."""
     ckpt = load_checkpoint(path, None, "checkpoint")
-    args = SimpleNamespace(data_dir=w.data_dir, img_type="png", resize=None, num_workers=0, val_split=w.val_split,
-                           seed=w.seed, download=False, bs=w.bs, final_split="test")
-    data = load_data(args, ctx, recorded=ckpt.get("pipeline"), source=f"checkpoint {path}")
+    settings = DataSettings(data_dir=w.data_dir, bs=w.bs, val_split=w.val_split, seed=w.seed)
+    data = load_data(settings, ctx, recorded=ckpt.get("pipeline"), source=f"checkpoint {path}")
     if data.eval_name != "val":
         raise UserError(f"{w.data_dir}: the fixed route is chosen on a validation split: give --val_split > 0")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
@@ -317,7 +318,7 @@ def evaluate_step(w, u, ctx):
     low, span = costs["base"], sum(costs["blocks"])
     curve = []
     for b in w.curve:
-        g = low + costs["switches"] + b * span
+        g = skipped_flops(costs) + b * span
         model.load_state_dict(original)
         calibrate_to_flops(ddp, batches, ctx, costs, g)
         dc, _, da = per_image(ddp, data.test)

@@ -18,7 +18,7 @@ result or its error in the JSON, each under "parts":
   finite_losses    every printed training / evaluation loss and every final test loss is finite
   torchrun         stage1_resume ran under torchrun with 1 process; with 2+ GPUs all three stages also run
                    with 2 processes
-  reload           utils.checkpoint.load_model of each stage's checkpoint on the CPU and on the device:
+  reload           runtime.checkpoint.load_model of each stage's checkpoint on the CPU and on the device:
                    equal top-1 on the test images and identical routes (fp32 on both, TF32 off)
   export           python -m utils.export on stage 3's checkpoint (its own checks: ONNX, torch.export)
   throughput       training images/s of each stage's own step function beside a minimal dense loop (plain
@@ -296,7 +296,7 @@ class Check:
     def part_stage1_resume(self):
         """Stage 1's folder copied (stage 2 reads the original meanwhile), then resumed for more epochs, under
         torchrun with one process (off the chain's critical path: torchrun's own start-up costs seconds)."""
-        from utils.checkpoint import load_checkpoint
+        from runtime.checkpoint import load_checkpoint
         first, total = self.sp_epochs
         shutil.copytree(os.path.join(self.results, "sp"), os.path.join(self.resumed, "sp"))
         proc = self.python(self.torchrun(1) + self.sp_cmd(self.resumed, total) + ["--resume"])
@@ -386,7 +386,7 @@ class Check:
         return paths, labels
 
     def part_reload(self):
-        from utils.checkpoint import load_model
+        from runtime.checkpoint import load_model
         paths, names = self.test_images()
         out, checks = {}, {}
         with exact_fp32():
@@ -429,8 +429,9 @@ class Check:
         from gates.optim import make_optimizer
         from gates.policy import Baseline, ReinforceStep, SkipPrice
         from models import build_model
-        from utils.checkpoint import load_checkpoint, model_from_checkpoint
-        from utils.engine import dense_step, prepare
+        from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+        from runtime.steps import dense_step
+        from runtime.loop import prepare
         from utils.flops import measure_costs
         ctx = self.context()
         sgd = SimpleNamespace(lr=0.01, momentum=0.9, weight_decay=5e-4, switch_lr=None, switch_weight_decay=None)
@@ -459,8 +460,8 @@ class Check:
         return x, torch.randint(0, s["classes"], (s["bs"],), generator=g).to(ctx.device)
 
     def train_steps(self, model, step_fn, optimizer, n):
-        """n training steps as utils.engine.train_epoch takes them (without its loss check every 25 steps)."""
-        from utils.engine import autocast
+        """n training steps as runtime.loop.train_epoch takes them (without its loss check every 25 steps)."""
+        from runtime.loop import autocast
         x, y = self.batch()
         model.train()
         loss = None
@@ -692,10 +693,10 @@ def count_syncs(fn, n):
 
 def probe(args):
     """One evaluation timing in a fresh process (cudnn_benchmark): prints one JSON line."""
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
     from utils.data import Preprocess
     from utils.dist import setup
-    from utils.engine import autocast, prepare
+    from runtime.loop import autocast, prepare
     ctx = setup(args.device, seed=0)
     torch.backends.cudnn.benchmark = bool(args._probe_benchmark)
     torch.ones(1, device=ctx.device).sum().item()  # CUDA context up before anything is timed

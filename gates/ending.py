@@ -10,7 +10,9 @@ import functools
 import torch
 
 from gates.routes import calibrate_to_flops
-from utils.engine import make_scheduler, recalibrate_bn, supervised_step, touch_switches, train_epoch
+from runtime.loop import make_scheduler, train_epoch
+from runtime.evaluate import recalibrate_bn
+from runtime.steps import supervised_step, touch_switches
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
 ROUTE_SEED = 7_919  # the route fine-tuning's own RNG stream (augmentation), whatever ran before it

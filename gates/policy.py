@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from models.switches import autocast_off, log_prob
 from utils.dist import all_reduce_sum
+from utils.flops import skipped_flops
 
 BASELINES = ("moving", "batch")
 
@@ -144,7 +145,7 @@ class SkipPrice:
 
 
 class ReinforceStep:
-    """step_fn(model, x, y) -> (loss, stats) for utils.stage.StageRun.fit.
+    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit.
 
     stats (per batch; the engine averages them over the epoch): loss (total), ce, acc, reward (mean over
     images of all rewards received, undiscounted), policy_loss (summed over the batch), exec_rate (per
@@ -170,7 +171,7 @@ class ReinforceStep:
         lag = i.view(1, -1) - i.view(-1, 1)  # lag[j, k] = k - j, as in discounted_returns
         discount = torch.where(lag >= 0, torch.pow(float(self.gamma), lag.clamp(min=0)), 0.0)
         k = w.view(-1, 1) * discount[:s, :s].T  # K[j, i] = w_j gamma^(j - i) for j >= i
-        always = (self.costs["base"] + self.costs["switches"]) / 1e9
+        always = skipped_flops(self.costs) / 1e9
         self.consts = {"k": k.to(device), "k_sum": k.sum(0).to(device), "final": discount[:s, s].to(device),
                        "w": w.to(device), "blocks": (blocks / 1e9).to(device),
                        "always": torch.tensor(always, dtype=torch.float64, device=device)}

@@ -9,7 +9,7 @@ factored conv. A rank equal to the conv's width on that side (at most that) mean
 core reads the input channels (or writes the output channels) itself.
 """
 from models.switches import KINDS
-from models.resnet import FactoredConv, ResNet, absorb_legacy_rotations
+from models.resnet import FactoredConv, ResNet
 from utils.errors import UserError
 
 NETWORKS = ("resnet",)

@@ -7,15 +7,16 @@ choice stands), table.md, table.json, trials.json and pareto.png.
 import json
 import os
 import socket
-from types import SimpleNamespace
 
 from optuna.trial import TrialState
 
 from search.phase import alive
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.engine import evaluate, prepare, write_json
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.evaluate import evaluate
+from runtime.loop import prepare
+from utils.files import write_json
 from utils.flops import count_params, measure_costs
-from utils.stage import load_data
+from utils.data import DataSettings, load_data
 from utils.table import COLUMNS, to_markdown
 
 ROWS = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
@@ -67,7 +68,7 @@ def evaluate_on_test(chosen, data, bs, ctx, final_dir, log=print):
                     continue
             ckpt = load_checkpoint(spec["checkpoint"], None, "checkpoint")
             if loaded is None:  # the test split is decoded only when a network needs it
-                loaded = load_data(SimpleNamespace(**data, download=False, bs=bs, final_split="test"), ctx,
+                loaded = load_data(DataSettings.of(data, bs=bs), ctx,
                                    recorded=ckpt.get("pipeline"), source=f"checkpoint {spec['checkpoint']}")
             model, ddp = prepare(model_from_checkpoint(ckpt, spec["checkpoint"], "checkpoint"), ctx)
             r = evaluate(ddp, loaded.test, ctx, measure_costs(model, loaded.image_size), mode=spec["mode"],

@@ -19,7 +19,7 @@ import utils.dist
 from conftest import mix_switches
 from helpers import tiny_dataset
 from models import build_model, make_arch
-from utils.checkpoint import load_checkpoint, load_model
+from runtime.checkpoint import load_checkpoint, load_model
 from utils.data import load_dataset
 from utils.export import export, run_onnx
 
@@ -166,7 +166,7 @@ def routed(runs):
 
 
 def accuracy(logits, y):
-    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y)  # as utils.engine.evaluate: the same float
+    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y)  # as runtime.evaluate.evaluate: the same float
 
 
 def test_export_of_the_bf16_trained_network_keeps_its_top1(runs, routed, tmp_path):

@@ -13,7 +13,8 @@ from gates.optim import make_optimizer
 from gates.policy import SkipPrice
 from models import build_model, make_arch
 from test_rl import CPU, _loaders, _mean_execute_probability
-from utils.engine import supervised_step, train_epoch
+from runtime.steps import supervised_step
+from runtime.loop import train_epoch
 from utils.flops import measure_costs
 
 

@@ -15,10 +15,10 @@ import main_prune
 import main_rl_prune
 import main_search
 import main_sp
-import utils.engine
-import utils.stage
+import runtime.loop
+import runtime.stage
 from helpers import tiny_dataset
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.dist import Context, setup
 from utils.errors import UserError, run_main
 
@@ -83,9 +83,9 @@ class FakeGpus:
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
         monkeypatch.setattr(torch.distributed, "init_process_group",
                             lambda backend=None, **kw: self.groups.append((backend, kw)))
-        monkeypatch.setattr(utils.engine, "DistributedDataParallel", self._ddp)
-        self._real_train_epoch = utils.stage.train_epoch
-        monkeypatch.setattr(utils.stage, "train_epoch", self._train_epoch)
+        monkeypatch.setattr(runtime.loop, "DistributedDataParallel", self._ddp)
+        self._real_train_epoch = runtime.stage.train_epoch
+        monkeypatch.setattr(runtime.stage, "train_epoch", self._train_epoch)
 
     def _select(self, index):
         if not 0 <= index < self.count:
@@ -299,7 +299,7 @@ def record_step(monkeypatch):
     """Runs one real training step, recording the output dtype of every convolution and the layout of the
     batch and of the convolution weights, then Stop."""
     seen = {"conv": set(), "batch_channels_last": None, "weights_channels_last": None}
-    real = utils.stage.train_epoch
+    real = runtime.stage.train_epoch
 
     def train_epoch(ddp, loader, *args, **kwargs):
         model = getattr(ddp, "module", ddp)
@@ -321,7 +321,7 @@ def record_step(monkeypatch):
             for h in hooks:
                 h.remove()
 
-    monkeypatch.setattr(utils.stage, "train_epoch", train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", train_epoch)
     return seen
 
 

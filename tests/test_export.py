@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import FactoredConv, build_model, make_arch
 from pruners import model_flops, prune
-from utils.checkpoint import save_checkpoint
+from runtime.checkpoint import save_checkpoint
 from utils.data import channel_stats, load_dataset, make_pipeline
 from utils.errors import UserError, run_main
 from utils.export import InferenceNet, cheapest_form, export, main, reference_outputs, run_onnx

@@ -13,7 +13,7 @@ import main_prune
 import main_rl_prune
 import main_sp
 from helpers import snapshot, tiny_dataset
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError
 from utils.flops import dense_flops, measure_costs
 from utils.lineage import file_sha256

@@ -8,7 +8,6 @@ import os
 import pickle
 import re
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,12 +16,12 @@ import main_rl_prune
 import main_sp
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from gates.policy import Baseline, policy_loss
-from utils.checkpoint import save_checkpoint
-from utils.data import channel_stats, load_dataset, make_pipeline, split_val
+from runtime.checkpoint import save_checkpoint
+from runtime.stage import check_batch_shapes
+from utils.data import DataSettings, channel_stats, load_data, load_dataset, make_pipeline, split_val
 from utils.dist import Context
-from utils.engine import write_json
 from utils.errors import UserError, run_main
-from utils.stage import check_batch_shapes, load_data
+from utils.files import write_json
 
 DATA = dict(classes=4, train_per_class=8, test_per_class=4, size=16)  # 32 training images
 COMMON = ["--num_workers", "0", "--device", "cpu"]
@@ -53,7 +52,7 @@ def one_line_exit_2(capsys, main, argv, *words):
 
 
 def data_args(data, **over):
-    return SimpleNamespace(**{"data_dir": data, "img_type": "png", "resize": 16, "download": False,
+    return DataSettings(**{"data_dir": data, "img_type": "png", "resize": 16, "download": False,
                               "num_workers": 0, "val_split": 0.0, "seed": 0, "bs": 4, "final_split": "test",
                               **over})
 
@@ -154,7 +153,7 @@ def test_batch_of_one_advice_names_only_what_the_stage_can_change(tmp_path, caps
                            "one value per channel", "bs 2 or more", "checkpoint's")
     assert "resize 9" not in line
     # stage 2's refusal is the same call with resize_fixed=True (its resize is the checkpoint's too)
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
     with pytest.raises(UserError) as e:
         check_batch_shapes(model, 8, 1, resize_fixed=True)

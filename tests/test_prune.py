@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import main_prune
 import main_sp
-import utils.stage
+import runtime.stage
 from conftest import ROOT, mix_switches
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 from models import FactoredConv, build_model, make_arch
@@ -19,7 +19,7 @@ from pruners import (CRITERIA, collect_factors, decompose, in_channel_basis, mod
                      top_directions)
 from pruners.config import KEYS, load_config, markdown_table
 from pruners.threshold import plan_for_flops, plan_for_params, plan_for_ratio
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import BatchLoader, channel_stats, load_dataset
 from utils.errors import UserError, run_main
 from utils.flops import count_params
@@ -425,7 +425,7 @@ def test_checkpoint_reloads_in_a_fresh_process_with_the_same_outputs(trained, tm
                                                       "model": pruned.state_dict(), "epoch": 0})
     torch.save(x, tmp_path / "x.pt")
     script = (f"import sys, torch; sys.path.insert(0, {ROOT!r})\n"
-              "from utils.checkpoint import load_checkpoint, model_from_checkpoint\n"
+              "from runtime.checkpoint import load_checkpoint, model_from_checkpoint\n"
               f"m = model_from_checkpoint(load_checkpoint({str(tmp_path / 'checkpoint.pt')!r}, ('prune',))).eval()\n"
               f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
               f"with torch.no_grad(): torch.save(m(x)[0], {str(tmp_path / 'y.pt')!r})\n")
@@ -447,17 +447,17 @@ def write_config(path, stage1, **keys):
 def test_main_prune_end_to_end_with_resume(stage1, tmp_path, monkeypatch):
     _, results = stage1
     config = write_config(tmp_path / "config.json", stage1)
-    real_train_epoch = utils.stage.train_epoch
+    real_train_epoch = runtime.stage.train_epoch
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies during its first fine-tuning epoch
-    monkeypatch.setattr(utils.stage, "train_epoch", dies)
+    monkeypatch.setattr(runtime.stage, "train_epoch", dies)
     with pytest.raises(KeyboardInterrupt):
         main_prune.main(["--config_path", config])
     ckpt = torch.load(os.path.join(results, "prune", "checkpoint.pt"), weights_only=True)
     assert ckpt["stage"] == "prune" and ckpt["epoch"] == 0 and ckpt["arch"]["ranks"]  # written after pruning
 
-    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", real_train_epoch)
     main_prune.main(["--config_path", config, "--resume"])
     ckpt = load_checkpoint(os.path.join(results, "prune", "checkpoint.pt"), ("prune",))
     assert ckpt["epoch"] == 1 and ckpt["round"] == 0

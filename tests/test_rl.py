@@ -15,16 +15,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import main_rl_prune
 import main_sp
-import utils.stage
+import runtime.stage
 from conftest import ROOT, mix_switches
 from gates.policy import Baseline, ReinforceStep, SkipPrice, discounted_returns, policy_loss, skip_rewards
 from models.switches import log_prob
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import build_model, make_arch
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import BatchLoader, channel_stats
 from utils.dist import Context
-from utils.engine import evaluate, supervised_step, train_epoch, write_json
+from runtime.evaluate import evaluate
+from runtime.steps import supervised_step
+from runtime.loop import train_epoch
+from utils.files import write_json
 from utils.flops import count_params, measure_costs
 from utils.synthetic import make_synthetic
 from utils.table import build_table
@@ -283,17 +286,17 @@ def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypa
     args = ["--epochs", "2", "--seed", "4", "--controller", controller, "--target_gflops", "0.0045"]
     straight = _rl(data, tmp_path / "straight", *args)
 
-    real_train_epoch = utils.stage.train_epoch
+    real_train_epoch = runtime.stage.train_epoch
 
     def dies_in_epoch_2(ddp, loader, *a, epoch, **kw):
         if epoch == 1:
             raise Stop  # the process dies after the checkpoint of epoch 1
         return real_train_epoch(ddp, loader, *a, epoch=epoch, **kw)
 
-    monkeypatch.setattr(utils.stage, "train_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(runtime.stage, "train_epoch", dies_in_epoch_2)
     with pytest.raises(Stop):
         _rl(data, tmp_path / "cut", *args)
-    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", real_train_epoch)
     ckpt = torch.load(tmp_path / "cut" / "rl" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["extra"]["source"]["stage"] == "sp"
     if controller == "reinforce":
@@ -365,16 +368,16 @@ def test_duplicating_every_image_doubles_the_policy_gradient(monkeypatch):
 FRESH_EVAL = """
 import argparse, json, sys
 import torch
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.evaluate import evaluate
+from utils.data import DataSettings, load_data
 from utils.dist import Context
-from utils.engine import evaluate
 from utils.flops import measure_costs
-from utils.stage import load_data
 ckpt = load_checkpoint(sys.argv[1], ("rl",))
 args = argparse.Namespace(**ckpt["args"])
 ctx = Context(device=torch.device("cpu"))
 model = model_from_checkpoint(ckpt)
-data = load_data(args, ctx)
+data = load_data(DataSettings.of(args), ctx)
 print(json.dumps(evaluate(model, data.test, ctx, measure_costs(model, args.resize))))
 """
 

@@ -23,7 +23,7 @@ import main_rl_prune
 import main_sp
 from conftest import ROOT
 from helpers import run_script, snapshot, tiny_dataset
-from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from runtime.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.errors import UserError, run_main
 
 DATA = dict(classes=6, train_per_class=32, test_per_class=8, size=16)
@@ -229,7 +229,7 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time, torch
 sys.path.insert(0, {ROOT!r})
-import utils.checkpoint as c
+import runtime.checkpoint as c
 real_save = torch.save
 def slow_save(obj, f):
     f.write(b"PK" * 1000); f.flush()
@@ -381,7 +381,8 @@ def test_stage2_factors_of_two_ranks_equal_one_rank(tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
     tmp, data, res = pipeline
-    from utils.engine import TrainingDiverged, supervised_step
+    from runtime.loop import TrainingDiverged
+    from runtime.steps import supervised_step
     calls = {"n": 0}
     steps_per_epoch = DATA["classes"] * DATA["train_per_class"] // 16
 
@@ -415,7 +416,7 @@ def test_model_from_checkpoint_works_on_raw_images_without_the_training_set(pipe
     reported, with no statistics recomputed. Each number as its stage defines it: stage 1's test_acc is the
     dense network's (open mode, every block) and routed_acc its switches' routes; later stages' test_acc is
     the routed network's (the model's own mode)."""
-    from utils.checkpoint import load_model
+    from runtime.checkpoint import load_model
     tmp, data, res = pipeline
     model, preprocess = load_model(str(res / stage / "checkpoint.pt"))
     test_dir = os.path.join(data, "test")
@@ -513,7 +514,7 @@ def test_recalibrate_bn_reads_a_fixed_sequence_and_leaves_the_rng_alone():
     from models import build_model, make_arch
     from utils.data import BatchLoader
     from utils.dist import Context
-    from utils.engine import recalibrate_bn
+    from runtime.evaluate import recalibrate_bn
     ctx = Context(device=torch.device("cpu"), rank=0, world_size=1, seed=0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 256, (32, 3, 8, 8), generator=g).to(torch.uint8), torch.zeros(32, dtype=torch.long)

@@ -16,7 +16,7 @@ import pytest
 
 import main_search
 import main_sp
-import utils.stage as stage
+import utils.data as stage
 from conftest import ROOT
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 from search.bisection import Knob, next_point, no_trial_reason
@@ -57,7 +57,7 @@ def fresh_result_dir(stage1, name):
 
 def count_test_reads(monkeypatch):
     """Every pass over a loader of the test images, recorded as True when inside the search's final
-    evaluation (every stage and the search build their loaders through utils.stage.load_data)."""
+    evaluation (every stage and the search build their loaders through utils.data.load_data)."""
     reads, test_sets, in_final = [], [], [False]
     real_load, real_loader, real_final = stage.load_dataset, stage.BatchLoader, main_search.evaluate_on_test
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import main_sp
-import utils.stage
+import runtime.stage
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 
 class Stop(Exception):
@@ -37,7 +37,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
     args = [*TINY, "--data_dir", data, "--epochs", "3", "--seed", "3"]
     main_sp.main([*args, "--result_dir", str(tmp_path / "straight")])
 
-    real_train_epoch = utils.stage.train_epoch
+    real_train_epoch = runtime.stage.train_epoch
 
     def dies_mid_epoch_2(ddp, loader, *a, epoch, **kw):
         def batches():
@@ -48,10 +48,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
         proxy = type("Proxy", (), {"__iter__": lambda self: batches(), "__len__": lambda self: len(loader)})()
         return real_train_epoch(ddp, proxy, *a, epoch=epoch, **kw)
 
-    monkeypatch.setattr(utils.stage, "train_epoch", dies_mid_epoch_2)
+    monkeypatch.setattr(runtime.stage, "train_epoch", dies_mid_epoch_2)
     with pytest.raises(Stop):
         main_sp.main([*args, "--result_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", real_train_epoch)
     assert torch.load(tmp_path / "cut" / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     main_sp.main([*args, "--result_dir", str(tmp_path / "cut"), "--resume"])
 

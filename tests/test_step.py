@@ -24,7 +24,9 @@ from models import build_model, make_arch
 from models.resnet import _Mix, compile_step
 from utils.data import BatchLoader
 from utils.dist import Context
-from utils.engine import evaluate, supervised_step, train_epoch
+from runtime.evaluate import evaluate
+from runtime.steps import supervised_step
+from runtime.loop import train_epoch
 from utils.flops import measure_costs
 from utils.synthetic import make_synthetic
 
