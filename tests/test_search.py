@@ -19,6 +19,7 @@ import main_sp
 import utils.data as stage
 from conftest import ROOT
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
+from search import protocol
 from search.bisection import Knob, next_point, no_trial_reason
 from search.phase import open_storage, open_study
 from search.report import missing_notes
@@ -59,7 +60,7 @@ def count_test_reads(monkeypatch):
     """Every pass over a loader of the test images, recorded as True when inside the search's final
     evaluation (every stage and the search build their loaders through utils.data.load_data)."""
     reads, test_sets, in_final = [], [], [False]
-    real_load, real_loader, real_final = stage.load_dataset, stage.BatchLoader, main_search.evaluate_on_test
+    real_load, real_loader, real_final = stage.load_dataset, stage.BatchLoader, protocol.evaluate_on_test
 
     def load_dataset(*args, **kwargs):
         ds = real_load(*args, **kwargs)
@@ -85,7 +86,7 @@ def count_test_reads(monkeypatch):
 
     monkeypatch.setattr(stage, "load_dataset", load_dataset)
     monkeypatch.setattr(stage, "BatchLoader", Loader)
-    monkeypatch.setattr(main_search, "evaluate_on_test", final)
+    monkeypatch.setattr(protocol, "evaluate_on_test", final)
     return reads
 
 
@@ -248,13 +249,13 @@ def test_three_workers_started_together_never_claim_a_point_or_folder_twice(tmp_
 def test_a_dynamic_phase_that_ran_no_trial_says_why(stage1, monkeypatch, capsys):
     """A GFLOPs interval too narrow for a trial: no dynamic trial, and the table says so (not "no trial within
     the budget", which says that trials ran)."""
-    real = main_search.dynamic_knob
+    real = protocol.dynamic_knob
 
     def narrow(*args, **kwargs):
         knob = real(*args, **kwargs)
         return dataclasses.replace(knob, low=knob.high - knob.resolution)
 
-    monkeypatch.setattr(main_search, "dynamic_knob", narrow)
+    monkeypatch.setattr(protocol, "dynamic_knob", narrow)
     out = fresh_result_dir(stage1, "narrow")
     main_search.main(search_argv(stage1, out, "--budget", "50", "--min_compression", "0.5", "--max_compression",
                                  "0.5", "--static_trials", "1", "--dynamic_trials", "2"))
