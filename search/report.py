@@ -17,9 +17,7 @@ from runtime.loop import prepare
 from utils.files import write_json
 from utils.flops import count_params, measure_costs
 from utils.data import DataSettings, load_data
-from utils.table import COLUMNS, to_markdown
-
-ROWS = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
+from utils.table import STAGES, save_table, table_row, to_markdown
 
 
 def _claim(path):
@@ -114,10 +112,9 @@ def table_rows(tested, chosen_info, params_stage1, notes=None):
     """The three rows in utils/table.py's format, each with the settings found and its validation numbers;
     a row without a network gets its note from `notes` ({row: why}, missing_notes)."""
     rows = []
-    for stage, method in ROWS:
+    for stage, method in STAGES:
         t, info = tested.get(stage), chosen_info.get(stage)
-        row = {"method": method, "stage": stage, "present": t is not None, "accuracy": None,
-               "gflops_per_image": None, "params": None, "compression": None, "note": None}
+        row = table_row(stage, method, t is not None)
         if t is None:
             row["note"] = (notes or {}).get(stage) or "no trial within the budget on the validation split"
         else:
@@ -140,10 +137,7 @@ def settings_lines(rows, budget, baseline):
 def write_table(search_dir, rows, budget, baseline, extra):
     """table.md (utils/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
     text = to_markdown(rows) + "\n" + "\n".join(settings_lines(rows, budget, baseline)) + "\n"
-    with open(os.path.join(search_dir, "table.md"), "w") as f:
-        f.write(text)
-    write_json(os.path.join(search_dir, "table.json"), {"columns": list(COLUMNS), "rows": rows, "budget": budget,
-                                                        "baseline_val_acc": baseline, **extra})
+    save_table(search_dir, text, rows, budget=budget, baseline_val_acc=baseline, **extra)
     return text
 
 
