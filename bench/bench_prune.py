@@ -40,9 +40,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from peer_torch_pruning import shaped_like  # noqa: E402
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
+from bench.peer_torch_pruning import shaped_like  # noqa: E402
 from models import build_model  # noqa: E402
 from pruners import model_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402

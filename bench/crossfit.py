@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench import paired  # noqa: E402
 from bench.study import Task, run_all  # noqa: E402
 from gates.ending import CALIBRATION_BATCHES  # noqa: E402

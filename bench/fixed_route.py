@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from gates.routes import best_fixed_route, evaluate_route, recalibrate_route  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.dist import setup  # noqa: E402

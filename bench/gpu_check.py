@@ -59,8 +59,7 @@ import traceback
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before torch: above USDT (5), which logs every profiler start and stop
 import torch  # noqa: E402

@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from utils.cli import Parser  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.synthetic import write_digits, write_synthetic  # noqa: E402

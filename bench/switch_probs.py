@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.dist import setup  # noqa: E402
 from runtime.loop import prepare  # noqa: E402
