@@ -42,6 +42,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench.peer_torch_pruning import shaped_like  # noqa: E402
+from bench.runner import run_script  # noqa: E402
 from models import build_model  # noqa: E402
 from pruners import model_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -61,8 +62,7 @@ def run(argv, log):
     """Run a project script as a user would (2 threads), its output to `log`."""
     print(f"[bench] {' '.join(argv)}  (log: {log})", flush=True)
     with open(log, "w") as f:
-        subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+        run_script(argv, env={"OMP_NUM_THREADS": "2"}, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
 def digits(out=OUT):

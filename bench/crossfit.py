@@ -25,7 +25,7 @@ network. Curves: the threshold swept over budgets, the best fixed route (not fin
     python bench/crossfit.py --quick --out DIR --results DIR   # the same code path in a minute
 
 Writes <results>/crossfit-<data>.json (every number, per unit and pooled) and .md (the tables); work under
-<out> (default bench/out/crossfit-<data>), reused by a rerun of the same commands (bench/study.py's runner).
+<out> (default bench/out/crossfit-<data>), reused by a rerun of the same commands (bench/runner.py).
 """
 import argparse
 import copy
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench import paired  # noqa: E402
-from bench.study import Task, run_all  # noqa: E402
+from bench.runner import Task, run_all  # noqa: E402
 from gates.ending import CALIBRATION_BATCHES  # noqa: E402
 from gates.routes import (best_fixed_route, calibrate_to_flops, evaluate_route, recalibrate_route,  # noqa: E402
                           route_flops)

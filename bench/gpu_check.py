@@ -65,6 +65,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before torch: above USDT (5), 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.runner import run_script  # noqa: E402
 from utils.synthetic import write_synthetic  # noqa: E402
 
 # --tiny: a smoke test that its test runs in under a minute on 2 CPU cores
@@ -134,11 +135,11 @@ def in_thread(fn):
 # ------------------------------------------------------------------------------ running the real scripts
 
 def run_cmd(argv, env, timeout):
-    """One command as a user runs it, from the repository root; its output is kept for parsing."""
+    """`python *argv` as a user runs it, from the repository root; its output is kept for parsing."""
     t0 = time.perf_counter()
-    out = {"cmd": shlex.join(["python" if a == sys.executable else a for a in argv])}
+    out = {"cmd": shlex.join(["python", *argv])}
     try:
-        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        p = run_script(argv, env=env, capture_output=True, text=True, timeout=timeout)
         out.update(rc=p.returncode, stdout=p.stdout, stderr=p.stderr)
     except subprocess.TimeoutExpired as e:
         out.update(rc=None, timed_out=timeout, stdout=_text(e.stdout), stderr=_text(e.stderr))
@@ -271,7 +272,7 @@ class Check:
                 *(["--checkpoint", checkpoint] if checkpoint else [])]
 
     def python(self, argv, timeout=None):
-        return run_cmd([sys.executable, *argv], self.env, timeout or self.timeout)
+        return run_cmd(argv, self.env, timeout or self.timeout)
 
     def ckpt(self, stage, result_dir=None):
         return os.path.join(result_dir or self.results, stage, "checkpoint.pt")
