@@ -147,7 +147,7 @@ class SkipPrice:
 class ReinforceStep:
     """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit.
 
-    stats (per batch; the engine averages them over the epoch): loss (total), ce, acc, reward (mean over
+    stats (per batch; train_epoch averages them over the epoch): loss (total), ce, acc, reward (mean over
     images of all rewards received, undiscounted), policy_loss (summed over the batch), exec_rate (per
     switch, of the sampled routes), gflops (per image, of the sampled routes, switches and rotations
     included), greedy_gflops (per image, greedy decisions along the sampled routes) and alpha.
