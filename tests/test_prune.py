@@ -554,7 +554,7 @@ def test_bad_config_is_one_line_exit_2_and_touches_nothing(stage1, tmp_path, cap
 
 
 def test_readme_documents_every_config_key_as_generated():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config.md")).read()
     assert markdown_table() in readme  # regenerate with: python -m pruners.config
 
 
