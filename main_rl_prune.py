@@ -2,7 +2,7 @@
 pruning alone) learn by REINFORCE to skip blocks per image, the backbone by cross-entropy on the routes
 taken (gates/policy.py). The policy loss follows SkipNet's convention: summed over the images of each
 process's batch (every sampled action gets its own REINFORCE term), so --rl_weight means what it means in
-SkipNet's code, where the seed's flags come from. With --target_gflops G, alpha is adapted during training
+SkipNet's code, where the original flags come from. With --target_gflops G, alpha is adapted during training
 (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
 (the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
@@ -37,7 +37,7 @@ CONTROLLERS = ("counterfactual", "reinforce")
 
 def parse_args(argv=None):
     p = base_parser(__doc__)
-    p.set_defaults(epochs=100, lr=0.001, bs=256)  # the seed's stage-3 command
+    p.set_defaults(epochs=100, lr=0.001, bs=256)  # the original stage-3 command
     m = p.add_argument_group("model (taken from the checkpoint; flags given must agree with it)")
     m.add_argument("--network", default=None, help="if given, must be the checkpoint's network (resnet)")
     m.add_argument("--depth", type=int, default=None, help="if given, must be the checkpoint's depth")

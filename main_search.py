@@ -1,4 +1,4 @@
-"""The seed's protocol in one command: from a stage-1 result, the highest static compression whose fine-tuned
+"""The original protocol in one command: from a stage-1 result, the highest static compression whose fine-tuned
 network stays within --budget points of the unpruned network's accuracy, then on that network the lowest
 stage-3 GFLOPs target that still does, both chosen on the validation split of the stage-1 run (never on
 test); then each chosen network is evaluated once on the test split.
@@ -8,7 +8,7 @@ test); then each chosen network is evaluated once on the test split.
 Reads <result_dir>/sp/checkpoint.pt (stage 1, run with --val_split > 0) and writes <result_dir>/search/:
 search.db (the Optuna studies), trials/ (every trial's stage folder), trials.json, table.md, table.json
 and pareto.png. Run the same command again to continue an interrupted search, or on several machines with
-one --storage (and a shared --result_dir) to split its trials (README: "The search").
+one --storage (and a shared --result_dir) to split its trials (docs/search.md).
 """
 import json
 import os

@@ -165,7 +165,7 @@ def plan(s, units, out, controller, reinforce_check):
                  os.path.join(u, "equal", "prune", "metrics.json"), [f"{name}/route"], equal, eq_cfg),
             Task(f"{name}/evaluate", [*me, "evaluate", u, "--scale", s["name"]], os.path.join(u, "eval.json"),
                  [f"{name}/equal"])]
-        if reinforce_check and seed == s["seeds"][0]:  # the seed's controller, on validation only
+        if reinforce_check and seed == s["seeds"][0]:  # SkipNet's controller, on validation only
             q = s["reinforce"]
             tasks.append(Task(f"{name}/reinforce", lambda u=u, seed=seed, q=q: rl(
                 u, seed, "reinforce", "reinforce", "val",

@@ -1,6 +1,6 @@
 """The real-image study on CPU: scikit-learn's digits through the stage scripts, three seeds. It answers:
 (1) is row 1 (stage 1: a dense start, then SkipNet's supervised phase) as good as plain dense training of
-the same net for the same epochs; (2) do the switches move in stage 3 at the seed's flags (alpha 0.1, gamma 1,
+the same net for the same epochs; (2) do the switches move in stage 3 at the original flags (alpha 0.1, gamma 1,
 rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by main_search.py on the
 validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
 against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
@@ -18,13 +18,13 @@ from the JSON files they write. Layout under --out (default bench/out/study, git
     seed<s>/dense/sp/             the same net trained plainly dense (--train_mode open), same epochs
     seed<s>/search/               main_search.py (first seed): the static + dynamic setting, on validation
     seed<s>/{prune,rl}/           the other seeds: stage 2 at the same compression, stage 3 at the chosen setting
-    seed<s>/seedflags/rl/         stage 3 at the seed's flags from the static network (first seed)
+    seed<s>/seedflags/rl/         stage 3 at the original flags from the static network (first seed)
     seed<s>/equal/prune/          stage 2 pushed to the GFLOPs of the seed's static + dynamic network
     seed<s>/route/route.json      the best fixed route at those GFLOPs (bench/fixed_route.py)
     logs/<task>.log               every subprocess's output
 
 Results (--results, default bench/results/): study.json (everything, means and sample std over seeds),
-study.md (the README's tables), study_points.json and study.png (the picture).
+study.md (the tables docs/study.md links), study_points.json and study.png (the picture).
 
 Jobs run --jobs at a time (default 2), each with --threads torch threads (default 1): on a 2-core machine
 two single-threaded processes beat one process with two threads. A task whose outputs exist from the same
@@ -313,7 +313,7 @@ def seed_results(s, out, seed):
 
 
 def seed_flags(s, out):
-    """Stage 3 at the seed's flags from the first seed's static network: greedy execution rate per switch
+    """Stage 3 at the original flags from the first seed's static network: greedy execution rate per switch
     before (the static network) and after, both on the validation split."""
     before = read_json(os.path.join(searched(s, out)[1]["trial_dir"], "prune", "metrics.json"))
     after = read_json(os.path.join(out, f"seed{s['seeds'][0]}", "seedflags", "rl", "metrics.json"))
@@ -416,7 +416,7 @@ def markdown(s, per_seed, mean, flags, setting, timing, command):
     L.append(f"| mean | {pm(mean['row1_acc'])} | | {pm(mean['dense_acc'])} |")
     if flags:
         b, a = flags["before"], flags["after"]
-        L += ["", f"**2. Stage 3 at the seed's flags** (alpha {flags['flags']['alpha']:g}, gamma "
+        L += ["", f"**2. Stage 3 at the original flags** (alpha {flags['flags']['alpha']:g}, gamma "
               f"{flags['flags']['gamma']:g}, rl_weight {flags['flags']['rl_weight']:g}, lr {flags['flags']['lr']:g}; "
               f"{flags['epochs']} epochs from the static network of seed {s['seeds'][0]}; validation split):", "",
               "| | " + " | ".join(f"switch {j + 1}" for j in range(len(b["exec_rate"]))) + " | val acc (%) | GFLOPs |",

@@ -9,15 +9,15 @@ learn by the policy gradient of a per-image return:
   final reward   r_final = -CE(image)  (detached), received after the last switch
   returns        R_{S+1} = r_final,  R_i = r_i + gamma * R_{i+1}   for i = S .. 1
                  i.e. R_i = sum_{j >= i} gamma^(j-i) r_j + gamma^(S+1-i) r_final
-                 (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the seed
+                 (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the original
                  command, the final reward reaches every switch undiscounted)
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 
-The policy loss is summed over images, not averaged: SkipNet's code, where the seed's flags (alpha 0.1,
+The policy loss is summed over images, not averaged: SkipNet's code, where the original flags (alpha 0.1,
 gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
 (`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
-batch-size times weaker (256x at the seed's --bs 256) and the switches would barely move in 100 epochs.
+batch-size times weaker (256x at the original --bs 256) and the switches would barely move in 100 epochs.
 Under DDP each process sums over its own images and DDP averages the gradients of the processes.
 
 alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target

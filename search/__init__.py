@@ -1,4 +1,4 @@
-"""The search of main_search.py: the seed's protocol (the cheapest static, then static + dynamic network
+"""The search of main_search.py: the original protocol (the cheapest static, then static + dynamic network
 within an accuracy budget, chosen on a validation split) as Optuna studies whose trials are the real stages.
 
     protocol.py   the phases, the choice within the budget and the report (Search)

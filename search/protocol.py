@@ -1,4 +1,4 @@
-"""The seed's protocol: from a stage-1 network, the highest static compression whose fine-tuned network stays
+"""The original protocol: from a stage-1 network, the highest static compression whose fine-tuned network stays
 within the accuracy budget of the unpruned one, then on that network (and --dynamic_networks - 1 more) the
 lowest stage-3 setting that still does, both chosen on the validation split; then each chosen network is
 evaluated once on the test split (search/report.py). The trials are real stage runs (search/trials.py),

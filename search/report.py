@@ -1,4 +1,4 @@
-"""The end of a search: the chosen networks evaluated once on the test split, the seed's three-row table
+"""The end of a search: the chosen networks evaluated once on the test split, the three-row table
 with the settings found, every trial's result and the accuracy / GFLOPs picture of all trials.
 
 Under <search_dir>: final/<row>.json (the one test evaluation of each chosen network, reused while the
