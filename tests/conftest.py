@@ -41,3 +41,13 @@ def mix_switches(model, seed=0):
 @pytest.fixture
 def root():
     return ROOT
+
+
+def one_thread():
+    """Torch on one thread while the fixture that yields from it lives (a module's or a test's). Tiny nets
+    gain nothing from a second thread and lose much when the cores are shared (a thread descheduled at each
+    of thousands of small parallel regions); one thread also computes exactly as one-thread subprocesses."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,6 +16,7 @@ import main_rl_prune
 import main_search
 import main_sp
 import utils.dist
+import conftest
 from conftest import mix_switches
 from helpers import tiny_dataset
 from models import build_model, make_arch
@@ -27,14 +28,11 @@ BF16 = ["--amp", "bf16", "--channels_last", "--device", "cpu", "--num_workers", 
 SIZE = 16
 
 
+# tiny nets gain nothing from a second thread and lose much on shared cores (measured here: stage 1's bf16
+# backward steps take seconds with two threads, tens of milliseconds with one)
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny nets gain nothing from a second thread and lose much on shared cores (measured here: stage 1's
-    bf16 backward steps take seconds with two threads, tens of milliseconds with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 def conv_numerics(seen):

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import main_rl_prune
 import main_sp
 import runtime.stage
+import conftest
 from conftest import ROOT, mix_switches
 from gates.policy import Baseline, ReinforceStep, SkipPrice, discounted_returns, policy_loss, skip_rewards
 from models.switches import log_prob
@@ -37,12 +38,7 @@ CPU = Context(device=torch.device("cpu"))
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny nets gain nothing from a second thread, and lose much when the cores are shared (a thread
-    descheduled at each of thousands of small parallel regions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 # ------------------------------------------------------------------------------- 1. by hand

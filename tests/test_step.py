@@ -15,6 +15,7 @@ import main_rl_prune
 import main_sp
 from bench.bench_step import setup as bench_setup
 from bench.bench_step import top_level_ops
+import conftest
 from conftest import mix_switches
 from gates.optim import make_optimizer
 from gates.policy import Baseline, ReinforceStep, discounted_returns, policy_loss, skip_rewards
@@ -36,11 +37,7 @@ SGD = types.SimpleNamespace(lr=0.05, momentum=0.9, weight_decay=5e-4, switch_lr=
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny nets gain nothing from a second thread and lose much when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 # ------------------------------------------------------------------------------ exactness
