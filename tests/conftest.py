@@ -1,3 +1,9 @@
+"""Shared by the tests: the import path, one thread policy, and the trained networks several modules use.
+
+Session fixtures (each built once, read by many modules; a test that writes into one copies it first with
+shutil.copytree into its tmp_path):
+- `trained_stage1`: a tiny dataset and one stage-1 run on it.
+"""
 import os
 import sys
 
@@ -51,3 +57,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# the tiny dataset of `trained_stage1`, and stage 1's flags common to the modules that run it
+STAGE1_DATA = dict(classes=4, train_per_class=24, test_per_class=6, size=16)
+STAGE1_FLAGS = ["--depth", "8", "--width", "1", "--lr", "0.05", "--resize", "16", "--num_workers", "0",
+                "--device", "cpu"]
+
+
+def write_and_train(tmp, data, argv, results="results"):
+    """Write the tiny dataset `data` (helpers.tiny_dataset's keywords) at tmp/data and run stage 1 in-process
+    with `argv` into tmp/<results>: (tmp, data_dir, result_dir)."""
+    import main_sp
+    from helpers import tiny_dataset
+    data_dir = tiny_dataset(tmp / "data", **data)
+    res = tmp / results
+    main_sp.main([*argv, "--data_dir", data_dir, "--result_dir", str(res)])
+    return tmp, data_dir, res
+
+
+@pytest.fixture(scope="session")
+def trained_stage1(tmp_path_factory):
+    """One stage-1 network for the session: ResNet-8 at width 1 on 4 classes of 16x16 images (24 training, 6
+    test per class), SkipNet's recipe (2 dense epochs, then 2 of the supervised phase with hard switches:
+    one epoch of the latter from a random start leaves the network at chance) with a validation split of
+    0.25 (the search chooses on it). (root, data_dir, result_dir), the checkpoint in
+    result_dir/sp/checkpoint.pt. Read only: copy it (shutil.copytree) before writing beside it."""
+    root = tmp_path_factory.mktemp("stage1")
+    return write_and_train(root, STAGE1_DATA, [*STAGE1_FLAGS, "--epochs", "4", "--dense_epochs", "2", "--bs", "16",
+                                               "--val_split", "0.25"], results="base")

@@ -17,7 +17,6 @@ import main_search
 import main_sp
 import runtime.loop
 import runtime.stage
-from helpers import tiny_dataset
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.dist import Context, setup
 from utils.errors import UserError, run_main
@@ -147,12 +146,10 @@ STARTS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny dataset and a real (CPU) stage-1 run with a validation split (the search needs one)."""
-    root = tmp_path_factory.mktemp("cuda")
-    data = tiny_dataset(root / "data", classes=4, train_per_class=24, test_per_class=6, size=16)
-    main_sp.main([*ARCH, *SMALL, "--epochs", "1", "--lr", "0.05", "--val_split", "0.25", "--device", "cpu",
-                  "--data_dir", data, "--result_dir", str(root / "base")])
+def runs(trained_stage1):
+    """A tiny dataset and a real (CPU) stage-1 run with a validation split (the search needs one): the
+    session's (conftest.trained_stage1), its checkpoint at root/base/sp/checkpoint.pt; read only."""
+    root, data, _ = trained_stage1
     return root, data
 
 

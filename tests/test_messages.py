@@ -14,6 +14,7 @@ import torch
 
 import main_rl_prune
 import main_sp
+from conftest import write_and_train
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from gates.policy import Baseline, policy_loss
 from runtime.checkpoint import save_checkpoint
@@ -31,12 +32,10 @@ CPU = Context(device=torch.device("cpu"))
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """Tiny data and a stage-1 run of one epoch (checkpoint and metrics.json)."""
-    tmp = tmp_path_factory.mktemp("messages")
-    data = tiny_dataset(tmp / "data", **DATA)
-    res = tmp / "results"
-    main_sp.main([*SP, "--data_dir", data, "--result_dir", str(res), "--epochs", "1"])
-    return tmp, data, res
+    """Tiny data and a stage-1 run of one epoch (checkpoint and metrics.json). Its own, not the session's
+    (conftest.trained_stage1): the messages asserted name its 32 training images (the smallest --val_split
+    that holds one out is 1/32), and the full-disk test resumes it with these flags."""
+    return write_and_train(tmp_path_factory.mktemp("messages"), DATA, [*SP, "--epochs", "1"])
 
 
 def one_line_exit_2(capsys, main, argv, *words):

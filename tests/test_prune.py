@@ -49,7 +49,10 @@ def relative_error(a, b):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A depth-8 width-1 network trained by main_sp.py on a learnable 16x16 dataset: (data_dir, result_dir).
-    SkipNet's recipe: a dense start (every block trains), then the supervised phase with hard switches."""
+    SkipNet's recipe: a dense start (every block trains), then the supervised phase with hard switches.
+    Its own, not the session's (conftest.trained_stage1: 4 classes, 96 training images): the eigenbasis
+    tests measure losses and Fisher statistics of a 10-class net on 600 images, and accuracies against
+    10-class chance."""
     data = tiny_dataset(tmp_path_factory.mktemp("data") / "png", size=SIZE)
     results = str(tmp_path_factory.mktemp("results"))
     main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--dense_epochs", "2", "--bs", "32", "--lr", "0.05",

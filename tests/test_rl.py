@@ -191,14 +191,15 @@ TINY = ["--bs", "32", "--num_workers", "0", "--device", "cpu", "--resize", "16"]
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """A stage-1 result (real, main_sp.py) and a stage-2 result beside it: the stage-1 network with some
-    convs factored (random eigenbases; stage 3 only needs the architecture and the weights)."""
+def stages(tmp_path_factory, trained_stage1):
+    """A stage-1 result (real, main_sp.py: the session's, conftest.trained_stage1, copied with its data, into
+    which a test writes a file list) and a stage-2 result beside it: the stage-1 network with some convs
+    factored (random eigenbases; stage 3 only needs the architecture and the weights)."""
     tmp = tmp_path_factory.mktemp("rl")
-    data = tiny_dataset(tmp / "data", classes=4, train_per_class=40, test_per_class=16, size=16)
+    _, shared_data, shared_results = trained_stage1
+    data = str(shutil.copytree(shared_data, tmp / "data"))
     results = tmp / "results"
-    main_sp.main([*TINY, "--depth", "8", "--width", "1", "--lr", "0.05", "--epochs", "2", "--data_dir", data,
-                  "--result_dir", str(results)])
+    shutil.copytree(shared_results / "sp", results / "sp")
     sp = load_checkpoint(str(results / "sp" / "checkpoint.pt"))
     arch = {**sp["arch"], "ranks": {"blocks.1.conv1": [8, 8], "blocks.1.conv2": [8, 8],
                                     "blocks.2.conv1": [10, 10], "blocks.2.conv2": [12, 12]}}
@@ -381,7 +382,8 @@ print(json.dumps(evaluate(model, data.test, ctx, measure_costs(model, args.resiz
 @pytest.fixture(scope="module")
 def deeper_stage1(tmp_path_factory):
     """A stage-1 ResNet-14 (5 switches) on a little more data than `stages`: enough routes per image for a
-    FLOPs target to be met closely."""
+    FLOPs target to be met closely. Its own, not the session's ResNet-8 (conftest.trained_stage1): the
+    target's 3% tolerance rests on these 5 switches and 160 test images."""
     tmp = tmp_path_factory.mktemp("target")
     data = tiny_dataset(tmp / "data", classes=4, train_per_class=80, test_per_class=40, size=16)
     main_sp.main([*TINY, "--depth", "14", "--width", "1", "--lr", "0.05", "--epochs", "2", "--data_dir", data,

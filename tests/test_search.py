@@ -15,7 +15,6 @@ import optuna
 import pytest
 
 import main_search
-import main_sp
 import utils.data as stage
 from conftest import ROOT
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
@@ -28,15 +27,11 @@ STAGE_FLAGS = ["--rl_epochs", "1", "--rl_lr", "0.01", "--rl_bs", "16", "--rl_wei
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    """A stage-1 result trained with a validation split, and a small stage-2 config."""
+def stage1(tmp_path_factory, trained_stage1):
+    """The session's stage-1 result (conftest.trained_stage1: trained with a validation split, SkipNet's
+    recipe) seen as base/, beside a small stage-2 config; the searches write their own folders here."""
     root = tmp_path_factory.mktemp("search")
-    data = tiny_dataset(root / "data", classes=4, train_per_class=24, test_per_class=6, size=16)
-    # SkipNet's recipe, as the demo: a dense start, then the supervised phase with hard switches (one epoch of
-    # the latter from a random start leaves the network at chance, its validation accuracy noise)
-    main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--dense_epochs", "2", "--lr", "0.05", "--bs", "16",
-                  "--num_workers", "0", "--resize", "16", "--val_split", "0.25", "--device", "cpu", "--data_dir", data,
-                  "--result_dir", str(root / "base")])
+    (root / "base").symlink_to(trained_stage1[2], target_is_directory=True)  # read only
     config = root / "prune.json"
     # EigenDamage's plain ranking: on this 4-class net (24 validation images, one is 4.2 points) it is the one
     # whose static trials stay within the tests' budget; the search's machinery is what is tested here
