@@ -2,9 +2,11 @@
 
 Session fixtures (each built once, read by many modules; a test that writes into one copies it first with
 shutil.copytree into its tmp_path):
-- `trained_stage1`: a tiny dataset and one stage-1 run on it.
+- `trained_stage1`: a tiny dataset and one stage-1 run on it;
+- `pipeline`: that stage-1 result followed by stage 2 and stage 3 in a result dir of its own.
 """
 import os
+import shutil
 import sys
 
 # Before torch is imported: OpenMP threads that spin while waiting starve each other on a loaded 2-core
@@ -86,3 +88,33 @@ def trained_stage1(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
     return write_and_train(root, STAGE1_DATA, [*STAGE1_FLAGS, "--epochs", "4", "--dense_epochs", "2", "--bs", "16",
                                                "--val_split", "0.25"], results="base")
+
+
+PIPELINE_COMMON = ["--bs", "16", "--num_workers", "0", "--device", "cpu"]
+PIPELINE_RL = ["--lr", "0.01", "--alpha", "0.5", *PIPELINE_COMMON]  # the resize comes from the checkpoint
+
+
+def prune_config(path, results, data, **over):
+    """A small stage-2 config file at `path` (results, data and any key overridden by `over`)."""
+    import json
+    cfg = {"result_dir": str(results), "data_dir": str(data), "num_workers": 0,
+           "device": "cpu", "compression": 0.4, "epochs": 1, "lr": 0.01, "bs": 16, "fisher_batches": 2, **over}
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, trained_stage1):
+    """A finished three-stage run (checkpoints of every stage) to be hostile against, to kill and resume
+    from: `trained_stage1`'s stage 1 copied, then stage 2 and stage 3 of one epoch each. (tmp, data_dir,
+    result_dir); tmp is a folder of its own to build inputs in. Read only, like `trained_stage1`."""
+    import main_prune
+    import main_rl_prune
+    _, data, base = trained_stage1
+    tmp = tmp_path_factory.mktemp("pipeline")
+    res = tmp / "results"
+    shutil.copytree(base / "sp", res / "sp")
+    main_prune.main(["--config_path", prune_config(tmp / "config.json", res, data)])
+    main_rl_prune.main([*PIPELINE_RL, "--data_dir", data, "--result_dir", str(res), "--epochs", "1"])
+    return tmp, data, res

@@ -1,6 +1,7 @@
 """Stage 2 (pruners/, main_prune.py): EigenDamage pruning, rebuild, fine-tuning run, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import main_prune
 import main_sp
 import runtime.stage
 from conftest import ROOT, mix_switches
+from conftest import prune_config as pipeline_config
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 from models import FactoredConv, build_model, make_arch
 from pruners import (CRITERIA, collect_factors, decompose, in_channel_basis, model_flops, prune, rebuild,
@@ -569,3 +571,25 @@ def test_set_null_clears_a_key_of_the_shipped_config():
     cfg = load_config(os.path.join(ROOT, "config.json"), {"device": None}, sets=sets)
     assert cfg["schedule"][0]["target"] == "gflops" and cfg["schedule"][0]["value"] == 0.5
     assert cfg["device"] is None
+
+
+@pytest.mark.parametrize("ratio,limit", [(0.02, 0.05), (0.3, 0.95)])
+def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsys, ratio, limit):
+    """Stage 2 reports the directions it removed, not those under the threshold. With prune_ratio_limit 0.05 a
+    side of 16 / 32 / 64 channels (the width-1 net) loses at most 0 / 1 / 3 directions, and no such cut makes
+    a layer's factored form smaller: the ratio removes nothing, and says so."""
+    tmp, data, res = pipeline  # conftest's session three-stage run: its stage 1 copied, stage 2 run here
+    shutil.copytree(res / "sp", tmp_path / "sp")
+    main_prune.main(["--config_path", pipeline_config(tmp_path / "c.json", tmp_path, data, compression=None,
+                                                   ratio=ratio, epochs=0, prune_ratio_limit=limit)])
+    report = json.load(open(tmp_path / "prune" / "metrics.json"))["rounds"][0]
+    stage1 = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
+    convs = dict(stage1.named_modules())
+    ranks = torch.load(tmp_path / "prune" / "checkpoint.pt", weights_only=True)["arch"]["ranks"]
+    removed = sum(convs[n].in_channels - r_in + convs[n].out_channels - r_out for n, (r_in, r_out) in ranks.items())
+    assert report["directions_cut"] == removed
+    assert report["ratio"] == pytest.approx(removed / report["directions"])
+    err = capsys.readouterr().err
+    assert ("removes nothing" in err) == (removed == 0)
+    assert (removed == 0) == (limit == 0.05)
+    assert report["directions_under_threshold"] == int(ratio * report["directions"]) > 0  # cut, but kept by the rules
