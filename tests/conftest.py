@@ -1,5 +1,9 @@
 """Shared by the tests: the import path, one thread policy, and the trained networks several modules use.
 
+Fast loop: `python -m pytest -m "not slow"` runs every module's unit behaviour (under 90 s on 2 idle cores);
+the tests marked `slow` (end-to-end stage runs, subprocess pipelines, torchrun, the study / crossfit quick
+runs, the GPU check's dry run) run with the full suite, `python -m pytest`.
+
 Session fixtures (each built once, read by many modules; a test that writes into one copies it first with
 shutil.copytree into its tmp_path):
 - `trained_stage1`: a tiny dataset and one stage-1 run on it;

@@ -79,6 +79,7 @@ def runs(tmp_path_factory):
     return root, data, res, logs
 
 
+@pytest.mark.slow
 def test_three_stages_train_in_bf16_and_save_float32_checkpoints(runs):
     root, data, res, logs = runs
     for stage, (out, seen) in logs.items():
@@ -109,6 +110,7 @@ def test_three_stages_train_in_bf16_and_save_float32_checkpoints(runs):
                                               for s in ("sp", "prune", "rl")]
 
 
+@pytest.mark.slow
 def test_search_trials_run_in_bf16(runs, tmp_path, monkeypatch):
     """main_search.py has no --amp: its static trials take the stage-2 config's amp / channels_last keys (passed
     through --prune_config); its dynamic trials and its own evaluations take the device's default (bf16 +
@@ -167,6 +169,7 @@ def accuracy(logits, y):
     return 100.0 * (logits.argmax(1) == y).sum().item() / len(y)  # as runtime.evaluate.evaluate: the same float
 
 
+@pytest.mark.slow
 def test_export_of_the_bf16_trained_network_keeps_its_top1(runs, routed, tmp_path):
     root, data, res, logs = runs
     path = f"{res}/rl/checkpoint.pt"
@@ -212,6 +215,7 @@ def test_skip_execution_equals_masked_execution_under_bf16(gate, channels_last):
     torch.testing.assert_close(skipped.float(), masked.float(), atol=4 * 2 ** -8 * scale, rtol=0)
 
 
+@pytest.mark.slow
 def test_skip_equals_masked_on_the_bf16_trained_network(runs):
     root, data, res, logs = runs
     model, preprocess = load_model(f"{res}/rl/checkpoint.pt")
@@ -229,6 +233,7 @@ def test_skip_equals_masked_on_the_bf16_trained_network(runs):
     torch.testing.assert_close(skipped.float(), masked.float(), atol=4 * 2 ** -8 * scale, rtol=0)
 
 
+@pytest.mark.slow
 def test_bf16_routes_agree_with_float32(routed):
     """Greedy routes (model(x)[1]) of float32 vs bf16 autocast + channels_last. Counted per (image, switch)
     decision: one flip changes the input of every later switch of that image, so per-image routes compound

@@ -157,6 +157,7 @@ def device_flag(device):
     return ["--device", device] if device else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", list(STARTS))
 def test_stage1_reaches_training_on_the_right_gpu(runs, tmp_path, monkeypatch, start):
     device, count, env, index, processes = STARTS[start]
@@ -184,6 +185,7 @@ PRUNE_STARTS = {  # (config's device key (absent: "-"), --device flag, GPUs, tor
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", list(PRUNE_STARTS))
 def test_stage2_reaches_fine_tuning_on_the_right_gpu(runs, tmp_path, monkeypatch, start):
     key, flag, count, env, index, processes = PRUNE_STARTS[start]
@@ -194,6 +196,7 @@ def test_stage2_reaches_fine_tuning_on_the_right_gpu(runs, tmp_path, monkeypatch
     gpus.check(index, processes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["no --device", "--device cuda:0", "torchrun 2 processes, rank 1"])
 def test_stage3_reaches_training_on_the_right_gpu(runs, tmp_path, monkeypatch, start):
     device, count, env, index, processes = STARTS[start]
@@ -205,6 +208,7 @@ def test_stage3_reaches_training_on_the_right_gpu(runs, tmp_path, monkeypatch, s
     gpus.check(index, processes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", [None, "cuda"])
 def test_search_reaches_its_first_trial_on_the_gpu(runs, tmp_path, monkeypatch, device):
     """The search's own evaluation (the unpruned baseline) and its first stage-2 trial, on cuda:0."""
@@ -322,6 +326,7 @@ def record_step(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, dtype, nhwc", [([], torch.float32, False),
                                                 (["--amp", "bf16", "--channels_last"], torch.bfloat16, True),
                                                 (["--amp", "bf16", "--no-channels_last"], torch.bfloat16, False),
@@ -336,6 +341,7 @@ def test_cpu_step_runs_in_the_chosen_precision_and_layout(runs, tmp_path, monkey
     assert seen["batch_channels_last"] is nhwc and seen["weights_channels_last"] is nhwc, seen
 
 
+@pytest.mark.slow
 def test_short_bf16_channels_last_run_on_cpu_is_finite_and_reloads_in_float32(runs, tmp_path, capsys):
     root, data = runs
     main_sp.main([*ARCH, *SMALL, "--epochs", "2", "--dense_epochs", "1", "--lr", "0.05", "--device", "cpu",

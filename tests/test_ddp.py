@@ -18,6 +18,7 @@ from utils.errors import UserError, run_main
 SP = [*STAGE1_FLAGS, "--bs", "16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
 def test_torchrun_two_processes(pipeline, tmp_path, stage):
     tmp, data, res = pipeline
@@ -66,6 +67,7 @@ def _factors_on_rank(rank, world_size, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_stage2_factors_of_two_ranks_equal_one_rank(tmp_path):
     import torch.multiprocessing as mp
     for world_size in (1, 2):

@@ -179,6 +179,7 @@ def test_hostile_input_table(pipeline, capsys):
         json.dump(outcomes, f, indent=1)
 
 
+@pytest.mark.slow
 def test_hostile_input_real_processes(pipeline):
     """A few of the cases as real processes: exit status 2, one line, no traceback, nothing written."""
     tmp, data, res = pipeline
@@ -191,6 +192,7 @@ def test_hostile_input_real_processes(pipeline):
     assert not (tmp / "bad" / "PWNED").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate", ["rnn", "ff"])
 def test_batch_of_one_and_smallest_resolution_in_all_three_stages(tmp_path, gate, capsys):
     """--bs 1, the smallest --resize (8), and a last evaluation batch of one image (9 test images in

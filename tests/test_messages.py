@@ -245,6 +245,7 @@ def test_path_errors_name_the_path_and_the_reason(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file", "isdir"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_loses_nothing(stage1, tmp_path, monkeypatch, capsys):
     """A resumed stage-1 run whose next checkpoint, then whose metrics.json, cannot be written: one line
     naming the file and the reason, and the previous file byte for byte as it was."""

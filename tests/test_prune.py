@@ -417,6 +417,7 @@ def test_iterative_rounds_stay_three_convs_deep_and_compress_more(trained):
 
 # ----------------------------------------------------------------------- 8: checkpoint, fresh process
 
+@pytest.mark.slow
 def test_checkpoint_reloads_in_a_fresh_process_with_the_same_outputs(trained, tmp_path):
     model, batches, _ = trained
     torch.manual_seed(0)
@@ -449,6 +450,7 @@ def write_config(path, stage1, **keys):
     return str(path)
 
 
+@pytest.mark.slow
 def test_main_prune_end_to_end_with_resume(stage1, tmp_path, monkeypatch):
     _, results = stage1
     config = write_config(tmp_path / "config.json", stage1)
@@ -474,6 +476,7 @@ def test_main_prune_end_to_end_with_resume(stage1, tmp_path, monkeypatch):
     assert os.listdir(os.path.join(results, "prune", "tb"))
 
 
+@pytest.mark.slow
 def test_main_prune_iterative_rounds_with_fixed_rotations(stage1, tmp_path):
     config = write_config(tmp_path / "config.json", stage1, compression=..., prune_mode="iterative",
                           fix_rotation=True, result_dir=str(tmp_path / "results"),
@@ -536,6 +539,7 @@ def bad_cases(tmp, stage1):
     ]
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_line_exit_2_and_touches_nothing(stage1, tmp_path, capsys):
     _, results = stage1
     before = snapshot(results)

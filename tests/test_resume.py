@@ -25,6 +25,7 @@ from utils.errors import UserError
 SP = [*STAGE1_FLAGS, "--bs", "16"]
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(str(path), {"stage": "sp", "epoch": 1, "model": {"w": torch.ones(3)}})
@@ -82,6 +83,7 @@ def _same_weights(a, b):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-target"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, stage):
     """Killed in epoch 2, the resumed run's weights are the uninterrupted run's bit for bit. rl-target
@@ -124,6 +126,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(pipeline, tmp_path, 
         assert len(a["ending"]["calibration"]) == 3 and len(a["ending"]["route_epochs"]) == 2, a["ending"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
     tmp, data, res = pipeline
     from runtime.loop import TrainingDiverged
@@ -152,6 +155,7 @@ def one_thread():
     yield from conftest.one_thread()
 
 
+@pytest.mark.slow
 def test_stage2_killed_at_the_end_or_resumed_when_finished_ends_exactly_as_uninterrupted(pipeline, tmp_path,
                                                                                          one_thread):
     """Killed right after the last epoch's checkpoint or during the final BN re-estimation, then resumed;
@@ -175,6 +179,7 @@ def test_stage2_killed_at_the_end_or_resumed_when_finished_ends_exactly_as_unint
     assert all(torch.equal(v, before[k]) for k, v in torch.load(straight, weights_only=True)["model"].items())
 
 
+@pytest.mark.slow
 def test_iterative_rounds_checked_up_front_and_resume_after_a_later_round_changes(pipeline, tmp_path):
     tmp, data, res = pipeline
     rounds = lambda *targets: [{"ratio": t, "epochs": 1} for t in targets]  # noqa: E731

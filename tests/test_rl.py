@@ -225,6 +225,7 @@ def _rl(data, results, *more):
     return json.load(open(results / "rl" / "metrics.json"))
 
 
+@pytest.mark.slow
 def test_from_a_pruned_checkpoint_and_the_table(stages):
     data, results = stages
     rl = _rl(data, results, "--epochs", "1")
@@ -248,6 +249,7 @@ def test_from_a_pruned_checkpoint_and_the_table(stages):
     assert f"{rl['test_acc']:.2f}%" in markdown
 
 
+@pytest.mark.slow
 def test_route_epochs_train_the_backbone_on_greedy_routes_and_leave_the_switches(stages, tmp_path):
     """--route_epochs 1 after zero stage-3 epochs: the switches (the routes) are the source's exactly, the
     backbone has moved, the greedy routes in hard mode are what the saved model runs, and the ending is
@@ -274,6 +276,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("controller", ["counterfactual", "reinforce"])
 def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypatch, controller):
     data, results = stages
@@ -391,6 +394,7 @@ def deeper_stage1(tmp_path_factory):
     return data, tmp / "results"
 
 
+@pytest.mark.slow
 def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deeper_stage1):
     """With route epochs after the training: the threshold is calibrated after the training, before every
     further route epoch and after the BN re-estimate, and the saved model meets the target."""
@@ -416,6 +420,7 @@ def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deep
     assert fresh["exec_rate"] == rl["exec_rate"]
 
 
+@pytest.mark.slow
 def test_unreachable_target_is_refused_up_front(deeper_stage1, tmp_path):
     data, results = deeper_stage1
     shutil.copytree(results / "sp", tmp_path / "sp")
@@ -463,6 +468,7 @@ def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
     assert model.route is None  # the model is left as it was
 
 
+@pytest.mark.slow
 def test_routes_by_difficulty_splits_the_stage_evaluation_exactly(stages, tmp_path):
     """bench/routes_by_difficulty.py on a stage-3 network, half the test images listed as hard: its two
     groups, weighted by their sizes, give back exactly the accuracy, GFLOPs and execution rates of the

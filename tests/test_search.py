@@ -85,6 +85,7 @@ def count_test_reads(monkeypatch):
     return reads
 
 
+@pytest.mark.slow
 def test_search_keeps_the_budget_and_reads_test_once_per_chosen_network(stage1, monkeypatch):
     out = fresh_result_dir(stage1, "one")
     reads = count_test_reads(monkeypatch)
@@ -119,6 +120,7 @@ def test_search_keeps_the_budget_and_reads_test_once_per_chosen_network(stage1, 
     assert reads == [] and json.loads((search / "table.json").read_text())["rows"] == table["rows"]
 
 
+@pytest.mark.slow
 def test_search_resumes_after_being_killed_mid_trial(stage1):
     out = fresh_result_dir(stage1, "killed")
     argv = ["main_search.py", *search_argv(stage1, out, "--static_trials", "3", "--dynamic_trials", "1",
@@ -148,6 +150,7 @@ def test_search_resumes_after_being_killed_mid_trial(stage1):
     assert (out / "search" / "table.md").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_without_running_a_trial_twice(stage1):
     out = fresh_result_dir(stage1, "shared")
     storage = f"sqlite:///{out}/shared.db"
@@ -200,6 +203,7 @@ for round_dir in iter(sys.stdin.readline, ""):
 """
 
 
+@pytest.mark.slow
 def test_three_workers_started_together_never_claim_a_point_or_folder_twice(tmp_path):
     """Five launches of three workers released together on a fresh study: every point and every folder
     runs once, the phase runs exactly its 6 trials, and every worker (a loser of a race included) exits 0.
@@ -241,6 +245,7 @@ def test_three_workers_started_together_never_claim_a_point_or_folder_twice(tmp_
         assert w.returncode == 0 and "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_dynamic_phase_that_ran_no_trial_says_why(stage1, monkeypatch, capsys):
     """A GFLOPs interval too narrow for a trial: no dynamic trial, and the table says so (not "no trial within
     the budget", which says that trials ran)."""
@@ -292,6 +297,7 @@ def test_why_a_phase_ran_no_trial_is_told_apart_from_trials_outside_the_budget()
     assert missing_notes(study(True), [], True, 0, [])["rl"] == "the dynamic phase was not run (--dynamic_trials 0)"
 
 
+@pytest.mark.slow
 def test_final_split_val_needs_a_validation_split(tmp_path):
     data = tiny_dataset(tmp_path / "data", classes=2, train_per_class=8, test_per_class=2, size=16)
     proc = run_script("main_sp.py", "--depth", "8", "--width", "1", "--epochs", "1", "--num_workers", "0",
@@ -300,6 +306,7 @@ def test_final_split_val_needs_a_validation_split(tmp_path):
     assert_one_line_error(proc, "--final_split val", "--val_split")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [(["--gamma", "2"], ["--gamma 2.0", "stage 3"]),
                                          (["--rl_lr", "inf"], ["--rl_lr inf", "finite"]),
                                          (["--rl_route_epochs", "2", "--rl_route_lr", "0"], ["--rl_route_lr"])])

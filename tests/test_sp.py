@@ -20,6 +20,7 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("data") / "png")
 
 
+@pytest.mark.slow
 def test_tiny_training_gets_well_above_chance(data, tmp_path):
     # 2 dense epochs, then 2 of SkipNet's supervised phase (skipping from the first step of a 4-epoch run
     # leaves the dense network, the table's row 1, near chance)
@@ -33,6 +34,7 @@ def test_tiny_training_gets_well_above_chance(data, tmp_path):
     assert ckpt["stage"] == "sp" and ckpt["epoch"] == 4 and ckpt["arch"]["depth"] == 8
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, monkeypatch):
     args = [*TINY, "--data_dir", data, "--epochs", "3", "--seed", "3"]
     main_sp.main([*args, "--result_dir", str(tmp_path / "straight")])
@@ -81,6 +83,7 @@ def _bad_cases(tmp, data):
     ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(data, tmp_path):
     good = tmp_path / "good"
     main_sp.main([*TINY, "--data_dir", data, "--result_dir", str(good), "--epochs", "1"])
@@ -91,6 +94,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(data, tmp_path):
         assert snapshot(good) == before, argv
 
 
+@pytest.mark.slow
 def test_switches_route_per_image_and_row_1_is_the_dense_network(data, tmp_path):
     """SkipNet's supervised phase: after a short stage 1 every switch's p varies over the test images, the
     LSTM and the projections have learnt, and metrics.json's row is the dense network (every block, no

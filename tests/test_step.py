@@ -181,6 +181,7 @@ def _losses(kind, backend, steps=20):
     return torch.stack(losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["joint", "rl"])
 def test_compiled_step_trains_as_the_eager_one(kind):
     """20 SGD steps of stage 1's joint step (dense + hard routes) and of stage 3's step, eager and compiled:
@@ -199,6 +200,7 @@ def test_compile_flag_and_its_defaults():
     assert (step.backend, step.mode) == ("aot_eager", None)
 
 
+@pytest.mark.slow
 def test_stage1_runs_compiled(tmp_path):
     data = tiny_dataset(tmp_path / "data", classes=4, train_per_class=16, test_per_class=8, size=16)
     main_sp.main(["--depth", "8", "--width", "1", "--bs", "16", "--num_workers", "0", "--device", "cpu",
