@@ -10,7 +10,7 @@
 3. prints the table that main_rl_prune.py wrote to <result_dir>/table.md.
 
 The sizes are the demo's, not the paper's: 16x16 images of 10 synthetic classes, a thin ResNet-20 and a
-few epochs, with a larger skip reward (alpha 1.0) and learning rate in stage 3 than the seed's CIFAR-100
+few epochs, with a larger skip reward (alpha 1.0) and learning rate in stage 3 than the original CIFAR-100
 command (alpha 0.1, 100 epochs there, 15 here); rl_weight 0.01 per image (the policy loss is summed over
 the 64 images of a batch). Each stage runs on one thread (OMP_NUM_THREADS=1 unless set): convolutions this
 small gain little from a second one, and lose much when the cores are shared. The accuracies differ from

@@ -11,20 +11,22 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 from pruners import check_schedule, evenly_spaced, prunable_convs, prune, set_rotations_trainable
 from pruners.config import load_config
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import Parser
 from utils.dist import setup, teardown
-from utils.engine import dense_step, evaluate, make_scheduler, prepare, recalibrate_bn, supervised_step
+from runtime.steps import dense_step, supervised_step
+from runtime.evaluate import evaluate, recalibrate_bn
+from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 from utils.flops import count_params, dense_flops, measure_costs
-from utils.stage import StageRun, check_batch_shapes, check_result_dir, load_data, restore_training_state
+from runtime.stage import StageRun, check_batch_shapes, check_result_dir, restore_training_state
+from utils.data import DataSettings, load_data
 
 
 def parse_args(argv=None):
@@ -136,7 +138,7 @@ def main(argv=None):
         recorded, source = ckpt.get("pipeline"), f"--resume {resume_from}"
     else:
         recorded, source = stage1.get("pipeline"), f"checkpoint {stage1_path}"
-    data = load_data(SimpleNamespace(**cfg), ctx, recorded=recorded, source=source, resuming=bool(ckpt))
+    data = load_data(DataSettings.of(cfg), ctx, recorded=recorded, source=source, resuming=bool(ckpt))
     if stage1["arch"]["num_classes"] != data.num_classes:
         raise UserError(f"checkpoint {stage1_path}: its network has {stage1['arch']['num_classes']} classes, "
                         f"data_dir {cfg['data_dir']} holds {data.num_classes}")
@@ -176,12 +178,12 @@ def main(argv=None):
         scheduler = make_scheduler(optimizer, cfg["scheduler"], spec["epochs"], len(data.train))
         costs = measure_costs(model, data.image_size)
 
-        def payload(r=r):
+        def own_state():  # this round's: called only while it runs
             return {"round": r, "history": history, "schedule": schedule, "config": cfg,
                     "params_stage1": params_stage1, "stage1_checkpoint": stage1_path}
 
         def save(epoch):
-            run.save({**run.state(model, optimizer, scheduler, epoch), **payload()})
+            run.save(model, optimizer, scheduler, epoch, own_state())
 
         if resuming:
             start = restore_training_state(ckpt, optimizer, scheduler)
@@ -189,7 +191,7 @@ def main(argv=None):
             start = 0
             save(0)  # right after pruning: --resume continues the fine-tuning from here
         run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
-                epochs=spec["epochs"], start_epoch=start, costs=costs, payload=payload, log_offset=logged,
+                epochs=spec["epochs"], start_epoch=start, costs=costs, own_state=own_state, log_offset=logged,
                 evals=evals, total_epochs=total_epochs)
         t0 = time.perf_counter()
         # One epoch of shuffled, augmented training batches in the mode the weights were trained in: the

@@ -2,7 +2,7 @@
 pruning alone) learn by REINFORCE to skip blocks per image, the backbone by cross-entropy on the routes
 taken (gates/policy.py). The policy loss follows SkipNet's convention: summed over the images of each
 process's batch (every sampled action gets its own REINFORCE term), so --rl_weight means what it means in
-SkipNet's code, where the seed's flags come from. With --target_gflops G, alpha is adapted during training
+SkipNet's code, where the original flags come from. With --target_gflops G, alpha is adapted during training
 (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
 (the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
@@ -19,15 +19,16 @@ from gates.ending import end_training
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
 from models.resnet import compile_step
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
-from utils.engine import make_scheduler, prepare
+from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, parent_record
-from utils.flops import count_params, measure_costs
-from utils.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, load_data,
-                         restore_training_state, resume_path)
+from utils.flops import count_params, measure_costs, skipped_flops
+from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, restore_training_state,
+                           resume_path)
+from utils.data import DataSettings, load_data
 from utils.table import write_table
 
 
@@ -36,7 +37,7 @@ CONTROLLERS = ("counterfactual", "reinforce")
 
 def parse_args(argv=None):
     p = base_parser(__doc__)
-    p.set_defaults(epochs=100, lr=0.001, bs=256)  # the seed's stage-3 command
+    p.set_defaults(epochs=100, lr=0.001, bs=256)  # the original stage-3 command
     m = p.add_argument_group("model (taken from the checkpoint; flags given must agree with it)")
     m.add_argument("--network", default=None, help="if given, must be the checkpoint's network (resnet)")
     m.add_argument("--depth", type=int, default=None, help="if given, must be the checkpoint's depth")
@@ -156,7 +157,7 @@ def check_target(args, costs):
     above the cost with all executed) is refused before any work."""
     if args.target_gflops is None:
         return
-    low = (costs["base"] + costs["switches"]) / 1e9
+    low = skipped_flops(costs) / 1e9
     high = low + sum(costs["blocks"]) / 1e9
     if not low < args.target_gflops < high:
         raise UserError(f"--target_gflops {args.target_gflops} is out of reach: this network costs {low:.4g} "
@@ -191,7 +192,7 @@ def main(argv=None):
             raise UserError(f"--resume {path}: began from another network than {source['path']} holds now (an "
                             f"earlier stage was rerun since); start stage 3 afresh")
     check_flags_match(args, ckpt["arch"], path, flag)
-    data = load_data(args, ctx, recorded=ckpt.get("pipeline"), source=f"{flag} {path}", resuming=bool(args.resume))
+    data = load_data(DataSettings.of(args), ctx, recorded=ckpt.get("pipeline"), source=f"{flag} {path}", resuming=bool(args.resume))
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
@@ -223,13 +224,13 @@ def main(argv=None):
         step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
     if args.compile:
         step = compile_step(step, ctx.device)
-    payload = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
-                                                       "source": source, "ending": ending}}
+    own_state = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
+                                                         "source": source, "ending": ending}}
     run.fit(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, step_fn=step,
-            epochs=args.epochs, start_epoch=start, costs=costs, payload=payload)
+            epochs=args.epochs, start_epoch=start, costs=costs, own_state=own_state)
     if not ending:  # a run resumed after its ending was saved does not redo it
         ending = end_training(ddp, data, ctx, costs, target, args)
-        run.save({**run.state(model, optimizer, scheduler, args.epochs), **payload()})
+        run.save(model, optimizer, scheduler, args.epochs, own_state())
     alpha_final = price.alpha.item()
     run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
     run.finish(model, ddp, data, costs, {

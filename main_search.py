@@ -1,4 +1,4 @@
-"""The seed's protocol in one command: from a stage-1 result, the highest static compression whose fine-tuned
+"""The original protocol in one command: from a stage-1 result, the highest static compression whose fine-tuned
 network stays within --budget points of the unpruned network's accuracy, then on that network the lowest
 stage-3 GFLOPs target that still does, both chosen on the validation split of the stage-1 run (never on
 test); then each chosen network is evaluated once on the test split.
@@ -8,28 +8,26 @@ test); then each chosen network is evaluated once on the test split.
 Reads <result_dir>/sp/checkpoint.pt (stage 1, run with --val_split > 0) and writes <result_dir>/search/:
 search.db (the Optuna studies), trials/ (every trial's stage folder), trials.json, table.md, table.json
 and pareto.png. Run the same command again to continue an interrupted search, or on several machines with
-one --storage (and a shared --result_dir) to split its trials (README: "The search").
+one --storage (and a shared --result_dir) to split its trials (docs/search.md).
 """
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import optuna
 
-from search.bisection import Knob, label, no_trial_reason
-from search.phase import Worker, open_storage, open_study, trial_records
-from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
-from search.trials import DYNAMIC_KNOBS, Trials, stage3_argv, stage3_knob
+import main_prune
+import main_rl_prune
 from pruners.config import validate
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.lineage import check_chain
+from runtime.checkpoint import load_checkpoint
+from runtime.stage import check_result_dir
+from search.phase import open_storage
+from search.protocol import Search
+from search.trials import DYNAMIC_KNOBS, Stages, Trials, stage3_argv, stage3_knob
 from utils.cli import Formatter, Parser, check_finite
 from utils.dist import setup
-from utils.engine import evaluate, prepare, write_json
 from utils.errors import UserError, run_main
-from utils.flops import count_params, measure_costs
-from utils.stage import check_result_dir, load_data
+from utils.lineage import check_chain
 
 DATA_KEYS = ("data_dir", "img_type", "resize", "num_workers")
 SET_BY_SEARCH = ("result_dir", "checkpoint", "prune_mode", "compression", "ratio", "rounds", "final_split",
@@ -126,50 +124,14 @@ def prune_base(args, data, stage1_path):
     return base
 
 
-def baseline(study, stage1_path, data, eval_bs, ctx):
-    """The unpruned network (every block, no switch) on the validation split; kept in the study so that
-    every worker and every resumed run compares with the same number."""
-    if "baseline" not in study.user_attrs:
-        ckpt = load_checkpoint(stage1_path, ("sp",))
-        loaded = load_data(SimpleNamespace(**data, download=False, bs=eval_bs, final_split="val"), ctx,
-                           recorded=ckpt.get("pipeline"), source=f"--checkpoint {stage1_path}")
-        model, ddp = prepare(model_from_checkpoint(ckpt, stage1_path), ctx)
-        r = evaluate(ddp, loaded.eval, ctx, measure_costs(model, loaded.image_size), mode="open", desc="val")
-        study.set_user_attr("baseline", {"val_acc": r["acc"], "val_gflops": r["gflops"],
-                                         "params": count_params(model), "val_images": r["images"]})
-    return study.user_attrs["baseline"]
-
-
-def judged(metrics, threshold, keys=("compression", "alpha", "alpha_final", "target_gflops")):
-    """What a trial keeps of its stage's metrics, and whether it is within the budget."""
-    out = {k: metrics[k] for k in ("val_acc", "val_gflops", "params", "dir", "checkpoint")}
-    out.update({k: metrics[k] for k in keys if metrics.get(k) is not None})
-    return {**out, "feasible": metrics["val_acc"] >= threshold}
-
-
-def line(kind, knob, threshold):
-    def describe(x, r, seconds):
-        head = f"[search] {kind} {knob} {x:.6g}:"
-        if "error" in r:
-            return f"{head} failed, counted as outside the budget ({r['error']}) ({seconds:.0f}s)"
-        comp = f", {100 * r['compression']:.1f}% params removed" if r.get("compression") is not None else ""
-        verdict = "within budget" if r["feasible"] else "outside budget"
-        return (f"{head} val acc {r['val_acc']:.2f}% (needs >= {threshold:.2f}%), {r['val_gflops']:.4g} "
-                f"GFLOPs{comp}: {verdict} ({seconds:.0f}s)")
-    return describe
-
-
-def finished(study, key="feasible"):
-    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.user_attrs.get(key)]
-
-
 def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
     check_args(args)
-    knob_name = args.knob or stage3_knob()
-    rl_argv = stage3_argv(args, knob_name)  # stage 3's flags, checked by stage 3's checks before any work
+    stages = Stages(prune=main_prune.main, rl=main_rl_prune.main, rl_parse_args=main_rl_prune.parse_args,
+                    rl_check_args=main_rl_prune.check_args)
+    knob_name = args.knob or stage3_knob(stages)
+    rl_argv = stage3_argv(args, knob_name, stages)  # stage 3's flags, checked by stage 3's checks before any work
     stage1_path = args.checkpoint or os.path.join(args.result_dir, "sp", "checkpoint.pt")
     if not os.path.isfile(stage1_path):
         raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py (with --val_split > 0) first, "
@@ -186,93 +148,8 @@ def main(argv=None):
     ctx = setup(args.device, data["seed"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     storage = open_storage(args.storage or f"sqlite:///{os.path.abspath(search_dir)}/search.db")
-    settings = {"budget": args.budget, "val_split": data["val_split"], "seed": data["seed"],
-                "resize": data["resize"], "prune_config": prune_config,
-                "compressions": [args.min_compression, args.max_compression]}
-    knob_c = Knob("compression", args.min_compression, args.max_compression, "high", 0.01)  # met within 1 point
-    static_study = open_study(storage, f"{args.study_name}.static", knob_c, settings)
-    base = baseline(static_study, stage1_path, data, eval_bs, ctx)
-    threshold = base["val_acc"] - args.budget
-    print(f"[search] unpruned network: val acc {base['val_acc']:.2f}% on {base['val_images']} validation images; "
-          f"trials must reach {threshold:.2f}%", flush=True)
-    trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device)
-    worker = Worker(trials.root)
-
-    worker.run_phase(static_study, knob_c, args.static_trials,
-                     lambda c, folder: judged(trials.static(c, folder), threshold),
-                     line("static", "compression", threshold))
-    statics = sorted(finished(static_study), key=lambda t: -t.user_attrs["compression"])
-    dynamic_studies, idle = [], []  # idle: why the dynamic phase ran no trial on a static network
-    for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
-        c = t.params["compression"]
-        knob = dynamic_knob(knob_name, t.user_attrs, args.max_alpha, data["resize"], ctx)
-        why = no_trial_reason(knob)
-        if why:
-            ends = " (GFLOPs from the network with every gated block skipped to the static network itself)" \
-                if knob.name == "target_gflops" else ""
-            idle.append(f"on the network at compression {c:.6g}{ends}, {why}")
-            print(f"[search] dynamic (compression {c:.6g}): no trial{ends}: {why}", flush=True)
-            continue
-        study = open_study(storage, f"{args.study_name}.dynamic.c{label(c)}", knob,
-                           {**settings, "rl": rl_argv, "knob": [knob.name, knob.low, knob.high]})
-        worker.run_phase(study, knob, args.dynamic_trials,
-                         lambda x, folder, src=t.user_attrs["checkpoint"]: judged(
-                             trials.dynamic(src, knob.name, x, folder), threshold),
-                         line(f"dynamic (compression {c:.6g})", knob.name, threshold))
-        dynamic_studies.append((c, study))
-    notes = missing_notes(static_study, dynamic_studies, bool(statics), args.dynamic_trials, idle)
-    report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics,
-           dynamic_studies, notes, t0)
-
-
-def dynamic_knob(name, static, max_alpha, image_size, ctx):
-    """Stage 3's knob on one static network: a GFLOPs target between the network with every gated block
-    skipped and the static network itself (met within 3%), or alpha in [0, max_alpha]."""
-    if name == "alpha":
-        return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
-    model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
-    costs = measure_costs(model.to(ctx.device), image_size)
-    floor = (costs["base"] + costs["switches"]) / 1e9
-    return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
-
-
-def report(args, search_dir, stage1_path, data, eval_bs, ctx, base, threshold, static_study, statics,
-           dynamic_studies, notes, t0):
-    """Choose, evaluate the chosen networks once on test, write trials.json, pareto.png and the table."""
-    dynamics = [(c, t) for c, s in dynamic_studies for t in finished(s)]
-    chosen = {"sp": {"checkpoint": os.path.abspath(stage1_path), "mode": "open"}}
-    info = {"sp": {"settings": {}, "val_acc": base["val_acc"], "val_gflops": base["val_gflops"]}}
-    if statics:
-        t = statics[0]
-        chosen["prune"] = {"checkpoint": t.user_attrs["checkpoint"], "mode": "open"}  # row 2: every block
-        info["prune"] = {"settings": {"compression target": t.params["compression"]},
-                         "val_acc": t.user_attrs["val_acc"], "val_gflops": t.user_attrs["val_gflops"],
-                         "trial_dir": t.user_attrs["dir"]}
-    if dynamics:
-        c, t = min(dynamics, key=lambda ct: (ct[1].user_attrs["val_gflops"], -ct[1].user_attrs["val_acc"]))
-        (knob, x), = t.params.items()
-        chosen["rl"] = {"checkpoint": t.user_attrs["checkpoint"], "mode": "hard"}
-        info["rl"] = {"settings": {"compression target": c, knob: x, **({"alpha_final": t.user_attrs[
-            "alpha_final"]} if "alpha_final" in t.user_attrs else {})}, "val_acc": t.user_attrs["val_acc"],
-            "val_gflops": t.user_attrs["val_gflops"], "trial_dir": t.user_attrs["dir"]}
-    records = trial_records(static_study, "static") + [r for _, s in dynamic_studies
-                                                         for r in trial_records(s, "dynamic")]
-    write_json(os.path.join(search_dir, "trials.json"), {"baseline": base, "threshold": threshold,
-                                                         "trials": records})
-    points = [{"kind": "static" if r["phase"] == "static" else "static+dynamic", **r} for r in records
-              if r["state"] == "COMPLETE"]
-    plot(points, base, threshold, [info[k] for k in ("prune", "rl") if k in info],
-         os.path.join(search_dir, "pareto.png"))
-    tested = evaluate_on_test(chosen, data, eval_bs, ctx, os.path.join(search_dir, "final"))
-    if tested is None:
-        return
-    rows = table_rows(tested, info, base["params"], notes)
-    text = write_table(search_dir, rows, args.budget, base["val_acc"], {
-        "this_call_seconds": time.time() - t0,
-        "trial_seconds_total": sum(r.get("seconds", 0) for r in records),
-        "trials": len(points)})
-    print(f"\n{text}-> {search_dir}/table.md, table.json, trials.json, pareto.png "
-          f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+    trials = Trials(search_dir, os.path.abspath(stage1_path), data, prune_config, rl_argv, args.device, stages)
+    Search(args, trials, stage1_path, eval_bs, knob_name, ctx).run(storage, t0)  # search/protocol.py
 
 
 if __name__ == "__main__":

@@ -14,18 +14,20 @@ import sys
 import torch
 
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
-from gates.switches import spread_decisions
+from models.switches import spread_decisions
 from models import build_model, make_arch
 from models.resnet import compile_step
-from utils.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import broadcast_tensors, setup, teardown
-from utils.engine import dense_step, make_scheduler, prepare, supervised_step
+from runtime.steps import dense_step, supervised_step
+from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import guard_rerun, parent_record
 from utils.flops import dense_flops, measure_costs
-from utils.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, load_data,
-                         restore_training_state, resume_path)
+from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, restore_training_state,
+                           resume_path)
+from utils.data import DataSettings, load_data
 
 LOW_LR = 1e-3  # at or below it, SGD from a random initialisation barely moves in a usual number of epochs
 SPREAD_IMAGES = 256  # the switches' data-dependent start measures spreads over this many images, whatever --bs
@@ -89,7 +91,7 @@ def main(argv=None):
     ctx = setup(args.device, args.seed, args.amp, args.channels_last)
     run = StageRun("sp", args.result_dir, ctx)
     ckpt = load_checkpoint(resume_path(args.resume, run), ("sp",), "--resume") if args.resume else None
-    data = load_data(args, ctx, recorded=ckpt.get("pipeline") if ckpt else None,
+    data = load_data(DataSettings.of(args), ctx, recorded=ckpt.get("pipeline") if ckpt else None,
                      source=f"--resume {resume_path(args.resume, run)}" if ckpt else None, resuming=True)
     arch = make_arch(args.network, args.depth, args.width, data.num_classes, args.gate)
     if ckpt:
@@ -118,9 +120,9 @@ def main(argv=None):
     run.open(data.pipeline, parent=parent, resumed=ckpt)
     # done once, after the last epoch (again if a resumed run trains further epochs)
     respread = [bool((ckpt or {}).get("switches_respread")) and start >= args.epochs]
-    payload = lambda: {"args": vars(args), "switches_respread": respread[0]}
+    own_state = lambda: {"args": vars(args), "switches_respread": respread[0]}
     common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
-                  payload=payload, total_epochs=args.epochs)
+                  own_state=own_state, total_epochs=args.epochs)
     compiled = (lambda fn: compile_step(fn, ctx.device)) if args.compile else (lambda fn: fn)
     if start < args.dense_epochs:  # the network being trained is the dense one: evaluated as such
         run.fit(step_fn=compiled(dense_step), epochs=args.dense_epochs, start_epoch=start,
@@ -134,7 +136,7 @@ def main(argv=None):
         spread_decisions(model, spread_images(data.plain_train))
         broadcast_tensors(list(model.switches.parameters()))  # rank 0's spread, on every rank
         respread[0] = True
-        run.save({**run.state(model, optimizer, scheduler, args.epochs), **payload()})
+        run.save(model, optimizer, scheduler, args.epochs, own_state())
     run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode},
                mode="open")
     teardown()

@@ -20,10 +20,9 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from bench_prune import OUT, digits, run  # noqa: E402
-from peer_torch_pruning import shaped_like  # noqa: E402
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
+from bench.bench_prune import OUT, digits, run  # noqa: E402
+from bench.peer_torch_pruning import shaped_like  # noqa: E402
 from pruners import model_flops  # noqa: E402
 
 STAGE1 = dict(depth=32, width=1, epochs=20, lr=0.1, bs=64)

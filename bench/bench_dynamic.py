@@ -26,7 +26,8 @@ import time
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from models import build_model, make_arch  # noqa: E402
 from utils.flops import count_params, measure_costs, routed_flops  # noqa: E402
 

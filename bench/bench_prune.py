@@ -40,12 +40,12 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from peer_torch_pruning import shaped_like  # noqa: E402
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
+from bench.peer_torch_pruning import shaped_like  # noqa: E402
+from bench.runner import run_script  # noqa: E402
 from models import build_model  # noqa: E402
 from pruners import model_flops  # noqa: E402
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data import channel_stats, load_dataset  # noqa: E402
 from utils.export import export  # noqa: E402
 from utils.flops import count_params  # noqa: E402
@@ -62,8 +62,7 @@ def run(argv, log):
     """Run a project script as a user would (2 threads), its output to `log`."""
     print(f"[bench] {' '.join(argv)}  (log: {log})", flush=True)
     with open(log, "w") as f:
-        subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+        run_script(argv, env={"OMP_NUM_THREADS": "2"}, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
 def digits(out=OUT):
@@ -222,15 +221,14 @@ def candidates(args, data, specs):
     """Stage 2's plan for each "criterion:round_to" of `specs` (the shipped config's target and limits)
     from one factor pass on the stage-1 network, rebuilt without fine-tuning (the speed depends on the
     shapes only) and timed eagerly against dense in one process; writes <run_dir>/candidates.json."""
-    from types import SimpleNamespace
 
     from pruners import TOLERANCE, collect_factors, decompose, evenly_spaced, rebuild, top_directions
     from pruners.config import validate
     from pruners.threshold import plan_for_flops, plan_for_params
     from utils.dist import setup
-    from utils.engine import evaluate
+    from runtime.evaluate import evaluate
     from utils.flops import measure_costs
-    from utils.stage import load_data
+    from utils.data import DataSettings, load_data
 
     cfg = validate(stage2_config(args.run_dir, data, shipped_config(args.overrides)))
     target = cfg["schedule"][0]
@@ -238,7 +236,7 @@ def candidates(args, data, specs):
         raise SystemExit("--candidates needs a one-pass compression or gflops target in the config")
     ctx = setup("cpu", cfg["seed"], "off", False)
     stage1 = load_checkpoint(os.path.join(args.run_dir, "sp", "checkpoint.pt"))
-    loaders = load_data(SimpleNamespace(**cfg), ctx, recorded=stage1["pipeline"], source="stage 1")
+    loaders = load_data(DataSettings.of(cfg), ctx, recorded=stage1["pipeline"], source="stage 1")
     dense = model_from_checkpoint(stage1)
     params, flops = count_params(dense), model_flops(dense, 32)
     torch.manual_seed(cfg["seed"] * 1_000_003)  # as main_prune.py's first round

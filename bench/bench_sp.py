@@ -11,7 +11,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench.common import force_routes, timeit  # noqa: E402
 from models import build_model, make_arch  # noqa: E402
 from utils.flops import dense_flops, measure_costs, routed_flops  # noqa: E402

@@ -31,14 +31,15 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 
 import main_sp  # noqa: E402
 from gates.optim import make_optimizer  # noqa: E402
 from gates.policy import Baseline, ReinforceStep  # noqa: E402
 from models import build_model, make_arch  # noqa: E402
 from models.resnet import compile_step  # noqa: E402
-from utils.engine import supervised_step  # noqa: E402
+from runtime.steps import supervised_step  # noqa: E402
 from utils.flops import measure_costs  # noqa: E402
 
 STEPS = ("dense", "hard", "joint", "rl")

@@ -7,11 +7,14 @@ made), then the fold is evaluated image by image. 5 folds x 3 seeds = 5,391 pair
 The images carry a graded difficulty (utils/synthetic.digits_images: 5 levels of contrast and noise), or
 none (--data plain: the uniformly easy case, where routing should at least do no harm).
 
-Per fold and seed ("unit"), on the same stage-3 weights unless said otherwise:
+Per fold and seed ("unit"): the budget is fixed before stage 3, as the cost of the best fixed route of the
+stage-2 network on validation among the routes at most `budget` (75%) of the way from every gated block
+skipped to every block run; stage 3 is trained to that budget (--target_gflops, its switches' FLOPs
+counted against it). Then, on the same stage-3 weights unless said otherwise:
   dynamic   the stage-3 network (static + dynamic) as saved, its threshold moved (calibrated on training
-            images) to the GFLOPs of the fixed route below, so that both cost the same
-  fixed     the best fixed route (the same blocks skipped for every image) at the stage-3 target, chosen
-            among every route on validation, then fine-tuned on that route for as many route epochs as
+            images, as stage 3 does) to the fixed route's GFLOPs, so that both cost the same
+  fixed     the best fixed route (the same blocks skipped for every image) among the routes within 1% of
+            the budget, chosen on validation, then fine-tuned on that route for as many route epochs as
             stage 3 ends with, BN re-estimated
   equal     static pruning alone pushed to the fixed route's GFLOPs (stage 2 from the stage-1 network, as
             many fine-tuning epochs as stage 2 + stage 3 + route epochs)
@@ -25,7 +28,7 @@ network. Curves: the threshold swept over budgets, the best fixed route (not fin
     python bench/crossfit.py --quick --out DIR --results DIR   # the same code path in a minute
 
 Writes <results>/crossfit-<data>.json (every number, per unit and pooled) and .md (the tables); work under
-<out> (default bench/out/crossfit-<data>), reused by a rerun of the same commands (bench/study.py's runner).
+<out> (default bench/out/crossfit-<data>), reused by a rerun of the same commands (bench/runner.py).
 """
 import argparse
 import copy
@@ -41,24 +44,26 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench import paired  # noqa: E402
-from bench.study import Task, run_all  # noqa: E402
+from bench.runner import Task, run_all  # noqa: E402
 from gates.ending import CALIBRATION_BATCHES  # noqa: E402
 from gates.routes import (best_fixed_route, calibrate_to_flops, evaluate_route, recalibrate_route,  # noqa: E402
                           route_flops)
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.dist import setup  # noqa: E402
-from utils.engine import make_scheduler, prepare, supervised_step, touch_switches, train_epoch, write_json  # noqa: E402
+from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
+from runtime.steps import supervised_step, touch_switches  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
-from utils.flops import measure_costs, routed_flops  # noqa: E402
-from utils.stage import load_data  # noqa: E402
+from utils.flops import measure_costs, routed_flops, skipped_flops  # noqa: E402
+from utils.data import DataSettings, load_data  # noqa: E402
 from utils.synthetic import digits_images, write_split  # noqa: E402
 
-# ResNet-20 width 1 on digits at 16x16 (the cost of a unit: about 4 min on one core). Stage 3 at a target of
-# `budget` of the gated blocks' FLOPs (between the static network with every gated block skipped and with
-# all run); alpha is the price of all gated blocks in cross-entropy units, its start (dual ascent moves it).
+# ResNet-20 width 1 on digits at 16x16 (the cost of a unit: about 5 min on one core). `budget`: where the
+# budget route may cost at most, between the static network with every gated block skipped and with all run;
+# alpha is the price of all gated blocks in cross-entropy units, its start (dual ascent moves it).
 SCALES = {
     "digits": dict(resize=16, depth=20, width=1, bs=64, val_split=0.1, folds=5, seeds=(0, 1, 2), levels=5,
                    sp=dict(epochs=15, lr=0.1),
@@ -113,14 +118,10 @@ def common(s, unit_dir, seed):
             "--data_dir", os.path.join(unit_dir, "data"), "--val_split", str(s["val_split"])]
 
 
-def target_gflops(s, unit_dir):
-    """The stage-3 target: `budget` of the way from the static network with every gated block skipped to
-    the one with every block run (its switches counted)."""
-    path = os.path.join(unit_dir, "prune", "checkpoint.pt")
-    model = model_from_checkpoint(load_checkpoint(path, ("prune",), "checkpoint"), path, "checkpoint")
-    costs = measure_costs(model, s["resize"])
-    low = costs["base"] + costs["switches"]
-    return round((low + s["budget"] * sum(costs["blocks"])) / 1e9, 7)
+def target_gflops(unit_dir):
+    """The stage-3 target: the GFLOPs of the budget route (budget.json), switches included in what the
+    dynamic network will be charged."""
+    return read_json(os.path.join(unit_dir, "budget.json"))["gflops"]
 
 
 def plan(s, units, out, controller, reinforce_check):
@@ -136,7 +137,7 @@ def plan(s, units, out, controller, reinforce_check):
         rl = lambda u=u, seed=seed, sub="", ctl=controller, final="test", flags=None: [  # noqa: E731
             "main_rl_prune.py", "--checkpoint", os.path.join(u, "prune", "checkpoint.pt"),
             "--result_dir", os.path.join(u, sub) if sub else u, "--controller", ctl,
-            "--target_gflops", repr(target_gflops(s, u)), "--epochs", str(r["epochs"]), "--lr", repr(r["lr"]),
+            "--target_gflops", repr(target_gflops(u)), "--overwrite", "--epochs", str(r["epochs"]), "--lr", repr(r["lr"]),
             *(flags or ["--alpha", repr(r["alpha"]), "--rl_weight", repr(r["rl_weight"])]),
             "--route_epochs", str(r["route_epochs"]), "--route_lr", repr(r["route_lr"]),
             "--final_split", final, *common(s, u, seed)]
@@ -156,19 +157,21 @@ def plan(s, units, out, controller, reinforce_check):
                  os.path.join(u, "sp", "metrics.json")),
             Task(f"{name}/prune", ["main_prune.py", "--config_path", cfg], os.path.join(u, "prune", "metrics.json"),
                  [f"{name}/sp"], prune, cfg),
-            Task(f"{name}/rl", rl, os.path.join(u, "rl", "metrics.json"), [f"{name}/prune"]),
+            Task(f"{name}/budget", [*me, "budget", u, "--scale", s["name"]], os.path.join(u, "budget.json"),
+                 [f"{name}/prune"]),
+            Task(f"{name}/rl", rl, os.path.join(u, "rl", "metrics.json"), [f"{name}/budget"]),
             Task(f"{name}/route", [*me, "route", u, "--scale", s["name"]], os.path.join(u, "route.json"),
                  [f"{name}/rl"]),
-            Task(f"{name}/equal", ["main_prune.py", "--config_path", eq_cfg],
+            Task(f"{name}/equal", ["main_prune.py", "--config_path", eq_cfg, "--overwrite"],
                  os.path.join(u, "equal", "prune", "metrics.json"), [f"{name}/route"], equal, eq_cfg),
             Task(f"{name}/evaluate", [*me, "evaluate", u, "--scale", s["name"]], os.path.join(u, "eval.json"),
                  [f"{name}/equal"])]
-        if reinforce_check and seed == s["seeds"][0]:  # the seed's controller, on validation only
+        if reinforce_check and seed == s["seeds"][0]:  # SkipNet's controller, on validation only
             q = s["reinforce"]
             tasks.append(Task(f"{name}/reinforce", lambda u=u, seed=seed, q=q: rl(
                 u, seed, "reinforce", "reinforce", "val",
                 ["--alpha", repr(q["alpha"]), "--gamma", repr(q["gamma"]), "--rl_weight", repr(q["rl_weight"])]),
-                os.path.join(u, "reinforce", "rl", "metrics.json"), [f"{name}/prune"]))
+                os.path.join(u, "reinforce", "rl", "metrics.json"), [f"{name}/budget"]))
             tasks.append(Task(f"{name}/valroutes", [*me, "valroutes", u, "--scale", s["name"]],
                               os.path.join(u, "valroutes.json"), [f"{name}/reinforce", f"{name}/rl"]))
     return tasks
@@ -190,15 +193,14 @@ def unit_where(s, u, args=None):
     return SimpleNamespace(data_dir=given("data_dir", os.path.join(u, "data")), val_split=given("val_split", s["val_split"]),
                            seed=given("seed", seed), bs=given("bs", s["bs"]),
                            route_epochs=given("route_epochs", s["rl"]["route_epochs"]),
-                           route_lr=given("route_lr", s["rl"]["route_lr"]), curve=s["curve"])
+                           route_lr=given("route_lr", s["rl"]["route_lr"]), curve=s["curve"], budget=s["budget"])
 
 
 def load_unit(w, path, ctx):
     """(ddp, data, costs) of a checkpoint, with the unit's data and validation split (w: unit_where)."""
     ckpt = load_checkpoint(path, None, "checkpoint")
-    args = SimpleNamespace(data_dir=w.data_dir, img_type="png", resize=None, num_workers=0, val_split=w.val_split,
-                           seed=w.seed, download=False, bs=w.bs, final_split="test")
-    data = load_data(args, ctx, recorded=ckpt.get("pipeline"), source=f"checkpoint {path}")
+    settings = DataSettings(data_dir=w.data_dir, bs=w.bs, val_split=w.val_split, seed=w.seed)
+    data = load_data(settings, ctx, recorded=ckpt.get("pipeline"), source=f"checkpoint {path}")
     if data.eval_name != "val":
         raise UserError(f"{w.data_dir}: the fixed route is chosen on a validation split: give --val_split > 0")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
@@ -224,20 +226,21 @@ def per_image(ddp, loader, mode="hard", route=None):
     return torch.cat(correct).numpy(), torch.cat(loss).numpy(), torch.cat(routes).numpy().astype(np.int8)
 
 
-def all_routes(costs, budget_flops):
-    """Every 0/1 route over the gated blocks costing at most budget_flops (no switch evaluated)."""
+def all_routes(costs, budget_flops, low=0.0):
+    """Every 0/1 route over the gated blocks costing between low and budget_flops (no switch evaluated)."""
     s = len(costs["blocks"])
-    return [list(r) for r in itertools.product((0, 1), repeat=s) if route_flops(costs, r) <= budget_flops]
+    return [list(r) for r in itertools.product((0, 1), repeat=s) if low <= route_flops(costs, r) <= budget_flops]
 
 
-def best_route(ddp, data, ctx, costs, budget_flops):
-    """The best fixed route at most budget_flops on validation: every route tried (accuracy, then loss) up
-    to EXHAUSTIVE switches, beyond that gates.routes.best_fixed_route's greedy block removal."""
+def best_route(ddp, data, ctx, costs, budget_flops, low=0.0):
+    """The best fixed route costing at most budget_flops (and at least `low`) on validation: every route
+    tried (accuracy, then loss) up to EXHAUSTIVE switches, beyond that gates.routes.best_fixed_route's
+    greedy block removal (no lower bound)."""
     if len(costs["blocks"]) > EXHAUSTIVE:
         route = best_fixed_route(ddp, data.eval, ctx, costs, budget_flops / 1e9)["route"]
         return route, evaluate_route(ddp, data.eval, ctx, costs, route)
     best = None
-    for r in all_routes(costs, budget_flops):
+    for r in all_routes(costs, budget_flops, low):
         ev = evaluate_route(ddp, data.eval, ctx, costs, r)
         key = (ev["acc"], -ev["loss"])
         if best is None or key > best[0]:
@@ -250,9 +253,22 @@ def calibration_batches(data):
     return [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
 
 
+def budget_step(w, u, ctx):
+    """The GFLOPs budget of the unit, fixed before stage 3: the cost of the best fixed route of the stage-2
+    network (on validation) among the routes at most `budget` of the way from every gated block skipped
+    to every block run. A route's cost, so that the best fixed route can be compared at exactly it; stage
+    3 is then trained to it (--target_gflops), its switches' FLOPs included."""
+    ddp, data, costs = load_unit(w, os.path.join(u, "prune", "checkpoint.pt"), ctx)
+    limit = costs["base"] + w.budget * sum(costs["blocks"])
+    route, val = best_route(ddp, data, ctx, costs, limit)
+    write_json(os.path.join(u, "budget.json"), {"route": route, "gflops": route_flops(costs, route) / 1e9,
+                                               "val_acc": val["acc"], "limit_gflops": limit / 1e9})
+
+
 def route_step(w, u, ctx):
-    """The fixed-route comparator: the best route at the stage-3 budget (its --target_gflops, or without
-    one the GFLOPs its routes cost on validation) chosen on validation, fine-tuned on that route for the
+    """The fixed-route comparator: the best route on validation of the stage-3 weights among the routes
+    within 1% of the stage-3 budget (its --target_gflops; without one, at most what its routes cost on
+    validation, by greedy block removal beyond EXHAUSTIVE switches), fine-tuned on that route for the
     route epochs, BN re-estimated under it (fixed.pt, route.json)."""
     rl = read_json(os.path.join(u, "rl", "metrics.json"))
     ddp, data, costs = load_unit(w, os.path.join(u, "rl", "checkpoint.pt"), ctx)
@@ -261,7 +277,8 @@ def route_step(w, u, ctx):
     else:
         _, _, a = per_image(ddp, data.eval)
         target = routed_flops(costs, torch.as_tensor(a)).mean().item()
-    route, val = best_route(ddp, data, ctx, costs, target)
+    route, val = best_route(ddp, data, ctx, costs, target * 1.01,
+                            low=target * 0.99 if rl.get("target_gflops") else 0.0)
     flops = route_flops(costs, route)
     model = getattr(ddp, "module", ddp)
     model.route = route
@@ -317,7 +334,7 @@ def evaluate_step(w, u, ctx):
     low, span = costs["base"], sum(costs["blocks"])
     curve = []
     for b in w.curve:
-        g = low + costs["switches"] + b * span
+        g = skipped_flops(costs) + b * span
         model.load_state_dict(original)
         calibrate_to_flops(ddp, batches, ctx, costs, g)
         dc, _, da = per_image(ddp, data.test)
@@ -536,7 +553,8 @@ def markdown(r, command):
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", nargs="?", default="all", choices=("all", "route", "evaluate", "valroutes", "report"),
+    p.add_argument("step", nargs="?", default="all",
+                   choices=("all", "budget", "route", "evaluate", "valroutes", "report"),
                    help="all (default): every unit, then the report; the others are one unit's steps (run by all)")
     p.add_argument("unit", nargs="?", help="a unit's folder (the steps route, evaluate, valroutes)")
     p.add_argument("--scale", default="digits", choices=sorted(SCALES))
@@ -562,12 +580,13 @@ def main(argv=None):
     s = {**SCALES["quick" if args.quick else args.scale], "name": "quick" if args.quick else args.scale}
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
-    if args.step in ("route", "evaluate", "valroutes"):
+    if args.step in ("budget", "route", "evaluate", "valroutes"):
         if not args.unit:
             p.error(f"{args.step} needs a unit folder")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         ctx = setup(args.device, 0)
-        step = {"route": route_step, "evaluate": evaluate_step, "valroutes": valroutes_step}[args.step]
+        step = {"budget": budget_step, "route": route_step, "evaluate": evaluate_step,
+                "valroutes": valroutes_step}[args.step]
         step(unit_where(s, args.unit, args), args.unit, ctx)
         return
     if args.step == "report" and args.unit:  # one result folder of your own: no folds, no difficulty levels

@@ -10,23 +10,23 @@ The blocks are coarse (one block of ResNet-20 is about a ninth of its cost), so 
 under the budget; the route one greedy step before it (just over the budget) is evaluated too.
 """
 import argparse
-import json
 import os
 import sys
-from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from gates.routes import best_fixed_route, evaluate_route, recalibrate_route  # noqa: E402
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.dist import setup  # noqa: E402
-from utils.engine import prepare, write_json  # noqa: E402
+from runtime.loop import prepare  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.flops import measure_costs  # noqa: E402
-from utils.stage import load_data  # noqa: E402
+from utils.data import DataSettings, load_data  # noqa: E402
 
 
 def load(path, data, ctx, bs):
     ckpt = load_checkpoint(path, None, "--checkpoint")
-    loaded = load_data(SimpleNamespace(**data, download=False, bs=bs, final_split="test"), ctx,
+    loaded = load_data(DataSettings.of(data, bs=bs), ctx,
                        recorded=ckpt.get("pipeline"), source=f"--checkpoint {path}")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, "--checkpoint"), ctx)
     return ddp, loaded, measure_costs(model, loaded.image_size)

@@ -18,7 +18,7 @@ result or its error in the JSON, each under "parts":
   finite_losses    every printed training / evaluation loss and every final test loss is finite
   torchrun         stage1_resume ran under torchrun with 1 process; with 2+ GPUs all three stages also run
                    with 2 processes
-  reload           utils.checkpoint.load_model of each stage's checkpoint on the CPU and on the device:
+  reload           runtime.checkpoint.load_model of each stage's checkpoint on the CPU and on the device:
                    equal top-1 on the test images and identical routes (fp32 on both, TF32 off)
   export           python -m utils.export on stage 3's checkpoint (its own checks: ONNX, torch.export)
   throughput       training images/s of each stage's own step function beside a minimal dense loop (plain
@@ -59,13 +59,13 @@ import traceback
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before torch: above USDT (5), which logs every profiler start and stop
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.runner import run_script  # noqa: E402
 from utils.synthetic import write_synthetic  # noqa: E402
 
 # --tiny: a smoke test that its test runs in under a minute on 2 CPU cores
@@ -135,11 +135,11 @@ def in_thread(fn):
 # ------------------------------------------------------------------------------ running the real scripts
 
 def run_cmd(argv, env, timeout):
-    """One command as a user runs it, from the repository root; its output is kept for parsing."""
+    """`python *argv` as a user runs it, from the repository root; its output is kept for parsing."""
     t0 = time.perf_counter()
-    out = {"cmd": shlex.join(["python" if a == sys.executable else a for a in argv])}
+    out = {"cmd": shlex.join(["python", *argv])}
     try:
-        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        p = run_script(argv, env=env, capture_output=True, text=True, timeout=timeout)
         out.update(rc=p.returncode, stdout=p.stdout, stderr=p.stderr)
     except subprocess.TimeoutExpired as e:
         out.update(rc=None, timed_out=timeout, stdout=_text(e.stdout), stderr=_text(e.stderr))
@@ -272,7 +272,7 @@ class Check:
                 *(["--checkpoint", checkpoint] if checkpoint else [])]
 
     def python(self, argv, timeout=None):
-        return run_cmd([sys.executable, *argv], self.env, timeout or self.timeout)
+        return run_cmd(argv, self.env, timeout or self.timeout)
 
     def ckpt(self, stage, result_dir=None):
         return os.path.join(result_dir or self.results, stage, "checkpoint.pt")
@@ -296,7 +296,7 @@ class Check:
     def part_stage1_resume(self):
         """Stage 1's folder copied (stage 2 reads the original meanwhile), then resumed for more epochs, under
         torchrun with one process (off the chain's critical path: torchrun's own start-up costs seconds)."""
-        from utils.checkpoint import load_checkpoint
+        from runtime.checkpoint import load_checkpoint
         first, total = self.sp_epochs
         shutil.copytree(os.path.join(self.results, "sp"), os.path.join(self.resumed, "sp"))
         proc = self.python(self.torchrun(1) + self.sp_cmd(self.resumed, total) + ["--resume"])
@@ -386,7 +386,7 @@ class Check:
         return paths, labels
 
     def part_reload(self):
-        from utils.checkpoint import load_model
+        from runtime.checkpoint import load_model
         paths, names = self.test_images()
         out, checks = {}, {}
         with exact_fp32():
@@ -429,8 +429,9 @@ class Check:
         from gates.optim import make_optimizer
         from gates.policy import Baseline, ReinforceStep, SkipPrice
         from models import build_model
-        from utils.checkpoint import load_checkpoint, model_from_checkpoint
-        from utils.engine import dense_step, prepare
+        from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+        from runtime.steps import dense_step
+        from runtime.loop import prepare
         from utils.flops import measure_costs
         ctx = self.context()
         sgd = SimpleNamespace(lr=0.01, momentum=0.9, weight_decay=5e-4, switch_lr=None, switch_weight_decay=None)
@@ -459,8 +460,8 @@ class Check:
         return x, torch.randint(0, s["classes"], (s["bs"],), generator=g).to(ctx.device)
 
     def train_steps(self, model, step_fn, optimizer, n):
-        """n training steps as utils.engine.train_epoch takes them (without its loss check every 25 steps)."""
-        from utils.engine import autocast
+        """n training steps as runtime.loop.train_epoch takes them (without its loss check every 25 steps)."""
+        from runtime.loop import autocast
         x, y = self.batch()
         model.train()
         loss = None
@@ -692,10 +693,10 @@ def count_syncs(fn, n):
 
 def probe(args):
     """One evaluation timing in a fresh process (cudnn_benchmark): prints one JSON line."""
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
     from utils.data import Preprocess
     from utils.dist import setup
-    from utils.engine import autocast, prepare
+    from runtime.loop import autocast, prepare
     ctx = setup(args.device, seed=0)
     torch.backends.cudnn.benchmark = bool(args._probe_benchmark)
     torch.ones(1, device=ctx.device).sum().item()  # CUDA context up before anything is timed

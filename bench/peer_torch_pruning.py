@@ -25,21 +25,23 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from models import build_model  # noqa: E402
 from pruners import evenly_spaced  # noqa: E402
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.dist import setup  # noqa: E402
-from utils.engine import (evaluate, make_scheduler, recalibrate_bn, seed_epoch, supervised_step,  # noqa: E402
-                          train_epoch, write_json)
+from runtime.evaluate import evaluate, recalibrate_bn
+from runtime.loop import make_scheduler, seed_epoch, train_epoch
+from runtime.steps import supervised_step
+from utils.files import write_json
 from utils.flops import count_params, measure_costs  # noqa: E402
-from utils.stage import load_data  # noqa: E402
+from utils.data import DataSettings, load_data  # noqa: E402
 
 METHODS = ("magnitude", "taylor", "global_magnitude")  # global: one threshold over all layers' groups
 
@@ -68,7 +70,7 @@ def stage2_config(run_dir, data_dir=None):
 
 def load_run_data(cfg):
     ctx = setup("cpu", cfg["seed"])
-    return load_data(SimpleNamespace(**{**cfg, "download": False}), ctx), ctx
+    return load_data(DataSettings.of(cfg, download=False), ctx), ctx
 
 
 # ---------------------------------------------------------------------------------- Torch-Pruning

@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.data import Preprocess  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402

@@ -6,7 +6,7 @@
 #
 #   DATA=/path/to/cifar100 RESULTS=results/cifar100 bash bench/run_cifar100.sh
 #
-# DATA holds CIFAR-100 as PNG class folders (train/<class>/*.png, test/<class>/*.png, the seed's
+# DATA holds CIFAR-100 as PNG class folders (train/<class>/*.png, test/<class>/*.png, the original
 # --img_type png) or as the official python pickles (cifar-100-python/); if DATA does not exist, stage 1
 # downloads the pickles into it (needs the internet). CUDA_VISIBLE_DEVICES picks the GPU.
 #
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/cifar100}
 RESULTS=${RESULTS:-results/cifar100}
 WORKERS=${WORKERS:-16}
-# The seed's stage 1 fine-tunes at lr 1e-4, which presumes a trained dense ResNet-32 to start from:
+# The original stage 1 fine-tunes at lr 1e-4, which presumes a trained dense ResNet-32 to start from:
 # give it as PRETRAINED (a checkpoint or a state dict; switch weights may be missing). Without one,
 # train from scratch instead: SP_LR=0.1.
 PRETRAINED=${PRETRAINED:-}
@@ -41,7 +41,7 @@ download=()
 pretrained=()
 [ -n "$PRETRAINED" ] && pretrained=(--pretrained "$PRETRAINED")
 if [ -z "$PRETRAINED" ] && [ "$SP_LR" = "0.0001" ]; then
-  echo "warning: stage 1 at the seed's lr 1e-4 without PRETRAINED barely trains from scratch; set SP_LR=0.1" >&2
+  echo "warning: stage 1 at the original lr 1e-4 without PRETRAINED barely trains from scratch; set SP_LR=0.1" >&2
 fi
 mkdir -p "$RESULTS"
 
@@ -57,7 +57,7 @@ stage "stage 1" python main_sp.py --network resnet --depth 32 --epochs 200 --lr 
   --num_workers "$WORKERS" --momentum 0.9 --weight_decay 0.0005 --img_type png --resize 32 \
   --val_split "$VAL_SPLIT" --result_dir "$RESULTS" --data_dir "$DATA" "${download[@]}" "${pretrained[@]}"
 
-# config.json holds the seed's stage-2 settings (compression 0.6, 100 epochs at lr 0.01, 200 factor
+# config.json holds the original stage-2 settings (compression 0.6, 100 epochs at lr 0.01, 200 factor
 # batches); the flags only say where the data and results are.
 stage "stage 2" python main_prune.py --config_path config.json --result_dir "$RESULTS" --data_dir "$DATA" \
   --set val_split="$VAL_SPLIT"

@@ -1,6 +1,6 @@
 """The real-image study on CPU: scikit-learn's digits through the stage scripts, three seeds. It answers:
 (1) is row 1 (stage 1: a dense start, then SkipNet's supervised phase) as good as plain dense training of
-the same net for the same epochs; (2) do the switches move in stage 3 at the seed's flags (alpha 0.1, gamma 1,
+the same net for the same epochs; (2) do the switches move in stage 3 at the original flags (alpha 0.1, gamma 1,
 rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by main_search.py on the
 validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
 against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
@@ -18,13 +18,13 @@ from the JSON files they write. Layout under --out (default bench/out/study, git
     seed<s>/dense/sp/             the same net trained plainly dense (--train_mode open), same epochs
     seed<s>/search/               main_search.py (first seed): the static + dynamic setting, on validation
     seed<s>/{prune,rl}/           the other seeds: stage 2 at the same compression, stage 3 at the chosen setting
-    seed<s>/seedflags/rl/         stage 3 at the seed's flags from the static network (first seed)
+    seed<s>/seedflags/rl/         stage 3 at the original flags from the static network (first seed)
     seed<s>/equal/prune/          stage 2 pushed to the GFLOPs of the seed's static + dynamic network
     seed<s>/route/route.json      the best fixed route at those GFLOPs (bench/fixed_route.py)
     logs/<task>.log               every subprocess's output
 
 Results (--results, default bench/results/): study.json (everything, means and sample std over seeds),
-study.md (the README's tables), study_points.json and study.png (the picture).
+study.md (the tables docs/study.md links), study_points.json and study.png (the picture).
 
 Jobs run --jobs at a time (default 2), each with --threads torch threads (default 1): on a 2-core machine
 two single-threaded processes beat one process with two threads. A task whose outputs exist from the same
@@ -34,14 +34,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
+from bench.runner import Task, run_all, stamp_path  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.synthetic import write_digits, write_synthetic  # noqa: E402
@@ -152,10 +150,10 @@ def searched(s, out):
 def gflops_range(s, checkpoint):
     """(GFLOPs per image with every gated block skipped, with every block run) of a stage-2 checkpoint: the
     interval a stage-3 GFLOPs target must lie in."""
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.flops import measure_costs
+    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+    from utils.flops import measure_costs, skipped_flops
     costs = measure_costs(model_from_checkpoint(load_checkpoint(checkpoint)), s["resize"])
-    low = costs["base"] + costs["switches"]
+    low = skipped_flops(costs)
     return low / 1e9, (low + sum(costs["blocks"])) / 1e9
 
 
@@ -199,22 +197,6 @@ def networks(s, out, seed):
 
 
 # ------------------------------------------------------------------------------------- the tasks
-
-@dataclass
-class Task:
-    name: str
-    argv: object                     # python script and its arguments, run from the repository root; or a
-    output: str                      # function returning them, called once the dependencies are done
-    deps: list = field(default_factory=list)
-    config: object = None            # written to config_path before the run (stage 2's JSON config); or a function
-    config_path: str = None
-    seconds: float = None
-    reused: bool = False
-
-    def resolve(self):
-        self.argv = self.argv() if callable(self.argv) else self.argv
-        self.config = self.config() if callable(self.config) else self.config
-
 
 def plan(s, out):
     """Every task of the study with its dependencies, in the order they are started once ready: the chain
@@ -284,79 +266,6 @@ def plan(s, out):
     return tasks + [equal(seed) for seed in others]
 
 
-def stamp_path(task):
-    return task.output + ".task.json"
-
-
-def already_done(task):
-    """The task's output exists and was written by this very command (and config). (A task whose
-    dependencies ran again in this call runs again too: run_all passes upstream_rerun.)"""
-    if not (os.path.isfile(task.output) and os.path.isfile(stamp_path(task))):
-        return False
-    with open(stamp_path(task)) as f:
-        stamp = json.load(f)
-    return stamp.get("argv") == task.argv and stamp.get("config") == task.config
-
-
-def run_task(task, logs, threads, upstream_rerun):
-    task.resolve()
-    if already_done(task) and not upstream_rerun:
-        with open(stamp_path(task)) as f:
-            task.seconds, task.reused = json.load(f)["seconds"], True
-        return task
-    if task.config is not None:
-        os.makedirs(os.path.dirname(task.config_path), exist_ok=True)
-        with open(task.config_path, "w") as f:
-            json.dump(task.config, f, indent=2)
-    log_path = os.path.join(logs, task.name.replace("/", "_") + ".log")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, *task.argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    task.seconds = time.time() - t0
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"task {task.name} failed (exit {proc.returncode}); {log_path} ends with:\n{tail}")
-    with open(stamp_path(task), "w") as f:
-        json.dump({"argv": task.argv, "config": task.config, "seconds": task.seconds}, f)
-    print(f"[study] {task.name} done in {task.seconds:.0f}s", flush=True)
-    return task
-
-
-def run_all(tasks, jobs, threads, logs):
-    """Run the tasks, `jobs` at a time, each once its dependencies are done, in the order given. A failed
-    task skips the tasks that depend on it, not the others; RuntimeError at the end names the failures."""
-    os.makedirs(logs, exist_ok=True)
-    pending, running, done, rerun, failed = list(tasks), {}, set(), set(), {}
-    with ThreadPoolExecutor(jobs) as pool:
-        while pending or running:
-            for task in list(pending):
-                if any(d in failed for d in task.deps):
-                    failed[task.name] = "skipped: a dependency failed"
-                    pending.remove(task)
-                elif all(d in done for d in task.deps) and len(running) < jobs:
-                    upstream = any(d in rerun for d in task.deps)
-                    running[pool.submit(run_task, task, logs, threads, upstream)] = task
-                    pending.remove(task)
-            if not running:
-                continue
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = running.pop(future)
-                try:
-                    future.result()
-                except Exception as e:  # noqa: BLE001 -- reported with the task's log, the study goes on
-                    failed[task.name] = str(e)
-                    print(f"[study] {e}", flush=True)
-                    continue
-                done.add(task.name)
-                if not task.reused:
-                    rerun.add(task.name)
-    if failed:
-        raise RuntimeError("failed: " + "; ".join(f"{k} ({v.splitlines()[0]})" for k, v in failed.items()))
-
-
 # ----------------------------------------------------------------------------------- the results
 
 def mean_std(values):
@@ -404,7 +313,7 @@ def seed_results(s, out, seed):
 
 
 def seed_flags(s, out):
-    """Stage 3 at the seed's flags from the first seed's static network: greedy execution rate per switch
+    """Stage 3 at the original flags from the first seed's static network: greedy execution rate per switch
     before (the static network) and after, both on the validation split."""
     before = read_json(os.path.join(searched(s, out)[1]["trial_dir"], "prune", "metrics.json"))
     after = read_json(os.path.join(out, f"seed{s['seeds'][0]}", "seedflags", "rl", "metrics.json"))
@@ -507,7 +416,7 @@ def markdown(s, per_seed, mean, flags, setting, timing, command):
     L.append(f"| mean | {pm(mean['row1_acc'])} | | {pm(mean['dense_acc'])} |")
     if flags:
         b, a = flags["before"], flags["after"]
-        L += ["", f"**2. Stage 3 at the seed's flags** (alpha {flags['flags']['alpha']:g}, gamma "
+        L += ["", f"**2. Stage 3 at the original flags** (alpha {flags['flags']['alpha']:g}, gamma "
               f"{flags['flags']['gamma']:g}, rl_weight {flags['flags']['rl_weight']:g}, lr {flags['flags']['lr']:g}; "
               f"{flags['epochs']} epochs from the static network of seed {s['seeds'][0]}; validation split):", "",
               "| | " + " | ".join(f"switch {j + 1}" for j in range(len(b["exec_rate"]))) + " | val acc (%) | GFLOPs |",

@@ -7,21 +7,21 @@ import argparse
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.dist import setup  # noqa: E402
-from utils.engine import prepare  # noqa: E402
-from utils.stage import load_data  # noqa: E402
+from runtime.loop import prepare  # noqa: E402
+from utils.data import DataSettings, load_data  # noqa: E402
 
 
 @torch.no_grad()
 def mean_probs(path, data, ctx, bs):
     ckpt = load_checkpoint(path, None, "checkpoint")
-    loaded = load_data(SimpleNamespace(**data, download=False, bs=bs, final_split="val"), ctx,
+    loaded = load_data(DataSettings.of(data, bs=bs, final_split="val"), ctx,
                        recorded=ckpt.get("pipeline"), source=path)
     model, _ = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
     model.eval()

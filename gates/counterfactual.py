@@ -34,7 +34,8 @@ forward only for S switches. alpha is fixed or adapted towards a GFLOPs target b
 import torch
 import torch.nn.functional as F
 
-from gates.switches import autocast_off
+from models.switches import autocast_off
+from utils.flops import skipped_flops
 
 
 def unwrap(model):
@@ -93,7 +94,7 @@ def switch_targets(benefit, prices, tau):
 
 
 class CounterfactualStep:
-    """step_fn(model, x, y) -> (loss, stats) for utils.stage.StageRun.fit. `price` a gates.policy.SkipPrice
+    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price` a gates.policy.SkipPrice
     (alpha), `tau` the temperature of the targets, in cross-entropy units.
 
     stats: loss, ce, acc (of the sampled routes), switch_loss, benefit (mean over images of b per switch),
@@ -106,7 +107,7 @@ class CounterfactualStep:
     def _constants(self, device):
         blocks = torch.tensor(self.costs["blocks"], dtype=torch.float64)
         self.consts = {"w": (blocks / blocks.sum()).float().to(device), "blocks": (blocks / 1e9).to(device),
-                       "always": torch.tensor((self.costs["base"] + self.costs["switches"]) / 1e9,
+                       "always": torch.tensor(skipped_flops(self.costs) / 1e9,
                                               dtype=torch.float64, device=device)}
 
     def __call__(self, model, x, y):

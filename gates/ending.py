@@ -10,7 +10,9 @@ import functools
 import torch
 
 from gates.routes import calibrate_to_flops
-from utils.engine import make_scheduler, recalibrate_bn, supervised_step, touch_switches, train_epoch
+from runtime.loop import make_scheduler, train_epoch
+from runtime.evaluate import recalibrate_bn
+from runtime.steps import supervised_step, touch_switches
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
 ROUTE_SEED = 7_919  # the route fine-tuning's own RNG stream (augmentation), whatever ran before it
@@ -19,7 +21,7 @@ ROUTE_SEED = 7_919  # the route fine-tuning's own RNG stream (augmentation), wha
 def greedy_step(model, x, y):
     """Cross-entropy on the greedy routes with no gradient through the decisions (mode `greedy`): a
     straight-through gradient (mode `hard`) would teach the backbone to turn blocks back on through the
-    switches' inputs (on digits the routes drifted from 0.030 to 0.035 GFLOPs per epoch)."""
+    switches' inputs, the routes' GFLOPs drifting up epoch after epoch."""
     loss, stats = supervised_step(model, x, y, mode="greedy")
     return touch_switches(model, loss), stats
 

@@ -1,6 +1,6 @@
 """The optimizer of stages 1 and 3: SGD with the switches in their own parameter group, so that they may get
 their own learning rate and weight decay (--switch_lr, --switch_weight_decay; by default the backbone's,
-the seed's behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
+the original behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
 import torch
 
 from utils.errors import UserError

@@ -9,15 +9,15 @@ learn by the policy gradient of a per-image return:
   final reward   r_final = -CE(image)  (detached), received after the last switch
   returns        R_{S+1} = r_final,  R_i = r_i + gamma * R_{i+1}   for i = S .. 1
                  i.e. R_i = sum_{j >= i} gamma^(j-i) r_j + gamma^(S+1-i) r_final
-                 (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the seed
+                 (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the original
                  command, the final reward reaches every switch undiscounted)
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 
-The policy loss is summed over images, not averaged: SkipNet's code, where the seed's flags (alpha 0.1,
+The policy loss is summed over images, not averaged: SkipNet's code, where the original flags (alpha 0.1,
 gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
 (`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
-batch-size times weaker (256x at the seed's --bs 256) and the switches would barely move in 100 epochs.
+batch-size times weaker (256x at the original --bs 256) and the switches would barely move in 100 epochs.
 Under DDP each process sums over its own images and DDP averages the gradients of the processes.
 
 alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gates.switches import autocast_off, log_prob
+from models.switches import autocast_off, log_prob
 from utils.dist import all_reduce_sum
+from utils.flops import skipped_flops
 
 BASELINES = ("moving", "batch")
 
@@ -144,9 +145,9 @@ class SkipPrice:
 
 
 class ReinforceStep:
-    """step_fn(model, x, y) -> (loss, stats) for utils.stage.StageRun.fit.
+    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit.
 
-    stats (per batch; the engine averages them over the epoch): loss (total), ce, acc, reward (mean over
+    stats (per batch; train_epoch averages them over the epoch): loss (total), ce, acc, reward (mean over
     images of all rewards received, undiscounted), policy_loss (summed over the batch), exec_rate (per
     switch, of the sampled routes), gflops (per image, of the sampled routes, switches and rotations
     included), greedy_gflops (per image, greedy decisions along the sampled routes) and alpha.
@@ -170,7 +171,7 @@ class ReinforceStep:
         lag = i.view(1, -1) - i.view(-1, 1)  # lag[j, k] = k - j, as in discounted_returns
         discount = torch.where(lag >= 0, torch.pow(float(self.gamma), lag.clamp(min=0)), 0.0)
         k = w.view(-1, 1) * discount[:s, :s].T  # K[j, i] = w_j gamma^(j - i) for j >= i
-        always = (self.costs["base"] + self.costs["switches"]) / 1e9
+        always = skipped_flops(self.costs) / 1e9
         self.consts = {"k": k.to(device), "k_sum": k.sum(0).to(device), "final": discount[:s, s].to(device),
                        "w": w.to(device), "blocks": (blocks / 1e9).to(device),
                        "always": torch.tensor(always, dtype=torch.float64, device=device)}

@@ -7,7 +7,7 @@ evaluated: utils/flops.py's split of the costs).
 import torch
 import torch.nn as nn
 
-from utils.engine import evaluate, recalibrate_bn
+from runtime.evaluate import evaluate, recalibrate_bn
 
 
 def _heads(model):
@@ -94,7 +94,7 @@ def best_fixed_route(ddp, loader, ctx, costs, budget_gflops):
 
 
 def recalibrate_route(ddp, loader, ctx, route, batches=100):
-    """Re-estimate BN statistics of the network under a fixed route (utils.engine.recalibrate_bn in `open`
+    """Re-estimate BN statistics of the network under a fixed route (runtime.evaluate.recalibrate_bn in `open`
     mode with the route set); the model keeps no route afterwards."""
     model = getattr(ddp, "module", ddp)
     saved, model.route = model.route, list(route)

@@ -8,8 +8,8 @@ checkpoint can be rebuilt without pickled modules:
 factored conv. A rank equal to the conv's width on that side (at most that) means no rotation there: the
 core reads the input channels (or writes the output channels) itself.
 """
-from gates.switches import KINDS
-from models.resnet import FactoredConv, ResNet, absorb_legacy_rotations
+from models.switches import KINDS
+from models.resnet import FactoredConv, ResNet
 from utils.errors import UserError
 
 NETWORKS = ("resnet",)

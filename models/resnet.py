@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gates.switches import MODES, act, build_switches
+from models.switches import MODES, act, build_switches
 
 
 class FactoredConv(nn.Module):
@@ -95,7 +95,7 @@ class BasicBlock(nn.Module):
         if n == 0:
             return s
         # x[idx], not x.index_select(0, idx): on CPU index_select copies a large row in one parallel region
-        # per image, which costs ~100x more when the cores are shared (measured by bench/bench_dynamic.py)
+        # per image, which costs far more when the cores are shared (bench/bench_dynamic.py measures it)
         y = F.relu(self.residual(x[idx]) + s[idx])
         # in place on a clone: out-of-place index_copy returns NCHW whatever s's layout, and every later block
         # would then run its convolutions outside channels_last

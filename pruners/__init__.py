@@ -20,9 +20,9 @@ from utils.flops import count_params, dense_flops, measure_costs
 TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
 TARGETS = ("compression", "ratio", "gflops")
 
-__all__ = ["prune", "max_compression", "check_reachable", "check_schedule", "collect_factors", "decompose", "rebuild",
-           "top_directions", "in_channel_basis", "plan_for_params", "plan_for_ratio", "plan_for_flops",
-           "prunable_convs", "evenly_spaced", "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
+__all__ = ["prune", "check_schedule", "collect_factors", "decompose", "rebuild", "top_directions", "in_channel_basis",
+           "plan_for_params", "plan_for_ratio", "plan_for_flops", "prunable_convs", "evenly_spaced",
+           "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
 
 
 def model_flops(model, image_size):
@@ -99,17 +99,6 @@ def smallest(model, limit, image_size=32, rounds=1, round_to=1):
                 m = build_model({**m.arch, "ranks": ranks})
         out.append(plan.params if measure == "params" else plan.flops)
     return tuple(out)
-
-
-def max_compression(model, limit, params_reference, rounds=1, image_size=32, round_to=1):
-    """The largest compression (against params_reference) that `rounds` pruning steps can reach (smallest)."""
-    return 1 - smallest(model, limit, image_size, rounds, round_to)[0] / params_reference
-
-
-def check_reachable(model, target, value, limit, params_reference, image_size=32, round_to=1):
-    """UserError, before any work, when a compression or GFLOPs target is beyond one step's reach."""
-    check_schedule(model, [{"target": target, "value": value}], limit, params_reference, image_size=image_size,
-                   round_to=round_to)
 
 
 def check_schedule(model, schedule, limit, params_reference, first_round=0, image_size=32, round_to=1):

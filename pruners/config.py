@@ -1,6 +1,6 @@
 """Stage 2's config file (config.json): every key with its type, default, check and meaning, in one table.
 
-The README's key table is generated from KEYS (markdown_table), so documentation and validation cannot
+The key table of docs/config.md is generated from KEYS (markdown_table), so documentation and validation cannot
 drift apart. A bad file ends the program with one line naming the key (UserError, exit status 2) before
 anything is read or written.
 
@@ -211,7 +211,7 @@ def load_config(path, overrides=None, sets=None):
 
 
 def markdown_table():
-    """The README's table of config keys, generated from KEYS."""
+    """docs/config.md's table of config keys, generated from KEYS."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (types, default, (_, demand), text) in KEYS.items():
         kind = _type_name(types)
@@ -221,5 +221,5 @@ def markdown_table():
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m pruners.config > table.md: the README's table
+if __name__ == "__main__":  # python -m pruners.config > table.md: docs/config.md's table
     print(markdown_table())

@@ -45,9 +45,6 @@ class Layer:
             params, macs = params + r_out * c_out, macs + r_out * c_out * l_out
         return params, 2 * macs
 
-    def factored_params(self, r_in, r_out):
-        return self.cost(r_in, r_out)[0]
-
     @property
     def ranks(self):
         """(n_in, n_out): the directions the layer holds now."""

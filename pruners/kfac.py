@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from models import FactoredConv
 from utils.dist import all_reduce_sum
-from utils.engine import progress as bar
+from utils.log import progress as bar
 from utils.errors import UserError
 from utils.flops import probe
 

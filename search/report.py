@@ -1,4 +1,4 @@
-"""The end of a search: the chosen networks evaluated once on the test split, the seed's three-row table
+"""The end of a search: the chosen networks evaluated once on the test split, the three-row table
 with the settings found, every trial's result and the accuracy / GFLOPs picture of all trials.
 
 Under <search_dir>: final/<row>.json (the one test evaluation of each chosen network, reused while the
@@ -7,18 +7,17 @@ choice stands), table.md, table.json, trials.json and pareto.png.
 import json
 import os
 import socket
-from types import SimpleNamespace
 
 from optuna.trial import TrialState
 
 from search.phase import alive
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.engine import evaluate, prepare, write_json
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.evaluate import evaluate
+from runtime.loop import prepare
+from utils.files import write_json
 from utils.flops import count_params, measure_costs
-from utils.stage import load_data
-from utils.table import COLUMNS, to_markdown
-
-ROWS = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
+from utils.data import DataSettings, load_data
+from utils.table import STAGES, save_table, table_row, to_markdown
 
 
 def _claim(path):
@@ -67,7 +66,7 @@ def evaluate_on_test(chosen, data, bs, ctx, final_dir, log=print):
                     continue
             ckpt = load_checkpoint(spec["checkpoint"], None, "checkpoint")
             if loaded is None:  # the test split is decoded only when a network needs it
-                loaded = load_data(SimpleNamespace(**data, download=False, bs=bs, final_split="test"), ctx,
+                loaded = load_data(DataSettings.of(data, bs=bs), ctx,
                                    recorded=ckpt.get("pipeline"), source=f"checkpoint {spec['checkpoint']}")
             model, ddp = prepare(model_from_checkpoint(ckpt, spec["checkpoint"], "checkpoint"), ctx)
             r = evaluate(ddp, loaded.test, ctx, measure_costs(model, loaded.image_size), mode=spec["mode"],
@@ -113,10 +112,9 @@ def table_rows(tested, chosen_info, params_stage1, notes=None):
     """The three rows in utils/table.py's format, each with the settings found and its validation numbers;
     a row without a network gets its note from `notes` ({row: why}, missing_notes)."""
     rows = []
-    for stage, method in ROWS:
+    for stage, method in STAGES:
         t, info = tested.get(stage), chosen_info.get(stage)
-        row = {"method": method, "stage": stage, "present": t is not None, "accuracy": None,
-               "gflops_per_image": None, "params": None, "compression": None, "note": None}
+        row = table_row(stage, method, t is not None)
         if t is None:
             row["note"] = (notes or {}).get(stage) or "no trial within the budget on the validation split"
         else:
@@ -139,10 +137,7 @@ def settings_lines(rows, budget, baseline):
 def write_table(search_dir, rows, budget, baseline, extra):
     """table.md (utils/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
     text = to_markdown(rows) + "\n" + "\n".join(settings_lines(rows, budget, baseline)) + "\n"
-    with open(os.path.join(search_dir, "table.md"), "w") as f:
-        f.write(text)
-    write_json(os.path.join(search_dir, "table.json"), {"columns": list(COLUMNS), "rows": rows, "budget": budget,
-                                                        "baseline_val_acc": baseline, **extra})
+    save_table(search_dir, text, rows, budget=budget, baseline_val_acc=baseline, **extra)
     return text
 
 

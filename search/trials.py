@@ -1,5 +1,5 @@
 """One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha) through the
-stage's own main(), in its own result folder under <search_dir>/trials/ (named by its study and trial
+stage's own main() (the entry points main_search.py hands over: Stages), in its own result folder under <search_dir>/trials/ (named by its study and trial
 number: search/phase.py's trial_dir), ending on the validation split (--final_split val: no trial ever
 reads the test split). A folder whose metrics.json exists is read, not run again; one with a checkpoint but
 no metrics.json (an interrupted trial) is resumed from it.
@@ -9,19 +9,29 @@ no metrics.json (an interrupted trial) is resumed from it.
 """
 import json
 import os
+from dataclasses import dataclass
+from typing import Callable
 
-import main_prune
-import main_rl_prune
 from utils.errors import UserError
 
 # Stage 3's knob: the GFLOPs target where stage 3 has it, else alpha (larger alpha, fewer GFLOPs).
 DYNAMIC_KNOBS = ("target_gflops", "alpha")
 
 
-def stage3_knob():
+@dataclass(frozen=True)
+class Stages:
+    """The entry points of the stages a search runs (main_prune.py's and main_rl_prune.py's), handed over by
+    main_search.py: the search imports no script."""
+    prune: Callable        # stage 2's main(argv)
+    rl: Callable           # stage 3's main(argv)
+    rl_parse_args: Callable  # stage 3's parse_args(argv) -> its flags
+    rl_check_args: Callable  # stage 3's check_args(flags): UserError for a refused flag
+
+
+def stage3_knob(stages):
     """target_gflops when this stage 3 accepts --target_gflops, else alpha."""
     try:
-        main_rl_prune.parse_args(["--target_gflops", "1"])
+        stages.rl_parse_args(["--target_gflops", "1"])
     except UserError:
         return "alpha"
     return "target_gflops"
@@ -31,7 +41,7 @@ STAGE3_FLAGS = {"--epochs": "--rl_epochs", "--lr": "--rl_lr", "--bs": "--rl_bs",
                 "--route_epochs": "--rl_route_epochs", "--route_lr": "--rl_route_lr"}  # stage 3's -> the search's
 
 
-def stage3_argv(args, knob_name):
+def stage3_argv(args, knob_name, stages):
     """main_rl_prune.py's flags of every dynamic trial from the search's (the knob's value is added per
     trial). Checked by stage 3's own parser and checks at once, so that the search never runs its static
     phase to find out that stage 3 refuses them: UserError naming the search's flag."""
@@ -44,7 +54,7 @@ def stage3_argv(args, knob_name):
         argv += ["--alpha", repr(args.rl_alpha)]
     probe = ["--target_gflops", "1"] if knob_name == "target_gflops" else ["--alpha", "1"]
     try:
-        main_rl_prune.check_args(main_rl_prune.parse_args(argv + probe))
+        stages.rl_check_args(stages.rl_parse_args(argv + probe))
     except UserError as e:
         flag, _, rest = str(e).partition(" ")  # stage 3's errors start with the flag: name the search's
         flag = STAGE3_FLAGS.get(flag, flag)
@@ -58,12 +68,14 @@ def read_json(path):
 
 
 class Trials:
-    """Runs the trials of one search. `data`: data_dir, img_type, resize, num_workers, val_split, seed (those of
-    the stage-1 run); `prune_config`: the stage-2 config every static trial starts from; `rl_argv`: the
-    stage-3 flags every dynamic trial shares."""
+    """Runs the trials of one search under <search_dir>/trials through the stages' entry points `stages`.
+    `data`: data_dir, img_type, resize, num_workers, val_split, seed (those of the stage-1 run);
+    `prune_config`: the stage-2 config every static trial starts from; `rl_argv`: the stage-3 flags every
+    dynamic trial shares."""
 
-    def __init__(self, search_dir, stage1_path, data, prune_config, rl_argv, device):
+    def __init__(self, search_dir, stage1_path, data, prune_config, rl_argv, device, stages):
         self.root = os.path.join(search_dir, "trials")
+        self.stages = stages
         self.stage1_path, self.data, self.device = stage1_path, data, device
         self.prune_config, self.rl_argv = prune_config, rl_argv
 
@@ -83,7 +95,7 @@ class Trials:
             config = os.path.join(folder, "prune_config.json")
             with open(config, "w") as f:
                 json.dump(self.prune_settings(compression, folder), f, indent=2)
-            main_prune.main(["--config_path", config])
+            self.stages.prune(["--config_path", config])
         return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "prune", "checkpoint.pt")}
 
     def rl_command(self, source, folder, knob, x):
@@ -102,5 +114,5 @@ class Trials:
         """Stage 3 from the static trial's checkpoint `source` at knob = x in `folder` -> its metrics."""
         metrics = os.path.join(folder, "rl", "metrics.json")
         if not os.path.isfile(metrics):
-            main_rl_prune.main(self.rl_command(source, folder, knob, x))
+            self.stages.rl(self.rl_command(source, folder, knob, x))
         return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "rl", "checkpoint.pt")}

@@ -1,10 +1,8 @@
 """Shared by the tests: tiny datasets in the real on-disk layouts, running entry points, tree snapshots."""
 import hashlib
 import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from bench.runner import run_script as run_python
 from utils.synthetic import write_synthetic
 
 
@@ -17,8 +15,8 @@ def tiny_dataset(path, classes=10, train_per_class=60, test_per_class=20, size=3
 
 def run_script(*argv, timeout=600, env=None):
     """Run an entry point as a user would; returns the CompletedProcess (text)."""
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+    return run_python(argv, env={"OMP_NUM_THREADS": "2", **(env or {})}, capture_output=True, text=True,
+                      timeout=timeout)
 
 
 def snapshot(path):

@@ -16,10 +16,11 @@ import main_rl_prune
 import main_search
 import main_sp
 import utils.dist
+import conftest
 from conftest import mix_switches
 from helpers import tiny_dataset
 from models import build_model, make_arch
-from utils.checkpoint import load_checkpoint, load_model
+from runtime.checkpoint import load_checkpoint, load_model
 from utils.data import load_dataset
 from utils.export import export, run_onnx
 
@@ -27,14 +28,11 @@ BF16 = ["--amp", "bf16", "--channels_last", "--device", "cpu", "--num_workers", 
 SIZE = 16
 
 
+# tiny nets gain nothing from a second thread and lose much on shared cores (measured here: stage 1's bf16
+# backward steps take seconds with two threads, tens of milliseconds with one)
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny nets gain nothing from a second thread and lose much on shared cores (measured here: stage 1's
-    bf16 backward steps take seconds with two threads, tens of milliseconds with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 def conv_numerics(seen):
@@ -81,6 +79,7 @@ def runs(tmp_path_factory):
     return root, data, res, logs
 
 
+@pytest.mark.slow
 def test_three_stages_train_in_bf16_and_save_float32_checkpoints(runs):
     root, data, res, logs = runs
     for stage, (out, seen) in logs.items():
@@ -111,6 +110,7 @@ def test_three_stages_train_in_bf16_and_save_float32_checkpoints(runs):
                                               for s in ("sp", "prune", "rl")]
 
 
+@pytest.mark.slow
 def test_search_trials_run_in_bf16(runs, tmp_path, monkeypatch):
     """main_search.py has no --amp: its static trials take the stage-2 config's amp / channels_last keys (passed
     through --prune_config); its dynamic trials and its own evaluations take the device's default (bf16 +
@@ -166,9 +166,10 @@ def routed(runs):
 
 
 def accuracy(logits, y):
-    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y)  # as utils.engine.evaluate: the same float
+    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y)  # as runtime.evaluate.evaluate: the same float
 
 
+@pytest.mark.slow
 def test_export_of_the_bf16_trained_network_keeps_its_top1(runs, routed, tmp_path):
     root, data, res, logs = runs
     path = f"{res}/rl/checkpoint.pt"
@@ -214,6 +215,7 @@ def test_skip_execution_equals_masked_execution_under_bf16(gate, channels_last):
     torch.testing.assert_close(skipped.float(), masked.float(), atol=4 * 2 ** -8 * scale, rtol=0)
 
 
+@pytest.mark.slow
 def test_skip_equals_masked_on_the_bf16_trained_network(runs):
     root, data, res, logs = runs
     model, preprocess = load_model(f"{res}/rl/checkpoint.pt")
@@ -231,6 +233,7 @@ def test_skip_equals_masked_on_the_bf16_trained_network(runs):
     torch.testing.assert_close(skipped.float(), masked.float(), atol=4 * 2 ** -8 * scale, rtol=0)
 
 
+@pytest.mark.slow
 def test_bf16_routes_agree_with_float32(routed):
     """Greedy routes (model(x)[1]) of float32 vs bf16 autocast + channels_last. Counted per (image, switch)
     decision: one flip changes the input of every later switch of that image, so per-image routes compound

@@ -8,21 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from gates.counterfactual import CounterfactualStep, execution_benefit, flip_losses, switch_targets
 from gates.optim import make_optimizer
 from gates.policy import SkipPrice
 from models import build_model, make_arch
 from test_rl import CPU, _loaders, _mean_execute_probability
-from utils.engine import supervised_step, train_epoch
+from runtime.steps import supervised_step
+from runtime.loop import train_epoch
 from utils.flops import measure_costs
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 def _model(depth=8, seed=0):

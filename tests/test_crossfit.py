@@ -31,6 +31,7 @@ def quick(tmp_path_factory):
     return out, json.load(open(out / "results" / "crossfit-graded.json"))
 
 
+@pytest.mark.slow
 def test_no_test_image_is_trained_or_selected_on(quick):
     out, report = quick
     s = crossfit.SCALES["quick"]
@@ -59,6 +60,7 @@ def test_no_test_image_is_trained_or_selected_on(quick):
     assert report["n"] == n * len(s["seeds"]) and report["units"] == len(units)
 
 
+@pytest.mark.slow
 def test_the_report_is_of_the_saved_per_image_results(quick):
     out, report = quick
     evals = [np.load(out / "work" / u / "eval.npz") for u in sorted(os.listdir(out / "work")) if u.startswith("s")]

@@ -15,10 +15,9 @@ import main_prune
 import main_rl_prune
 import main_search
 import main_sp
-import utils.engine
-import utils.stage
-from helpers import tiny_dataset
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+import runtime.loop
+import runtime.stage
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.dist import Context, setup
 from utils.errors import UserError, run_main
 
@@ -83,9 +82,9 @@ class FakeGpus:
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
         monkeypatch.setattr(torch.distributed, "init_process_group",
                             lambda backend=None, **kw: self.groups.append((backend, kw)))
-        monkeypatch.setattr(utils.engine, "DistributedDataParallel", self._ddp)
-        self._real_train_epoch = utils.stage.train_epoch
-        monkeypatch.setattr(utils.stage, "train_epoch", self._train_epoch)
+        monkeypatch.setattr(runtime.loop, "DistributedDataParallel", self._ddp)
+        self._real_train_epoch = runtime.stage.train_epoch
+        monkeypatch.setattr(runtime.stage, "train_epoch", self._train_epoch)
 
     def _select(self, index):
         if not 0 <= index < self.count:
@@ -147,12 +146,10 @@ STARTS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny dataset and a real (CPU) stage-1 run with a validation split (the search needs one)."""
-    root = tmp_path_factory.mktemp("cuda")
-    data = tiny_dataset(root / "data", classes=4, train_per_class=24, test_per_class=6, size=16)
-    main_sp.main([*ARCH, *SMALL, "--epochs", "1", "--lr", "0.05", "--val_split", "0.25", "--device", "cpu",
-                  "--data_dir", data, "--result_dir", str(root / "base")])
+def runs(trained_stage1):
+    """A tiny dataset and a real (CPU) stage-1 run with a validation split (the search needs one): the
+    session's (conftest.trained_stage1), its checkpoint at root/base/sp/checkpoint.pt; read only."""
+    root, data, _ = trained_stage1
     return root, data
 
 
@@ -160,6 +157,7 @@ def device_flag(device):
     return ["--device", device] if device else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", list(STARTS))
 def test_stage1_reaches_training_on_the_right_gpu(runs, tmp_path, monkeypatch, start):
     device, count, env, index, processes = STARTS[start]
@@ -187,6 +185,7 @@ PRUNE_STARTS = {  # (config's device key (absent: "-"), --device flag, GPUs, tor
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", list(PRUNE_STARTS))
 def test_stage2_reaches_fine_tuning_on_the_right_gpu(runs, tmp_path, monkeypatch, start):
     key, flag, count, env, index, processes = PRUNE_STARTS[start]
@@ -197,6 +196,7 @@ def test_stage2_reaches_fine_tuning_on_the_right_gpu(runs, tmp_path, monkeypatch
     gpus.check(index, processes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["no --device", "--device cuda:0", "torchrun 2 processes, rank 1"])
 def test_stage3_reaches_training_on_the_right_gpu(runs, tmp_path, monkeypatch, start):
     device, count, env, index, processes = STARTS[start]
@@ -208,6 +208,7 @@ def test_stage3_reaches_training_on_the_right_gpu(runs, tmp_path, monkeypatch, s
     gpus.check(index, processes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", [None, "cuda"])
 def test_search_reaches_its_first_trial_on_the_gpu(runs, tmp_path, monkeypatch, device):
     """The search's own evaluation (the unpruned baseline) and its first stage-2 trial, on cuda:0."""
@@ -299,7 +300,7 @@ def record_step(monkeypatch):
     """Runs one real training step, recording the output dtype of every convolution and the layout of the
     batch and of the convolution weights, then Stop."""
     seen = {"conv": set(), "batch_channels_last": None, "weights_channels_last": None}
-    real = utils.stage.train_epoch
+    real = runtime.stage.train_epoch
 
     def train_epoch(ddp, loader, *args, **kwargs):
         model = getattr(ddp, "module", ddp)
@@ -321,10 +322,11 @@ def record_step(monkeypatch):
             for h in hooks:
                 h.remove()
 
-    monkeypatch.setattr(utils.stage, "train_epoch", train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", train_epoch)
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, dtype, nhwc", [([], torch.float32, False),
                                                 (["--amp", "bf16", "--channels_last"], torch.bfloat16, True),
                                                 (["--amp", "bf16", "--no-channels_last"], torch.bfloat16, False),
@@ -339,6 +341,7 @@ def test_cpu_step_runs_in_the_chosen_precision_and_layout(runs, tmp_path, monkey
     assert seen["batch_channels_last"] is nhwc and seen["weights_channels_last"] is nhwc, seen
 
 
+@pytest.mark.slow
 def test_short_bf16_channels_last_run_on_cpu_is_finite_and_reloads_in_float32(runs, tmp_path, capsys):
     root, data = runs
     main_sp.main([*ARCH, *SMALL, "--epochs", "2", "--dense_epochs", "1", "--lr", "0.05", "--device", "cpu",

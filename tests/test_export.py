@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import FactoredConv, build_model, make_arch
 from pruners import model_flops, prune
-from utils.checkpoint import save_checkpoint
+from runtime.checkpoint import save_checkpoint
 from utils.data import channel_stats, load_dataset, make_pipeline
 from utils.errors import UserError, run_main
 from utils.export import InferenceNet, cheapest_form, export, main, reference_outputs, run_onnx
@@ -145,11 +145,11 @@ def covering(routes):
 
 
 @pytest.mark.parametrize("gate, depth, pruned, stage", [
-    ("rnn", 14, True, "prune"),  # stage 2's checkpoint: factored convs
-    ("rnn", 14, False, "rl"),  # stage 3's on an unpruned net
-    ("ff", 14, True, "rl"),
-    ("rnn", 32, True, "prune"),  # the seed's depth
-    ("rnn", 32, True, "rl"),
+    ("rnn", 14, True, "prune"),  # stage 2's checkpoint: factored convs (the fast loop's case)
+    pytest.param("rnn", 14, False, "rl", marks=pytest.mark.slow),  # stage 3's on an unpruned net
+    pytest.param("ff", 14, True, "rl", marks=pytest.mark.slow),
+    pytest.param("rnn", 32, True, "prune", marks=pytest.mark.slow),  # the seed's depth
+    pytest.param("rnn", 32, True, "rl", marks=pytest.mark.slow),
 ])
 def test_exported_onnx_and_pt2_reproduce_the_checkpoint(images, tmp_path, gate, depth, pruned, stage):
     x, mean, std = images
@@ -201,6 +201,7 @@ def test_export_failure_is_one_line(images, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out" / "export.json").exists()
 
 
+@pytest.mark.slow
 def test_export_needs_the_pipeline_and_refuses_conflicts(images, tmp_path):
     x, mean, std = images
     model = build_model(make_arch(depth=8, width=1, num_classes=10))

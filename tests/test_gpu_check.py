@@ -8,12 +8,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 PARTS = ("data", "stage1", "stage1_resume", "stage2", "stage3", "finite_losses", "torchrun", "reload", "export",
          "throughput", "compile", "profile", "cudnn_benchmark", "script_throughput")
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_on_cpu(tmp_path):
     out = tmp_path / "x.json"
     cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()

@@ -13,7 +13,7 @@ import main_prune
 import main_rl_prune
 import main_sp
 from helpers import snapshot, tiny_dataset
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError
 from utils.flops import dense_flops, measure_costs
 from utils.lineage import file_sha256
@@ -147,6 +147,7 @@ def test_a_stage_whose_parent_is_gone_is_orphaned(chain, tmp_path):
         build_table(str(results))
 
 
+@pytest.mark.slow
 def test_table_of_a_run_ended_on_validation_and_of_foreign_metrics(chain, tmp_path):
     from helpers import assert_one_line_error, run_script
     from utils.table import to_markdown
@@ -199,6 +200,7 @@ def test_table_and_later_stages_refuse_a_broken_chain(chain, data, tmp_path):
         build_table(str(results2))
 
 
+@pytest.mark.slow
 def test_table_command_refuses_a_broken_chain_in_one_line(chain, data, tmp_path):
     from helpers import assert_one_line_error, run_script
     results = copy_results(chain, tmp_path / "results")
@@ -206,6 +208,7 @@ def test_table_command_refuses_a_broken_chain_in_one_line(chain, data, tmp_path)
     assert_one_line_error(run_script("-m", "utils.table", str(results)), "stage 2 (prune/) is stale")
 
 
+@pytest.mark.slow
 def test_stage1_printout_counts_on_and_names_what_it_evaluates(data, tmp_path, capsys):
     stage1(tmp_path / "r", data, "--epochs", "3", "--dense_epochs", "2")
     out = capsys.readouterr().out
@@ -231,6 +234,7 @@ SCALE = {"main_sp.py": ["--depth", "8", "--width", "1", "--epochs", "1", "--num_
          "main_rl_prune.py": ["--depth", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu", "--bs", "32"]}
 
 
+@pytest.mark.slow
 def test_readme_gpu_commands_chain_when_copied(data, tmp_path, monkeypatch):
     """The README's three commands, verbatim but for the placeholders and flags of scale appended (the
     last of a repeated flag wins), run in order in one folder: each stage finds the one before it."""

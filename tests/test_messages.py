@@ -8,21 +8,21 @@ import os
 import pickle
 import re
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import main_rl_prune
 import main_sp
+from conftest import write_and_train
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from gates.policy import Baseline, policy_loss
-from utils.checkpoint import save_checkpoint
-from utils.data import channel_stats, load_dataset, make_pipeline, split_val
+from runtime.checkpoint import save_checkpoint
+from runtime.stage import check_batch_shapes
+from utils.data import DataSettings, channel_stats, load_data, load_dataset, make_pipeline, split_val
 from utils.dist import Context
-from utils.engine import write_json
 from utils.errors import UserError, run_main
-from utils.stage import check_batch_shapes, load_data
+from utils.files import write_json
 
 DATA = dict(classes=4, train_per_class=8, test_per_class=4, size=16)  # 32 training images
 COMMON = ["--num_workers", "0", "--device", "cpu"]
@@ -32,12 +32,10 @@ CPU = Context(device=torch.device("cpu"))
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """Tiny data and a stage-1 run of one epoch (checkpoint and metrics.json)."""
-    tmp = tmp_path_factory.mktemp("messages")
-    data = tiny_dataset(tmp / "data", **DATA)
-    res = tmp / "results"
-    main_sp.main([*SP, "--data_dir", data, "--result_dir", str(res), "--epochs", "1"])
-    return tmp, data, res
+    """Tiny data and a stage-1 run of one epoch (checkpoint and metrics.json). Its own, not the session's
+    (conftest.trained_stage1): the messages asserted name its 32 training images (the smallest --val_split
+    that holds one out is 1/32), and the full-disk test resumes it with these flags."""
+    return write_and_train(tmp_path_factory.mktemp("messages"), DATA, [*SP, "--epochs", "1"])
 
 
 def one_line_exit_2(capsys, main, argv, *words):
@@ -53,7 +51,7 @@ def one_line_exit_2(capsys, main, argv, *words):
 
 
 def data_args(data, **over):
-    return SimpleNamespace(**{"data_dir": data, "img_type": "png", "resize": 16, "download": False,
+    return DataSettings(**{"data_dir": data, "img_type": "png", "resize": 16, "download": False,
                               "num_workers": 0, "val_split": 0.0, "seed": 0, "bs": 4, "final_split": "test",
                               **over})
 
@@ -154,7 +152,7 @@ def test_batch_of_one_advice_names_only_what_the_stage_can_change(tmp_path, caps
                            "one value per channel", "bs 2 or more", "checkpoint's")
     assert "resize 9" not in line
     # stage 2's refusal is the same call with resize_fixed=True (its resize is the checkpoint's too)
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
     with pytest.raises(UserError) as e:
         check_batch_shapes(model, 8, 1, resize_fixed=True)
@@ -247,6 +245,7 @@ def test_path_errors_name_the_path_and_the_reason(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file", "isdir"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_loses_nothing(stage1, tmp_path, monkeypatch, capsys):
     """A resumed stage-1 run whose next checkpoint, then whose metrics.json, cannot be written: one line
     naming the file and the reason, and the previous file byte for byte as it was."""

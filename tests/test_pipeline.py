@@ -44,6 +44,7 @@ def pipeline(tmp_path_factory):
     return tmp, data, results, procs
 
 
+@pytest.mark.slow
 def test_seed_commands_run_in_order_and_write_the_table(pipeline):
     tmp, data, results, procs = pipeline
     for proc in procs:
@@ -60,6 +61,7 @@ def test_seed_commands_run_in_order_and_write_the_table(pipeline):
     assert markdown in procs[2].stdout  # stage 3 prints it too
 
 
+@pytest.mark.slow
 def test_logs_hold_summaries_and_no_bar_fragments_when_not_on_a_terminal(pipeline):
     """stderr is a pipe here, as under nohup or a scheduler: no tqdm refreshes, the summaries in stdout;
     the seed's stage-1 command (lr 1e-4, no --pretrained) gets one line of warning."""
@@ -72,6 +74,7 @@ def test_logs_hold_summaries_and_no_bar_fragments_when_not_on_a_terminal(pipelin
     assert not [line for line in procs[2].stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_stages_refuse_a_checkpoint_from_the_wrong_place(pipeline):
     tmp, data, results, procs = pipeline
     before = snapshot(results)

@@ -1,6 +1,7 @@
 """Stage 2 (pruners/, main_prune.py): EigenDamage pruning, rebuild, fine-tuning run, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,15 +12,16 @@ import torch.nn.functional as F
 
 import main_prune
 import main_sp
-import utils.stage
+import runtime.stage
 from conftest import ROOT, mix_switches
+from conftest import prune_config as pipeline_config
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 from models import FactoredConv, build_model, make_arch
 from pruners import (CRITERIA, collect_factors, decompose, in_channel_basis, model_flops, prune, rebuild,
                      top_directions)
 from pruners.config import KEYS, load_config, markdown_table
 from pruners.threshold import plan_for_flops, plan_for_params, plan_for_ratio
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import BatchLoader, channel_stats, load_dataset
 from utils.errors import UserError, run_main
 from utils.flops import count_params
@@ -49,7 +51,10 @@ def relative_error(a, b):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A depth-8 width-1 network trained by main_sp.py on a learnable 16x16 dataset: (data_dir, result_dir).
-    SkipNet's recipe: a dense start (every block trains), then the supervised phase with hard switches."""
+    SkipNet's recipe: a dense start (every block trains), then the supervised phase with hard switches.
+    Its own, not the session's (conftest.trained_stage1: 4 classes, 96 training images): the eigenbasis
+    tests measure losses and Fisher statistics of a 10-class net on 600 images, and accuracies against
+    10-class chance."""
     data = tiny_dataset(tmp_path_factory.mktemp("data") / "png", size=SIZE)
     results = str(tmp_path_factory.mktemp("results"))
     main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--dense_epochs", "2", "--bs", "32", "--lr", "0.05",
@@ -412,6 +417,7 @@ def test_iterative_rounds_stay_three_convs_deep_and_compress_more(trained):
 
 # ----------------------------------------------------------------------- 8: checkpoint, fresh process
 
+@pytest.mark.slow
 def test_checkpoint_reloads_in_a_fresh_process_with_the_same_outputs(trained, tmp_path):
     model, batches, _ = trained
     torch.manual_seed(0)
@@ -425,7 +431,7 @@ def test_checkpoint_reloads_in_a_fresh_process_with_the_same_outputs(trained, tm
                                                       "model": pruned.state_dict(), "epoch": 0})
     torch.save(x, tmp_path / "x.pt")
     script = (f"import sys, torch; sys.path.insert(0, {ROOT!r})\n"
-              "from utils.checkpoint import load_checkpoint, model_from_checkpoint\n"
+              "from runtime.checkpoint import load_checkpoint, model_from_checkpoint\n"
               f"m = model_from_checkpoint(load_checkpoint({str(tmp_path / 'checkpoint.pt')!r}, ('prune',))).eval()\n"
               f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
               f"with torch.no_grad(): torch.save(m(x)[0], {str(tmp_path / 'y.pt')!r})\n")
@@ -444,20 +450,21 @@ def write_config(path, stage1, **keys):
     return str(path)
 
 
+@pytest.mark.slow
 def test_main_prune_end_to_end_with_resume(stage1, tmp_path, monkeypatch):
     _, results = stage1
     config = write_config(tmp_path / "config.json", stage1)
-    real_train_epoch = utils.stage.train_epoch
+    real_train_epoch = runtime.stage.train_epoch
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies during its first fine-tuning epoch
-    monkeypatch.setattr(utils.stage, "train_epoch", dies)
+    monkeypatch.setattr(runtime.stage, "train_epoch", dies)
     with pytest.raises(KeyboardInterrupt):
         main_prune.main(["--config_path", config])
     ckpt = torch.load(os.path.join(results, "prune", "checkpoint.pt"), weights_only=True)
     assert ckpt["stage"] == "prune" and ckpt["epoch"] == 0 and ckpt["arch"]["ranks"]  # written after pruning
 
-    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", real_train_epoch)
     main_prune.main(["--config_path", config, "--resume"])
     ckpt = load_checkpoint(os.path.join(results, "prune", "checkpoint.pt"), ("prune",))
     assert ckpt["epoch"] == 1 and ckpt["round"] == 0
@@ -469,6 +476,7 @@ def test_main_prune_end_to_end_with_resume(stage1, tmp_path, monkeypatch):
     assert os.listdir(os.path.join(results, "prune", "tb"))
 
 
+@pytest.mark.slow
 def test_main_prune_iterative_rounds_with_fixed_rotations(stage1, tmp_path):
     config = write_config(tmp_path / "config.json", stage1, compression=..., prune_mode="iterative",
                           fix_rotation=True, result_dir=str(tmp_path / "results"),
@@ -531,6 +539,7 @@ def bad_cases(tmp, stage1):
     ]
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_line_exit_2_and_touches_nothing(stage1, tmp_path, capsys):
     _, results = stage1
     before = snapshot(results)
@@ -554,7 +563,7 @@ def test_bad_config_is_one_line_exit_2_and_touches_nothing(stage1, tmp_path, cap
 
 
 def test_readme_documents_every_config_key_as_generated():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config.md")).read()
     assert markdown_table() in readme  # regenerate with: python -m pruners.config
 
 
@@ -566,3 +575,25 @@ def test_set_null_clears_a_key_of_the_shipped_config():
     cfg = load_config(os.path.join(ROOT, "config.json"), {"device": None}, sets=sets)
     assert cfg["schedule"][0]["target"] == "gflops" and cfg["schedule"][0]["value"] == 0.5
     assert cfg["device"] is None
+
+
+@pytest.mark.parametrize("ratio,limit", [(0.02, 0.05), (0.3, 0.95)])
+def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsys, ratio, limit):
+    """Stage 2 reports the directions it removed, not those under the threshold. With prune_ratio_limit 0.05 a
+    side of 16 / 32 / 64 channels (the width-1 net) loses at most 0 / 1 / 3 directions, and no such cut makes
+    a layer's factored form smaller: the ratio removes nothing, and says so."""
+    tmp, data, res = pipeline  # conftest's session three-stage run: its stage 1 copied, stage 2 run here
+    shutil.copytree(res / "sp", tmp_path / "sp")
+    main_prune.main(["--config_path", pipeline_config(tmp_path / "c.json", tmp_path, data, compression=None,
+                                                   ratio=ratio, epochs=0, prune_ratio_limit=limit)])
+    report = json.load(open(tmp_path / "prune" / "metrics.json"))["rounds"][0]
+    stage1 = model_from_checkpoint(load_checkpoint(str(res / "sp" / "checkpoint.pt")))
+    convs = dict(stage1.named_modules())
+    ranks = torch.load(tmp_path / "prune" / "checkpoint.pt", weights_only=True)["arch"]["ranks"]
+    removed = sum(convs[n].in_channels - r_in + convs[n].out_channels - r_out for n, (r_in, r_out) in ranks.items())
+    assert report["directions_cut"] == removed
+    assert report["ratio"] == pytest.approx(removed / report["directions"])
+    err = capsys.readouterr().err
+    assert ("removes nothing" in err) == (removed == 0)
+    assert (removed == 0) == (limit == 0.05)
+    assert report["directions_under_threshold"] == int(ratio * report["directions"]) > 0  # cut, but kept by the rules

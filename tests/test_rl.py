@@ -15,16 +15,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import main_rl_prune
 import main_sp
-import utils.stage
+import runtime.stage
+import conftest
 from conftest import ROOT, mix_switches
 from gates.policy import Baseline, ReinforceStep, SkipPrice, discounted_returns, policy_loss, skip_rewards
-from gates.switches import log_prob
+from models.switches import log_prob
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import build_model, make_arch
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import BatchLoader, channel_stats
 from utils.dist import Context
-from utils.engine import evaluate, supervised_step, train_epoch, write_json
+from runtime.evaluate import evaluate
+from runtime.steps import supervised_step
+from runtime.loop import train_epoch
+from utils.files import write_json
 from utils.flops import count_params, measure_costs
 from utils.synthetic import make_synthetic
 from utils.table import build_table
@@ -34,12 +38,7 @@ CPU = Context(device=torch.device("cpu"))
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny nets gain nothing from a second thread, and lose much when the cores are shared (a thread
-    descheduled at each of thousands of small parallel regions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 # ------------------------------------------------------------------------------- 1. by hand
@@ -192,14 +191,15 @@ TINY = ["--bs", "32", "--num_workers", "0", "--device", "cpu", "--resize", "16"]
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """A stage-1 result (real, main_sp.py) and a stage-2 result beside it: the stage-1 network with some
-    convs factored (random eigenbases; stage 3 only needs the architecture and the weights)."""
+def stages(tmp_path_factory, trained_stage1):
+    """A stage-1 result (real, main_sp.py: the session's, conftest.trained_stage1, copied with its data, into
+    which a test writes a file list) and a stage-2 result beside it: the stage-1 network with some convs
+    factored (random eigenbases; stage 3 only needs the architecture and the weights)."""
     tmp = tmp_path_factory.mktemp("rl")
-    data = tiny_dataset(tmp / "data", classes=4, train_per_class=40, test_per_class=16, size=16)
+    _, shared_data, shared_results = trained_stage1
+    data = str(shutil.copytree(shared_data, tmp / "data"))
     results = tmp / "results"
-    main_sp.main([*TINY, "--depth", "8", "--width", "1", "--lr", "0.05", "--epochs", "2", "--data_dir", data,
-                  "--result_dir", str(results)])
+    shutil.copytree(shared_results / "sp", results / "sp")
     sp = load_checkpoint(str(results / "sp" / "checkpoint.pt"))
     arch = {**sp["arch"], "ranks": {"blocks.1.conv1": [8, 8], "blocks.1.conv2": [8, 8],
                                     "blocks.2.conv1": [10, 10], "blocks.2.conv2": [12, 12]}}
@@ -225,6 +225,7 @@ def _rl(data, results, *more):
     return json.load(open(results / "rl" / "metrics.json"))
 
 
+@pytest.mark.slow
 def test_from_a_pruned_checkpoint_and_the_table(stages):
     data, results = stages
     rl = _rl(data, results, "--epochs", "1")
@@ -248,6 +249,7 @@ def test_from_a_pruned_checkpoint_and_the_table(stages):
     assert f"{rl['test_acc']:.2f}%" in markdown
 
 
+@pytest.mark.slow
 def test_route_epochs_train_the_backbone_on_greedy_routes_and_leave_the_switches(stages, tmp_path):
     """--route_epochs 1 after zero stage-3 epochs: the switches (the routes) are the source's exactly, the
     backbone has moved, the greedy routes in hard mode are what the saved model runs, and the ending is
@@ -274,6 +276,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("controller", ["counterfactual", "reinforce"])
 def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypatch, controller):
     data, results = stages
@@ -283,17 +286,17 @@ def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypa
     args = ["--epochs", "2", "--seed", "4", "--controller", controller, "--target_gflops", "0.0045"]
     straight = _rl(data, tmp_path / "straight", *args)
 
-    real_train_epoch = utils.stage.train_epoch
+    real_train_epoch = runtime.stage.train_epoch
 
     def dies_in_epoch_2(ddp, loader, *a, epoch, **kw):
         if epoch == 1:
             raise Stop  # the process dies after the checkpoint of epoch 1
         return real_train_epoch(ddp, loader, *a, epoch=epoch, **kw)
 
-    monkeypatch.setattr(utils.stage, "train_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(runtime.stage, "train_epoch", dies_in_epoch_2)
     with pytest.raises(Stop):
         _rl(data, tmp_path / "cut", *args)
-    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", real_train_epoch)
     ckpt = torch.load(tmp_path / "cut" / "rl" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["extra"]["source"]["stage"] == "sp"
     if controller == "reinforce":
@@ -365,16 +368,16 @@ def test_duplicating_every_image_doubles_the_policy_gradient(monkeypatch):
 FRESH_EVAL = """
 import argparse, json, sys
 import torch
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.evaluate import evaluate
+from utils.data import DataSettings, load_data
 from utils.dist import Context
-from utils.engine import evaluate
 from utils.flops import measure_costs
-from utils.stage import load_data
 ckpt = load_checkpoint(sys.argv[1], ("rl",))
 args = argparse.Namespace(**ckpt["args"])
 ctx = Context(device=torch.device("cpu"))
 model = model_from_checkpoint(ckpt)
-data = load_data(args, ctx)
+data = load_data(DataSettings.of(args), ctx)
 print(json.dumps(evaluate(model, data.test, ctx, measure_costs(model, args.resize))))
 """
 
@@ -382,7 +385,8 @@ print(json.dumps(evaluate(model, data.test, ctx, measure_costs(model, args.resiz
 @pytest.fixture(scope="module")
 def deeper_stage1(tmp_path_factory):
     """A stage-1 ResNet-14 (5 switches) on a little more data than `stages`: enough routes per image for a
-    FLOPs target to be met closely."""
+    FLOPs target to be met closely. Its own, not the session's ResNet-8 (conftest.trained_stage1): the
+    target's 3% tolerance rests on these 5 switches and 160 test images."""
     tmp = tmp_path_factory.mktemp("target")
     data = tiny_dataset(tmp / "data", classes=4, train_per_class=80, test_per_class=40, size=16)
     main_sp.main([*TINY, "--depth", "14", "--width", "1", "--lr", "0.05", "--epochs", "2", "--data_dir", data,
@@ -390,6 +394,7 @@ def deeper_stage1(tmp_path_factory):
     return data, tmp / "results"
 
 
+@pytest.mark.slow
 def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deeper_stage1):
     """With route epochs after the training: the threshold is calibrated after the training, before every
     further route epoch and after the BN re-estimate, and the saved model meets the target."""
@@ -415,6 +420,7 @@ def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deep
     assert fresh["exec_rate"] == rl["exec_rate"]
 
 
+@pytest.mark.slow
 def test_unreachable_target_is_refused_up_front(deeper_stage1, tmp_path):
     data, results = deeper_stage1
     shutil.copytree(results / "sp", tmp_path / "sp")
@@ -462,6 +468,7 @@ def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
     assert model.route is None  # the model is left as it was
 
 
+@pytest.mark.slow
 def test_routes_by_difficulty_splits_the_stage_evaluation_exactly(stages, tmp_path):
     """bench/routes_by_difficulty.py on a stage-3 network, half the test images listed as hard: its two
     groups, weighted by their sizes, give back exactly the accuracy, GFLOPs and execution rates of the

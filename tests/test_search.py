@@ -15,10 +15,10 @@ import optuna
 import pytest
 
 import main_search
-import main_sp
-import utils.stage as stage
+import utils.data as stage
 from conftest import ROOT
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
+from search import protocol
 from search.bisection import Knob, next_point, no_trial_reason
 from search.phase import open_storage, open_study
 from search.report import missing_notes
@@ -27,15 +27,11 @@ STAGE_FLAGS = ["--rl_epochs", "1", "--rl_lr", "0.01", "--rl_bs", "16", "--rl_wei
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    """A stage-1 result trained with a validation split, and a small stage-2 config."""
+def stage1(tmp_path_factory, trained_stage1):
+    """The session's stage-1 result (conftest.trained_stage1: trained with a validation split, SkipNet's
+    recipe) seen as base/, beside a small stage-2 config; the searches write their own folders here."""
     root = tmp_path_factory.mktemp("search")
-    data = tiny_dataset(root / "data", classes=4, train_per_class=24, test_per_class=6, size=16)
-    # SkipNet's recipe, as the demo: a dense start, then the supervised phase with hard switches (one epoch of
-    # the latter from a random start leaves the network at chance, its validation accuracy noise)
-    main_sp.main(["--depth", "8", "--width", "1", "--epochs", "4", "--dense_epochs", "2", "--lr", "0.05", "--bs", "16",
-                  "--num_workers", "0", "--resize", "16", "--val_split", "0.25", "--device", "cpu", "--data_dir", data,
-                  "--result_dir", str(root / "base")])
+    (root / "base").symlink_to(trained_stage1[2], target_is_directory=True)  # read only
     config = root / "prune.json"
     # EigenDamage's plain ranking: on this 4-class net (24 validation images, one is 4.2 points) it is the one
     # whose static trials stay within the tests' budget; the search's machinery is what is tested here
@@ -57,9 +53,9 @@ def fresh_result_dir(stage1, name):
 
 def count_test_reads(monkeypatch):
     """Every pass over a loader of the test images, recorded as True when inside the search's final
-    evaluation (every stage and the search build their loaders through utils.stage.load_data)."""
+    evaluation (every stage and the search build their loaders through utils.data.load_data)."""
     reads, test_sets, in_final = [], [], [False]
-    real_load, real_loader, real_final = stage.load_dataset, stage.BatchLoader, main_search.evaluate_on_test
+    real_load, real_loader, real_final = stage.load_dataset, stage.BatchLoader, protocol.evaluate_on_test
 
     def load_dataset(*args, **kwargs):
         ds = real_load(*args, **kwargs)
@@ -85,10 +81,11 @@ def count_test_reads(monkeypatch):
 
     monkeypatch.setattr(stage, "load_dataset", load_dataset)
     monkeypatch.setattr(stage, "BatchLoader", Loader)
-    monkeypatch.setattr(main_search, "evaluate_on_test", final)
+    monkeypatch.setattr(protocol, "evaluate_on_test", final)
     return reads
 
 
+@pytest.mark.slow
 def test_search_keeps_the_budget_and_reads_test_once_per_chosen_network(stage1, monkeypatch):
     out = fresh_result_dir(stage1, "one")
     reads = count_test_reads(monkeypatch)
@@ -123,6 +120,7 @@ def test_search_keeps_the_budget_and_reads_test_once_per_chosen_network(stage1, 
     assert reads == [] and json.loads((search / "table.json").read_text())["rows"] == table["rows"]
 
 
+@pytest.mark.slow
 def test_search_resumes_after_being_killed_mid_trial(stage1):
     out = fresh_result_dir(stage1, "killed")
     argv = ["main_search.py", *search_argv(stage1, out, "--static_trials", "3", "--dynamic_trials", "1",
@@ -152,6 +150,7 @@ def test_search_resumes_after_being_killed_mid_trial(stage1):
     assert (out / "search" / "table.md").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_without_running_a_trial_twice(stage1):
     out = fresh_result_dir(stage1, "shared")
     storage = f"sqlite:///{out}/shared.db"
@@ -204,6 +203,7 @@ for round_dir in iter(sys.stdin.readline, ""):
 """
 
 
+@pytest.mark.slow
 def test_three_workers_started_together_never_claim_a_point_or_folder_twice(tmp_path):
     """Five launches of three workers released together on a fresh study: every point and every folder
     runs once, the phase runs exactly its 6 trials, and every worker (a loser of a race included) exits 0.
@@ -245,16 +245,17 @@ def test_three_workers_started_together_never_claim_a_point_or_folder_twice(tmp_
         assert w.returncode == 0 and "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_dynamic_phase_that_ran_no_trial_says_why(stage1, monkeypatch, capsys):
     """A GFLOPs interval too narrow for a trial: no dynamic trial, and the table says so (not "no trial within
     the budget", which says that trials ran)."""
-    real = main_search.dynamic_knob
+    real = protocol.dynamic_knob
 
     def narrow(*args, **kwargs):
         knob = real(*args, **kwargs)
         return dataclasses.replace(knob, low=knob.high - knob.resolution)
 
-    monkeypatch.setattr(main_search, "dynamic_knob", narrow)
+    monkeypatch.setattr(protocol, "dynamic_knob", narrow)
     out = fresh_result_dir(stage1, "narrow")
     main_search.main(search_argv(stage1, out, "--budget", "50", "--min_compression", "0.5", "--max_compression",
                                  "0.5", "--static_trials", "1", "--dynamic_trials", "2"))
@@ -296,6 +297,7 @@ def test_why_a_phase_ran_no_trial_is_told_apart_from_trials_outside_the_budget()
     assert missing_notes(study(True), [], True, 0, [])["rl"] == "the dynamic phase was not run (--dynamic_trials 0)"
 
 
+@pytest.mark.slow
 def test_final_split_val_needs_a_validation_split(tmp_path):
     data = tiny_dataset(tmp_path / "data", classes=2, train_per_class=8, test_per_class=2, size=16)
     proc = run_script("main_sp.py", "--depth", "8", "--width", "1", "--epochs", "1", "--num_workers", "0",
@@ -304,6 +306,7 @@ def test_final_split_val_needs_a_validation_split(tmp_path):
     assert_one_line_error(proc, "--final_split val", "--val_split")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [(["--gamma", "2"], ["--gamma 2.0", "stage 3"]),
                                          (["--rl_lr", "inf"], ["--rl_lr inf", "finite"]),
                                          (["--rl_route_epochs", "2", "--rl_route_lr", "0"], ["--rl_route_lr"])])

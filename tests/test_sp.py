@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import main_sp
-import utils.stage
+import runtime.stage
 from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
 
 class Stop(Exception):
@@ -20,6 +20,7 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("data") / "png")
 
 
+@pytest.mark.slow
 def test_tiny_training_gets_well_above_chance(data, tmp_path):
     # 2 dense epochs, then 2 of SkipNet's supervised phase (skipping from the first step of a 4-epoch run
     # leaves the dense network, the table's row 1, near chance)
@@ -33,11 +34,12 @@ def test_tiny_training_gets_well_above_chance(data, tmp_path):
     assert ckpt["stage"] == "sp" and ckpt["epoch"] == 4 and ckpt["arch"]["depth"] == 8
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, monkeypatch):
     args = [*TINY, "--data_dir", data, "--epochs", "3", "--seed", "3"]
     main_sp.main([*args, "--result_dir", str(tmp_path / "straight")])
 
-    real_train_epoch = utils.stage.train_epoch
+    real_train_epoch = runtime.stage.train_epoch
 
     def dies_mid_epoch_2(ddp, loader, *a, epoch, **kw):
         def batches():
@@ -48,10 +50,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
         proxy = type("Proxy", (), {"__iter__": lambda self: batches(), "__len__": lambda self: len(loader)})()
         return real_train_epoch(ddp, proxy, *a, epoch=epoch, **kw)
 
-    monkeypatch.setattr(utils.stage, "train_epoch", dies_mid_epoch_2)
+    monkeypatch.setattr(runtime.stage, "train_epoch", dies_mid_epoch_2)
     with pytest.raises(Stop):
         main_sp.main([*args, "--result_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(utils.stage, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(runtime.stage, "train_epoch", real_train_epoch)
     assert torch.load(tmp_path / "cut" / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     main_sp.main([*args, "--result_dir", str(tmp_path / "cut"), "--resume"])
 
@@ -81,6 +83,7 @@ def _bad_cases(tmp, data):
     ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(data, tmp_path):
     good = tmp_path / "good"
     main_sp.main([*TINY, "--data_dir", data, "--result_dir", str(good), "--epochs", "1"])
@@ -91,6 +94,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(data, tmp_path):
         assert snapshot(good) == before, argv
 
 
+@pytest.mark.slow
 def test_switches_route_per_image_and_row_1_is_the_dense_network(data, tmp_path):
     """SkipNet's supervised phase: after a short stage 1 every switch's p varies over the test images, the
     LSTM and the projections have learnt, and metrics.json's row is the dense network (every block, no
@@ -130,7 +134,7 @@ def test_switches_route_per_image_and_row_1_is_the_dense_network(data, tmp_path)
 def test_spread_decisions_centres_many_images_and_never_makes_a_weight_non_finite(gate):
     """Over a batch, the switches' logits have mean 0 and std 1; one image (no spread) or a switch input that
     does not vary leaves every weight finite."""
-    from gates.switches import spread_decisions
+    from models.switches import spread_decisions
     from models import build_model, make_arch
     torch.manual_seed(0)
     model = build_model(make_arch(depth=8, width=1, num_classes=3, gate=gate))

@@ -15,16 +15,19 @@ import main_rl_prune
 import main_sp
 from bench.bench_step import setup as bench_setup
 from bench.bench_step import top_level_ops
+import conftest
 from conftest import mix_switches
 from gates.optim import make_optimizer
 from gates.policy import Baseline, ReinforceStep, discounted_returns, policy_loss, skip_rewards
-from gates.switches import act, log_prob
+from models.switches import act, log_prob
 from helpers import tiny_dataset
 from models import build_model, make_arch
 from models.resnet import _Mix, compile_step
 from utils.data import BatchLoader
 from utils.dist import Context
-from utils.engine import evaluate, supervised_step, train_epoch
+from runtime.evaluate import evaluate
+from runtime.steps import supervised_step
+from runtime.loop import train_epoch
 from utils.flops import measure_costs
 from utils.synthetic import make_synthetic
 
@@ -34,11 +37,7 @@ SGD = types.SimpleNamespace(lr=0.05, momentum=0.9, weight_decay=5e-4, switch_lr=
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny nets gain nothing from a second thread and lose much when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from conftest.one_thread()
 
 
 # ------------------------------------------------------------------------------ exactness
@@ -182,6 +181,7 @@ def _losses(kind, backend, steps=20):
     return torch.stack(losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["joint", "rl"])
 def test_compiled_step_trains_as_the_eager_one(kind):
     """20 SGD steps of stage 1's joint step (dense + hard routes) and of stage 3's step, eager and compiled:
@@ -200,6 +200,7 @@ def test_compile_flag_and_its_defaults():
     assert (step.backend, step.mode) == ("aot_eager", None)
 
 
+@pytest.mark.slow
 def test_stage1_runs_compiled(tmp_path):
     data = tiny_dataset(tmp_path / "data", classes=4, train_per_class=16, test_per_class=8, size=16)
     main_sp.main(["--depth", "8", "--width", "1", "--bs", "16", "--num_workers", "0", "--device", "cpu",

@@ -19,6 +19,7 @@ def installed(name):
     return True
 
 
+@pytest.mark.slow
 def test_quick_study_runs_every_part_and_writes_the_results(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     summary = study.main(["--quick", "--out", str(out), "--results", str(results)])

@@ -19,7 +19,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def base_parser(description):
-    """Flags of the seed's stage-1 and stage-3 commands, plus ours."""
+    """Flags of the original stage-1 and stage-3 commands, plus ours."""
     p = Parser(description=description, formatter_class=Formatter)
     d = p.add_argument_group("data")
     d.add_argument("--data_dir", default="data", help="class folders train/<class>/*.<img_type> + test/..., "

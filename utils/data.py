@@ -9,11 +9,15 @@ The whole dataset (150 MB for CIFAR-100) is held as one uint8 tensor. BatchLoade
 once and does shuffling, crop/flip augmentation and normalisation there in batched tensor ops, so no
 DataLoader workers are involved and data never bounds an epoch. All randomness comes from generators
 seeded by (seed, epoch): a run resumed at epoch e sees exactly the batches the interrupted run would have.
+
+load_data (DataSettings: the data flags) is what every stage does with them: the dataset decoded once, the
+validation split held out, the pipeline of the checkpoint the stage starts from applied, the loaders built.
 """
 import os
 import pickle
+import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -516,3 +520,130 @@ class BatchLoader:
                 x = x.contiguous(memory_format=torch.channels_last)  # elementwise ops below keep it
             x = x.float().mul_(self.scale).add_(self.shift)
             yield x, self.y.index_select(0, batch_idx)
+
+
+DEFAULT_RESIZE = 32
+
+
+@dataclass
+class Data:
+    train: BatchLoader        # augmented, shuffled, sharded over ranks
+    plain_train: BatchLoader  # train images shuffled, not augmented (stage 2's factor pass, BN statistics)
+    eval: BatchLoader         # validation split if --val_split > 0, else test (reported, never selected on)
+    test: BatchLoader         # None under --final_split val: the run never reads the test split
+    num_classes: int
+    image_size: int
+    eval_name: str
+    pipeline: dict            # what checkpoints record (make_pipeline)
+    final_name: str = "test"  # the split of the final evaluation (--final_split)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What load_data reads: the data flags of a run (utils/cli.py's, or stage 2's config keys)."""
+    data_dir: str
+    bs: int                   # batch size per process, of every loader
+    img_type: str = "png"
+    resize: int = None        # None: the recorded pipeline's, else DEFAULT_RESIZE
+    augment: str = None       # None: the recorded pipeline's, else "cifar"
+    val_split: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+    download: bool = False
+    final_split: str = "test"
+
+    @classmethod
+    def of(cls, flags, **given):
+        """The settings among a run's flags (an argparse namespace or a config dict; other keys ignored),
+        `given` in place of theirs."""
+        values = {**(flags if isinstance(flags, dict) else vars(flags)), **given}
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def load_data(args, ctx, recorded=None, source=None, resuming=False):
+    """Decode the dataset once into memory (on the device), split off validation, build the loaders.
+    `args`: DataSettings.
+    `recorded`: the input pipeline of the checkpoint this stage starts from (`source` names it): its
+    resize, normalisation and class names are used, and a conflicting resize or class list is refused in
+    one line. Its augmentation is the default; `resuming` (the stage's own checkpoint) makes a different
+    one a conflict too. Without a record: args.resize (default 32), statistics of the training split."""
+    resize, augment = args.resize, args.augment
+    if recorded is not None:
+        if resize is not None and resize != recorded["resize"]:
+            raise UserError(f"resize {resize} conflicts with {source}, trained on images resized to "
+                            f"{recorded['resize']} (leave resize out to use it)")
+        if resuming and augment is not None and augment != recorded["augment"]:
+            raise UserError(f"augment {augment} conflicts with {source}, trained with augment "
+                            f"{recorded['augment']}")
+        resize, augment = recorded["resize"], augment or recorded["augment"]
+    elif source is not None and ctx.is_main:
+        print(f"warning: {source} records no input pipeline (written by an older version): using resize "
+              f"{resize or DEFAULT_RESIZE} and the statistics of this training set", file=sys.stderr, flush=True)
+    resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
+    ds = load_dataset(args.data_dir, args.img_type, resize, args.download, args.num_workers)
+    if recorded is not None and ds.classes != recorded["classes"]:
+        raise UserError(f"data_dir {args.data_dir} holds other classes than {source} was trained on "
+                        f"({_class_difference(ds.classes, recorded['classes'])})")
+    train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
+    if len(train_x) == 0:
+        raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
+    if args.val_split > 0 and len(val_x) == 0:  # else evaluation would quietly fall back to test
+        n = len(ds.train_y)
+        if n == 1:
+            raise UserError(f"--val_split {args.val_split} holds out no image: there is 1 training image, and "
+                            f"one must be left to train on")
+        raise UserError(f"--val_split {args.val_split} holds out no image of the {n} training images; the "
+                        f"smallest fraction that holds one out is {1 / n:.3g}")
+    # a class without a training image can never be learnt: say which, not a quietly useless logit
+    before = torch.bincount(ds.train_y, minlength=len(ds.classes)).tolist()
+    after = torch.bincount(train_y, minlength=len(ds.classes)).tolist()
+    never = [c for c, k in zip(ds.classes, before) if k == 0]
+    if never:
+        raise UserError(f"--data_dir {args.data_dir}: {_classes(never)} no training image")
+    gone = [c for c, k in zip(ds.classes, after) if k == 0]
+    if gone:
+        raise UserError(f"--val_split {args.val_split} (seed {args.seed}) leaves {_classes(gone)} no training "
+                        f"image (all held out for validation); lower --val_split or add training images")
+    final = args.final_split
+    if final == "val" and len(val_x) == 0:
+        raise UserError("--final_split val needs a validation split: give --val_split > 0")
+    if recorded is not None:
+        mean, std = recorded["mean"], recorded["std"]
+    else:
+        mean, std = channel_stats(train_x)
+        if bool((std <= MIN_STD * 1.001).all()) and ctx.is_main:  # a data problem, said as one, not a NaN later
+            print(f"warning: every training image of {args.data_dir} is one flat colour (no channel varies): "
+                  f"nothing to learn from the pixels", file=sys.stderr, flush=True)
+    pipeline = make_pipeline(resize, mean, std, ds.classes, augment)
+    bs = args.bs
+    common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
+                  world_size=ctx.world_size, channels_last=ctx.channels_last)
+    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common) if final == "test" else None
+    val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
+    return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, augment=augment, **common),
+                plain_train=BatchLoader(train_x, train_y, bs, train=True, augment=False, seed=args.seed, **common),
+                eval=val or test, test=test, num_classes=len(ds.classes), image_size=resize,
+                eval_name="val" if val else "test", pipeline=pipeline, final_name=final)
+
+
+def _short(names, limit=3):
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _classes(names):
+    return f"class {names[0]} has" if len(names) == 1 else f"classes {_short(names)} have"
+
+
+def _class_difference(data_classes, ckpt_classes):
+    """How the data's class list differs from a checkpoint's, in words (only what is true of the two)."""
+    only_here = sorted(set(data_classes) - set(ckpt_classes))
+    only_there = sorted(set(ckpt_classes) - set(data_classes))
+    if len(data_classes) != len(ckpt_classes):
+        count = f"the data has {len(data_classes)} classes, the checkpoint {len(ckpt_classes)}"
+    else:
+        count = f"{len(data_classes)} classes each"
+    parts = ([f"only in the data: {_short(only_here)}"] if only_here else []) \
+        + ([f"only in the checkpoint: {_short(only_there)}"] if only_there else [])
+    if not parts:
+        parts = ["same names, other order" if len(data_classes) == len(ckpt_classes) else "names repeated"]
+    return f"{count}: {'; '.join(parts)}"

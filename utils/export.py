@@ -40,7 +40,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import FactoredConv
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.lineage import ORDER, check_chain
 from utils.cli import Parser
 from utils.errors import UserError, run_main
@@ -110,7 +110,7 @@ class Block(nn.Module):
 
 
 class Switches(nn.Module):
-    """The checkpoint's switches (rnn or ff), BN folded; p = P(execute) of switch j, as in gates/switches.py."""
+    """The checkpoint's switches (rnn or ff), BN folded; p = P(execute) of switch j, as in models/switches.py."""
 
     def __init__(self, switches):
         super().__init__()
@@ -185,8 +185,6 @@ def check_lineage(ckpt_path):
 
 def export_files(net, out_dir, in_channels, size, single):
     """Write <out_dir>/model[_b1].{onnx,pt2}; returns their paths."""
-    import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript: requirements.txt)
-
     stem = "model_b1" if single else "model"
     example = torch.zeros(2 - single, size, size, in_channels, dtype=torch.uint8)
     dynamic = None if single else ({0: torch.export.Dim("batch", min=1)},)

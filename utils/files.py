@@ -1,4 +1,5 @@
 """Atomic writes: a file is replaced whole or not at all."""
+import json
 import os
 import tempfile
 
@@ -34,3 +35,11 @@ def atomic_write(path, write, binary=False, tmp_prefix=None):
         if isinstance(e, OSError):
             raise write_error(path, e) from None
         raise
+
+
+def write_json(path, data):
+    """Atomic JSON write (atomic_write): a killed process never leaves half a metrics file."""
+    def write(f):
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    atomic_write(path, write)

@@ -76,10 +76,15 @@ def dense_flops(costs):
     return costs["base"] + sum(costs["blocks"])
 
 
+def skipped_flops(costs):
+    """FLOPs of one image that skips every gated block, its switches evaluated: the least any route costs."""
+    return costs["base"] + costs["switches"]
+
+
 def routed_flops(costs, actions):
     """FLOPs each image really executes given its 0/1 route `actions` (N, num_switches): tensor (N,)."""
     blocks = torch.tensor(costs["blocks"], dtype=torch.float64, device=actions.device)
-    return costs["base"] + costs["switches"] + actions.detach().to(torch.float64) @ blocks
+    return skipped_flops(costs) + actions.detach().to(torch.float64) @ blocks
 
 
 def count_params(model):

@@ -1,5 +1,8 @@
-"""TensorBoard curves under <result_dir>/<stage>/tb (rank 0 only)."""
+"""What a run shows: TensorBoard curves under <result_dir>/<stage>/tb (rank 0 only), and progress bars."""
 import os
+import sys
+
+from tqdm import tqdm
 
 
 class Logger:
@@ -25,3 +28,9 @@ class Logger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def progress(iterable, enabled=True, **kw):
+    """A tqdm bar, only when stderr is a terminal: in a log file (nohup, a batch scheduler) every refresh
+    would be written as one more fragment. The one-line summaries are printed either way."""
+    return tqdm(iterable, leave=False, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()), **kw)

@@ -16,10 +16,18 @@ import json
 import os
 
 from utils.errors import UserError, run_main
+from utils.files import write_json
 from utils.lineage import check_chain
 
 STAGES = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
 COLUMNS = ("Method", "Accuracy", "GFLOPs / image", "Compression (params removed)")
+
+
+def table_row(stage, method, present, **values):
+    """One row: method, stage, present, accuracy (%), gflops_per_image, params, compression (fraction) and
+    note, None where not given."""
+    return {"method": method, "stage": stage, "present": present, "accuracy": None, "gflops_per_image": None,
+            "params": None, "compression": None, "note": None, **values}
 
 
 def read_metrics(result_dir, stage):
@@ -31,8 +39,7 @@ def read_metrics(result_dir, stage):
 
 
 def build_table(result_dir):
-    """Rows (dicts) in stage order: method, stage, present, accuracy (%), gflops_per_image, params,
-    compression (fraction) and note. UserError when the stages' lineage does not hold."""
+    """Rows (table_row) in stage order. UserError when the stages' lineage does not hold."""
     check_chain(result_dir)
     metrics = {stage: read_metrics(result_dir, stage) for stage, _ in STAGES}
     base_params = (metrics["sp"] or {}).get("params")
@@ -41,8 +48,7 @@ def build_table(result_dir):
         m = metrics[stage]
         if stage == "rl" and m and m.get("source_stage") == "sp":
             method = "dynamic pruning only"
-        row = {"method": method, "stage": stage, "present": m is not None, "accuracy": None,
-               "gflops_per_image": None, "params": None, "compression": None, "note": None}
+        row = table_row(stage, method, m is not None)
         if m is None:
             row["note"] = f"not run: no {os.path.join(result_dir, stage, 'metrics.json')}"
         else:
@@ -84,15 +90,18 @@ def to_markdown(rows):
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+def save_table(directory, text, rows, **extra):
+    """<directory>/table.md (`text`) and table.json (the columns, `rows` and `extra`)."""
+    with open(os.path.join(directory, "table.md"), "w") as f:
+        f.write(text)
+    write_json(os.path.join(directory, "table.json"), {"columns": list(COLUMNS), "rows": rows, **extra})
+
+
 def write_table(result_dir):
     """Write <result_dir>/table.md and table.json; returns the Markdown text."""
     rows = build_table(result_dir)
     text = to_markdown(rows)
-    with open(os.path.join(result_dir, "table.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(result_dir, "table.json"), "w") as f:
-        json.dump({"columns": list(COLUMNS), "rows": rows}, f, indent=2)
-        f.write("\n")
+    save_table(result_dir, text, rows)
     return text
 
 

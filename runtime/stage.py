@@ -1,126 +1,22 @@
-"""What every stage does around its own algorithm: load the data once, guard --result_dir, run the shared
-epoch loop with a checkpoint per epoch, and write metrics.json. The three main_*.py scripts only add
-their flags, their model and their step function."""
-import os
-import sys
-import time
+"""What every stage does around its own algorithm: guard --result_dir and the batch shapes, run the shared
+epoch loop with a checkpoint per epoch, resume, and write metrics.json. The three main_*.py scripts only
+add their flags, their model and their step function (the data: utils.data.load_data)."""
 import dataclasses
-from dataclasses import dataclass
+import os
+import time
 
 import torch
 
-from utils.checkpoint import save_checkpoint
-from utils.data import MIN_STD, BatchLoader, channel_stats, load_dataset, make_pipeline, split_val
+from runtime.checkpoint import save_checkpoint, stage_checkpoint
+from runtime.evaluate import evaluate
+from runtime.loop import seed_epoch, summary_line, train_epoch
 from utils.dist import barrier
-from utils.engine import evaluate, rng_state, seed_epoch, summary_line, train_epoch, write_json
 from utils.errors import UserError
 from utils.faults import kill_point
-from utils.lineage import file_sha256
+from utils.files import write_json
 from utils.flops import count_params, probe
+from utils.lineage import file_sha256
 from utils.log import Logger
-
-DEFAULT_RESIZE = 32
-
-
-@dataclass
-class Data:
-    train: BatchLoader        # augmented, shuffled, sharded over ranks
-    plain_train: BatchLoader  # train images shuffled, not augmented (stage 2's factor pass, BN statistics)
-    eval: BatchLoader         # validation split if --val_split > 0, else test (reported, never selected on)
-    test: BatchLoader         # None under --final_split val: the run never reads the test split
-    num_classes: int
-    image_size: int
-    eval_name: str
-    pipeline: dict            # what checkpoints record (utils.data.make_pipeline)
-    final_name: str = "test"  # the split of the final evaluation (--final_split)
-
-
-def load_data(args, ctx, bs=None, recorded=None, source=None, resuming=False):
-    """Decode the dataset once into memory (on the device), split off validation, build the loaders.
-    `recorded`: the input pipeline of the checkpoint this stage starts from (`source` names it): its
-    resize, normalisation and class names are used, and a conflicting resize or class list is refused in
-    one line. Its augmentation is the default; `resuming` (the stage's own checkpoint) makes a different
-    one a conflict too. Without a record: args.resize (default 32), statistics of the training split."""
-    resize, augment = args.resize, getattr(args, "augment", None)
-    if recorded is not None:
-        if resize is not None and resize != recorded["resize"]:
-            raise UserError(f"resize {resize} conflicts with {source}, trained on images resized to "
-                            f"{recorded['resize']} (leave resize out to use it)")
-        if resuming and augment is not None and augment != recorded["augment"]:
-            raise UserError(f"augment {augment} conflicts with {source}, trained with augment "
-                            f"{recorded['augment']}")
-        resize, augment = recorded["resize"], augment or recorded["augment"]
-    elif source is not None and ctx.is_main:
-        print(f"warning: {source} records no input pipeline (written by an older version): using resize "
-              f"{resize or DEFAULT_RESIZE} and the statistics of this training set", file=sys.stderr, flush=True)
-    resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
-    ds = load_dataset(args.data_dir, args.img_type, resize, args.download, args.num_workers)
-    if recorded is not None and ds.classes != recorded["classes"]:
-        raise UserError(f"data_dir {args.data_dir} holds other classes than {source} was trained on "
-                        f"({_class_difference(ds.classes, recorded['classes'])})")
-    train_x, train_y, val_x, val_y = split_val(ds.train_x, ds.train_y, args.val_split, args.seed)
-    if len(train_x) == 0:
-        raise UserError(f"--data_dir {args.data_dir}: no training images left after --val_split")
-    if args.val_split > 0 and len(val_x) == 0:  # else evaluation would quietly fall back to test
-        n = len(ds.train_y)
-        if n == 1:
-            raise UserError(f"--val_split {args.val_split} holds out no image: there is 1 training image, and "
-                            f"one must be left to train on")
-        raise UserError(f"--val_split {args.val_split} holds out no image of the {n} training images; the "
-                        f"smallest fraction that holds one out is {1 / n:.3g}")
-    # a class without a training image can never be learnt: say which, not a quietly useless logit
-    before = torch.bincount(ds.train_y, minlength=len(ds.classes)).tolist()
-    after = torch.bincount(train_y, minlength=len(ds.classes)).tolist()
-    never = [c for c, k in zip(ds.classes, before) if k == 0]
-    if never:
-        raise UserError(f"--data_dir {args.data_dir}: {_classes(never)} no training image")
-    gone = [c for c, k in zip(ds.classes, after) if k == 0]
-    if gone:
-        raise UserError(f"--val_split {args.val_split} (seed {args.seed}) leaves {_classes(gone)} no training "
-                        f"image (all held out for validation); lower --val_split or add training images")
-    final = getattr(args, "final_split", "test")
-    if final == "val" and len(val_x) == 0:
-        raise UserError("--final_split val needs a validation split: give --val_split > 0")
-    if recorded is not None:
-        mean, std = recorded["mean"], recorded["std"]
-    else:
-        mean, std = channel_stats(train_x)
-        if bool((std <= MIN_STD * 1.001).all()) and ctx.is_main:  # a data problem, said as one, not a NaN later
-            print(f"warning: every training image of {args.data_dir} is one flat colour (no channel varies): "
-                  f"nothing to learn from the pixels", file=sys.stderr, flush=True)
-    pipeline = make_pipeline(resize, mean, std, ds.classes, augment)
-    bs = bs or args.bs
-    common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
-                  world_size=ctx.world_size, channels_last=ctx.channels_last)
-    test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common) if final == "test" else None
-    val = BatchLoader(val_x, val_y, bs, train=False, **common) if len(val_x) else None
-    return Data(train=BatchLoader(train_x, train_y, bs, train=True, seed=args.seed, augment=augment, **common),
-                plain_train=BatchLoader(train_x, train_y, bs, train=True, augment=False, seed=args.seed, **common),
-                eval=val or test, test=test, num_classes=len(ds.classes), image_size=resize,
-                eval_name="val" if val else "test", pipeline=pipeline, final_name=final)
-
-
-def _short(names, limit=3):
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _classes(names):
-    return f"class {names[0]} has" if len(names) == 1 else f"classes {_short(names)} have"
-
-
-def _class_difference(data_classes, ckpt_classes):
-    """How the data's class list differs from a checkpoint's, in words (only what is true of the two)."""
-    only_here = sorted(set(data_classes) - set(ckpt_classes))
-    only_there = sorted(set(ckpt_classes) - set(data_classes))
-    if len(data_classes) != len(ckpt_classes):
-        count = f"the data has {len(data_classes)} classes, the checkpoint {len(ckpt_classes)}"
-    else:
-        count = f"{len(data_classes)} classes each"
-    parts = ([f"only in the data: {_short(only_here)}"] if only_here else []) \
-        + ([f"only in the checkpoint: {_short(only_there)}"] if only_there else [])
-    if not parts:
-        parts = ["same names, other order" if len(data_classes) == len(ckpt_classes) else "names repeated"]
-    return f"{count}: {'; '.join(parts)}"
 
 
 @torch.no_grad()
@@ -213,35 +109,30 @@ class StageRun:
         return {"run_id": self.run_id, "parent": self.parent, "step_offset": self.step_offset,
                 "tb_step": self.last_step}
 
-    @staticmethod
-    def state(model, optimizer, scheduler, epoch):
-        """The training state in every checkpoint of every stage (each stage adds its own keys beside it;
-        save() adds the stage, the input pipeline and the lineage)."""
-        return {"arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state()}
-
-    def save(self, payload):
+    def save(self, model, optimizer, scheduler, epoch, own):
+        """Write this stage's checkpoint (runtime/checkpoint.py's format; rank 0, every rank waits): the
+        training state after `epoch` epochs and `own`, the stage's own keys."""
         if self.ctx.is_main:
-            record = {"pipeline": self.pipeline} if self.pipeline is not None else {}
-            save_checkpoint(self.checkpoint_path, {"stage": self.name, **record, **self.lineage(), **payload})
+            save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, self.lineage(), model,
+                                                                   optimizer, scheduler, epoch, own))
         barrier()
-        kill_point("saved", payload.get("epoch"))
+        kill_point("saved", epoch)
 
-    def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, payload,
+    def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, own_state,
             log_offset=0, evals=(("routed", "hard"),), total_epochs=None):
-        """The epoch loop. `payload()` returns the checkpoint dict of the stage's own state (arch, model,
-        optimizer ... are filled in here). After every epoch the network being trained is evaluated in each
-        of `evals` ((name, mode): "dense" in mode open, "routed" in hard); the first is the one-line
+        """The epoch loop. `own_state()` returns the stage's own keys of its checkpoint, read at every save
+        (arch, model, optimizer ... are filled in by save). After every epoch the network being trained is
+        evaluated in each of `evals` ((name, mode): "dense" in mode open, "routed" in hard); the first is the one-line
         summary's. Epochs are shown as epoch / total_epochs (default `epochs`), so that a stage calling fit
         twice (stage 1's dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
         def checkpoint(epoch):
-            return {**self.state(model, optimizer, scheduler, epoch), **payload()}
+            self.save(model, optimizer, scheduler, epoch, own_state())
 
         total = total_epochs or epochs
         evs = None
         if start_epoch >= epochs:  # nothing to train in this call: still leave this stage's checkpoint
             self.last_step = max(self.last_step, self.step_offset + log_offset + epochs)
-            self.save(checkpoint(max(start_epoch, epochs)))
+            checkpoint(max(start_epoch, epochs))
         for epoch in range(start_epoch, epochs):
             seed_epoch(self.ctx, epoch)
             data.train.set_epoch(epoch)
@@ -265,7 +156,7 @@ class StageRun:
             for name, ev in evs.items():
                 self.logger.scalars(f"{self.name}/{data.eval_name}_{name}", ev, step)
             self.logger.scalars(f"{self.name}/train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
-            self.save(checkpoint(epoch + 1))
+            checkpoint(epoch + 1)
         return evs
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard"):

@@ -1,10 +1,19 @@
 """One checkpoint format for all three stages: a dict of plain data and tensors, written atomically and
-loaded with weights_only=True (a checkpoint never runs code).
+loaded with weights_only=True (a checkpoint never runs code). What every stage writes (stage_checkpoint):
 
-    {"format": FORMAT, "stage": "sp" | "prune" | "rl", "arch": {...plain architecture...},
-     "model": state_dict, "epoch": epochs done, "optimizer": ..., "scheduler": ..., "rng": ...,
+    {"format": FORMAT, "stage": "sp" | "prune" | "rl",
      "pipeline": {"resize", "mean", "std", "classes", "augment"} (utils.data.make_pipeline),
-     "metrics": {...}, "extra": {...stage-specific plain data...}}
+     "run_id", "parent" (utils/lineage.py's record of the checkpoint the stage started from),
+     "step_offset", "tb_step" (TensorBoard steps: runtime/stage.py),
+     "arch": {...plain architecture...}, "model": state_dict, "optimizer": ..., "scheduler": ... or None,
+     "epoch": epochs done, "rng": {"torch", "cuda" where there is CUDA}}
+
+and beside them the stage's own keys:
+
+    sp     "args" (its flags), "switches_respread"
+    prune  "round", "history" (each round's report), "schedule", "config" (the resolved config),
+           "params_stage1", "stage1_checkpoint"
+    rl     "args" (its flags), "extra": {"baseline", "price", "source", "ending"}
 
 load_model(path) gives a network and the preprocessing of raw images it was trained with.
 """
@@ -12,7 +21,8 @@ import os
 
 import torch
 
-from models import absorb_legacy_rotations, build_model, check_arch
+from models import build_model, check_arch
+from models.resnet import absorb_legacy_rotations
 from utils.data import Preprocess, check_pipeline
 from utils.errors import UserError
 from utils.files import atomic_write
@@ -24,9 +34,25 @@ STAGE_NAMES = {"sp": "stage 1 (main_sp.py)", "prune": "stage 2 (main_prune.py)",
 
 
 def save_checkpoint(path, payload):
-    """Atomic (utils/files.py): a process killed while writing leaves the previous checkpoint in place; an
+    """Atomic (utils.files.atomic_write): a process killed while writing leaves the previous checkpoint in place; an
     OSError is a UserError naming `path` and the reason."""
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), binary=True, tmp_prefix=TMP_PREFIX)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def stage_checkpoint(stage, pipeline, lineage, model, optimizer, scheduler, epoch, own):
+    """The checkpoint dict of a stage (the format above, less the marker save_checkpoint adds): its name, the
+    input pipeline (None: not recorded), the lineage record, the training state after `epoch` epochs, and
+    `own`, the stage's own keys."""
+    return {"stage": stage, **({"pipeline": pipeline} if pipeline is not None else {}), **lineage,
+            "arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state(), **own}
 
 
 def read_file(path, flag):

@@ -1,0 +1,102 @@
+"""Evaluation (accuracy, loss and the GFLOPs each image's route executes) and the re-estimation of
+BatchNorm statistics, over every image of a loader and every rank."""
+import torch
+import torch.nn.functional as F
+
+from runtime.loop import autocast
+from utils.dist import all_reduce_sum
+from utils.faults import kill_point
+from utils.flops import dense_flops, skipped_flops
+from utils.log import progress
+
+
+@torch.no_grad()
+def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
+    """Top-1 accuracy, loss and the FLOPs each image's route executes (greedy switches), over every image of
+    `loader` (all ranks together). `execution`: how the gated blocks run; None: the model's own setting
+    (skipping at inference); "skip": each block runs on the sub-batch that executes it, so the time saved is
+    real, at one host sync per gated block and batch (to size the sub-batch); "mask": every image computes
+    every block and its decision selects the output: the same decisions, accuracy and GFLOPs (up to the
+    float rounding of a sub-batch's convolutions), and no host sync until the end (per-epoch evaluation).
+    GFLOPs count the blocks each route executes, whichever execution."""
+    model = getattr(ddp, "module", ddp)
+    model.eval()
+    before, benchmark = model.execution, torch.backends.cudnn.benchmark
+    if execution is not None:
+        model.execution = execution
+    if model.execution != "mask":
+        # skipping runs each gated block on a sub-batch whose size changes with every batch: cudnn.benchmark
+        # would autotune every new shape (most of an evaluation pass) for kernels used once
+        torch.backends.cudnn.benchmark = False
+    sums, images = None, 0
+    try:
+        for x, y in progress(loader, ctx.is_main, desc=desc):
+            with autocast(ctx):
+                logits, actions, _ = model(x, mode)
+            batch = torch.cat([torch.stack([(logits.argmax(1) == y).sum(dtype=torch.float64),
+                                            F.cross_entropy(logits.float(), y, reduction="sum").double()]),
+                               actions.sum(0, dtype=torch.float64)])
+            sums = batch if sums is None else sums.add_(batch)
+            images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
+    finally:
+        model.execution, torch.backends.cudnn.benchmark = before, benchmark
+    if sums is None:  # a rank without images still joins the sum
+        sums = torch.zeros(2 + model.num_switches, dtype=torch.float64, device=ctx.device)
+    total = all_reduce_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()  # the one sync
+    correct, ce, executed, n = total[0], total[1], total[2:-1], total[-1]
+    if mode == "open":
+        flops = dense_flops(costs) * n
+    else:  # sum over images of base + switches + a . blocks, exact in float64 (integers)
+        flops = skipped_flops(costs) * n + sum(e * b for e, b in zip(executed, costs["blocks"]))
+    return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": flops / n / 1e9,
+            "exec_rate": [e / n for e in executed], "images": int(n)}
+
+
+
+BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one no training run reaches
+
+
+@torch.no_grad()
+def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
+    """Re-estimate BatchNorm running statistics with the current weights (cumulative average over the
+    first `batches` batches of `loader`).
+
+    Deterministic, so that a resumed run ends exactly as an uninterrupted one (and re-running it on the
+    same weights changes nothing): the batches are always those of loader epoch BN_EPOCH, whatever epoch
+    the loader was last set to (a run resumed after its last epoch has not set one), and the global RNG
+    (used by `sample` mode) is seeded inside and left as it was outside. The batch statistics in train
+    mode do not depend on the running statistics, so the result depends only on the weights."""
+    model = getattr(ddp, "module", ddp)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    execution, model.execution = model.execution, "mask"
+    last_epoch = getattr(loader, "epoch", None)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(BN_EPOCH)
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(ctx.seed * 1_000_003 + ctx.rank + BN_EPOCH)
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                kill_point("bn", i + 1)
+                with autocast(ctx):
+                    model(x, mode)
+    finally:
+        model.execution = execution
+        model.train(was_training)
+        if last_epoch is not None:
+            loader.set_epoch(last_epoch)
+        for bn in bns:
+            bn.momentum = 0.1
+    # BN buffers differ per rank after their own shards: average them so every rank holds the same model.
+    if ctx.distributed:
+        for bn in bns:
+            for buf in (bn.running_mean, bn.running_var):
+                buf.div_(ctx.world_size)
+                all_reduce_sum(buf)

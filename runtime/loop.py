@@ -1,0 +1,107 @@
+"""The epoch loop shared by all three stages: a stage supplies a `step_fn(model, x, y) -> (loss, stats)`
+(stats: dict of scalar or per-switch tensors, averaged over the epoch; runtime/steps.py holds the common ones)
+and train_epoch runs it over one epoch of batches, with a tqdm bar (on a terminal) and a stop on a NaN or
+inf loss. Also what sets a run up: the device and DDP wrapping, bf16 autocast, the per-step learning-rate
+schedules, the per-epoch seed, and the one-line summary of an epoch.
+"""
+import contextlib
+import math
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from utils.dist import all_reduce_sum
+from utils.errors import UserError
+from utils.faults import kill_point
+from utils.log import progress
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def seed_epoch(ctx, epoch):
+    """The global RNG (switch sampling, anything else random in a step) depends only on (seed, epoch,
+    rank): a run resumed at epoch e draws exactly what the uninterrupted run drew."""
+    torch.manual_seed(ctx.seed * 1_000_003 + epoch * 7919 + ctx.rank)
+
+
+def autocast(ctx):
+    """bf16 autocast on the run's device type (CPU too) when the run asked for it (ctx.amp)."""
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.amp else contextlib.nullcontext()
+
+
+def prepare(model, ctx):
+    """Move to the device in the run's memory format (ctx.channels_last, else NCHW) and wrap in DDP under
+    torchrun. Returns (model, ddp): `model` is the plain module (for checkpoints, FLOPs), `ddp` what the
+    step calls."""
+    model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+    if not ctx.distributed:
+        return model, model
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return model, DistributedDataParallel(model, device_ids=ids)
+
+
+def make_scheduler(optimizer, name, epochs, steps_per_epoch):
+    """Per-step schedules, so that a short run still sees the whole curve."""
+    total = max(1, epochs * steps_per_epoch)
+    if name == "cosine":
+        f = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    elif name == "step":  # x0.1 at 50% and 75% of training
+        f = lambda s: 0.1 ** ((s >= 0.5 * total) + (s >= 0.75 * total))
+    elif name == "constant":
+        f = lambda s: 1.0
+    else:
+        raise UserError(f"unknown --scheduler {name!r} (expected cosine, step or constant)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="train"):
+    ddp.train()
+    sums, n = {}, 0
+    none_bad = 2**62
+    first_bad = torch.tensor(none_bad, device=ctx.device)  # first step whose loss was NaN/inf, kept on device
+    bar = progress(loader, ctx.is_main, desc=f"{desc} {epoch + 1}")
+    for step, (x, y) in enumerate(bar):
+        kill_point("step", epoch + 1, step + 1)
+        with autocast(ctx):
+            loss, stats = step_fn(ddp, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        # Bookkeeping in a few ops on the device (each op costs host time, each .item() a sync): the stats
+        # summed by one foreach add, and a non-finite loss caught at the next sync point.
+        with torch.no_grad():
+            if sums:
+                torch._foreach_add_(list(sums.values()), [stats[k] for k in sums])
+            else:
+                sums = {k: v.detach().float().clone() for k, v in stats.items()}
+            first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss), none_bad, step))
+        n += 1
+        if step % 25 == 0 or step == len(loader) - 1:
+            if first_bad.item() < none_bad:
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step "
+                                       f"{first_bad.item() + 1}; stopped, last good checkpoint kept")
+            bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}")
+    return reduce_means(sums, n)
+
+
+def reduce_means(sums, n):
+    """Means over all batches of all ranks; scalars become floats, vectors lists."""
+    out = {}
+    for k, v in sums.items():
+        t = all_reduce_sum(torch.cat([v.flatten(), v.new_tensor([n])]))
+        mean = t[:-1] / t[-1]
+        out[k] = mean.item() if v.dim() == 0 else mean.tolist()
+    return out
+
+
+def summary_line(stage, epoch, epochs, train, ev, seconds, lr, name="routed"):
+    """One line per epoch; `name` says which network the evaluation was of (dense: every block; routed:
+    the greedy routes)."""
+    rate = sum(ev["exec_rate"]) / max(1, len(ev["exec_rate"]))
+    return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {100 * train['acc']:.2f}%  "
+            f"| eval {name} acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "
+            f"exec {100 * rate:.0f}%  lr {lr:.2e}  {seconds:.0f}s")

@@ -1,0 +1,163 @@
+"""The original protocol: from a stage-1 network, the highest static compression whose fine-tuned network stays
+within the accuracy budget of the unpruned one, then on that network (and --dynamic_networks - 1 more) the
+lowest stage-3 setting that still does, both chosen on the validation split; then each chosen network is
+evaluated once on the test split (search/report.py). The trials are real stage runs (search/trials.py),
+their studies and workers are search/phase.py's."""
+import os
+import time
+
+import optuna
+
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.evaluate import evaluate
+from runtime.loop import prepare
+from search.bisection import Knob, label, no_trial_reason
+from search.phase import Worker, open_study, trial_records
+from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
+from utils.data import DataSettings, load_data
+from utils.files import write_json
+from utils.flops import count_params, measure_costs, skipped_flops
+
+
+def baseline(study, stage1_path, data, eval_bs, ctx):
+    """The unpruned network (every block, no switch) on the validation split; kept in the study so that
+    every worker and every resumed run compares with the same number."""
+    if "baseline" not in study.user_attrs:
+        ckpt = load_checkpoint(stage1_path, ("sp",))
+        loaded = load_data(DataSettings.of(data, bs=eval_bs, final_split="val"), ctx,
+                           recorded=ckpt.get("pipeline"), source=f"--checkpoint {stage1_path}")
+        model, ddp = prepare(model_from_checkpoint(ckpt, stage1_path), ctx)
+        r = evaluate(ddp, loaded.eval, ctx, measure_costs(model, loaded.image_size), mode="open", desc="val")
+        study.set_user_attr("baseline", {"val_acc": r["acc"], "val_gflops": r["gflops"],
+                                         "params": count_params(model), "val_images": r["images"]})
+    return study.user_attrs["baseline"]
+
+
+def judged(metrics, threshold, keys=("compression", "alpha", "alpha_final", "target_gflops")):
+    """What a trial keeps of its stage's metrics, and whether it is within the budget."""
+    out = {k: metrics[k] for k in ("val_acc", "val_gflops", "params", "dir", "checkpoint")}
+    out.update({k: metrics[k] for k in keys if metrics.get(k) is not None})
+    return {**out, "feasible": metrics["val_acc"] >= threshold}
+
+
+def line(kind, knob, threshold):
+    def describe(x, r, seconds):
+        head = f"[search] {kind} {knob} {x:.6g}:"
+        if "error" in r:
+            return f"{head} failed, counted as outside the budget ({r['error']}) ({seconds:.0f}s)"
+        comp = f", {100 * r['compression']:.1f}% params removed" if r.get("compression") is not None else ""
+        verdict = "within budget" if r["feasible"] else "outside budget"
+        return (f"{head} val acc {r['val_acc']:.2f}% (needs >= {threshold:.2f}%), {r['val_gflops']:.4g} "
+                f"GFLOPs{comp}: {verdict} ({seconds:.0f}s)")
+    return describe
+
+
+def feasible(study):
+    """The study's finished trials within the budget."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("feasible")]
+
+
+def dynamic_knob(name, static, max_alpha, image_size, ctx):
+    """Stage 3's knob on one static network: a GFLOPs target between the network with every gated block
+    skipped and the static network itself (met within 3%), or alpha in [0, max_alpha]."""
+    if name == "alpha":
+        return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
+    model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
+    costs = measure_costs(model.to(ctx.device), image_size)
+    floor = skipped_flops(costs) / 1e9
+    return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
+
+
+class Search:
+    """One search, as one worker runs it. `args`: main_search.py's flags (budget, compressions, trials per
+    phase, study name ...); `trials`: the trials' runner (search/trials.Trials: the stage-1 network, data,
+    stage configs and the stages' entry points); `stage1_path` as given; `eval_bs`: the batch size of the
+    search's own evaluations; `knob_name`: what the dynamic phase bisects."""
+
+    def __init__(self, args, trials, stage1_path, eval_bs, knob_name, ctx):
+        self.args, self.trials, self.stage1_path, self.eval_bs = args, trials, stage1_path, eval_bs
+        self.knob_name, self.ctx = knob_name, ctx
+        self.search_dir = os.path.dirname(trials.root)
+        self.base = self.threshold = None
+
+    def run(self, storage, t0):
+        """Both phases on the studies of `storage`, then the report (unless another worker writes it)."""
+        args, trials, data = self.args, self.trials, self.trials.data
+        settings = {"budget": args.budget, "val_split": data["val_split"], "seed": data["seed"],
+                    "resize": data["resize"], "prune_config": trials.prune_config,
+                    "compressions": [args.min_compression, args.max_compression]}
+        knob_c = Knob("compression", args.min_compression, args.max_compression, "high", 0.01)  # within 1 point
+        static_study = open_study(storage, f"{args.study_name}.static", knob_c, settings)
+        self.base = baseline(static_study, self.stage1_path, data, self.eval_bs, self.ctx)
+        threshold = self.threshold = self.base["val_acc"] - args.budget
+        print(f"[search] unpruned network: val acc {self.base['val_acc']:.2f}% on {self.base['val_images']} "
+              f"validation images; trials must reach {threshold:.2f}%", flush=True)
+        worker = Worker(trials.root)
+
+        worker.run_phase(static_study, knob_c, args.static_trials,
+                         lambda c, folder: judged(trials.static(c, folder), threshold),
+                         line("static", "compression", threshold))
+        statics = sorted(feasible(static_study), key=lambda t: -t.user_attrs["compression"])
+        dynamic_studies, idle = [], []  # idle: why the dynamic phase ran no trial on a static network
+        for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
+            c = t.params["compression"]
+            knob = dynamic_knob(self.knob_name, t.user_attrs, args.max_alpha, data["resize"], self.ctx)
+            why = no_trial_reason(knob)
+            if why:
+                ends = " (GFLOPs from the network with every gated block skipped to the static network itself)" \
+                    if knob.name == "target_gflops" else ""
+                idle.append(f"on the network at compression {c:.6g}{ends}, {why}")
+                print(f"[search] dynamic (compression {c:.6g}): no trial{ends}: {why}", flush=True)
+                continue
+            study = open_study(storage, f"{args.study_name}.dynamic.c{label(c)}", knob,
+                               {**settings, "rl": trials.rl_argv, "knob": [knob.name, knob.low, knob.high]})
+            worker.run_phase(study, knob, args.dynamic_trials,
+                             lambda x, folder, src=t.user_attrs["checkpoint"]: judged(
+                                 trials.dynamic(src, knob.name, x, folder), threshold),
+                             line(f"dynamic (compression {c:.6g})", knob.name, threshold))
+            dynamic_studies.append((c, study))
+        notes = missing_notes(static_study, dynamic_studies, bool(statics), args.dynamic_trials, idle)
+        self.report(static_study, statics, dynamic_studies, notes, t0)
+
+    def report(self, static_study, statics, dynamic_studies, notes, t0):
+        """Choose, evaluate the chosen networks once on test, write trials.json, pareto.png and the table.
+        `statics`: the static phase's trials within the budget, most compressed first; `dynamic_studies`:
+        [(compression, study)]; `notes`: why a row has no network (search.report.missing_notes)."""
+        base, threshold, search_dir = self.base, self.threshold, self.search_dir
+        dynamics = [(c, t) for c, s in dynamic_studies for t in feasible(s)]
+        chosen = {"sp": {"checkpoint": os.path.abspath(self.stage1_path), "mode": "open"}}
+        info = {"sp": {"settings": {}, "val_acc": base["val_acc"], "val_gflops": base["val_gflops"]}}
+        if statics:
+            t = statics[0]
+            chosen["prune"] = {"checkpoint": t.user_attrs["checkpoint"], "mode": "open"}  # row 2: every block
+            info["prune"] = {"settings": {"compression target": t.params["compression"]},
+                             "val_acc": t.user_attrs["val_acc"], "val_gflops": t.user_attrs["val_gflops"],
+                             "trial_dir": t.user_attrs["dir"]}
+        if dynamics:
+            c, t = min(dynamics, key=lambda ct: (ct[1].user_attrs["val_gflops"], -ct[1].user_attrs["val_acc"]))
+            (knob, x), = t.params.items()
+            chosen["rl"] = {"checkpoint": t.user_attrs["checkpoint"], "mode": "hard"}
+            info["rl"] = {"settings": {"compression target": c, knob: x, **({"alpha_final": t.user_attrs[
+                "alpha_final"]} if "alpha_final" in t.user_attrs else {})}, "val_acc": t.user_attrs["val_acc"],
+                "val_gflops": t.user_attrs["val_gflops"], "trial_dir": t.user_attrs["dir"]}
+        records = trial_records(static_study, "static") + [r for _, s in dynamic_studies
+                                                             for r in trial_records(s, "dynamic")]
+        write_json(os.path.join(search_dir, "trials.json"), {"baseline": base, "threshold": threshold,
+                                                             "trials": records})
+        points = [{"kind": "static" if r["phase"] == "static" else "static+dynamic", **r} for r in records
+                  if r["state"] == "COMPLETE"]
+        plot(points, base, threshold, [info[k] for k in ("prune", "rl") if k in info],
+             os.path.join(search_dir, "pareto.png"))
+        tested = evaluate_on_test(chosen, self.trials.data, self.eval_bs, self.ctx,
+                                  os.path.join(search_dir, "final"))
+        if tested is None:
+            return
+        rows = table_rows(tested, info, base["params"], notes)
+        text = write_table(search_dir, rows, self.args.budget, base["val_acc"], {
+            "this_call_seconds": time.time() - t0,
+            "trial_seconds_total": sum(r.get("seconds", 0) for r in records),
+            "trials": len(points)})
+        print(f"\n{text}-> {search_dir}/table.md, table.json, trials.json, pareto.png "
+              f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+

@@ -1,0 +1,135 @@
+"""The imports run one way. Every .py file of the project is read with `ast` (no module is imported), and each
+import of a project module is checked against the layers, lowest first:
+
+    utils < models < runtime < pruners, gates < search < scripts
+
+- a package module imports only from its own package or from a package of a lower layer (pruners and gates,
+  one layer, import neither each other);
+- no package module imports a script: main_*.py and demo.py, everything under bench/ (scripts and the modules
+  only they share), and utils/export.py (the command `python -m utils.export`, which reads checkpoints);
+- no two packages import each other, through any chain of modules;
+- a project module is imported by its full name from the repository root (`from bench.paired import ...`,
+  never `from paired import ...` after a sys.path edit).
+
+Scripts and tests may import any layer. Imports inside functions count like the others."""
+import ast
+import os
+
+from conftest import ROOT
+
+LAYERS = {"utils": 0, "models": 1, "runtime": 2, "pruners": 3, "gates": 3, "search": 4}
+SCRIPT_PACKAGES = ("bench",)
+SCRIPT_MODULES = ("utils.export",)  # `python -m utils.export`: a command, at the scripts' layer
+SKIP = {".git", "__pycache__", "out", "results", "shared"}
+
+
+def python_files():
+    for dirpath, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP and not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield os.path.relpath(os.path.join(dirpath, name), ROOT)
+
+
+def module_name(path):
+    parts = path[:-3].split(os.sep)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in python_files()}
+TOP = {name.split(".")[0] for name in MODULES}
+# bench's modules by their bare names: what a sys.path edit pointing into bench/ would let one import
+BARE = {m.split(".")[1] for m in MODULES if m.startswith("bench.")}
+
+
+def is_script(module):
+    top = module.split(".")[0]
+    return top in SCRIPT_PACKAGES or module in SCRIPT_MODULES or (top == module and top not in LAYERS
+                                                                   and top != "tests")
+
+
+def package(module):
+    """The layered package a module belongs to; None for scripts and tests."""
+    top = module.split(".")[0]
+    return top if top in LAYERS and not is_script(module) else None
+
+
+def imports(path):
+    """(line, imported module) of every import of a project module in the file; a `from X import Y` where
+    X.Y is a module names X.Y."""
+    with open(os.path.join(ROOT, path)) as f:
+        tree = ast.parse(f.read(), path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES]
+            out += [(node.lineno, m) for m in subs] or [(node.lineno, node.module)]
+    return [(line, name) for line, name in out if name.split(".")[0] in TOP or name.split(".")[0] in BARE]
+
+
+
+def edges():
+    """(importer, imported, where) of every import of a project module."""
+    out = []
+    for module, path in MODULES.items():
+        if module.split(".")[0] == "tests":
+            continue
+        for line, name in imports(path):
+            out.append((module, name, f"{path}:{line}"))
+    return out
+
+
+def test_every_project_module_is_imported_by_its_full_name():
+    bare = [f"{where}: import {name} (use bench.{name.split('.')[0]})" for _, name, where in edges()
+            if name.split(".")[0] in BARE and name.split(".")[0] not in TOP]
+    assert not bare, "\n".join(bare)
+
+
+def test_no_upward_import():
+    bad = []
+    for importer, name, where in edges():
+        mine, theirs = package(importer), package(name)
+        if mine is None or name.split(".")[0] not in TOP:
+            continue
+        if theirs is None:
+            bad.append(f"{where}: {importer} imports the script {name}")
+        elif theirs != mine and LAYERS[theirs] >= LAYERS[mine]:
+            bad.append(f"{where}: {importer} ({mine}, layer {LAYERS[mine]}) imports {name} ({theirs}, layer "
+                       f"{LAYERS[theirs]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_package_module_imports_a_script():
+    bad = [f"{where}: {importer} imports {name}" for importer, name, where in edges()
+           if package(importer) is not None and name.split(".")[0] in TOP and is_script(name)]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycle_between_packages():
+    graph = {}
+    for importer, name, _ in edges():
+        a, b = package(importer), package(name) if name.split(".")[0] in TOP else None
+        if a and b and a != b:
+            graph.setdefault(a, set()).add(b)
+
+    def cycle_from(start, node, seen):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                return [node, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                rest = cycle_from(start, nxt, seen)
+                if rest:
+                    return [node] + rest
+        return None
+
+    cycles = [" -> ".join(c) for c in (cycle_from(p, p, set()) for p in sorted(graph)) if c]
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_layers_cover_every_package():
+    """A new package must be given its layer (or be a script package) before it is used."""
+    packages = {m.split(".")[0] for m, p in MODULES.items() if p.endswith("__init__.py") and "." not in m}
+    assert packages - {"tests"} <= set(LAYERS) | set(SCRIPT_PACKAGES), packages - set(LAYERS) - set(SCRIPT_PACKAGES)
