@@ -1,9 +1,12 @@
 """Stage 3: dynamic pruning. The switches of the stage-2 network (or of the stage-1 network, for dynamic
-pruning alone) learn by REINFORCE to skip blocks per image, the backbone by cross-entropy on the routes
-taken (gates/policy.py). The policy loss follows SkipNet's convention: summed over the images of each
-process's batch (every sampled action gets its own REINFORCE term), so --rl_weight means what it means in
-SkipNet's code, where the original flags come from. With --target_gflops G, alpha is adapted during training
-(dual ascent) and the switches' threshold calibrated on training data so that the greedy routes cost G.
+pruning alone) learn to skip blocks per image, the backbone by cross-entropy on the routes taken. The
+controller (--controller): counterfactual (default; gates/counterfactual.py: per image and block, the loss
+with the block skipped minus with it executed, against the block's price) or SkipNet's REINFORCE
+(gates/policy.py). Either loss of the switches is summed over the images of each process's batch (every
+decision gets its own term), so --rl_weight means what it means in SkipNet's code, where the original flags
+come from. With --target_gflops G, alpha (the price of running every gated block) is adapted during
+training (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes
+cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
 (the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
 is recalibrated before every route epoch). The stage ends like stage 2: BN statistics re-estimated under the

@@ -28,8 +28,8 @@ The backbone learns by cross-entropy only: in the model's `explore` mode the swi
 inputs detached, and the decisions are drawn from p clamped to [explore_bound, 1 - explore_bound], so every
 block keeps being trained on images that skip it and images that run it. The counterfactual passes run
 without gradient in evaluation mode (BN running statistics: what the deployed network computes, and no
-update of those statistics), one full pass and one partial pass per switch: about S^2 / 2 block evaluations
-forward only for S switches. alpha is fixed or adapted towards a GFLOPs target by gates.policy.SkipPrice.
+update of those statistics): about S^2 / 2 block evaluations forward only for S switches, stacked so
+that they take S block calls. alpha is fixed or adapted towards a GFLOPs target by gates.policy.SkipPrice.
 """
 import torch
 import torch.nn.functional as F
@@ -62,19 +62,21 @@ def flip_losses(model, x, y, actions):
 
 
 def _flip_losses(net, x, y, a):
+    """All S flipped routes and the taken one go through each block as one batch: branch j (block j flipped)
+    joins at block j from the taken route's input there, and follows the taken actions after it. The same
+    FLOPs as S separate passes from each block on, in S block calls instead of about S^2 / 2 (evaluation-mode
+    BN treats every image on its own, so stacking changes no image's result)."""
+    n = x.shape[0]
     h = net.blocks[0](F.relu(net.stem_bn(net.stem(x))))
-    inputs = []
-    for j, block in enumerate(net.blocks[1:]):
-        inputs.append(h)
-        h = block.forward_masked(h, a[:, j])
-    taken = _ce(net, h, y)
-    flipped = []
-    for j in range(net.num_switches):
-        h = net.blocks[j + 1].forward_masked(inputs[j], 1 - a[:, j])
-        for k in range(j + 1, net.num_switches):
-            h = net.blocks[k + 1].forward_masked(h, a[:, k])
-        flipped.append(_ce(net, h, y))
-    return taken, torch.stack(flipped, 1)
+    branches = h[:0]  # the flipped routes so far, stacked: (j * n, C, H, W) after block j
+    for k, block in enumerate(net.blocks[1:]):
+        taken, flip = a[:, k], 1 - a[:, k]
+        m = branches.shape[0] // n
+        out = block.forward_masked(torch.cat([branches, h, h]), torch.cat([taken.repeat(m), taken, flip]))
+        branches = torch.cat([out[:m * n], out[(m + 1) * n:]])
+        h = out[m * n:(m + 1) * n]
+    losses = _ce(net, torch.cat([branches, h]), y.repeat(net.num_switches + 1))
+    return losses[-n:], losses[:-n].view(net.num_switches, n).T
 
 
 def _ce(net, h, y):
