@@ -41,6 +41,21 @@ def _abandon_process_group():
             pass
 
 
+def _exit_if_one_of_several():
+    """A finished process of a torchrun job exits here, its files closed and its output flushed, without the
+    interpreter's finalization: even with the process group destroyed, objects that held gloo work (DDP's
+    reducer) can be torn down while the interpreter shuts down and abort the process ("terminate called
+    without an active exception", SIGABRT: a run that wrote everything would report a failure)."""
+    try:
+        several = int(os.environ.get("WORLD_SIZE") or 1) > 1
+    except ValueError:  # not set by torchrun: not one of several
+        several = False
+    if several:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def run_main(main):
     """Run `main()`; a UserError or an OSError (or Ctrl-C) becomes one line on stderr and exit status 2 (130)."""
     try:
@@ -48,6 +63,7 @@ def run_main(main):
             main()
         finally:
             _abandon_process_group()
+        _exit_if_one_of_several()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
