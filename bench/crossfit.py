@@ -54,7 +54,7 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E
 from utils.cli import Parser  # noqa: E402
 from utils.dist import setup  # noqa: E402
 from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
-from runtime.steps import supervised_step, touch_switches  # noqa: E402
+from runtime.steps import dense_step  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.flops import measure_costs, routed_flops, skipped_flops  # noqa: E402
@@ -285,10 +285,9 @@ def route_step(w, u, ctx):
     backbone = [p for n, p in model.named_parameters() if not n.startswith("switches.")]
     opt = torch.optim.SGD(backbone, lr=w.route_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = make_scheduler(opt, "cosine", w.route_epochs, len(data.train))
-    step = lambda m, x, y: (lambda loss, st: (touch_switches(m, loss), st))(*supervised_step(m, x, y, "open"))  # noqa: E731
     for epoch in range(w.route_epochs):
         data.train.set_epoch(epoch)
-        train_epoch(ddp, data.train, opt, sched, step, ctx, epoch, desc="fixed route")
+        train_epoch(ddp, data.train, opt, sched, dense_step, ctx, epoch, desc="fixed route")  # open mode: the route
     recalibrate_route(ddp, data.train, ctx, route, batches=len(data.train))
     model.route = None
     torch.save({"model": model.state_dict()}, os.path.join(u, "fixed.pt"))
@@ -346,7 +345,7 @@ def evaluate_step(w, u, ctx):
                       "fixed_acc": fc.mean() * 100, "fixed_gflops": route_flops(costs, fr) / 1e9})
     summary["curve"] = curve
     # the fixed route, fine-tuned (route_step)
-    model.load_state_dict(torch.load(os.path.join(u, "fixed.pt"))["model"])
+    model.load_state_dict(torch.load(os.path.join(u, "fixed.pt"), weights_only=True)["model"])
     out["fix_correct"], out["fix_loss"], _ = per_image(ddp, data.test, "open", route["route"])
     # static at equal GFLOPs, static (stage 2) and unpruned (stage 1), every block
     for key, path in (("equal", os.path.join(u, "equal", "prune", "checkpoint.pt")),
