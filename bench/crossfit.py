@@ -21,9 +21,13 @@ counted against it). Then, on the same stage-3 weights unless said otherwise:
   static    the stage-2 network, every block (the row "static pruning only"); unpruned: stage 1, every block
 Controls on the dynamic weights: the same routes shuffled across test images (overall, and within difficulty
 levels), and a two-route oracle over the routes at the budget within 2 / 5 validation points of the full
-network. Curves: the threshold swept over budgets, the best fixed route (not fine-tuned) at each budget.
+network. Curves: the threshold swept over budgets, with the best fixed route (on validation, not fine-tuned)
+and static pruning pushed to each budget's GFLOPs (stage 2 from the stage-1 network, the same epochs as
+`equal`; at the full budget the stage-2 network). A check of the per-unit FLOPs match: the test fold's own
+images (labels unused) set the dynamic threshold to exactly the fixed route's GFLOPs; the comparison is
+repeated there (a check of the mismatch only: the main comparison never sees test images before testing).
 
-    python bench/crossfit.py                          # graded digits, 5 folds x 3 seeds (~40 min, 2 cores)
+    python bench/crossfit.py                          # graded digits, 5 folds x 3 seeds (~2 h, 2 cores)
     python bench/crossfit.py --data plain --seeds 0   # uniformly easy digits, 5 folds x 1 seed
     python bench/crossfit.py --quick --out DIR --results DIR   # the same code path in a minute
 
@@ -33,7 +37,6 @@ Writes <results>/crossfit-<data>.json (every number, per unit and pooled) and .m
 import argparse
 import copy
 import itertools
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -55,7 +58,7 @@ from utils.cli import Parser  # noqa: E402
 from utils.dist import setup  # noqa: E402
 from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
 from runtime.steps import dense_step  # noqa: E402
-from utils.files import write_json  # noqa: E402
+from utils.files import read_json, write_json  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.flops import measure_costs, routed_flops, skipped_flops  # noqa: E402
 from utils.data import DataSettings, load_data  # noqa: E402
@@ -124,6 +127,22 @@ def target_gflops(unit_dir):
     return read_json(os.path.join(unit_dir, "budget.json"))["gflops"]
 
 
+def curve_budgets(s):
+    """The curve's budgets where static pruning is run (at the full budget, the stage-2 network is it)."""
+    return [b for b in s["curve"] if b < 1.0]
+
+
+def static_config(s, u, seed, result_dir, gflops):
+    """Stage 2's config for static pruning alone pushed to `gflops` from the stage-1 network, with the ranking
+    that counts FLOPs and as many fine-tuning epochs as stage 2 + stage 3 + route epochs."""
+    r = s["rl"]
+    return {"result_dir": result_dir, "data_dir": os.path.join(u, "data"), "checkpoint": os.path.join(u, "sp", "checkpoint.pt"),
+            "num_workers": 0, "resize": s["resize"], "prune_mode": "one_pass", "gflops": gflops,
+            "epochs": s["prune"]["epochs"] + r["epochs"] + r["route_epochs"], "lr": s["prune"]["lr"],
+            "bs": s["bs"], "fisher_batches": s["prune"]["fisher_batches"], "seed": seed, "device": "cpu",
+            "val_split": s["val_split"], "round_to": 1, "criterion": "score_per_flop"}
+
+
 def plan(s, units, out, controller, reinforce_check):
     tasks = []
     for name, split in units:
@@ -142,13 +161,8 @@ def plan(s, units, out, controller, reinforce_check):
             "--route_epochs", str(r["route_epochs"]), "--route_lr", repr(r["route_lr"]),
             "--final_split", final, *common(s, u, seed)]
         eq_cfg = os.path.join(u, "equal_config.json")
-        equal = lambda u=u, seed=seed: {  # noqa: E731
-            "result_dir": os.path.join(u, "equal"), "data_dir": os.path.join(u, "data"),
-            "checkpoint": os.path.join(u, "sp", "checkpoint.pt"), "num_workers": 0, "resize": s["resize"],
-            "prune_mode": "one_pass", "gflops": read_json(os.path.join(u, "route.json"))["gflops"],
-            "epochs": s["prune"]["epochs"] + r["epochs"] + r["route_epochs"], "lr": s["prune"]["lr"],
-            "bs": s["bs"], "fisher_batches": s["prune"]["fisher_batches"], "seed": seed, "device": "cpu",
-            "val_split": s["val_split"], "round_to": 1, "criterion": "score_per_flop"}
+        equal = lambda u=u, seed=seed: static_config(  # noqa: E731
+            s, u, seed, os.path.join(u, "equal"), read_json(os.path.join(u, "route.json"))["gflops"])
         me = [os.path.join(ROOT, "bench", "crossfit.py")]
         tasks += [
             Task(f"{name}/sp", ["main_sp.py", "--network", "resnet", "--depth", str(s["depth"]), "--width",
@@ -165,7 +179,18 @@ def plan(s, units, out, controller, reinforce_check):
             Task(f"{name}/equal", ["main_prune.py", "--config_path", eq_cfg, "--overwrite"],
                  os.path.join(u, "equal", "prune", "metrics.json"), [f"{name}/route"], equal, eq_cfg),
             Task(f"{name}/evaluate", [*me, "evaluate", u, "--scale", s["name"]], os.path.join(u, "eval.json"),
-                 [f"{name}/equal"])]
+                 [f"{name}/equal"]),
+            Task(f"{name}/targets", [*me, "targets", u, "--scale", s["name"]], os.path.join(u, "curve_targets.json"),
+                 [f"{name}/prune"])]
+        for b in curve_budgets(s):
+            cfg_b = os.path.join(u, "curve", f"b{b:.2f}", "config.json")
+            tasks.append(Task(f"{name}/static{b:.2f}", ["main_prune.py", "--config_path", cfg_b, "--overwrite"],
+                              os.path.join(u, "curve", f"b{b:.2f}", "prune", "metrics.json"), [f"{name}/targets"],
+                              lambda u=u, seed=seed, b=b: static_config(
+                                  s, u, seed, os.path.join(u, "curve", f"b{b:.2f}"),
+                                  read_json(os.path.join(u, "curve_targets.json"))[f"{b:.2f}"]), cfg_b))
+        tasks.append(Task(f"{name}/curve", [*me, "curve", u, "--scale", s["name"]], os.path.join(u, "curve.json"),
+                          [f"{name}/evaluate", *(f"{name}/static{b:.2f}" for b in curve_budgets(s))]))
         if reinforce_check and seed == s["seeds"][0]:  # SkipNet's controller, on validation only
             q = s["reinforce"]
             tasks.append(Task(f"{name}/reinforce", lambda u=u, seed=seed, q=q: rl(
@@ -175,11 +200,6 @@ def plan(s, units, out, controller, reinforce_check):
             tasks.append(Task(f"{name}/valroutes", [*me, "valroutes", u, "--scale", s["name"]],
                               os.path.join(u, "valroutes.json"), [f"{name}/reinforce", f"{name}/rl"]))
     return tasks
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 # -------------------------------------------------------------------------------- in-process steps
@@ -362,6 +382,39 @@ def evaluate_step(w, u, ctx):
     write_json(os.path.join(u, "eval.json"), _plain(summary))
 
 
+def targets_step(w, u, ctx):
+    """The GFLOPs of each curve budget, as evaluate_step sweeps them (every gated block skipped plus the
+    budget's share of the gated FLOPs; the stage-2 network's costs, which stage 3 keeps): static pruning is
+    pushed to them."""
+    _, _, costs = load_unit(w, os.path.join(u, "prune", "checkpoint.pt"), ctx)
+    span = sum(costs["blocks"])
+    write_json(os.path.join(u, "curve_targets.json"),
+               {f"{b:.2f}": (skipped_flops(costs) + b * span) / 1e9 for b in w.curve})
+
+
+def curve_step(w, u, ctx):
+    """Static pruning at each curve budget on test (curve.json), and the FLOPs-match check: the dynamic
+    network's threshold set on this unit's test images (labels unused) to the fixed route's GFLOPs within
+    0.1%, its per-image test results (curve.npz)."""
+    route = read_json(os.path.join(u, "route.json"))
+    ddp, data, costs = load_unit(w, os.path.join(u, "rl", "checkpoint.pt"), ctx)
+    shift = calibrate_to_flops(ddp, list(data.test), ctx, costs, route["gflops"] * 1e9, tolerance=0.001)
+    out = {}
+    out["mt_correct"], out["mt_loss"], a = per_image(ddp, data.test)
+    out["mt_flops"] = routed_flops(costs, torch.as_tensor(a)).numpy()
+    static = []
+    for b in w.curve:
+        path = os.path.join(u, "curve", f"b{b:.2f}", "prune", "checkpoint.pt") if b < 1.0 else \
+            os.path.join(u, "prune", "checkpoint.pt")
+        d2, data2, costs2 = load_unit(w, path, ctx)
+        c, _, _ = per_image(d2, data2.test, "open")
+        static.append({"budget": b, "static_acc": c.mean() * 100,
+                       "static_gflops": route_flops(costs2, [1] * len(costs2["blocks"])) / 1e9})
+    np.savez(os.path.join(u, "curve.npz"), **out)
+    write_json(os.path.join(u, "curve.json"), _plain({"static": static, "matched_on_test": {
+        **shift, "gflops_test": float(out["mt_flops"].mean() / 1e9), "fixed_gflops": route["gflops"]}}))
+
+
 def valroutes_step(w, u, ctx):
     """Validation numbers of the two controllers of one unit (the controller choice, made on validation)."""
     out = {}
@@ -392,8 +445,11 @@ def load_units(units):
     got = []
     for u, split in units:
         if os.path.isfile(os.path.join(u, "eval.json")):
-            arrays = dict(np.load(os.path.join(u, "eval.npz")))
-            got.append((u, split, arrays, read_json(os.path.join(u, "eval.json"))))
+            arrays, summary = dict(np.load(os.path.join(u, "eval.npz"))), read_json(os.path.join(u, "eval.json"))
+            if os.path.isfile(os.path.join(u, "curve.json")):  # the curve's static points, the FLOPs-match check
+                arrays.update(np.load(os.path.join(u, "curve.npz")))
+                summary["curve_extra"] = read_json(os.path.join(u, "curve.json"))
+            got.append((u, split, arrays, summary))
     return got
 
 
@@ -417,6 +473,11 @@ def report(s, data, units, level=None):
         return rep
 
     r["dynamic_vs_fixed"] = compare("dyn", "fix", "greater")
+    checked = all("curve_extra" in e for _, _, _, e in got)
+    if checked:  # the threshold set on each test fold's images to the fixed route's GFLOPs exactly
+        r["dynamic_vs_fixed_matched_on_test"] = compare("mt", "fix", "greater")
+        r["matched_on_test_max_rel_diff"] = float(max(abs(e["curve_extra"]["matched_on_test"]["gflops_test"] /
+                                                          e["fixed_gflops"] - 1) for _, _, _, e in got))
     r["dynamic_vs_equal"] = compare("dyn", "equal", "greater")
     r["dynamic_vs_static"] = compare("dyn", "static", "two-sided")
     r["static_vs_unpruned"] = compare("static", "unpruned", "two-sided")
@@ -469,6 +530,10 @@ def report(s, data, units, level=None):
     budgets = [c["budget"] for c in got[0][3]["curve"]]
     r["curve"] = [{k: float(np.mean([e["curve"][i][k] for _, _, _, e in got]))
                    for k in ("budget", "dyn_acc", "dyn_gflops", "fixed_acc", "fixed_gflops")} for i in range(len(budgets))]
+    if checked:
+        for i, c in enumerate(r["curve"]):
+            c.update({k: float(np.mean([e["curve_extra"]["static"][i][k] for _, _, _, e in got]))
+                      for k in ("static_acc", "static_gflops")})
     # the controller choice (validation, first seed)
     vr = [read_json(os.path.join(u, "valroutes.json")) for u, _ in units
           if os.path.isfile(os.path.join(u, "valroutes.json"))]
@@ -517,6 +582,12 @@ def markdown(r, command):
             c = r[key]
             lines.append(f"- {label}: routed {100 * c['acc_assigned']:.2f}% vs shuffled {100 * c['acc_shuffled']:.2f}% "
                          f"(95% of shuffles in [{100 * c['low']:.2f}, {100 * c['high']:.2f}]), permutation p {c['p']:.3g}")
+    if "dynamic_vs_fixed_matched_on_test" in r:
+        c = r["dynamic_vs_fixed_matched_on_test"]
+        lines.append(f"- FLOPs-match check: the dynamic threshold set on each test fold's own images (labels unused) to "
+                     f"the fixed route's GFLOPs (within {100 * r['matched_on_test_max_rel_diff']:.2f}% in every unit): "
+                     f"dynamic - fixed {c['diff']:+.2f} points, CI [{c['ci']['low']:+.2f}, {c['ci']['high']:+.2f}], "
+                     f"McNemar p {c['mcnemar']['p']:.3g} (one-sided), {c['mcnemar']['only_a']} / {c['mcnemar']['only_b']}")
     for tol, o in r["oracle"].items():
         lines.append(f"- two-route oracle, routes within {tol} val points of the full network ({o['units']} units): "
                      f"{o['oracle_acc'] * 100:.2f}% vs the pair at random {o['random_acc'] * 100:.2f}% "
@@ -532,12 +603,15 @@ def markdown(r, command):
         for seed, e in r["per_seed"].items():
             lines.append(f"- seed {seed}: " + ", ".join(f"L{b['level']} {b['gflops'] * 1e3:.3f} M / {b['acc']:.1f}%"
                                                          for b in e["by_level"]))
+    st = "static_acc" in r["curve"][0]
     lines += ["", "Accuracy-GFLOPs (test, mean over units; threshold swept for the dynamic network, the best "
-              "fixed route on validation at each budget, not fine-tuned):", "",
-              "| budget (of gated FLOPs) | dynamic acc | dynamic GFLOPs | fixed acc | fixed GFLOPs |", "|---|---|---|---|---|"]
+              "fixed route on validation at each budget, not fine-tuned" + (", static pruning pushed to each "
+              "budget's GFLOPs (at 1.00: the stage-2 network)" if st else "") + "):", "",
+              "| budget (of gated FLOPs) | dynamic acc | dynamic GFLOPs | fixed acc | fixed GFLOPs |"
+              + (" static acc | static GFLOPs |" if st else ""), "|---|---|---|---|---|" + ("---|---|" if st else "")]
     for c in r["curve"]:
         lines.append(f"| {c['budget']:.2f} | {c['dyn_acc']:.2f} | {c['dyn_gflops']:.5f} | {c['fixed_acc']:.2f} | "
-                     f"{c['fixed_gflops']:.5f} |")
+                     f"{c['fixed_gflops']:.5f} |" + (f" {c['static_acc']:.2f} | {c['static_gflops']:.5f} |" if st else ""))
     if "controllers_on_val" in r:
         lines += ["", "Controller choice (validation split of the first seed's units, same stage-2 networks and target):", "",
                   "| controller | val acc | val GFLOPs | collapsed units | distinct val routes | max last shift |",
@@ -553,7 +627,7 @@ def markdown(r, command):
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", nargs="?", default="all",
-                   choices=("all", "budget", "route", "evaluate", "valroutes", "report"),
+                   choices=("all", "budget", "route", "evaluate", "targets", "curve", "valroutes", "report"),
                    help="all (default): every unit, then the report; the others are one unit's steps (run by all)")
     p.add_argument("unit", nargs="?", help="a unit's folder (the steps route, evaluate, valroutes)")
     p.add_argument("--scale", default="digits", choices=sorted(SCALES))
@@ -579,13 +653,13 @@ def main(argv=None):
     s = {**SCALES["quick" if args.quick else args.scale], "name": "quick" if args.quick else args.scale}
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
-    if args.step in ("budget", "route", "evaluate", "valroutes"):
+    if args.step in ("budget", "route", "evaluate", "targets", "curve", "valroutes"):
         if not args.unit:
             p.error(f"{args.step} needs a unit folder")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         ctx = setup(args.device, 0)
-        step = {"budget": budget_step, "route": route_step, "evaluate": evaluate_step,
-                "valroutes": valroutes_step}[args.step]
+        step = {"budget": budget_step, "route": route_step, "evaluate": evaluate_step, "targets": targets_step,
+                "curve": curve_step, "valroutes": valroutes_step}[args.step]
         step(unit_where(s, args.unit, args), args.unit, ctx)
         return
     if args.step == "report" and args.unit:  # one result folder of your own: no folds, no difficulty levels

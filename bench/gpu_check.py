@@ -66,6 +66,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.runner import run_script  # noqa: E402
+from utils.files import read_json  # noqa: E402
 from utils.synthetic import write_synthetic  # noqa: E402
 
 # --tiny: a smoke test that its test runs in under a minute on 2 CPU cores
@@ -169,11 +170,6 @@ def parse_losses(stdout, stage):
         if m and m.group(1) == stage:
             out.append((int(m.group(2)), float(m.group(4)), float(m.group(5))))
     return out
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def stage_record(proc, stage, result_dir, epochs):

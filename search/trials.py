@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from utils.errors import UserError
+from utils.files import read_json
 
 # Stage 3's knob: the GFLOPs target where stage 3 has it, else alpha (larger alpha, fewer GFLOPs).
 DYNAMIC_KNOBS = ("target_gflops", "alpha")
@@ -60,11 +61,6 @@ def stage3_argv(args, knob_name, stages):
         flag = STAGE3_FLAGS.get(flag, flag)
         raise UserError(f"{flag} {rest} (stage 3's flag, as main_rl_prune.py would refuse it)") from None
     return argv
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 class Trials:

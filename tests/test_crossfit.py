@@ -77,3 +77,23 @@ def test_the_report_is_of_the_saved_per_image_results(quick):
         rows = np.arange(len(e["ids"]))
         assert (e["ctl_correct"][rows, e["ctl_assign"]] == e["dyn_correct"]).mean() >= 0.99
     assert os.path.isfile(out / "results" / "crossfit-graded.md")
+
+
+@pytest.mark.slow
+def test_the_curves_carry_static_pruning_at_each_budget_and_the_flops_match_check(quick):
+    out, report = quick
+    s = crossfit.SCALES["quick"]
+    for u in sorted(d for d in os.listdir(out / "work") if d.startswith("s")):
+        targets = json.load(open(out / "work" / u / "curve_targets.json"))
+        curve = json.load(open(out / "work" / u / "curve.json"))
+        assert [c["budget"] for c in curve["static"]] == list(s["curve"])
+        for c in curve["static"]:  # pushed to the budget's GFLOPs (at the full budget: the stage-2 network)
+            assert c["static_gflops"] <= targets[f"{c['budget']:.2f}"] * 1.001
+            assert c["static_gflops"] >= targets[f"{c['budget']:.2f}"] * 0.97
+        m = curve["matched_on_test"]
+        assert abs(m["gflops_test"] / m["fixed_gflops"] - 1) <= 0.01
+        mt = np.load(out / "work" / u / "curve.npz")["mt_flops"]
+        assert mt.mean() / 1e9 == pytest.approx(m["gflops_test"])
+    assert all("static_acc" in c for c in report["curve"])
+    assert report["matched_on_test_max_rel_diff"] <= 0.01
+    assert report["dynamic_vs_fixed_matched_on_test"]["n"] == report["n"]

@@ -1,4 +1,4 @@
-"""Atomic writes: a file is replaced whole or not at all."""
+"""Atomic writes (a file is replaced whole or not at all), and the JSON reader beside them."""
 import json
 import os
 import tempfile
@@ -43,3 +43,8 @@ def write_json(path, data):
         json.dump(data, f, indent=2)
         f.write("\n")
     atomic_write(path, write)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
