@@ -15,7 +15,7 @@ needs trained weights, not switches; 3 epochs, lr 0.02: at 0.1 it diverges in th
 main_prune.py with the shipped config.json's pruning settings (compression, criterion, round_to, ...; --set
 overrides a key, to try another setting) scaled to 1,437 images (SCALE: epochs, bs, fisher_batches, workers,
 device, paths), Torch-Pruning (global magnitude) at the same parameter count by bench/peer_torch_pruning.py
-with stage 2's fine-tuning, and the exports of the dense and pruned networks by utils/export.py. Stage 2 and
+with stage 2's fine-tuning, and the exports of the dense and pruned networks by deploy/export.py. Stage 2 and
 what follows it run again whenever the resulting config differs from the cached one. Then, in one process,
 every model is timed at batch 128 and batch 1, NCHW and channels_last, 2 threads, the models taking turns in
 every repeat (median): the dense stage-1 network and the pruned one as saved (PyTorch eager), the
@@ -47,7 +47,7 @@ from models import build_model  # noqa: E402
 from pruners import model_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data import channel_stats, load_dataset  # noqa: E402
-from utils.export import export  # noqa: E402
+from deploy.export import export  # noqa: E402
 from utils.flops import count_params  # noqa: E402
 from utils.synthetic import write_digits  # noqa: E402
 
@@ -126,7 +126,7 @@ def prepare(run_dir, data, width, stage2, stage1=STAGE1, seed=0, peer="global_ma
 
 
 def exported(run_dir, stage, mean, std):
-    """utils/export.py on the run's stage checkpoint (open mode), once; the ONNX path."""
+    """deploy/export.py on the run's stage checkpoint (open mode), once; the ONNX path."""
     out = os.path.join(run_dir, "export", stage)
     if not os.path.isfile(os.path.join(out, "export.json")):
         ckpt = load_checkpoint(os.path.join(run_dir, stage, "checkpoint.pt"))

@@ -20,7 +20,7 @@ result or its error in the JSON, each under "parts":
                    with 2 processes
   reload           runtime.checkpoint.load_model of each stage's checkpoint on the CPU and on the device:
                    equal top-1 on the test images and identical routes (fp32 on both, TF32 off)
-  export           python -m utils.export on stage 3's checkpoint (its own checks: ONNX, torch.export)
+  export           python -m deploy.export on stage 3's checkpoint (its own checks: ONNX, torch.export)
   throughput       training images/s of each stage's own step function beside a minimal dense loop (plain
                    ResNet in mode open, SGD), in this process on the same batch
   script_throughput  each stage's images/s as its script ran it (TensorBoard's epoch_seconds of its last
@@ -350,7 +350,7 @@ class Check:
 
     def part_export(self):
         out = os.path.join(self.work, "export")
-        proc = self.python(["-m", "utils.export", self.ckpt("rl"), "--out", out])
+        proc = self.python(["-m", "deploy.export", self.ckpt("rl"), "--out", out])
         info = read_json(os.path.join(out, "export.json")) if proc["rc"] == 0 else {}
         check = info.get("check", {})
         files = {k: os.path.getsize(v) for k, v in info.get("files", {}).items() if os.path.isfile(v)}

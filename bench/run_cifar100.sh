@@ -81,4 +81,17 @@ stage "static at equal GFLOPs" python main_prune.py --config_path config.json --
   --data_dir "$DATA" --checkpoint "$RESULTS/sp/checkpoint.pt" --set val_split="$VAL_SPLIT" \
   --set compression=null --set gflops="$gflops" --set criterion=score_per_flop --set epochs=$((200 + ROUTE_EPOCHS))
 stage "evaluation" python bench/crossfit.py evaluate "$RESULTS" "${unit[@]}"
+# The curve's static points: static pruning pushed to each budget of the threshold sweep (the same stage 2
+# as above, to the GFLOPs crossfit.py targets writes; CURVE_STATIC=0 leaves them out), then the FLOPs-match
+# check and the static points on test.
+if [ "${CURVE_STATIC:-1}" != "0" ]; then
+  python bench/crossfit.py targets "$RESULTS" "${unit[@]}"
+  for b in $(python -c "import json; print(*[k for k in json.load(open('$RESULTS/curve_targets.json')) if float(k) < 1])"); do
+    g=$(python -c "import json; print(json.load(open('$RESULTS/curve_targets.json'))['$b'])")
+    stage "static at budget $b" python main_prune.py --config_path config.json --result_dir "$RESULTS/curve/b$b" \
+      --data_dir "$DATA" --checkpoint "$RESULTS/sp/checkpoint.pt" --set val_split="$VAL_SPLIT" \
+      --set compression=null --set gflops="$g" --set criterion=score_per_flop --set epochs=$((200 + ROUTE_EPOCHS))
+  done
+  stage "curve" python bench/crossfit.py curve "$RESULTS" "${unit[@]}"
+fi
 python bench/crossfit.py report "$RESULTS"

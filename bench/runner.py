@@ -71,7 +71,7 @@ def run_task(task, logs, threads, upstream_rerun):
         raise RuntimeError(f"task {task.name} failed (exit {proc.returncode}); {log_path} ends with:\n{tail}")
     with open(stamp_path(task), "w") as f:
         json.dump({"argv": task.argv, "config": task.config, "seconds": task.seconds}, f)
-    print(f"[study] {task.name} done in {task.seconds:.0f}s", flush=True)
+    print(f"[bench] {task.name} done in {task.seconds:.0f}s", flush=True)
     return task
 
 
@@ -99,7 +99,7 @@ def run_all(tasks, jobs, threads, logs):
                     future.result()
                 except Exception as e:  # noqa: BLE001 -- reported with the task's log, the study goes on
                     failed[task.name] = str(e)
-                    print(f"[study] {e}", flush=True)
+                    print(f"[bench] {e}", flush=True)
                     continue
                 done.add(task.name)
                 if not task.reused:

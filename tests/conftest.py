@@ -25,6 +25,13 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker per core, at most 4 (each holds its own copy of the session
+    fixtures); test files are dealt whole to the workers (--dist loadfile), so a module's fixtures are
+    built once."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def mix_switches(model, seed=0):
     """Make the switches take mixed decisions within a batch: BNs get random statistics, and each switch's
     probability is re-centred on its batch median (a forward hook on the real switch output, monotone, so

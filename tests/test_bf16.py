@@ -22,7 +22,7 @@ from helpers import tiny_dataset
 from models import build_model, make_arch
 from runtime.checkpoint import load_checkpoint, load_model
 from utils.data import load_dataset
-from utils.export import export, run_onnx
+from deploy.export import export, run_onnx
 
 BF16 = ["--amp", "bf16", "--channels_last", "--device", "cpu", "--num_workers", "0"]
 SIZE = 16

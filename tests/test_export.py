@@ -1,4 +1,4 @@
-"""utils/export.py: the deployed form (BN folded, cheapest exact conv forms, normalisation inside) and the
+"""deploy/export.py: the deployed form (BN folded, cheapest exact conv forms, normalisation inside) and the
 exported ONNX / torch.export files reproduce the checkpoint, routes included."""
 import json
 
@@ -14,7 +14,7 @@ from pruners import model_flops, prune
 from runtime.checkpoint import save_checkpoint
 from utils.data import channel_stats, load_dataset, make_pipeline
 from utils.errors import UserError, run_main
-from utils.export import InferenceNet, cheapest_form, export, main, reference_outputs, run_onnx
+from deploy.export import InferenceNet, cheapest_form, export, main, reference_outputs, run_onnx
 from utils.flops import count_params
 
 SIZE = 16
@@ -207,7 +207,7 @@ def test_export_needs_the_pipeline_and_refuses_conflicts(images, tmp_path):
     model = build_model(make_arch(depth=8, width=1, num_classes=10))
     path = str(tmp_path / "sp.pt")
     save_checkpoint(path, {"stage": "sp", "arch": model.arch, "model": model.state_dict(), "epoch": 0})
-    assert_one_line_error(run_script("-m", "utils.export", path, "--out", str(tmp_path / "out")),
+    assert_one_line_error(run_script("-m", "deploy.export", path, "--out", str(tmp_path / "out")),
                           "pipeline", "--mean")
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="reads 3 channels"):

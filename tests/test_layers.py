@@ -1,12 +1,12 @@
 """The imports run one way. Every .py file of the project is read with `ast` (no module is imported), and each
 import of a project module is checked against the layers, lowest first:
 
-    utils < models < runtime < pruners, gates < search < scripts
+    utils < models < runtime < pruners, gates, deploy < search < scripts
 
-- a package module imports only from its own package or from a package of a lower layer (pruners and gates,
-  one layer, import neither each other);
+- a package module imports only from its own package or from a package of a lower layer (pruners, gates and
+  deploy, one layer, import none of each other);
 - no package module imports a script: main_*.py and demo.py, everything under bench/ (scripts and the modules
-  only they share), and utils/export.py (the command `python -m utils.export`, which reads checkpoints);
+  only they share);
 - no two packages import each other, through any chain of modules;
 - a project module is imported by its full name from the repository root (`from bench.paired import ...`,
   never `from paired import ...` after a sys.path edit).
@@ -17,9 +17,8 @@ import os
 
 from conftest import ROOT
 
-LAYERS = {"utils": 0, "models": 1, "runtime": 2, "pruners": 3, "gates": 3, "search": 4}
+LAYERS = {"utils": 0, "models": 1, "runtime": 2, "pruners": 3, "gates": 3, "deploy": 3, "search": 4}
 SCRIPT_PACKAGES = ("bench",)
-SCRIPT_MODULES = ("utils.export",)  # `python -m utils.export`: a command, at the scripts' layer
 SKIP = {".git", "__pycache__", "out", "results", "shared"}
 
 
@@ -44,7 +43,7 @@ BARE = {m.split(".")[1] for m in MODULES if m.startswith("bench.")}
 
 def is_script(module):
     top = module.split(".")[0]
-    return top in SCRIPT_PACKAGES or module in SCRIPT_MODULES or (top == module and top not in LAYERS
+    return top in SCRIPT_PACKAGES or (top == module and top not in LAYERS
                                                                    and top != "tests")
 
 

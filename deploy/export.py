@@ -1,6 +1,6 @@
 """Export a checkpoint of any stage as an inference model: ONNX (run by onnxruntime) and torch.export.
 
-    python -m utils.export CHECKPOINT --out DIR [--mode hard|open] [--mean R G B --std R G B --resize N]
+    python -m deploy.export CHECKPOINT --out DIR [--mode hard|open] [--mean R G B --std R G B --resize N]
 
 What is exported is the network as it is deployed, not as it is trained:
 - raw 8-bit images in: uint8 (N, H, W, C), H = W = the pipeline's `resize`, channels in the training
@@ -313,7 +313,7 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
 
 
 def main(argv=None):
-    p = Parser(prog="python -m utils.export", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m deploy.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--out", required=True, help="folder for model.onnx, model.pt2, export.json")
     p.add_argument("--mode", choices=["hard", "open"], default=None,
