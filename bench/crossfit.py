@@ -27,7 +27,7 @@ and static pruning pushed to each budget's GFLOPs (stage 2 from the stage-1 netw
 images (labels unused) set the dynamic threshold to exactly the fixed route's GFLOPs; the comparison is
 repeated there (a check of the mismatch only: the main comparison never sees test images before testing).
 
-    python bench/crossfit.py                          # graded digits, 5 folds x 3 seeds (~2 h, 2 cores)
+    python bench/crossfit.py                          # graded digits, 5 folds x 3 seeds (~1.5 h, 2 cores)
     python bench/crossfit.py --data plain --seeds 0   # uniformly easy digits, 5 folds x 1 seed
     python bench/crossfit.py --quick --out DIR --results DIR   # the same code path in a minute
 
