@@ -111,7 +111,8 @@ def write_units(s, data, out):
 def unit_ids(data_dir, split="test"):
     """The image indices of a unit's split in the order the loaders read it (sorted class, then file)."""
     d = os.path.join(data_dir, split)
-    return np.array([int(f.split(".")[0]) for c in sorted(os.listdir(d)) for f in sorted(os.listdir(os.path.join(d, c)))])
+    return np.array([int(f.split(".")[0]) for c in sorted(os.listdir(d))
+                     for f in sorted(os.listdir(os.path.join(d, c)))])
 
 
 # ------------------------------------------------------------------------------------------ the tasks
@@ -136,7 +137,8 @@ def static_config(s, u, seed, result_dir, gflops):
     """Stage 2's config for static pruning alone pushed to `gflops` from the stage-1 network, with the ranking
     that counts FLOPs and as many fine-tuning epochs as stage 2 + stage 3 + route epochs."""
     r = s["rl"]
-    return {"result_dir": result_dir, "data_dir": os.path.join(u, "data"), "checkpoint": os.path.join(u, "sp", "checkpoint.pt"),
+    return {"result_dir": result_dir, "data_dir": os.path.join(u, "data"),
+            "checkpoint": os.path.join(u, "sp", "checkpoint.pt"),
             "num_workers": 0, "resize": s["resize"], "prune_mode": "one_pass", "gflops": gflops,
             "epochs": s["prune"]["epochs"] + r["epochs"] + r["route_epochs"], "lr": s["prune"]["lr"],
             "bs": s["bs"], "fisher_batches": s["prune"]["fisher_batches"], "seed": seed, "device": "cpu",
@@ -156,7 +158,8 @@ def plan(s, units, out, controller, reinforce_check):
         rl = lambda u=u, seed=seed, sub="", ctl=controller, final="test", flags=None: [  # noqa: E731
             "main_rl_prune.py", "--checkpoint", os.path.join(u, "prune", "checkpoint.pt"),
             "--result_dir", os.path.join(u, sub) if sub else u, "--controller", ctl,
-            "--target_gflops", repr(target_gflops(u)), "--overwrite", "--epochs", str(r["epochs"]), "--lr", repr(r["lr"]),
+            "--target_gflops", repr(target_gflops(u)), "--overwrite", "--epochs", str(r["epochs"]),
+            "--lr", repr(r["lr"]),
             *(flags or ["--alpha", repr(r["alpha"]), "--rl_weight", repr(r["rl_weight"])]),
             "--route_epochs", str(r["route_epochs"]), "--route_lr", repr(r["route_lr"]),
             "--final_split", final, *common(s, u, seed)]
@@ -207,10 +210,12 @@ def plan(s, units, out, controller, reinforce_check):
 def unit_where(s, u, args=None):
     """Where a unit's data is and how its stages split it: the digits units of this bench (their folder
     names say the seed), or the flags given (a CIFAR-100 result folder: bench/run_cifar100.sh)."""
-    given = lambda key, default: getattr(args, key, None) if getattr(args, key, None) is not None else default  # noqa: E731
+    def given(key, default):
+        return getattr(args, key, None) if getattr(args, key, None) is not None else default
     name = os.path.basename(os.path.normpath(u))
     seed = int(name[1:].split("f")[0]) if name.startswith("s") and "f" in name[1:] else 0
-    return SimpleNamespace(data_dir=given("data_dir", os.path.join(u, "data")), val_split=given("val_split", s["val_split"]),
+    return SimpleNamespace(data_dir=given("data_dir", os.path.join(u, "data")),
+                           val_split=given("val_split", s["val_split"]),
                            seed=given("seed", seed), bs=given("bs", s["bs"]),
                            route_epochs=given("route_epochs", s["rl"]["route_epochs"]),
                            route_lr=given("route_lr", s["rl"]["route_lr"]), curve=s["curve"], budget=s["budget"])
@@ -327,7 +332,8 @@ def evaluate_step(w, u, ctx):
     model = getattr(ddp, "module", ddp)
     original = copy.deepcopy(model.state_dict())
     c, loss, a = per_image(ddp, data.test)
-    summary["dynamic_as_saved"] = {"acc": c.mean() * 100, "gflops": routed_flops(costs, torch.as_tensor(a)).mean().item() / 1e9}
+    summary["dynamic_as_saved"] = {"acc": c.mean() * 100,
+                                   "gflops": routed_flops(costs, torch.as_tensor(a)).mean().item() / 1e9}
     batches = calibration_batches(data)
     summary["dynamic_shift"] = calibrate_to_flops(ddp, batches, ctx, costs, route["gflops"] * 1e9)
     out["dyn_correct"], out["dyn_loss"], out["dyn_routes"] = per_image(ddp, data.test)
@@ -345,7 +351,8 @@ def evaluate_step(w, u, ctx):
         cands = all_routes(costs, route["target_gflops"] * 1e9 * 1.01)
     else:  # too many routes to try: the 64 the dynamic network uses most, within the budget
         used = sorted(range(len(distinct)), key=lambda k: -(assign == k).sum())
-        cands = [list(distinct[k]) for k in used if route_flops(costs, distinct[k]) <= route["target_gflops"] * 1.01e9][:64]
+        cands = [list(distinct[k]) for k in used
+                 if route_flops(costs, distinct[k]) <= route["target_gflops"] * 1.01e9][:64]
     out["orc_val"] = np.array([evaluate_route(ddp, data.eval, ctx, costs, r)["acc"] / 100 for r in cands])
     out["orc_correct"] = np.stack([per_image(ddp, data.test, "open", r)[0] for r in cands], 1)
     summary["full_val_acc"] = full_val
@@ -422,7 +429,8 @@ def valroutes_step(w, u, ctx):
                       ("reinforce", os.path.join(u, "reinforce", "rl", "checkpoint.pt"))):
         ddp, data, costs = load_unit(w, path, ctx)
         c, _, a = per_image(ddp, data.eval)
-        out[key] = {"val_acc": c.mean() * 100, "val_gflops": routed_flops(costs, torch.as_tensor(a)).mean().item() / 1e9,
+        out[key] = {"val_acc": c.mean() * 100,
+                    "val_gflops": routed_flops(costs, torch.as_tensor(a)).mean().item() / 1e9,
                     "val_distinct_routes": len(np.unique(a, axis=0)),
                     "calibration_shift_last": read_json(os.path.join(os.path.dirname(path), "metrics.json"))[
                         "ending"]["calibration"][-1]["shift"]}
@@ -506,8 +514,9 @@ def report(s, data, units, level=None):
                 rows.append((len(a["ids"]), o))
         if rows:
             w = np.array([n for n, _ in rows], dtype=float)
-            oracles[tol] = {"units": len(rows), **{k: float(np.average([getattr(o, k) for _, o in rows], weights=w))
-                                                   for k in ("oracle_acc", "random_acc", "best_single_acc", "headroom")}}
+            oracles[tol] = {"units": len(rows),
+                            **{k: float(np.average([getattr(o, k) for _, o in rows], weights=w))
+                               for k in ("oracle_acc", "random_acc", "best_single_acc", "headroom")}}
     r["oracle"] = oracles
     # per seed: collapse, calibration, GFLOPs by difficulty
     per_seed = {}
@@ -521,7 +530,8 @@ def report(s, data, units, level=None):
             flops = np.concatenate([a["dyn_flops"] for a, _ in mine]) / 1e9
             lv = np.concatenate([level[a["ids"]] for a, _ in mine])
             correct = np.concatenate([a["dyn_correct"] for a, _ in mine])
-            entry["by_level"] = [{"level": int(k), "images": int((lv == k).sum()), "gflops": float(flops[lv == k].mean()),
+            entry["by_level"] = [{"level": int(k), "images": int((lv == k).sum()),
+                                  "gflops": float(flops[lv == k].mean()),
                                   "acc": float(correct[lv == k].mean() * 100)} for k in np.unique(lv)]
             entry["hard_minus_easy_gflops"] = entry["by_level"][-1]["gflops"] - entry["by_level"][0]["gflops"]
         per_seed[str(seed)] = entry
@@ -529,7 +539,8 @@ def report(s, data, units, level=None):
     # curves: means over units at each budget
     budgets = [c["budget"] for c in got[0][3]["curve"]]
     r["curve"] = [{k: float(np.mean([e["curve"][i][k] for _, _, _, e in got]))
-                   for k in ("budget", "dyn_acc", "dyn_gflops", "fixed_acc", "fixed_gflops")} for i in range(len(budgets))]
+                   for k in ("budget", "dyn_acc", "dyn_gflops", "fixed_acc", "fixed_gflops")}
+                  for i in range(len(budgets))]
     if checked:
         for i, c in enumerate(r["curve"]):
             c.update({k: float(np.mean([e["curve_extra"]["static"][i][k] for _, _, _, e in got]))
@@ -543,7 +554,8 @@ def report(s, data, units, level=None):
                                        "val_gflops": float(np.mean([v[k]["val_gflops"] for v in vr])),
                                        "collapsed_units": int(sum(v[k]["val_distinct_routes"] <= 1 for v in vr)),
                                        "val_distinct_routes": [v[k]["val_distinct_routes"] for v in vr],
-                                       "max_abs_last_shift": float(max(abs(v[k]["calibration_shift_last"]) for v in vr))}
+                                       "max_abs_last_shift": float(max(abs(v[k]["calibration_shift_last"])
+                                                                       for v in vr))}
                                    for k in ("counterfactual", "reinforce")}
     return r
 
@@ -562,7 +574,8 @@ def markdown(r, command):
     gk = {"fix": "fixed"}
     for k in ("unpruned", "static", "dyn", "fix", "equal"):
         lines.append(f"| {names[k]} | {a[k]:.2f} | {r['gflops'][gk.get(k, k)]:.5f} |")
-    lines += ["", "| comparison | diff (points) | 95% CI (bootstrap, by image) | McNemar p | right only with A / only with B | CE: Wilcoxon p (A lower) |",
+    lines += ["", "| comparison | diff (points) | 95% CI (bootstrap, by image) | McNemar p | "
+                  "right only with A / only with B | CE: Wilcoxon p (A lower) |",
               "|---|---|---|---|---|---|"]
     for key, label, side in (("dynamic_vs_fixed", "dynamic - best fixed route", "one-sided"),
                              ("dynamic_vs_equal", "dynamic - static at equal GFLOPs", "one-sided"),
@@ -574,20 +587,24 @@ def markdown(r, command):
                      f"{c['loss']['wilcoxon_p']:.3g} |")
     lines += ["", f"Power: {f['power']['text']}.", "",
               f"GFLOPs matched: dynamic vs fixed within {100 * r['gflops_match']['max_rel_diff_dynamic_fixed']:.2f}% "
-              f"in every unit, static at equal GFLOPs within {100 * r['gflops_match']['max_rel_diff_equal_fixed']:.2f}%. "
+              f"in every unit, static at equal GFLOPs within "
+              f"{100 * r['gflops_match']['max_rel_diff_equal_fixed']:.2f}%. "
               f"Static + dynamic costs {100 * r['saving_vs_static']:.1f}% fewer GFLOPs than static only.", "",
               "Controls on the stage-3 weights (same routes, shuffled across test images):", ""]
     for key, label in (("shuffle", "overall"), ("shuffle_within_levels", "within difficulty levels")):
         if key in r:
             c = r[key]
             lines.append(f"- {label}: routed {100 * c['acc_assigned']:.2f}% vs shuffled {100 * c['acc_shuffled']:.2f}% "
-                         f"(95% of shuffles in [{100 * c['low']:.2f}, {100 * c['high']:.2f}]), permutation p {c['p']:.3g}")
+                         f"(95% of shuffles in [{100 * c['low']:.2f}, {100 * c['high']:.2f}]), "
+                         f"permutation p {c['p']:.3g}")
     if "dynamic_vs_fixed_matched_on_test" in r:
         c = r["dynamic_vs_fixed_matched_on_test"]
-        lines.append(f"- FLOPs-match check: the dynamic threshold set on each test fold's own images (labels unused) to "
+        lines.append(f"- FLOPs-match check: the dynamic threshold set on each test fold's own images "
+                     f"(labels unused) to "
                      f"the fixed route's GFLOPs (within {100 * r['matched_on_test_max_rel_diff']:.2f}% in every unit): "
                      f"dynamic - fixed {c['diff']:+.2f} points, CI [{c['ci']['low']:+.2f}, {c['ci']['high']:+.2f}], "
-                     f"McNemar p {c['mcnemar']['p']:.3g} (one-sided), {c['mcnemar']['only_a']} / {c['mcnemar']['only_b']}")
+                     f"McNemar p {c['mcnemar']['p']:.3g} (one-sided), "
+                     f"{c['mcnemar']['only_a']} / {c['mcnemar']['only_b']}")
     for tol, o in r["oracle"].items():
         lines.append(f"- two-route oracle, routes within {tol} val points of the full network ({o['units']} units): "
                      f"{o['oracle_acc'] * 100:.2f}% vs the pair at random {o['random_acc'] * 100:.2f}% "
@@ -611,13 +628,16 @@ def markdown(r, command):
               + (" static acc | static GFLOPs |" if st else ""), "|---|---|---|---|---|" + ("---|---|" if st else "")]
     for c in r["curve"]:
         lines.append(f"| {c['budget']:.2f} | {c['dyn_acc']:.2f} | {c['dyn_gflops']:.5f} | {c['fixed_acc']:.2f} | "
-                     f"{c['fixed_gflops']:.5f} |" + (f" {c['static_acc']:.2f} | {c['static_gflops']:.5f} |" if st else ""))
+                     f"{c['fixed_gflops']:.5f} |"
+                     + (f" {c['static_acc']:.2f} | {c['static_gflops']:.5f} |" if st else ""))
     if "controllers_on_val" in r:
-        lines += ["", "Controller choice (validation split of the first seed's units, same stage-2 networks and target):", "",
+        lines += ["", "Controller choice (validation split of the first seed's units, same stage-2 networks and "
+                  "target):", "",
                   "| controller | val acc | val GFLOPs | collapsed units | distinct val routes | max last shift |",
                   "|---|---|---|---|---|---|"]
         for k, v in r["controllers_on_val"].items():
-            lines.append(f"| {k} | {v['val_acc']:.2f} | {v['val_gflops']:.5f} | {v['collapsed_units']} of {v['units']} | "
+            lines.append(f"| {k} | {v['val_acc']:.2f} | {v['val_gflops']:.5f} | "
+                         f"{v['collapsed_units']} of {v['units']} | "
                          f"{v['val_distinct_routes']} | {v['max_abs_last_shift']:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -3,9 +3,11 @@
 Fast loop: `python -m pytest -m "not slow"` runs every module's unit behaviour (under 90 s on 2 idle cores);
 the tests marked `slow` (end-to-end stage runs, subprocess pipelines, torchrun, the study / crossfit quick
 runs, the GPU check's dry run) run with the full suite, `python -m pytest`.
+pytest.ini runs both on every core (pytest-xdist, `-n auto`, whole files per worker); `-n 0` runs them in this
+one process (a debugger, `-x` on the first failure in order).
 
-Session fixtures (each built once, read by many modules; a test that writes into one copies it first with
-shutil.copytree into its tmp_path):
+Session fixtures (each built once per worker, read by many modules; a test that writes into one copies it
+first with shutil.copytree into its tmp_path):
 - `trained_stage1`: a tiny dataset and one stage-1 run on it;
 - `pipeline`: that stage-1 result followed by stage 2 and stage 3 in a result dir of its own.
 """
