@@ -76,10 +76,13 @@ ROUTE_EPOCHS=${ROUTE_EPOCHS:-10}
 unit=(--data_dir "$DATA" --val_split "$VAL_SPLIT" --seed 0 --bs 256 --device cuda)
 stage "fixed route" python bench/crossfit.py route "$RESULTS" "${unit[@]}" --route_epochs "$ROUTE_EPOCHS" \
   --route_lr 0.001
-gflops=$(python -c "import json; print(json.load(open('$RESULTS/route.json'))['gflops'])")
-stage "static at equal GFLOPs" python main_prune.py --config_path config.json --result_dir "$RESULTS/equal" \
-  --data_dir "$DATA" --checkpoint "$RESULTS/sp/checkpoint.pt" --set val_split="$VAL_SPLIT" \
-  --set compression=null --set gflops="$gflops" --set criterion=score_per_flop --set epochs=$((200 + ROUTE_EPOCHS))
+static_at() {  # name, result dir, GFLOPs: stage 2 from the stage-1 network to that cost, as long as stages 2 + 3
+  stage "$1" python main_prune.py --config_path config.json --result_dir "$2" --data_dir "$DATA" \
+    --checkpoint "$RESULTS/sp/checkpoint.pt" --set val_split="$VAL_SPLIT" --set compression=null \
+    --set gflops="$3" --set criterion=score_per_flop --set epochs=$((200 + ROUTE_EPOCHS))
+}
+static_at "static at equal GFLOPs" "$RESULTS/equal" \
+  "$(python -c "import json; print(json.load(open('$RESULTS/route.json'))['gflops'])")"
 stage "evaluation" python bench/crossfit.py evaluate "$RESULTS" "${unit[@]}"
 # The curve's static points: static pruning pushed to each budget of the threshold sweep (the same stage 2
 # as above, to the GFLOPs crossfit.py targets writes; CURVE_STATIC=0 leaves them out), then the FLOPs-match
@@ -87,10 +90,8 @@ stage "evaluation" python bench/crossfit.py evaluate "$RESULTS" "${unit[@]}"
 if [ "${CURVE_STATIC:-1}" != "0" ]; then
   python bench/crossfit.py targets "$RESULTS" "${unit[@]}"
   for b in $(python -c "import json; print(*[k for k in json.load(open('$RESULTS/curve_targets.json')) if float(k) < 1])"); do
-    g=$(python -c "import json; print(json.load(open('$RESULTS/curve_targets.json'))['$b'])")
-    stage "static at budget $b" python main_prune.py --config_path config.json --result_dir "$RESULTS/curve/b$b" \
-      --data_dir "$DATA" --checkpoint "$RESULTS/sp/checkpoint.pt" --set val_split="$VAL_SPLIT" \
-      --set compression=null --set gflops="$g" --set criterion=score_per_flop --set epochs=$((200 + ROUTE_EPOCHS))
+    static_at "static at budget $b" "$RESULTS/curve/b$b" \
+      "$(python -c "import json; print(json.load(open('$RESULTS/curve_targets.json'))['$b'])")"
   done
   stage "curve" python bench/crossfit.py curve "$RESULTS" "${unit[@]}"
 fi
