@@ -32,7 +32,7 @@ from utils.flops import count_params, measure_costs, skipped_flops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, restore_training_state,
                            resume_path)
 from utils.data import DataSettings, load_data
-from utils.table import write_table
+from runtime.table import write_table
 
 
 CONTROLLERS = ("counterfactual", "reinforce")

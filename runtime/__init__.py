@@ -5,4 +5,5 @@
     evaluate.py    evaluation (accuracy, loss, GFLOPs of each route) and BN statistics re-estimated
     checkpoint.py  the checkpoint format: the one dict every stage writes, loading and checking it
     stage.py       StageRun (a stage's folder, checkpoint per epoch, metrics.json), resume and input checks
+    table.py       the table's three rows from the stages' results (python -m runtime.table)
 """

@@ -17,7 +17,7 @@ from runtime.loop import prepare
 from utils.files import write_json
 from utils.flops import count_params, measure_costs
 from utils.data import DataSettings, load_data
-from utils.table import STAGES, save_table, table_row, to_markdown
+from runtime.table import STAGES, save_table, table_row, to_markdown
 
 
 def _claim(path):
@@ -109,7 +109,7 @@ def missing_notes(static_study, dynamic_studies, any_static, dynamic_trials, idl
 
 
 def table_rows(tested, chosen_info, params_stage1, notes=None):
-    """The three rows in utils/table.py's format, each with the settings found and its validation numbers;
+    """The three rows in runtime/table.py's format, each with the settings found and its validation numbers;
     a row without a network gets its note from `notes` ({row: why}, missing_notes)."""
     rows = []
     for stage, method in STAGES:
@@ -135,7 +135,7 @@ def settings_lines(rows, budget, baseline):
 
 
 def write_table(search_dir, rows, budget, baseline, extra):
-    """table.md (utils/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
+    """table.md (runtime/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
     text = to_markdown(rows) + "\n" + "\n".join(settings_lines(rows, budget, baseline)) + "\n"
     save_table(search_dir, text, rows, budget=budget, baseline_val_acc=baseline, **extra)
     return text

@@ -17,7 +17,7 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError
 from utils.flops import dense_flops, measure_costs
 from utils.lineage import file_sha256
-from utils.table import build_table
+from runtime.table import build_table
 
 from conftest import ROOT
 
@@ -150,7 +150,7 @@ def test_a_stage_whose_parent_is_gone_is_orphaned(chain, tmp_path):
 @pytest.mark.slow
 def test_table_of_a_run_ended_on_validation_and_of_foreign_metrics(chain, tmp_path):
     from helpers import assert_one_line_error, run_script
-    from utils.table import to_markdown
+    from runtime.table import to_markdown
     results = copy_results(chain, tmp_path / "results")
     m = read(results, "rl")
     m.pop("test_acc")
@@ -161,7 +161,7 @@ def test_table_of_a_run_ended_on_validation_and_of_foreign_metrics(chain, tmp_pa
     assert "| static + dynamic pruning | - |" in to_markdown(build_table(str(results)))
     del m["gflops_per_image"]
     (results / "rl" / "metrics.json").write_text(json.dumps(m))
-    assert_one_line_error(run_script("-m", "utils.table", str(results)), "no valid gflops_per_image")
+    assert_one_line_error(run_script("-m", "runtime.table", str(results)), "no valid gflops_per_image")
 
 
 def test_resume_refuses_changed_training_flags(chain, data, tmp_path):
@@ -205,7 +205,7 @@ def test_table_command_refuses_a_broken_chain_in_one_line(chain, data, tmp_path)
     from helpers import assert_one_line_error, run_script
     results = copy_results(chain, tmp_path / "results")
     (results / "prune" / "checkpoint.pt").write_bytes(b"not the network")
-    assert_one_line_error(run_script("-m", "utils.table", str(results)), "stage 2 (prune/) is stale")
+    assert_one_line_error(run_script("-m", "runtime.table", str(results)), "stage 2 (prune/) is stale")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Stage 3 (gates/policy.py, main_rl_prune.py, utils/table.py): the REINFORCE arithmetic by hand, that the
+"""Stage 3 (gates/policy.py, main_rl_prune.py, runtime/table.py): the REINFORCE arithmetic by hand, that the
 rewards move the switches, that dynamic GFLOPs are what the images execute, and the stage end to end."""
 import functools
 import json
@@ -31,7 +31,7 @@ from runtime.loop import train_epoch
 from utils.files import write_json
 from utils.flops import count_params, measure_costs
 from utils.synthetic import make_synthetic
-from utils.table import build_table
+from runtime.table import build_table
 
 CPU = Context(device=torch.device("cpu"))
 

@@ -9,7 +9,7 @@ metrics the stage's own `compression` field is used. A stage that was not run ke
 started from the network of the stage before it in the same --result_dir, utils/lineage.py): a broken chain
 is refused in one line naming the stale stage.
 
-    python -m utils.table RESULT_DIR [--write]   # print the table; --write also writes table.md/.json
+    python -m runtime.table RESULT_DIR [--write]   # print the table; --write also writes table.md/.json
 """
 import argparse
 import json
