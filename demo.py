@@ -70,7 +70,9 @@ def conclusion(table_json):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--result_dir", default=None, help="where the stages write (default: a temporary folder)")
-    p.add_argument("--data_dir", default=None, help="where the dataset is written (default: beside the results)")
+    p.add_argument("--data_dir", default=None,
+                   help="where the dataset is written and kept (default: a temporary folder, removed at the end "
+                        "unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args()
     work = None if args.result_dir and args.data_dir else tempfile.mkdtemp(prefix="dynprune-demo-")

@@ -564,7 +564,10 @@ def markdown(r, command):
     a, f = r["acc"], r["dynamic_vs_fixed"]
     title = {"graded": "cross-fitted on digits of graded difficulty", "plain": "cross-fitted on plain digits",
              "cifar100": "CIFAR-100's test set"}.get(r["data"], r["data"])
-    lines = [f"# What the switches add: {title}", "",
+    quick = (r.get("scale") or {}).get("name") == "quick"
+    lines = [f"# What the switches add: {title}" + (" (quick scale)" if quick else ""), "",
+             *(["The quick scale is a smoke run of the code path (tiny images, one epoch per stage): its numbers "
+                "say nothing about the switches.", ""] if quick else []),
              f"{r['units']} unit(s) (folds x seeds), {r['n']} paired test predictions "
              f"({f['n_images']} distinct images). Reproduce: `{command}`.", "",
              "| network (test, pooled) | acc % | GFLOPs/image |", "|---|---|---|"]
@@ -657,8 +660,10 @@ def main(argv=None):
     p.add_argument("--controller", default="counterfactual", choices=("counterfactual", "reinforce"))
     p.add_argument("--no_reinforce_check", action="store_true",
                    help="skip stage 3 with the REINFORCE controller on the first seed's units (the controller choice)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--out", default=None, help="the work (default: bench/out/crossfit-<data>; with --quick, "
+                   "bench/out/crossfit-quick-<data>, never the full run's)")
+    p.add_argument("--results", default=None, help="where crossfit-<data>.{md,json} go (default: bench/results; "
+                   "with --quick, <out>/results, never over the full run's results)")
     u = p.add_argument_group("one unit's steps on a result folder of your own (bench/run_cifar100.sh)")
     u.add_argument("--data_dir", default=None, help="default: <unit>/data")
     u.add_argument("--val_split", type=float, default=None, help="as the stages were run (default: the scale's)")
@@ -689,7 +694,9 @@ def main(argv=None):
             f.write(markdown(r, " ".join(["python bench/crossfit.py", *(argv if argv is not None else sys.argv[1:])])))
         print(markdown(r, "bench/run_cifar100.sh"), flush=True)
         return
-    out = args.out or os.path.join(ROOT, "bench", "out", f"crossfit-{args.data}")
+    quick = s["name"] == "quick"
+    out = args.out or os.path.join(ROOT, "bench", "out", f"crossfit-{'quick-' * quick}{args.data}")
+    args.results = args.results or (os.path.join(out, "results") if quick else os.path.join(ROOT, "bench", "results"))
     units = write_units(s, args.data, out)
     if args.step == "all":
         tasks = plan(s, units, out, args.controller, not args.no_reinforce_check and args.data == "graded")

@@ -359,9 +359,9 @@ def main(argv=None):
                    "(train and test) with contrast halved and strong noise")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--out", default=None, help="runs and logs (default: bench/out/study; --mixed: "
-                   "bench/out/study-mixed)")
+                   "bench/out/study-mixed; --quick: bench/out/study-quick)")
     p.add_argument("--results", default=None, help="summary files (default: bench/results; --mixed: "
-                   "bench/results/mixed)")
+                   "bench/results/mixed; --quick: <out>/results)")
     p.add_argument("--jobs", type=int, default=2, help="tasks run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task")
     p.add_argument("--report", action="store_true", help="run nothing: write the results from the tasks done "
@@ -373,8 +373,11 @@ def main(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} must be >= 1")
     s = dict(SCALES["quick" if args.quick else "digits-mixed" if args.mixed else "digits"])
-    args.out = args.out or os.path.join(ROOT, "bench", "out", "study-mixed" if args.mixed else "study")
-    args.results = args.results or os.path.join(ROOT, "bench", "results", *(["mixed"] if args.mixed else []))
+    args.out = args.out or os.path.join(ROOT, "bench", "out",
+                                        "study-quick" if args.quick else "study-mixed" if args.mixed else "study")
+    # a quick run never writes over the study's results
+    args.results = args.results or (os.path.join(args.out, "results") if args.quick else
+                                    os.path.join(ROOT, "bench", "results", *(["mixed"] if args.mixed else [])))
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
     out = os.path.abspath(args.out)
