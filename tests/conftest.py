@@ -27,6 +27,17 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 
+# The files that take longest, started first: the workers then end together (longest first is the classic
+# schedule for one queue and several workers; alphabetical order left one worker alone on the last files).
+LONGEST_FIRST = ("test_pipeline.py", "test_crossfit.py", "test_export.py", "test_study.py", "test_sp.py",
+                 "test_resume.py", "test_gpu_check.py", "test_search.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: file order kept
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini): one worker per core, at most 4 (each holds its own copy of the session
     fixtures); test files are dealt whole to the workers (--dist loadfile), so a module's fixtures are
