@@ -204,10 +204,13 @@ def load_config(path, overrides=None, sets=None):
     except json.JSONDecodeError as e:
         raise UserError(f"--config_path {path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
             from None
+    where = str(path)
     if isinstance(cfg, dict):
         cfg.update(sets or {})
         cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate(cfg, where=str(path))
+        if sets:  # an error may be in a value given on the command line, not in the file
+            where += f" with --set {', '.join(sets)}"
+    return validate(cfg, where=where)
 
 
 def markdown_table():

@@ -577,6 +577,12 @@ def test_set_null_clears_a_key_of_the_shipped_config():
     assert cfg["device"] is None
 
 
+def test_an_error_in_a_set_value_names_the_flag():
+    from main_prune import parse_overrides
+    with pytest.raises(UserError, match=r"config\.json with --set epochs: key 'epochs' must be >= 0, got -1"):
+        load_config(os.path.join(ROOT, "config.json"), sets=parse_overrides(["epochs=-1"]))
+
+
 @pytest.mark.parametrize("ratio,limit", [(0.02, 0.05), (0.3, 0.95)])
 def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsys, ratio, limit):
     """Stage 2 reports the directions it removed, not those under the threshold. With prune_ratio_limit 0.05 a
