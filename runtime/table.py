@@ -12,11 +12,10 @@ is refused in one line naming the stale stage.
     python -m runtime.table RESULT_DIR [--write]   # print the table; --write also writes table.md/.json
 """
 import argparse
-import json
 import os
 
 from utils.errors import UserError, run_main
-from utils.files import write_json
+from utils.files import read_json, write_json
 from utils.lineage import check_chain
 
 STAGES = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
@@ -32,10 +31,7 @@ def table_row(stage, method, present, **values):
 
 def read_metrics(result_dir, stage):
     path = os.path.join(result_dir, stage, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def build_table(result_dir):
