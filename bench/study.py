@@ -5,7 +5,6 @@ rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by
 validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
 against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
 
-    pip install -c <(echo torch==2.14.1) -r bench/requirements.txt
     nice -n 10 python bench/study.py                 # the study of bench/results/ (about an hour, 2 cores)
     python bench/study.py --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
 
@@ -422,7 +421,7 @@ def main(argv=None):
         from bench.plot import plot_points
         plot_points(pts, os.path.join(args.results, "study.png"))
     except ImportError:
-        print("[study] matplotlib missing: no study.png (pip install -r bench/requirements.txt)", flush=True)
+        print("[study] matplotlib missing: no study.png (pip install -r requirements.txt)", flush=True)
     with open(os.path.join(args.results, "study.md"), "w") as f:
         f.write(markdown(s, per_seed, mean, flags, setting, timing, command, equal_epochs(s)))
     print(open(os.path.join(args.results, "study.md")).read(), end="")

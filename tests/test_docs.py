@@ -63,10 +63,46 @@ def test_readme_keeps_its_sections():
         assert re.search(rf"^{re.escape(heading)}$", text, re.M), heading
 
 
-def test_setup_block_is_what_ci_runs():
+def test_setup_block_is_what_ci_runs_in_a_new_venv():
     setup = re.search(r"^## Set-up and tests\n.*?```\n(.*?)```", read("README.md"), re.S | re.M).group(1)
-    ci = [line for line in read(".ci/run").splitlines() if line and not line.startswith(("#", "set ", "cd "))]
-    assert setup.strip().splitlines() == ci == ["pip install -r requirements.txt", "python -m pytest -q"]
+    lines = [line for line in read(".ci/run").splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    # CI is a fresh machine: a new venv, activated, and nothing installed into it but the README's command
+    assert lines[:3] == ['venv="$(mktemp -d)/venv"', 'python3 -m venv "$venv"', 'source "$venv/bin/activate"']
+    assert setup.strip().splitlines() == lines[3:] == ["pip install -r requirements.txt", "python -m pytest -q"]
+
+
+def test_requirements_cover_every_import_of_the_product_and_the_suite():
+    """Every third-party module imported by the packages, the scripts, the evaluation and the tests is named
+    in requirements.txt; only the peer benchmark's Torch-Pruning is left to bench/requirements.txt."""
+    import ast
+    import sys
+    provides = {"scikit-learn": "sklearn", "pillow": "PIL", "onnxruntime": "onnxruntime"}
+    named = set()
+    for line in read("requirements.txt").splitlines():
+        name = re.split(r"[<>=\[ ;]", line.strip(), maxsplit=1)[0].lower()
+        if name:
+            named.add(provides.get(name, name.replace("-", "_")))
+    named |= {"PIL"}  # torchvision's own dependency
+    ours = {d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d))} | {
+        f[:-3] for d in (ROOT, os.path.join(ROOT, "tests")) for f in os.listdir(d) if f.endswith(".py")}
+    missing = {}
+    for folder, _, files in os.walk(ROOT):
+        if "/." in folder or "/bench/out" in folder:
+            continue
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            for node in ast.walk(ast.parse(open(path).read())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for mod in mods:
+                    top = mod.split(".")[0]
+                    if top in sys.stdlib_module_names or top in ours or top in named:
+                        continue
+                    missing.setdefault(top, set()).add(os.path.relpath(path, ROOT))
+    assert set(missing) <= {"torch_pruning"}, missing
+    assert all(p.startswith("bench/") for p in missing.get("torch_pruning", ())), missing
 
 
 @pytest.mark.parametrize("path", DOCS)

@@ -131,7 +131,7 @@ def digits_images(size=32, seed=0, hard_fraction=0.0, levels=0, noise=64.0):
                           `noise` (pixel values 0..255) added per pixel and channel
       levels = L >= 2     a graded spread: level l drawn uniformly from 0 .. L - 1, severity s = l / (L - 1),
                           contrast times (1 - s / 2) and noise of std s * noise"""
-    from sklearn.datasets import load_digits  # bench-only dependency
+    from sklearn.datasets import load_digits
 
     if hard_fraction > 0 and levels:
         raise ValueError("give hard_fraction (two levels) or levels (a graded spread), not both")
@@ -211,7 +211,7 @@ def main():
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--img_type", choices=["png", "jpg"], default="png")
-    parser.add_argument("--digits", action="store_true", help="scikit-learn's digits instead (needs sklearn)")
+    parser.add_argument("--digits", action="store_true", help="scikit-learn's digits instead")
     args = parser.parse_args()
     if args.layout == "pickle" and args.size != 32 and not args.digits:
         parser.error("--layout pickle holds 32x32 images only (the official format); drop --size")
