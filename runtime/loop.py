@@ -10,7 +10,7 @@ import math
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.dist import all_reduce_sum
+from utils.dist import all_reduce_sum, broadcast_tensors
 from utils.errors import UserError
 from utils.faults import kill_point
 from utils.log import progress
@@ -85,6 +85,11 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
                 raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step "
                                        f"{first_bad.item() + 1}; stopped, last good checkpoint kept")
             bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}")
+    # DDP hands rank 0's buffers (BatchNorm running statistics) to every rank at each training forward, and
+    # the last one then updates each rank's with its own batch: the epoch ends with rank 0's on every rank,
+    # the network the checkpoint saves, so that an evaluation over all ranks' shares is of that network
+    if ctx.distributed:
+        broadcast_tensors(list(getattr(ddp, "module", ddp).buffers()))
     return reduce_means(sums, n)
 
 

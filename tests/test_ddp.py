@@ -18,6 +18,17 @@ from utils.errors import UserError, run_main
 SP = [*STAGE1_FLAGS, "--bs", "16"]
 
 
+def evaluate_in_one_process(model, ckpt, data_dir, mode):
+    """The test-set evaluation of `model` (a checkpoint's network) in this one process, as metrics.json's."""
+    from runtime.evaluate import evaluate
+    from utils.data import DataSettings, load_data
+    from utils.dist import Context
+    from utils.flops import measure_costs
+    ctx = Context(device=torch.device("cpu"), amp=False)
+    data = load_data(DataSettings(data_dir=data_dir, bs=8), ctx, recorded=ckpt["pipeline"], source="checkpoint")
+    return evaluate(model, data.test, ctx, measure_costs(model, data.image_size), mode=mode)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
 def test_torchrun_two_processes(pipeline, tmp_path, stage):
@@ -47,6 +58,10 @@ def test_torchrun_two_processes(pipeline, tmp_path, stage):
     assert torch.isfinite(logits).all()
     metrics = json.load(open(out / stage / "metrics.json"))
     assert metrics["test_images"] == STAGE1_DATA["classes"] * STAGE1_DATA["test_per_class"]  # every test image, once
+    # the numbers are the saved network's: one process re-evaluating the checkpoint gets them back
+    again = evaluate_in_one_process(model, ckpt, data, metrics["mode"])
+    assert again["images"] == metrics["test_images"] and again["acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
     if stage == "rl":
         assert len(metrics["ending"]["route_epochs"]) == 1 and len(metrics["ending"]["calibration"]) == 2
 
