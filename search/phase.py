@@ -8,11 +8,14 @@ it elsewhere, and two live trials never hold one point. Its folder is named by i
 counted in trial-number order keeps the phase to its number of trials, and a worker leaves a phase only
 once no trial of it is running, because the next phase starts from its result.
 
-Interrupted trials: a trial left RUNNING by a process that died is failed (without an `error`) as soon as
-a worker on the same host sees the process gone, or by Optuna's heartbeat after GRACE_SECONDS when it ran
-on another machine; the bisection then proposes its point again and the new trial, the only live one at
-that point, resumes the dead trial's folder.
+Interrupted trials: liveness is Optuna's heartbeat (RDB storage): every running trial's worker records one
+every HEARTBEAT_SECONDS, and a trial left RUNNING by a worker that is gone (killed, out of memory, its
+machine lost) is failed (without an `error`) once its heartbeat is GRACE_SECONDS old, by any worker,
+including the same command started again; the bisection then proposes its point again and the new trial,
+the only live one at that point, resumes the dead trial's folder. Never by host name and process id:
+workers in containers, or on machines sharing a host name, do not see each other's processes.
 """
+import logging
 import os
 import socket
 import time
@@ -25,7 +28,9 @@ from search.bisection import BisectionSampler, label, next_point, outcomes
 from utils.errors import UserError
 from utils.faults import scoped
 
-HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 600
+# A live worker misses six heartbeats in a row before its trial is taken for dead; a killed one's point runs
+# again about two minutes after it died.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 20, 120
 POLL_SECONDS = 2.0  # a worker waiting for other workers' trials looks this often
 CLAIM_POLL_SECONDS = 0.05  # a claim waiting for earlier trials to take their points (a few storage calls)
 
@@ -60,31 +65,23 @@ def open_study(storage, name, knob, settings):
     return study
 
 
-def alive(pid):
-    """Whether process `pid` of this host runs."""
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unknown: never fail a trial on a guess
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_dead_trials(study):
-    """Fail the RUNNING trials whose process, on this host, is gone (killed, crashed); then Optuna's
-    heartbeat check for those of other hosts."""
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") == host and t.user_attrs.get("pid") != os.getpid() \
-                and not alive(t.user_attrs.get("pid", -1)):
-            try:
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another worker got there first
+    """Fail the RUNNING trials whose worker is gone: no heartbeat for GRACE_SECONDS (Optuna's check, as the
+    storage of this worker was opened with them)."""
     optuna.storages.fail_stale_trials(study)
+
+
+class OneLinePerFailedTrial(logging.Filter):
+    """Optuna logs a trial that raised as a warning with the traceback; a trial failed by its stage's one-line
+    error (UserError) has the search's own line already, which says why: Optuna's record of it is dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.reported = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed ") for n in self.reported)
 
 
 def _counted(trials):
@@ -123,23 +120,35 @@ class Worker:
 
     def __init__(self, root, log=print):
         self.root, self.count, self.log = root, 0, log
+        self.quiet = OneLinePerFailedTrial()
 
     def run_phase(self, study, knob, budget, run_trial, describe):
         """Run this worker's share of the phase: `run_trial(x, folder)` -> dict with val_acc, val_gflops,
         feasible (and any other result, kept as user attrs); `describe(x, result, seconds)` is the trial's
         line. Returns once every trial of the phase has finished, in this worker or any other."""
+        waiting = False
         while True:
             fail_dead_trials(study)
             done, flying, running = outcomes(study.get_trials(deepcopy=False), knob)
             if len(done) + running < budget and next_point(knob, done, flying) is not None:
-                study.optimize(lambda trial: self._objective(trial, study, knob, budget, run_trial, describe),
-                               n_trials=1, catch=(UserError,))
+                optuna_log = logging.getLogger("optuna.study._optimize")
+                optuna_log.addFilter(self.quiet)
+                try:
+                    study.optimize(lambda trial: self._objective(trial, study, knob, budget, run_trial, describe),
+                                   n_trials=1, catch=(UserError,))
+                finally:
+                    optuna_log.removeFilter(self.quiet)
             elif running:
+                if not waiting:
+                    self.log(f"[search] {study.study_name}: waiting for {running} trial(s) of other workers (one "
+                             f"whose worker is gone runs again once its heartbeat is {GRACE_SECONDS} s old)")
+                    waiting = True
                 time.sleep(POLL_SECONDS)
             else:
                 return
 
     def _objective(self, trial, study, knob, budget, run_trial, describe):
+        # where it runs, for the user (trials.json); liveness is the heartbeat's, never these
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         claimed = claim(study, knob, budget, trial.number)
@@ -159,12 +168,37 @@ class Worker:
         except UserError as e:
             trial.set_user_attr("error", str(e))
             self.log(describe(x, {"error": str(e)}, time.time() - t0))
+            self.quiet.reported.add(trial.number)  # that line says it all: no traceback from Optuna beside it
             raise
         for key, value in result.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("seconds", time.time() - t0)
         self.log(describe(x, result, time.time() - t0))
         return result["val_acc"], result["val_gflops"]
+
+
+def run_alone(storage, name, work):
+    """work() in this worker, unless another live worker is doing it: work()'s result, or None. The claim is a
+    trial of study `name` held while work() runs, alive by its heartbeat like every trial; of workers
+    claiming together, the lowest trial number goes on, and a claim whose worker is gone lapses after
+    GRACE_SECONDS."""
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
+    result, raised = [], []
+
+    def objective(trial):
+        fail_dead_trials(study)
+        if any(t.state == TrialState.RUNNING and t.number < trial.number for t in study.get_trials(deepcopy=False)):
+            raise optuna.TrialPruned()
+        try:
+            result.append(work())
+        except BaseException as e:  # raised below, as itself: Optuna would log it with a traceback first
+            raised.append(e)
+        return 0.0
+
+    study.optimize(objective, n_trials=1)
+    if raised:
+        raise raised[0]
+    return result[0] if result else None
 
 
 def trial_records(study, phase):

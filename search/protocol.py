@@ -12,7 +12,7 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from runtime.evaluate import evaluate
 from runtime.loop import prepare
 from search.bisection import Knob, label, no_trial_reason
-from search.phase import Worker, open_study, trial_records
+from search.phase import Worker, open_study, run_alone, trial_records
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from utils.data import DataSettings, load_data
 from utils.files import write_json
@@ -79,11 +79,12 @@ class Search:
         self.args, self.trials, self.stage1_path, self.eval_bs = args, trials, stage1_path, eval_bs
         self.knob_name, self.ctx = knob_name, ctx
         self.search_dir = os.path.dirname(trials.root)
-        self.base = self.threshold = None
+        self.base = self.threshold = self.storage = None
 
     def run(self, storage, t0):
         """Both phases on the studies of `storage`, then the report (unless another worker writes it)."""
         args, trials, data = self.args, self.trials, self.trials.data
+        self.storage = storage
         settings = {"budget": args.budget, "val_split": data["val_split"], "seed": data["seed"],
                     "resize": data["resize"], "prune_config": trials.prune_config,
                     "compressions": [args.min_compression, args.max_compression]}
@@ -149,9 +150,10 @@ class Search:
                   if r["state"] == "COMPLETE"]
         plot(points, base, threshold, [info[k] for k in ("prune", "rl") if k in info],
              os.path.join(search_dir, "pareto.png"))
-        tested = evaluate_on_test(chosen, self.trials.data, self.eval_bs, self.ctx,
-                                  os.path.join(search_dir, "final"))
+        tested = run_alone(self.storage, f"{self.args.study_name}.final", lambda: evaluate_on_test(
+            chosen, self.trials.data, self.eval_bs, self.ctx, os.path.join(search_dir, "final")))
         if tested is None:
+            print("[search] the final test evaluation is being done by another worker", flush=True)
             return
         rows = table_rows(tested, info, base["params"], notes)
         text = write_table(search_dir, rows, self.args.budget, base["val_acc"], {

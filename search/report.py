@@ -6,11 +6,9 @@ choice stands), table.md, table.json, trials.json and pareto.png.
 """
 import json
 import os
-import socket
 
 from optuna.trial import TrialState
 
-from search.phase import alive
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from runtime.evaluate import evaluate
 from runtime.loop import prepare
@@ -20,63 +18,33 @@ from utils.data import DataSettings, load_data
 from runtime.table import STAGES, save_table, table_row, to_markdown
 
 
-def _claim(path):
-    """Create the lock file `path` for this process (O_EXCL); take it over from a dead process of this host.
-    False if another live worker holds it."""
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    host, _, pid = f.read().partition(" ")
-            except FileNotFoundError:  # released meanwhile
-                continue
-            if host != socket.gethostname() or not pid.strip().isdigit() or alive(int(pid)):
-                return False
-            os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return True
-    return False
-
-
-def evaluate_on_test(chosen, data, bs, ctx, final_dir, log=print):
+def evaluate_on_test(chosen, data, bs, ctx, final_dir):
     """Evaluate each chosen network {row: {"checkpoint", "mode"}} once on the test split (mode "open" for
     the unpruned network: every block, no switch; "hard" for the others: greedy routes, skipped blocks not
     computed). A row whose final/<row>.json holds the same checkpoint is not evaluated again. Returns
-    {row: {test_acc, test_loss, gflops_per_image, params, test_images, checkpoint, mode}}, or None when
-    another live worker is doing it."""
+    {row: {test_acc, test_loss, gflops_per_image, params, test_images, checkpoint, mode}}. One worker at a
+    time (search.phase.run_alone)."""
     os.makedirs(final_dir, exist_ok=True)
-    lock = os.path.join(final_dir, "lock")
-    if not _claim(lock):
-        log(f"[search] the final test evaluation is being done by another worker ({lock})")
-        return None
-    try:
-        out, loaded = {}, None
-        for row, spec in chosen.items():
-            path = os.path.join(final_dir, f"{row}.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    kept = json.load(f)
-                if kept["checkpoint"] == spec["checkpoint"] and kept["mode"] == spec["mode"]:
-                    out[row] = kept
-                    continue
-            ckpt = load_checkpoint(spec["checkpoint"], None, "checkpoint")
-            if loaded is None:  # the test split is decoded only when a network needs it
-                loaded = load_data(DataSettings.of(data, bs=bs), ctx,
-                                   recorded=ckpt.get("pipeline"), source=f"checkpoint {spec['checkpoint']}")
-            model, ddp = prepare(model_from_checkpoint(ckpt, spec["checkpoint"], "checkpoint"), ctx)
-            r = evaluate(ddp, loaded.test, ctx, measure_costs(model, loaded.image_size), mode=spec["mode"],
-                         desc=f"test {row}")
-            out[row] = {"test_acc": r["acc"], "test_loss": r["loss"], "gflops_per_image": r["gflops"],
-                        "params": count_params(model), "test_images": r["images"], **spec}
-            write_json(path, out[row])
-        return out
-    finally:
-        os.remove(lock)
+    out, loaded = {}, None
+    for row, spec in chosen.items():
+        path = os.path.join(final_dir, f"{row}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                kept = json.load(f)
+            if kept["checkpoint"] == spec["checkpoint"] and kept["mode"] == spec["mode"]:
+                out[row] = kept
+                continue
+        ckpt = load_checkpoint(spec["checkpoint"], None, "checkpoint")
+        if loaded is None:  # the test split is decoded only when a network needs it
+            loaded = load_data(DataSettings.of(data, bs=bs), ctx,
+                               recorded=ckpt.get("pipeline"), source=f"checkpoint {spec['checkpoint']}")
+        model, ddp = prepare(model_from_checkpoint(ckpt, spec["checkpoint"], "checkpoint"), ctx)
+        r = evaluate(ddp, loaded.test, ctx, measure_costs(model, loaded.image_size), mode=spec["mode"],
+                     desc=f"test {row}")
+        out[row] = {"test_acc": r["acc"], "test_loss": r["loss"], "gflops_per_image": r["gflops"],
+                    "params": count_params(model), "test_images": r["images"], **spec}
+        write_json(path, out[row])
+    return out
 
 
 def _ran(studies, phase):

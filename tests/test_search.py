@@ -121,7 +121,10 @@ def test_search_keeps_the_budget_and_reads_test_once_per_chosen_network(stage1, 
 
 
 @pytest.mark.slow
-def test_search_resumes_after_being_killed_mid_trial(stage1):
+def test_search_resumes_after_being_killed_mid_trial(stage1, monkeypatch, capsys):
+    """Killed mid-trial (SIGKILL: no chance to say so), the same command again waits for the dead trial's
+    heartbeat to lapse (here 1 s: search.phase.GRACE_SECONDS), fails it and resumes its folder."""
+    import search.phase
     out = fresh_result_dir(stage1, "killed")
     argv = ["main_search.py", *search_argv(stage1, out, "--static_trials", "3", "--dynamic_trials", "1",
                                            "--budget", "50")]
@@ -134,11 +137,15 @@ def test_search_resumes_after_being_killed_mid_trial(stage1):
     (interrupted,) = set(os.listdir(static)) - set(finished)
     assert (static / interrupted / "prune" / "checkpoint.pt").is_file()
 
-    again = run_script(*argv, env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0, again.stderr[-3000:]
-    lines = [line for line in again.stdout.splitlines() if line.startswith("[search] static")]
+    monkeypatch.setattr(search.phase, "GRACE_SECONDS", 1)
+    monkeypatch.setattr(search.phase, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(search.phase, "POLL_SECONDS", 0.2)
+    capsys.readouterr()
+    main_search.main(argv[1:])
+    stdout = capsys.readouterr().out
+    lines = [line for line in stdout.splitlines() if line.startswith("[search] static")]
     point = interrupted.split("compression")[1]
-    assert len(lines) == 1 and f"compression {point}:" in lines[0], again.stdout[-3000:]
+    assert len(lines) == 1 and f"compression {point}:" in lines[0], stdout[-3000:]
     assert len(os.listdir(static)) == 3  # the retry took over the dead trial's folder
     for d, files in finished.items():
         assert snapshot(static / d) == files  # finished trials not redone
@@ -316,3 +323,112 @@ def test_stage3_flags_are_refused_before_any_work(tmp_path, flags, words):
     proc = run_script("main_search.py", "--result_dir", str(tmp_path / "r"), *flags)
     assert_one_line_error(proc, *words)
     assert not (tmp_path / "r").exists()
+
+
+# A worker whose first trial holds until the file "release" appears in its round folder; it logs every
+# point it runs, and says "holding" once inside the held trial.
+HOLDING_WORKER = r"""
+import json, os, sys, time
+import optuna
+from search.bisection import Knob
+import search.phase
+from search.phase import Worker, open_storage, open_study
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+search.phase.POLL_SECONDS = 0.05
+round_dir = sys.argv[1]
+knob = Knob("compression", 0.1, 0.9, "high", 0.01)
+study = open_study(open_storage(f"sqlite:///{round_dir}/study.db"), "s.static", knob, {"budget": 3})
+held = []
+
+def run(x, folder):
+    with open(os.path.join(round_dir, "log"), "a") as f:
+        f.write(json.dumps([x, folder]) + "\n")
+    if not held:
+        held.append(x)
+        print("holding", flush=True)
+        while not os.path.exists(os.path.join(round_dir, "release")):
+            time.sleep(0.05)
+    return {"val_acc": 90.0, "val_gflops": 1 - x, "feasible": True}
+
+Worker(os.path.join(round_dir, "trials"), log=lambda s: None).run_phase(study, knob, 3, run, lambda *a: "")
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_live_trial_of_a_worker_in_another_pid_namespace_is_never_failed(tmp_path):
+    """Workers in other containers or machines on one storage: a live worker's trial whose recorded host and
+    pid look like a dead process of this machine (another PID namespace, the same host name) is neither
+    failed nor run again by a worker here; both workers end, every point runs once."""
+    import socket
+    import search.phase
+    from search.bisection import Knob
+    from search.phase import Worker
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    other = subprocess.Popen([sys.executable, "-c", HOLDING_WORKER, str(tmp_path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline() == "holding\n", other.stderr.read()[-3000:]
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a pid no process of this machine has now: what the other worker's pid means here
+        knob = Knob("compression", 0.1, 0.9, "high", 0.01)
+        study = open_study(open_storage(f"sqlite:///{tmp_path}/study.db"), "s.static", knob, {"budget": 3})
+        (held,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        study._storage.set_trial_user_attr(held._trial_id, "host", socket.gethostname())
+        study._storage.set_trial_user_attr(held._trial_id, "pid", gone.pid)
+
+        def run(x, folder):
+            with open(tmp_path / "log", "a") as f:
+                f.write(json.dumps([x, folder]) + "\n")
+            (tmp_path / "release").touch()  # the other worker's trial ends once this one has run
+            return {"val_acc": 90.0, "val_gflops": 1 - x, "feasible": True}
+
+        search.phase.POLL_SECONDS, before = 0.05, search.phase.POLL_SECONDS
+        try:
+            Worker(str(tmp_path / "trials"), log=lambda s: None).run_phase(study, knob, 3, run, lambda *a: "")
+        finally:
+            search.phase.POLL_SECONDS = before
+        (tmp_path / "release").touch()
+        stdout, stderr = other.communicate(timeout=120)
+    finally:
+        other.kill()
+    assert other.returncode == 0 and stdout == "done\n" and "Traceback" not in stderr, stderr[-3000:]
+    ran = [tuple(json.loads(line)) for line in (tmp_path / "log").read_text().splitlines()]
+    assert len(ran) == 3 and len({x for x, _ in ran}) == 3 and len({f for _, f in ran}) == 3, ran
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.FAIL not in states
+
+
+def test_a_failed_trial_is_one_line(tmp_path):
+    """A trial its stage refuses (a UserError: one line) is the search's one line, without Optuna's
+    warning and traceback beside it; a later trial's failure is reported the same way."""
+    from search.bisection import Knob
+    from search.phase import Worker
+    from utils.errors import UserError
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as main_search.py
+    knob = Knob("compression", 0.1, 0.9, "high", 0.01)
+    study = open_study(open_storage(f"sqlite:///{tmp_path}/s.db"), "s.static", knob, {"budget": 2})
+
+    def run(x, folder):
+        raise UserError(f"compression {x} is out of reach")
+
+    import logging
+
+    class Records(logging.Handler):  # what Optuna's loggers would print (its handler's stream is its own)
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record)
+
+    records = Records()
+    logging.getLogger("optuna").addHandler(records)
+    lines = []
+    try:
+        Worker(str(tmp_path / "trials"), log=lines.append).run_phase(
+            study, knob, 2, run, lambda x, r, s: f"[search] static compression {x}: failed ({r['error']})")
+    finally:
+        logging.getLogger("optuna").removeHandler(records)
+    assert len(lines) == 2 and all("out of reach" in line for line in lines), lines
+    assert [r.getMessage() for r in records.seen] == [] and not any(r.exc_info for r in records.seen)
