@@ -1,19 +1,28 @@
 """One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha) through the
 stage's own main() (the entry points main_search.py hands over: Stages), in its own result folder under <search_dir>/trials/ (named by its study and trial
 number: search/phase.py's trial_dir), ending on the validation split (--final_split val: no trial ever
-reads the test split). A folder whose metrics.json exists is read, not run again; one with a checkpoint but
-no metrics.json (an interrupted trial) is resumed from it.
+reads the test split). Each folder records in trial.json what defines its result: the stage, its settings
+(less where and how it runs: paths, device, workers) and the sha256 of the checkpoint it starts from. A
+folder recording the same is read when its metrics.json exists, or resumed from its checkpoint; one made
+under other settings (an earlier search with another config whose trial had the same number, in another
+--storage) is moved into trials/stale-<time>/ and the trial runs: an old network is never reported as
+the new settings' result.
 
     trials/<study>.static/<n>-compression<c>/        prune_config.json, prune/{checkpoint.pt, metrics.json, tb/}
     trials/<study>.dynamic.c<c>/<n>-<knob><x>/       rl/{checkpoint.pt, metrics.json, tb/}
 """
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from utils.errors import UserError
-from utils.files import read_json
+from utils.files import read_json, write_json
+from utils.lineage import file_sha256
+
+# Settings of a trial that say where and how it runs, not what it computes: not part of its record
+WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume")
 
 # Stage 3's knob: the GFLOPs target where stage 3 has it, else alpha (larger alpha, fewer GFLOPs).
 DYNAMIC_KNOBS = ("target_gflops", "alpha")
@@ -83,11 +92,47 @@ class Trials:
                 "final_split": "val", "device": self.device,
                 "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
 
+    def use_folder(self, folder, stage, settings, source):
+        """Make `folder` the trial's: kept when its trial.json records this stage, `settings` (less WHERE) and
+        starting checkpoint `source`; else what it holds is moved into <root>/stale-<time>/ (nothing
+        deleted) and the record written, before the stage runs."""
+        record = json.loads(json.dumps({"stage": stage, "source_sha256": file_sha256(source), "settings": {
+            k: v for k, v in settings.items() if k not in WHERE}}))  # as read back from the file
+        path = os.path.join(folder, "trial.json")
+        try:
+            old = read_json(path)
+        except (OSError, ValueError):
+            old = None
+        if old == record:
+            return
+        if os.path.isdir(folder) and os.listdir(folder):
+            stamp, within = time.strftime("stale-%Y%m%d-%H%M%S"), os.path.relpath(folder, self.root)
+            aside, n = os.path.join(self.root, stamp, within), 1
+            while os.path.exists(aside):
+                aside, n = os.path.join(self.root, f"{stamp}-{n}", within), n + 1
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.rename(folder, aside)
+            print(f"[search] {folder} holds a trial {self.difference(old, record)}: moved to {aside}; "
+                  f"running it", flush=True)
+        os.makedirs(folder, exist_ok=True)
+        write_json(path, record)
+
+    @staticmethod
+    def difference(old, new):
+        """What differs between two trial records, in words."""
+        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+            return "that records no settings (an earlier version's)"
+        if old.get("source_sha256") != new["source_sha256"] or old.get("stage") != new["stage"]:
+            return "started from another network"
+        was, now = old["settings"], new["settings"]
+        key = next(k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+        return f"made with other settings ({key} {was.get(key)!r}, now {now.get(key)!r})"
+
     def static(self, compression, folder):
         """Stage 2 at `compression` in `folder` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
         metrics = os.path.join(folder, "prune", "metrics.json")
+        self.use_folder(folder, "prune", self.prune_settings(compression, folder), self.stage1_path)
         if not os.path.isfile(metrics):
-            os.makedirs(folder, exist_ok=True)
             config = os.path.join(folder, "prune_config.json")
             with open(config, "w") as f:
                 json.dump(self.prune_settings(compression, folder), f, indent=2)
@@ -102,13 +147,14 @@ class Trials:
                 f"--{knob}", repr(x), *self.rl_argv]
         if self.device:
             argv += ["--device", self.device]
-        if os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt")):
-            argv.append("--resume")
-        return argv
+        return argv  # flag, value pairs
 
     def dynamic(self, source, knob, x, folder):
         """Stage 3 from the static trial's checkpoint `source` at knob = x in `folder` -> its metrics."""
         metrics = os.path.join(folder, "rl", "metrics.json")
+        argv = self.rl_command(source, folder, knob, x)
+        self.use_folder(folder, "rl", {k[2:]: v for k, v in zip(argv[::2], argv[1::2])}, source)
         if not os.path.isfile(metrics):
-            self.stages.rl(self.rl_command(source, folder, knob, x))
+            resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
+            self.stages.rl(argv + (["--resume"] if resume else []))
         return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "rl", "checkpoint.pt")}

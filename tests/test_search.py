@@ -432,3 +432,56 @@ def test_a_failed_trial_is_one_line(tmp_path):
         logging.getLogger("optuna").removeHandler(records)
     assert len(lines) == 2 and all("out of reach" in line for line in lines), lines
     assert [r.getMessage() for r in records.seen] == [] and not any(r.exc_info for r in records.seen)
+
+
+def test_a_trial_folder_is_reused_only_under_its_own_settings(tmp_path, capsys):
+    """A fresh --storage numbers its trials from 0 again, into folders an earlier search made: a folder is
+    read (or resumed) only when it records the same settings and starting network, else it is moved aside
+    and the trial runs (never the old network reported as the new settings' result)."""
+    from search.trials import Stages, Trials
+    ran = []
+
+    def prune(argv):  # stage 2's entry point, as far as the search sees it
+        cfg = json.loads(open(argv[1]).read())
+        ran.append(("prune", cfg["epochs"]))
+        os.makedirs(os.path.join(cfg["result_dir"], "prune"), exist_ok=True)
+        with open(os.path.join(cfg["result_dir"], "prune", "checkpoint.pt"), "w") as f:
+            f.write(f"network of {cfg['epochs']} epochs")
+        with open(os.path.join(cfg["result_dir"], "prune", "metrics.json"), "w") as f:
+            json.dump({"val_acc": cfg["epochs"], "val_gflops": 1.0}, f)
+
+    def rl(argv):
+        flag = lambda name: argv[argv.index(name) + 1]
+        ran.append(("rl", int(flag("--epochs"))))
+        os.makedirs(os.path.join(flag("--result_dir"), "rl"), exist_ok=True)
+        with open(os.path.join(flag("--result_dir"), "rl", "metrics.json"), "w") as f:
+            json.dump({"val_acc": int(flag("--epochs")), "val_gflops": 0.5}, f)
+
+    stage1 = tmp_path / "sp.pt"
+    stage1.write_text("stage-1 network")
+    data = {"data_dir": "d", "img_type": "png", "resize": 16, "num_workers": 0, "val_split": 0.25, "seed": 0}
+
+    def trials(epochs, rl_epochs, device="cpu", data_dir="d"):
+        return Trials(str(tmp_path / "search"), str(stage1), {**data, "data_dir": data_dir}, {"epochs": epochs},
+                      ["--epochs", str(rl_epochs)], device, Stages(prune, rl, None, None))
+
+    static = str(tmp_path / "search" / "trials" / "s.static" / "0-compression0.5")
+    dynamic = str(tmp_path / "search" / "trials" / "s.dynamic.c0.5" / "0-alpha1")
+    assert trials(1, 1).static(0.5, static)["val_acc"] == 1 and ran == [("prune", 1)]
+    # the same settings (another device, data mounted elsewhere): read, not run again
+    assert trials(1, 1, device="cuda", data_dir="/mnt/d").static(0.5, static)["val_acc"] == 1 and len(ran) == 1
+    source = os.path.join(static, "prune", "checkpoint.pt")
+    assert trials(1, 1).dynamic(source, "alpha", 1.0, dynamic)["val_acc"] == 1 and ran[-1] == ("rl", 1)
+    assert trials(1, 1).dynamic(source, "alpha", 1.0, dynamic)["val_acc"] == 1 and len(ran) == 2
+
+    # the prune config's epochs changed (and a new storage numbers this trial 0 again): run, never the old one
+    assert trials(3, 1).static(0.5, static)["val_acc"] == 3 and ran[-1] == ("prune", 3)
+    assert "epochs" in capsys.readouterr().out
+    # the same stage-3 flags, but from another static network in that folder now: run again
+    assert trials(3, 1).dynamic(source, "alpha", 1.0, dynamic)["val_acc"] == 1 and ran[-1] == ("rl", 1) \
+        and len(ran) == 4
+    assert trials(3, 2).dynamic(source, "alpha", 1.0, dynamic)["val_acc"] == 2 and ran[-1] == ("rl", 2)
+    # nothing was deleted: the earlier folders are aside, with their results
+    aside = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "search" / "trials") for f in files
+             if f == "metrics.json" and "stale-" in d]
+    assert sorted(json.loads(open(p).read())["val_acc"] for p in aside) == [1, 1, 1]
