@@ -25,7 +25,8 @@ from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 from utils.flops import count_params, dense_flops, measure_costs
-from runtime.stage import StageRun, check_batch_shapes, check_result_dir, restore_training_state
+from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_world_size,
+                           restore_training_state)
 from utils.data import DataSettings, load_data
 
 
@@ -130,6 +131,7 @@ def main(argv=None):
         raise UserError(f"--resume {resume_from}: lacks the pruning state (round, history, schedule)")
     if ckpt:
         check_resumable(ckpt, schedule, resume_from)
+        check_resume_world_size(ckpt, ctx, resume_from)
         began_from = (ckpt.get("parent") or {}).get("sha256")
         if began_from and began_from != parent["sha256"]:
             raise UserError(f"--resume {resume_from}: began from another stage-1 network than {stage1_path} holds "

@@ -29,8 +29,8 @@ from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, parent_record
 from utils.flops import count_params, measure_costs, skipped_flops
-from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, restore_training_state,
-                           resume_path)
+from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
+                           restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
 from runtime.table import write_table
 
@@ -179,6 +179,7 @@ def main(argv=None):
         if isinstance(ckpt.get("args"), dict):  # stage 3 had no other controller before --controller
             ckpt["args"].setdefault("controller", "reinforce")
         check_resume_args(ckpt, args, path)
+        check_resume_world_size(ckpt, ctx, path)
         source = ckpt.get("extra", {}).get("source", {})
     else:
         path, flag = source_path(args), "--checkpoint"

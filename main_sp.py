@@ -25,8 +25,8 @@ from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import guard_rerun, parent_record
 from utils.flops import dense_flops, measure_costs
-from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, restore_training_state,
-                           resume_path)
+from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
+                           restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
 
 LOW_LR = 1e-3  # at or below it, SGD from a random initialisation barely moves in a usual number of epochs
@@ -96,6 +96,7 @@ def main(argv=None):
     arch = make_arch(args.network, args.depth, args.width, data.num_classes, args.gate)
     if ckpt:
         check_resume_args(ckpt, args, resume_path(args.resume, run))
+        check_resume_world_size(ckpt, ctx, resume_path(args.resume, run))
         differ = [f"{k} {ckpt['arch'].get(k)} vs {v}" for k, v in arch.items() if ckpt["arch"].get(k) != v]
         if differ:
             raise UserError(f"--resume {resume_path(args.resume, run)}: its network differs from the flags' "

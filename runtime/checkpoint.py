@@ -6,7 +6,8 @@ loaded with weights_only=True (a checkpoint never runs code). What every stage w
      "run_id", "parent" (utils/lineage.py's record of the checkpoint the stage started from),
      "step_offset", "tb_step" (TensorBoard steps: runtime/stage.py),
      "arch": {...plain architecture...}, "model": state_dict, "optimizer": ..., "scheduler": ... or None,
-     "epoch": epochs done, "rng": {"torch", "cuda" where there is CUDA}}
+     "epoch": epochs done, "rng": {"torch", "cuda" where there is CUDA},
+     "world_size": the number of processes training it (torchrun's; --resume must have as many)}
 
 and beside them the stage's own keys:
 

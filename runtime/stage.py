@@ -113,6 +113,7 @@ class StageRun:
         """Write this stage's checkpoint (runtime/checkpoint.py's format; rank 0, every rank waits): the
         training state after `epoch` epochs and `own`, the stage's own keys."""
         if self.ctx.is_main:
+            own = {**own, "world_size": self.ctx.world_size}  # processes training it: check_resume_world_size
             save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, self.lineage(), model,
                                                                    optimizer, scheduler, epoch, own))
         barrier()
@@ -220,6 +221,18 @@ def check_resume_args(ckpt, args, path):
     if differ:
         raise UserError(f"--resume {path}: the run was started with other training flags ({', '.join(differ)}); "
                         f"resume with the same flags (--epochs may only grow), or start a new run")
+
+
+def check_resume_world_size(ckpt, ctx, path):
+    """A resumed run has as many processes as the run its checkpoint began (torchrun's world size): with
+    another number the global batch, the steps per epoch and so the learning-rate schedule's length change,
+    and the result would be neither run. Refused in one line before any work. A checkpoint that records no
+    world size (written before it was recorded) is not checked."""
+    recorded = ckpt.get("world_size")
+    if recorded is not None and recorded != ctx.world_size:
+        raise UserError(f"--resume {path}: the run was started with {recorded} process(es), this one has "
+                        f"{ctx.world_size}; the global batch and the schedule depend on it: resume with "
+                        f"{recorded} (torchrun --nproc_per_node), or start a new run")
 
 
 def restore_training_state(ckpt, optimizer, scheduler):

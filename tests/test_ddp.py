@@ -1,6 +1,7 @@
-"""Scale out (issue: never lose work): every stage under torchrun --nproc_per_node=2 (gloo) completes and its
-checkpoint loads in one process; stage 2's Fisher factors of two ranks equal one rank's; a rank stopping on
-an error ends its process group before it exits."""
+"""Scale out (issue: never lose work): every stage under torchrun --nproc_per_node=2 (gloo) completes, its
+checkpoint loads in one process and gives back metrics.json's numbers there; a resume with another number of
+processes is refused; stage 2's Fisher factors of two ranks equal one rank's; a rank stopping on an error
+ends its process group before it exits."""
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import torch
 
 from conftest import PIPELINE_RL as RL
 from conftest import ROOT, STAGE1_DATA, STAGE1_FLAGS, prune_config
+from helpers import snapshot
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError, run_main
 
@@ -29,41 +31,91 @@ def evaluate_in_one_process(model, ckpt, data_dir, mode):
     return evaluate(model, data.test, ctx, measure_costs(model, data.image_size), mode=mode)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
-def test_torchrun_two_processes(pipeline, tmp_path, stage):
+def torchrun(argv, nproc=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module", params=["sp", "prune", "rl"])
+def two_processes(request, pipeline, tmp_path_factory):
+    """One stage run under torchrun --nproc_per_node=2 (gloo) from the `pipeline` fixture's earlier stages:
+    (stage, argv of the run, its result dir, data dir)."""
+    stage = request.param
     tmp, data, res = pipeline
-    out = tmp_path / "ddp"
+    out = tmp_path_factory.mktemp(f"ddp-{stage}") / "ddp"
     if stage != "sp":
         shutil.copytree(res / "sp", out / "sp")
         if stage == "rl":
             shutil.copytree(res / "prune", out / "prune")
     if stage == "prune":
-        argv = ["main_prune.py", "--config_path", prune_config(tmp_path / "c.json", out, data, bs=8)]
+        argv = ["main_prune.py", "--config_path", prune_config(out.parent / "c.json", out, data, bs=8)]
     else:
         argv = ["main_sp.py" if stage == "sp" else "main_rl_prune.py", *(SP if stage == "sp" else RL),
                 "--bs", "8", "--epochs", "1", "--data_dir", data, "--result_dir", str(out)]
     if stage == "rl":  # the dual ascent, the calibrations and a route epoch (greedy_step) under DDP too
         target = 0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"]
         argv += ["--target_gflops", str(target), "--route_epochs", "1"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(argv)
     # the workers' own lines come first, torchrun's summary last: show both
     assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
+    return stage, argv, out, data
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(two_processes):
+    stage, _, out, _ = two_processes
     path = str(out / stage / "checkpoint.pt")
-    ckpt = load_checkpoint(path, (stage,))
-    model = model_from_checkpoint(ckpt, path).eval()
+    model = model_from_checkpoint(load_checkpoint(path, (stage,)), path).eval()
     logits, _, _ = model(torch.randn(2, 3, 16, 16))
     assert torch.isfinite(logits).all()
     metrics = json.load(open(out / stage / "metrics.json"))
     assert metrics["test_images"] == STAGE1_DATA["classes"] * STAGE1_DATA["test_per_class"]  # every test image, once
-    # the numbers are the saved network's: one process re-evaluating the checkpoint gets them back
-    again = evaluate_in_one_process(model, ckpt, data, metrics["mode"])
-    assert again["images"] == metrics["test_images"] and again["acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
-    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
     if stage == "rl":
         assert len(metrics["ending"]["route_epochs"]) == 1 and len(metrics["ending"]["calibration"]) == 2
+
+
+@pytest.mark.slow
+def test_metrics_under_torchrun_are_the_saved_networks(two_processes):
+    """Each rank evaluates its share of the test images: with the BatchNorm statistics the checkpoint saves
+    (rank 0's), so one process re-evaluating the checkpoint gets metrics.json's accuracy and loss."""
+    stage, _, out, data = two_processes
+    path = str(out / stage / "checkpoint.pt")
+    ckpt = load_checkpoint(path, (stage,))
+    metrics = json.load(open(out / stage / "metrics.json"))
+    again = evaluate_in_one_process(model_from_checkpoint(ckpt, path).eval(), ckpt, data, metrics["mode"])
+    assert again["images"] == metrics["test_images"] and again["acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes_is_refused(two_processes):
+    """--bs is per process: resumed with another world size, the global batch and the schedule's length
+    would change under the run. Refused in one line naming both, before anything is touched."""
+    import main_prune
+    import main_rl_prune
+    import main_sp
+    stage, argv, out, _ = two_processes
+    before = snapshot(out)
+    main = {"sp": main_sp, "prune": main_prune, "rl": main_rl_prune}[stage].main
+    with pytest.raises(UserError) as e:
+        main([*argv[1:], "--resume"])  # in this one process
+    assert "started with 2 process(es), this one has 1" in str(e.value) and "\n" not in str(e.value), e.value
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_resume_of_a_one_process_run_under_torchrun_is_refused(trained_stage1, tmp_path):
+    _, data, base = trained_stage1
+    shutil.copytree(base / "sp", tmp_path / "sp")
+    before = snapshot(tmp_path)
+    proc = torchrun(["main_sp.py", *STAGE1_FLAGS, "--epochs", "4", "--dense_epochs", "2", "--bs", "16", "--val_split",
+                     "0.25", "--data_dir", data, "--result_dir", str(tmp_path), "--resume"])
+    # each process says it in one line (torchrun's own report of the failed processes follows them)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+    assert all("started with 1 process(es), this one has 2" in line for line in errors), errors
+    assert snapshot(tmp_path) == before
 
 
 def _factors_on_rank(rank, world_size, init_file, out_dir):
