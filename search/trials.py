@@ -134,8 +134,7 @@ class Trials:
         self.use_folder(folder, "prune", self.prune_settings(compression, folder), self.stage1_path)
         if not os.path.isfile(metrics):
             config = os.path.join(folder, "prune_config.json")
-            with open(config, "w") as f:
-                json.dump(self.prune_settings(compression, folder), f, indent=2)
+            write_json(config, self.prune_settings(compression, folder))
             self.stages.prune(["--config_path", config])
         return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "prune", "checkpoint.pt")}
 

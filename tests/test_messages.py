@@ -227,6 +227,57 @@ def test_json_write_errors_keep_the_previous_file(tmp_path, monkeypatch, fail):
     assert same_bytes(path) == before and os.listdir(tmp_path) == ["metrics.json"]
 
 
+class FailingFile:
+    """A file being written that fills the disk: past its first ROOM bytes every write fails as the disk
+    answers it (OSError `err`)."""
+    ROOM = 100  # torch.save's zip writer has written its first record: it then wraps the error
+
+    def __init__(self, f, err):
+        self.f, self.err, self.written = f, err, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > self.ROOM:
+            raise OSError(self.err, os.strerror(self.err))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("err", [errno.EFBIG, errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("what", ["checkpoint.pt", "metrics.json", "table.md"])
+def test_a_failing_write_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypatch, what, err):
+    """Every write of a result, its file's write() failing for real (torch.save's own zip writer turns that
+    OSError into a RuntimeError): a UserError naming the file and the reason, the earlier files (the table:
+    table.md and table.json) as they were, no temporary file left."""
+    import builtins
+    from helpers import snapshot
+    from runtime.table import save_table
+    writers = {"checkpoint.pt": lambda v: save_checkpoint(str(tmp_path / what), {"stage": "sp", "epoch": v,
+                                                                                  "model": {"w": torch.ones(3) * v}}),
+               "metrics.json": lambda v: write_json(str(tmp_path / what), {"acc": v, "note": "x" * 200}),
+               "table.md": lambda v: save_table(str(tmp_path), f"| {v} | {'x' * 200} |\n", [{"v": v}])}
+    writers[what](1)
+    before = snapshot(tmp_path)
+    real_open, real_fdopen = builtins.open, os.fdopen
+    failing = lambda opener: lambda file, mode="r", *a, **k: (
+        FailingFile(opener(file, mode, *a, **k), err) if any(c in mode for c in "wax+") else opener(file, mode, *a, **k))
+    monkeypatch.setattr(os, "fdopen", failing(real_fdopen))
+    monkeypatch.setattr(builtins, "open", failing(real_open))
+    with pytest.raises(UserError) as e:
+        writers[what](2)
+    monkeypatch.undo()
+    assert str(e.value) == f"cannot write {tmp_path / what}: {os.strerror(err)}"
+    assert snapshot(tmp_path) == before
+
+
 def test_path_errors_name_the_path_and_the_reason(tmp_path):
     (tmp_path / "file").write_text("a file where a folder should be")
     cases = [(lambda p: save_checkpoint(p, {"stage": "sp"}), tmp_path / "file" / "sp" / "checkpoint.pt",

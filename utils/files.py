@@ -11,7 +11,8 @@ def atomic_write(path, write, binary=False, tmp_prefix=None):
     process killed while writing leaves the previous file in place, and a crash never leaves an empty one.
     Temporary files of earlier killed writers (`tmp_prefix`, default ".tmp-<name>-") are removed first (one
     writer per file). An OSError (disk full, no permission, a path component that is a file) is a UserError
-    naming `path` and the reason; the previous file stays as it was."""
+    naming `path` and the reason (also when the writer wraps it, as torch.save does); the previous file stays
+    as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = tmp_prefix or f".tmp-{os.path.basename(path)}-"
     tmp = None
@@ -32,9 +33,23 @@ def atomic_write(path, write, binary=False, tmp_prefix=None):
                 os.unlink(tmp)  # never a half-written file beside the good one
             except OSError:
                 pass
-        if isinstance(e, OSError):
-            raise write_error(path, e) from None
+        cause = os_error(e)
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
+
+
+def os_error(e):
+    """The OSError behind `e`: itself, or the one a RuntimeError was raised over (torch.save's zip writer
+    turns its file's OSError, a full disk, EFBIG or EIO, into "RuntimeError: ... unexpected pos"); else None."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        if not isinstance(e, RuntimeError):
+            return None
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def write_json(path, data):
