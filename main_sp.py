@@ -88,6 +88,11 @@ def main(argv=None):
         raise UserError(f"--dense_epochs {args.dense_epochs} must be in [0, --epochs {args.epochs}]")
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
+    guard_rerun(args.result_dir, "sp", args.overwrite, move=False, resuming=bool(args.resume))
+    if args.epochs == 0 and not args.resume:
+        start = "the --pretrained weights" if args.pretrained else "its random initialisation"
+        print(f"warning: --epochs 0 trains nothing: sp/checkpoint.pt will hold the network as it starts "
+              f"({start})", file=sys.stderr, flush=True)
     ctx = setup(args.device, args.seed, args.amp, args.channels_last)
     run = StageRun("sp", args.result_dir, ctx)
     ckpt = load_checkpoint(resume_path(args.resume, run), ("sp",), "--resume") if args.resume else None
@@ -137,8 +142,11 @@ def main(argv=None):
         broadcast_tensors(list(model.switches.parameters()))  # rank 0's spread, on every rank
         respread[0] = True
         run.save(model, optimizer, scheduler, args.epochs, own_state())
-    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode},
-               mode="open")
+    # the routes beside row 1 are those of the switches as saved: re-spread ones are named so in TensorBoard,
+    # where they follow the curve of the routes trained before
+    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode,
+                                         "switches_respread": respread[0]},
+               mode="open", routes="respread_routed" if respread[0] else "routed")
     teardown()
 
 

@@ -15,7 +15,7 @@ import argparse
 import os
 
 from utils.errors import UserError, run_main
-from utils.files import read_json, write_json
+from utils.files import atomic_write, read_json, write_json
 from utils.lineage import check_chain
 
 STAGES = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
@@ -88,8 +88,7 @@ def to_markdown(rows):
 
 def save_table(directory, text, rows, **extra):
     """<directory>/table.md (`text`) and table.json (the columns, `rows` and `extra`)."""
-    with open(os.path.join(directory, "table.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(directory, "table.md"), lambda f: f.write(text))
     write_json(os.path.join(directory, "table.json"), {"columns": list(COLUMNS), "rows": rows, **extra})
 
 
