@@ -117,7 +117,6 @@ def main(argv=None):
                       sets=parse_overrides(args.overrides))
     schedule = cfg["schedule"]
     check_result_dir(cfg["result_dir"])
-    guard_rerun(cfg["result_dir"], "prune", args.overwrite, move=False, resuming=bool(cfg["resume"]))
     ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"])
     run = StageRun("prune", cfg["result_dir"], ctx)
     stage1_path = cfg["checkpoint"] or os.path.join(cfg["result_dir"], "sp", "checkpoint.pt")

@@ -171,7 +171,6 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     check_result_dir(args.result_dir)
-    guard_rerun(args.result_dir, "rl", args.overwrite, move=False, resuming=bool(args.resume))
     ctx = setup(args.device, args.seed, args.amp, args.channels_last)
     run = StageRun("rl", args.result_dir, ctx)
     if args.resume:

@@ -88,11 +88,6 @@ def main(argv=None):
         raise UserError(f"--dense_epochs {args.dense_epochs} must be in [0, --epochs {args.epochs}]")
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
-    guard_rerun(args.result_dir, "sp", args.overwrite, move=False, resuming=bool(args.resume))
-    if args.epochs == 0 and not args.resume:
-        start = "the --pretrained weights" if args.pretrained else "its random initialisation"
-        print(f"warning: --epochs 0 trains nothing: sp/checkpoint.pt will hold the network as it starts "
-              f"({start})", file=sys.stderr, flush=True)
     ctx = setup(args.device, args.seed, args.amp, args.channels_last)
     run = StageRun("sp", args.result_dir, ctx)
     ckpt = load_checkpoint(resume_path(args.resume, run), ("sp",), "--resume") if args.resume else None
@@ -122,6 +117,10 @@ def main(argv=None):
     costs = measure_costs(model, data.image_size)
     parent = parent_record("pretrained", args.pretrained) if args.pretrained and not ckpt else None
     guard_rerun(args.result_dir, "sp", args.overwrite, ctx.is_main, resuming=bool(ckpt))
+    if args.epochs == 0 and not ckpt and ctx.is_main:
+        weights = "the --pretrained weights" if args.pretrained else "its random initialisation"
+        print(f"warning: --epochs 0 trains nothing: sp/checkpoint.pt will hold the network as it starts "
+              f"({weights})", file=sys.stderr, flush=True)
     run.open(data.pipeline, parent=parent, resumed=ckpt)
     # done once, after the last epoch (again if a resumed run trains further epochs)
     respread = [bool((ckpt or {}).get("switches_respread")) and start >= args.epochs]

@@ -254,7 +254,7 @@ def test_readme_gpu_commands_chain_when_copied(data, tmp_path, monkeypatch):
 
 def test_a_stage_never_replaces_its_own_finished_run_without_overwrite(chain, data, tmp_path, capsys):
     """A second run into a folder holding a finished run of the same stage (no later stages there) is refused
-    before any work, --epochs 0 too; --resume goes on, saying from where; --overwrite moves the finished run
+    before anything is written, --epochs 0 too; --resume goes on, saying from where; --overwrite moves the finished run
     into stale-<time>/ (the rule and the folder aside of later stages). Stages 2 and 3 likewise."""
     results = tmp_path / "results"
     stage1(results, data, "--epochs", "1")
