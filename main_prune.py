@@ -41,8 +41,9 @@ def parse_args(argv=None):
                    help="override any config key for this run (VALUE as JSON: --set epochs=5 --set "
                         "criterion=score; a bare word is a string); repeatable")
     p.add_argument("--overwrite", action="store_true",
-                   help="when result_dir holds stage 3's results (made from the network this run replaces), move "
-                        "them into <result_dir>/stale-<time>/ instead of refusing")
+                   help="when result_dir holds a finished stage-2 run (which this run replaces) or stage 3's results "
+                        "(made from the network this run replaces), move them into <result_dir>/stale-<time>/ "
+                        "instead of refusing")
     return p.parse_args(argv)
 
 
@@ -100,9 +101,13 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
               f"{before['acc']:.2f}% before fine-tuning; factor pass {report['factor_seconds']:.1f}s, eigh "
               f"{report['eigen_seconds']:.1f}s", flush=True)
         if report["directions_cut"] == 0:
+            # not "unchanged": the round still fine-tunes and re-estimates the BN statistics, which move the outputs
+            changes = (f"the fine-tuning ({spec['epochs']} epochs) and the BatchNorm statistics re-estimated after "
+                       f"it" if spec["epochs"] else "the BatchNorm statistics re-estimated at the round's end")
             print(f"warning: round {r + 1}: {spec['target']} {spec['value']} removes nothing (the directions under "
                   f"the threshold are kept by prune_ratio_limit or lie in layers whose factored form would not "
-                  f"be smaller); the network is unchanged", file=sys.stderr, flush=True)
+                  f"be smaller): every layer keeps its shape; only {changes} change the network's outputs",
+                  file=sys.stderr, flush=True)
     return model, report
 
 

@@ -27,7 +27,7 @@ from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
 from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
-from utils.lineage import check_chain, check_parent_fits, parent_record
+from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 from utils.flops import count_params, measure_costs, skipped_flops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
                            restore_training_state, resume_path)
@@ -218,6 +218,7 @@ def main(argv=None):
         ending = extra.get("ending") or {}
     costs = measure_costs(model, data.image_size)
     check_target(args, costs)
+    guard_rerun(args.result_dir, "rl", args.overwrite, ctx.is_main, resuming=bool(args.resume))
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     if args.controller == "counterfactual":
@@ -236,7 +237,8 @@ def main(argv=None):
         ending = end_training(ddp, data, ctx, costs, target, args)
         run.save(model, optimizer, scheduler, args.epochs, own_state())
     alpha_final = price.alpha.item()
-    run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
+    if target is not None:  # alpha moves only towards a target (its curve: rl/train/alpha, an epoch's mean)
+        run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
     run.finish(model, ddp, data, costs, {
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,

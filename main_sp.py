@@ -118,6 +118,10 @@ def main(argv=None):
     costs = measure_costs(model, data.image_size)
     parent = parent_record("pretrained", args.pretrained) if args.pretrained and not ckpt else None
     guard_rerun(args.result_dir, "sp", args.overwrite, ctx.is_main, resuming=bool(ckpt))
+    if args.epochs == 0 and not ckpt and ctx.is_main:
+        weights = "the --pretrained weights" if args.pretrained else "its random initialisation"
+        print(f"warning: --epochs 0 trains nothing: sp/checkpoint.pt will hold the network as it starts "
+              f"({weights})", file=sys.stderr, flush=True)
     run.open(data.pipeline, parent=parent, resumed=ckpt)
     # done once, after the last epoch (again if a resumed run trains further epochs)
     respread = [bool((ckpt or {}).get("switches_respread")) and start >= args.epochs]
@@ -138,8 +142,11 @@ def main(argv=None):
         broadcast_tensors(list(model.switches.parameters()))  # rank 0's spread, on every rank
         respread[0] = True
         run.save(model, optimizer, scheduler, args.epochs, own_state())
-    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode},
-               mode="open")
+    # the routes beside row 1 are those of the switches as saved: re-spread ones are named so in TensorBoard,
+    # where they follow the curve of the routes trained before
+    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode,
+                                         "switches_respread": respread[0]},
+               mode="open", routes="respread_routed" if respread[0] else "routed")
     teardown()
 
 

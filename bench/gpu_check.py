@@ -388,12 +388,12 @@ class Check:
         with exact_fp32():
             for stage in ("sp", "prune", "rl"):
                 path = self.ckpt(stage)
-                cpu, pre = load_model(path, "cpu")
+                cpu, pre = load_model(path, "cpu", mode="hard")  # the switches' routes, to compare them
                 x = pre(paths)
                 y = torch.tensor([pre.classes.index(n) for n in names])
                 a = infer(cpu, x, self.size["bs"])
                 # CUDA: the device against the CPU; CPU only: a second load, which must be identical
-                other = load_model(path, self.args.device)[0]
+                other = load_model(path, self.args.device, mode="hard")[0]
                 b = infer(other, x.to(self.args.device), self.size["bs"])
                 acc = [100.0 * (r[0].argmax(1) == y).float().mean().item() for r in (a, b)]
                 same_routes = torch.equal(a[1], b[1])

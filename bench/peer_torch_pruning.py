@@ -165,7 +165,7 @@ def finetune(model, data, ctx, cfg):
         stats = train_epoch(model, data.train, optimizer, scheduler, supervised_step, ctx, epoch=epoch,
                             desc="peer epoch")
         print(f"[peer] epoch {epoch + 1}/{spec['epochs']}  train loss {stats['loss']:.3f} "
-              f"acc {100 * stats['acc']:.2f}%", flush=True)
+              f"acc {stats['acc']:.2f}%", flush=True)
     recalibrate_bn(model, data.train, ctx, batches=len(data.train))
     return model
 

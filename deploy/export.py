@@ -40,7 +40,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import FactoredConv
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint, row_mode
 from utils.lineage import ORDER, check_chain
 from utils.cli import Parser
 from utils.errors import UserError, run_main
@@ -167,12 +167,6 @@ class InferenceNet(nn.Module):
         return self.fc(x.mean((2, 3))), torch.stack(routes, 1)
 
 
-def default_mode(ckpt):
-    """The network of the stage's table row: stage 3's routes; every block for stages 1 and 2 (their
-    switches are not what those rows measure)."""
-    return "hard" if ckpt.get("stage") == "rl" else "open"
-
-
 def check_lineage(ckpt_path):
     """A checkpoint exported from <result_dir>/<stage>/checkpoint.pt must belong to that folder's chain."""
     stage_dir = os.path.dirname(os.path.abspath(ckpt_path))
@@ -284,7 +278,7 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
             raise UserError(f"--{key}: {len(pipeline[key])} values, the network reads {channels} channels")
     if min(pipeline["std"]) <= 0:
         raise UserError("--std: every value must be > 0")
-    mode = mode or default_mode(ckpt)
+    mode = mode or row_mode(ckpt)
     model = model_from_checkpoint(ckpt, ckpt_path, "CHECKPOINT").float().eval()
     os.makedirs(out_dir, exist_ok=True)
     size = pipeline["resize"]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from models.switches import autocast_off
+from runtime.steps import accuracy
 from utils.flops import skipped_flops
 
 
@@ -99,8 +100,10 @@ class CounterfactualStep:
     """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price` a gates.policy.SkipPrice
     (alpha), `tau` the temperature of the targets, in cross-entropy units.
 
-    stats: loss, ce, acc (of the sampled routes), switch_loss, benefit (mean over images of b per switch),
-    target (mean target per switch), exec_rate (sampled), gflops (sampled routes), greedy_gflops and alpha."""
+    stats: loss (the cross-entropy, which trains the backbone), acc (%, of the sampled routes), switch_loss
+    (which trains the switches), benefit (mean over images of b per switch), exec_target (mean target per
+    switch), exec_rate and sampled_gflops (of the sampled routes), greedy_gflops, and alpha where it moves
+    (with a GFLOPs target)."""
 
     def __init__(self, costs, price, tau, rl_weight):
         self.costs, self.price, self.tau, self.rl_weight = costs, price, tau, rl_weight
@@ -132,10 +135,10 @@ class CounterfactualStep:
                 greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]
                 if self.price.target is not None:
                     self.price.update(greedy * 1e9)
-                stats = {"loss": loss.detach(), "ce": ce.detach(),
-                         "acc": (logits.argmax(1) == y).mean(dtype=torch.float32),
+                stats = {"loss": ce.detach(), "acc": accuracy(logits, y),
                          "switch_loss": switch_loss.detach(), "benefit": benefit.mean(0),
-                         "target": target.mean(0), "exec_rate": exec_rate,
-                         "gflops": k["always"] + exec_rate.double() @ k["blocks"], "greedy_gflops": greedy,
-                         "alpha": self.price.alpha}
+                         "exec_target": target.mean(0), "exec_rate": exec_rate,
+                         "sampled_gflops": k["always"] + exec_rate.double() @ k["blocks"], "greedy_gflops": greedy}
+                if self.price.target is not None:
+                    stats["alpha"] = self.price.alpha
         return loss, stats

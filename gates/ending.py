@@ -51,10 +51,10 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
             epoch = args.epochs + k  # loader epochs (and fault-injection points) after the stage's own
             data.train.set_epoch(epoch)
             tr = train_epoch(ddp, data.train, optimizer, scheduler, greedy_step, ctx, epoch, desc="rl routes")
-            history.append({"loss": tr["loss"], "acc": 100 * tr["acc"]})
+            history.append({"loss": tr["loss"], "acc": tr["acc"]})
             if ctx.is_main:
                 print(f"[rl] greedy routes {k + 1}/{args.route_epochs}  train loss {tr['loss']:.3f} acc "
-                      f"{100 * tr['acc']:.2f}%  exec {100 * sum(tr['exec_rate']) / len(tr['exec_rate']):.0f}%",
+                      f"{tr['acc']:.2f}%  exec {100 * sum(tr['exec_rate']) / len(tr['exec_rate']):.0f}%",
                       flush=True)
     return history, calibrations
 

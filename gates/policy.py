@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.switches import autocast_off, log_prob
+from runtime.steps import accuracy
 from utils.dist import all_reduce_sum
 from utils.flops import skipped_flops
 
@@ -147,10 +148,11 @@ class SkipPrice:
 class ReinforceStep:
     """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit.
 
-    stats (per batch; train_epoch averages them over the epoch): loss (total), ce, acc, reward (mean over
-    images of all rewards received, undiscounted), policy_loss (summed over the batch), exec_rate (per
-    switch, of the sampled routes), gflops (per image, of the sampled routes, switches and rotations
-    included), greedy_gflops (per image, greedy decisions along the sampled routes) and alpha.
+    stats (per batch; train_epoch averages them over the epoch): loss (the cross-entropy, which trains the
+    backbone), acc (%), reward (mean over images of all rewards received, undiscounted), policy_loss (summed
+    over the batch, which trains the switches), exec_rate (per switch, of the sampled routes),
+    sampled_gflops (per image, of the sampled routes, switches and rotations included), greedy_gflops (per
+    image, greedy decisions along the sampled routes), and alpha where it moves (with a GFLOPs target).
     `price` is a SkipPrice (or a number: a fixed alpha).
 
     The arithmetic is that of skip_rewards, discounted_returns and policy_loss above, folded into constants
@@ -197,10 +199,11 @@ class ReinforceStep:
                 greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]  # GFLOPs/image
                 if self.price.target is not None:
                     self.price.update(greedy * 1e9)
-                stats = {"loss": loss.detach(), "ce": final.mean(),
-                         "acc": (logits.argmax(1) == y).mean(dtype=torch.float32),
+                stats = {"loss": final.mean(), "acc": accuracy(logits, y),
                          # the mean over images of all rewards received: alpha (1 - a . w) - CE (w sums to 1)
                          "reward": alpha * (1 - exec_rate @ k["w"]) - ce_mean, "policy_loss": p_loss.detach(),
-                         "exec_rate": exec_rate, "gflops": k["always"] + exec_rate.double() @ k["blocks"],
-                         "greedy_gflops": greedy, "alpha": alpha}
+                         "exec_rate": exec_rate, "sampled_gflops": k["always"] + exec_rate.double() @ k["blocks"],
+                         "greedy_gflops": greedy}
+                if self.price.target is not None:
+                    stats["alpha"] = alpha
         return loss, stats

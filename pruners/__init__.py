@@ -107,6 +107,14 @@ def check_schedule(model, schedule, limit, params_reference, first_round=0, imag
     from `model`; numbered from `first_round` in the message) whose target no earlier rounds could bring
     within reach with prune_ratio_limit `limit` and round_to."""
     rules = rules_text(limit, round_to)
+    first = schedule[0] if schedule else {}
+    if first.get("target") == "gflops" and first["value"] * 1e9 >= model_flops(model, image_size):
+        now = model_flops(model, image_size) / 1e9
+        fewest = smallest(model, limit, image_size, round_to=round_to)[1] / 1e9
+        where = f"rounds[{first_round}]: " if len(schedule) > 1 or first_round else ""
+        raise UserError(f"{where}gflops {first['value']} is not below the {now:.4g} GFLOPs per image this network "
+                        f"costs at {image_size}x{image_size} (every block run): nothing to prune; give a value "
+                        f"between {fewest:.4g} (the least that one pass leaves with {rules}) and {now:.4g}")
     for i, spec in enumerate(schedule):
         if spec["target"] not in ("compression", "gflops"):
             continue

@@ -12,7 +12,9 @@ or above what the threshold leaves; all n where that is more): convolutions whos
 multiples of the SIMD width run at full speed (onnxruntime's NCHWc kernels pad channels to blocks of 8
 on AVX2, 16 on AVX-512), as Torch-Pruning's round_to; and each side either takes its cut or keeps every
 direction it holds, whichever leaves the layer cheaper (in the measure the target counts: a cut that costs
-a rotation larger than it saves is not made), the layer staying as it is unless that is strictly cheaper.
+a rotation larger than it saves is not made), the layer staying as it is unless that is strictly cheaper,
+and never taking a form that costs more than the layer as it is in the other measure (parameters or FLOPs:
+pruning never makes the network more expensive in either).
 The model's parameters and FLOPs never grow with c, so a parameter or FLOPs target is met by bisection on c;
 where one more direction would jump past the target's tolerance, the directions after it are tried in order
 (_fill).
@@ -91,7 +93,11 @@ class Threshold:
             # cheapest wins, so a tie keeps directions
             options = [(n_in, n_out), (r_in, n_out), (n_in, r_out), (r_in, r_out)]
             costs = [layer.cost(*o) for o in options]
-            best = min(range(len(options)), key=lambda i: costs[i][self.measure])
+            # only forms that cost no more than the layer as it is in both measures: a form with fewer
+            # parameters can need more FLOPs (a rotation in front of a strided conv runs at the input's
+            # resolution), and pruning must never make the network more expensive in either
+            allowed = [i for i, c in enumerate(costs) if c[0] <= costs[0][0] and c[1] <= costs[0][1]]
+            best = min(allowed, key=lambda i: costs[i][self.measure])
             if best == 0:  # nothing strictly cheaper than the layer as it is
                 continue
             ranks[layer.name] = options[best]
@@ -112,22 +118,28 @@ def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None
     """The fewest cuts that bring the model to at most `target` parameters; UserError if no cut reaches it
     or the nearest one undershoots it by more than `tolerance` parameters."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params", round_to)
-    return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", "parameters")
+    return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", lambda v: f"{int(v)} parameters")
 
 
 def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score", round_to=1):
     """The fewest cuts that bring the model to at most `target` FLOPs per image (every block run);
     UserError if no cut reaches it or the nearest one undershoots it by more than `tolerance` FLOPs."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops", round_to)
-    return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "FLOPs", "FLOPs per image")
+    return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "GFLOPs",
+                   lambda v: f"{v / 1e9:.4g} GFLOPs per image")
 
 
-def _bisect(threshold, value, target, tolerance, what, unit):
+def _bisect(threshold, value, target, tolerance, what, amount):
+    """The plan of the fewest cuts that meet `target` within `tolerance`; `amount` words a value of the
+    measure (with its unit) for the messages."""
     lo, hi = 0, threshold.total
-    fewest = value(threshold.plan(hi))
+    fewest, now = value(threshold.plan(hi)), value(threshold.plan(0))
     if fewest > target:
         raise UserError(f"the {what} target is out of reach: with {rules_text(threshold.limit, threshold.round_to)} "
-                        f"the model keeps at least {fewest} {unit}, the target is {int(target)}")
+                        f"the model keeps at least {amount(fewest)}, the target is {amount(target)}")
+    if target - now > tolerance:  # above the network as it is: no cut comes nearer
+        raise UserError(f"the {what} target {amount(target)} is above what the network holds now, {amount(now)}: "
+                        f"nothing to prune; give a target between {amount(fewest)} and {amount(now)}")
     while lo < hi:
         mid = (lo + hi) // 2
         if value(threshold.plan(mid)) <= target:
@@ -139,8 +151,8 @@ def _bisect(threshold, value, target, tolerance, what, unit):
         plan = _fill(threshold, value, target, tolerance, lo)
     if plan is None:
         finer = " (a smaller round_to gives finer steps)" if threshold.round_to > 1 else ""
-        raise UserError(f"cannot meet the {what} target {int(target)} within {int(tolerance)}: the nearest "
-                        f"cut gives {value(threshold.plan(lo))}{finer}")
+        raise UserError(f"cannot meet the {what} target {amount(target)} within {amount(tolerance)}: the nearest "
+                        f"cut gives {amount(value(threshold.plan(lo)))}{finer}")
     return plan
 
 

@@ -16,9 +16,11 @@ and beside them the stage's own keys:
            "params_stage1", "stage1_checkpoint"
     rl     "args" (its flags), "extra": {"baseline", "price", "source", "ending"}
 
-load_model(path) gives a network and the preprocessing of raw images it was trained with.
+load_model(path) gives the network of the stage's table row (row_mode) and the preprocessing of raw images it
+was trained with.
 """
 import os
+import re
 
 import torch
 
@@ -56,17 +58,20 @@ def stage_checkpoint(stage, pipeline, lineage, model, optimizer, scheduler, epoc
             "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state(), **own}
 
 
-def read_file(path, flag):
+def read_file(path, flag, resave=None):
     """torch.load(weights_only=True) with every failure turned into one line that names the file: a file
-    that would need code run to unpickle is refused, anything else unreadable is called so."""
+    that would need code run to unpickle is refused naming the first such type (and `resave`, how to write
+    a file that can be used instead, where there is one), anything else unreadable is called so."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, foreign pickles: all the same user error
         if "GLOBAL" in str(e):
-            raise UserError(f"{flag} {path}: refused, it holds objects other than tensors and plain data "
-                            f"(loading it could run code)") from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"a {found.group(1)} object" if found else "objects other than tensors and plain data"
+            raise UserError(f"{flag} {path}: refused, it holds {what} (loading anything but tensors and plain data "
+                            f"could run code)" + (f"; {resave}" if resave else "")) from None
         why = "truncated or corrupt" if "zip" in str(e).lower() or isinstance(e, EOFError) else "not a torch file"
         raise UserError(f"{flag} {path}: not a readable checkpoint ({why})") from None
 
@@ -130,7 +135,8 @@ def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
 def load_pretrained(model, path, flag="--pretrained"):
     """Initialise `model` from a checkpoint of this project or from a plain state dict of the same network.
     Switch weights may be absent (a dense network's checkpoint); everything else must match."""
-    state = read_file(path, flag)
+    state = read_file(path, flag, resave="save the weights alone, torch.save(model.state_dict(), 'weights.pt'), and "
+                                          "give that file")
     if isinstance(state, dict) and state.get("format") == FORMAT:
         state = state.get("model")
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -145,15 +151,27 @@ def load_pretrained(model, path, flag="--pretrained"):
     model.load_state_dict(state, strict=False)
 
 
-def load_model(path, device="cpu"):
+def row_mode(ckpt):
+    """The execution mode (models/switches.py) of the network a stage's table row measures: stage 3's
+    routes ("hard": the switches decide per image); every block for stages 1 and 2 ("open": their rows
+    "w/o pruning" and "static pruning only" run no switch)."""
+    return "hard" if ckpt.get("stage") == "rl" else "open"
+
+
+def load_model(path, device="cpu", mode=None):
     """(model, preprocess) of a checkpoint of any stage, ready for inference on raw 8-bit images without
     the training set: `logits, routes, probs = model(preprocess(images))`, preprocess.classes[i] naming
     logit i (utils.data.Preprocess: resize, then the training set's mean/std). The model is in eval mode
-    (switches greedy, skipped blocks not computed). UserError for a checkpoint without a pipeline record
-    (written before it was recorded: its normalisation is unknown)."""
+    and runs the network of its stage's table row (row_mode: every block for stages 1 and 2, the switches'
+    routes for stage 3, skipped blocks not computed); `mode` ("open" or "hard") picks the other one, and
+    model(x, mode) does so per call. UserError for a checkpoint without a pipeline record (written before it
+    was recorded: its normalisation is unknown) or an unknown mode."""
+    if mode not in (None, "open", "hard"):
+        raise UserError(f"mode {mode!r}: expected 'open' (every block, no switch) or 'hard' (the switches' routes)")
     ckpt = load_checkpoint(path, flag="checkpoint")
     if "pipeline" not in ckpt:
         raise UserError(f"checkpoint {path}: records no input pipeline (written by an older version); its "
                         f"normalisation is unknown")
     model = model_from_checkpoint(ckpt, path, "checkpoint").to(device).eval()
+    model.mode = mode or row_mode(ckpt)
     return model, Preprocess(ckpt["pipeline"], f"checkpoint {path}")

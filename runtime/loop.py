@@ -107,6 +107,6 @@ def summary_line(stage, epoch, epochs, train, ev, seconds, lr, name="routed"):
     """One line per epoch; `name` says which network the evaluation was of (dense: every block; routed:
     the greedy routes)."""
     rate = sum(ev["exec_rate"]) / max(1, len(ev["exec_rate"]))
-    return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {100 * train['acc']:.2f}%  "
+    return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {train['acc']:.2f}%  "
             f"| eval {name} acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "
             f"exec {100 * rate:.0f}%  lr {lr:.2e}  {seconds:.0f}s")

@@ -3,6 +3,7 @@ epoch loop with a checkpoint per epoch, resume, and write metrics.json. The thre
 add their flags, their model and their step function (the data: utils.data.load_data)."""
 import dataclasses
 import os
+import socket
 import time
 
 import torch
@@ -48,15 +49,50 @@ def check_batch_shapes(model, image_size, bs, resize_fixed=False):
     raise UserError(f"{problem}; use bs 2 or more, or resize {fix} or more")
 
 
+def curves(ev, mode):
+    """The TensorBoard curves of an evaluation (runtime/evaluate.py's dict) in `mode`: accuracy and loss, and
+    for the switches' routes their GFLOPs and execution rates. Every block runs in open mode, so its GFLOPs
+    and rates are constants, and the image count is one for every evaluation: curves that say nothing."""
+    keys = ("acc", "loss") if mode == "open" else ("acc", "loss", "gflops", "exec_rate")
+    return {k: ev[k] for k in keys}
+
+
+# What a stage adds below --result_dir at most: stale-<time>-<n>/<stage>/tb/run-<time>-<pid>/ and TensorBoard's
+# events.out.tfevents.<time>.<host>.<pid>.<n> (the host name's length added where it is checked)
+DEEPEST = len("/stale-20240101-000000-99/prune/tb/run-20240101-000000-4194304/events.out.tfevents.1700000000..4194304.99")
+
+
 def check_result_dir(path):
-    """--result_dir must be (or be creatable as) a writable directory; checked before anything is written."""
-    probe = os.path.abspath(path)
-    if os.path.exists(probe) and not os.path.isdir(probe):
+    """--result_dir must be (or be creatable as) a writable directory whose files the file system can name;
+    checked before anything is written (a name too long for it would otherwise fail half-way through
+    creating the folders, leaving the first ones behind)."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
         raise UserError(f"--result_dir {path} exists and is not a directory")
+    probe, missing = full, []
     while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
+        probe, name = os.path.dirname(probe), os.path.basename(probe)
+        missing.append(name)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"--result_dir {path} is not writable")
+    name_max, path_max = (_pathconf(probe, key, default) for key, default in
+                          (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)))
+    long = [name for name in missing if len(os.fsencode(name)) > name_max]
+    if long:
+        raise UserError(f"--result_dir {path}: its folder name {long[-1][:40]}... is {len(os.fsencode(long[-1]))} "
+                        f"bytes long, and this file system allows {name_max}")
+    need = len(os.fsencode(full)) + DEEPEST + len(socket.gethostname())
+    if need >= path_max:
+        raise UserError(f"--result_dir {path} is too long: the stages' files below it would need paths of "
+                        f"{need} bytes, and this system allows {path_max - 1}")
+
+
+def _pathconf(path, key, default):
+    try:
+        value = os.pathconf(path, key)
+    except (OSError, ValueError):  # not reported by this system or file system
+        return default
+    return value if value > 0 else float("inf")  # -1: no limit
 
 
 class StageRun:
@@ -93,6 +129,9 @@ class StageRun:
             self.step_offset = start_step
         self.run_id = self.run_id or time.strftime("run-%Y%m%d-%H%M%S-") + f"{os.getpid()}"
         self.last_step = self.step_offset
+        if resumed is not None and self.ctx.is_main:
+            where = f"round {resumed['round'] + 1}, " if isinstance(resumed.get("round"), int) else ""
+            print(f"[{self.name}] resuming from {where}epoch {int(resumed.get('epoch', 0))}", flush=True)
         if self.ctx.is_main:
             try:
                 os.makedirs(self.dir, exist_ok=True)
@@ -154,20 +193,21 @@ class StageRun:
             step = self.step_offset + log_offset + epoch + 1
             self.last_step = step
             self.logger.scalars(f"{self.name}/train", tr, step)
-            for name, ev in evs.items():
-                self.logger.scalars(f"{self.name}/{data.eval_name}_{name}", ev, step)
+            for name, mode in evals:
+                self.logger.scalars(f"{self.name}/{data.eval_name}_{name}", curves(evs[name], mode), step)
             self.logger.scalars(f"{self.name}/train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
             checkpoint(epoch + 1)
         return evs
 
-    def finish(self, model, ddp, data, costs, extra=None, mode="hard"):
+    def finish(self, model, ddp, data, costs, extra=None, mode="hard", routes="routed"):
         """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
         model the stage ends with, exactly as saved (float32, even after bf16 training) -> metrics.json and
         TensorBoard (at the stage's last step): <split>_acc, <split>_loss, <split>_images, gflops_per_image
         (on that split; under val also as val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
         with every block executed and no switch evaluated, and routed_acc, routed_gflops, exec_rate those of
-        the greedy routes beside it, on the same split. Also the lineage: the sha256 of the checkpoint the
-        numbers are of, and the parent it started from. Returns the metrics dict."""
+        the greedy routes beside it, on the same split (in TensorBoard `routes`_acc and `routes`_gflops: stage 1
+        names them for its re-spread switches). Also the lineage: the sha256 of the checkpoint the numbers
+        are of, and the parent it started from. Returns the metrics dict."""
         split = data.final_name
         loader = data.test if split == "test" else data.eval
         # float32 whatever the training precision: the numbers are the saved (float32) model's, as deployed
@@ -191,7 +231,7 @@ class StageRun:
             final_tags = {f"{split}_acc": metrics[f"{split}_acc"], "gflops_per_image": metrics["gflops_per_image"],
                           "params": metrics["params"]}
             if mode == "open":
-                final_tags.update(routed_acc=metrics["routed_acc"], routed_gflops=metrics["routed_gflops"])
+                final_tags.update({f"{routes}_acc": metrics["routed_acc"], f"{routes}_gflops": metrics["routed_gflops"]})
             self.logger.scalars(f"{self.name}/final_{split}", final_tags, self.last_step)
             self.logger.close()
         return metrics

@@ -1,5 +1,7 @@
 """The step functions every stage uses (a step: `step_fn(model, x, y) -> (loss, stats)`, run by
-runtime/loop.train_epoch)."""
+runtime/loop.train_epoch). Their stats name what they are, in one unit per kind: "loss" is the
+cross-entropy that trains the network (another loss, the switches' own, gets its own name), accuracies are
+in percent, execution rates are fractions of the images."""
 import torch
 import torch.nn.functional as F
 
@@ -10,8 +12,15 @@ def supervised_step(model, x, y, mode="hard"):
     logits, actions, _ = model(x, mode)
     loss = F.cross_entropy(logits, y)
     with torch.no_grad():  # statistics: no graph, so no detach ops
-        return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).mean(dtype=torch.float32),
-                      "exec_rate": actions.mean(0)}
+        stats = {"loss": loss.detach(), "acc": accuracy(logits, y)}
+        if mode != "open":  # every block runs in open mode: a rate of 1 would say nothing
+            stats["exec_rate"] = actions.mean(0)
+        return loss, stats
+
+
+def accuracy(logits, y):
+    """Top-1 accuracy of a batch in percent, the unit of every accuracy a run reports (evaluation's too)."""
+    return (logits.argmax(1) == y).sum(dtype=torch.float32) * (100.0 / len(y))
 
 
 

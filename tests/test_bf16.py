@@ -155,7 +155,7 @@ def routed(runs):
     ds = load_dataset(data, "png", SIZE)
     out = {}
     for stage in ("sp", "prune", "rl"):
-        model, preprocess = load_model(f"{res}/{stage}/checkpoint.pt")
+        model, preprocess = load_model(f"{res}/{stage}/checkpoint.pt", mode="hard")  # the switches' routes
         x = preprocess(ds.test_x.permute(0, 2, 3, 1))
         with torch.no_grad():
             fp32 = model(x)

@@ -94,6 +94,9 @@ def test_switch_loss_trains_the_switches_and_never_the_backbone():
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         assert stats["switch_loss"] > 0 and 0 < stats["exec_rate"].mean() < 1
+        # the loss reported is the backbone's (the cross-entropy: the whole loss at rl_weight 0), never the sum
+        assert stats["loss"] == (loss if w == 0 else ce) and "alpha" not in stats
+        ce = loss.detach()
     for n in grads[0]:
         if n.startswith("switches."):
             assert grads[0][n].abs().max() == 0, n

@@ -3,6 +3,7 @@ block, each stage records the checkpoint it started from, reruns into a folder w
 refused or move them aside, the table and later stages refuse a broken chain, TensorBoard steps continue
 across stages, and the README's GPU commands chain when copied."""
 import json
+import math
 import os
 import re
 import shlex
@@ -249,3 +250,93 @@ def test_readme_gpu_commands_chain_when_copied(data, tmp_path, monkeypatch):
         mains[argv[1]]([*argv[2:], *SCALE[argv[1]]])
     rows = build_table(str(tmp_path / "R"))
     assert all(r["present"] for r in rows)
+
+
+def test_a_stage_never_replaces_its_own_finished_run_without_overwrite(chain, data, tmp_path, capsys):
+    """A second run into a folder holding a finished run of the same stage (no later stages there) is refused
+    before anything is written, --epochs 0 too; --resume goes on, saying from where; --overwrite moves the finished run
+    into stale-<time>/ (the rule and the folder aside of later stages). Stages 2 and 3 likewise."""
+    results = tmp_path / "results"
+    stage1(results, data, "--epochs", "1")
+    before = snapshot(results)
+    for extra in ((), ("--epochs", "0"), ("--seed", "3")):
+        with pytest.raises(UserError, match=r"holds a finished stage 1 \(sp/\) run .*--overwrite"):
+            stage1(results, data, *extra)
+    assert snapshot(results) == before
+    capsys.readouterr()
+    stage1(results, data, "--epochs", "2", "--resume")  # the finished run goes on to more epochs
+    assert "[sp] resuming from epoch 1\n" in capsys.readouterr().out
+    finished = snapshot(results / "sp")
+    stage1(results, data, "--overwrite")
+    aside = [d for d in os.listdir(results) if d.startswith("stale-")]
+    assert len(aside) == 1 and snapshot(results / aside[0] / "sp") == finished
+    assert read(results, "sp")["run_id"] != json.load(open(results / aside[0] / "sp" / "metrics.json"))["run_id"]
+
+    # --epochs 0 into a fresh folder: allowed, and said to train nothing
+    stage1(tmp_path / "fresh", data, "--epochs", "0")
+    assert "warning: --epochs 0 trains nothing" in capsys.readouterr().err
+
+    # stage 3, then stage 2 (its stage-3 results gone), of a whole chain
+    res = copy_results(chain, tmp_path / "chain")
+    before = snapshot(res)
+    rl = [*TINY, "--epochs", "1", "--lr", "0.01", "--data_dir", data, "--result_dir", str(res)]
+    with pytest.raises(UserError, match=r"holds a finished stage 3 \(rl/\) run .*--overwrite"):
+        main_rl_prune.main(rl)
+    assert snapshot(res) == before
+    for name in ("rl", "table.md", "table.json"):
+        os.rename(res / name, tmp_path / name)
+    before = snapshot(res)
+    with pytest.raises(UserError, match=r"holds a finished stage 2 \(prune/\) run .*--overwrite"):
+        main_prune.main(["--config_path", prune_config(tmp_path / "p.json", res, data)])
+    assert snapshot(res) == before
+
+
+@pytest.mark.slow
+def test_tensorboard_curves_say_what_they_are_in_one_unit_each(data, tmp_path, capsys):
+    """The curves of a three-stage run (event files read back): accuracies in percent (the summary lines'
+    numbers), the loss a user watches is the cross-entropy that trains the network, the switches' own loss
+    under its own tag, stage 3's curves those docs/stages.md names, stage 1's final routes named as the
+    re-spread switches' (after the curve of the routes trained before), and no series that is constant by
+    construction (every block's execution rates and GFLOPs, image counts, alpha with no target)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curves(results, stage):
+        (run,) = os.listdir(results / stage / "tb")
+        acc = EventAccumulator(str(results / stage / "tb" / run), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+    res = tmp_path / "r"
+    stage1(res, data, "--epochs", "3", "--dense_epochs", "1")  # a dense epoch, two joint ones, the re-spread
+    main_prune.main(["--config_path", prune_config(tmp_path / "p.json", res, data)])
+    target = copy_results(res, tmp_path / "target")
+    main_rl_prune.main([*TINY, "--epochs", "2", "--lr", "0.01", "--data_dir", data, "--result_dir", str(res)])
+    out = capsys.readouterr().out
+    dense = read(target, "prune")["dense_gflops"]
+    main_rl_prune.main([*TINY, "--epochs", "2", "--lr", "0.01", "--data_dir", data, "--result_dir", str(target),
+                        "--target_gflops", str(round(0.8 * dense, 6))])
+    tags = {stage: curves(res, stage) for stage in ("sp", "prune", "rl")}
+
+    # one unit per kind: the training accuracy in percent, as the summary line prints it and as evaluations are
+    summaries = re.findall(r"\[(\w+)\] epoch (\d+)/\d+  train loss ([\d.]+) acc ([\d.]+)%", out)
+    assert len(summaries) == 3 + 1 + 2
+    for stage, epoch, loss, acc in summaries:
+        step = sorted(tags[stage][f"{stage}/train/acc"])[int(epoch) - 1]  # the stage's epochs, in order
+        assert tags[stage][f"{stage}/train/acc"][step] == pytest.approx(float(acc), abs=0.006)
+        assert tags[stage][f"{stage}/train/loss"][step] == pytest.approx(float(loss), abs=6e-4)
+    # stage 3's loss is the cross-entropy (the backbone's), its switch loss on a tag of its own
+    rl = tags["rl"]
+    assert {"rl/train/loss", "rl/train/acc", "rl/train/switch_loss", "rl/train/benefit/switch_01",
+            "rl/train/exec_target/switch_01", "rl/train/sampled_gflops", "rl/train/greedy_gflops"} <= set(rl)
+    assert "rl/train/ce" not in rl and max(rl["rl/train/loss"].values()) < 2 * math.log(4)  # a 4-class CE
+    # stage 1's final routes are the re-spread switches', named so
+    sp = tags["sp"]
+    assert {"sp/final_test/respread_routed_acc", "sp/final_test/respread_routed_gflops"} <= set(sp)
+    assert "sp/final_test/routed_acc" not in sp and read(res, "sp")["switches_respread"] is True
+    # no series constant by construction
+    constant = [t for stage in tags.values() for t in stage
+                if re.search(r"_dense/(exec_rate|gflops)|/images$|^prune/.*exec_rate|^rl/train/alpha", t)]
+    assert constant == []
+    assert sorted(sp["sp/train/exec_rate/switch_01"]) == [2, 3]  # not in the dense epoch
+    alpha = curves(target, "rl")["rl/train/alpha"]  # with a target alpha moves, and its curve is there
+    assert len(alpha) == 2 and len(set(alpha.values())) == 2

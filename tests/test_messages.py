@@ -336,3 +336,71 @@ def test_an_os_error_no_writer_wrapped_is_still_one_line(capsys):
         run_main(main)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: Permission denied: /results/tb/events"
+
+
+# ------------------------------------------------------------------- 7. quiet nonsense, refused up front
+
+def test_one_class_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Data of one class trains to "100%" (every prediction is right): refused in one line, nothing written."""
+    data = tiny_dataset(tmp_path / "one", classes=1, train_per_class=8, test_per_class=2, size=8)
+    one_line_exit_2(capsys, main_sp.main, ["--depth", "8", "--width", "1", "--resize", "8", "--bs", "4", *COMMON,
+                                           "--data_dir", data, "--result_dir", str(tmp_path / "res"), "--epochs",
+                                           "1"], "holds one class (class_00)", "two or more")
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_result_dir_too_long_is_refused_before_any_folder_is_made(stage1, tmp_path, capsys):
+    """A folder name longer than the file system allows, or a path whose files would be too long, is refused
+    by the check before any work, not half-way through making the folders (the first ones left behind)."""
+    tmp, data, res = stage1
+    for result_dir, words in [(tmp_path / "a" / "b" / ("x" * 300) / "c", ["300 bytes long"]),
+                              (tmp_path / "a" / "/".join(["y" * 250] * 16), ["is too long"])]:
+        one_line_exit_2(capsys, main_sp.main, [*SP, "--data_dir", data, "--result_dir", str(result_dir),
+                                               "--epochs", "1"], "--result_dir", *words)
+        assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["argparse", "numpy"])
+def test_pretrained_with_foreign_objects_names_them_and_how_to_resave(stage1, tmp_path, capsys, kind):
+    """A training script's checkpoint holding its argparse flags or numpy scalars beside the weights: refused
+    (loading them could run code), naming the type and how to save the weights alone."""
+    import argparse
+    import numpy as np
+    tmp, data, res = stage1
+    state = torch.load(res / "sp" / "checkpoint.pt", weights_only=True)["model"]
+    extra = {"argparse": argparse.Namespace(lr=0.1), "numpy": np.float64(93.5)}[kind]
+    torch.save({"state_dict": state, "extra": extra}, tmp_path / "theirs.pt")
+    line = one_line_exit_2(capsys, main_sp.main, [*SP, "--data_dir", data, "--result_dir", str(tmp_path / "r"),
+                                                  "--epochs", "1", "--pretrained", str(tmp_path / "theirs.pt")],
+                           "refused", {"argparse": "argparse.Namespace", "numpy": "numpy."}[kind],
+                           "torch.save(model.state_dict(), ")
+    assert not (tmp_path / "r").exists(), line
+    torch.save(state, tmp_path / "weights.pt")  # what the message says to do works
+    main_sp.main([*SP, "--data_dir", data, "--result_dir", str(tmp_path / "r"), "--epochs", "0", "--pretrained",
+                  str(tmp_path / "weights.pt")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streams", ["stdout", "both"])
+def test_ctrl_c_under_tee_is_one_line_and_status_130(stage1, tmp_path, streams):
+    """`main_sp.py ... | tee log` (and `2>&1 | tee log`) interrupted by Ctrl-C, which reaches tee too: exit
+    status 130 and, where stderr still has a reader, the one line "interrupted"; never a traceback, never
+    status 1 with nothing said (tee gone, the line and the last flush found no reader). Ctrl-C comes at a
+    deterministic point (utils/faults.py): the second step of epoch 1, to the whole pipeline's process group."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    tmp, data, res = stage1
+    argv = " ".join([sys.executable, "main_sp.py", *SP, "--data_dir", data, "--result_dir", str(tmp_path / "r"),
+                     "--epochs", "2"])
+    redirect = "2>&1" if streams == "both" else ""
+    status = tmp_path / "status"
+    # `trap : INT`: the shell (in the same process group) outlives the signal to report the stage's status
+    script = f"trap : INT; {argv} {redirect} | tee {tmp_path / 'log'} > /dev/null; echo ${{PIPESTATUS[0]}} > {status}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNPRUNE_KILL_AT": "step:1:2", "DYNPRUNE_KILL_SIGNAL": "SIGINT"}
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          start_new_session=True)  # its own process group, as a terminal's job
+    assert status.read_text().strip() == "130", (status.read_text(), proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert said == (["interrupted"] if streams == "stdout" else []), said

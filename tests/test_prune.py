@@ -1,6 +1,7 @@
 """Stage 2 (pruners/, main_prune.py): EigenDamage pruning, rebuild, fine-tuning run, bad input."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -533,6 +534,7 @@ def bad_cases(tmp, stage1):
         ({"prune_mode": "iterative", "compression": ..., "rounds": [{"compression": 0.5}, {"compression": 0.4}]},
          ["rounds[1]", "compression"]),
         ({"compression": 0.9, "prune_ratio_limit": 0.3}, ["out of reach"]),
+        ({"compression": ..., "gflops": 10.0}, ["gflops 10.0 is not below", "GFLOPs per image", "give a value between"]),
         ({"checkpoint": str(wrong_stage)}, ["checkpoint", "stage 1"]),
         ({"checkpoint": str(tmp / "missing.pt")}, ["checkpoint", "no such file"]),
         ({"data_dir": str(tmp / "missing")}, ["does not exist"]),
@@ -601,5 +603,61 @@ def test_ratio_reports_the_directions_actually_removed(pipeline, tmp_path, capsy
     assert report["ratio"] == pytest.approx(removed / report["directions"])
     err = capsys.readouterr().err
     assert ("removes nothing" in err) == (removed == 0)
+    # not "unchanged": with no fine-tuning epoch the re-estimated BN statistics still move the outputs
+    assert "unchanged" not in err
+    assert ("only the BatchNorm statistics re-estimated at the round's end change" in err) == (removed == 0)
+    if removed == 0:  # which is what happened: the weights as they were, the BN statistics not
+        before = torch.load(res / "sp" / "checkpoint.pt", weights_only=True)["model"]
+        after = torch.load(tmp_path / "prune" / "checkpoint.pt", weights_only=True)["model"]
+        assert before.keys() == after.keys()
+        assert all(torch.equal(v, after[k]) for k, v in before.items() if "running" not in k and "batches" not in k)
+        assert not all(torch.equal(v, after[k]) for k, v in before.items() if "running_mean" in k)
     assert (removed == 0) == (limit == 0.05)
     assert report["directions_under_threshold"] == int(ratio * report["directions"]) > 0  # cut, but kept by the rules
+
+
+def test_a_gflops_target_at_or_above_the_network_is_refused_in_gflops():
+    """Nothing to prune: said in GFLOPs per image at the run's resolution, with the range a target can take
+    (not raw FLOPs and advice about round_to, which cannot help)."""
+    from pruners import check_schedule
+    model = random_model()
+    dense = model_flops(model, SIZE) / 1e9
+    for value in (10.0, dense):
+        with pytest.raises(UserError) as e:
+            check_schedule(model, [{"target": "gflops", "value": value}], 0.95, count_params(model), image_size=SIZE)
+        line = str(e.value)
+        assert f"gflops {value} is not below the {dense:.4g} GFLOPs per image" in line and "16x16" in line
+        low, high = map(float, re.search(r"between ([\d.e-]+) .* and ([\d.e-]+)$", line).groups())
+        assert low < high == float(f"{dense:.4g}")
+        check_schedule(model, [{"target": "gflops", "value": (low + high) / 2}], 0.95, count_params(model),
+                       image_size=SIZE)  # a target in the range given is accepted
+    # the same in the threshold's own words where a later round would meet it (iterative pruning)
+    x = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"GFLOPs target 10 GFLOPs per image is above what the network holds now"):
+        plan_for_flops(layers_of(model, x), 10e9, 0.95, count_params(model), model_flops(model, SIZE), 0.1e9)
+
+
+@pytest.mark.parametrize("target,value,criterion", [("compression", 0.01, "score_per_cost"),
+                                                    ("compression", 0.002, "score_per_flop"),
+                                                    ("compression", 0.005, "score"), ("ratio", 0.05, "score")])
+def test_a_tiny_cut_never_makes_the_network_more_expensive(target, value, criterion):
+    """A factored form with fewer parameters can cost more FLOPs (the rotation in front of a strided conv
+    runs at the input's resolution): at tiny compressions such forms used to raise the network's FLOPs.
+    Now no layer, and so no network, grows in parameters or FLOPs, and the target is still met."""
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=8, width=2, num_classes=4)).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, SIZE, SIZE, generator=g), torch.randint(0, 4, (16,), generator=g))
+               for _ in range(2)]
+    params, flops = count_params(model), model_flops(model, SIZE)
+    pruned, report = prune(model, batches, target=target, value=value, params_reference=params, progress=False,
+                           image_size=SIZE, criterion=criterion)
+    assert report["directions_cut"] > 0 and count_params(pruned) < params
+    assert model_flops(pruned, SIZE) <= flops
+    if target == "compression":
+        assert report["compression"] == pytest.approx(value, abs=0.01)
+    convs = dict(model.named_modules())
+    for name, module in pruned.named_modules():
+        if isinstance(module, FactoredConv):
+            old = convs[name]
+            assert sum(p.numel() for p in module.parameters()) <= sum(p.numel() for p in old.parameters())

@@ -134,9 +134,12 @@ def test_reinforce_step_is_the_reference_arithmetic(gamma):
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
         blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
         always = costs["base"] + costs["switches"]
-        want = {"ce": ce.mean(), "policy_loss": p_loss, "reward": rewards.sum(1).mean() - ce.mean(),
-                "exec_rate": actions.mean(0), "gflops": (always + actions.double() @ blocks).mean() / 1e9,
+        # "loss" the cross-entropy (the backbone's loss, the curve a user watches), the policy loss beside it
+        want = {"loss": ce.mean(), "policy_loss": p_loss, "reward": rewards.sum(1).mean() - ce.mean(),
+                "acc": 100 * (logits.argmax(1) == y).double().mean(),
+                "exec_rate": actions.mean(0), "sampled_gflops": (always + actions.double() @ blocks).mean() / 1e9,
                 "greedy_gflops": (always + (probs > 0.5).double() @ blocks).mean() / 1e9}
+        assert "alpha" not in stats  # a fixed alpha: a constant curve
         for key, value in want.items():
             torch.testing.assert_close(stats[key].double(), value.detach().double(), rtol=1e-6, atol=1e-5,
                                        msg=lambda m, key=key: f"{key}: {m}")

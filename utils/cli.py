@@ -66,8 +66,9 @@ def base_parser(description):
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from this stage's last checkpoint (default: the one in --result_dir)")
     t.add_argument("--overwrite", action="store_true",
-                   help="when --result_dir holds later stages' results (made from the network this run "
-                        "replaces), move them into <result_dir>/stale-<time>/ instead of refusing")
+                   help="when --result_dir holds a finished run of this stage (which this run replaces) or later "
+                        "stages' results (made from the network this run replaces), move them into "
+                        "<result_dir>/stale-<time>/ instead of refusing")
     return p
 
 

@@ -604,6 +604,9 @@ def load_data(args, ctx, recorded=None, source=None, resuming=False):
     if gone:
         raise UserError(f"--val_split {args.val_split} (seed {args.seed}) leaves {_classes(gone)} no training "
                         f"image (all held out for validation); lower --val_split or add training images")
+    if len(ds.classes) < 2:  # every prediction would be right: a "100%" that measures nothing
+        raise UserError(f"--data_dir {args.data_dir} holds one class ({ds.classes[0]}): a classifier needs two or "
+                        f"more")
     final = args.final_split
     if final == "val" and len(val_x) == 0:
         raise UserError("--final_split val needs a validation split: give --val_split > 0")

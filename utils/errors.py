@@ -56,6 +56,24 @@ def _exit_if_one_of_several():
         os._exit(0)
 
 
+def _leave(status, line):
+    """Exit with `status` after `line` on stderr. Where a stream's reader is gone (`2>&1 | tee` after Ctrl-C,
+    which ends tee too) nothing can be shown: the stream is pointed at /dev/null instead, so that neither the
+    line nor the interpreter's last flush fails, which would replace the status with 1 and print nothing."""
+    for stream, text in ((sys.stdout, ""), (sys.stderr, line + "\n")):
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):  # a broken pipe, or a stream already closed
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+    sys.exit(status)
+
+
 def run_main(main):
     """Run `main()`; a UserError or an OSError (or Ctrl-C) becomes one line on stderr and exit status 2 (130)."""
     try:
@@ -65,11 +83,8 @@ def run_main(main):
             _abandon_process_group()
         _exit_if_one_of_several()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _leave(2, f"error: {e}")
     except OSError as e:  # one the code did not wrap (a full disk under TensorBoard's writer ...): still one line
-        print(f"error: {_why(e)}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        sys.exit(2)
+        _leave(2, f"error: {_why(e)}" + (f": {e.filename}" if e.filename else ""))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _leave(130, "interrupted")

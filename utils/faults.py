@@ -6,21 +6,55 @@ at a named, deterministic point, so that crash-and-resume tests never race the c
     DYNPRUNE_KILL_AT="bn:5"        re-estimating BatchNorm statistics, before batch 5 (1-based)
     DYNPRUNE_KILL_AT="trial:3:saved:1"  main_search.py: that point within the 3rd trial the process runs
 
+With DYNPRUNE_KILL_SIGNAL=SIGINT the point sends SIGINT to the process's whole process group instead, as
+Ctrl-C in a terminal does to every process of a pipeline (`python main_sp.py ... | tee log`; start such a
+job in a session of its own), and raises KeyboardInterrupt once every pipe the process writes to has lost
+its reader: tee, with nothing to finish, is gone before a training step ends, and the test then sees that
+order every time.
+
 The point names and numbers are those of the calls to `kill_point` below; with the variable unset (every
 normal run) a call costs one dictionary lookup.
 """
 import contextlib
 import os
+import select
 import signal
+import stat
+import time
 
 ENV = "DYNPRUNE_KILL_AT"
+SIGNAL_ENV = "DYNPRUNE_KILL_SIGNAL"
 
 
 def kill_point(name, *where):
     """SIGKILL this process if DYNPRUNE_KILL_AT names this point, e.g. kill_point("step", 2, 3)."""
     spec = os.environ.get(ENV)
     if spec and spec == ":".join([name, *map(str, where)]):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(SIGNAL_ENV) == "SIGINT":
+            interrupt_pipeline()
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def interrupt_pipeline(wait_s=60):
+    """Ctrl-C to this process's group, handled here once the readers of stdout / stderr that are pipes have
+    exited (poll reports POLLERR on a pipe's writing end without readers; at most `wait_s` seconds)."""
+    before = signal.signal(signal.SIGINT, lambda *_: None)  # this process's own Ctrl-C is the raise below
+    try:
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        poller, pipes = select.poll(), set()
+        for fd in (1, 2):
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                poller.register(fd, select.POLLERR)
+                pipes.add(fd)
+        deadline = time.monotonic() + wait_s
+        while pipes and time.monotonic() < deadline:
+            for fd, _ in poller.poll(100):
+                poller.unregister(fd)
+                pipes.discard(fd)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -6,13 +6,30 @@ import tempfile
 from utils.errors import write_error
 
 
+def current_umask():
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status); elsewhere
+    set and restored at once, through 0o077 so that a file another thread creates in between is only ever
+    more private, never less."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write, binary=False, tmp_prefix=None):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a
     process killed while writing leaves the previous file in place, and a crash never leaves an empty one.
     Temporary files of earlier killed writers (`tmp_prefix`, default ".tmp-<name>-") are removed first (one
     writer per file). An OSError (disk full, no permission, a path component that is a file) is a UserError
     naming `path` and the reason (also when the writer wraps it, as torch.save does); the previous file stays
-    as it was."""
+    as it was. The file gets the mode a plain open() would give it (0o666 less the umask: on a shared
+    machine, readable by whom the user's umask says), not the temporary file's private 0o600."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = tmp_prefix or f".tmp-{os.path.basename(path)}-"
     tmp = None
@@ -23,6 +40,7 @@ def atomic_write(path, write, binary=False, tmp_prefix=None):
                 os.unlink(os.path.join(directory, stale))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
         with os.fdopen(fd, "wb" if binary else "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

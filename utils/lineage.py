@@ -101,20 +101,31 @@ def later_stages(result_dir, stage):
     return [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
 
 
+def finished(result_dir, stage):
+    """Whether result_dir holds a finished run of `stage` (its metrics.json, written as the run ends)."""
+    return os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))
+
+
 def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=False):
-    """Before a stage writes into result_dir: later stages' results there were made from the network this
-    run replaces. Refused unless `overwrite`, which moves them, the table and (unless `resuming`) this
-    stage's own earlier results into <result_dir>/stale-<time>/, never deleting anything: the folder aside
-    holds the earlier run's whole chain. All or nothing: renamed within result_dir (never copied), undone if
-    one rename fails. Call it with move=False before any work (to refuse early), then with move=True once
-    every input has been checked. Returns the folder used, or None."""
+    """Before a stage writes into result_dir: a finished run of this stage there (unless `resuming` it) would
+    be replaced, and later stages' results there were made from the network this run replaces. Refused
+    unless `overwrite`, which moves them, the table and (unless `resuming`) this stage's own earlier results
+    into <result_dir>/stale-<time>/, never deleting anything: the folder aside holds the earlier run's whole
+    chain. All or nothing: renamed within result_dir (never copied), undone if one rename fails. Call it with
+    move=False before any work (to refuse early), then with move=True once every input has been checked.
+    Returns the folder used, or None."""
     later = later_stages(result_dir, stage)
-    if not later:
+    own = not resuming and finished(result_dir, stage)
+    if not later and not own:
         return None
     if not overwrite:
-        raise UserError(f"{result_dir} holds results of later stages ({', '.join(s + '/' for s in later)}) made "
-                        f"from the {stage}/ network this run replaces; give --overwrite to move them aside, or "
-                        f"another --result_dir")
+        if later:
+            raise UserError(f"{result_dir} holds results of later stages ({', '.join(s + '/' for s in later)}) "
+                            f"made from the {stage}/ network this run replaces; give --overwrite to move them "
+                            f"aside, or another --result_dir")
+        raise UserError(f"{result_dir} holds a finished {LABELS[stage]} run ({stage}/checkpoint.pt, "
+                        f"{stage}/metrics.json) that this run would replace; give --overwrite to move it aside "
+                        f"into {result_dir}/stale-<time>/, or another --result_dir")
     if not is_main or not move:
         return None
     aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S"))
