@@ -19,9 +19,11 @@ SP = [*STAGE1_FLAGS, "--bs", "16"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sp", "prune", "rl"])
+@pytest.mark.parametrize("stage", ["sp", "prune", "rl", "rl-gumbel"])
 def test_torchrun_two_processes(pipeline, tmp_path, stage):
     tmp, data, res = pipeline
+    controller = ["--controller", "gumbel"] if stage == "rl-gumbel" else []
+    stage = stage.split("-")[0]
     out = tmp_path / "ddp"
     if stage != "sp":
         shutil.copytree(res / "sp", out / "sp")
@@ -34,7 +36,7 @@ def test_torchrun_two_processes(pipeline, tmp_path, stage):
                 "--bs", "8", "--epochs", "1", "--data_dir", data, "--result_dir", str(out)]
     if stage == "rl":  # the dual ascent, the calibrations and a route epoch (greedy_step) under DDP too
         target = 0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"]
-        argv += ["--target_gflops", str(target), "--route_epochs", "1"]
+        argv += ["--target_gflops", str(target), "--route_epochs", "1", *controller]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
