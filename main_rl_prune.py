@@ -15,15 +15,16 @@ calibrated on training data so that the greedy routes cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
 (the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
 is recalibrated before every route epoch). The stage ends like stage 2: BN statistics re-estimated under the
-greedy routes, save, then the final test of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt,
-metrics.json, tb/}: the row "static + dynamic pruning", then the whole table as <result_dir>/table.md and
-table.json."""
+greedy routes, save, then the final test of the model exactly as saved; a run whose switches cut under 1%
+of the GFLOPs ends with a line saying so and which --alpha or --target_gflops would cut more. Writes
+<result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static + dynamic pruning", then the whole table
+as <result_dir>/table.md and table.json."""
 import json
 import os
 import sys
 
 from gates.counterfactual import CounterfactualStep
-from gates.ending import end_training
+from gates.ending import end_training, small_cut_warning
 from gates.gumbel import GumbelStep
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
@@ -254,7 +255,7 @@ def main(argv=None):
         run.save(model, optimizer, scheduler, args.epochs, own_state())
     alpha_final = price.alpha.item()
     run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
-    run.finish(model, ddp, data, costs, {
+    metrics = run.finish(model, ddp, data, costs, {
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
         "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,
@@ -265,6 +266,10 @@ def main(argv=None):
     elif ctx.is_main:
         print(f"no table written: the run ended on the {args.final_split} split (--final_split "
               f"{args.final_split}), and the table is of test numbers", flush=True)
+    if ctx.is_main:  # last, so that it is not lost above the table
+        warning = small_cut_warning(ddp, data, costs, metrics["gflops_per_image"], alpha_final)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     teardown()
 
 

@@ -1,13 +1,15 @@
 """Stage 3's gumbel controller (gates/gumbel.py, models/switches.gumbel_decisions): decisions drawn as
 Bernoulli(p) and passed forward as 0/1, the Gumbel-softmax gradient backward, by hand; that gradient
 reaching the switches and, through them, the backbone on the route taken, for both switch kinds; the
-and the price steering the routes."""
+price steering the routes; and the measure of why a run cut next to nothing (gates/ending.skip_alphas)."""
 import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import conftest
+from gates.ending import skip_alphas
 from gates.gumbel import GumbelStep
 from gates.policy import SkipPrice
 from models import build_model, make_arch
@@ -125,3 +127,24 @@ def test_the_price_steers_the_routes():
 
     rate, rate0 = run(10.0), run(0.0)
     assert rate < 0.1 and rate0 > 0.5, (rate, rate0)
+
+
+def test_skip_alphas_are_the_median_benefit_per_share_of_the_price():
+    """skip_alphas against the network run with each block removed by a fixed route (`open` mode): per
+    block, the median over the images of (CE without the block - CE with every block) / the block's share
+    of the gated FLOPs; at that alpha skipping the block pays on half the images."""
+    model, costs, train, _ = _trained(epochs=1)
+    with torch.no_grad():  # every switch executes: the greedy routes are the full network
+        model.switches.head.weight.zero_()
+        model.switches.head.bias.fill_(30.0)
+    batches = [b for _, b in zip(range(2), train)]
+    alphas = skip_alphas(model, batches, costs)
+    model.eval()
+    w = torch.tensor(costs["blocks"], dtype=torch.float64) / sum(costs["blocks"])
+    with torch.no_grad():
+        full = torch.cat([F.cross_entropy(model(x, "open")[0], y, reduction="none") for x, y in batches])
+        for j in range(model.num_switches):
+            model.route = [int(k != j) for k in range(model.num_switches)]
+            without = torch.cat([F.cross_entropy(model(x, "open")[0], y, reduction="none") for x, y in batches])
+            assert alphas[j] == pytest.approx(((without - full).double().median() / w[j]).item(), rel=1e-4, abs=1e-6)
+    model.route = None
