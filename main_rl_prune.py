@@ -1,24 +1,31 @@
 """Stage 3: dynamic pruning. The switches of the stage-2 network (or of the stage-1 network, for dynamic
-pruning alone) learn to skip blocks per image, the backbone by cross-entropy on the routes taken. The
-controller (--controller): counterfactual (default; gates/counterfactual.py: per image and block, the loss
-with the block skipped minus with it executed, against the block's price) or SkipNet's REINFORCE
-(gates/policy.py). Either loss of the switches is summed over the images of each process's batch (every
-decision gets its own term), so --rl_weight means what it means in SkipNet's code, where the original flags
-come from. With --target_gflops G, alpha (the price of running every gated block) is adapted during
-training (dual ascent) and the switches' threshold calibrated on training data so that the greedy routes
-cost G.
+pruning alone) learn to skip blocks per image. The controller (--controller):
+  counterfactual (default; gates/counterfactual.py): per image and block, the loss with the block skipped
+      minus with it executed, against the block's price; the backbone learns by cross-entropy on routes
+      drawn from the switches' probabilities kept away from 0 and 1
+  reinforce (gates/policy.py): SkipNet's REINFORCE, the backbone by cross-entropy on the sampled routes
+  gumbel (gates/gumbel.py): ConvNet-AIG's gates, the backbone and the switches trained together on the
+      switches' own routes by the cross-entropy plus the price of the blocks run, through the decisions'
+      straight-through Gumbel-softmax gradient
+alpha is the price of running every gated block, in cross-entropy units, under all three. The switches'
+loss of counterfactual and reinforce is summed over the images of each process's batch (every decision gets
+its own term), so --rl_weight means what it means in SkipNet's code, where the original flags come from.
+With --target_gflops G, alpha is adapted during training (dual ascent) and the switches' threshold
+calibrated on training data so that the greedy routes cost G.
 With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
 (the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
 is recalibrated before every route epoch). The stage ends like stage 2: BN statistics re-estimated under the
-greedy routes, save, then the final test of the model exactly as saved. Writes <result_dir>/rl/{checkpoint.pt,
-metrics.json, tb/}: the row "static + dynamic pruning", then the whole table as <result_dir>/table.md and
-table.json."""
+greedy routes, save, then the final test of the model exactly as saved; a run whose switches cut under 1%
+of the GFLOPs ends with a line saying so and which --alpha or --target_gflops would cut more. Writes
+<result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static + dynamic pruning", then the whole table
+as <result_dir>/table.md and table.json."""
 import json
 import os
 import sys
 
 from gates.counterfactual import CounterfactualStep
-from gates.ending import end_training
+from gates.ending import end_training, small_cut_warning
+from gates.gumbel import GumbelStep
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
 from models.resnet import compile_step
@@ -35,7 +42,13 @@ from utils.data import DataSettings, load_data
 from runtime.table import write_table
 
 
-CONTROLLERS = ("counterfactual", "reinforce")
+CONTROLLERS = ("counterfactual", "reinforce", "gumbel")
+# the flags that only some controllers read, and their defaults: given to another controller they would do
+# nothing, which a warning says
+CONTROLLER_FLAGS = {"tau": (("counterfactual",), 0.05), "explore_bound": (("counterfactual",), 0.1),
+                    "gamma": (("reinforce",), 1.0), "baseline": (("reinforce",), "moving"),
+                    "baseline_momentum": (("reinforce",), 0.9),
+                    "rl_weight": (("counterfactual", "reinforce"), 0.1), "gumbel_tau": (("gumbel",), 1.0)}
 
 
 def parse_args(argv=None):
@@ -52,21 +65,26 @@ def parse_args(argv=None):
     r.add_argument("--controller", default="counterfactual", choices=CONTROLLERS,
                    help="how the switches learn: counterfactual (default: per image and block, the loss with "
                         "the block skipped minus with it executed, against the block's price; "
-                        "gates/counterfactual.py) or reinforce (SkipNet's policy gradient, gates/policy.py)")
+                        "gates/counterfactual.py), reinforce (SkipNet's policy gradient, gates/policy.py) or "
+                        "gumbel (ConvNet-AIG's gates: backbone and switches trained together on the switches' "
+                        "own routes through straight-through Gumbel-softmax decisions; gates/gumbel.py)")
     r.add_argument("--tau", type=float, default=0.05,
                    help="counterfactual: temperature of the switches' targets sigmoid((benefit - price) / tau), "
                         "in cross-entropy units")
     r.add_argument("--explore_bound", type=float, default=0.1,
                    help="counterfactual: the training routes are drawn from p clamped to [b, 1 - b]")
+    r.add_argument("--gumbel_tau", type=float, default=1.0,
+                   help="gumbel: temperature of the Gumbel-softmax relaxation whose gradient the decisions pass "
+                        "(1, as in ConvNet-AIG)")
     r.add_argument("--alpha", type=float, default=0.1,
-                   help="total reward for skipping every gated block (per image); with --target_gflops, its "
-                        "starting value")
+                   help="price of running every gated block, per image, in cross-entropy units (reinforce: the "
+                        "total reward for skipping them all); with --target_gflops, its starting value")
     r.add_argument("--gamma", type=float, default=1.0, help="reinforce: discount of the returns, in [0, 1]")
     r.add_argument("--rl_weight", type=float, default=0.1,
                    help="weight of the switches' loss (reinforce: the policy loss; counterfactual: the switch "
-                        "loss) beside the CE (itself averaged over the batch); the switches' loss is SUMMED over "
-                        "the images of a process's batch, as in SkipNet's code (action.reinforce(rl_weight * R) "
-                        "per sampled action)")
+                        "loss; gumbel has none, its price being part of its one loss) beside the CE (itself "
+                        "averaged over the batch); the switches' loss is SUMMED over the images of a process's "
+                        "batch, as in SkipNet's code (action.reinforce(rl_weight * R) per sampled action)")
     r.add_argument("--target_gflops", type=float, default=None, metavar="G",
                    help="GFLOPs per image that the greedy routes must cost: alpha is adapted by dual ascent "
                         "during training, then the switches' threshold is calibrated on training data")
@@ -97,7 +115,7 @@ def check_args(args):
                           ("alpha_lr", args.alpha_lr > 0, "must be > 0"),
                           ("route_epochs", args.route_epochs >= 0, "must be >= 0"),
                           ("route_lr", args.route_lr is None or args.route_lr > 0, "must be > 0"),
-                          ("tau", args.tau > 0, "must be > 0"),
+                          ("tau", args.tau > 0, "must be > 0"), ("gumbel_tau", args.gumbel_tau > 0, "must be > 0"),
                           ("explore_bound", 0 <= args.explore_bound < 0.5, "must be in [0, 0.5)")]:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
@@ -108,13 +126,12 @@ def check_args(args):
         raise UserError(f"--baseline batch needs --bs 2 or more (per process): the mean return of a batch of "
                         f"{args.bs} image is that image's own return, so the policy loss would be 0 at every "
                         f"step (use --baseline moving)")
-    if args.controller == "counterfactual":  # REINFORCE's own knobs would silently do nothing
-        ignored = [f"--{k} {getattr(args, k)}" for k, default in (("gamma", 1.0), ("baseline", "moving"),
-                                                                  ("baseline_momentum", 0.9))
-                   if getattr(args, k) != default]
-        if ignored:
-            print(f"warning: {', '.join(ignored)} only apply to --controller reinforce (the counterfactual "
-                  f"controller has no returns and no baseline)", file=sys.stderr, flush=True)
+    ignored = [(k, users) for k, (users, default) in CONTROLLER_FLAGS.items()
+               if args.controller not in users and getattr(args, k) != default]
+    if ignored:  # another controller's knobs would silently do nothing
+        print("warning: " + "; ".join(f"--{k} {getattr(args, k)} only applies to --controller {' and '.join(users)}"
+                                      for k, users in ignored) + f" (this run: --controller {args.controller})",
+              file=sys.stderr, flush=True)
     if args.target_gflops is not None and args.alpha <= 0:
         raise UserError(f"--alpha {args.alpha}: --target_gflops adapts alpha multiplicatively, start it > 0")
     check_switch_flags(args)
@@ -222,9 +239,11 @@ def main(argv=None):
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     if args.controller == "counterfactual":
-        ddp_model = getattr(ddp, "module", ddp)
-        ddp_model.explore_bound = args.explore_bound
+        model.explore_bound = args.explore_bound
         step = CounterfactualStep(costs, price, args.tau, args.rl_weight)
+    elif args.controller == "gumbel":
+        model.temperature = args.gumbel_tau
+        step = GumbelStep(costs, price)
     else:
         step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
     if args.compile:
@@ -239,7 +258,7 @@ def main(argv=None):
     alpha_final = price.alpha.item()
     if target is not None:  # alpha moves only towards a target (its curve: rl/train/alpha, an epoch's mean)
         run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
-    run.finish(model, ddp, data, costs, {
+    metrics = run.finish(model, ddp, data, costs, {
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
         "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,
@@ -250,6 +269,10 @@ def main(argv=None):
     elif ctx.is_main:
         print(f"no table written: the run ended on the {args.final_split} split (--final_split "
               f"{args.final_split}), and the table is of test numbers", flush=True)
+    if ctx.is_main:  # last, so that it is not lost above the table
+        warning = small_cut_warning(ddp, data, costs, metrics["gflops_per_image"], alpha_final)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     teardown()
 
 

@@ -1,21 +1,31 @@
-"""How stage 3 ends, after its last REINFORCE epoch: with a FLOPs target, the switches' threshold calibrated
-(gates/routes.calibrate_to_flops); with --route_epochs, the backbone fine-tuned on the greedy routes; then
-BN statistics re-estimated under the greedy routes (what the deployed model runs) and, with a target, the
-threshold calibrated once more. main_rl_prune.py saves what end_training returns in the checkpoint, so a
-run resumed after its ending does not redo it, and one killed during it redoes it from the last epoch's
-checkpoint (every step here is deterministic).
+"""How stage 3 ends, after its last epoch (whatever the controller): with a FLOPs target, the switches'
+threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone fine-tuned on the
+greedy routes; then BN statistics re-estimated under the greedy routes (what the deployed model runs) and,
+with a target, the threshold calibrated once more. main_rl_prune.py saves what end_training returns in the
+checkpoint, so a run resumed after its ending does not redo it, and one killed during it redoes it from the
+last epoch's checkpoint (every step here is deterministic). After the final evaluation, small_cut_warning
+says when the routes cut next to nothing, and what would cut more.
 """
 import functools
 
 import torch
 
+from gates.counterfactual import execution_benefit, flip_losses, unwrap
 from gates.routes import calibrate_to_flops
 from runtime.loop import make_scheduler, train_epoch
 from runtime.evaluate import recalibrate_bn
 from runtime.steps import supervised_step, touch_switches
+from utils.flops import dense_flops, skipped_flops
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
+SMALL_CUT = 0.01  # routes that cut less than this share of the GFLOPs with every block run get a warning
 ROUTE_SEED = 7_919  # the route fine-tuning's own RNG stream (augmentation), whatever ran before it
+
+
+def calibration_batches(data):
+    """The first CALIBRATION_BATCHES batches of the training images, not augmented, always the same ones."""
+    data.plain_train.set_epoch(0)
+    return [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
 
 
 def greedy_step(model, x, y):
@@ -70,9 +80,7 @@ def end_training(ddp, data, ctx, costs, target, args):
     ending = {"bn_batches": len(data.train)}
     calibrate = None
     if target is not None:
-        data.plain_train.set_epoch(0)
-        batches = [b for _, b in zip(range(CALIBRATION_BATCHES), data.plain_train)]
-        calibrate = functools.partial(calibrate_to_flops, ddp, batches, ctx, costs, target)
+        calibrate = functools.partial(calibrate_to_flops, ddp, calibration_batches(data), ctx, costs, target)
         ending["calibration"] = [calibrate()]
     if args.route_epochs:
         ending["route_epochs"], during = finetune_on_routes(ddp, data, ctx, args, calibrate)
@@ -83,3 +91,49 @@ def end_training(ddp, data, ctx, costs, target, args):
     if calibrate is not None:
         ending["calibration"].append(calibrate())
     return ending
+
+
+@torch.no_grad()
+def skip_alphas(ddp, batches, costs):
+    """Per gated block j (switch j's block), the alpha from which skipping it pays on half the images of
+    `batches` (training data) on their greedy routes: the median over the images of b_ij / w_j, b_ij the
+    image's cross-entropy with the block skipped minus with it executed (gates/counterfactual.flip_losses),
+    w_j = c_j / C the block's share of alpha. Under every controller alpha is that price: executing block j
+    pays for image i iff b_ij > alpha * w_j. A negative value: the block does harm on most images."""
+    model = unwrap(ddp)
+    was_training = model.training
+    model.eval()
+    try:
+        benefits = []
+        for x, y in batches:
+            _, actions, _ = model(x, "greedy")
+            benefits.append(execution_benefit(*flip_losses(model, x, y, actions), actions))
+    finally:
+        model.train(was_training)
+    blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
+    return (torch.cat(benefits).double().median(0).values.cpu() / (blocks / blocks.sum())).tolist()
+
+
+def small_cut_warning(ddp, data, costs, gflops, alpha):
+    """None when the routes cut at least SMALL_CUT of the GFLOPs of the same network with every block run
+    (`gflops`: per image, the final evaluation's); else one line saying how little they cut and which
+    --alpha (skip_alphas, measured on the training images) or --target_gflops would cut more. `alpha`: the
+    price the switches ended training with. A row 3 equal to row 2 is then never left unexplained."""
+    dense = dense_flops(costs) / 1e9
+    cut = 1 - gflops / dense
+    if cut >= SMALL_CUT:
+        return None
+    alphas = skip_alphas(ddp, calibration_batches(data), costs)
+    j = min(range(len(alphas)), key=alphas.__getitem__)
+    low, high = skipped_flops(costs) / 1e9, (skipped_flops(costs) + sum(costs["blocks"])) / 1e9
+    target = min(max(0.9 * dense, low + 0.05 * (high - low)), low + 0.95 * (high - low))
+    line = (f"warning: the switches cut {100 * cut:.1f}% of the GFLOPs ({gflops:.4g} per image against {dense:.4g} "
+            f"with every block run), so row 3 is as costly as the network it started from. ")
+    if alphas[j] > alpha:
+        line += (f"Skipping gated block {j + 1} of {len(alphas)} pays on half the training images from --alpha "
+                 f"{alphas[j]:.2g} (this run ended at {alpha:.2g}); ")
+    else:
+        line += (f"Skipping gated block {j + 1} of {len(alphas)} already pays on half the training images at this "
+                 f"run's alpha {alpha:.2g}, but the switches have not learnt it (more --epochs, or a larger --lr "
+                 f"or --switch_lr); ")
+    return line + f"--target_gflops {target:.4g} ({100 * (1 - target / dense):.0f}% fewer) sets the cut directly"

@@ -157,6 +157,8 @@ class ResNet(nn.Module):
         self.route = None
         # `explore` mode only: its decisions are drawn from p clamped to [explore_bound, 1 - explore_bound]
         self.explore_bound = 0.1
+        # `gumbel` mode only: the temperature of the relaxed decisions that give their gradient
+        self.temperature = 1.0
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -186,7 +188,7 @@ class ResNet(nn.Module):
         explore = mode == "explore"
         for j, block in enumerate(self.blocks[1:]):
             p, state = self.switches(j, x.detach() if explore else x, state)
-            a = act(p, mode, self.training, self.explore_bound)
+            a = act(p, mode, self.training, self.explore_bound, self.temperature)
             x = block.forward_skipping(x, a.detach()) if skipping else block.forward_masked(x, a)
             actions.append(a)
             probs.append(p)

@@ -11,6 +11,10 @@ depends on the mode:
   explore a ~ Bernoulli(p clamped to [b, 1 - b]), b the model's `explore_bound`, and the switches read their
           blocks' inputs detached: stage 3's counterfactual controller (gates/counterfactual.py), where the
           switches learn by their own loss only and every route keeps being tried
+  gumbel  in training a ~ Bernoulli(p) drawn by the Gumbel-max trick, the 0/1 value forward and the gradient of
+          its Gumbel-softmax relaxation (temperature: the model's `temperature`) backward, to p and through
+          the switches' inputs to the backbone: stage 3's gumbel controller (gates/gumbel.py), ConvNet-AIG's
+          gates; out of training p > 0.5, as `greedy`
 """
 import contextlib
 
@@ -18,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODES = ("open", "hard", "greedy", "sample", "explore")
+MODES = ("open", "hard", "greedy", "sample", "explore", "gumbel")
 KINDS = ("rnn", "ff")
 
 
@@ -143,13 +147,14 @@ def build_switches(kind, channels):
     raise ValueError(f"unknown switch kind {kind!r} (expected one of {KINDS})")
 
 
-def act(p, mode, training, bound=0.0):
+def act(p, mode, training, bound=0.0, temperature=1.0):
     """0/1 execution decisions (float, shape of p) from probabilities p: `sample` draws them (`explore` from
-    p clamped to [bound, 1 - bound]), `hard` and
+    p clamped to [bound, 1 - bound]; `gumbel` in training as `sample`, with a gradient), `hard` and
     `greedy` take p > 0.5. In training, `hard` passes gradients straight through to p (SkipNet's supervised
     phase: the switches and, through their inputs, the backbone learn the routes); `greedy` passes none (the
     routes are fixed functions of the features: stage 3's route fine-tuning trains the backbone on them
-    without teaching it to turn blocks back on through the switches' inputs)."""
+    without teaching it to turn blocks back on through the switches' inputs); `gumbel` passes the gradient
+    of the relaxed decision at `temperature` (gumbel_decisions)."""
     if mode == "sample":
         with torch.no_grad():  # no graph node (a detach would be one more op)
             return torch.bernoulli(p)
@@ -158,6 +163,8 @@ def act(p, mode, training, bound=0.0):
             return torch.bernoulli(p.clamp(bound, 1 - bound))
     if mode == "hard" and training:
         return _StraightThrough.apply(p)
+    if mode == "gumbel" and training:
+        return gumbel_decisions(p, temperature)
     return (p > 0.5).to(p.dtype)  # a comparison carries no gradient: no detach needed
 
 
@@ -174,6 +181,29 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def gumbel_decisions(p, temperature=1.0, noise=None, eps=1e-6):
+    """Straight-through Gumbel-softmax decisions (Jang et al. and Maddison et al., ICLR 2017; ConvNet-AIG's
+    gates, Veit & Belongie, ECCV 2018) for two actions, execute and skip. The difference of the two actions'
+    Gumbel noises is logistic noise L = log u - log(1 - u), u ~ U(0, 1) (`noise`: given, else drawn), so
+
+      forward   a = [logit(p) + L > 0]                         a ~ Bernoulli(p): the route the image takes
+      backward  d a / d logit(p) = s (1 - s) / temperature,    s = sigmoid((logit(p) + L) / temperature)
+
+    (the hard value plus the relaxation minus its detached self: exactly 0 or 1 forward). logit(p) is taken
+    of p clamped to [eps, 1 - eps]: float32 holds no larger logit at p near 1, and a switch saturated past
+    it gets no gradient from that image (its sigmoid's gradient there is under eps anyway). In float32 even
+    under bf16 autocast, like the switches' probabilities."""
+    with autocast_off(p.device.type):
+        p = p if p.dtype == torch.float32 else p.float()
+        if noise is None:
+            with torch.no_grad():
+                u = torch.rand_like(p).clamp_(eps, 1 - eps)
+                noise = torch.log(u) - torch.log1p(-u)
+        z = torch.logit(p, eps) + noise
+        soft = torch.sigmoid(z / temperature)
+        return (z > 0).to(p.dtype) + (soft - soft.detach())
 
 
 def log_prob(p, actions, eps=1e-6):

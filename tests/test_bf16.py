@@ -111,6 +111,27 @@ def test_three_stages_train_in_bf16_and_save_float32_checkpoints(runs):
 
 
 @pytest.mark.slow
+def test_stage3_gumbel_controller_trains_in_bf16(runs, tmp_path):
+    """The controller whose decisions carry a gradient (straight-through Gumbel-softmax) under bf16 autocast:
+    finite losses, bf16 convs in NHWC, a float32 checkpoint, and the GFLOPs target met by its calibration."""
+    import shutil
+    root, data, res, logs = runs
+    for stage in ("sp", "prune"):
+        shutil.copytree(f"{res}/{stage}", tmp_path / stage)
+    out, seen = run_stage(main_rl_prune.main, ["--controller", "gumbel", "--epochs", "2", "--lr", "0.01", "--bs",
+                                               "32", "--target_gflops", "0.007", "--val_split", "0.25",
+                                               "--data_dir", data, "--result_dir", str(tmp_path), *BF16])
+    assert (torch.bfloat16, True) in seen, seen
+    losses = [float(line.split("train loss ")[1].split()[0]) for line in out.splitlines() if "train loss" in line]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), out
+    ckpt = load_checkpoint(str(tmp_path / "rl" / "checkpoint.pt"))
+    assert ckpt["args"]["controller"] == "gumbel" and ckpt["args"]["amp"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    metrics = json.loads((tmp_path / "rl" / "metrics.json").read_text())
+    assert metrics["ending"]["calibration"][-1]["gflops"] == pytest.approx(0.007, rel=0.05), metrics["ending"]
+
+
+@pytest.mark.slow
 def test_search_trials_run_in_bf16(runs, tmp_path, monkeypatch):
     """main_search.py has no --amp: its static trials take the stage-2 config's amp / channels_last keys (passed
     through --prune_config); its dynamic trials and its own evaluations take the device's default (bf16 +

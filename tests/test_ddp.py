@@ -37,13 +37,14 @@ def torchrun(argv, nproc=2):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.fixture(scope="module", params=["sp", "prune", "rl"])
+@pytest.fixture(scope="module", params=["sp", "prune", "rl", "rl-gumbel"])
 def two_processes(request, pipeline, tmp_path_factory):
     """One stage run under torchrun --nproc_per_node=2 (gloo) from the `pipeline` fixture's earlier stages:
     (stage, argv of the run, its result dir, data dir)."""
-    stage = request.param
+    controller = ["--controller", "gumbel"] if request.param == "rl-gumbel" else []
+    stage = request.param.split("-")[0]
     tmp, data, res = pipeline
-    out = tmp_path_factory.mktemp(f"ddp-{stage}") / "ddp"
+    out = tmp_path_factory.mktemp(f"ddp-{request.param}") / "ddp"
     if stage != "sp":
         shutil.copytree(res / "sp", out / "sp")
         if stage == "rl":
@@ -55,7 +56,7 @@ def two_processes(request, pipeline, tmp_path_factory):
                 "--bs", "8", "--epochs", "1", "--data_dir", data, "--result_dir", str(out)]
     if stage == "rl":  # the dual ascent, the calibrations and a route epoch (greedy_step) under DDP too
         target = 0.8 * json.load(open(res / "prune" / "metrics.json"))["dense_gflops"]
-        argv += ["--target_gflops", str(target), "--route_epochs", "1"]
+        argv += ["--target_gflops", str(target), "--route_epochs", "1", *controller]
     proc = torchrun(argv)
     # the workers' own lines come first, torchrun's summary last: show both
     assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]

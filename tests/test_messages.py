@@ -84,6 +84,23 @@ def test_batch_baseline_with_one_image_per_process_is_refused(tmp_path):
         main_rl_prune.check_args(main_rl_prune.parse_args(["--controller", "reinforce", *flags]))
 
 
+def test_a_controllers_own_flag_given_to_another_warns_that_it_does_nothing(capsys):
+    for argv, named in ((["--controller", "gumbel", "--tau", "0.2", "--rl_weight", "0.01"],
+                         ["--tau 0.2 only applies to --controller counterfactual",
+                          "--rl_weight 0.01 only applies to --controller counterfactual and reinforce"]),
+                        (["--gumbel_tau", "0.5", "--gamma", "0.9"],
+                         ["--gumbel_tau 0.5 only applies to --controller gumbel",
+                          "--gamma 0.9 only applies to --controller reinforce"]),
+                        (["--controller", "reinforce", "--explore_bound", "0.2"],
+                         ["--explore_bound 0.2 only applies to --controller counterfactual"]),
+                        (["--controller", "gumbel", "--gumbel_tau", "0.5", "--alpha", "0.3"], [])):
+        main_rl_prune.check_args(main_rl_prune.parse_args(argv))
+        err = capsys.readouterr().err
+        assert all(n in err for n in named) and (err.count("\n") == 1 if named else err == ""), (argv, err)
+    with pytest.raises(UserError, match="--gumbel_tau 0.0 must be > 0"):
+        main_rl_prune.check_args(main_rl_prune.parse_args(["--controller", "gumbel", "--gumbel_tau", "0"]))
+
+
 # ------------------------------------------------------------ 2. a --val_split that holds out no image
 
 def test_val_split_holding_out_no_image_is_refused_with_the_smallest_that_does(stage1, capsys):

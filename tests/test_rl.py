@@ -272,12 +272,58 @@ def test_route_epochs_train_the_backbone_on_greedy_routes_and_leave_the_switches
     assert any(k.startswith("blocks.") for k in moved) and any(k.startswith("fc") for k in moved), moved
 
 
+@pytest.mark.slow
+def test_a_run_that_cuts_next_to_nothing_ends_saying_so_and_what_would_cut_more(stages, tmp_path, capsys):
+    """The original stage-3 flags (--alpha 0.1 --gamma 1 --rl_weight 0.1) on a network whose switches all
+    execute: row 3 costs what row 2 does, and stage 3's last line says so, with the --alpha from which
+    skipping a block pays on half the training images and a --target_gflops. Switches that skip: no line."""
+    data, results = stages
+    ckpt = load_checkpoint(str(results / "prune" / "checkpoint.pt"))
+    seed_flags = ["--epochs", "0", "--alpha", "0.1", "--gamma", "1", "--rl_weight", "0.1"]
+    for name, bias in (("executes", 30.0), ("skips", -30.0)):
+        run = tmp_path / name
+        (run / "prune").mkdir(parents=True)
+        shutil.copy(results / "prune" / "metrics.json", run / "prune" / "metrics.json")
+        model = {**ckpt["model"], "switches.head.weight": torch.zeros_like(ckpt["model"]["switches.head.weight"]),
+                 "switches.head.bias": torch.full_like(ckpt["model"]["switches.head.bias"], bias)}
+        save_checkpoint(str(run / "prune" / "checkpoint.pt"), {**ckpt, "model": model})
+        capsys.readouterr()
+        rl = _rl(data, run, *seed_flags)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        if bias > 0:
+            assert rl["exec_rate"] == [1.0, 1.0], rl["exec_rate"]
+            assert err and err[-1].startswith("warning: the switches cut "), err
+            # which of the two alphas skip_alphas measured is its own test (below and tests/test_gumbel.py)
+            assert ("pays on half the training images from --alpha " in err[-1]
+                    or "already pays on half the training images at this run's alpha 0.1" in err[-1]), err[-1]
+            target = float(err[-1].split("--target_gflops ")[1].split()[0])
+            assert 0 < target < rl["gflops_per_image"], err[-1]
+        else:
+            assert rl["exec_rate"] == [0.0, 0.0] and not any("the switches cut" in line for line in err), err
+
+
+def test_the_small_cut_warning_names_the_alpha_measured_or_says_it_was_not_learnt(monkeypatch):
+    import gates.ending
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=8, width=1, num_classes=4))
+    costs = measure_costs(model, 8)
+    dense = (costs["base"] + sum(costs["blocks"])) / 1e9
+    monkeypatch.setattr(gates.ending, "skip_alphas", lambda *a: [2.5, 0.75])
+    monkeypatch.setattr(gates.ending, "calibration_batches", lambda data: [])
+    line = gates.ending.small_cut_warning(model, None, costs, dense * 1.001, 0.1)
+    assert "cut -0.1% of the GFLOPs" in line and "block 2 of 2 pays on half the training images from --alpha 0.75 " \
+        "(this run ended at 0.1)" in line and "--target_gflops" in line, line
+    line = gates.ending.small_cut_warning(model, None, costs, dense, 1.0)
+    assert "block 2 of 2 already pays on half the training images at this run's alpha 1," in line, line
+    assert gates.ending.small_cut_warning(model, None, costs, dense * 0.99, 0.1) is None  # 1% cut: no warning
+
+
 class Stop(Exception):
     pass
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("controller", ["counterfactual", "reinforce"])
+@pytest.mark.parametrize("controller", ["counterfactual", "reinforce", "gumbel"])
 def test_from_an_unpruned_checkpoint_and_exact_resume(stages, tmp_path, monkeypatch, controller):
     data, results = stages
     for run in ("straight", "cut"):
@@ -395,15 +441,18 @@ def deeper_stage1(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deeper_stage1):
+@pytest.mark.parametrize("controller", ["counterfactual", "gumbel"])
+def test_target_gflops_is_met_and_the_saved_model_gives_the_metrics_exactly(deeper_stage1, tmp_path, controller):
     """With route epochs after the training: the threshold is calibrated after the training, before every
     further route epoch and after the BN re-estimate, and the saved model meets the target."""
-    data, results = deeper_stage1
+    data, shared = deeper_stage1
+    results = tmp_path / "results"
+    shutil.copytree(shared / "sp", results / "sp")
     sp = json.load(open(results / "sp" / "metrics.json"))
     target = round(0.6 * sp["dense_gflops"], 6)
     main_rl_prune.main([*TINY, "--lr", "0.01", "--epochs", "2", "--alpha", "0.5", "--rl_weight", "0.02",
                         "--route_epochs", "2", "--target_gflops", str(target), "--data_dir", data,
-                        "--result_dir", str(results)])
+                        "--result_dir", str(results), "--controller", controller])
     rl = json.load(open(results / "rl" / "metrics.json"))
     # the last calibration meets the target on the training images it measures; the test split's 160 images
     # follow within their sampling: measured +0.3% (AVX-512), +0.6% (AVX2), +3.0% (default kernels, whose
