@@ -29,7 +29,7 @@ def _ids(root, split):
 def _run(out, *extra):
     return subprocess.run([sys.executable, "bench/crossfit.py", "--quick", "--out", str(out / "work"),
                            "--results", str(out / "results"), "--jobs", "2", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
 
 
 @pytest.fixture(scope="module")
