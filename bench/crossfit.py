@@ -458,36 +458,38 @@ def budget_step(s, w, u, ctx, args):
         "level_check": level_check(full, routed, level)})
 
 
-def level_routes(rows, level, budget_flops, bins=4000):
-    """The level-router: one route per difficulty level maximising the validation images right, subject to
-    the average cost over the validation images at most `budget_flops` (routes above it allowed): a
-    multiple-choice knapsack, solved exactly on costs rounded up to 1/bins of the most expensive route's."""
+def level_routes(rows, level, budget_flops, bins=4000, low=0.9):
+    """The level-router: one route per difficulty level maximising the validation images right, its average
+    cost over the validation images within [low, 1] x `budget_flops` (as the fixed route's; routes above the
+    budget allowed, and below `low` only if nothing fits the window): a multiple-choice knapsack, solved
+    exactly on costs rounded up to 1/bins of the most expensive route's (ties: the first, cheaper, found)."""
     levels = np.unique(level)
     n = np.array([(level == k).sum() for k in levels])
-    top = max(x["flops"] for x in rows)
-    unit = top * n.sum() / bins
+    unit = max(x["flops"] for x in rows) * n.sum() / bins
     cap = int(np.floor(budget_flops * n.sum() / unit))
-    neg = -10 ** 9
-    dp = np.full(cap + 1, 0.0)  # best right answers so far with total cost <= m
+    neg = -1e18
+    dp = np.full(cap + 1, neg)  # the most right answers with a total cost of exactly m
+    dp[0] = 0.0
     choice = []
     for li, k in enumerate(levels):
         m = level == k
-        new = np.full(cap + 1, float(neg))
+        new = np.full(cap + 1, neg)
         arg = np.full(cap + 1, -1)
         for ri, x in enumerate(rows):
             c = int(np.ceil(x["flops"] * n[li] / unit))
             if c > cap:
                 continue
-            gain = float(x["correct"][m].sum())
-            cand = np.full(cap + 1, float(neg))
-            cand[c:] = dp[:cap + 1 - c] + gain
+            cand = np.full(cap + 1, neg)
+            cand[c:] = dp[:cap + 1 - c] + float(x["correct"][m].sum())
             better = cand > new
             new[better], arg[better] = cand[better], ri
         choice.append(arg)
         dp = new
-    if dp[cap] < 0:
+    lo = int(np.floor(low * cap))
+    window = dp[lo:] if (dp[lo:] > neg / 2).any() else dp
+    if not (window > neg / 2).any():
         return None
-    picks, m = [], cap
+    picks, m = [], int(np.argmax(window)) + (cap + 1 - len(window))
     for li in range(len(levels) - 1, -1, -1):
         ri = int(choice[li][m])
         picks.append(ri)
@@ -551,7 +553,8 @@ def level_router_eval(ddp, data, ctx, routes, level_train, level_val, level_test
 def finish_step(s, w, u, ctx, args):
     """From stage 3's network (before its last phase), `routes` epochs each: the dynamic network on its
     greedy routes (gates/ending.py, as stage 3 ends), the best fixed route at the budget, and the
-    level-router diagnostic (as is and fine-tuned). Per-image validation and test correctness of each."""
+    level-router diagnostic (as is and fine-tuned). Per-image validation and test correctness of each.
+    --redo level: the level-router diagnostic alone, again, into the unit's finish.json."""
     k = bkey(args.budget)
     d = os.path.join(arm_root(u, args.factor), k, w.controller)
     path = os.path.join(d, "rl", "checkpoint.pt")
@@ -560,11 +563,19 @@ def finish_step(s, w, u, ctx, args):
     ddp, data, costs, ckpt = load_unit(w, path, ctx)
     train_ids, val_ids = val_train_ids(w, len(data.train.y) + len(data.eval.y))
     test_ids = unit_ids(w.data_dir, "test", len(data.test.y))
-    lv_train, lv_val, lv_test = (levels_of(u, i) for i in (train_ids, val_ids, test_ids))
-    out = {"budget_gflops": target / 1e9, "epochs": epochs, "test_ids": test_ids.tolist(), "val_ids": val_ids.tolist()}
-    # the dynamic network's last phase
+    lv = {"train": levels_of(u, train_ids), "val": levels_of(u, val_ids), "test": levels_of(u, test_ids)}
     model = getattr(ddp, "module", ddp)
     start = copy.deepcopy(model.state_dict())
+    if args.redo == "level":
+        out = read_json(os.path.join(d, "finish.json"))
+        for key in ("level", "level_ft"):
+            out.pop(key, None)
+        out.update(level_router(s, ddp, data, ctx, costs, start, route_table_val(ddp, data, ctx, costs), target,
+                                epochs, lv))
+        write_json(os.path.join(d, "finish.json"), out)
+        return
+    out = {"budget_gflops": target / 1e9, "epochs": epochs, "test_ids": test_ids.tolist(), "val_ids": val_ids.tolist()}
+    # the dynamic network's last phase
     rl_args = SimpleNamespace(route_epochs=epochs, epochs=ckpt["epoch"], route_lr=s["lr"]["routes"], lr=s["lr"]["rl"],
                               momentum=0.9, weight_decay=5e-4)
     ending = end_training(ddp, data, ctx, costs, target, rl_args)
@@ -576,8 +587,8 @@ def finish_step(s, w, u, ctx, args):
                       "val_gflops": float(routed_flops(costs, torch.as_tensor(va)).mean() / 1e9),
                       "gflops": float(tf.mean()), "last_shift": ending["calibration"][-1]["shift"],
                       "test_distinct_routes": int(len(np.unique(ta, axis=0))),
-                      "by_level": [{"level": int(lv), "gflops": float(tf[lv_test == lv].mean()),
-                                    "acc": float(tc[lv_test == lv].mean() * 100)} for lv in np.unique(lv_test)]}
+                      "by_level": [{"level": int(x), "gflops": float(tf[lv["test"] == x].mean()),
+                                    "acc": float(tc[lv["test"] == x].mean() * 100)} for x in np.unique(lv["test"])]}
     # the best fixed route from the same point (within 10% below the budget, as the budget's own route is),
     # and the check of the difficulty: on stage 3's network (trained on routes, so that a route is not
     # penalised for being untrained), every block against that route, BN re-estimated for each, by level
@@ -589,8 +600,9 @@ def finish_step(s, w, u, ctx, args):
         model.load_state_dict(start)
         recalibrate_route(ddp, data.train, ctx, route, batches=len(data.train))
         check[key] = [per_image(ddp, data.eval, "open", route)[0], per_image(ddp, data.test, "open", route)[0]]
-    out["difficulty_check"] = {"route": best["route"], "val": level_check(check["full"][0], check["route"][0], lv_val),
-                               "test": level_check(check["full"][1], check["route"][1], lv_test)}
+    out["difficulty_check"] = {"route": best["route"],
+                               "val": level_check(check["full"][0], check["route"][0], lv["val"]),
+                               "test": level_check(check["full"][1], check["route"][1], lv["test"])}
     model.load_state_dict(start)
     train_dense(ddp, data, ctx, epochs, s["lr"]["routes"], "fixed route", best["route"])
     recalibrate_route(ddp, data.train, ctx, best["route"], batches=len(data.train))
@@ -598,30 +610,37 @@ def finish_step(s, w, u, ctx, args):
     vc, _ = per_image(ddp, data.eval, "open", best["route"])
     tc, _ = per_image(ddp, data.test, "open", best["route"])
     out["fixed"] = {"val": bits(vc), "test": bits(tc), "route": best["route"], "gflops": best["flops"] / 1e9}
-    # the level-router (a diagnostic: it reads the difficulty labels)
-    model.load_state_dict(start)
-    routes = level_routes(rows, lv_val, target)
-    if routes is not None:
-        lr_ = {}
-        for key, ft in (("level", False), ("level_ft", True)):
-            model.load_state_dict(start)
-            if ft:
-                y2 = data.train.y + data.num_classes * torch.as_tensor(lv_train, device=data.train.y.device)
-                tl = loader_of(data.train.x, y2, data.train.batch_size, ctx, data.pipeline, True, data.train.seed,
-                               data.pipeline["augment"])
-                opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("switches.")],
-                                      lr=s["lr"]["routes"], momentum=0.9, weight_decay=5e-4, nesterov=True)
-                sched = make_scheduler(opt, "cosine", epochs, len(tl))
-                step = LevelRouted(routes, data.num_classes)
-                for epoch in range(epochs):
-                    tl.set_epoch(epoch)
-                    train_epoch(ddp, tl, opt, sched, step, ctx, epoch, desc="level router")
-            vc, tc = level_router_eval(ddp, data, ctx, routes, lv_train, lv_val, lv_test)
-            cost = np.array([route_flops(costs, routes[int(lv)]) for lv in lv_test]) / 1e9
-            lr_[key] = {"val": bits(vc), "test": bits(tc), "gflops": float(cost.mean()),
-                        "routes": {str(kk): r for kk, r in routes.items()}}
-        out.update(lr_)
+    out.update(level_router(s, ddp, data, ctx, costs, start, rows, target, epochs, lv))
     write_json(os.path.join(d, "finish.json"), out)
+
+
+def level_router(s, ddp, data, ctx, costs, start, rows, target, epochs, lv):
+    """The level-router diagnostic (it reads the difficulty labels) from the weights `start`: as is and
+    fine-tuned `epochs` on its routes; {} if no assignment fits the budget."""
+    model = getattr(ddp, "module", ddp)
+    routes = level_routes(rows, lv["val"], target)
+    if routes is None:
+        return {}
+    out = {}
+    for key, ft in (("level", False), ("level_ft", True)):
+        model.load_state_dict(start)
+        if ft:
+            y2 = data.train.y + data.num_classes * torch.as_tensor(lv["train"], device=data.train.y.device)
+            tl = loader_of(data.train.x, y2, data.train.batch_size, ctx, data.pipeline, True, data.train.seed,
+                           data.pipeline["augment"])
+            opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("switches.")],
+                                  lr=s["lr"]["routes"], momentum=0.9, weight_decay=5e-4, nesterov=True)
+            sched = make_scheduler(opt, "cosine", epochs, len(tl))
+            step = LevelRouted(routes, data.num_classes)
+            for epoch in range(epochs):
+                tl.set_epoch(epoch)
+                train_epoch(ddp, tl, opt, sched, step, ctx, epoch, desc="level router")
+        vc, tc = level_router_eval(ddp, data, ctx, routes, lv["train"], lv["val"], lv["test"])
+        cost = np.array([route_flops(costs, routes[int(x)]) for x in lv["test"]]) / 1e9
+        out[key] = {"val": bits(vc), "test": bits(tc), "gflops": float(cost.mean()),
+                    "routes": {str(kk): r for kk, r in routes.items()}}
+    model.load_state_dict(start)
+    return out
 
 
 def collect_step(s, w, u, ctx, args):
@@ -1055,6 +1074,8 @@ def main(argv=None):
                    "<out>/results, never over the full run's")
     p.add_argument("--budget", type=float, default=None, help="one unit's steps: the budget (fraction)")
     p.add_argument("--factor", type=int, default=1, help="one unit's steps: the epochs' factor (2: doubled)")
+    p.add_argument("--redo", default=None, choices=("level",),
+                   help="finish: the level-router diagnostic alone, again, for a unit already finished")
     p.add_argument("--speed", action="store_true", help="also time the trained networks of the first unit")
     p.add_argument("--reps", type=int, default=15, help="rounds of the wall-clock timing")
     p.add_argument("--jobs", type=int, default=2)
