@@ -256,3 +256,20 @@ def test_pooled_report_pools_parts():
     assert rep["power"]["discordance"] == 0.25 and rep["power"]["n"] == 40
     clustered = paired.pooled_report([a1, a1], [b1, b1], image_ids=[np.arange(20)] * 2, n_boot=2000)
     assert clustered["n"] == 40 and clustered["n_images"] == 20 and clustered["power"]["n"] == 20
+
+
+def test_unit_bootstrap_carries_the_variance_between_units():
+    rng = np.random.default_rng(0)
+    same = [rng.random(400) < 0.9 for _ in range(6)]
+    zero = paired.unit_bootstrap_ci(same, same, n_boot=2000)
+    assert (zero.diff, zero.low, zero.high, zero.se) == (0.0, 0.0, 0.0, 0.0)
+    # units that disagree (three +10 points, three -10): the pooled difference is 0 either way, but the
+    # interval over units must be far wider than the one that holds the trained units fixed
+    a = [rng.random(400) < p for p in (0.95, 0.75, 0.95, 0.75, 0.95, 0.75)]
+    b = [rng.random(400) < 0.85 for _ in range(6)]
+    units = paired.unit_bootstrap_ci(a, b, n_boot=4000)
+    images = paired.paired_bootstrap_ci(np.concatenate(a), np.concatenate(b), n_boot=4000)
+    assert units.low < units.diff < units.high and units.diff == pytest.approx(images.diff)
+    assert units.high - units.low > 1.5 * (images.high - images.low)
+    assert units.mdd == pytest.approx(2.8016 * units.se, rel=1e-3) and units.units == 6
+    assert paired.unit_bootstrap_ci(a, b, n_boot=4000) == units  # deterministic

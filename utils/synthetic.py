@@ -157,6 +157,60 @@ def digits_images(size=32, seed=0, hard_fraction=0.0, levels=0, noise=64.0):
     return images, labels, level
 
 
+def _digits_grey(size):
+    """scikit-learn's 8x8 digits brought to size x size (bilinear), float in [0, 255], and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.round(digits.images * (255 / 16)).astype(np.uint8)  # pixel values are 0..16
+    big = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR), dtype=np.float64)
+                    for g in grey])
+    return big, digits.target.astype(np.int64)
+
+
+def transformed_digits(size=16, seed=0, levels=5, rotate=40.0, shrink=0.35, shift=0.2, clutter=3):
+    """scikit-learn's digits under a graded geometric transformation with clutter, a difficulty that more
+    processing can undo (the digit is all there, only moved, turned and crowded, unlike digits_images'
+    noise): RGB uint8 (N, 3, size, size), labels, and each image's level (N,).
+
+    Level l is drawn uniformly from 0 .. levels - 1 per image (with `seed + 1`); severity s = l / (levels - 1),
+    jittered per image by a factor in [0.75, 1]: the digit is rotated by up to s * `rotate` degrees (either
+    way), shrunk by up to s * `shrink` of its size, shifted by up to s * `shift` of the side in a random
+    direction, and round(s * `clutter`) distractor strokes (a random third-of-the-side window of another
+    digit, at 60-100% intensity) are laid over it (pixel-wise maximum). Level 0 is the digit as bundled."""
+    if levels < 2:
+        raise ValueError(f"levels must be >= 2 for a graded transformation, got {levels}")
+    big, labels = _digits_grey(size)
+    rng = np.random.default_rng(seed + 1)
+    level = rng.integers(0, levels, len(labels))
+    out = np.empty((len(labels), size, size))
+    win = max(2, size // 3)
+    c = (size - 1) / 2
+    for i, img in enumerate(big):
+        s = level[i] / (levels - 1) * rng.uniform(0.75, 1.0)
+        angle = np.deg2rad(s * rotate * rng.choice((-1.0, 1.0)))
+        scale = 1 - s * shrink
+        direction = rng.uniform(0, 2 * np.pi)
+        dx, dy = s * shift * size * np.cos(direction), s * shift * size * np.sin(direction)
+        # PIL's affine maps each output pixel to the input: the inverse of rotate-scale-then-shift about the centre
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        a, b, d, e = cos, sin, -sin, cos
+        tx, ty = c + dx, c + dy
+        coeffs = (a, b, c - a * tx - b * ty, d, e, c - d * tx - e * ty)
+        moved = Image.fromarray(img.astype(np.float32), mode="F").transform(
+            (size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=0.0)
+        canvas = np.asarray(moved, dtype=np.float64)
+        for _ in range(int(round(s * clutter))):
+            other = big[rng.integers(len(big))]
+            y0, x0 = rng.integers(0, size - win + 1, 2)
+            y1, x1 = rng.integers(0, size - win + 1, 2)
+            patch = other[y0:y0 + win, x0:x0 + win] * rng.uniform(0.6, 1.0)
+            canvas[y1:y1 + win, x1:x1 + win] = np.maximum(canvas[y1:y1 + win, x1:x1 + win], patch)
+        out[i] = canvas
+    grey = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, None], 3, axis=1), labels, level
+
+
 def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, noise=64.0, levels=0):
     """The digits of digits_images as PNGs of size x size in the class-folder layout, with a stratified
     deterministic train/test split. Returns root. With a spread of difficulty, the degraded images' paths,
