@@ -112,7 +112,7 @@ def main(argv=None):
                       sets=parse_overrides(args.overrides))
     schedule = cfg["schedule"]
     check_result_dir(cfg["result_dir"])
-    ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"])
+    ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"], cfg["tf32"])
     run = StageRun("prune", cfg["result_dir"], ctx)
     stage1_path = cfg["checkpoint"] or os.path.join(cfg["result_dir"], "sp", "checkpoint.pt")
     if not cfg["checkpoint"] and not os.path.isfile(stage1_path):

@@ -21,7 +21,7 @@ from gates.counterfactual import CounterfactualStep
 from gates.ending import end_training
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
-from models.resnet import compile_step
+from models.resnet import compile_report, compile_step
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
@@ -36,6 +36,7 @@ from runtime.table import write_table
 
 
 CONTROLLERS = ("counterfactual", "reinforce")
+FLIP_BLOCKS = 0  # the counterfactual's blocks flipped per step (0: all)
 
 
 def parse_args(argv=None):
@@ -58,6 +59,10 @@ def parse_args(argv=None):
                         "in cross-entropy units")
     r.add_argument("--explore_bound", type=float, default=0.1,
                    help="counterfactual: the training routes are drawn from p clamped to [b, 1 - b]")
+    r.add_argument("--flip_blocks", type=int, default=FLIP_BLOCKS, metavar="K",
+                   help="counterfactual: gated blocks whose flip is evaluated per step, K drawn at random per step "
+                        "and their terms weighed by (gated blocks) / K, an unbiased estimate of the full switch "
+                        "loss at a fraction of its cost (docs/speed.md); 0: every block, the full form")
     r.add_argument("--alpha", type=float, default=0.1,
                    help="total reward for skipping every gated block (per image); with --target_gflops, its "
                         "starting value")
@@ -97,14 +102,14 @@ def check_args(args):
                           ("alpha_lr", args.alpha_lr > 0, "must be > 0"),
                           ("route_epochs", args.route_epochs >= 0, "must be >= 0"),
                           ("route_lr", args.route_lr is None or args.route_lr > 0, "must be > 0"),
-                          ("tau", args.tau > 0, "must be > 0"),
+                          ("tau", args.tau > 0, "must be > 0"), ("flip_blocks", args.flip_blocks >= 0, "must be >= 0"),
                           ("explore_bound", 0 <= args.explore_bound < 0.5, "must be in [0, 0.5)")]:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
     if args.route_lr is not None and not args.route_epochs:
         print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr,
               flush=True)
-    if args.baseline == "batch" and args.bs < 2 and args.controller == "reinforce":  # --bs is per process, and so is the batch baseline
+    if args.baseline == "batch" and args.bs < 2 and args.controller == "reinforce":  # the batch baseline is per process
         raise UserError(f"--baseline batch needs --bs 2 or more (per process): the mean return of a batch of "
                         f"{args.bs} image is that image's own return, so the policy loss would be 0 at every "
                         f"step (use --baseline moving)")
@@ -171,7 +176,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     check_result_dir(args.result_dir)
-    ctx = setup(args.device, args.seed, args.amp, args.channels_last)
+    ctx = setup(args.device, args.seed, args.amp, args.channels_last, args.tf32)
     run = StageRun("rl", args.result_dir, ctx)
     if args.resume:
         path, flag = resume_path(args.resume, run), "--resume"
@@ -199,6 +204,10 @@ def main(argv=None):
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
+    if args.baseline == "batch" and args.controller == "reinforce" and data.train.batch_size < 2:
+        raise UserError(f"--baseline batch needs 2 or more images per process: --bs {args.bs} over "
+                        f"{ctx.world_size} processes gives each {data.train.batch_size} (use --baseline moving, or "
+                        f"a larger --bs)")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
     check_batch_shapes(model, data.image_size, data.train.batch_size, resize_fixed="pipeline" in ckpt)
     if "compression" not in source:
@@ -222,9 +231,10 @@ def main(argv=None):
     if args.controller == "counterfactual":
         ddp_model = getattr(ddp, "module", ddp)
         ddp_model.explore_bound = args.explore_bound
-        step = CounterfactualStep(costs, price, args.tau, args.rl_weight)
+        step = CounterfactualStep(costs, price, args.tau, args.rl_weight, blocks=args.flip_blocks or None,
+                                  scale=ctx.world_size)
     else:
-        step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
+        step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline, scale=ctx.world_size)
     if args.compile:
         step = compile_step(step, ctx.device)
     own_state = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
@@ -236,7 +246,8 @@ def main(argv=None):
         run.save(model, optimizer, scheduler, args.epochs, own_state())
     alpha_final = price.alpha.item()
     run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
-    run.finish(model, ddp, data, costs, {
+    compiled = {"compile": compile_report(step, say=ctx.is_main)} if args.compile else {}
+    run.finish(model, ddp, data, costs, {**compiled,
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
         "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,

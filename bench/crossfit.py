@@ -54,6 +54,7 @@ from gates.ending import CALIBRATION_BATCHES  # noqa: E402
 from gates.routes import (best_fixed_route, calibrate_to_flops, evaluate_route, recalibrate_route,  # noqa: E402
                           route_flops)
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from runtime.evaluate import no_autotune_when_skipping  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.dist import setup  # noqa: E402
 from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
@@ -241,11 +242,12 @@ def per_image(ddp, loader, mode="hard", route=None):
     saved, model.route = model.route, None if route is None else list(route)
     correct, loss, routes = [], [], []
     try:
-        for x, y in loader:
-            logits, a, _ = model(x, mode)
-            correct.append((logits.argmax(1) == y).cpu())
-            loss.append(F.cross_entropy(logits.float(), y, reduction="none").cpu())
-            routes.append(a.cpu())
+        with no_autotune_when_skipping(model, mode):
+            for x, y in loader:
+                logits, a, _ = model(x, mode)
+                correct.append((logits.argmax(1) == y).cpu())
+                loss.append(F.cross_entropy(logits.float(), y, reduction="none").cpu())
+                routes.append(a.cpu())
     finally:
         model.route = saved
     return torch.cat(correct).numpy(), torch.cat(loss).numpy(), torch.cat(routes).numpy().astype(np.int8)

@@ -18,7 +18,8 @@ The policy loss is summed over images, not averaged: SkipNet's code, where the o
 gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
 (`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
 batch-size times weaker (256x at the original --bs 256) and the switches would barely move in 100 epochs.
-Under DDP each process sums over its own images and DDP averages the gradients of the processes.
+Under DDP each process sums over its own images, the sum weighed by the number of processes (`scale`), so
+that the gradients DDP averages add up to the sum over the global batch (--bs), as on one process.
 
 alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
 (SkipPrice below).
@@ -157,9 +158,10 @@ class ReinforceStep:
     made once (the step's host time is its op count, not its FLOPs): with w = block FLOPs / their sum and
     K[j, i] = w_j gamma^(j - i) (j >= i), the returns are alpha (1 - a) K - CE gamma^(S - i)."""
 
-    def __init__(self, costs, price, gamma, rl_weight, baseline):
+    def __init__(self, costs, price, gamma, rl_weight, baseline, scale=1.0):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)
         self.costs, self.gamma, self.rl_weight = costs, gamma, rl_weight
+        self.scale = scale  # under DDP the number of processes: the averaged gradient is the global batch's sum
         self.baseline = baseline
         self.consts = None  # the tensors below, on the batch's device, made once
 
@@ -191,7 +193,7 @@ class ReinforceStep:
             returns = torch.addcmul(alpha * (k["k_sum"] - actions @ k["k"]), final.view(-1, 1), k["final"], value=-1)
             p_loss = (log_prob(probs if probs.dtype == torch.float32 else probs.float(), actions)
                       * (self.baseline(returns) - returns)).sum()  # policy_loss: -sum log pi (R - b)
-            loss = torch.add(ce_mean, p_loss, alpha=self.rl_weight)
+            loss = torch.add(ce_mean, p_loss, alpha=self.rl_weight * self.scale)
             with torch.no_grad():  # statistics: no graph, so no detach ops
                 exec_rate = actions.mean(0)
                 greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]  # GFLOPs/image
