@@ -155,7 +155,7 @@ class CounterfactualStep:
         s = actions.shape[1]
         chosen = self.draw(s)
         taken, flipped = flip_losses(model, x, y, actions, chosen)
-        with autocast_off(x.device.type):
+        with autocast_off(x.device.type), exact_fp32():
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)
             p = probs if probs.dtype == torch.float32 else probs.float()
             alpha = self.price.alpha.float()

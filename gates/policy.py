@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.switches import autocast_off, log_prob
-from utils.dist import all_reduce_sum
+from utils.dist import all_reduce_sum, exact_fp32
 from utils.flops import skipped_flops
 
 BASELINES = ("moving", "batch")
@@ -186,7 +186,8 @@ class ReinforceStep:
         if actions.requires_grad:  # sampled: never, but a hooked model might
             actions = actions.detach()
         alpha = self.price.alpha
-        with autocast_off(x.device.type):  # float32 (bf16 would round the returns to 3 digits)
+        # float32 with TF32 off whatever --tf32 allows (bf16 would round the returns to 3 digits, TF32 to 4)
+        with autocast_off(x.device.type), exact_fp32():
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y, reduction="none")
             ce_mean, final = ce.mean(), ce.detach()
             # R = alpha (1 - a) K - CE x gamma^(S - i): skip rewards and final reward -CE, discounted

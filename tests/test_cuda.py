@@ -492,3 +492,35 @@ def test_final_numbers_and_counterfactual_losses_are_exact_float32(runs, tmp_pat
     assert metrics["precision"] == {"training": {"amp": "off", "tf32": tf32, "channels_last": False},
                                     "final_evaluation": "float32, TF32 off"}
     assert metrics["peak_memory"]["host_peak_rss_gib"] > 0
+
+
+def test_inference_that_skips_blocks_never_autotunes_cudnn_per_sub_batch(runs, monkeypatch):
+    """A network that skips blocks runs them on sub-batches whose size changes with every batch: evaluation,
+    bench/crossfit.py's per-image pass and gpu_check's reload turn cudnn.benchmark off while they skip, and
+    leave it as it was; a dense pass (mode open) keeps it."""
+    import bench.crossfit
+    import bench.gpu_check
+    from runtime.checkpoint import load_model
+    from runtime.evaluate import evaluate
+    from utils.data import BatchLoader
+    from utils.flops import measure_costs
+    root, data = runs
+    model, _ = load_model(str(root / "base" / "sp" / "checkpoint.pt"), "cpu")
+    costs = measure_costs(model, 16)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as the stages set it on CUDA (restored after)
+    seen = []
+    hooks = [m.register_forward_hook(lambda *a: seen.append(torch.backends.cudnn.benchmark))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(12, 3, 16, 16)
+    loader = BatchLoader(torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
+                         4, train=False, device="cpu", mean=[0.5] * 3, std=[0.25] * 3)
+    for run, skipping in ((lambda: bench.gpu_check.infer(model, x, 4), True),
+                          (lambda: bench.crossfit.per_image(model, loader), True),
+                          (lambda: evaluate(model, loader, Context(device=torch.device("cpu")), costs, mode="hard"), True),
+                          (lambda: bench.crossfit.per_image(model, loader, mode="open"), False)):
+        seen.clear()
+        run()
+        assert seen and set(seen) == {not skipping}, (skipping, set(seen))
+        assert torch.backends.cudnn.benchmark is True
+    for h in hooks:
+        h.remove()
