@@ -384,8 +384,11 @@ TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12040). P
 
 
 def test_a_cuda_build_falling_back_to_the_cpu_says_so_in_one_line(runs, tmp_path, monkeypatch, capsys):
+    import utils.dist
     cuda_build_without_gpu(monkeypatch, TOO_OLD)
+    monkeypatch.setattr(utils.dist, "_WARNED", [])  # said once per process: this test's process starts afresh
     ctx = setup()
+    setup()  # once per process (the search runs many stages in one)
     err = capsys.readouterr().err
     assert str(ctx.device) == "cpu" and len(err.splitlines()) == 1, err
     for words in ("warning", "CPU", "CUDA 13.0", "driver on your system is too old (found version 12040)",
@@ -402,6 +405,7 @@ def test_a_cuda_build_falling_back_to_the_cpu_says_so_in_one_line(runs, tmp_path
     # a stage says it before its work, once
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(utils.dist, "_WARNED", [])
     root, data = runs
     gpus_step = {}
 

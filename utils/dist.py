@@ -79,12 +79,16 @@ def cuda_missing():
     return "no CUDA GPU is visible"
 
 
+_WARNED = []  # the fallback is said once per process (the search runs many stages in one)
+
+
 def warn_cpu_fallback(rank=0):
-    """One line on stderr (rank 0) when a CUDA build of torch runs on the CPU because no GPU is usable, though
-    none was asked for explicitly: a GPU machine whose driver is too old for the wheel would otherwise train
-    on the CPU without a word. Returns the reason (None when there is nothing to say)."""
+    """One line on stderr (rank 0, once per process) when a CUDA build of torch runs on the CPU because no GPU
+    is usable, though none was asked for explicitly: a GPU machine whose driver is too old for the wheel would
+    otherwise train on the CPU without a word. Returns the reason (None when there is nothing to say)."""
     why = cuda_missing()
-    if why and rank == 0:
+    if why and rank == 0 and why not in _WARNED:
+        _WARNED.append(why)
         print(f"warning: running on the CPU: this torch {torch.__version__} is built for CUDA {torch.version.cuda}, "
               f"but no GPU is usable ({why}); --device cpu says so and silences this", file=sys.stderr, flush=True)
     return why
