@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import socket
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -334,8 +335,9 @@ def _decode_all(files, resize, num_workers, chunk=500):
 def _node_cache(data_dir, img_type, resize):
     """The folder where this torchrun job's decoded dataset lives on this machine while its processes read
     it: in the temporary directory, named by the job (torchrun's run id and rendezvous address) and what
-    was decoded, so that the processes of one job on one machine find the same one and other jobs never."""
-    key = json.dumps([os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("MASTER_ADDR"),
+    was decoded, so that the processes of one job on one machine find the same one, and other jobs and
+    machines (a temporary directory shared over the network) never."""
+    key = json.dumps([socket.gethostname(), os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("MASTER_ADDR"),
                       os.environ.get("MASTER_PORT"), os.path.abspath(os.path.expanduser(str(data_dir))),
                       str(img_type), resize])
     return os.path.join(tempfile.gettempdir(), "dynprune-decoded-" + hashlib.sha256(key.encode()).hexdigest()[:16])
