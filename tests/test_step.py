@@ -195,10 +195,11 @@ def test_compile_report_counts_graphs_recompiles_and_cuda_graphs():
     """What a compiled step did: the graphs compiled, each recompilation (a new batch shape here) with its
     reason, and CUDA graphs: never under aot_eager; on CUDA's reduce-overhead, used unless inductor skipped
     them (a stubbed skip counter here)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import clear_compilation_metrics, counters
     from models.resnet import compile_report
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # what earlier tests of this process compiled is not this step's
     counters.clear()
+    clear_compilation_metrics()
     torch.manual_seed(0)
     model = build_model(make_arch(depth=8, width=1, num_classes=10)).train()
     step = compile_step(supervised_step, "cpu", backend="aot_eager")
@@ -208,7 +209,7 @@ def test_compile_report_counts_graphs_recompiles_and_cuda_graphs():
         loss.backward()
     report = compile_report(step)
     assert report["backend"] == "aot_eager" and report["graphs"] >= 2 and report["recompiles"] >= 1, report
-    assert "size mismatch" in report["recompile_reasons"][0] and report["cuda_graphs"] is False
+    assert any("size mismatch" in r for r in report["recompile_reasons"]) and report["cuda_graphs"] is False
     step.mode = "reduce-overhead"
     assert compile_report(step)["cuda_graphs"] is True
     counters["inductor"]["cudagraph_skips"] += 1
