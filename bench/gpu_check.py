@@ -7,7 +7,7 @@ train, resume, reload and export there, and measures what a GPU changes, in a fe
 Without a usable CUDA GPU it says why in one line and exits 1, unless --device cpu is given. The JSON goes to
 results/gpu_check[_quick][_tiny][_cpu].json (--out): a quick, tiny or CPU run never writes over another kind's
 record. --quick: the same parts at 2,000 training images and 64 steps per stage, without the compiled runs
-(minutes of compiling): under 5 minutes on one H100-class GPU by the estimate of its parts (ESTIMATE below,
+(minutes of compiling): under 5 minutes on one H100-class GPU by the estimate of its parts (estimate() below,
 recorded in the JSON beside each part's measured seconds).
 
 On synthetic CIFAR-shaped data (utils/synthetic.py, PNG class folders: 100 classes, 32x32, 4,000 training
@@ -248,7 +248,7 @@ def epochs(s, tiny=False):
 
 
 def estimate(s, tiny=False, compiled=True, gpus=1):
-    """Seconds each part would take on one H100-class GPU (ESTIMATE's assumptions above) for sizes `s`, and
+    """Seconds each part would take on one H100-class GPU (the assumptions above STEP_SECONDS) for sizes `s`, and
     their sum on the critical path (the export runs beside the other parts)."""
     e = epochs(s, tiny)
     steps = e["steps_per_epoch"]
