@@ -36,7 +36,10 @@ from runtime.table import write_table
 
 
 CONTROLLERS = ("counterfactual", "reinforce")
-FLIP_BLOCKS = 0  # the counterfactual's blocks flipped per step (0: all)
+# The counterfactual's gated blocks flipped per step (0: all). Flipping all costs 2.9x (bs 128) to 3.0x (bs 256)
+# a REINFORCE step on the CPU at ResNet-32 k=4, 4 of its 14 about 1.9x, at the same validation accuracy on
+# digits (docs/speed.md)
+FLIP_BLOCKS = 4
 
 
 def parse_args(argv=None):
@@ -62,7 +65,8 @@ def parse_args(argv=None):
     r.add_argument("--flip_blocks", type=int, default=FLIP_BLOCKS, metavar="K",
                    help="counterfactual: gated blocks whose flip is evaluated per step, K drawn at random per step "
                         "and their terms weighed by (gated blocks) / K, an unbiased estimate of the full switch "
-                        "loss at a fraction of its cost (docs/speed.md); 0: every block, the full form")
+                        "loss at a fraction of its cost (docs/speed.md); 0: every block, the full form (a run "
+                        "begun before this flag existed flipped every block: resume it with --flip_blocks 0)")
     r.add_argument("--alpha", type=float, default=0.1,
                    help="total reward for skipping every gated block (per image); with --target_gflops, its "
                         "starting value")
@@ -183,6 +187,7 @@ def main(argv=None):
         ckpt = load_checkpoint(path, ("rl",), flag)
         if isinstance(ckpt.get("args"), dict):  # stage 3 had no other controller before --controller
             ckpt["args"].setdefault("controller", "reinforce")
+            ckpt["args"].setdefault("flip_blocks", 0)  # and flipped every block before --flip_blocks
         check_resume_args(ckpt, args, path)
         source = ckpt.get("extra", {}).get("source", {})
     else:

@@ -528,13 +528,18 @@ class Check:
         out["dense_reference"] = (dense, lambda m, x, y: (F.cross_entropy(m(x, "open")[0], y), {}),
                                   torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                                                   weight_decay=5e-4))
+        # stage 3: its default controller (counterfactual, main_rl_prune's default blocks flipped per step), the
+        # counterfactual's other form (every block flipped, or 4 sampled ones) and REINFORCE
+        default = main_rl_prune.FLIP_BLOCKS or None
+        other = (f"stage3_counterfactual_{'all' if default else 4}", None if default else 4)
         for name, stage, step in (("stage1", "sp", main_sp.STEPS["joint"][0]), ("stage2", "prune", dense_step),
-                                  ("stage3", "prune", "counterfactual"), ("stage3_reinforce", "prune", "reinforce")):
+                                  ("stage3", "prune", ("counterfactual", default)),
+                                  (other[0], "prune", ("counterfactual", other[1])),
+                                  ("stage3_reinforce", "prune", "reinforce")):
             model, _ = prepare(model_from_checkpoint(load_checkpoint(self.ckpt(stage), (stage,))), ctx)
-            if step == "counterfactual":  # stage 3 starts from stage 2's network, as main_rl_prune.py does
+            if isinstance(step, tuple):  # stage 3 starts from stage 2's network, as main_rl_prune.py does
                 costs = measure_costs(model, self.size["size"])
-                step = CounterfactualStep(costs, SkipPrice(0.1, None, 0.05, ctx.device), 0.05, 0.1,
-                                          blocks=main_rl_prune.FLIP_BLOCKS or None)
+                step = CounterfactualStep(costs, SkipPrice(0.1, None, 0.05, ctx.device), 0.05, 0.1, blocks=step[1])
             elif step == "reinforce":
                 costs = measure_costs(model, self.size["size"])
                 step = ReinforceStep(costs, SkipPrice(0.1, None, 0.05, ctx.device), 1.0, 0.1,
@@ -586,15 +591,16 @@ class Check:
         ref = measured["dense_reference"]["images_per_s"]
         for rec in measured.values():
             rec["vs_dense_reference"] = round(rec["images_per_s"] / ref, 3)
-        if "stage3_reinforce" in measured:
-            measured["stage3"]["vs_reinforce"] = round(measured["stage3_reinforce"]["images_per_s"]
-                                                       / measured["stage3"]["images_per_s"], 3)
+        for name in [n for n in measured if n.startswith("stage3") and n != "stage3_reinforce"]:
+            measured[name]["vs_reinforce"] = round(measured["stage3_reinforce"]["images_per_s"]
+                                                   / measured[name]["images_per_s"], 3)
         return {"images_per_s": measured, "compile": compile_flags() or "not available",
                 "note": f"{s['timed_steps']} timed steps after {s['warmup']} warm-up, batch {s['bs']}, one fixed "
                         f"random batch, amp={'bf16' if ctx.amp else 'off'}, channels_last={ctx.channels_last}; "
                         f"stage1 = joint step (two forward passes), stage2 = dense fine-tuning of the pruned "
                         f"network, stage3 = the default controller (counterfactual; vs_reinforce: its step time "
-                        f"over REINFORCE's), stage3_reinforce = REINFORCE step (sampled routes, masked execution); "
+                        f"over REINFORCE's), stage3_counterfactual_* = its other form (every block flipped, or 4 "
+                        f"sampled), stage3_reinforce = REINFORCE step (sampled routes, masked execution); "
                         f"step_peak_memory_gib (CUDA): peak allocated during the timed steps above what was held "
                         f"before them", "checks": checks}
 
