@@ -18,7 +18,7 @@ from pruners import check_schedule, evenly_spaced, prunable_convs, prune, set_ro
 from pruners.config import load_config
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import Parser
-from utils.dist import setup, teardown
+from utils.dist import exact_fp32, setup, teardown
 from runtime.steps import dense_step, supervised_step
 from runtime.evaluate import evaluate, recalibrate_bn
 from runtime.loop import make_scheduler, prepare
@@ -83,12 +83,13 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     """Steps 1-6 of stage 2 (pruners/__init__.py) on `model`; returns the rebuilt model (on the device) and the round's
     report, with the evaluation of the pruned net before any fine-tuning."""
     torch.manual_seed(cfg["seed"] * 1_000_003 + r)  # the labels the true Fisher samples
-    model, report = prune(
-        model.to(ctx.device), evenly_spaced(data.plain_train, cfg["fisher_batches"]), target=spec["target"],
-        value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
-        damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"], round_to=cfg["round_to"],
-        image_size=data.image_size, num_batches=min(cfg["fisher_batches"], len(data.plain_train)),
-        progress=ctx.is_main, mode=cfg["mode"])
+    with exact_fp32():  # the Kronecker factors and their eigenbases in float32 whatever "tf32" allows in training
+        model, report = prune(
+            model.to(ctx.device), evenly_spaced(data.plain_train, cfg["fisher_batches"]), target=spec["target"],
+            value=spec["value"], params_reference=params_stage1, limit=cfg["prune_ratio_limit"],
+            damping=cfg["damping"], fisher_type=cfg["fisher_type"], criterion=cfg["criterion"],
+            round_to=cfg["round_to"], image_size=data.image_size,
+            num_batches=min(cfg["fisher_batches"], len(data.plain_train)), progress=ctx.is_main, mode=cfg["mode"])
     before = evaluate(model, data.eval, ctx, measure_costs(model, data.image_size), mode="open",
                       desc=f"{data.eval_name} after pruning")
     report.update({f"{data.eval_name}_acc_before_finetune": before["acc"],
@@ -118,7 +119,7 @@ def main(argv=None):
                       sets=parse_overrides(args.overrides))
     schedule = cfg["schedule"]
     check_result_dir(cfg["result_dir"])
-    ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"])
+    ctx = setup(cfg["device"], cfg["seed"], cfg["amp"], cfg["channels_last"], cfg["tf32"])
     run = StageRun("prune", cfg["result_dir"], ctx)
     stage1_path = cfg["checkpoint"] or os.path.join(cfg["result_dir"], "sp", "checkpoint.pt")
     if not cfg["checkpoint"] and not os.path.isfile(stage1_path):

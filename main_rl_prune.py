@@ -28,7 +28,7 @@ from gates.ending import end_training, small_cut_warning
 from gates.gumbel import GumbelStep
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
-from models.resnet import compile_step
+from models.resnet import compile_report, compile_step
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import setup, teardown
@@ -48,7 +48,11 @@ CONTROLLERS = ("counterfactual", "reinforce", "gumbel")
 CONTROLLER_FLAGS = {"tau": (("counterfactual",), 0.05), "explore_bound": (("counterfactual",), 0.1),
                     "gamma": (("reinforce",), 1.0), "baseline": (("reinforce",), "moving"),
                     "baseline_momentum": (("reinforce",), 0.9),
-                    "rl_weight": (("counterfactual", "reinforce"), 0.1), "gumbel_tau": (("gumbel",), 1.0)}
+                    "rl_weight": (("counterfactual", "reinforce"), 0.1), "gumbel_tau": (("gumbel",), 1.0),
+                    "flip_blocks": (("counterfactual",), 4)}
+# The counterfactual's gated blocks flipped per step (0: all): flipping all costs about 3x a REINFORCE step,
+# 4 sampled ones about 2x, at the same validation accuracy (docs/speed.md)
+FLIP_BLOCKS = CONTROLLER_FLAGS["flip_blocks"][1]
 
 
 def parse_args(argv=None):
@@ -76,6 +80,11 @@ def parse_args(argv=None):
     r.add_argument("--gumbel_tau", type=float, default=1.0,
                    help="gumbel: temperature of the Gumbel-softmax relaxation whose gradient the decisions pass "
                         "(1, as in ConvNet-AIG)")
+    r.add_argument("--flip_blocks", type=int, default=FLIP_BLOCKS, metavar="K",
+                   help="counterfactual: gated blocks whose flip is evaluated per step, K drawn at random per step "
+                        "and their terms weighed by (gated blocks) / K, an unbiased estimate of the full switch "
+                        "loss at a fraction of its cost (docs/speed.md); 0: every block, the full form (a run "
+                        "begun before this flag existed flipped every block: resume it with --flip_blocks 0)")
     r.add_argument("--alpha", type=float, default=0.1,
                    help="price of running every gated block, per image, in cross-entropy units (reinforce: the "
                         "total reward for skipping them all); with --target_gflops, its starting value")
@@ -116,13 +125,14 @@ def check_args(args):
                           ("route_epochs", args.route_epochs >= 0, "must be >= 0"),
                           ("route_lr", args.route_lr is None or args.route_lr > 0, "must be > 0"),
                           ("tau", args.tau > 0, "must be > 0"), ("gumbel_tau", args.gumbel_tau > 0, "must be > 0"),
+                          ("flip_blocks", args.flip_blocks >= 0, "must be >= 0"),
                           ("explore_bound", 0 <= args.explore_bound < 0.5, "must be in [0, 0.5)")]:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name)} {why}")
     if args.route_lr is not None and not args.route_epochs:
         print(f"warning: --route_lr {args.route_lr} does nothing without --route_epochs", file=sys.stderr,
               flush=True)
-    if args.baseline == "batch" and args.bs < 2 and args.controller == "reinforce":  # --bs is per process, and so is the batch baseline
+    if args.baseline == "batch" and args.bs < 2 and args.controller == "reinforce":  # the batch baseline is per process
         raise UserError(f"--baseline batch needs --bs 2 or more (per process): the mean return of a batch of "
                         f"{args.bs} image is that image's own return, so the policy loss would be 0 at every "
                         f"step (use --baseline moving)")
@@ -188,13 +198,14 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     check_result_dir(args.result_dir)
-    ctx = setup(args.device, args.seed, args.amp, args.channels_last)
+    ctx = setup(args.device, args.seed, args.amp, args.channels_last, args.tf32)
     run = StageRun("rl", args.result_dir, ctx)
     if args.resume:
         path, flag = resume_path(args.resume, run), "--resume"
         ckpt = load_checkpoint(path, ("rl",), flag)
         if isinstance(ckpt.get("args"), dict):  # stage 3 had no other controller before --controller
             ckpt["args"].setdefault("controller", "reinforce")
+            ckpt["args"].setdefault("flip_blocks", 0)  # and flipped every block before --flip_blocks
         check_resume_args(ckpt, args, path)
         check_resume_world_size(ckpt, ctx, path)
         source = ckpt.get("extra", {}).get("source", {})
@@ -217,6 +228,10 @@ def main(argv=None):
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
                         f"{args.data_dir} holds {data.num_classes}")
+    if args.baseline == "batch" and args.controller == "reinforce" and data.train.batch_size < 2:
+        raise UserError(f"--baseline batch needs 2 or more images per process: --bs {args.bs} over "
+                        f"{ctx.world_size} processes gives each {data.train.batch_size} (use --baseline moving, or "
+                        f"a larger --bs)")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
     check_batch_shapes(model, data.image_size, data.train.batch_size, resize_fixed="pipeline" in ckpt)
     if "compression" not in source:
@@ -239,13 +254,14 @@ def main(argv=None):
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     if args.controller == "counterfactual":
-        model.explore_bound = args.explore_bound
-        step = CounterfactualStep(costs, price, args.tau, args.rl_weight)
+        getattr(ddp, "module", ddp).explore_bound = args.explore_bound
+        step = CounterfactualStep(costs, price, args.tau, args.rl_weight, blocks=args.flip_blocks or None,
+                                  scale=ctx.world_size)
     elif args.controller == "gumbel":
         model.temperature = args.gumbel_tau
         step = GumbelStep(costs, price)
     else:
-        step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline)
+        step = ReinforceStep(costs, price, args.gamma, args.rl_weight, baseline, scale=ctx.world_size)
     if args.compile:
         step = compile_step(step, ctx.device)
     own_state = lambda: {"args": vars(args), "extra": {"baseline": baseline.state_dict(), "price": price.state_dict(),
@@ -258,7 +274,8 @@ def main(argv=None):
     alpha_final = price.alpha.item()
     if target is not None:  # alpha moves only towards a target (its curve: rl/train/alpha, an epoch's mean)
         run.logger.scalars("rl/train", {"alpha_final": alpha_final}, run.last_step)
-    metrics = run.finish(model, ddp, data, costs, {
+    compiled = {"compile": compile_report(step, say=ctx.is_main)} if args.compile else {}
+    metrics = run.finish(model, ddp, data, costs, {**compiled,
         "source_stage": source.get("stage"), "source_checkpoint": source.get("path"),
         "compression": source.get("compression"), "alpha": args.alpha, "alpha_final": alpha_final,
         "target_gflops": args.target_gflops, "gamma": args.gamma, "rl_weight": args.rl_weight,

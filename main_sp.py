@@ -16,7 +16,7 @@ import torch
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
 from models.switches import spread_decisions
 from models import build_model, make_arch
-from models.resnet import compile_step
+from models.resnet import compile_report, compile_step
 from runtime.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
 from utils.dist import broadcast_tensors, setup, teardown
@@ -88,7 +88,7 @@ def main(argv=None):
         raise UserError(f"--dense_epochs {args.dense_epochs} must be in [0, --epochs {args.epochs}]")
     make_arch(args.network, args.depth, args.width, 1, args.gate)  # flags checked before any work
     check_result_dir(args.result_dir)
-    ctx = setup(args.device, args.seed, args.amp, args.channels_last)
+    ctx = setup(args.device, args.seed, args.amp, args.channels_last, args.tf32)
     run = StageRun("sp", args.result_dir, ctx)
     ckpt = load_checkpoint(resume_path(args.resume, run), ("sp",), "--resume") if args.resume else None
     data = load_data(DataSettings.of(args), ctx, recorded=ckpt.get("pipeline") if ckpt else None,
@@ -129,11 +129,13 @@ def main(argv=None):
     common = dict(model=model, ddp=ddp, data=data, optimizer=optimizer, scheduler=scheduler, costs=costs,
                   own_state=own_state, total_epochs=args.epochs)
     compiled = (lambda fn: compile_step(fn, ctx.device)) if args.compile else (lambda fn: fn)
+    last_step = [None]  # the compiled step, for what torch.compile did
     if start < args.dense_epochs:  # the network being trained is the dense one: evaluated as such
         run.fit(step_fn=compiled(dense_step), epochs=args.dense_epochs, start_epoch=start,
                 evals=(("dense", "open"),), **common)
     step, evals = STEPS[args.train_mode]
-    run.fit(step_fn=compiled(step), epochs=args.epochs, start_epoch=max(start, args.dense_epochs), evals=evals,
+    last_step[0] = compiled(step)
+    run.fit(step_fn=last_step[0], epochs=args.epochs, start_epoch=max(start, args.dense_epochs), evals=evals,
             **common)
     if args.train_mode == "joint" and not respread[0]:
         # trained with the dense network beside them, the switches end up executing nearly every block
@@ -144,9 +146,11 @@ def main(argv=None):
         run.save(model, optimizer, scheduler, args.epochs, own_state())
     # the routes beside row 1 are those of the switches as saved: re-spread ones are named so in TensorBoard,
     # where they follow the curve of the routes trained before
-    run.finish(model, ddp, data, costs, {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode,
-                                         "switches_respread": respread[0]},
-               mode="open", routes="respread_routed" if respread[0] else "routed")
+    extra = {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode,
+             "switches_respread": respread[0]}
+    if args.compile:
+        extra["compile"] = compile_report(last_step[0], say=ctx.is_main)
+    run.finish(model, ddp, data, costs, extra, mode="open", routes="respread_routed" if respread[0] else "routed")
     teardown()
 
 

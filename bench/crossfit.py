@@ -14,7 +14,8 @@ cosine schedule (the epochs-accounting table of the report):
   unpruned   stage 1's network fine-tuned as long, every block (prune + rl + routes epochs)
   static     static pruning alone (stage 2, ranking per FLOP) pushed to the budget's GFLOPs, fine-tuned as long
   dynamic    static + dynamic: stage 2 to the budget's GFLOPs / (1 - dyn_share) (`prune` epochs, same ranking),
-             stage 3 (--controller, `rl` epochs) trained to the budget, then its last phase (`routes` epochs):
+             stage 3 (--controller; counterfactual: its full form, --flip_blocks 0; `rl` epochs) trained to the
+             budget, then its last phase (`routes` epochs):
              the backbone fine-tuned on the switches' greedy routes, the threshold recalibrated (gates/ending.py)
   fixed      the best fixed route of stage 3's network (before that last phase) within 10% below the budget,
              chosen on validation, fine-tuned on its route as many epochs from the same point as the dynamic
@@ -67,6 +68,7 @@ from bench.runner import Task, run_all  # noqa: E402
 from gates.ending import end_training  # noqa: E402
 from gates.routes import best_fixed_route, recalibrate_route, route_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from runtime.evaluate import no_autotune_when_skipping  # noqa: E402
 from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
 from runtime.steps import dense_step, touch_switches  # noqa: E402
 from utils.cli import Parser  # noqa: E402
@@ -262,7 +264,8 @@ def unit_tasks(s, name, seed, u, controller, me, results, factor=1):
             "main_rl_prune.py", "--checkpoint", os.path.join(d, "prune", "checkpoint.pt"), "--result_dir", cd,
             "--controller", controller, "--target_gflops", repr(budget_gflops(u, b)), "--overwrite",
             "--epochs", str(e["rl"]), "--lr", repr(s["lr"]["rl"]), "--alpha", repr(s["alpha"]),
-            "--rl_weight", repr(s["rl_weight"]), "--route_epochs", "0", "--final_split", "val", *common(s, u, seed)],
+            "--rl_weight", repr(s["rl_weight"]), "--route_epochs", "0", "--final_split", "val",
+            *(["--flip_blocks", "0"] if controller == "counterfactual" else []), *common(s, u, seed)],
             os.path.join(cd, "rl", "metrics.json"), [f"{name}{tag}/prune{k}", budget_dep]))
         tasks.append(Task(f"{name}{tag}/finish{k}", [*step, "finish", u, "--budget", repr(b), "--factor", str(factor)],
                           os.path.join(cd, "finish.json"), [f"{name}{tag}/rl{k}"]))
@@ -339,10 +342,11 @@ def per_image(ddp, loader, mode="hard", route=None):
     saved, model.route = model.route, None if route is None else list(route)
     correct, routes = [], []
     try:
-        for x, y in loader:
-            logits, a, _ = model(x, mode)
-            correct.append((logits.argmax(1) == y).cpu())
-            routes.append(a.cpu())
+        with no_autotune_when_skipping(model, mode):
+            for x, y in loader:
+                logits, a, _ = model(x, mode)
+                correct.append((logits.argmax(1) == y).cpu())
+                routes.append(a.cpu())
     finally:
         model.route = saved
     return torch.cat(correct).numpy(), torch.cat(routes).numpy().astype(np.int8)
@@ -944,7 +948,9 @@ def markdown(r, command):
     sc = r["scale"]
     design = f"{sc['folds']} folds x seeds {r['seeds']}" if r["family"] != "own" else f"seeds {r['seeds']}"
     L += [f"{r['units']} units ({design}), ResNet-{sc['depth']} width {sc['width']} at "
-          f"{sc['resize']}x{sc['resize']}, stage 3's controller `{r['controller']}`, crop augmentation. "
+          f"{sc['resize']}x{sc['resize']}, stage 3's controller `{r['controller']}`"
+          f"{' (its full form: every gated block flipped per step)' if r['controller'] == 'counterfactual' else ''}, "
+          f"crop augmentation. "
           f"Reproduce: `{command}`.", "",
           "## Epochs after stage 1 (every arm; stage 1: "
           f"{sc['sp']['epochs']} epochs, shared)", "", "| arm | phases (epochs, each a cosine schedule) | total |",

@@ -17,8 +17,11 @@
 #   stage 1  200 epochs x 50,000 images x 3 x 2.20 GFLOPs = 6.6e16 FLOPs      -> about 12 min (10-25 min)
 #   stage 2  factor pass (200 batches) + eigh: ~1-2 min; 100 fine-tuning epochs of the 0.51-GFLOPs net,
 #            391 steps each, launch-bound                                       -> about 8 min (5-15 min)
-#   stage 3  100 epochs at batch 256 (196 steps), every block computed in training (masked), launch-bound
-#                                                                                -> about 5 min (4-12 min)
+#   stage 3  100 epochs at batch 256 (196 steps), every block computed in training (masked), launch-bound,
+#            plus the default controller's counterfactual pass: 4 of the 14 gated blocks flipped per step,
+#            about 4 x 7.5 extra block evaluations per image forward-only in float32 without TF32 (not on
+#            tensor cores), with the taken route: ~0.4 TFLOP per step for the pruned net, ~10 ms at ~40 TFLOP/s
+#            (on the CPU the step costs 1.9x a REINFORCE step, docs/speed.md)            -> about 8 min (5-15 min)
 # On a CPU the same recipe takes days; bench/study.py is the CPU-sized study.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,20 +22,35 @@ every image's logit the same way unless every image's benefit moves.
   total loss     CE (mean over the batch, on the sampled routes) + rl_weight * switch loss
 
 Summed over images as REINFORCE's policy loss is (gates/policy.py), so that --rl_weight weighs each decision
-the same under both controllers; under DDP each process sums over its own images.
+the same under both controllers; under DDP each process sums over its own images, weighed by the number of
+processes, so that the averaged gradient is the sum over the global batch, as on one process.
 
 The backbone learns by cross-entropy only: in the model's `explore` mode the switches read their blocks'
 inputs detached, and the decisions are drawn from p clamped to [explore_bound, 1 - explore_bound], so every
 block keeps being trained on images that skip it and images that run it. The counterfactual passes run
 without gradient in evaluation mode (BN running statistics: what the deployed network computes, and no
-update of those statistics): about S^2 / 2 block evaluations forward only for S switches, stacked so
-that they take S block calls. alpha is fixed or adapted towards a GFLOPs target by gates.policy.SkipPrice.
+update of those statistics), in float32 with TF32 off: about S^2 / 2 block evaluations forward only for S
+switches (flipping block j costs every block from j on), stacked so that they take S block calls.
+
+Flipping every block at every step costs about 4x a REINFORCE step on the CPU at ResNet-32 (docs/speed.md).
+`blocks` = K < S flips only K gated blocks per step, drawn uniformly without replacement (the global RNG,
+seeded per epoch: a resumed run draws the same), and weighs their terms by S / K: the switch loss and its
+gradient are unbiased estimates of the full ones, each image and block still has its own counterfactual
+and its own baseline (the other action on the same image), and every switch is trained on average every
+S / K steps. K = S is the full form.
+alpha is fixed or adapted towards a GFLOPs target by gates.policy.SkipPrice.
+
+The probabilities are the switches' own; a NaN among them (a diverged network) reaches the loss at once
+(with K < S too), whose check reports it, and never a kernel that asserts on it: the decisions are drawn from finite probabilities
+(models.switches.act) and the switch loss is the Bernoulli log-likelihood written out, not
+F.binary_cross_entropy (which asserts on CUDA on an input outside [0, 1], NaN included).
 """
 import torch
 import torch.nn.functional as F
 
-from models.switches import autocast_off
+from models.switches import autocast_off, log_prob
 from runtime.steps import accuracy
+from utils.dist import exact_fp32
 from utils.flops import skipped_flops
 
 
@@ -46,38 +61,45 @@ def unwrap(model):
 
 
 @torch.no_grad()
-def flip_losses(model, x, y, actions):
-    """(taken (N,), flipped (N, S)): per-image cross-entropy of the route `actions` (N, S) and of that route
-    with block j flipped, for every gated block j; in evaluation mode (BN running statistics), masked
-    execution, float32 even under bf16 autocast (the benefit is a small difference of two losses, which
-    bf16's 8-bit mantissa would round by about the temperature of the targets). The model's training mode
-    is restored after."""
+def flip_losses(model, x, y, actions, blocks=None):
+    """(taken (N,), flipped (N, K)): per-image cross-entropy of the route `actions` (N, S) and of that route
+    with block j flipped, for every gated block j in `blocks` (sorted indices, K of them; None: all S); in
+    evaluation mode (BN running statistics), masked execution, float32 even under bf16 autocast and with
+    TF32 off on CUDA (the benefit is a small difference of two losses, which bf16's 8-bit or TF32's 11-bit
+    mantissa would round by about the temperature of the targets). The model's training mode is restored
+    after."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
     try:
-        with autocast_off(x.device.type):
-            return _flip_losses(net, x, y, actions.to(torch.float32))
+        with autocast_off(x.device.type), exact_fp32():
+            return _flip_losses(net, x, y, actions.to(torch.float32), blocks)
     finally:
         net.train(was_training)
 
 
-def _flip_losses(net, x, y, a):
-    """All S flipped routes and the taken one go through each block as one batch: branch j (block j flipped)
+def _flip_losses(net, x, y, a, blocks=None):
+    """The flipped routes and the taken one go through each block as one batch: branch j (block j flipped)
     joins at block j from the taken route's input there, and follows the taken actions after it. The same
-    FLOPs as S separate passes from each block on, in S block calls instead of about S^2 / 2 (evaluation-mode
-    BN treats every image on its own, so stacking changes no image's result)."""
+    FLOPs as K separate passes from each flipped block on, in S block calls instead of about K * S / 2
+    (evaluation-mode BN treats every image on its own, so stacking changes no image's result)."""
     n = x.shape[0]
+    flip_set = set(range(net.num_switches)) if blocks is None else set(blocks)
     h = net.blocks[0](F.relu(net.stem_bn(net.stem(x))))
-    branches = h[:0]  # the flipped routes so far, stacked: (j * n, C, H, W) after block j
+    branches = h[:0]  # the flipped routes so far, stacked: (k * n, C, H, W) after the k-th flipped block
     for k, block in enumerate(net.blocks[1:]):
-        taken, flip = a[:, k], 1 - a[:, k]
+        taken = a[:, k]
         m = branches.shape[0] // n
-        out = block.forward_masked(torch.cat([branches, h, h]), torch.cat([taken.repeat(m), taken, flip]))
-        branches = torch.cat([out[:m * n], out[(m + 1) * n:]])
+        if k in flip_set:
+            out = block.forward_masked(torch.cat([branches, h, h]), torch.cat([taken.repeat(m), taken, 1 - taken]))
+            branches = torch.cat([out[:m * n], out[(m + 1) * n:]])
+        else:
+            out = block.forward_masked(torch.cat([branches, h]), torch.cat([taken.repeat(m), taken]))
+            branches = out[:m * n]
         h = out[m * n:(m + 1) * n]
-    losses = _ce(net, torch.cat([branches, h]), y.repeat(net.num_switches + 1))
-    return losses[-n:], losses[:-n].view(net.num_switches, n).T
+    count = len(flip_set)
+    losses = _ce(net, torch.cat([branches, h]), y.repeat(count + 1))
+    return losses[-n:], losses[:-n].view(count, n).T
 
 
 def _ce(net, h, y):
@@ -98,15 +120,20 @@ def switch_targets(benefit, prices, tau):
 
 class CounterfactualStep:
     """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price` a gates.policy.SkipPrice
-    (alpha), `tau` the temperature of the targets, in cross-entropy units.
+    (alpha), `tau` the temperature of the targets, in cross-entropy units; `blocks` the gated blocks
+    flipped per step (None or >= S: all, the full form; K < S: K drawn per step, terms weighed by S / K);
+    `scale` multiplies the switch loss in the total (under DDP the number of processes, so that the
+    gradient DDP averages is that of the sum over the global batch, as on one process).
 
     stats: loss (the cross-entropy, which trains the backbone), acc (%, of the sampled routes), switch_loss
     (which trains the switches), benefit (mean over images of b per switch), exec_target (mean target per
     switch), exec_rate and sampled_gflops (of the sampled routes), greedy_gflops, and alpha where it moves
-    (with a GFLOPs target)."""
+    (with a GFLOPs target). With K < S, benefit and exec_target are per step S / K x the sampled blocks'
+    means (0 elsewhere): their averages over an epoch estimate the full form's without bias."""
 
-    def __init__(self, costs, price, tau, rl_weight):
+    def __init__(self, costs, price, tau, rl_weight, blocks=None, scale=1.0):
         self.costs, self.price, self.tau, self.rl_weight = costs, price, tau, rl_weight
+        self.blocks, self.scale = blocks, scale
         self.consts = None
 
     def _constants(self, device):
@@ -115,29 +142,50 @@ class CounterfactualStep:
                        "always": torch.tensor(skipped_flops(self.costs) / 1e9,
                                               dtype=torch.float64, device=device)}
 
+    def draw(self, num_switches):
+        """The gated blocks flipped at this step (sorted), or None for all of them."""
+        if self.blocks is None or self.blocks >= num_switches:
+            return None
+        return sorted(torch.randperm(num_switches)[:self.blocks].tolist())  # the global (CPU) RNG: no device sync
+
     def __call__(self, model, x, y):
         if self.consts is None or self.consts["w"].device != x.device:
             self._constants(x.device)
         k = self.consts
         logits, actions, probs = model(x, "explore")
         actions = actions.detach()
-        taken, flipped = flip_losses(model, x, y, actions)
-        with autocast_off(x.device.type):
+        s = actions.shape[1]
+        chosen = self.draw(s)
+        taken, flipped = flip_losses(model, x, y, actions, chosen)
+        with autocast_off(x.device.type), exact_fp32():
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)
-            benefit = execution_benefit(taken, flipped, actions)
-            alpha = self.price.alpha.float()
-            target = switch_targets(benefit, alpha * k["w"], self.tau)
             p = probs if probs.dtype == torch.float32 else probs.float()
-            switch_loss = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), target, reduction="sum")
-            loss = torch.add(ce, switch_loss, alpha=self.rl_weight)
+            alpha = self.price.alpha.float()
+            if chosen is None:
+                weight, a, p_used, w = 1.0, actions, p, k["w"]
+            else:
+                idx = torch.tensor(chosen, device=x.device)
+                weight, a, p_used, w = s / len(chosen), actions[:, idx], p[:, idx], k["w"][idx]
+            benefit = execution_benefit(taken, flipped, a)
+            target = switch_targets(benefit, alpha * w, self.tau)
+            # BCE(p, target) summed, as -log-likelihood: a NaN p makes the loss NaN (reported by the loss check)
+            # where F.binary_cross_entropy would assert on CUDA
+            switch_loss = -log_prob(p_used, target).sum() * weight
+            if chosen is not None:  # a NaN p of a block not drawn this step makes the loss NaN too (no gradient)
+                switch_loss = switch_loss + p.detach().sum() * 0
+            loss = torch.add(ce, switch_loss, alpha=self.rl_weight * self.scale)
             with torch.no_grad():
                 exec_rate = actions.mean(0)
                 greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]
                 if self.price.target is not None:
                     self.price.update(greedy * 1e9)
+                mean_benefit, mean_target = benefit.mean(0), target.mean(0)
+                if chosen is not None:
+                    mean_benefit = benefit.new_zeros(s).index_copy_(0, idx, mean_benefit * weight)
+                    mean_target = target.new_zeros(s).index_copy_(0, idx, mean_target * weight)
                 stats = {"loss": ce.detach(), "acc": accuracy(logits, y),
-                         "switch_loss": switch_loss.detach(), "benefit": benefit.mean(0),
-                         "exec_target": target.mean(0), "exec_rate": exec_rate,
+                         "switch_loss": switch_loss.detach(), "benefit": mean_benefit,
+                         "exec_target": mean_target, "exec_rate": exec_rate,
                          "sampled_gflops": k["always"] + exec_rate.double() @ k["blocks"], "greedy_gflops": greedy}
                 if self.price.target is not None:
                     stats["alpha"] = self.price.alpha

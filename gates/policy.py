@@ -18,7 +18,8 @@ The policy loss is summed over images, not averaged: SkipNet's code, where the o
 gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
 (`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
 batch-size times weaker (256x at the original --bs 256) and the switches would barely move in 100 epochs.
-Under DDP each process sums over its own images and DDP averages the gradients of the processes.
+Under DDP each process sums over its own images, the sum weighed by the number of processes (`scale`), so
+that the gradients DDP averages add up to the sum over the global batch (--bs), as on one process.
 
 alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
 (SkipPrice below).
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from models.switches import autocast_off, log_prob
 from runtime.steps import accuracy
-from utils.dist import all_reduce_sum
+from utils.dist import all_reduce_sum, exact_fp32
 from utils.flops import skipped_flops
 
 BASELINES = ("moving", "batch")
@@ -159,9 +160,10 @@ class ReinforceStep:
     made once (the step's host time is its op count, not its FLOPs): with w = block FLOPs / their sum and
     K[j, i] = w_j gamma^(j - i) (j >= i), the returns are alpha (1 - a) K - CE gamma^(S - i)."""
 
-    def __init__(self, costs, price, gamma, rl_weight, baseline):
+    def __init__(self, costs, price, gamma, rl_weight, baseline, scale=1.0):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)
         self.costs, self.gamma, self.rl_weight = costs, gamma, rl_weight
+        self.scale = scale  # under DDP the number of processes: the averaged gradient is the global batch's sum
         self.baseline = baseline
         self.consts = None  # the tensors below, on the batch's device, made once
 
@@ -186,14 +188,15 @@ class ReinforceStep:
         if actions.requires_grad:  # sampled: never, but a hooked model might
             actions = actions.detach()
         alpha = self.price.alpha
-        with autocast_off(x.device.type):  # float32 (bf16 would round the returns to 3 digits)
+        # float32 with TF32 off whatever --tf32 allows (bf16 would round the returns to 3 digits, TF32 to 4)
+        with autocast_off(x.device.type), exact_fp32():
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y, reduction="none")
             ce_mean, final = ce.mean(), ce.detach()
             # R = alpha (1 - a) K - CE x gamma^(S - i): skip rewards and final reward -CE, discounted
             returns = torch.addcmul(alpha * (k["k_sum"] - actions @ k["k"]), final.view(-1, 1), k["final"], value=-1)
             p_loss = (log_prob(probs if probs.dtype == torch.float32 else probs.float(), actions)
                       * (self.baseline(returns) - returns)).sum()  # policy_loss: -sum log pi (R - b)
-            loss = torch.add(ce_mean, p_loss, alpha=self.rl_weight)
+            loss = torch.add(ce_mean, p_loss, alpha=self.rl_weight * self.scale)
             with torch.no_grad():  # statistics: no graph, so no detach ops
                 exec_rate = actions.mean(0)
                 greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]  # GFLOPs/image

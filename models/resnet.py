@@ -1,6 +1,8 @@
 """CIFAR ResNet (depth 6n+2, widths 16k/32k/64k, option-B shortcuts) with a switch before every block but
 the first. Built from a plain, JSON-serialisable architecture description (see models/__init__.py), which
 after static pruning also names the rank of every factored conv."""
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -219,3 +221,31 @@ def compile_step(step_fn, device, backend=None, mode=None):
 
     step.step_fn, step.backend, step.mode = step_fn, backend, mode
     return step
+
+
+def compile_report(step, say=False):
+    """What torch.compile did in this process for a step made by compile_step (None for an eager step): the
+    graphs compiled, the recompilations and their first reasons, and on CUDA with reduce-overhead whether
+    CUDA graphs ran or were skipped (and why: DDP's mutated BatchNorm buffers, say). From torch._dynamo's
+    counters and compilation metrics, which count every compilation of the process. `say`: CUDA graphs
+skipped, or recompilations, in one line on stderr."""
+    if getattr(step, "backend", None) is None:
+        return None
+    from torch._dynamo.utils import counters, get_compilation_metrics
+    metrics = get_compilation_metrics()
+    recompiles = [m.recompile_reason for m in metrics if getattr(m, "recompile_reason", None)]
+    skips = sorted({m.cudagraph_skip_reason for m in metrics if getattr(m, "cudagraph_skip_reason", None)})
+    out = {"backend": step.backend, "mode": step.mode, "graphs": counters["stats"]["unique_graphs"],
+           "recompiles": len(recompiles), "recompile_reasons": recompiles[:5]}
+    if step.mode == "reduce-overhead":
+        n_skips = counters["inductor"]["cudagraph_skips"]
+        out.update(cudagraph_skips=n_skips, cudagraph_skip_reasons=skips[:5], cuda_graphs=n_skips == 0)
+    else:
+        out["cuda_graphs"] = False
+    if say and out.get("cudagraph_skips"):
+        print(f"warning: --compile: CUDA graphs were skipped {out['cudagraph_skips']} time(s) "
+              f"({'; '.join(skips[:2]) or 'reason not recorded'}): the compiled step launches its kernels one by one",
+              file=sys.stderr, flush=True)
+    if say and recompiles:
+        print(f"warning: --compile: {len(recompiles)} recompilation(s) ({recompiles[0]})", file=sys.stderr, flush=True)
+    return out

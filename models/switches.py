@@ -147,6 +147,15 @@ def build_switches(kind, channels):
     raise ValueError(f"unknown switch kind {kind!r} (expected one of {KINDS})")
 
 
+def finite(p):
+    """p with NaN as 0.5, for drawing decisions: torch.bernoulli asserts on a probability outside [0, 1] (on
+    CUDA a device-side assert, which ends the process's CUDA context, and under DDP leaves the other ranks
+    waiting). A NaN p comes from a diverged network, and its loss is NaN too (the p themselves enter it, see
+    gates/), which the training loop's check reports in one line; a sigmoid gives no other value outside
+    [0, 1]."""
+    return torch.nan_to_num(p, nan=0.5)
+
+
 def act(p, mode, training, bound=0.0, temperature=1.0):
     """0/1 execution decisions (float, shape of p) from probabilities p: `sample` draws them (`explore` from
     p clamped to [bound, 1 - bound]; `gumbel` in training as `sample`, with a gradient), `hard` and
@@ -157,10 +166,10 @@ def act(p, mode, training, bound=0.0, temperature=1.0):
     of the relaxed decision at `temperature` (gumbel_decisions)."""
     if mode == "sample":
         with torch.no_grad():  # no graph node (a detach would be one more op)
-            return torch.bernoulli(p)
+            return torch.bernoulli(finite(p))
     if mode == "explore":
         with torch.no_grad():
-            return torch.bernoulli(p.clamp(bound, 1 - bound))
+            return torch.bernoulli(finite(p).clamp_(bound, 1 - bound))
     if mode == "hard" and training:
         return _StraightThrough.apply(p)
     if mode == "gumbel" and training:

@@ -72,7 +72,7 @@ KEYS = {
     "fisher_type": (STR, "true", _in("true", "empirical"), "labels of the factor pass: true = sampled from "
                     "the model's softmax, empirical = the real labels"),
     "fisher_batches": (INT, 200, _range(1, None), "batches of bs unaugmented training images in each factor "
-                       "pass, per process (at most all; spread evenly over the training set)"),
+                       "pass (bs over all processes; at most all; spread evenly over the training set)"),
     "damping": (NUMBER, 1e-3, _range(0, None), "added to each Kronecker factor before eigh, relative to its "
                 "mean eigenvalue (damping * trace/n * I); raised tenfold if eigh fails"),
     "prune_ratio_limit": (NUMBER, 0.95, _range(0, 1, lo_open=True, hi_open=False), "largest fraction of one "
@@ -100,7 +100,8 @@ KEYS = {
     "weight_decay": (NUMBER, 5e-4, _range(0, None), "SGD weight decay (on every trained parameter)"),
     "scheduler": (STR, "cosine", _in("cosine", "step", "constant"), "learning-rate schedule over each "
                   "fine-tuning (per step)"),
-    "bs": (INT, 128, _range(1, None), "batch size per process (fine-tuning, factor pass, evaluation)"),
+    "bs": (INT, 128, _range(1, None), "batch size over all processes (fine-tuning, factor pass, evaluation): "
+           "under torchrun each of P processes takes bs / P images (bs must be divisible by P)"),
     "seed": (INT, 0, ANY, "seed of data order, augmentation and sampled Fisher labels"),
     "device": (STR + (NULL,), None, ANY, "cpu, cuda or cuda:N; null: cuda when available (under torchrun each "
                "process takes cuda:LOCAL_RANK; cuda:N is refused with several processes per machine)"),
@@ -108,6 +109,8 @@ KEYS = {
             "checkpoints stay float32); off: float32 throughout; null: bf16 on CUDA, off on CPU"),
     "channels_last": (BOOL + (NULL,), None, ANY, "weights and batches in the NHWC memory format (false: NCHW); "
                       "null: true on CUDA, false on CPU"),
+    "tf32": (BOOL, False, ANY, "allow TF32 for the fine-tuning's float32 convolutions and matmuls on CUDA; the "
+             "factor pass, the final evaluation and anything that says float32 stay exact"),
 }
 ROUND_KEYS = ("compression", "ratio", "gflops", "epochs", "lr")
 TARGET_KEYS = ("compression", "ratio", "gflops")

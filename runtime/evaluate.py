@@ -1,5 +1,7 @@
 """Evaluation (accuracy, loss and the GFLOPs each image's route executes) and the re-estimation of
 BatchNorm statistics, over every image of a loader and every rank."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +10,23 @@ from utils.dist import all_reduce_sum
 from utils.faults import kill_point
 from utils.flops import dense_flops, skipped_flops
 from utils.log import progress
+
+
+@contextlib.contextmanager
+def no_autotune_when_skipping(model, mode="hard"):
+    """torch.backends.cudnn.benchmark off inside, when `model` (in evaluation mode) would run its gated blocks
+    on sub-batches (skipping execution, any mode but "open"), restored after: a sub-batch's size changes
+    with every batch, and cudnn.benchmark would autotune every new shape (most of a pass) for kernels used
+    once. Every inference that skips blocks runs inside it."""
+    skipping = mode != "open" and (model.execution == "skip" or (model.execution == "auto" and not model.training))
+    if not skipping or not torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = True
 
 
 @torch.no_grad()
@@ -21,25 +40,22 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
     GFLOPs count the blocks each route executes, whichever execution."""
     model = getattr(ddp, "module", ddp)
     model.eval()
-    before, benchmark = model.execution, torch.backends.cudnn.benchmark
+    before = model.execution
     if execution is not None:
         model.execution = execution
-    if model.execution != "mask":
-        # skipping runs each gated block on a sub-batch whose size changes with every batch: cudnn.benchmark
-        # would autotune every new shape (most of an evaluation pass) for kernels used once
-        torch.backends.cudnn.benchmark = False
     sums, images = None, 0
     try:
-        for x, y in progress(loader, ctx.is_main, desc=desc):
-            with autocast(ctx):
-                logits, actions, _ = model(x, mode)
-            batch = torch.cat([torch.stack([(logits.argmax(1) == y).sum(dtype=torch.float64),
-                                            F.cross_entropy(logits.float(), y, reduction="sum").double()]),
-                               actions.sum(0, dtype=torch.float64)])
-            sums = batch if sums is None else sums.add_(batch)
-            images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
+        with no_autotune_when_skipping(model, mode):
+            for x, y in progress(loader, ctx.is_main, desc=desc):
+                with autocast(ctx):
+                    logits, actions, _ = model(x, mode)
+                batch = torch.cat([torch.stack([(logits.argmax(1) == y).sum(dtype=torch.float64),
+                                                F.cross_entropy(logits.float(), y, reduction="sum").double()]),
+                                   actions.sum(0, dtype=torch.float64)])
+                sums = batch if sums is None else sums.add_(batch)
+                images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
     finally:
-        model.execution, torch.backends.cudnn.benchmark = before, benchmark
+        model.execution = before
     if sums is None:  # a rank without images still joins the sum
         sums = torch.zeros(2 + model.num_switches, dtype=torch.float64, device=ctx.device)
     total = all_reduce_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()  # the one sync

@@ -11,7 +11,7 @@ import torch
 from runtime.checkpoint import save_checkpoint, stage_checkpoint
 from runtime.evaluate import evaluate
 from runtime.loop import seed_epoch, summary_line, train_epoch
-from utils.dist import barrier
+from utils.dist import barrier, exact_fp32, peak_memory
 from utils.errors import UserError
 from utils.faults import kill_point
 from utils.files import write_json
@@ -211,15 +211,21 @@ class StageRun:
         split = data.final_name
         loader = data.test if split == "test" else data.eval
         # float32 whatever the training precision: the numbers are the saved (float32) model's, as deployed
+        # and TF32 off (cuDNN's float32 convolutions default to TF32 on CUDA), whatever --tf32 allowed in training
         exact = dataclasses.replace(self.ctx, amp=False)
-        final = evaluate(ddp, loader, exact, costs, mode=mode, desc=split)
+        with exact_fp32():
+            final = evaluate(ddp, loader, exact, costs, mode=mode, desc=split)
+            routed = evaluate(ddp, loader, exact, costs, desc=f"{split} routed") if mode == "open" else None
         metrics = {"stage": self.name, f"{split}_acc": final["acc"], f"{split}_loss": final["loss"],
                    "gflops_per_image": final["gflops"], "exec_rate": final["exec_rate"], "mode": mode,
                    "params": count_params(model), f"{split}_images": final["images"], "final_split": split,
                    **({} if split == "test" else {f"{split}_gflops": final["gflops"]})}
-        if mode == "open":
-            routed = evaluate(ddp, loader, exact, costs, desc=f"{split} routed")
+        if routed is not None:
             metrics.update(routed_acc=routed["acc"], routed_gflops=routed["gflops"], exec_rate=routed["exec_rate"])
+        metrics["precision"] = {"training": {"amp": "bf16" if self.ctx.amp else "off", "tf32": self.ctx.tf32,
+                                             "channels_last": self.ctx.channels_last},
+                                "final_evaluation": "float32, TF32 off"}
+        metrics["peak_memory"] = peak_memory(self.ctx.device)
         metrics.update(extra or {})
         metrics.update(parent=self.parent, run_id=self.run_id, tb_step=self.last_step)
         if self.ctx.is_main:
@@ -245,7 +251,7 @@ def resume_path(arg, run):
 # Flags a resumed run may change: where and how fast it runs, not what it computes (the network's own flags
 # are checked against its architecture, the resize against its recorded pipeline, with their own messages)
 RESUME_FREE = {"resume", "device", "num_workers", "data_dir", "result_dir", "overwrite", "compile", "amp",
-               "channels_last", "download", "checkpoint", "pretrained", "resize", "network", "depth", "width", "gate"}
+               "channels_last", "tf32", "download", "checkpoint", "pretrained", "resize", "network", "depth", "width", "gate"}
 
 
 def check_resume_args(ckpt, args, path):

@@ -2,6 +2,7 @@
 of a block measured on the image itself, a switch loss that trains the switches and nothing else, the
 switches' own learning rate, and the price steering the routes."""
 import functools
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -147,3 +148,50 @@ def test_the_price_steers_the_routes():
     # (price 0); the bounds sit 0.1 from both
     p, p0 = run(10.0), run(0.0)
     assert p < 0.1 and p0 > 0.3, (p, p0)
+
+
+def test_a_subset_of_flipped_blocks_is_the_full_passs_columns():
+    """flip_losses with blocks {1, 3} gives the taken route's losses and the flipped columns 1 and 3 of the
+    full pass (the stacked pass only carries fewer branches)."""
+    model = _model(depth=14)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+    actions = torch.bernoulli(torch.full((6, 5), 0.5), generator=torch.Generator().manual_seed(4))
+    taken, flipped = flip_losses(model, x, y, actions)
+    taken2, flipped2 = flip_losses(model, x, y, actions, [1, 3])
+    torch.testing.assert_close(taken2, taken, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(flipped2, flipped[:, [1, 3]], rtol=1e-6, atol=1e-6)
+
+
+def test_sampled_flips_estimate_the_full_switch_loss_without_bias(monkeypatch):
+    """K of S blocks flipped per step, their terms weighed by S / K: averaged over every K-subset the switch
+    loss, its gradient and the per-switch benefit are the full form's; with K = S the step is the full one."""
+    model = _model(depth=14)  # 5 switches
+    costs = measure_costs(model, 8)
+    model.train()
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    start = {k: v.clone() for k, v in model.state_dict().items()}  # a step moves BN's running statistics
+
+    def run(blocks, subset=None):
+        step = CounterfactualStep(costs, SkipPrice(0.5), 0.05, 1.0, blocks=blocks)
+        if subset is not None:
+            monkeypatch.setattr(step, "draw", lambda s: list(subset))
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the same explore draws every time
+        loss, stats = step(model, x, y)
+        loss.backward()
+        return stats, model.switches.head.weight.grad.clone()
+
+    full_stats, full_grad = run(None)
+    same_stats, same_grad = run(5)  # K = S: the full form
+    torch.testing.assert_close(same_stats["switch_loss"], full_stats["switch_loss"], rtol=0, atol=0)
+    torch.testing.assert_close(same_grad, full_grad, rtol=0, atol=0)
+    subsets = list(itertools.combinations(range(5), 2))  # all 10 subsets of K = 2
+    runs = [run(2, c) for c in subsets]
+    mean = lambda key: torch.stack([s[key] for s, _ in runs]).mean(0)
+    torch.testing.assert_close(mean("switch_loss"), full_stats["switch_loss"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean("benefit"), full_stats["benefit"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack([g for _, g in runs]).mean(0), full_grad, rtol=1e-4, atol=1e-6)
+    assert all(s["switch_loss"] != full_stats["switch_loss"] for s, _ in runs)  # each subset alone differs
+    drawn = CounterfactualStep(costs, SkipPrice(0.5), 0.05, 1.0, blocks=2).draw(5)
+    assert len(drawn) == 2 and drawn == sorted(set(drawn)) and all(0 <= b < 5 for b in drawn)

@@ -360,3 +360,171 @@ def test_short_bf16_channels_last_run_on_cpu_is_finite_and_reloads_in_float32(ru
     with torch.no_grad():
         logits, _, _ = model(torch.randn(4, 3, 16, 16), "hard")
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------ a CUDA build without a usable GPU; TF32
+
+def cuda_build_without_gpu(monkeypatch, why):
+    """This torch as a CUDA 13.0 build on a machine whose driver refuses it with `why` (torch.cuda.init's
+    words), torchrun's variables unset."""
+    for key in TORCHRUN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def init():
+        raise RuntimeError(why)
+
+    monkeypatch.setattr(torch.cuda, "init", init)
+
+
+TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12040). Please update your GPU driver by "
+           "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx")
+
+
+def test_a_cuda_build_falling_back_to_the_cpu_says_so_in_one_line(runs, tmp_path, monkeypatch, capsys):
+    import utils.dist
+    cuda_build_without_gpu(monkeypatch, TOO_OLD)
+    monkeypatch.setattr(utils.dist, "_WARNED", [])  # said once per process: this test's process starts afresh
+    ctx = setup()
+    setup()  # once per process (the search runs many stages in one)
+    err = capsys.readouterr().err
+    assert str(ctx.device) == "cpu" and len(err.splitlines()) == 1, err
+    for words in ("warning", "CPU", "CUDA 13.0", "driver on your system is too old (found version 12040)",
+                  "--device cpu"):
+        assert words in err, (words, err)
+    setup("cpu")  # asked for: nothing to say
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    setup()
+    assert "CUDA_VISIBLE_DEVICES='' hides every GPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build expects no GPU
+    setup()
+    assert capsys.readouterr().err == ""
+    # a stage says it before its work, once
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(utils.dist, "_WARNED", [])
+    root, data = runs
+    gpus_step = {}
+
+    def first_step(ddp, loader, *args, **kwargs):
+        gpus_step["device"] = str(loader.device)
+        raise Stop
+
+    monkeypatch.setattr(runtime.stage, "train_epoch", first_step)
+    with pytest.raises(Stop):
+        main_sp.main([*ARCH, *SMALL, "--epochs", "1", "--data_dir", data, "--result_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert gpus_step == {"device": "cpu"} and err.count("warning: running on the CPU") == 1, err
+    # asked for explicitly, the missing driver is the one-line error's reason
+    err = one_line_error(capsys, main_sp.main, [*ARCH, *SMALL, "--device", "cuda", "--data_dir", data,
+                                                "--result_dir", str(tmp_path / "r")])
+    assert "no CUDA GPU" in err and "too old" in err and "CUDA 13.0" in err, err
+
+
+def test_tf32_switch_is_one_api_and_every_flag_reads_back(monkeypatch):
+    """TF32 set through the legacy flags only: afterwards every flag of both APIs reads (inductor reads both;
+    after the per-op API is used, reading a legacy one can raise), exact_fp32 turns both off inside and
+    restores them, and setup turns TF32 off unless asked."""
+    from utils.dist import exact_fp32, set_tf32, tf32_flags
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)  # restored after
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    for key in TORCHRUN:
+        monkeypatch.delenv(key, raising=False)
+
+    def every_flag():
+        return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision,
+                torch.backends.cudnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                torch.get_float32_matmul_precision())
+
+    for enabled in (True, False, True):
+        set_tf32(enabled)
+        flags = every_flag()
+        assert flags[:2] == (enabled, enabled), flags
+        assert flags[5] == ("tf32" if enabled else "ieee"), flags
+        with exact_fp32():
+            assert every_flag()[:2] == (False, False) and tf32_flags() == {
+                "cudnn_allow_tf32": False, "cuda_matmul_allow_tf32": False}
+        assert every_flag() == flags
+    assert setup("cpu").tf32 is False and tf32_flags() == {"cudnn_allow_tf32": False, "cuda_matmul_allow_tf32": False}
+    assert setup("cpu", tf32=True).tf32 is True and torch.backends.cudnn.allow_tf32
+
+
+def record_tf32_by_phase(monkeypatch):
+    """Every convolution's forward (a global module hook) records cuDNN's TF32 flag and the phase it ran in:
+    the counterfactual pass, the final evaluation, or the training step."""
+    import sys as _sys
+    seen = {}
+    phases = {"_flip_losses": "counterfactual", "finish": "final", "train_epoch": "training"}
+
+    def hook(module, inputs, output):
+        if not isinstance(module, torch.nn.Conv2d):
+            return
+        frame, phase = _sys._getframe(1), None
+        while frame is not None and phase is None:
+            phase = phases.get(frame.f_code.co_name)
+            frame = frame.f_back
+        if phase:
+            seen.setdefault(phase, set()).add((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    return seen, handle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tf32", [False, True])
+def test_final_numbers_and_counterfactual_losses_are_exact_float32(runs, tmp_path, monkeypatch, tf32):
+    """cuDNN's float32 convolutions default to TF32. By default the whole run has TF32 off; --tf32 allows it in
+    the training step only: the counterfactual losses and the final evaluation (metrics.json, "float32 as
+    saved") run with TF32 off, and metrics.json records the training precision."""
+    root, data = runs
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's own default (restored after)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    seen, handle = record_tf32_by_phase(monkeypatch)
+    try:
+        main_rl_prune.main(["--checkpoint", str(root / "base" / "sp" / "checkpoint.pt"), *SMALL, "--epochs", "1",
+                            "--device", "cpu", "--data_dir", data, "--result_dir", str(tmp_path),
+                            *(["--tf32"] if tf32 else [])])
+    finally:
+        handle.remove()
+    assert seen["training"] == {(tf32, tf32)}, seen
+    assert seen["counterfactual"] == {(False, False)} and seen["final"] == {(False, False)}, seen
+    metrics = json.load(open(tmp_path / "rl" / "metrics.json"))
+    assert metrics["precision"] == {"training": {"amp": "off", "tf32": tf32, "channels_last": False},
+                                    "final_evaluation": "float32, TF32 off"}
+    assert metrics["peak_memory"]["host_peak_rss_gib"] > 0
+
+
+def test_inference_that_skips_blocks_never_autotunes_cudnn_per_sub_batch(runs, monkeypatch):
+    """A network that skips blocks runs them on sub-batches whose size changes with every batch: evaluation,
+    bench/crossfit.py's per-image pass and gpu_check's reload turn cudnn.benchmark off while they skip, and
+    leave it as it was; a dense pass (mode open) keeps it."""
+    import bench.crossfit
+    import bench.gpu_check
+    from runtime.checkpoint import load_model
+    from runtime.evaluate import evaluate
+    from utils.data import BatchLoader
+    from utils.flops import measure_costs
+    root, data = runs
+    model, _ = load_model(str(root / "base" / "sp" / "checkpoint.pt"), "cpu")
+    costs = measure_costs(model, 16)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as the stages set it on CUDA (restored after)
+    seen = []
+    hooks = [m.register_forward_hook(lambda *a: seen.append(torch.backends.cudnn.benchmark))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(12, 3, 16, 16)
+    loader = BatchLoader(torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
+                         4, train=False, device="cpu", mean=[0.5] * 3, std=[0.25] * 3)
+    for run, skipping in ((lambda: bench.gpu_check.infer(model, x, 4), True),
+                          (lambda: bench.crossfit.per_image(model, loader), True),
+                          (lambda: evaluate(model, loader, Context(device=torch.device("cpu")), costs, mode="hard"), True),
+                          (lambda: bench.crossfit.per_image(model, loader, mode="open"), False)):
+        seen.clear()
+        run()
+        assert seen and set(seen) == {not skipping}, (skipping, set(seen))
+        assert torch.backends.cudnn.benchmark is True
+    for h in hooks:
+        h.remove()

@@ -162,3 +162,96 @@ def test_an_error_ends_the_process_group_before_the_exit(tmp_path, capsys):
         run_main(main)
     assert e.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
     assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------- the global batch; images decoded once per machine
+
+@pytest.mark.slow
+def test_torchrun_bs_is_the_global_batch_and_images_are_decoded_once(trained_stage1, tmp_path):
+    """Under torchrun --bs is the batch of a step over all processes: 2 processes at --bs 16 take 8 images each
+    and run as many steps per epoch as one process at --bs 16 (the same learning-rate schedule), and the
+    first line says so. Only local rank 0 decodes the images (the process of local rank 1 is killed if it
+    starts to), and the decoded copy is gone after. A batch the processes cannot share evenly is refused."""
+    _, data, _ = trained_stage1
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNPRUNE_KILL_AT": "decode:1", "TMPDIR": str(tmp)}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_sp.py",
+            *STAGE1_FLAGS, "--epochs", "1", "--data_dir", data]
+    proc = subprocess.run([*argv, "--bs", "16", "--result_dir", str(tmp_path / "two")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0]
+    assert "2 processes, batch 16 per step in all (8 per process)" in first, proc.stdout[:500]
+    ckpt = load_checkpoint(str(tmp_path / "two" / "sp" / "checkpoint.pt"), ("sp",))
+    train_images = STAGE1_DATA["classes"] * STAGE1_DATA["train_per_class"]
+    assert ckpt["scheduler"]["last_epoch"] == train_images // 16  # one process at --bs 16: 6 steps an epoch
+    assert not list(tmp.glob("dynprune-*")), list(tmp.iterdir())  # (torchrun keeps a folder of its own there)
+    bad = subprocess.run([*argv, "--bs", "15", "--result_dir", str(tmp_path / "bad")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert bad.returncode != 0 and "batch size 15" in bad.stderr and "2 does not divide it" in bad.stderr \
+        and "use 14 or 16" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "bad" / "sp").exists()  # refused before any work (torchrun then reports the exit)
+
+
+def _load_on_rank(rank, port, data_dir, out_dir):
+    """One of two torchrun-like processes on one machine: load_data, counting the images this process
+    decodes; writes what it loaded (or the error it raised) to out_dir/rank<r>.pt."""
+    import utils.data
+    from utils.data import DataSettings, load_data
+    from utils.dist import setup, teardown
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=os.path.join(out_dir, "tmp"))
+    import tempfile
+    tempfile.tempdir = None  # TMPDIR read again
+    decoded = []
+    real = utils.data._decode_chunk
+    utils.data._decode_chunk = lambda paths, size: decoded.append(len(paths)) or real(paths, size)
+    out = {"decoded": decoded}
+    ctx = setup("cpu")
+    try:
+        data = load_data(DataSettings(data_dir=data_dir, bs=8, num_workers=0), ctx)
+        out.update(train=data.train.x.clone(), test=data.test.x.clone(), classes=data.pipeline["classes"],
+                   batch=data.train.batch_size)
+    except UserError as e:
+        out["error"] = str(e)
+    teardown()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_images_decoded_once_per_machine_and_its_errors_on_every_rank(trained_stage1, tmp_path):
+    """Two processes of one machine (gloo): local rank 0 decodes every image, local rank 1 none, both hold the
+    images one process loads, each half the batch, and the temporary copy is removed; a data directory
+    local rank 0 cannot read is every rank's one-line error (no rank left waiting)."""
+    import torch.multiprocessing as mp
+    from utils.data import DataSettings, load_data
+    from utils.dist import Context
+    _, data, _ = trained_stage1
+    (tmp_path / "tmp").mkdir()
+    mp.spawn(_load_on_rank, args=(_free_port(), data, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one = load_data(DataSettings(data_dir=data, bs=8, num_workers=0), Context(device=torch.device("cpu")))
+    n = len(one.train.x) + len(one.test.x)
+    assert sum(ranks[0]["decoded"]) == n and ranks[1]["decoded"] == []
+    for r in ranks:
+        assert torch.equal(r["train"], one.train.x) and torch.equal(r["test"], one.test.x)
+        assert r["classes"] == one.pipeline["classes"] and r["batch"] == 4
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    bad = tmp_path / "bad"
+    (bad / "train" / "a").mkdir(parents=True)
+    (bad / "test" / "a").mkdir(parents=True)
+    (bad / "train" / "a" / "x.png").write_bytes(b"not a png")
+    (bad / "test" / "a" / "y.png").write_bytes(b"not a png")
+    mp.spawn(_load_on_rank, args=(_free_port(), str(bad), str(tmp_path)), nprocs=2)
+    errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert errors[0]["error"] == errors[1]["error"] and "cannot read image" in errors[0]["error"], errors
+    assert errors[1]["decoded"] == [] and list((tmp_path / "tmp").iterdir()) == []

@@ -4,10 +4,12 @@ import json
 import os
 
 import pytest
+import torch
 
 import main_rl_prune
 from conftest import ROOT
-from helpers import assert_one_line_error, run_script, snapshot, tiny_dataset
+from helpers import CPU_FALLBACK, assert_one_line_error, run_script, snapshot, stderr_lines, tiny_dataset
+from utils.dist import cuda_missing
 from utils.errors import UserError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # small convs: a second thread gains little, and much is lost on shared cores
@@ -69,9 +71,12 @@ def test_logs_hold_summaries_and_no_bar_fragments_when_not_on_a_terminal(pipelin
     for proc in procs:
         assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-500:]
         assert "epoch 1/1" in proc.stdout
-    warnings = [line for line in procs[0].stderr.splitlines() if line.strip()]
+    warnings = stderr_lines(procs[0])
     assert len(warnings) == 1 and "--lr 0.0001" in warnings[0] and "--pretrained" in warnings[0]
-    assert not [line for line in procs[2].stderr.splitlines() if line.strip()]
+    assert not stderr_lines(procs[2])
+    # a CUDA build of torch without a usable GPU says once per stage that it runs on the CPU; nothing else does
+    fallback = int(bool(cuda_missing()) and not torch.cuda.is_available())
+    assert [p.stderr.count(CPU_FALLBACK) for p in procs] == [fallback] * 3, [p.stderr for p in procs]
 
 
 @pytest.mark.slow

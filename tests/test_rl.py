@@ -153,6 +153,30 @@ def test_large_alpha_learns_to_skip_and_alpha_zero_does_not():
     assert sum(end["exec_rate"]) < 0.1  # greedy routes of the rewarded run skip every block
 
 
+@pytest.mark.parametrize("controller", ["reinforce", "counterfactual", "counterfactual_2"])
+@pytest.mark.parametrize("gate", ["rnn", "ff"])
+def test_nan_switch_probabilities_are_reported_by_the_loss_check(controller, gate):
+    """A switch whose parameters went NaN (its p NaN; the backbone and the logits still finite): no sampling
+    or BCE kernel refuses the NaN (on CUDA a device-side assert, the context lost, DDP's other ranks left
+    waiting); the step's loss is NaN and the training loop's check stops with its one-line TrainingDiverged."""
+    from gates.counterfactual import CounterfactualStep
+    from runtime.loop import TrainingDiverged
+    train, _ = _loaders()
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=14, width=1, num_classes=4, gate=gate))
+    costs = measure_costs(model, 8)
+    with torch.no_grad():
+        head = model.switches.head if gate == "rnn" else model.switches.heads[2]  # ff: one switch of five
+        head.bias.fill_(float("nan"))
+    if controller == "reinforce":
+        step = ReinforceStep(costs, 0.1, gamma=1.0, rl_weight=0.1, baseline=Baseline("moving", 5))
+    else:
+        step = CounterfactualStep(costs, SkipPrice(0.1), 0.05, 0.1, **({"blocks": 2} if controller.endswith("2") else {}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 1, step 1"):
+        train_epoch(model, train, optimizer, None, step, CPU, 0)
+
+
 # ------------------------------------------------------------------------ 3. dynamic GFLOPs
 
 @pytest.mark.parametrize("gate,ranks", [("rnn", {}), ("ff", {}),

@@ -194,6 +194,32 @@ def test_compiled_step_trains_as_the_eager_one(kind):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
 
 
+def test_compile_report_counts_graphs_recompiles_and_cuda_graphs():
+    """What a compiled step did: the graphs compiled, each recompilation (a new batch shape here) with its
+    reason, and CUDA graphs: never under aot_eager; on CUDA's reduce-overhead, used unless inductor skipped
+    them (a stubbed skip counter here)."""
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+    from models.resnet import compile_report
+    torch._dynamo.reset()  # what earlier tests of this process compiled is not this step's
+    counters.clear()
+    clear_compilation_metrics()
+    torch.manual_seed(0)
+    model = build_model(make_arch(depth=8, width=1, num_classes=10)).train()
+    step = compile_step(supervised_step, "cpu", backend="aot_eager")
+    assert compile_report(supervised_step) is None  # an eager step
+    for bs in (4, 4, 6):
+        loss, _ = step(model, torch.randn(bs, 3, 16, 16), torch.randint(0, 10, (bs,)))
+        loss.backward()
+    report = compile_report(step)
+    assert report["backend"] == "aot_eager" and report["graphs"] >= 2 and report["recompiles"] >= 1, report
+    assert any("size mismatch" in r for r in report["recompile_reasons"]) and report["cuda_graphs"] is False
+    step.mode = "reduce-overhead"
+    assert compile_report(step)["cuda_graphs"] is True
+    counters["inductor"]["cudagraph_skips"] += 1
+    assert compile_report(step)["cuda_graphs"] is False and compile_report(step)["cudagraph_skips"] == 1
+    torch._dynamo.reset()
+
+
 def test_compile_flag_and_its_defaults():
     assert main_sp.parse_args(["--compile"]).compile and not main_sp.parse_args([]).compile
     assert main_rl_prune.parse_args(["--compile"]).compile

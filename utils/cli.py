@@ -42,7 +42,9 @@ def base_parser(description):
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=200, help="epochs of this stage")
     t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (peak of the schedule)")
-    t.add_argument("--bs", type=int, default=128, help="batch size per process")
+    t.add_argument("--bs", type=int, default=128, help="batch size of a training step, over all processes: under "
+                   "torchrun each of P processes takes bs / P images (bs must be divisible by P), so the flags mean "
+                   "the same recipe on any number of GPUs")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov when > 0)")
     t.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
     t.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "constant"],
@@ -54,6 +56,10 @@ def base_parser(description):
     t.add_argument("--amp", default=None, choices=["bf16", "off"],
                    help="bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay float32); off: "
                         "float32 throughout (default: bf16 on CUDA, off on CPU)")
+    t.add_argument("--tf32", action="store_true",
+                   help="allow TF32 (a 10-bit mantissa) for the training step's float32 convolutions and matmuls on "
+                        "CUDA (with --amp off: faster on Ampere and later GPUs); off by default, and always off for "
+                        "the final evaluation, the counterfactual losses and anything that says float32")
     t.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
                    help="weights and batches in the NHWC memory format; --no-channels_last: NCHW (default: on "
                         "with CUDA, off on CPU)")

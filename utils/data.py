@@ -10,12 +10,19 @@ once and does shuffling, crop/flip augmentation and normalisation there in batch
 DataLoader workers are involved and data never bounds an epoch. All randomness comes from generators
 seeded by (seed, epoch): a run resumed at epoch e sees exactly the batches the interrupted run would have.
 
-load_data (DataSettings: the data flags) is what every stage does with them: the dataset decoded once, the
-validation split held out, the pipeline of the checkpoint the stage starts from applied, the loaders built.
+load_data (DataSettings: the data flags) is what every stage does with them: the dataset decoded once (under
+torchrun once per machine, load_dataset_once), the validation split held out, the pipeline of the checkpoint
+the stage starts from applied, the loaders built with this process's share of the batch (process_batch).
 """
+import hashlib
+import json
+import multiprocessing
 import os
 import pickle
+import shutil
+import socket
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 
@@ -23,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.dist import barrier
 from utils.errors import UserError
+from utils.faults import kill_point
 
 PICKLE_DIR = "cifar-100-python"
 PICKLE_FILES = ("train", "test", "meta")
@@ -290,18 +299,122 @@ def _decode_chunk(paths, size):
     return out
 
 
+def usable_cpus():
+    """The CPU cores this process may run on (its affinity mask, which a scheduler or container sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _pool_context():
+    """Worker processes started by a fork server, never forked from this process: the images are decoded
+    after CUDA (and under torchrun NCCL) have started here, and a child forked from a process holding
+    them can hang or crash in them."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _decode_all(files, resize, num_workers, chunk=500):
     paths = [p for p, _ in files]
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    if num_workers > 1 and len(chunks) > 1:
+    workers = min(num_workers, len(chunks), usable_cpus())  # more processes than cores only queue
+    if workers > 1:
         # one array per chunk of files crosses the process boundary, not one per image
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(chunks))) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
             arrays = list(pool.map(_decode_chunk, chunks, [resize] * len(chunks)))
     else:
         arrays = [_decode_chunk(c, resize) for c in chunks]
     x = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     return x, labels
+
+
+# ------------------------------------------------------------------------ decoded once per machine
+
+def _node_cache(data_dir, img_type, resize):
+    """The folder where this torchrun job's decoded dataset lives on this machine while its processes read
+    it: in the temporary directory, named by the job (torchrun's run id and rendezvous address) and what
+    was decoded, so that the processes of one job on one machine find the same one, and other jobs and
+    machines (a temporary directory shared over the network) never."""
+    key = json.dumps([socket.gethostname(), os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("MASTER_ADDR"),
+                      os.environ.get("MASTER_PORT"), os.path.abspath(os.path.expanduser(str(data_dir))),
+                      str(img_type), resize])
+    return os.path.join(tempfile.gettempdir(), "dynprune-decoded-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _write_node_cache(path, ds):
+    """The dataset as .npy files (uint8 images, int64 labels) and its class names, made visible at once (a
+    folder renamed into place): a reader never sees half of it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in ARRAYS:
+        np.save(os.path.join(tmp, f"{name}.npy"), getattr(ds, name).numpy())
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"classes": ds.classes, "layout": ds.layout}, f)
+    shutil.rmtree(path, ignore_errors=True)  # a restarted job's (torchrun --max_restarts) is replaced
+    os.replace(tmp, path)
+
+
+def _read_node_cache(path):
+    """The dataset written by _write_node_cache, its images memory-mapped (copy on write: the page cache is
+    shared by the processes of this machine, and a tensor made from it is writable); or the DataError local
+    rank 0 met; None if there is no such folder here (a launcher whose processes on one machine do not share
+    the job's names)."""
+    if os.path.isfile(path + ".error"):
+        with open(path + ".error") as f:
+            return DataError(f.read().strip())
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        return None
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    arrays = {name: torch.from_numpy(np.load(os.path.join(path, f"{name}.npy"), mmap_mode="c")) for name in ARRAYS}
+    return Dataset(**arrays, classes=meta["classes"], layout=meta["layout"])
+
+
+def load_dataset_once(ctx, data_dir, img_type="png", resize=32, download=False, num_workers=0):
+    """load_dataset, done once per machine under torchrun: local rank 0 decodes (with its pool of up to
+    num_workers processes, capped at the cores it may use) and writes the uint8 arrays to a folder of the
+    temporary directory; the other processes of the machine wait at a barrier, then read them. Its DataError
+    is every process's. One process: load_dataset itself."""
+    if not ctx.distributed:
+        return load_dataset(data_dir, img_type, resize, download, num_workers)
+    path = _node_cache(data_dir, img_type, resize)
+    ds, error = None, None
+    if ctx.local_rank == 0:
+        try:
+            kill_point("decode", ctx.local_rank)
+            ds = load_dataset(data_dir, img_type, resize, download, num_workers)
+            _write_node_cache(path, ds)
+        except DataError as e:
+            error = e
+            with open(path + ".error", "w") as f:
+                f.write(str(e))
+        except OSError as e:  # no room in the temporary directory: the other processes decode for themselves
+            print(f"warning: cannot keep the decoded images in {tempfile.gettempdir()} ({e.strerror}): every "
+                  f"process decodes them itself (set TMPDIR to a folder with room)", file=sys.stderr, flush=True)
+    barrier()
+    if ctx.local_rank != 0:
+        found = _read_node_cache(path)
+        if isinstance(found, DataError):
+            error = found
+        else:
+            ds = found
+    barrier()  # every process has read it (memory-mapped files stay readable once removed)
+    if ctx.local_rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path + ".error"):
+            os.remove(path + ".error")
+    if error is not None:
+        raise error
+    if ds is None:
+        kill_point("decode", ctx.local_rank)
+        ds = load_dataset(data_dir, img_type, resize, download, num_workers)
+    return ds
 
 
 # ----------------------------------------------------------------------------------- splits and stats
@@ -542,7 +655,7 @@ class Data:
 class DataSettings:
     """What load_data reads: the data flags of a run (utils/cli.py's, or stage 2's config keys)."""
     data_dir: str
-    bs: int                   # batch size per process, of every loader
+    bs: int                   # batch size of a step over all processes (process_batch: this process's share)
     img_type: str = "png"
     resize: int = None        # None: the recorded pipeline's, else DEFAULT_RESIZE
     augment: str = None       # None: the recorded pipeline's, else "cifar"
@@ -558,6 +671,24 @@ class DataSettings:
         `given` in place of theirs."""
         values = {**(flags if isinstance(flags, dict) else vars(flags)), **given}
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def process_batch(bs, ctx):
+    """This process's share of the batch size `bs`, which is that of a whole step over all processes: under
+    torchrun P processes take bs / P images each (DDP averages their gradients: the step is that of one
+    process on bs images, so the learning rate and every other flag mean the same on any number of GPUs).
+    A bs that P does not divide is refused; rank 0 says the split in one line."""
+    if not ctx.distributed:
+        return bs
+    p = ctx.world_size
+    if bs % p:
+        below, above = bs - bs % p, bs - bs % p + p
+        raise UserError(f"batch size {bs} is the batch of a step over all {p} processes, and {p} does not divide "
+                        f"it (each process takes bs / {p}): use {below or above}" + (f" or {above}" if below else ""))
+    if ctx.is_main:
+        print(f"torchrun: {p} processes, batch {bs} per step in all ({bs // p} per process): the same recipe as "
+              f"one process at batch {bs}; images decoded once per machine", flush=True)
+    return bs // p
 
 
 def load_data(args, ctx, recorded=None, source=None, resuming=False):
@@ -580,7 +711,8 @@ def load_data(args, ctx, recorded=None, source=None, resuming=False):
         print(f"warning: {source} records no input pipeline (written by an older version): using resize "
               f"{resize or DEFAULT_RESIZE} and the statistics of this training set", file=sys.stderr, flush=True)
     resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
-    ds = load_dataset(args.data_dir, args.img_type, resize, args.download, args.num_workers)
+    bs = process_batch(args.bs, ctx)
+    ds = load_dataset_once(ctx, args.data_dir, args.img_type, resize, args.download, args.num_workers)
     if recorded is not None and ds.classes != recorded["classes"]:
         raise UserError(f"data_dir {args.data_dir} holds other classes than {source} was trained on "
                         f"({_class_difference(ds.classes, recorded['classes'])})")
@@ -618,7 +750,6 @@ def load_data(args, ctx, recorded=None, source=None, resuming=False):
             print(f"warning: every training image of {args.data_dir} is one flat colour (no channel varies): "
                   f"nothing to learn from the pixels", file=sys.stderr, flush=True)
     pipeline = make_pipeline(resize, mean, std, ds.classes, augment)
-    bs = args.bs
     common = dict(device=ctx.device, mean=pipeline["mean"], std=pipeline["std"], rank=ctx.rank,
                   world_size=ctx.world_size, channels_last=ctx.channels_last)
     test = BatchLoader(ds.test_x, ds.test_y, bs, train=False, **common) if final == "test" else None

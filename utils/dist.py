@@ -1,6 +1,8 @@
-"""Device choice and torchrun/DistributedDataParallel set-up (PyTorch's own engine: nccl on CUDA, gloo on
-CPU). Without torchrun every helper here is a no-op and the world has one rank."""
+"""Device choice, float32 precision and torchrun/DistributedDataParallel set-up (PyTorch's own engine: nccl on
+CUDA, gloo on CPU). Without torchrun every helper here is a no-op and the world has one rank."""
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +17,18 @@ PRECISIONS = ("bf16", "off")  # --amp / config "amp"; None: by device
 @dataclass
 class Context:
     """A run's device, rank and numerics. amp (bf16 autocast) and channels_last left None follow the
-    device: on for CUDA, off for CPU."""
+    device: on for CUDA, off for CPU. tf32: float32 convolutions and matmuls of the training step may run
+    in TF32 on CUDA (off by default: float32 means float32; see set_tf32). local_rank / local_world_size:
+    this process among those torchrun started on its machine."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
     seed: int = 0
     amp: bool = None
     channels_last: bool = None
+    tf32: bool = False
+    local_rank: int = 0
+    local_world_size: int = 1
 
     def __post_init__(self):
         on_gpu = self.device.type == "cuda"
@@ -56,11 +63,87 @@ def _parse_device(name):
     return torch.device("cpu") if device.type == "cpu" else device
 
 
+def cuda_missing():
+    """Why this CUDA build of torch sees no GPU, in one line (None: a CPU build, which expects none): the
+    driver's own message (no driver, a driver older than the wheel's CUDA needs), or CUDA_VISIBLE_DEVICES
+    hiding every GPU."""
+    if not torch.version.cuda:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # torch's own words: "Found no NVIDIA driver ...", "The NVIDIA driver ... is too old ..."
+        return " ".join(str(e).split(". ")[0].split()) or type(e).__name__
+    return "no CUDA GPU is visible"
+
+
+_WARNED = []  # the fallback is said once per process (the search runs many stages in one)
+
+
+def warn_cpu_fallback(rank=0):
+    """One line on stderr (rank 0, once per process) when a CUDA build of torch runs on the CPU because no GPU
+    is usable, though none was asked for explicitly: a GPU machine whose driver is too old for the wheel would
+    otherwise train on the CPU without a word. Returns the reason (None when there is nothing to say)."""
+    why = cuda_missing()
+    if why and rank == 0 and why not in _WARNED:
+        _WARNED.append(why)
+        print(f"warning: running on the CPU: this torch {torch.__version__} is built for CUDA {torch.version.cuda}, "
+              f"but no GPU is usable ({why}); --device cpu says so and silences this", file=sys.stderr, flush=True)
+    return why
+
+
+def set_tf32(enabled):
+    """TF32 for float32 cuDNN convolutions and cuBLAS matmuls on CUDA, on or off: the one switch of the project,
+    through the legacy flags only (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32).
+    PyTorch 2.14 also has per-op flags (torch.backends.*.fp32_precision); once those are set, reading a
+    legacy flag can raise (cuDNN's when conv and rnn differ, cuBLAS's once it is "tf32"), and inductor reads
+    both kinds, while after the legacy setters both kinds read consistently. cuDNN's default is TF32 on:
+    float32 convolutions then keep a 10-bit mantissa. No effect on the CPU."""
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+
+
+def tf32_flags():
+    """The two flags set_tf32 sets, as they are now."""
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """float32 convolutions and matmuls in full precision (TF32 off) inside, the flags restored after: the
+    numbers that claim float32 (final evaluations, the counterfactual losses, CPU-vs-GPU comparisons)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    if not any(saved):  # already exact: nothing to set (the default)
+        yield
+        return
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def peak_memory(device):
+    """This process's peak memory so far, in GiB: on CUDA what PyTorch's allocator held at most on `device`
+    (allocated and reserved); everywhere the host's peak resident set (ru_maxrss)."""
+    import resource
+    out = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.device(device).type == "cuda":
+        out.update(cuda_max_allocated_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+                   cuda_max_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 3))
+    return out
+
+
 def _cuda_device(device, local_rank, local_world_size):
     """The indexed CUDA device of this process (torch.cuda.set_device refuses a bare "cuda"): cuda:N as
     given; a bare cuda is cuda:LOCAL_RANK (cuda:0 without torchrun)."""
     if not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible (use --device cpu)")
+        why = cuda_missing()
+        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible"
+                        + (f" ({why}; torch built for CUDA {torch.version.cuda})" if why else "") + " (use --device cpu)")
     count = torch.cuda.device_count()
     if device.index is None:
         if local_world_size > count:  # said by every process of this machine, not only the ones left over
@@ -78,10 +161,11 @@ def _cuda_device(device, local_rank, local_world_size):
     return device
 
 
-def setup(device=None, seed=0, amp=None, channels_last=None):
-    """Pick the device (`cuda` when available unless --device says otherwise) and the numerics (amp:
-    "bf16" / "off", channels_last: True / False; None follows the device), and join the process group
-    when started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
+def setup(device=None, seed=0, amp=None, channels_last=None, tf32=False):
+    """Pick the device (`cuda` when available unless --device says otherwise; a CUDA build that finds no
+    usable GPU says so in one line) and the numerics (amp: "bf16" / "off", channels_last: True / False;
+    None follows the device; tf32: TF32 allowed in training, else off for the whole run), and join the
+    process group when started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
     world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise UserError(f"environment: RANK {rank} is outside WORLD_SIZE {world_size} (set by torchrun)")
@@ -97,7 +181,12 @@ def setup(device=None, seed=0, amp=None, channels_last=None):
     amp = {"bf16": True, "off": False}.get(amp, amp)
     if device is not None and not str(device).strip():
         raise UserError("--device is empty: give cpu, cuda or cuda:N (or leave it out: cuda when available)")
+    if tf32 not in (True, False):
+        raise UserError(f"--tf32 {tf32!r} must be true or false")
+    if not device and not torch.cuda.is_available():
+        warn_cpu_fallback(rank)
     device = _parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_tf32(tf32)
     if device.type == "cuda":
         device = _cuda_device(device, local_rank, local_world_size)
         torch.cuda.set_device(device)
@@ -111,7 +200,7 @@ def setup(device=None, seed=0, amp=None, channels_last=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
                                 device if device.type == "cuda" else None)
     return Context(device=device, rank=rank, world_size=world_size, seed=seed, amp=amp,
-                   channels_last=channels_last)
+                   channels_last=channels_last, tf32=tf32, local_rank=local_rank, local_world_size=local_world_size)
 
 
 def teardown():

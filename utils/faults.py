@@ -4,6 +4,7 @@ at a named, deterministic point, so that crash-and-resume tests never race the c
     DYNPRUNE_KILL_AT="step:2:3"    in the training loop, epoch 2, before step 3's update (1-based)
     DYNPRUNE_KILL_AT="saved:2"     right after the checkpoint of epoch 2 is on disk
     DYNPRUNE_KILL_AT="bn:5"        re-estimating BatchNorm statistics, before batch 5 (1-based)
+    DYNPRUNE_KILL_AT="decode:1"    under torchrun, the process of local rank 1 as it starts decoding the images
     DYNPRUNE_KILL_AT="trial:3:saved:1"  main_search.py: that point within the 3rd trial the process runs
 
 With DYNPRUNE_KILL_SIGNAL=SIGINT the point sends SIGINT to the process's whole process group instead, as
