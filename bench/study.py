@@ -1,11 +1,11 @@
 """The real-image study on CPU: scikit-learn's digits through the stage scripts, three seeds. It answers:
-(1) is row 1 (stage 1: a dense start, then SkipNet's supervised phase) as good as plain dense training of
+(1) is row 1 (stage 1: a dense start, then main_sp.py's joint training) as good as plain dense training of
 the same net for the same epochs; (2) do the switches move in stage 3 at the original flags (alpha 0.1, gamma 1,
 rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by main_search.py on the
 validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
 against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
 
-    nice -n 10 python bench/study.py                 # the study of bench/results/ (about an hour, 2 cores)
+    nice -n 10 python bench/study.py                 # the study (sized for about an hour on 2 idle cores)
     python bench/study.py --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
 
 Every number comes from the scripts run as subprocesses exactly as a user runs them (main_sp.py,
@@ -13,7 +13,7 @@ main_prune.py --config_path <generated json>, main_rl_prune.py, main_search.py, 
 from the JSON files they write. Layout under --out (default bench/out/study, git-ignored):
 
     data/                         the dataset in the PNG class-folder layout
-    seed<s>/sp/                   stage 1 (dense start, then hard switches): row 1
+    seed<s>/sp/                   stage 1 (dense start, then --train_mode joint): row 1
     seed<s>/dense/sp/             the same net trained plainly dense (--train_mode open), same epochs
     seed<s>/search/               main_search.py (first seed): the static + dynamic setting, on validation
     seed<s>/{prune,rl}/           the other seeds: stage 2 at the same compression, stage 3 at the chosen setting
@@ -23,7 +23,8 @@ from the JSON files they write. Layout under --out (default bench/out/study, git
     logs/<task>.log               every subprocess's output
 
 Results (--results, default bench/results/): study.json (everything, means and sample std over seeds),
-study.md (the tables docs/study.md links), study_points.json and study.png (the picture).
+study.md (the tables, described in docs/study.md), study_points.json and study.png (the picture). None are
+committed: they are written by running the study.
 
 Jobs run --jobs at a time (default 2), each with --threads torch threads (default 1): on a 2-core machine
 two single-threaded processes beat one process with two threads. A task whose outputs exist from the same
@@ -45,8 +46,9 @@ from utils.files import read_json  # noqa: E402
 from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 
 # The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
-# split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense (SkipNet
-# starts its supervised phase from a trained ResNet). Stage 3's knob in the search is the GFLOPs target (dual
+# split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense, then
+# trains in the mode named here (named, not left to main_sp.py's default, so that a change of that default
+# never reuses stage-1 runs made under another mode). Stage 3's knob in the search is the GFLOPs target (dual
 # ascent on alpha from rl_alpha, the threshold calibrated at the end, then route_epochs on the greedy routes),
 # rl_weight 0.01 per image (the policy loss is summed over the 64 images of a batch). The other seeds get a
 # target at the same place between their own static network with every gated block skipped and with all run
@@ -54,14 +56,14 @@ from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 SCALES = {
     "digits": dict(
         data="digits", resize=32, depth=20, width=1, bs=64, seeds=(0, 1, 2), val_split=0.1,
-        sp=dict(epochs=15, dense_epochs=10, lr=0.1),
+        sp=dict(epochs=15, dense_epochs=10, lr=0.1, train_mode="joint"),
         prune=dict(compression=0.6, epochs=5, lr=0.02, fisher_batches=16),
         rl=dict(epochs=12, lr=0.05, gamma=1.0, rl_weight=0.01, alpha=3.5, route_epochs=6, route_lr=0.02),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
         search=dict(budget=1.0, knob="target_gflops", dynamic_trials=4, max_alpha=4.0)),
     "quick": dict(
         data="synthetic", resize=16, depth=8, width=1, bs=32, seeds=(0, 1), val_split=0.25,
-        sp=dict(epochs=2, dense_epochs=1, lr=0.05),
+        sp=dict(epochs=2, dense_epochs=1, lr=0.05, train_mode="joint"),
         prune=dict(compression=0.5, epochs=1, lr=0.01, fisher_batches=2),
         rl=dict(epochs=1, lr=0.01, gamma=1.0, rl_weight=0.01, alpha=1.0, route_epochs=1, route_lr=0.01),
         seed_flags=dict(alpha=0.1, gamma=1.0, rl_weight=0.1, lr=0.001),
@@ -80,8 +82,9 @@ def common_flags(s, data_dir, run_dir, seed):
 
 
 def sp_command(s, data_dir, run_dir, seed, dense=False):
-    """Stage 1: a dense start then SkipNet's supervised phase (row 1), or plain dense training (the reference)."""
-    mode = ["--train_mode", "open"] if dense else ["--dense_epochs", str(s["sp"]["dense_epochs"])]
+    """Stage 1: a dense start then the scale's train_mode (row 1), or plain dense training (the reference)."""
+    mode = ["--train_mode", "open"] if dense else ["--train_mode", s["sp"]["train_mode"], "--dense_epochs",
+                                                   str(s["sp"]["dense_epochs"])]
     return ["main_sp.py", "--network", "resnet", "--depth", str(s["depth"]), "--width", str(s["width"]),
             "--epochs", str(s["sp"]["epochs"]), "--lr", str(s["sp"]["lr"]), "--resize", str(s["resize"]),
             *mode, *common_flags(s, data_dir, run_dir, seed)]

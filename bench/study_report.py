@@ -97,7 +97,7 @@ def markdown(s, per_seed, mean, flags, setting, timing, command, equal_epochs):
         s["data"], f"Synthetic images ({s['resize']}x{s['resize']} PNG)")
     L = [f"{data}, ResNet-{s['depth']} width {s['width']}, validation split {s['val_split']:g} of train, "
          f"{n} seed{'s' * (n > 1)} (mean ± sample std). Stage 1: {s['sp']['epochs']} epochs "
-         f"({s['sp']['dense_epochs']} dense, then SkipNet's supervised phase); stage 2: compression "
+         f"({s['sp']['dense_epochs']} dense, then --train_mode {s['sp']['train_mode']}); stage 2: compression "
          f"{s['prune']['compression']:g}, {s['prune']['epochs']} epochs; stage 3: {s['rl']['epochs']} epochs, lr "
          f"{s['rl']['lr']:g}, rl_weight {s['rl']['rl_weight']:g} per image, gamma {s['rl']['gamma']:g}"
          + (f", knob {s['search']['knob']}" + (f" (dual ascent from alpha {s['rl']['alpha']:g})"

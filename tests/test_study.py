@@ -56,12 +56,24 @@ def test_quick_study_runs_every_part_and_writes_the_results(tmp_path):
     assert summary["seed_flags"]["before"]["exec_rate"] and summary["seed_flags"]["after"]["exec_rate"]
     text = (results / "study.md").read_text()
     assert "Row 1 against plain dense training" in text and "At equal GFLOPs" in text
+    assert "then --train_mode joint" in text  # the set-up paragraph names the stage-1 mode that ran
     assert json.loads((results / "study_points.json").read_text())["points"]
     assert (results / "study.png").is_file() == installed("matplotlib")
 
     # a second call finds every task done by the same command and only re-aggregates
     again = study.main(["--quick", "--out", str(out), "--results", str(results)])
     assert sorted(again["tasks_reused"]) == sorted(summary["commands"])
+
+
+def test_stage1_names_its_mode_so_runs_under_another_default_are_not_reused():
+    """Row 1's command names --train_mode (the runner reuses a task while its command is the same, so a
+    command left to main_sp.py's default would reuse stage-1 runs made when that default was another mode)."""
+    for name, s in study.SCALES.items():
+        cmd = study.sp_command(s, "data", "run", 0)
+        assert cmd[cmd.index("--train_mode") + 1] == "joint", name
+        assert cmd[cmd.index("--dense_epochs") + 1] == str(s["sp"]["dense_epochs"]), name
+        dense = study.sp_command(s, "data", "run", 0, dense=True)
+        assert dense[dense.index("--train_mode") + 1] == "open" and "--dense_epochs" not in dense, name
 
 
 def test_bad_flags_and_another_scales_out_are_refused(tmp_path):
