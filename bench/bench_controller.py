@@ -146,7 +146,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_memory", action="store_true", help="skip the memory processes")
-    p.add_argument("--out", default=os.path.join("bench", "out", "controller.json"))
+    p.add_argument("--out", default=os.path.join("bench", "results", "controller_cost.json"))
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     p.add_argument("--_bs", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -21,7 +21,7 @@
 #            plus the default controller's counterfactual pass: 4 of the 14 gated blocks flipped per step,
 #            about 4 x 7.5 extra block evaluations per image forward-only in float32 without TF32 (not on
 #            tensor cores), with the taken route: ~0.4 TFLOP per step for the pruned net, ~10 ms at ~40 TFLOP/s
-#            (on the CPU the step costs 1.9x a REINFORCE step, docs/speed.md)            -> about 8 min (5-15 min)
+#            (on the CPU the step costs 1.9-2.4x a REINFORCE step, docs/speed.md)            -> about 8 min (5-15 min)
 # On a CPU the same recipe takes days; bench/study.py is the CPU-sized study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
