@@ -131,3 +131,18 @@ def test_quick_fits_five_minutes_on_one_gpu_by_estimate_and_writes_its_own_file(
              for d in ("cuda", "cpu")}
     assert len(names) == 8 and os.path.join("results", "gpu_check.json") in names
     assert default_out(Namespace(quick=True, tiny=False, device="cuda:1")).endswith("gpu_check_quick.json")
+
+
+def test_bench_controller_measures_every_step_kind(tmp_path):
+    """bench/bench_controller.py (docs/speed.md's controller costs) at a tiny size: every step kind timed
+    against REINFORCE and dense, and a peak memory per kind measured in its own process."""
+    out = tmp_path / "controller.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_controller.py"), "--depth", "8", "--width",
+                    "1", "--bs", "8", "--repeats", "1", "--threads", "1", "--flip_blocks", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    rec = json.loads(out.read_text())
+    kinds = {"dense", "reinforce", "counterfactual", "cf_1"}
+    assert set(rec["time"]["8"]) == kinds and set(rec["memory"]["8"]) == kinds
+    assert rec["time"]["8"]["reinforce"]["vs_reinforce"] == 1.0
+    assert all(t["seconds"] > 0 and t["vs_dense"] > 0 for t in rec["time"]["8"].values())
+    assert all(m["step_peak_gib"] > 0 for m in rec["memory"]["8"].values())
