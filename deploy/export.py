@@ -245,8 +245,9 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
     images = torch.randint(0, 256, (check_images, size, size, channels), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed))
     expected = reference_outputs(model, images, pipeline["mean"], pipeline["std"], mode)
+    dense = InferenceNet(model, pipeline["mean"], pipeline["std"], "open")
     with FlopCounterMode(display=False) as counter:
-        InferenceNet(model, pipeline["mean"], pipeline["std"], "open")(images[:1])
+        dense(images[:1])
     report = {"checkpoint": os.path.abspath(ckpt_path), "stage": ckpt.get("stage"), "mode": mode,
               "pipeline": pipeline, "input": f"uint8 (N, {size}, {size}, {channels}), RGB, 0-255",
               "gflops_every_block": counter.get_total_flops() / 1e9,

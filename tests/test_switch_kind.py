@@ -16,7 +16,7 @@ from runtime.loop import train_epoch
 from test_export import gated_model, images, save_stage  # noqa: F401 (images: a fixture)
 from test_rl import CPU, _loaders, _mean_execute_probability
 from deploy.export import export, reference_outputs, run_onnx
-from utils.flops import measure_costs, routed_flops
+from utils.flops import dense_flops, measure_costs, routed_flops
 
 FILTERS = 4
 
@@ -93,6 +93,7 @@ def test_the_new_kind_exports_with_skipping_kept(images, tmp_path):
     save_stage(path, model, "rl", mean, std)
     report = export(path, str(tmp_path / "out"), mode="hard")  # checks every file against the checkpoint
     assert set(report["check"]) == {"onnx", "pt2", "onnx_b1", "pt2_b1"}
+    assert report["gflops_every_block"] * 1e9 == dense_flops(measure_costs(model, x.shape[1]))  # BN: no FLOPs
     logits, routes = reference_outputs(model, x, mean, std, "hard")
     assert 0 < routes.mean() < 1
     got_logits, got_routes = run_onnx(report["files"]["onnx"], x, threads=2)
