@@ -48,14 +48,14 @@ def measure_costs(model, image_size=32):
     the whole forward with the switches on and with them off, and each gated block's residual on the input
     its switch saw."""
     model = getattr(model, "module", model)  # DDP
-    inputs = {}  # switch j -> its block's input
+    blocks = [0] * model.num_switches
 
-    def record(name, switches, args, output):
-        inputs[args[0]] = args[1]
+    def residual(name, switches, args, output):  # switch j sees gated block j + 1's input
+        blocks[args[0]] = _flops(model.blocks[args[0] + 1].residual, args[1])
 
-    routed = _flops(probe, model, image_size, [("switches", model.switches)], record)
+    probe(model, image_size, [("switches", model.switches)], residual)  # in eval mode, as every probe
+    routed = _flops(probe, model, image_size, [], None)
     dense = _flops(probe, model, image_size, [], None, "open")
-    blocks = [_flops(block.residual, inputs[j]) for j, block in enumerate(model.blocks[1:])]
     return {"base": dense - sum(blocks), "switches": routed - dense, "blocks": blocks}
 
 
