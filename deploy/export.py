@@ -9,8 +9,7 @@ What is exported is the network as it is deployed, not as it is trained:
 - every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
 - every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
   no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
-  location: stage 2 itself only keeps a rot_out that pays, so this matters for older checkpoints);
-  rot_in is never merged (measured: a k x k core over every input channel never paid);
+  location); rot_in is never merged (a k x k core would then read every input channel);
 - channels_last activations (the NHWC input is already in that layout);
 - `--mode hard` (the default for stage 3, whose table row is its routed network): the switches decide per
   image, outputs (logits, routes), routes (N, number of switches) 0/1 float. `--mode open` (the default
@@ -28,6 +27,7 @@ mode, input, FLOPs per image of the deployed form with every block run, and the 
 the outputs of every file against the checkpoint's on the same (random) images.
 """
 import contextlib
+import copy
 import io
 import json
 import os
@@ -35,7 +35,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,21 +43,20 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint, row_mode
 from utils.lineage import ORDER, check_chain
 from utils.cli import Parser
 from utils.errors import UserError, run_main
+from utils.flops import probe
 
 TOLERANCE = 1e-4  # exported outputs equal the checkpoint's within this (relative to the largest logit)
 
 
-# --------------------------------------------------------------------------------- exact rewrites
-
 def cheapest_form(conv):
-    """The convs (in order, on copies) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs
-    without merging rot_in: rot_out multiplied into the core where that costs no more."""
+    """The convs (in order) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs without merging
+    rot_in: rot_out multiplied into the core where that costs no more."""
     if not isinstance(conv, FactoredConv):
-        return [_copy(conv)]
+        return [conv]
     core, rot_out = conv.core, conv.rot_out
-    convs = [_copy(conv.rot_in)] if conv.rot_in is not None else []
+    convs = [conv.rot_in] if conv.rot_in is not None else []
     if rot_out is None:
-        return convs + [_copy(core)]
+        return convs + [core]
     r_out, r_in = core.weight.shape[:2]
     c_out, k2 = rot_out.out_channels, core.kernel_size[0] * core.kernel_size[1]
     if r_in * c_out * k2 <= r_in * r_out * k2 + r_out * c_out:
@@ -67,104 +65,66 @@ def cheapest_form(conv):
             merged.weight.copy_(torch.einsum("po,oikl->pikl", rot_out.weight.double().flatten(1),
                                              core.weight.double()).to(core.weight.dtype))
         return convs + [merged]
-    return convs + [_copy(core), _copy(rot_out)]
+    return convs + [core, rot_out]
 
 
-def _copy(conv):
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    bias=conv.bias is not None)
-    new.load_state_dict(conv.state_dict())
-    return new
+def deployed(model, mode):
+    """A float32 copy of `model` in evaluation mode as deployed: every factored conv in its cheapest form,
+    every BatchNorm that reads a conv's output folded into that conv (which conv each one reads is seen in
+    a forward pass of the model itself, so any block or switch kind is folded alike), in `open` mode
+    without switches."""
+    model = copy.deepcopy(getattr(model, "module", model)).float().eval()
+    made, reads = {}, {}  # id(output) -> (output, conv name): outputs kept alive, ids unique; bn -> conv
+
+    def record(name, m, inputs, output):
+        if isinstance(m, nn.BatchNorm2d):
+            conv = made.get(id(inputs[0]), (None,))
+            if conv[0] is inputs[0]:
+                reads[name] = conv[1]
+        else:  # a FactoredConv's hook runs after its last conv's: the output is named after the whole
+            made[id(output)] = (output, name)
+
+    probe(model, 32, [(n, m) for n, m in model.named_modules()  # which conv: the same at any image size
+                      if isinstance(m, (nn.Conv2d, FactoredConv, nn.BatchNorm2d))], record)
+    folds = {conv: bn for bn, conv in reads.items()}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FactoredConv) or name in folds:
+            convs = cheapest_form(m)
+            if name in folds:
+                convs[-1] = fuse_conv_bn_eval(convs[-1].eval(), model.get_submodule(folds[name]))
+            _replace(model, name, nn.Sequential(*convs))
+    for bn in reads:
+        _replace(model, bn, nn.Identity())
+    if mode == "open":
+        model.switches = None
+    return model
 
 
-def folded(conv, bn):
-    """nn.Sequential of the cheapest form of `conv` with `bn` (eval statistics) folded into its last conv."""
-    convs = cheapest_form(conv)
-    convs[-1] = fuse_conv_bn_eval(convs[-1].eval(), bn.eval())
-    return nn.Sequential(*convs)
-
-
-# ------------------------------------------------------------------------------- the inference net
-
-class Block(nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.conv1 = folded(block.conv1, block.bn1)
-        self.conv2 = folded(block.conv2, block.bn2)
-        self.projects = block.projects
-        self.shortcut = folded(block.shortcut, block.shortcut_bn) if block.projects else nn.Identity()
-
-    def skip(self, x):
-        # a fresh tensor: torch.cond's branches must not return their input (export refuses aliasing)
-        return self.shortcut(x) if self.projects else x.clone()
-
-    def forward(self, x):
-        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
-
-    def forward_some(self, x, run):
-        """The block on the images whose route `run` (N,) is true, the shortcut on the others: only the
-        sub-batch that runs it computes it (a data-dependent shape that survives export)."""
-        s = self.shortcut(x)
-        idx = run.nonzero().flatten()
-        return s.index_copy(0, idx, F.relu(self.conv2(F.relu(self.conv1(x[idx]))) + s[idx]))
-
-
-class Switches(nn.Module):
-    """The checkpoint's switches (rnn or ff), BN folded; p = P(execute) of switch j, as in models/switches.py."""
-
-    def __init__(self, switches):
-        super().__init__()
-        self.rnn = hasattr(switches, "lstm")
-        if self.rnn:
-            self.proj, self.lstm, self.head = switches.proj, switches.lstm, switches.head
-        else:
-            self.convs = nn.ModuleList(folded(c, bn) for c, bn in zip(switches.convs, switches.bns))
-            self.heads = switches.heads
-
-    def forward(self, j, x, state):
-        if self.rnn:
-            e = self.proj[j](x.mean((2, 3), keepdim=True)).flatten(1)
-            h, c = self.lstm(e, state)
-            return torch.sigmoid(self.head(h)).squeeze(1), (h, c)
-        z = F.relu(self.convs[j](x)).mean((2, 3))
-        return torch.sigmoid(self.heads[j](z)).squeeze(1), state
+def _replace(model, name, module):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 class InferenceNet(nn.Module):
-    """The deployed form of a checkpoint's ResNet (see the module docstring). `single`: one image per call,
-    gated blocks as torch.cond (for export with control flow)."""
+    """The deployed form of a checkpoint's network (see the module docstring): its own forward, on the
+    deployed copy. `single`: one image per call, gated blocks as torch.cond (for export with control flow);
+    else each gated block on the sub-batch of images that run it."""
 
     def __init__(self, model, mean, std, mode="hard", single=False):
         super().__init__()
-        model = getattr(model, "module", model).eval()
-        self.mode, self.single = mode, single
+        self.mode = mode
+        self.net = deployed(model, mode)
+        self.net.execution = "branch" if single else "skip"
         std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("scale", 1 / (255 * std))
         self.register_buffer("shift", -mean / std)
-        self.stem = folded(model.stem, model.stem_bn)
-        self.blocks = nn.ModuleList(Block(b) for b in model.blocks)
-        self.switches = Switches(model.switches) if mode == "hard" else None
-        self.fc = model.fc
         self.eval()
 
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift  # NHWC uint8 -> channels_last NCHW
-        x = self.blocks[0](F.relu(self.stem(x)))
-        if self.mode == "open":
-            for block in self.blocks[1:]:
-                x = block(x)
-            return self.fc(x.mean((2, 3)))
-        state, routes = None, []
-        for j, block in enumerate(self.blocks[1:]):
-            p, state = self.switches(j, x, state)
-            run = p > 0.5
-            if self.single:  # one image: the block runs or not, as control flow
-                x = torch.cond(run[0], block.forward, block.skip, (x,))
-            else:  # only the images that run the block compute it
-                x = block.forward_some(x, run)
-            routes.append(run.float())
-        return self.fc(x.mean((2, 3))), torch.stack(routes, 1)
+        logits, routes, _ = self.net(x, self.mode)
+        return logits if self.mode == "open" else (logits, routes)
 
 
 def check_lineage(ckpt_path):
@@ -285,8 +245,9 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
     images = torch.randint(0, 256, (check_images, size, size, channels), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed))
     expected = reference_outputs(model, images, pipeline["mean"], pipeline["std"], mode)
+    dense = InferenceNet(model, pipeline["mean"], pipeline["std"], "open")
     with FlopCounterMode(display=False) as counter:
-        InferenceNet(model, pipeline["mean"], pipeline["std"], "open")(images[:1])
+        dense(images[:1])
     report = {"checkpoint": os.path.abspath(ckpt_path), "stage": ckpt.get("stage"), "mode": mode,
               "pipeline": pipeline, "input": f"uint8 (N, {size}, {size}, {channels}), RGB, 0-255",
               "gflops_every_block": counter.get_total_flops() / 1e9,

@@ -5,15 +5,8 @@ FLOPs per image of a fixed route r (0/1 per gated block): base + sum_j r_j * blo
 evaluated: utils/flops.py's split of the costs).
 """
 import torch
-import torch.nn as nn
 
 from runtime.evaluate import evaluate, recalibrate_bn
-
-
-def _heads(model):
-    """The linear heads that turn each switch's features into its logit (one shared head for `rnn`, one per
-    switch for `ff`)."""
-    return [m for m in model.switches.modules() if isinstance(m, nn.Linear)]
 
 
 @torch.no_grad()
@@ -27,7 +20,7 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
     the target: a training batch's greedy FLOPs estimate is only an estimate, and the deployed model must
     meet the target."""
     model = getattr(ddp, "module", ddp)
-    heads = _heads(model)
+    heads = model.switches.logit_layers()
     original = [h.bias.detach().clone() for h in heads]
 
     def flops_at(shift):

@@ -8,7 +8,7 @@ checkpoint can be rebuilt without pickled modules:
 factored conv. A rank equal to the conv's width on that side (at most that) means no rotation there: the
 core reads the input channels (or writes the output channels) itself.
 """
-from models.switches import KINDS
+from models.switches import SWITCH_KINDS, Switches, switch_kind  # noqa: F401 (a new kind: see Switches)
 from models.resnet import FactoredConv, ResNet
 from utils.errors import UserError
 
@@ -34,8 +34,8 @@ def check_arch(arch):
     for key in ("width", "num_classes", "in_channels"):
         if not isinstance(arch.get(key), int) or arch[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {arch.get(key)!r}")
-    if arch.get("gate") not in KINDS:
-        raise UserError(f"unknown --gate {arch.get('gate')!r} (expected one of: {', '.join(KINDS)})")
+    if arch.get("gate") not in SWITCH_KINDS:
+        raise UserError(f"unknown --gate {arch.get('gate')!r} (expected one of: {', '.join(SWITCH_KINDS)})")
     ranks = arch.get("ranks", {})
     if not isinstance(ranks, dict) or not all(
             isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) and v >= 1 for v in r)

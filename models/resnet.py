@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.switches import MODES, act, build_switches
+from models.switches import MODES, SWITCH_KINDS, act
 
 
 class FactoredConv(nn.Module):
@@ -91,17 +91,24 @@ class BasicBlock(nn.Module):
         wall-clock time and not only FLOPs on paper."""
         s = self.skip(x)
         idx = a.nonzero().flatten()
-        n = idx.numel()
-        if n == x.shape[0]:
-            return F.relu(self.residual(x) + s)
-        if n == 0:
-            return s
+        if not torch.compiler.is_exporting():  # eager shortcuts; export keeps one data-independent graph
+            n = idx.numel()
+            if n == x.shape[0]:
+                return F.relu(self.residual(x) + s)
+            if n == 0:
+                return s
         # x[idx], not x.index_select(0, idx): on CPU index_select copies a large row in one parallel region
         # per image, which costs far more when the cores are shared (bench/bench_dynamic.py measures it)
         y = F.relu(self.residual(x[idx]) + s[idx])
         # in place on a clone: out-of-place index_copy returns NCHW whatever s's layout, and every later block
         # would then run its convolutions outside channels_last
         return s.clone().index_copy_(0, idx, y.to(s.dtype))
+
+    def forward_branching(self, x, a):
+        """One image: the block runs or not as control flow (torch.cond; ONNX `If` once exported), so a
+        skipped block costs nothing. torch.cond's branches must not return their input: an identity
+        shortcut is copied."""
+        return torch.cond(a[0] > 0, self.forward, self.skip if self.projects else torch.clone, (x,))
 
 
 class _Mix(torch.autograd.Function):
@@ -132,6 +139,10 @@ class _Mix(torch.autograd.Function):
 
 
 class ResNet(nn.Module):
+    """blocks[0] always runs; blocks[j + 1] is gated by switch j (`switches`, any registered kind), which
+    sees that block's input; a skipped block computes skip(x) instead of relu(residual(x) + skip(x)), so
+    its residual is what skipping saves (utils/flops.py counts it so)."""
+
     def __init__(self, arch):
         super().__init__()
         self.arch = arch
@@ -150,10 +161,12 @@ class ResNet(nn.Module):
                 in_widths.append(in_ch)
         self.blocks = nn.ModuleList(blocks)
         # Switch j decides block j+1 and sees that block's input.
-        self.switches = build_switches(arch["gate"], in_widths[1:])
+        self.switches = SWITCH_KINDS[arch["gate"]](in_widths[1:])
         self.fc = nn.Linear(widths[2], arch["num_classes"])
         self.mode = "hard"
-        self.execution = "auto"  # auto: masked in training, skipping at inference; or force "mask" / "skip"
+        # auto: masked in training, skipping at inference; or force "mask" / "skip"; "branch": one image per
+        # call, each gated block as control flow (forward_branching, for export)
+        self.execution = "auto"
         # `open` mode only: None (every block), or a fixed 0/1 per gated block, the same blocks skipped for
         # every image and no switch evaluated (static block removal: gates/routes.py)
         self.route = None
@@ -191,7 +204,10 @@ class ResNet(nn.Module):
         for j, block in enumerate(self.blocks[1:]):
             p, state = self.switches(j, x.detach() if explore else x, state)
             a = act(p, mode, self.training, self.explore_bound, self.temperature)
-            x = block.forward_skipping(x, a.detach()) if skipping else block.forward_masked(x, a)
+            if self.execution == "branch":
+                x = block.forward_branching(x, a.detach())
+            else:
+                x = block.forward_skipping(x, a.detach()) if skipping else block.forward_masked(x, a)
             actions.append(a)
             probs.append(p)
         logits = self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

@@ -23,7 +23,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("open", "hard", "greedy", "sample", "explore", "gumbel")
-KINDS = ("rnn", "ff")
+SWITCH_KINDS = {}  # the arch's "gate" -> its Switches class (switch_kind registers one)
+
+
+def switch_kind(name):
+    """Class decorator: a Switches subclass becomes the switch kind `name` (the arch's "gate", --gate)."""
+    def register(cls):
+        SWITCH_KINDS[name] = cls
+        return cls
+    return register
+
+
+class Switches(nn.Module):
+    """What a switch kind is, and all that the rest of the project asks of one. Built from `channels`, the
+    input width of each gated block (one switch each); forward(j, x, state) maps switch j's block input x
+    (N, C_j, H, W) and the state the previous switch passed on (None at switch 0) to (p, state), p (N,) the
+    float32 probabilities of executing the block. FLOPs are counted from what the forward runs
+    (utils/flops.py), export traces it (deploy/export.py: BN after a conv is folded wherever it sits), so a
+    kind registered with @switch_kind trains, evaluates, is counted and exports with no change elsewhere."""
+
+    def logit_layers(self):
+        """The layers (each with a bias) whose outputs are the switches' logits: a constant added to their
+        biases moves every switch's threshold alike (gates/routes.py's calibration to a FLOPs target)."""
+        raise NotImplementedError
+
+    def spread_layers(self):
+        """The layers spread_decisions rescales, in this order, each to outputs of mean 0, std 1."""
+        return self.logit_layers()
 
 
 def init_switch_head(head):
@@ -78,7 +104,8 @@ def _as_conv(weight):
     return weight.view(*weight.shape, 1, 1)
 
 
-class RNNSwitches(nn.Module):
+@switch_kind("rnn")
+class RNNSwitches(Switches):
     """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, then one LSTM cell shared
     by every switch of the network (its state runs from block to block within one forward pass) and a
     linear head to one logit. Nearly free: a few thousand FLOPs per switch.
@@ -112,6 +139,13 @@ class RNNSwitches(nn.Module):
             h, c = self.lstm(e, hx, weights=weights[:2])
             return torch.sigmoid(self.head(h, weight=weights[2])).view(-1), (h, c, weights)
 
+    def logit_layers(self):
+        return [self.head]
+
+    def spread_layers(self):
+        # each projection first (its embedding spread over the images), then the head they share
+        return [*self.proj, self.head]
+
 
 def autocast_off(device_type):
     """Autocast off, entered only when it is on (entering and leaving costs host time at every switch)."""
@@ -120,7 +154,8 @@ def autocast_off(device_type):
     return contextlib.nullcontext()
 
 
-class FFSwitches(nn.Module):
+@switch_kind("ff")
+class FFSwitches(Switches):
     """SkipNet's feed-forward gate: per block 3x3 conv stride 2 + BN + ReLU -> global pool -> linear -> 1.
     About an eighth of a block's FLOPs, and they are counted."""
 
@@ -138,13 +173,8 @@ class FFSwitches(nn.Module):
         logit = self.heads[j](z)
         return torch.sigmoid(logit if logit.dtype == torch.float32 else logit.float()).squeeze(1), state
 
-
-def build_switches(kind, channels):
-    if kind == "rnn":
-        return RNNSwitches(channels)
-    if kind == "ff":
-        return FFSwitches(channels)
-    raise ValueError(f"unknown switch kind {kind!r} (expected one of {KINDS})")
+    def logit_layers(self):
+        return list(self.heads)
 
 
 def finite(p):
@@ -229,41 +259,23 @@ def spread_decisions(model, x):
     mean 0 and std 1 over the batch. So decisions differ from image to image and sit around p = 0.5 from
     the first step, whatever the scale of the activations a switch sees (with random weights alone, the
     pooled activations of a block vary so little over images that p does, by a few thousandths).
-      rnn: each 1x1 projection's output channels -> mean 0, std 1; then the shared head -> logits of all
-           switches mean 0, std 1.
-      ff:  each head -> its logits mean 0, std 1.
+    Each of the switches' spread_layers in turn: its outputs over every call of a forward pass -> mean 0,
+    std 1 per channel (rnn: each projection, then the shared head; ff: each head).
     N should be large enough to measure a spread (main_sp.py gives up to 256 images, whatever --bs); with
     N = 1 the switches keep their random init (see _normalise: no weight is ever made non-finite).
     Runs the model as training does (batch statistics in BN, masked execution, `hard` switches); the BN
     running statistics and the model's mode are restored after."""
-    switches, was_training, execution = model.switches, model.training, model.execution
+    was_training, execution = model.training, model.execution
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     model.train()
     model.execution = "mask"
-    seen = {}
-
-    def capture(name):
-        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0].detach(), output.detach()))
-
     try:
-        if isinstance(switches, RNNSwitches):
-            for j, proj in enumerate(switches.proj):
-                hook = proj.register_forward_hook(capture("proj"))
-                model(x, "hard")
-                hook.remove()
-                _normalise(proj, seen["proj"][1].flatten(1))
-            logits = []
-            hook = switches.head.register_forward_hook(
-                lambda module, inputs, output: logits.append(output.detach()))
+        for layer in model.switches.spread_layers():
+            outputs = []
+            hook = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
             model(x, "hard")
             hook.remove()
-            _normalise(switches.head, torch.cat(logits).flatten(1))  # the head's logits are (N, 1, 1, 1)
-        else:
-            for head in switches.heads:
-                hook = head.register_forward_hook(capture("head"))
-                model(x, "hard")
-                hook.remove()
-                _normalise(head, seen["head"][1])
+            _normalise(layer, torch.cat(outputs).flatten(1))  # a shared head is called once per switch
     finally:
         model.load_state_dict(buffers, strict=False)
         model.train(was_training)

@@ -121,3 +121,11 @@ def test_greedy_mode_takes_the_hard_routes_and_passes_no_gradient_through_them()
 def test_bad_architecture_is_a_user_error(arch):
     with pytest.raises(UserError):
         make_arch(**arch)
+
+
+def test_measuring_costs_leaves_a_training_model_as_it_was():
+    """Every forward of the count runs in evaluation mode: BN running statistics are not moved."""
+    model = build_model(make_arch(depth=8, width=1, num_classes=10)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure_costs(model, 8)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -1,74 +1,62 @@
 """FLOPs and parameters, measured on the model as deployed (the README's conventions).
 
-FLOPs = 2 x multiply-accumulates of convolutions and linear layers (and the LSTM cell's matmuls), the
-convention of torch.utils.flop_counter.FlopCounterMode. A network's cost splits into
-  base      what every image runs: stem, ungated first block, shortcut projections, classifier
+FLOPs = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode on what the model's
+own forward runs (convolutions, linear layers, the switches' matmuls, whatever a switch kind computes).
+A network's cost splits into
+  base      what every image runs: stem, ungated first block, shortcuts, classifier
   switches  every switch (they run for every image whenever the switches are on)
-  blocks[j] the residual path of gated block j+1, paid only by the images that execute it
+  blocks[j] the residual of gated block j+1 (model.blocks[j + 1].residual), paid only by the images that
+            execute it
 so the FLOPs of one image are base + switches + sum_j a_j * blocks[j] for its route a.
 """
-import re
-
 import torch
-import torch.nn as nn
-
-_GATED_RESIDUAL = re.compile(r"^blocks\.(\d+)\.(conv1|conv2)(\.|$)")
-
-
-def _leaf_flops(module, inputs, output):
-    """FLOPs of one call of a conv / linear / LSTM cell, per image (the batch is 1 when we measure)."""
-    if isinstance(module, nn.Conv2d):
-        c_in = module.in_channels // module.groups
-        kh, kw = module.kernel_size
-        return 2 * output[0].numel() * c_in * kh * kw
-    if isinstance(module, nn.Linear):
-        return 2 * module.in_features * module.out_features
-    if isinstance(module, nn.LSTMCell):
-        return 2 * 4 * module.hidden_size * (module.input_size + module.hidden_size)
-    return 0
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @torch.no_grad()
-def probe(model, image_size, modules, record):
-    """Run one all-zero image of image_size x image_size through `model` with every block and switch
-    computed (eval mode, masked execution, `hard` switches), calling record(name, module, inputs, output)
-    for each (name, module) of `modules` it passes; the model's mode and execution are restored after.
-    The shapes and FLOPs of a forward pass, measured without any data."""
+def probe(model, image_size, modules, record, mode="hard"):
+    """Run one all-zero image of image_size x image_size through `model` in `mode` with every block
+    computed (eval mode, masked execution; `hard`: every switch too), calling record(name, module, inputs,
+    output) for each (name, module) of `modules` it passes; the model's mode and execution are restored
+    after. The shapes and FLOPs of a forward pass, measured without any data."""
     model = getattr(model, "module", model)  # DDP
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o)) for name, m in modules]
-    was_training, execution = model.training, model.execution
+    was_training, execution, route = model.training, model.execution, model.route
     param = next(model.parameters())
     x = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=param.device,
                     dtype=param.dtype)
     try:
         model.eval()
-        model.execution = "mask"
-        model(x, "hard")
+        model.execution, model.route = "mask", None
+        model(x, mode)
     finally:
         model.train(was_training)
-        model.execution = execution
+        model.execution, model.route = execution, route
         for h in hooks:
             h.remove()
 
 
+def _flops(fn, *args):
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
 @torch.no_grad()
 def measure_costs(model, image_size=32):
-    """Split the FLOPs of one image through `model` into base / switches / per gated block (see above).
-    Runs one image with the switches on and every block computed (masked execution)."""
+    """Split the FLOPs of one image through `model` into base / switches / per gated block (see above):
+    the whole forward with the switches on and with them off, and each gated block's residual on the input
+    its switch saw."""
     model = getattr(model, "module", model)  # DDP
-    flops = {}
-    probe(model, image_size, [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))],
-          lambda name, m, i, o: flops.__setitem__(name, flops.get(name, 0) + _leaf_flops(m, i, o)))
-    costs = {"base": 0, "switches": 0, "blocks": [0] * model.num_switches}
-    for name, f in flops.items():
-        gated = _GATED_RESIDUAL.match(name)
-        if gated and int(gated.group(1)) > 0:
-            costs["blocks"][int(gated.group(1)) - 1] += f
-        elif name.startswith("switches."):
-            costs["switches"] += f
-        else:
-            costs["base"] += f
-    return costs
+    blocks = [0] * model.num_switches
+
+    def residual(name, switches, args, output):  # switch j sees gated block j + 1's input
+        blocks[args[0]] = _flops(model.blocks[args[0] + 1].residual, args[1])
+
+    probe(model, image_size, [("switches", model.switches)], residual)  # in eval mode, as every probe
+    routed = _flops(probe, model, image_size, [], None)
+    dense = _flops(probe, model, image_size, [], None, "open")
+    return {"base": dense - sum(blocks), "switches": routed - dense, "blocks": blocks}
 
 
 def dense_flops(costs):
