@@ -39,6 +39,7 @@ from utils.flops import count_params, measure_costs, skipped_flops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
                            restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
+from utils.nets import unwrap
 from runtime.table import write_table
 
 
@@ -254,7 +255,7 @@ def main(argv=None):
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     if args.controller == "counterfactual":
-        getattr(ddp, "module", ddp).explore_bound = args.explore_bound
+        unwrap(ddp).explore_bound = args.explore_bound
         step = CounterfactualStep(costs, price, args.tau, args.rl_weight, blocks=args.flip_blocks or None,
                                   scale=ctx.world_size)
     elif args.controller == "gumbel":

@@ -44,6 +44,7 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint, row_mode
 from utils.lineage import ORDER, check_chain
 from utils.cli import Parser
 from utils.errors import UserError, run_main
+from utils.nets import unwrap
 
 TOLERANCE = 1e-4  # exported outputs equal the checkpoint's within this (relative to the largest logit)
 
@@ -136,7 +137,7 @@ class InferenceNet(nn.Module):
 
     def __init__(self, model, mean, std, mode="hard", single=False):
         super().__init__()
-        model = getattr(model, "module", model).eval()
+        model = unwrap(model).eval()
         self.mode, self.single = mode, single
         std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

@@ -52,12 +52,7 @@ from models.switches import autocast_off, log_prob
 from runtime.steps import accuracy
 from utils.dist import exact_fp32
 from utils.flops import skipped_flops
-
-
-def unwrap(model):
-    """The ResNet under torch.compile's and DistributedDataParallel's wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+from utils.nets import executing
 
 
 @torch.no_grad()
@@ -68,14 +63,8 @@ def flip_losses(model, x, y, actions, blocks=None):
     TF32 off on CUDA (the benefit is a small difference of two losses, which bf16's 8-bit or TF32's 11-bit
     mantissa would round by about the temperature of the targets). The model's training mode is restored
     after."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    try:
-        with autocast_off(x.device.type), exact_fp32():
-            return _flip_losses(net, x, y, actions.to(torch.float32), blocks)
-    finally:
-        net.train(was_training)
+    with executing(model, training=False) as net, autocast_off(x.device.type), exact_fp32():
+        return _flip_losses(net, x, y, actions.to(torch.float32), blocks)
 
 
 def _flip_losses(net, x, y, a, blocks=None):

@@ -10,12 +10,13 @@ import functools
 
 import torch
 
-from gates.counterfactual import execution_benefit, flip_losses, unwrap
+from gates.counterfactual import execution_benefit, flip_losses
 from gates.routes import calibrate_to_flops
 from runtime.loop import make_scheduler, train_epoch
 from runtime.evaluate import recalibrate_bn
 from runtime.steps import supervised_step, touch_switches
 from utils.flops import dense_flops, skipped_flops
+from utils.nets import executing, unwrap
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
 SMALL_CUT = 0.01  # routes that cut less than this share of the GFLOPs with every block run get a warning
@@ -46,7 +47,7 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
     Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
     uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
     made (recalibrate's results)."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("switches.")]
     lr = args.route_lr if args.route_lr is not None else args.lr / 10
     optimizer = torch.optim.SGD(backbone, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -100,16 +101,11 @@ def skip_alphas(ddp, batches, costs):
     image's cross-entropy with the block skipped minus with it executed (gates/counterfactual.flip_losses),
     w_j = c_j / C the block's share of alpha. Under every controller alpha is that price: executing block j
     pays for image i iff b_ij > alpha * w_j. A negative value: the block does harm on most images."""
-    model = unwrap(ddp)
-    was_training = model.training
-    model.eval()
-    try:
-        benefits = []
+    benefits = []
+    with executing(ddp, training=False) as model:
         for x, y in batches:
             _, actions, _ = model(x, "greedy")
             benefits.append(execution_benefit(*flip_losses(model, x, y, actions), actions))
-    finally:
-        model.train(was_training)
     blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
     return (torch.cat(benefits).double().median(0).values.cpu() / (blocks / blocks.sum())).tolist()
 

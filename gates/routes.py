@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from runtime.evaluate import evaluate, recalibrate_bn
+from utils.nets import unwrap
 
 
 def _heads(model):
@@ -26,7 +27,7 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
     it (gates/ending.py; also before every route epoch but the first), after dual ascent brought alpha near
     the target: a training batch's greedy FLOPs estimate is only an estimate, and the deployed model must
     meet the target."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     heads = _heads(model)
     original = [h.bias.detach().clone() for h in heads]
 
@@ -59,7 +60,7 @@ def evaluate_route(ddp, loader, ctx, costs, route):
     """Accuracy (%), loss and GFLOPs per image of the network with the fixed route `route` (list of 0/1 per
     gated block, or None: every block), in `open` mode (no switch evaluated), over every image of `loader`.
     The model's BN statistics are used as they are (recalibrate_route re-estimates them for the route)."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     saved, model.route = model.route, None if route is None else list(route)
     try:
         ev = evaluate(ddp, loader, ctx, costs, mode="open", desc="route")
@@ -96,7 +97,7 @@ def best_fixed_route(ddp, loader, ctx, costs, budget_gflops):
 def recalibrate_route(ddp, loader, ctx, route, batches=100):
     """Re-estimate BN statistics of the network under a fixed route (runtime.evaluate.recalibrate_bn in `open`
     mode with the route set); the model keeps no route afterwards."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     saved, model.route = model.route, list(route)
     try:
         recalibrate_bn(ddp, loader, ctx, mode="open", batches=batches)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.nets import executing
+
 MODES = ("open", "hard", "greedy", "sample", "explore", "gumbel")
 KINDS = ("rnn", "ff")
 
@@ -236,38 +238,35 @@ def spread_decisions(model, x):
     N = 1 the switches keep their random init (see _normalise: no weight is ever made non-finite).
     Runs the model as training does (batch statistics in BN, masked execution, `hard` switches); the BN
     running statistics and the model's mode are restored after."""
-    switches, was_training, execution = model.switches, model.training, model.execution
+    switches = model.switches
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    model.train()
-    model.execution = "mask"
     seen = {}
 
     def capture(name):
         return lambda module, inputs, output: seen.__setitem__(name, (inputs[0].detach(), output.detach()))
 
     try:
-        if isinstance(switches, RNNSwitches):
-            for j, proj in enumerate(switches.proj):
-                hook = proj.register_forward_hook(capture("proj"))
+        with executing(model, "mask", training=True):
+            if isinstance(switches, RNNSwitches):
+                for j, proj in enumerate(switches.proj):
+                    hook = proj.register_forward_hook(capture("proj"))
+                    model(x, "hard")
+                    hook.remove()
+                    _normalise(proj, seen["proj"][1].flatten(1))
+                logits = []
+                hook = switches.head.register_forward_hook(
+                    lambda module, inputs, output: logits.append(output.detach()))
                 model(x, "hard")
                 hook.remove()
-                _normalise(proj, seen["proj"][1].flatten(1))
-            logits = []
-            hook = switches.head.register_forward_hook(
-                lambda module, inputs, output: logits.append(output.detach()))
-            model(x, "hard")
-            hook.remove()
-            _normalise(switches.head, torch.cat(logits).flatten(1))  # the head's logits are (N, 1, 1, 1)
-        else:
-            for head in switches.heads:
-                hook = head.register_forward_hook(capture("head"))
-                model(x, "hard")
-                hook.remove()
-                _normalise(head, seen["head"][1])
+                _normalise(switches.head, torch.cat(logits).flatten(1))  # the head's logits are (N, 1, 1, 1)
+            else:
+                for head in switches.heads:
+                    hook = head.register_forward_hook(capture("head"))
+                    model(x, "hard")
+                    hook.remove()
+                    _normalise(head, seen["head"][1])
     finally:
         model.load_state_dict(buffers, strict=False)
-        model.train(was_training)
-        model.execution = execution
 
 
 def _normalise(layer, out, eps=1e-6):

@@ -16,6 +16,7 @@ from utils.dist import broadcast_object
 from utils.errors import UserError
 from models import build_model
 from utils.flops import count_params, dense_flops, measure_costs
+from utils.nets import unwrap
 
 TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
 TARGETS = ("compression", "ratio", "gflops")
@@ -86,7 +87,7 @@ def smallest(model, limit, image_size=32, rounds=1, round_to=1):
     of round_to, at most the side), each layer in its fewest-parameter (resp. fewest-FLOPs) form. A
     lower bound for any sequence of targets (a layer can keep no fewer after a round the more it kept
     before it). Needs no data (only the shapes of the pruned networks), so it is checked up front."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     out = []
     for measure in ("params", "flops"):
         m = model

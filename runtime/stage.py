@@ -18,13 +18,14 @@ from utils.files import write_json
 from utils.flops import count_params, probe
 from utils.lineage import file_sha256
 from utils.log import Logger
+from utils.nets import unwrap
 
 
 @torch.no_grad()
 def smallest_bn_map(model, image_size):
     """(pixels, name) of the smallest feature map any BatchNorm of `model` normalises, for images of
     image_size x image_size (one probe forward, every block and switch run)."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     seen = {}
     probe(model, image_size, [(n, m) for n, m in model.named_modules()
                               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)],

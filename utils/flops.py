@@ -12,6 +12,8 @@ import re
 import torch
 import torch.nn as nn
 
+from utils.nets import executing, unwrap
+
 _GATED_RESIDUAL = re.compile(r"^blocks\.(\d+)\.(conv1|conv2)(\.|$)")
 
 
@@ -34,19 +36,15 @@ def probe(model, image_size, modules, record):
     computed (eval mode, masked execution, `hard` switches), calling record(name, module, inputs, output)
     for each (name, module) of `modules` it passes; the model's mode and execution are restored after.
     The shapes and FLOPs of a forward pass, measured without any data."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o)) for name, m in modules]
-    was_training, execution = model.training, model.execution
     param = next(model.parameters())
     x = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=param.device,
                     dtype=param.dtype)
     try:
-        model.eval()
-        model.execution = "mask"
-        model(x, "hard")
+        with executing(model, "mask", training=False):
+            model(x, "hard")
     finally:
-        model.train(was_training)
-        model.execution = execution
         for h in hooks:
             h.remove()
 
@@ -55,7 +53,7 @@ def probe(model, image_size, modules, record):
 def measure_costs(model, image_size=32):
     """Split the FLOPs of one image through `model` into base / switches / per gated block (see above).
     Runs one image with the switches on and every block computed (masked execution)."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     flops = {}
     probe(model, image_size, [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))],
           lambda name, m, i, o: flops.__setitem__(name, flops.get(name, 0) + _leaf_flops(m, i, o)))
@@ -89,5 +87,5 @@ def routed_flops(costs, actions):
 
 def count_params(model):
     """Every parameter the model holds: convs, rotations, BN affine, classifier, switches."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     return sum(p.numel() for p in model.parameters())
