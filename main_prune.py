@@ -21,7 +21,7 @@ from utils.cli import Parser
 from utils.dist import exact_fp32, setup, teardown
 from runtime.steps import dense_step, supervised_step
 from runtime.evaluate import evaluate, recalibrate_bn
-from runtime.loop import make_scheduler, prepare
+from runtime.loop import make_scheduler, prepare, sgd
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 from utils.flops import count_params, dense_flops, measure_costs
@@ -180,9 +180,8 @@ def main(argv=None):
                                run.step_offset + logged)
         set_rotations_trainable(model, not cfg["fix_rotation"])
         model, ddp = prepare(model, ctx)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=spec["lr"],
-                                    momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                                    nesterov=cfg["momentum"] > 0)
+        optimizer = sgd([p for p in model.parameters() if p.requires_grad], spec["lr"], cfg["momentum"],
+                        cfg["weight_decay"])
         scheduler = make_scheduler(optimizer, cfg["scheduler"], spec["epochs"], len(data.train))
         costs = measure_costs(model, data.image_size)
 

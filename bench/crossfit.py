@@ -69,7 +69,7 @@ from gates.ending import end_training  # noqa: E402
 from gates.routes import best_fixed_route, recalibrate_route, route_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from runtime.evaluate import no_autotune_when_skipping  # noqa: E402
-from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
+from runtime.loop import make_scheduler, prepare, sgd, train_epoch  # noqa: E402
 from runtime.steps import dense_step, touch_switches  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.data import BatchLoader, DataSettings, load_data, split_val  # noqa: E402
@@ -77,7 +77,7 @@ from utils.dist import setup  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.files import read_json, write_json  # noqa: E402
 from utils.flops import dense_flops, measure_costs, routed_flops, skipped_flops  # noqa: E402
-from utils.nets import unwrap  # noqa: E402
+from utils.nets import is_switch, unwrap  # noqa: E402
 from utils.synthetic import digits_images, transformed_digits, write_split  # noqa: E402
 
 # Epochs after stage 1, the same for every arm: prune + rl + routes (the dynamic arm's three phases; the
@@ -409,8 +409,7 @@ def train_dense(ddp, data, ctx, epochs, lr, desc, route=None):
     and weight decay; the switches untouched."""
     model = unwrap(ddp)
     model.route = route
-    backbone = [p for n, p in model.named_parameters() if not n.startswith("switches.")]
-    opt = torch.optim.SGD(backbone, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    opt = sgd([p for n, p in model.named_parameters() if not is_switch(n)], lr, 0.9, 5e-4)
     sched = make_scheduler(opt, "cosine", epochs, len(data.train))
     for epoch in range(epochs):
         data.train.set_epoch(epoch)
@@ -633,8 +632,7 @@ def level_router(s, ddp, data, ctx, costs, start, rows, target, epochs, lv):
             y2 = data.train.y + data.num_classes * torch.as_tensor(lv["train"], device=data.train.y.device)
             tl = loader_of(data.train.x, y2, data.train.batch_size, ctx, data.pipeline, True, data.train.seed,
                            data.pipeline["augment"])
-            opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("switches.")],
-                                  lr=s["lr"]["routes"], momentum=0.9, weight_decay=5e-4, nesterov=True)
+            opt = sgd([p for n, p in model.named_parameters() if not is_switch(n)], s["lr"]["routes"], 0.9, 5e-4)
             sched = make_scheduler(opt, "cosine", epochs, len(tl))
             step = LevelRouted(routes, data.num_classes)
             for epoch in range(epochs):

@@ -11,12 +11,13 @@ import functools
 import torch
 
 from gates.counterfactual import execution_benefit, flip_losses
+from gates.optim import trainable
 from gates.routes import calibrate_to_flops
-from runtime.loop import make_scheduler, train_epoch
+from runtime.loop import make_scheduler, sgd, train_epoch
 from runtime.evaluate import recalibrate_bn
 from runtime.steps import supervised_step, touch_switches
 from utils.flops import dense_flops, skipped_flops
-from utils.nets import executing, unwrap
+from utils.nets import executing
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
 SMALL_CUT = 0.01  # routes that cut less than this share of the GFLOPs with every block run get a warning
@@ -47,11 +48,8 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
     Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
     uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
     made (recalibrate's results)."""
-    model = unwrap(ddp)
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("switches.")]
     lr = args.route_lr if args.route_lr is not None else args.lr / 10
-    optimizer = torch.optim.SGD(backbone, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                nesterov=args.momentum > 0)
+    optimizer = sgd(trainable(ddp)[0], lr, args.momentum, args.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
     history, calibrations = [], []
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):

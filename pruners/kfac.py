@@ -25,7 +25,7 @@ from utils.dist import all_reduce_sum
 from utils.log import progress as bar
 from utils.errors import UserError
 from utils.flops import probe
-from utils.nets import executing, unwrap
+from utils.nets import executing, is_switch, unwrap
 
 
 @dataclass
@@ -45,7 +45,7 @@ def prunable_convs(model):
     for name, m in model.named_modules():
         if name in factored:
             convs[name] = m.core
-        elif (isinstance(m, nn.Conv2d) and not name.startswith("switches.")
+        elif (isinstance(m, nn.Conv2d) and not is_switch(name)
               and name.rpartition(".")[0] not in factored):
             convs[name] = m
     return convs

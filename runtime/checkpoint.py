@@ -29,6 +29,7 @@ from models.resnet import absorb_legacy_rotations
 from utils.data import Preprocess, check_pipeline
 from utils.errors import UserError
 from utils.files import atomic_write
+from utils.nets import SWITCHES
 
 FORMAT = "dynprune-checkpoint/1"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -144,7 +145,7 @@ def load_pretrained(model, path, flag="--pretrained"):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path}: holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    problems = weight_mismatches(model.state_dict(), state, may_miss=("switches.",))
+    problems = weight_mismatches(model.state_dict(), state, may_miss=(SWITCHES,))
     if problems:
         raise UserError(f"{flag} {path}: weights do not fit this network ({problems[0]}; {len(problems)} problems)")
     check_finite(state, path, flag)

@@ -43,6 +43,11 @@ def prepare(model, ctx):
     return model, DistributedDataParallel(model, device_ids=ids)
 
 
+def sgd(params, lr, momentum, weight_decay):
+    """The optimizer of every stage: SGD, nesterov when momentum > 0. `params`: parameters or groups."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+
+
 def make_scheduler(optimizer, name, epochs, steps_per_epoch):
     """Per-step schedules, so that a short run still sees the whole curve."""
     total = max(1, epochs * steps_per_epoch)

@@ -12,7 +12,7 @@ import re
 import torch
 import torch.nn as nn
 
-from utils.nets import executing, unwrap
+from utils.nets import executing, is_switch, unwrap
 
 _GATED_RESIDUAL = re.compile(r"^blocks\.(\d+)\.(conv1|conv2)(\.|$)")
 
@@ -62,7 +62,7 @@ def measure_costs(model, image_size=32):
         gated = _GATED_RESIDUAL.match(name)
         if gated and int(gated.group(1)) > 0:
             costs["blocks"][int(gated.group(1)) - 1] += f
-        elif name.startswith("switches."):
+        elif is_switch(name):
             costs["switches"] += f
         else:
             costs["base"] += f
