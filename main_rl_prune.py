@@ -27,7 +27,8 @@ from gates.counterfactual import CounterfactualStep
 from gates.ending import end_training, small_cut_warning
 from gates.gumbel import GumbelStep
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
-from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
+from gates.policy import BASELINES, Baseline, ReinforceStep
+from gates.price import SkipPrice
 from models.resnet import compile_report, compile_step
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges

@@ -69,6 +69,16 @@ def measure_costs(model, image_size=32):
     return costs
 
 
+def to_gflops(flops):
+    """FLOPs -> GFLOPs (10^9 FLOPs: the unit of every flag, report and table)."""
+    return flops / 1e9
+
+
+def from_gflops(gflops):
+    """GFLOPs -> FLOPs."""
+    return gflops * 1e9
+
+
 def dense_flops(costs):
     """FLOPs of one image with every block run and no switch evaluated (`open` mode)."""
     return costs["base"] + sum(costs["blocks"])
