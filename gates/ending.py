@@ -1,7 +1,10 @@
-"""How stage 3 ends, after its last epoch (whatever the controller): with a FLOPs target, the switches'
-threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone fine-tuned on the
-greedy routes; then BN statistics re-estimated under the greedy routes (what the deployed model runs) and,
-with a target, the threshold calibrated once more. main_rl_prune.py saves what end_training returns in the
+"""How stage 3 ends, after its last epoch, the same under every controller. Each trains on routes drawn
+from the switches' probabilities: counterfactual (gates/counterfactual.py) from p clamped away from 0 and 1,
+reinforce (gates/policy.py) sampled from p, gumbel (gates/gumbel.py) through its Gumbel-softmax relaxation;
+the deployed model runs the greedy routes (p > 0.5). So the ending works on those: with a FLOPs target, the
+switches' threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone
+fine-tuned on the greedy routes; then BN statistics re-estimated under the greedy routes and, with a target,
+the threshold calibrated once more. main_rl_prune.py saves what end_training returns in the
 checkpoint, so a run resumed after its ending does not redo it, and one killed during it redoes it from the
 last epoch's checkpoint (every step here is deterministic). After the final evaluation, small_cut_warning
 says when the routes cut next to nothing, and what would cut more.
@@ -71,7 +74,7 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
 def end_training(ddp, data, ctx, costs, target, args):
     """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
     augmented) so that the greedy routes cost the target; with --route_epochs, fine-tune the backbone on the
-    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on sampled routes,
+    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on drawn routes,
     whose statistics differ: the deployed model runs greedy ones), over one epoch of augmented training
     batches as stage 2 does, and calibrate once more since the new weights and statistics move the
     switches' inputs (and before every route epoch, see finetune_on_routes). Returns what was done, for
