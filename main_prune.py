@@ -24,7 +24,7 @@ from runtime.evaluate import evaluate, recalibrate_bn
 from runtime.loop import make_scheduler, prepare, sgd
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
-from utils.flops import count_params, dense_flops, measure_costs
+from utils.flops import compression, count_params, dense_flops, measure_costs, to_gflops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_world_size,
                            restore_training_state)
 from utils.data import DataSettings, load_data
@@ -210,8 +210,8 @@ def main(argv=None):
 
     params = count_params(model)
     run.finish(model, ddp, data, costs, mode="open", extra={"mode": cfg["mode"],
-        "params_stage1": params_stage1, "compression": 1 - params / params_stage1,
-        "dense_gflops": dense_flops(costs) / 1e9, "ranks": model.arch["ranks"],
+        "params_stage1": params_stage1, "compression": compression(params, params_stage1),
+        "dense_gflops": to_gflops(dense_flops(costs)), "ranks": model.arch["ranks"],
         "layers_unpruned": [n for n in prunable_convs(model) if n not in model.arch["ranks"]], "rounds": history,
         "stage1_checkpoint": stage1_path})
     teardown()

@@ -15,7 +15,7 @@ from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_para
 from utils.dist import broadcast_object
 from utils.errors import UserError
 from models import build_model
-from utils.flops import count_params, dense_flops, measure_costs
+from utils.flops import compression, count_params, dense_flops, measure_costs, to_gflops
 from utils.nets import unwrap
 
 TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
@@ -76,7 +76,7 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     return new, {"target": target, "value": value, "criterion": criterion, "round_to": round_to,
                  "directions": plan.total, "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
                  "ratio": plan.removed / plan.total, "params": params,
-                 "compression": 1 - params / params_reference, "gflops": flops / 1e9,
+                 "compression": compression(params, params_reference), "gflops": to_gflops(flops),
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
                  "rebuild_seconds": t3 - t2}
 
@@ -124,9 +124,9 @@ def check_schedule(model, schedule, limit, params_reference, first_round=0, imag
         steps = "one pass removes" if i == 0 else f"{i + 1} passes remove"
         leave = "one pass leaves" if i == 0 else f"{i + 1} passes leave"
         # the first round's reach is exact: a target beyond it would only fail later
-        if spec["target"] == "compression" and spec["value"] > 1 - params / params_reference + 1e-9:
+        if spec["target"] == "compression" and spec["value"] > compression(params, params_reference) + 1e-9:
             raise UserError(f"{where}compression {spec['value']} is out of reach: with {rules} {steps} at most "
-                            f"{1 - params / params_reference:.3f} of the stage-1 network's parameters")
+                            f"{compression(params, params_reference):.3f} of the stage-1 network's parameters")
         if spec["target"] == "gflops" and spec["value"] * 1e9 < flops:
             raise UserError(f"{where}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
                             f"{flops / 1e9:.4g} GFLOPs per image at {image_size}x{image_size}")

@@ -29,12 +29,11 @@ from models.resnet import absorb_legacy_rotations
 from utils.data import Preprocess, check_pipeline
 from utils.errors import UserError
 from utils.files import atomic_write
+from utils.lineage import STAGES
 from utils.nets import SWITCHES
 
 FORMAT = "dynprune-checkpoint/1"
 TMP_PREFIX = ".tmp-checkpoint-"
-STAGE_NAMES = {"sp": "stage 1 (main_sp.py)", "prune": "stage 2 (main_prune.py)",
-               "rl": "stage 3 (main_rl_prune.py)"}
 
 
 def save_checkpoint(path, payload):
@@ -84,8 +83,8 @@ def load_checkpoint(path, stages=None, flag="--checkpoint"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{flag} {path}: not a checkpoint of this project (no '{FORMAT}' marker)")
     if stages and ckpt.get("stage") not in stages:
-        wanted = " or ".join(STAGE_NAMES[s] for s in stages)
-        got = STAGE_NAMES.get(ckpt.get("stage"), repr(ckpt.get("stage")))
+        wanted = " or ".join(STAGES[s].writer for s in stages)
+        got = STAGES[ckpt["stage"]].writer if ckpt.get("stage") in STAGES else repr(ckpt.get("stage"))
         raise UserError(f"{flag} {path}: written by {got}, expected one from {wanted}")
     try:
         check_arch(ckpt.get("arch"))

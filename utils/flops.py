@@ -95,6 +95,11 @@ def routed_flops(costs, actions):
     return skipped_flops(costs) + actions.detach().to(torch.float64) @ blocks
 
 
+def compression(params, params_stage1):
+    """The share of the stage-1 network's parameters that a network of `params` parameters has removed."""
+    return 1 - params / params_stage1
+
+
 def count_params(model):
     """Every parameter the model holds: convs, rotations, BN affine, classifier, switches."""
     model = unwrap(model)
