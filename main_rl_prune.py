@@ -36,7 +36,7 @@ from utils.dist import setup, teardown
 from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
-from utils.flops import count_params, measure_costs, skipped_flops
+from utils.flops import count_params, from_gflops, measure_costs, skipped_flops, to_gflops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
                            restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
@@ -189,8 +189,8 @@ def check_target(args, costs):
     above the cost with all executed) is refused before any work."""
     if args.target_gflops is None:
         return
-    low = skipped_flops(costs) / 1e9
-    high = low + sum(costs["blocks"]) / 1e9
+    low = to_gflops(skipped_flops(costs))
+    high = low + to_gflops(sum(costs["blocks"]))
     if not low < args.target_gflops < high:
         raise UserError(f"--target_gflops {args.target_gflops} is out of reach: this network costs {low:.4g} "
                         f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")
@@ -241,7 +241,7 @@ def main(argv=None):
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))
     baseline = Baseline(args.baseline, model.num_switches, args.baseline_momentum, ctx.device)
-    target = args.target_gflops * 1e9 if args.target_gflops is not None else None
+    target = from_gflops(args.target_gflops) if args.target_gflops is not None else None
     price = SkipPrice(args.alpha, target, args.alpha_lr, ctx.device)
     start, ending = 0, {}
     if args.resume:

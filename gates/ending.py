@@ -19,7 +19,7 @@ from gates.routes import calibrate_to_flops
 from runtime.loop import make_scheduler, sgd, train_epoch
 from runtime.evaluate import recalibrate_bn
 from runtime.steps import supervised_step, touch_switches
-from utils.flops import dense_flops, skipped_flops
+from utils.flops import dense_flops, skipped_flops, to_gflops
 from utils.nets import executing
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
@@ -116,13 +116,13 @@ def small_cut_warning(ddp, data, costs, gflops, alpha):
     (`gflops`: per image, the final evaluation's); else one line saying how little they cut and which
     --alpha (skip_alphas, measured on the training images) or --target_gflops would cut more. `alpha`: the
     price the switches ended training with. A row 3 equal to row 2 is then never left unexplained."""
-    dense = dense_flops(costs) / 1e9
+    dense = to_gflops(dense_flops(costs))
     cut = 1 - gflops / dense
     if cut >= SMALL_CUT:
         return None
     alphas = skip_alphas(ddp, calibration_batches(data), costs)
     j = min(range(len(alphas)), key=alphas.__getitem__)
-    low, high = skipped_flops(costs) / 1e9, (skipped_flops(costs) + sum(costs["blocks"])) / 1e9
+    low, high = to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
     target = min(max(0.9 * dense, low + 0.05 * (high - low)), low + 0.95 * (high - low))
     line = (f"warning: the switches cut {100 * cut:.1f}% of the GFLOPs ({gflops:.4g} per image against {dense:.4g} "
             f"with every block run), so row 3 is as costly as the network it started from. ")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from runtime.evaluate import evaluate, recalibrate_bn
+from utils.flops import from_gflops, to_gflops
 from utils.nets import unwrap
 
 
@@ -34,7 +35,7 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
     def flops_at(shift):
         for h, b in zip(heads, original):
             h.bias.copy_(b + shift)
-        return evaluate(ddp, batches, ctx, costs, desc="calibrate")["gflops"] * 1e9
+        return from_gflops(evaluate(ddp, batches, ctx, costs, desc="calibrate")["gflops"])
 
     before = best_flops = flops_at(0.0)
     best, lo, hi = 0.0, -bound, bound
@@ -47,7 +48,7 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
             best, best_flops = mid, f
         lo, hi = (mid, hi) if f < target else (lo, mid)
     flops_at(best)
-    return {"shift": best, "gflops": best_flops / 1e9, "gflops_before": before / 1e9}
+    return {"shift": best, "gflops": to_gflops(best_flops), "gflops_before": to_gflops(before)}
 
 
 def route_flops(costs, route):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from runtime.loop import autocast
 from utils.dist import all_reduce_sum
 from utils.faults import kill_point
-from utils.flops import dense_flops, skipped_flops
+from utils.flops import dense_flops, skipped_flops, to_gflops
 from utils.log import progress
 from utils.nets import executing, unwrap
 
@@ -59,7 +59,7 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
         flops = dense_flops(costs) * n
     else:  # sum over images of base + switches + a . blocks, exact in float64 (integers)
         flops = skipped_flops(costs) * n + sum(e * b for e, b in zip(executed, costs["blocks"]))
-    return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": flops / n / 1e9,
+    return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": to_gflops(flops / n),
             "exec_rate": [e / n for e in executed], "images": int(n)}
 
 
