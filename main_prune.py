@@ -163,7 +163,7 @@ def main(argv=None):
     check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
                    image_size=data.image_size, round_to=cfg["round_to"])
     guard_rerun(cfg["result_dir"], "prune", args.overwrite, ctx.is_main, resuming=bool(ckpt))
-    run.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", stage1.get("epoch", 0)))
+    run.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", 0))
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds
     total_epochs = sum(spec["epochs"] for spec in schedule)

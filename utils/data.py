@@ -708,7 +708,7 @@ def load_data(args, ctx, recorded=None, source=None, resuming=False):
                             f"{recorded['augment']}")
         resize, augment = recorded["resize"], augment or recorded["augment"]
     elif source is not None and ctx.is_main:
-        print(f"warning: {source} records no input pipeline (written by an older version): using resize "
+        print(f"warning: {source} records no input pipeline: using resize "
               f"{resize or DEFAULT_RESIZE} and the statistics of this training set", file=sys.stderr, flush=True)
     resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
     bs = process_batch(args.bs, ctx)

@@ -5,7 +5,6 @@ Every stage records in its checkpoints and metrics.json a `parent`: {"stage", "p
 checkpoint file it started from (None for stage 1 trained from scratch), and in metrics.json the sha256 of
 the checkpoint it ended with. The chain of a --result_dir holds when each stage's parent is the final
 checkpoint of the stage before it there, and each metrics.json describes the checkpoint beside it.
-Records written before lineage was kept carry no hashes: they are reported as unchecked, not refused.
 """
 import hashlib
 import json
