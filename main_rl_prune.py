@@ -51,8 +51,8 @@ CONTROLLER_FLAGS = {"tau": (("counterfactual",), 0.05), "explore_bound": (("coun
                     "baseline_momentum": (("reinforce",), 0.9),
                     "rl_weight": (("counterfactual", "reinforce"), 0.1), "gumbel_tau": (("gumbel",), 1.0),
                     "flip_blocks": (("counterfactual",), 4)}
-# The counterfactual's gated blocks flipped per step (0: all): flipping all costs about 3x a REINFORCE step,
-# 4 sampled ones about 2x, at the same validation accuracy (docs/speed.md)
+# The counterfactual's gated blocks flipped per step (0: all): 4 sampled ones cost less than flipping all, at
+# the same validation accuracy (docs/speed.md)
 FLIP_BLOCKS = CONTROLLER_FLAGS["flip_blocks"][1]
 
 

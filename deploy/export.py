@@ -9,8 +9,8 @@ What is exported is the network as it is deployed, not as it is trained:
 - every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
 - every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
   no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
-  location: stage 2 itself only keeps a rot_out that pays, so this matters for older checkpoints);
-  rot_in is never merged (measured: a k x k core over every input channel never paid);
+  location);
+  rot_in is never merged (a k x k core over every input channel: docs/export.md);
 - channels_last activations (the NHWC input is already in that layout);
 - `--mode hard` (the default for stage 3, whose table row is its routed network): the switches decide per
   image, outputs (logits, routes), routes (N, number of switches) 0/1 float. `--mode open` (the default

@@ -32,7 +32,7 @@ without gradient in evaluation mode (BN running statistics: what the deployed ne
 update of those statistics), in float32 with TF32 off: about S^2 / 2 block evaluations forward only for S
 switches (flipping block j costs every block from j on), stacked so that they take S block calls.
 
-Flipping every block at every step costs about 4x a REINFORCE step on the CPU at ResNet-32 (docs/speed.md).
+Flipping every block at every step is the dearest part of the step (its cost: docs/speed.md).
 `blocks` = K < S flips only K gated blocks per step, drawn uniformly without replacement (the global RNG,
 seeded per epoch: a resumed run draws the same), and weighs their terms by S / K: the switch loss and its
 gradient are unbiased estimates of the full ones, each image and block still has its own counterfactual

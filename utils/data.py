@@ -620,7 +620,7 @@ class BatchLoader:
 
     def __iter__(self):
         idx = self._indices().to(self.device)  # one copy per epoch
-        # Augmentation draws on the images' device (the same seed; on the CPU the same draws as ever): a CPU
+        # Augmentation draws on the images' device (the same seed on every device): a CPU
         # generator would copy its draws to the GPU, from pageable memory, at every batch.
         aug_gen = torch.Generator(device=self.x.device)
         aug_gen.manual_seed(_seeded_generator(self.seed, self.epoch, self.rank, 1).initial_seed())
