@@ -49,7 +49,8 @@ class GumbelStep:
         with autocast_off(x.device.type):  # float32: the price is a small number beside the cross-entropy
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)
             alpha = self.price.alpha.float()
-            price_loss = alpha * (actions.float() @ self.costs_on.shares).mean()  # the decisions carry the relaxed gradient
+            # the decisions carry the relaxed gradient
+            price_loss = alpha * (actions.float() @ self.costs_on.shares).mean()
             loss = ce + price_loss
             with torch.no_grad():
                 # "loss" is the cross-entropy, as under every controller; the price's part has its own tag

@@ -1,6 +1,6 @@
 """The training step's host cost: the ops it dispatches and the host syncs of the loop, and the exactness of
-what makes them few (the masked mix, the straight-through, the switches' convolution form), the compiled step (--compile), device-side augmentation and masked
-per-epoch evaluation."""
+what makes them few (the masked mix, the straight-through, the switches' convolution form), the compiled step
+(--compile), device-side augmentation and masked per-epoch evaluation."""
 import collections
 import json
 import types

@@ -71,29 +71,29 @@ def chain_problems(result_dir, stages=ORDER):
         m = read_metrics(result_dir, stage)
         if m is None:
             continue
-        ckpt = os.path.join(result_dir, stage, "checkpoint.pt")
+        ckpt, this = os.path.join(result_dir, stage, "checkpoint.pt"), STAGES[stage]
         own = m.get("checkpoint_sha256")
         if own and os.path.isfile(ckpt) and file_sha256(ckpt) != own:
-            problems.append(f"{STAGES[stage].label} is stale: its checkpoint.pt is not the network its metrics.json "
-                            f"describes (rerun or interrupted since; finish it with {STAGES[stage].script} --resume)")
+            problems.append(f"{this.label} is stale: its checkpoint.pt is not the network its metrics.json "
+                            f"describes (rerun or interrupted since; finish it with {this.script} --resume)")
         finished[stage] = m
     for stage, m in finished.items():
-        parent = m.get("parent")
+        parent, this = m.get("parent"), STAGES[stage]
         if not parent or not parent.get("sha256"):
             continue
         if parent.get("stage") in ORDER and parent["stage"] not in finished:
             # the folder holds a stage before the parent and one after it, not the network between them
             if any(ORDER.index(s) < ORDER.index(parent["stage"]) for s in finished):
-                problems.append(f"{STAGES[stage].label} is orphaned: it started from a {STAGES[parent['stage']].label} network "
-                                f"that is no longer in this folder (rerun {STAGES[parent['stage']].script} and "
-                                f"{STAGES[stage].script})")
+                up = STAGES[parent["stage"]]
+                problems.append(f"{this.label} is orphaned: it started from a {up.label} network that is no longer "
+                                f"in this folder (rerun {up.script} and {this.script})")
             continue
         if parent.get("stage") not in finished:
             continue
         up = finished[parent["stage"]].get("checkpoint_sha256")
         if up and up != parent["sha256"]:
-            problems.append(f"{STAGES[stage].label} is stale: it started from another {STAGES[parent['stage']].label} network "
-                            f"than the one there now (rerun {STAGES[stage].script}, or rerun the earlier stage with "
+            problems.append(f"{this.label} is stale: it started from another {STAGES[parent['stage']].label} network "
+                            f"than the one there now (rerun {this.script}, or rerun the earlier stage with "
                             f"--overwrite to move it aside)")
     return problems
 
