@@ -17,19 +17,14 @@ from utils.errors import UserError
 
 @dataclass(frozen=True)
 class Stage:
-    """One of the three stages, as every message, file and table names it."""
-    name: str  # its folder in --result_dir and its checkpoints' "stage"
+    """One of the three stages as every message, file and table names it: `name` its folder in --result_dir
+    and its checkpoints' "stage", `method` its row of the table."""
+    name: str
     number: int
     script: str
-    method: str  # its row of the table
-
-    @property
-    def label(self):
-        return f"stage {self.number} ({self.name}/)"
-
-    @property
-    def writer(self):
-        return f"stage {self.number} ({self.script})"
+    method: str
+    label = property(lambda self: f"stage {self.number} ({self.name}/)")
+    writer = property(lambda self: f"stage {self.number} ({self.script})")
 
 
 STAGES = {s.name: s for s in (Stage("sp", 1, "main_sp.py", "w/o pruning"),
