@@ -132,8 +132,7 @@ class CounterfactualStep:
         return sorted(torch.randperm(num_switches)[:self.blocks].tolist())  # the global (CPU) RNG: no device sync
 
     def __call__(self, model, x, y):
-        if self.costs_on is None or self.costs_on.device != x.device:
-            self.costs_on = BlockCosts(self.costs, x.device)
+        self.costs_on = BlockCosts.on(x.device, self.costs, self.costs_on)
         logits, actions, probs = model(x, "explore")
         actions = actions.detach()
         s = actions.shape[1]

@@ -43,8 +43,7 @@ class GumbelStep:
         self.costs_on = None  # gates.price.BlockCosts on the batch's device, made once
 
     def __call__(self, model, x, y):
-        if self.costs_on is None or self.costs_on.device != x.device:
-            self.costs_on = BlockCosts(self.costs, x.device)
+        self.costs_on = BlockCosts.on(x.device, self.costs, self.costs_on)
         logits, actions, probs = model(x, "gumbel")
         with autocast_off(x.device.type):  # float32: the price is a small number beside the cross-entropy
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)

@@ -26,6 +26,11 @@ class BlockCosts:
         self.blocks = to_gflops(blocks).to(device)
         self.always = torch.tensor(to_gflops(skipped_flops(costs)), dtype=torch.float64, device=device)
 
+    @staticmethod
+    def on(device, costs, made=None):
+        """`made` (a BlockCosts or None) if it is on `device`, else `costs`' there: a step's, made once."""
+        return made if made is not None and made.device == device else BlockCosts(costs, device)
+
     def gflops(self, rates):
         """GFLOPs per image (float64) of routes that run gated block j on a fraction rates[j] of the images."""
         return self.always + rates.double() @ self.blocks
