@@ -35,7 +35,7 @@ from utils.dist import setup, teardown
 from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
-from utils.flops import compression, count_params, from_gflops, measure_costs, skipped_flops, to_gflops
+from utils.flops import compression, count_params, from_gflops, gflops_bounds, measure_costs
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
                            restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
@@ -178,8 +178,7 @@ def check_target(args, costs):
     above the cost with all executed) is refused before any work."""
     if args.target_gflops is None:
         return
-    low = to_gflops(skipped_flops(costs))
-    high = low + to_gflops(sum(costs["blocks"]))
+    low, high = gflops_bounds(costs)
     if not low < args.target_gflops < high:
         raise UserError(f"--target_gflops {args.target_gflops} is out of reach: this network costs {low:.4g} "
                         f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")

@@ -15,11 +15,12 @@ import torch
 
 from gates.counterfactual import execution_benefit, flip_losses
 from gates.optim import trainable
+from gates.price import shares
 from gates.routes import calibrate_to_flops
 from runtime.loop import make_scheduler, sgd, train_epoch
 from runtime.evaluate import recalibrate_bn
 from runtime.steps import supervised_step, touch_switches
-from utils.flops import dense_flops, skipped_flops, to_gflops
+from utils.flops import dense_flops, gflops_bounds, to_gflops
 from utils.nets import executing
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
@@ -107,8 +108,7 @@ def skip_alphas(ddp, batches, costs):
         for x, y in batches:
             _, actions, _ = model(x, "greedy")
             benefits.append(execution_benefit(*flip_losses(model, x, y, actions), actions))
-    blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
-    return (torch.cat(benefits).double().median(0).values.cpu() / (blocks / blocks.sum())).tolist()
+    return (torch.cat(benefits).double().median(0).values.cpu() / shares(costs["blocks"]).double()).tolist()
 
 
 def small_cut_warning(ddp, data, costs, gflops, alpha):
@@ -122,7 +122,7 @@ def small_cut_warning(ddp, data, costs, gflops, alpha):
         return None
     alphas = skip_alphas(ddp, calibration_batches(data), costs)
     j = min(range(len(alphas)), key=alphas.__getitem__)
-    low, high = to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
+    low, high = gflops_bounds(costs)
     target = min(max(0.9 * dense, low + 0.05 * (high - low)), low + 0.95 * (high - low))
     line = (f"warning: the switches cut {100 * cut:.1f}% of the GFLOPs ({gflops:.4g} per image against {dense:.4g} "
             f"with every block run), so row 3 is as costly as the network it started from. ")

@@ -89,6 +89,12 @@ def skipped_flops(costs):
     return costs["base"] + costs["switches"]
 
 
+def gflops_bounds(costs):
+    """GFLOPs per image of the cheapest route (every gated block skipped) and of the dearest (every block
+    run), the switches evaluated in both: the range a GFLOPs target of the routes must fall in."""
+    return to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
+
+
 def routed_flops(costs, actions):
     """FLOPs each image really executes given its 0/1 route `actions` (N, num_switches): tensor (N,)."""
     blocks = torch.tensor(costs["blocks"], dtype=torch.float64, device=actions.device)
