@@ -161,8 +161,10 @@ def source_path(args):
 
 def source_compression(ckpt, params):
     """Fraction of the stage-1 parameters that the starting network (holding `params`) has removed: 0 for a
-    stage-1 network, from the stage-1 size a stage-2 one records."""
-    return 0.0 if ckpt["stage"] == "sp" else compression(params, ckpt["params_stage1"])
+    stage-1 network, from the stage-1 size a stage-2 one records (None where it records none)."""
+    if ckpt["stage"] == "sp":
+        return 0.0
+    return compression(params, ckpt["params_stage1"]) if ckpt.get("params_stage1") else None
 
 
 def check_flags_match(args, arch, path, flag):
