@@ -21,10 +21,10 @@ from utils.cli import Parser
 from utils.dist import exact_fp32, setup, teardown
 from runtime.steps import dense_step, supervised_step
 from runtime.evaluate import evaluate, recalibrate_bn
-from runtime.loop import make_scheduler, prepare
+from runtime.loop import make_scheduler, prepare, sgd
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
-from utils.flops import count_params, dense_flops, measure_costs
+from utils.flops import compression, count_params, dense_flops, measure_costs, to_gflops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_world_size,
                            restore_training_state)
 from utils.data import DataSettings, load_data
@@ -163,7 +163,7 @@ def main(argv=None):
     check_schedule(model, schedule[later:], cfg["prune_ratio_limit"], params_stage1, first_round=later,
                    image_size=data.image_size, round_to=cfg["round_to"])
     guard_rerun(cfg["result_dir"], "prune", args.overwrite, ctx.is_main, resuming=bool(ckpt))
-    run.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", stage1.get("epoch", 0)))
+    run.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", 0))
 
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds
     total_epochs = sum(spec["epochs"] for spec in schedule)
@@ -180,9 +180,8 @@ def main(argv=None):
                                run.step_offset + logged)
         set_rotations_trainable(model, not cfg["fix_rotation"])
         model, ddp = prepare(model, ctx)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=spec["lr"],
-                                    momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                                    nesterov=cfg["momentum"] > 0)
+        optimizer = sgd([p for p in model.parameters() if p.requires_grad], spec["lr"], cfg["momentum"],
+                        cfg["weight_decay"])
         scheduler = make_scheduler(optimizer, cfg["scheduler"], spec["epochs"], len(data.train))
         costs = measure_costs(model, data.image_size)
 
@@ -211,8 +210,8 @@ def main(argv=None):
 
     params = count_params(model)
     run.finish(model, ddp, data, costs, mode="open", extra={"mode": cfg["mode"],
-        "params_stage1": params_stage1, "compression": 1 - params / params_stage1,
-        "dense_gflops": dense_flops(costs) / 1e9, "ranks": model.arch["ranks"],
+        "params_stage1": params_stage1, "compression": compression(params, params_stage1),
+        "dense_gflops": to_gflops(dense_flops(costs)), "ranks": model.arch["ranks"],
         "layers_unpruned": [n for n in prunable_convs(model) if n not in model.arch["ranks"]], "rounds": history,
         "stage1_checkpoint": stage1_path})
     teardown()

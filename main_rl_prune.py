@@ -19,7 +19,6 @@ greedy routes, save, then the final test of the model exactly as saved; a run wh
 of the GFLOPs ends with a line saying so and which --alpha or --target_gflops would cut more. Writes
 <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static + dynamic pruning", then the whole table
 as <result_dir>/table.md and table.json."""
-import json
 import os
 import sys
 
@@ -27,7 +26,8 @@ from gates.counterfactual import CounterfactualStep
 from gates.ending import end_training, small_cut_warning
 from gates.gumbel import GumbelStep
 from gates.optim import add_switch_flags, check_switch_flags, make_optimizer
-from gates.policy import BASELINES, Baseline, ReinforceStep, SkipPrice
+from gates.policy import BASELINES, Baseline, ReinforceStep
+from gates.price import SkipPrice
 from models.resnet import compile_report, compile_step
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import base_parser, check_ranges
@@ -35,10 +35,11 @@ from utils.dist import setup, teardown
 from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
-from utils.flops import count_params, measure_costs, skipped_flops
+from utils.flops import compression, count_params, from_gflops, gflops_bounds, measure_costs
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
                            restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
+from utils.nets import unwrap
 from runtime.table import write_table
 
 
@@ -83,8 +84,7 @@ def parse_args(argv=None):
     r.add_argument("--flip_blocks", type=int, default=FLIP_BLOCKS, metavar="K",
                    help="counterfactual: gated blocks whose flip is evaluated per step, K drawn at random per step "
                         "and their terms weighed by (gated blocks) / K, an unbiased estimate of the full switch "
-                        "loss at a fraction of its cost (docs/speed.md); 0: every block, the full form (a run "
-                        "begun before this flag existed flipped every block: resume it with --flip_blocks 0)")
+                        "loss at a fraction of its cost (docs/speed.md); 0: every block, the full form")
     r.add_argument("--alpha", type=float, default=0.1,
                    help="price of running every gated block, per image, in cross-entropy units (reinforce: the "
                         "total reward for skipping them all); with --target_gflops, its starting value")
@@ -159,19 +159,12 @@ def source_path(args):
                     f"or give --checkpoint)")
 
 
-def source_compression(ckpt, path, params):
+def source_compression(ckpt, params):
     """Fraction of the stage-1 parameters that the starting network (holding `params`) has removed: 0 for a
-    stage-1 network; for a stage-2 one, from the stage-1 size it records (or the compression recorded in
-    the metrics.json beside it); None if neither is there."""
+    stage-1 network, from the stage-1 size a stage-2 one records (None where it records none)."""
     if ckpt["stage"] == "sp":
         return 0.0
-    if ckpt.get("params_stage1"):
-        return 1 - params / ckpt["params_stage1"]
-    metrics_path = os.path.join(os.path.dirname(path), "metrics.json")
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            return json.load(f).get("compression")
-    return None
+    return compression(params, ckpt["params_stage1"]) if ckpt.get("params_stage1") else None
 
 
 def check_flags_match(args, arch, path, flag):
@@ -187,8 +180,7 @@ def check_target(args, costs):
     above the cost with all executed) is refused before any work."""
     if args.target_gflops is None:
         return
-    low = skipped_flops(costs) / 1e9
-    high = low + sum(costs["blocks"]) / 1e9
+    low, high = gflops_bounds(costs)
     if not low < args.target_gflops < high:
         raise UserError(f"--target_gflops {args.target_gflops} is out of reach: this network costs {low:.4g} "
                         f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")
@@ -203,9 +195,6 @@ def main(argv=None):
     if args.resume:
         path, flag = resume_path(args.resume, run), "--resume"
         ckpt = load_checkpoint(path, ("rl",), flag)
-        if isinstance(ckpt.get("args"), dict):  # stage 3 had no other controller before --controller
-            ckpt["args"].setdefault("controller", "reinforce")
-            ckpt["args"].setdefault("flip_blocks", 0)  # and flipped every block before --flip_blocks
         check_resume_args(ckpt, args, path)
         check_resume_world_size(ckpt, ctx, path)
         source = ckpt.get("extra", {}).get("source", {})
@@ -235,11 +224,11 @@ def main(argv=None):
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
     check_batch_shapes(model, data.image_size, data.train.batch_size, resize_fixed="pipeline" in ckpt)
     if "compression" not in source:
-        source["compression"] = source_compression(ckpt, path, count_params(model))
+        source["compression"] = source_compression(ckpt, count_params(model))
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args.scheduler, args.epochs, len(data.train))
     baseline = Baseline(args.baseline, model.num_switches, args.baseline_momentum, ctx.device)
-    target = args.target_gflops * 1e9 if args.target_gflops is not None else None
+    target = from_gflops(args.target_gflops) if args.target_gflops is not None else None
     price = SkipPrice(args.alpha, target, args.alpha_lr, ctx.device)
     start, ending = 0, {}
     if args.resume:
@@ -254,7 +243,7 @@ def main(argv=None):
     run.open(data.pipeline, parent=parent, resumed=ckpt if args.resume else None,
              start_step=ckpt.get("tb_step", 0) if not args.resume else 0)
     if args.controller == "counterfactual":
-        getattr(ddp, "module", ddp).explore_bound = args.explore_bound
+        unwrap(ddp).explore_bound = args.explore_bound
         step = CounterfactualStep(costs, price, args.tau, args.rl_weight, blocks=args.flip_blocks or None,
                                   scale=ctx.world_size)
     elif args.controller == "gumbel":

@@ -24,7 +24,7 @@ from runtime.steps import dense_step, supervised_step
 from runtime.loop import make_scheduler, prepare
 from utils.errors import UserError, run_main
 from utils.lineage import guard_rerun, parent_record
-from utils.flops import dense_flops, measure_costs
+from utils.flops import dense_flops, measure_costs, to_gflops
 from runtime.stage import (StageRun, check_batch_shapes, check_result_dir, check_resume_args, check_resume_world_size,
                            restore_training_state, resume_path)
 from utils.data import DataSettings, load_data
@@ -146,7 +146,7 @@ def main(argv=None):
         run.save(model, optimizer, scheduler, args.epochs, own_state())
     # the routes beside row 1 are those of the switches as saved: re-spread ones are named so in TensorBoard,
     # where they follow the curve of the routes trained before
-    extra = {"dense_gflops": dense_flops(costs) / 1e9, "train_mode": args.train_mode,
+    extra = {"dense_gflops": to_gflops(dense_flops(costs)), "train_mode": args.train_mode,
              "switches_respread": respread[0]}
     if args.compile:
         extra["compile"] = compile_report(last_step[0], say=ctx.is_main)

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 from gates.counterfactual import CounterfactualStep  # noqa: E402
 from gates.optim import make_optimizer  # noqa: E402
-from gates.policy import Baseline, ReinforceStep, SkipPrice  # noqa: E402
+from gates.policy import Baseline, ReinforceStep  # noqa: E402
+from gates.price import SkipPrice  # noqa: E402
 from models import build_model, make_arch  # noqa: E402
 from runtime.steps import dense_step  # noqa: E402
 from utils.flops import measure_costs  # noqa: E402

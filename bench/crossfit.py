@@ -69,7 +69,7 @@ from gates.ending import end_training  # noqa: E402
 from gates.routes import best_fixed_route, recalibrate_route, route_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from runtime.evaluate import no_autotune_when_skipping  # noqa: E402
-from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
+from runtime.loop import make_scheduler, prepare, sgd, train_epoch  # noqa: E402
 from runtime.steps import dense_step, touch_switches  # noqa: E402
 from utils.cli import Parser  # noqa: E402
 from utils.data import BatchLoader, DataSettings, load_data, split_val  # noqa: E402
@@ -77,6 +77,7 @@ from utils.dist import setup  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.files import read_json, write_json  # noqa: E402
 from utils.flops import dense_flops, measure_costs, routed_flops, skipped_flops  # noqa: E402
+from utils.nets import is_switch, unwrap  # noqa: E402
 from utils.synthetic import digits_images, transformed_digits, write_split  # noqa: E402
 
 # Epochs after stage 1, the same for every arm: prune + rl + routes (the dynamic arm's three phases; the
@@ -337,7 +338,7 @@ def save_like(ckpt, model, path, **extra):
 def per_image(ddp, loader, mode="hard", route=None):
     """Correctness and the 0/1 route (N, S) of every image of `loader`, in order; `route`: a fixed route in
     `open` mode (None: every block)."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     model.eval()
     saved, model.route = model.route, None if route is None else list(route)
     correct, routes = [], []
@@ -406,10 +407,9 @@ def targets_step(s, w, u, ctx, args):
 def train_dense(ddp, data, ctx, epochs, lr, desc, route=None):
     """`epochs` of SGD on the backbone, every block (or the fixed `route`), cosine lr, the stages' momentum
     and weight decay; the switches untouched."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     model.route = route
-    backbone = [p for n, p in model.named_parameters() if not n.startswith("switches.")]
-    opt = torch.optim.SGD(backbone, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    opt = sgd([p for n, p in model.named_parameters() if not is_switch(n)], lr, 0.9, 5e-4)
     sched = make_scheduler(opt, "cosine", epochs, len(data.train))
     for epoch in range(epochs):
         data.train.set_epoch(epoch)
@@ -422,7 +422,7 @@ def dense_step_(s, w, u, ctx, args):
     r = arm_root(u, args.factor)
     ddp, data, costs, ckpt = load_unit(w, os.path.join(u, "sp", "checkpoint.pt"), ctx, test=False)
     train_dense(ddp, data, ctx, total_epochs(s, args.factor), s["lr"]["dense"], "unpruned")
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     save_like(ckpt, model, os.path.join(r, "dense", "model.pt"))
     write_json(os.path.join(r, "dense", "dense.json"), {"epochs": total_epochs(s, args.factor),
                                                         "gflops": dense_flops(costs) / 1e9})
@@ -510,7 +510,7 @@ class LevelRouted:
         self.routes, self.classes = routes, classes
 
     def __call__(self, model, x, y):
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         level, y = y // self.classes, y % self.classes
         loss, right = 0.0, 0.0
         for k, r in self.routes.items():
@@ -532,7 +532,7 @@ class LevelRouted:
 def level_router_eval(ddp, data, ctx, routes, level_train, level_val, level_test):
     """Per-image correctness on val and test of the level-router, BN re-estimated per route on the training
     images of its level."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     state = copy.deepcopy(model.state_dict())
     p = data.pipeline
     val = np.zeros(len(level_val), dtype=bool)
@@ -568,7 +568,7 @@ def finish_step(s, w, u, ctx, args):
     train_ids, val_ids = val_train_ids(w, len(data.train.y) + len(data.eval.y))
     test_ids = unit_ids(w.data_dir, "test", len(data.test.y))
     lv = {"train": levels_of(u, train_ids), "val": levels_of(u, val_ids), "test": levels_of(u, test_ids)}
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     start = copy.deepcopy(model.state_dict())
     if args.redo == "level":
         out = read_json(os.path.join(d, "finish.json"))
@@ -621,7 +621,7 @@ def finish_step(s, w, u, ctx, args):
 def level_router(s, ddp, data, ctx, costs, start, rows, target, epochs, lv):
     """The level-router diagnostic (it reads the difficulty labels) from the weights `start`: as is and
     fine-tuned `epochs` on its routes; {} if no assignment fits the budget."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     routes = level_routes(rows, lv["val"], target)
     if routes is None:
         return {}
@@ -632,8 +632,7 @@ def level_router(s, ddp, data, ctx, costs, start, rows, target, epochs, lv):
             y2 = data.train.y + data.num_classes * torch.as_tensor(lv["train"], device=data.train.y.device)
             tl = loader_of(data.train.x, y2, data.train.batch_size, ctx, data.pipeline, True, data.train.seed,
                            data.pipeline["augment"])
-            opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("switches.")],
-                                  lr=s["lr"]["routes"], momentum=0.9, weight_decay=5e-4, nesterov=True)
+            opt = sgd([p for n, p in model.named_parameters() if not is_switch(n)], s["lr"]["routes"], 0.9, 5e-4)
             sched = make_scheduler(opt, "cosine", epochs, len(tl))
             step = LevelRouted(routes, data.num_classes)
             for epoch in range(epochs):

@@ -514,7 +514,8 @@ class Check:
         import main_sp
         from gates.counterfactual import CounterfactualStep
         from gates.optim import make_optimizer
-        from gates.policy import Baseline, ReinforceStep, SkipPrice
+        from gates.policy import Baseline, ReinforceStep
+        from gates.price import SkipPrice
         from models import build_model
         from runtime.checkpoint import load_checkpoint, model_from_checkpoint
         from runtime.steps import dense_step

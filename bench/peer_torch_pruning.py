@@ -40,7 +40,7 @@ from runtime.evaluate import evaluate, recalibrate_bn
 from runtime.loop import make_scheduler, seed_epoch, train_epoch
 from runtime.steps import supervised_step
 from utils.files import write_json
-from utils.flops import count_params, measure_costs  # noqa: E402
+from utils.flops import compression, count_params, measure_costs  # noqa: E402
 from utils.data import DataSettings, load_data  # noqa: E402
 
 METHODS = ("magnitude", "taylor", "global_magnitude")  # global: one threshold over all layers' groups
@@ -222,7 +222,7 @@ def run_finetune(args):
                "finetune": {k: cfg["schedule"][0][k] for k in ("epochs", "lr")} | {
                    k: cfg[k] for k in ("momentum", "weight_decay", "scheduler", "bs", "seed")},
                "prune_seconds": prune_seconds, "finetune_seconds": time.perf_counter() - t0}
-    metrics["compression"] = 1 - metrics["params"] / metrics["params_stage1"]
+    metrics["compression"] = compression(metrics["params"], metrics["params_stage1"])
     write_json(os.path.join(out, "metrics.json"), metrics)
     print(f"[peer] torch-pruning {args.method}: test acc {after['acc']:.2f}% after fine-tuning, "
           f"{after['gflops']:.4f} GFLOPs/image -> {out}/metrics.json", flush=True)
@@ -299,7 +299,7 @@ def run_measure(args):
         costs = measure_costs(model, data.image_size)
         ev = evaluate(model, data.test, ctx, costs, desc=key)
         rows[key] = {"label": label, "test_acc": ev["acc"], "gflops_per_image": ev["gflops"],
-                     "params": count_params(model), "compression": 1 - count_params(model) / params_stage1,
+                     "params": count_params(model), "compression": compression(count_params(model), params_stage1),
                      "exec_rate": sum(ev["exec_rate"]) / len(ev["exec_rate"]), **extra}
     for batch in (128, 1):
         for (key, *_), ms in zip(models, latencies_ms([m for _, _, m, _ in models], images, batch, args.repeats)):

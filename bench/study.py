@@ -149,10 +149,8 @@ def gflops_range(s, checkpoint):
     """(GFLOPs per image with every gated block skipped, with every block run) of a stage-2 checkpoint: the
     interval a stage-3 GFLOPs target must lie in."""
     from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.flops import measure_costs, skipped_flops
-    costs = measure_costs(model_from_checkpoint(load_checkpoint(checkpoint)), s["resize"])
-    low = skipped_flops(costs)
-    return low / 1e9, (low + sum(costs["blocks"])) / 1e9
+    from utils.flops import gflops_bounds, measure_costs
+    return gflops_bounds(measure_costs(model_from_checkpoint(load_checkpoint(checkpoint)), s["resize"]))
 
 
 def chosen(s, out):

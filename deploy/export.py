@@ -9,7 +9,8 @@ What is exported is the network as it is deployed, not as it is trained:
 - every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
 - every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
   no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
-  location); rot_in is never merged (a k x k core would then read every input channel);
+  location);
+  rot_in is never merged (a k x k core over every input channel: docs/export.md);
 - channels_last activations (the NHWC input is already in that layout);
 - `--mode hard` (the default for stage 3, whose table row is its routed network): the switches decide per
   image, outputs (logits, routes), routes (N, number of switches) 0/1 float. `--mode open` (the default
@@ -44,6 +45,7 @@ from utils.lineage import ORDER, check_chain
 from utils.cli import Parser
 from utils.errors import UserError, run_main
 from utils.flops import probe
+from utils.nets import unwrap
 
 TOLERANCE = 1e-4  # exported outputs equal the checkpoint's within this (relative to the largest logit)
 
@@ -73,7 +75,7 @@ def deployed(model, mode):
     every BatchNorm that reads a conv's output folded into that conv (which conv each one reads is seen in
     a forward pass of the model itself, so any block or switch kind is folded alike), in `open` mode
     without switches."""
-    model = copy.deepcopy(getattr(model, "module", model)).float().eval()
+    model = copy.deepcopy(unwrap(model)).float().eval()
     made, reads = {}, {}  # id(output) -> (output, conv name): outputs kept alive, ids unique; bn -> conv
 
     def record(name, m, inputs, output):
@@ -113,7 +115,7 @@ class InferenceNet(nn.Module):
     def __init__(self, model, mean, std, mode="hard", single=False):
         super().__init__()
         self.mode = mode
-        self.net = deployed(model, mode)
+        self.net = deployed(unwrap(model), mode)
         self.net.execution = "branch" if single else "skip"
         std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

@@ -32,13 +32,13 @@ without gradient in evaluation mode (BN running statistics: what the deployed ne
 update of those statistics), in float32 with TF32 off: about S^2 / 2 block evaluations forward only for S
 switches (flipping block j costs every block from j on), stacked so that they take S block calls.
 
-Flipping every block at every step costs about 4x a REINFORCE step on the CPU at ResNet-32 (docs/speed.md).
+Flipping every block at every step is the dearest part of the step (its cost: docs/speed.md).
 `blocks` = K < S flips only K gated blocks per step, drawn uniformly without replacement (the global RNG,
 seeded per epoch: a resumed run draws the same), and weighs their terms by S / K: the switch loss and its
 gradient are unbiased estimates of the full ones, each image and block still has its own counterfactual
 and its own baseline (the other action on the same image), and every switch is trained on average every
 S / K steps. K = S is the full form.
-alpha is fixed or adapted towards a GFLOPs target by gates.policy.SkipPrice.
+alpha is fixed or adapted towards a GFLOPs target by gates.price.SkipPrice.
 
 The probabilities are the switches' own; a NaN among them (a diverged network) reaches the loss at once
 (with K < S too), whose check reports it, and never a kernel that asserts on it: the decisions are drawn from finite probabilities
@@ -48,16 +48,11 @@ F.binary_cross_entropy (which asserts on CUDA on an input outside [0, 1], NaN in
 import torch
 import torch.nn.functional as F
 
+from gates.price import BlockCosts
 from models.switches import autocast_off, log_prob
 from runtime.steps import accuracy
 from utils.dist import exact_fp32
-from utils.flops import skipped_flops
-
-
-def unwrap(model):
-    """The ResNet under torch.compile's and DistributedDataParallel's wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+from utils.nets import executing
 
 
 @torch.no_grad()
@@ -68,14 +63,8 @@ def flip_losses(model, x, y, actions, blocks=None):
     TF32 off on CUDA (the benefit is a small difference of two losses, which bf16's 8-bit or TF32's 11-bit
     mantissa would round by about the temperature of the targets). The model's training mode is restored
     after."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    try:
-        with autocast_off(x.device.type), exact_fp32():
-            return _flip_losses(net, x, y, actions.to(torch.float32), blocks)
-    finally:
-        net.train(was_training)
+    with executing(model, training=False) as net, autocast_off(x.device.type), exact_fp32():
+        return _flip_losses(net, x, y, actions.to(torch.float32), blocks)
 
 
 def _flip_losses(net, x, y, a, blocks=None):
@@ -119,7 +108,7 @@ def switch_targets(benefit, prices, tau):
 
 
 class CounterfactualStep:
-    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price` a gates.policy.SkipPrice
+    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price` a gates.price.SkipPrice
     (alpha), `tau` the temperature of the targets, in cross-entropy units; `blocks` the gated blocks
     flipped per step (None or >= S: all, the full form; K < S: K drawn per step, terms weighed by S / K);
     `scale` multiplies the switch loss in the total (under DDP the number of processes, so that the
@@ -127,20 +116,14 @@ class CounterfactualStep:
 
     stats: loss (the cross-entropy, which trains the backbone), acc (%, of the sampled routes), switch_loss
     (which trains the switches), benefit (mean over images of b per switch), exec_target (mean target per
-    switch), exec_rate and sampled_gflops (of the sampled routes), greedy_gflops, and alpha where it moves
-    (with a GFLOPs target). With K < S, benefit and exec_target are per step S / K x the sampled blocks'
-    means (0 elsewhere): their averages over an epoch estimate the full form's without bias."""
+    switch) and SkipPrice.route_stats' (exec_rate, sampled_gflops, greedy_gflops, alpha where it moves).
+    With K < S, benefit and exec_target are per step S / K x the sampled blocks' means (0 elsewhere): their
+    averages over an epoch estimate the full form's without bias."""
 
     def __init__(self, costs, price, tau, rl_weight, blocks=None, scale=1.0):
         self.costs, self.price, self.tau, self.rl_weight = costs, price, tau, rl_weight
         self.blocks, self.scale = blocks, scale
-        self.consts = None
-
-    def _constants(self, device):
-        blocks = torch.tensor(self.costs["blocks"], dtype=torch.float64)
-        self.consts = {"w": (blocks / blocks.sum()).float().to(device), "blocks": (blocks / 1e9).to(device),
-                       "always": torch.tensor(skipped_flops(self.costs) / 1e9,
-                                              dtype=torch.float64, device=device)}
+        self.costs_on = None  # gates.price.BlockCosts on the batch's device, made once
 
     def draw(self, num_switches):
         """The gated blocks flipped at this step (sorted), or None for all of them."""
@@ -149,9 +132,7 @@ class CounterfactualStep:
         return sorted(torch.randperm(num_switches)[:self.blocks].tolist())  # the global (CPU) RNG: no device sync
 
     def __call__(self, model, x, y):
-        if self.consts is None or self.consts["w"].device != x.device:
-            self._constants(x.device)
-        k = self.consts
+        self.costs_on = BlockCosts.on(x.device, self.costs, self.costs_on)
         logits, actions, probs = model(x, "explore")
         actions = actions.detach()
         s = actions.shape[1]
@@ -162,10 +143,10 @@ class CounterfactualStep:
             p = probs if probs.dtype == torch.float32 else probs.float()
             alpha = self.price.alpha.float()
             if chosen is None:
-                weight, a, p_used, w = 1.0, actions, p, k["w"]
+                weight, a, p_used, w = 1.0, actions, p, self.costs_on.shares
             else:
                 idx = torch.tensor(chosen, device=x.device)
-                weight, a, p_used, w = s / len(chosen), actions[:, idx], p[:, idx], k["w"][idx]
+                weight, a, p_used, w = s / len(chosen), actions[:, idx], p[:, idx], self.costs_on.shares[idx]
             benefit = execution_benefit(taken, flipped, a)
             target = switch_targets(benefit, alpha * w, self.tau)
             # BCE(p, target) summed, as -log-likelihood: a NaN p makes the loss NaN (reported by the loss check)
@@ -175,18 +156,11 @@ class CounterfactualStep:
                 switch_loss = switch_loss + p.detach().sum() * 0
             loss = torch.add(ce, switch_loss, alpha=self.rl_weight * self.scale)
             with torch.no_grad():
-                exec_rate = actions.mean(0)
-                greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]
-                if self.price.target is not None:
-                    self.price.update(greedy * 1e9)
                 mean_benefit, mean_target = benefit.mean(0), target.mean(0)
                 if chosen is not None:
                     mean_benefit = benefit.new_zeros(s).index_copy_(0, idx, mean_benefit * weight)
                     mean_target = target.new_zeros(s).index_copy_(0, idx, mean_target * weight)
                 stats = {"loss": ce.detach(), "acc": accuracy(logits, y),
                          "switch_loss": switch_loss.detach(), "benefit": mean_benefit,
-                         "exec_target": mean_target, "exec_rate": exec_rate,
-                         "sampled_gflops": k["always"] + exec_rate.double() @ k["blocks"], "greedy_gflops": greedy}
-                if self.price.target is not None:
-                    stats["alpha"] = self.price.alpha
+                         "exec_target": mean_target, **self.price.route_stats(self.costs_on, actions, probs)}
         return loss, stats

@@ -1,7 +1,10 @@
-"""How stage 3 ends, after its last epoch (whatever the controller): with a FLOPs target, the switches'
-threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone fine-tuned on the
-greedy routes; then BN statistics re-estimated under the greedy routes (what the deployed model runs) and,
-with a target, the threshold calibrated once more. main_rl_prune.py saves what end_training returns in the
+"""How stage 3 ends, after its last epoch, the same under every controller. Each trains on routes drawn
+from the switches' probabilities: counterfactual (gates/counterfactual.py) from p clamped away from 0 and 1,
+reinforce (gates/policy.py) sampled from p, gumbel (gates/gumbel.py) through its Gumbel-softmax relaxation;
+the deployed model runs the greedy routes (p > 0.5). So the ending works on those: with a FLOPs target, the
+switches' threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone
+fine-tuned on the greedy routes; then BN statistics re-estimated under the greedy routes and, with a target,
+the threshold calibrated once more. main_rl_prune.py saves what end_training returns in the
 checkpoint, so a run resumed after its ending does not redo it, and one killed during it redoes it from the
 last epoch's checkpoint (every step here is deterministic). After the final evaluation, small_cut_warning
 says when the routes cut next to nothing, and what would cut more.
@@ -10,12 +13,15 @@ import functools
 
 import torch
 
-from gates.counterfactual import execution_benefit, flip_losses, unwrap
+from gates.counterfactual import execution_benefit, flip_losses
+from gates.optim import trainable
+from gates.price import shares
 from gates.routes import calibrate_to_flops
-from runtime.loop import make_scheduler, train_epoch
+from runtime.loop import make_scheduler, sgd, train_epoch
 from runtime.evaluate import recalibrate_bn
 from runtime.steps import supervised_step, touch_switches
-from utils.flops import dense_flops, skipped_flops
+from utils.flops import dense_flops, gflops_bounds, to_gflops
+from utils.nets import executing
 
 CALIBRATION_BATCHES = 16  # training batches that the threshold calibration measures greedy FLOPs on
 SMALL_CUT = 0.01  # routes that cut less than this share of the GFLOPs with every block run get a warning
@@ -46,11 +52,8 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
     Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
     uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
     made (recalibrate's results)."""
-    model = getattr(ddp, "module", ddp)
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("switches.")]
     lr = args.route_lr if args.route_lr is not None else args.lr / 10
-    optimizer = torch.optim.SGD(backbone, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                nesterov=args.momentum > 0)
+    optimizer = sgd(trainable(ddp)[0], lr, args.momentum, args.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
     history, calibrations = [], []
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
@@ -72,7 +75,7 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
 def end_training(ddp, data, ctx, costs, target, args):
     """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
     augmented) so that the greedy routes cost the target; with --route_epochs, fine-tune the backbone on the
-    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on sampled routes,
+    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on drawn routes,
     whose statistics differ: the deployed model runs greedy ones), over one epoch of augmented training
     batches as stage 2 does, and calibrate once more since the new weights and statistics move the
     switches' inputs (and before every route epoch, see finetune_on_routes). Returns what was done, for
@@ -100,18 +103,12 @@ def skip_alphas(ddp, batches, costs):
     image's cross-entropy with the block skipped minus with it executed (gates/counterfactual.flip_losses),
     w_j = c_j / C the block's share of alpha. Under every controller alpha is that price: executing block j
     pays for image i iff b_ij > alpha * w_j. A negative value: the block does harm on most images."""
-    model = unwrap(ddp)
-    was_training = model.training
-    model.eval()
-    try:
-        benefits = []
+    benefits = []
+    with executing(ddp, training=False) as model:
         for x, y in batches:
             _, actions, _ = model(x, "greedy")
             benefits.append(execution_benefit(*flip_losses(model, x, y, actions), actions))
-    finally:
-        model.train(was_training)
-    blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
-    return (torch.cat(benefits).double().median(0).values.cpu() / (blocks / blocks.sum())).tolist()
+    return (torch.cat(benefits).double().median(0).values.cpu() / shares(costs["blocks"]).double()).tolist()
 
 
 def small_cut_warning(ddp, data, costs, gflops, alpha):
@@ -119,13 +116,13 @@ def small_cut_warning(ddp, data, costs, gflops, alpha):
     (`gflops`: per image, the final evaluation's); else one line saying how little they cut and which
     --alpha (skip_alphas, measured on the training images) or --target_gflops would cut more. `alpha`: the
     price the switches ended training with. A row 3 equal to row 2 is then never left unexplained."""
-    dense = dense_flops(costs) / 1e9
+    dense = to_gflops(dense_flops(costs))
     cut = 1 - gflops / dense
     if cut >= SMALL_CUT:
         return None
     alphas = skip_alphas(ddp, calibration_batches(data), costs)
     j = min(range(len(alphas)), key=alphas.__getitem__)
-    low, high = skipped_flops(costs) / 1e9, (skipped_flops(costs) + sum(costs["blocks"])) / 1e9
+    low, high = gflops_bounds(costs)
     target = min(max(0.9 * dense, low + 0.05 * (high - low)), low + 0.95 * (high - low))
     line = (f"warning: the switches cut {100 * cut:.1f}% of the GFLOPs ({gflops:.4g} per image against {dense:.4g} "
             f"with every block run), so row 3 is as costly as the network it started from. ")

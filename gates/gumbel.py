@@ -13,7 +13,7 @@ image the cross-entropy of its route plus the price of the blocks it ran:
 the price of running every gated block, in cross-entropy units, so that executing block j pays for an image
 iff it lowers that image's cross-entropy by more than alpha * w_j (gates/counterfactual.py's price, and
 REINFORCE's reward for skipping, gates/policy.py). It is fixed (--alpha) or the dual variable of a GFLOPs
-target (gates.policy.SkipPrice: the loss is then the Lagrangian of "greedy FLOPs per image = G", alpha
+target (gates.price.SkipPrice: the loss is then the Lagrangian of "greedy FLOPs per image = G", alpha
 adapted by dual ascent). Where ConvNet-AIG asks each gate for a target execution rate, one price shared out
 by the blocks' FLOPs leaves the network free to choose which blocks to skip. The price is averaged over
 the images like the cross-entropy, so --rl_weight plays no part; under DDP each process averages over its
@@ -26,46 +26,33 @@ training are those decisions once the switches are sure, and the threshold calib
 import torch
 import torch.nn.functional as F
 
+from gates.price import BlockCosts
 from models.switches import autocast_off
 from runtime.steps import accuracy
-from utils.flops import skipped_flops
 
 
 class GumbelStep:
-    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price`: a gates.policy.SkipPrice.
+    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit. `price`: a gates.price.SkipPrice.
 
-    stats (per batch): loss, ce, acc (of the routes drawn), price_loss (alpha times the mean share of the
-    gated FLOPs run), exec_rate (drawn), gflops (per image, drawn routes, switches included), greedy_gflops
-    (p > 0.5 along the drawn routes: what the dual ascent steers) and alpha."""
+    stats (per batch): loss (the cross-entropy), acc (of the routes drawn), price_loss (alpha times the mean
+    share of the gated FLOPs run) and SkipPrice.route_stats' of the drawn routes (exec_rate, sampled_gflops,
+    greedy_gflops: what the dual ascent steers, alpha where it moves)."""
 
     def __init__(self, costs, price):
         self.costs, self.price = costs, price
-        self.consts = None
-
-    def _constants(self, device):
-        blocks = torch.tensor(self.costs["blocks"], dtype=torch.float64)
-        self.consts = {"w": (blocks / blocks.sum()).float().to(device), "blocks": (blocks / 1e9).to(device),
-                       "always": torch.tensor(skipped_flops(self.costs) / 1e9, dtype=torch.float64, device=device)}
+        self.costs_on = None  # gates.price.BlockCosts on the batch's device, made once
 
     def __call__(self, model, x, y):
-        if self.consts is None or self.consts["w"].device != x.device:
-            self._constants(x.device)
-        k = self.consts
+        self.costs_on = BlockCosts.on(x.device, self.costs, self.costs_on)
         logits, actions, probs = model(x, "gumbel")
         with autocast_off(x.device.type):  # float32: the price is a small number beside the cross-entropy
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)
             alpha = self.price.alpha.float()
-            price_loss = alpha * (actions.float() @ k["w"]).mean()  # the decisions carry the relaxed gradient
+            # the decisions carry the relaxed gradient
+            price_loss = alpha * (actions.float() @ self.costs_on.shares).mean()
             loss = ce + price_loss
             with torch.no_grad():
-                exec_rate = actions.detach().mean(0)
-                greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]
-                if self.price.target is not None:
-                    self.price.update(greedy * 1e9)
                 # "loss" is the cross-entropy, as under every controller; the price's part has its own tag
                 stats = {"loss": ce.detach(), "acc": accuracy(logits, y), "price_loss": price_loss.detach(),
-                         "exec_rate": exec_rate, "sampled_gflops": k["always"] + exec_rate.double() @ k["blocks"],
-                         "greedy_gflops": greedy}
-                if self.price.target is not None:
-                    stats["alpha"] = self.price.alpha
+                         **self.price.route_stats(self.costs_on, actions, probs)}
         return loss, stats

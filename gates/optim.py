@@ -1,9 +1,9 @@
 """The optimizer of stages 1 and 3: SGD with the switches in their own parameter group, so that they may get
 their own learning rate and weight decay (--switch_lr, --switch_weight_decay; by default the backbone's,
 the original behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
-import torch
-
+from runtime.loop import sgd
 from utils.errors import UserError
+from utils.nets import is_switch, unwrap
 
 
 def add_switch_flags(parser):
@@ -22,14 +22,16 @@ def check_switch_flags(args):
         raise UserError(f"--switch_weight_decay {args.switch_weight_decay} must be >= 0")
 
 
+def trainable(model):
+    """(backbone, switches): the model's parameters that train, the switches' apart."""
+    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    return [p for n, p in named if not is_switch(n)], [p for n, p in named if is_switch(n)]
+
+
 def make_optimizer(model, args):
-    """SGD (nesterov when momentum > 0) over the trainable parameters: group 0 the backbone, group 1 the
-    switches (names starting with "switches.")."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if not n.startswith("switches.")]
-    switches = [p for n, p in named if n.startswith("switches.")]
+    """runtime.loop.sgd over the trainable parameters: group 0 the backbone, group 1 the switches."""
+    backbone, switches = trainable(model)
     lr = args.switch_lr if args.switch_lr is not None else args.lr
     wd = args.switch_weight_decay if args.switch_weight_decay is not None else args.weight_decay
-    return torch.optim.SGD([{"params": backbone}, {"params": switches, "lr": lr, "weight_decay": wd}],
-                           lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           nesterov=args.momentum > 0)
+    return sgd([{"params": backbone}, {"params": switches, "lr": lr, "weight_decay": wd}], args.lr, args.momentum,
+               args.weight_decay)

@@ -22,7 +22,7 @@ Under DDP each process sums over its own images, the sum weighed by the number o
 that the gradients DDP averages add up to the sum over the global batch (--bs), as on one process.
 
 alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
-(SkipPrice below).
+(gates.price.SkipPrice).
 
 The baseline b_i is per switch: a moving average of the returns (state kept in a Baseline object outside
 the model, saved in the checkpoint so that a resumed run continues exactly) or the batch mean.
@@ -32,37 +32,38 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from gates.price import BlockCosts, SkipPrice
 from models.switches import autocast_off, log_prob
 from runtime.steps import accuracy
 from utils.dist import all_reduce_sum, exact_fp32
-from utils.flops import skipped_flops
 
 BASELINES = ("moving", "batch")
 
 
-def skip_rewards(actions, block_flops, alpha):
-    """(N, S) immediate rewards: alpha * c_i / C for every skipped block (actions 0 = skipped)."""
-    c = torch.as_tensor(block_flops, device=actions.device).double()
-    return (alpha * (1 - actions.detach().double()) * (c / c.sum())).float()
+def skip_rewards(actions, shares, alpha):
+    """(N, S) immediate rewards: alpha * w_i for every skipped block i (action 0), else 0; `shares` (S,) the
+    blocks' w_i = c_i / C (gates.price.shares)."""
+    return alpha * (1 - actions) * shares
 
 
-def discounted_returns(rewards, gamma, final):
+def discounts(gamma, switches, device=None):
+    """D (S + 1, S): D[k, i] = gamma^(k - i) for k >= i, else 0, the weight of reward k (k = S: the final
+    reward) in switch i's return. torch.pow(0, 0) = 1, so gamma = 0 leaves R_i = r_i."""
+    k = torch.arange(switches + 1, dtype=torch.float32, device=device)
+    lag = k.view(-1, 1) - k.view(1, -1)  # lag[k, i] = k - i: how many steps after switch i reward k comes
+    return torch.where(lag >= 0, torch.pow(float(gamma), lag.clamp(min=0)), 0.0)[:, :switches]
+
+
+def discounted_returns(rewards, discount, final):
     """Returns R (N, S) of rewards (N, S) and the final reward (N,) received after the last switch:
-    R_{S+1} = final, R_i = r_i + gamma * R_{i+1}. One matrix product, no loop over images or switches."""
-    s = rewards.shape[1]
-    i = torch.arange(s + 1, device=rewards.device, dtype=torch.float32)
-    lag = i.view(1, -1) - i.view(-1, 1)  # lag[j, k] = k - j: how many steps after switch j reward k comes
-    # gamma ** lag for k >= j, else 0 (torch.pow(0, 0) = 1, so gamma = 0 leaves R_i = r_i)
-    discount = torch.where(lag >= 0, torch.pow(float(gamma), lag.clamp(min=0)), 0.0)
-    all_rewards = torch.cat([rewards.float(), final.float().view(-1, 1)], dim=1)  # (N, S + 1)
-    return (all_rewards @ discount.T)[:, :s]
+    R_{S+1} = final, R_i = r_i + gamma * R_{i+1}, as one matrix product with D = discounts(gamma, S)."""
+    return torch.cat([rewards, final.view(-1, 1)], dim=1) @ discount
 
 
 def policy_loss(log_probs, returns, baseline):
     """-sum over images (N) and switches (S) of log pi(a_i) * (R_i - b_i): SkipNet's per-image REINFORCE
     convention (see above); log_probs and returns (N, S), baseline (S,). The advantage carries no gradient."""
-    advantage = (returns - baseline).detach()
-    return -(log_probs * advantage).sum()
+    return (log_probs * (baseline - returns).detach()).sum()
 
 
 class Baseline:
@@ -107,106 +108,39 @@ class Baseline:
             self.steps = state["steps"].to(self.steps.device)
 
 
-class SkipPrice:
-    """alpha, the reward for skipping every gated block (per image), as a tensor on the device.
-
-    Fixed (target None): the --alpha of the command line. With a target of G FLOPs per image, alpha is the
-    dual variable of the constraint "FLOPs executed per image = G" and rises while the network spends more
-    than G, falls while it spends less. The update is dual ascent in log alpha (exponentiated gradient),
-    scale-free since the right alpha ranges over orders of magnitude:
-        alpha <- alpha * exp(lr * (F - G) / G)
-    F is the FLOPs per image of the *greedy* routes (p > 0.5: what the deployed model runs) on the batch
-    just trained on, averaged over processes, so every process holds the same alpha. The switches'
-    probabilities come from the sampled forward pass (the greedy route of the later switches is estimated
-    along the sampled route: no second forward pass). Sampled routes would be the wrong measure: with p
-    near 0.5 they execute about p of the blocks while greedy execution can be all or nothing.
-    The state (alpha, steps) goes into the checkpoint, so a resumed run continues the trajectory exactly."""
-
-    def __init__(self, alpha, target_flops=None, lr=0.05, device="cpu"):
-        if target_flops is not None and not (alpha > 0 and target_flops > 0):
-            raise ValueError("a FLOPs target needs alpha > 0 and target > 0")
-        self.target, self.lr = target_flops, lr
-        self.alpha = torch.tensor(float(alpha), dtype=torch.float64, device=device)
-
-    def update(self, greedy_flops):
-        """One dual-ascent step from the greedy FLOPs per image (N,) of the batch just trained on."""
-        if self.target is None:
-            return
-        mean = greedy_flops.double().mean()
-        if dist.is_initialized():
-            mean = all_reduce_sum(mean.clone()) / dist.get_world_size()
-        self.alpha = self.alpha * torch.exp(self.lr * (mean - self.target) / self.target)
-
-    def state_dict(self):
-        return {"alpha": self.alpha.cpu(), "target_flops": self.target, "lr": self.lr}
-
-    def load_state_dict(self, state):
-        """Continue the trajectory of a checkpoint made with the same target; otherwise start at --alpha."""
-        if state and state.get("target_flops") == self.target and self.target is not None:
-            self.alpha = state["alpha"].to(self.alpha.device, torch.float64)
-
-
 class ReinforceStep:
-    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit.
+    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit: the arithmetic above, term by
+    term. `price` is a gates.price.SkipPrice (or a number: a fixed alpha).
 
     stats (per batch; train_epoch averages them over the epoch): loss (the cross-entropy, which trains the
     backbone), acc (%), reward (mean over images of all rewards received, undiscounted), policy_loss (summed
-    over the batch, which trains the switches), exec_rate (per switch, of the sampled routes),
-    sampled_gflops (per image, of the sampled routes, switches and rotations included), greedy_gflops (per
-    image, greedy decisions along the sampled routes), and alpha where it moves (with a GFLOPs target).
-    `price` is a SkipPrice (or a number: a fixed alpha).
-
-    The arithmetic is that of skip_rewards, discounted_returns and policy_loss above, folded into constants
-    made once (the step's host time is its op count, not its FLOPs): with w = block FLOPs / their sum and
-    K[j, i] = w_j gamma^(j - i) (j >= i), the returns are alpha (1 - a) K - CE gamma^(S - i)."""
+    over the batch, which trains the switches) and SkipPrice.route_stats' (exec_rate, sampled_gflops,
+    greedy_gflops, alpha where it moves)."""
 
     def __init__(self, costs, price, gamma, rl_weight, baseline, scale=1.0):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)
         self.costs, self.gamma, self.rl_weight = costs, gamma, rl_weight
         self.scale = scale  # under DDP the number of processes: the averaged gradient is the global batch's sum
         self.baseline = baseline
-        self.consts = None  # the tensors below, on the batch's device, made once
-
-    def _constants(self, device):
-        blocks = torch.tensor(self.costs["blocks"], dtype=torch.float64)
-        s = len(blocks)
-        w = (blocks / blocks.sum()).float()
-        i = torch.arange(s + 1, dtype=torch.float32)
-        lag = i.view(1, -1) - i.view(-1, 1)  # lag[j, k] = k - j, as in discounted_returns
-        discount = torch.where(lag >= 0, torch.pow(float(self.gamma), lag.clamp(min=0)), 0.0)
-        k = w.view(-1, 1) * discount[:s, :s].T  # K[j, i] = w_j gamma^(j - i) for j >= i
-        always = skipped_flops(self.costs) / 1e9
-        self.consts = {"k": k.to(device), "k_sum": k.sum(0).to(device), "final": discount[:s, s].to(device),
-                       "w": w.to(device), "blocks": (blocks / 1e9).to(device),
-                       "always": torch.tensor(always, dtype=torch.float64, device=device)}
+        self.blocks = self.discount = None  # BlockCosts and discounts(gamma, S) on the batch's device, made once
 
     def __call__(self, model, x, y):
-        if self.consts is None or self.consts["k"].device != x.device:
-            self._constants(x.device)
-        k = self.consts
+        if self.blocks is None or self.blocks.device != x.device:
+            self.blocks = BlockCosts(self.costs, x.device)
+            self.discount = discounts(self.gamma, len(self.costs["blocks"]), x.device)
         logits, actions, probs = model(x, "sample")
-        if actions.requires_grad:  # sampled: never, but a hooked model might
-            actions = actions.detach()
-        alpha = self.price.alpha
+        actions = actions.detach()  # sampled: no gradient, but a hooked model might pass one
         # float32 with TF32 off whatever --tf32 allows (bf16 would round the returns to 3 digits, TF32 to 4)
         with autocast_off(x.device.type), exact_fp32():
             ce = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y, reduction="none")
-            ce_mean, final = ce.mean(), ce.detach()
-            # R = alpha (1 - a) K - CE x gamma^(S - i): skip rewards and final reward -CE, discounted
-            returns = torch.addcmul(alpha * (k["k_sum"] - actions @ k["k"]), final.view(-1, 1), k["final"], value=-1)
-            p_loss = (log_prob(probs if probs.dtype == torch.float32 else probs.float(), actions)
-                      * (self.baseline(returns) - returns)).sum()  # policy_loss: -sum log pi (R - b)
+            ce_mean, ce_image = ce.mean(), ce.detach()
+            rewards = skip_rewards(actions, self.blocks.shares, self.price.alpha)
+            returns = discounted_returns(rewards, self.discount, -ce_image)  # the final reward: -CE
+            p_loss = policy_loss(log_prob(probs if probs.dtype == torch.float32 else probs.float(), actions),
+                                 returns, self.baseline(returns))
             loss = torch.add(ce_mean, p_loss, alpha=self.rl_weight * self.scale)
-            with torch.no_grad():  # statistics: no graph, so no detach ops
-                exec_rate = actions.mean(0)
-                greedy = k["always"] + (probs > 0.5).mean(0, dtype=torch.float64) @ k["blocks"]  # GFLOPs/image
-                if self.price.target is not None:
-                    self.price.update(greedy * 1e9)
-                stats = {"loss": final.mean(), "acc": accuracy(logits, y),
-                         # the mean over images of all rewards received: alpha (1 - a . w) - CE (w sums to 1)
-                         "reward": alpha * (1 - exec_rate @ k["w"]) - ce_mean, "policy_loss": p_loss.detach(),
-                         "exec_rate": exec_rate, "sampled_gflops": k["always"] + exec_rate.double() @ k["blocks"],
-                         "greedy_gflops": greedy}
-                if self.price.target is not None:
-                    stats["alpha"] = alpha
+            with torch.no_grad():  # statistics: no graph
+                ce_batch = ce_image.mean()
+                stats = {"loss": ce_batch, "acc": accuracy(logits, y), "reward": rewards.sum(1).mean() - ce_batch,
+                         "policy_loss": p_loss.detach(), **self.price.route_stats(self.blocks, actions, probs)}
         return loss, stats

@@ -7,6 +7,8 @@ evaluated: utils/flops.py's split of the costs).
 import torch
 
 from runtime.evaluate import evaluate, recalibrate_bn
+from utils.flops import from_gflops, to_gflops
+from utils.nets import unwrap
 
 
 @torch.no_grad()
@@ -19,14 +21,14 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
     it (gates/ending.py; also before every route epoch but the first), after dual ascent brought alpha near
     the target: a training batch's greedy FLOPs estimate is only an estimate, and the deployed model must
     meet the target."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     heads = model.switches.logit_layers()
     original = [h.bias.detach().clone() for h in heads]
 
     def flops_at(shift):
         for h, b in zip(heads, original):
             h.bias.copy_(b + shift)
-        return evaluate(ddp, batches, ctx, costs, desc="calibrate")["gflops"] * 1e9
+        return from_gflops(evaluate(ddp, batches, ctx, costs, desc="calibrate")["gflops"])
 
     before = best_flops = flops_at(0.0)
     best, lo, hi = 0.0, -bound, bound
@@ -39,7 +41,7 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
             best, best_flops = mid, f
         lo, hi = (mid, hi) if f < target else (lo, mid)
     flops_at(best)
-    return {"shift": best, "gflops": best_flops / 1e9, "gflops_before": before / 1e9}
+    return {"shift": best, "gflops": to_gflops(best_flops), "gflops_before": to_gflops(before)}
 
 
 def route_flops(costs, route):
@@ -52,7 +54,7 @@ def evaluate_route(ddp, loader, ctx, costs, route):
     """Accuracy (%), loss and GFLOPs per image of the network with the fixed route `route` (list of 0/1 per
     gated block, or None: every block), in `open` mode (no switch evaluated), over every image of `loader`.
     The model's BN statistics are used as they are (recalibrate_route re-estimates them for the route)."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     saved, model.route = model.route, None if route is None else list(route)
     try:
         ev = evaluate(ddp, loader, ctx, costs, mode="open", desc="route")
@@ -89,7 +91,7 @@ def best_fixed_route(ddp, loader, ctx, costs, budget_gflops):
 def recalibrate_route(ddp, loader, ctx, route, batches=100):
     """Re-estimate BN statistics of the network under a fixed route (runtime.evaluate.recalibrate_bn in `open`
     mode with the route set); the model keeps no route afterwards."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     saved, model.route = model.route, list(route)
     try:
         recalibrate_bn(ddp, loader, ctx, mode="open", batches=batches)

@@ -35,22 +35,6 @@ class FactoredConv(nn.Module):
         return x
 
 
-def absorb_legacy_rotations(model, state):
-    """`state` (a state dict for `model`) with the square rotations older checkpoints hold on sides that
-    keep every direction multiplied into the core (exact), where `model` has no rotation on that side."""
-    state = dict(state)
-    for name, m in model.named_modules():
-        if not isinstance(m, FactoredConv) or not isinstance(state.get(f"{name}.core.weight"), torch.Tensor):
-            continue
-        core = state[f"{name}.core.weight"]
-        if m.rot_in is None and f"{name}.rot_in.weight" in state:
-            core = torch.einsum("oikl,ic->ockl", core, state.pop(f"{name}.rot_in.weight").flatten(1))
-        if m.rot_out is None and f"{name}.rot_out.weight" in state:
-            core = torch.einsum("po,oikl->pikl", state.pop(f"{name}.rot_out.weight").flatten(1), core)
-        state[f"{name}.core.weight"] = core
-    return state
-
-
 def make_conv(name, ranks, in_ch, out_ch, kernel_size, stride=1):
     padding = kernel_size // 2
     if name in ranks:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.nets import executing
+
 MODES = ("open", "hard", "greedy", "sample", "explore", "gumbel")
 SWITCH_KINDS = {}  # the arch's "gate" -> its Switches class (switch_kind registers one)
 
@@ -265,21 +267,17 @@ def spread_decisions(model, x):
     N = 1 the switches keep their random init (see _normalise: no weight is ever made non-finite).
     Runs the model as training does (batch statistics in BN, masked execution, `hard` switches); the BN
     running statistics and the model's mode are restored after."""
-    was_training, execution = model.training, model.execution
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    model.train()
-    model.execution = "mask"
     try:
-        for layer in model.switches.spread_layers():
-            outputs = []
-            hook = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
-            model(x, "hard")
-            hook.remove()
-            _normalise(layer, torch.cat(outputs).flatten(1))  # a shared head is called once per switch
+        with executing(model, "mask", training=True):
+            for layer in model.switches.spread_layers():
+                outputs = []
+                hook = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
+                model(x, "hard")
+                hook.remove()
+                _normalise(layer, torch.cat(outputs).flatten(1))  # a shared head is called once per switch
     finally:
         model.load_state_dict(buffers, strict=False)
-        model.train(was_training)
-        model.execution = execution
 
 
 def _normalise(layer, out, eps=1e-6):

@@ -15,7 +15,8 @@ from pruners.threshold import CRITERIA, Threshold, plan_for_flops, plan_for_para
 from utils.dist import broadcast_object
 from utils.errors import UserError
 from models import build_model
-from utils.flops import count_params, dense_flops, measure_costs
+from utils.flops import compression, count_params, dense_flops, from_gflops, measure_costs, to_gflops
+from utils.nets import unwrap
 
 TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
 TARGETS = ("compression", "ratio", "gflops")
@@ -58,8 +59,8 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
         plan = plan_for_params(layers, (1 - value) * params_reference, limit, params_now,
                                TOLERANCE * params_reference, flops_now, criterion, round_to)
     elif target == "gflops":
-        plan = plan_for_flops(layers, value * 1e9, limit, params_now, flops_now, TOLERANCE * value * 1e9, criterion,
-                              round_to)
+        plan = plan_for_flops(layers, from_gflops(value), limit, params_now, flops_now, TOLERANCE * from_gflops(value),
+                              criterion, round_to)
     else:
         plan = plan_for_ratio(layers, value, limit, params_now, flops_now, criterion, round_to)
     plan = broadcast_object(plan)  # every rank builds the same architecture, whatever eigh's rounding
@@ -75,7 +76,7 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     return new, {"target": target, "value": value, "criterion": criterion, "round_to": round_to,
                  "directions": plan.total, "directions_cut": plan.removed, "directions_under_threshold": plan.cut,
                  "ratio": plan.removed / plan.total, "params": params,
-                 "compression": 1 - params / params_reference, "gflops": flops / 1e9,
+                 "compression": compression(params, params_reference), "gflops": to_gflops(flops),
                  "layers_pruned_now": sorted(plan.ranks), "factor_seconds": t1 - t0, "eigen_seconds": t2 - t1,
                  "rebuild_seconds": t3 - t2}
 
@@ -86,7 +87,7 @@ def smallest(model, limit, image_size=32, rounds=1, round_to=1):
     of round_to, at most the side), each layer in its fewest-parameter (resp. fewest-FLOPs) form. A
     lower bound for any sequence of targets (a layer can keep no fewer after a round the more it kept
     before it). Needs no data (only the shapes of the pruned networks), so it is checked up front."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     out = []
     for measure in ("params", "flops"):
         m = model
@@ -108,9 +109,9 @@ def check_schedule(model, schedule, limit, params_reference, first_round=0, imag
     within reach with prune_ratio_limit `limit` and round_to."""
     rules = rules_text(limit, round_to)
     first = schedule[0] if schedule else {}
-    if first.get("target") == "gflops" and first["value"] * 1e9 >= model_flops(model, image_size):
-        now = model_flops(model, image_size) / 1e9
-        fewest = smallest(model, limit, image_size, round_to=round_to)[1] / 1e9
+    if first.get("target") == "gflops" and from_gflops(first["value"]) >= model_flops(model, image_size):
+        now = to_gflops(model_flops(model, image_size))
+        fewest = to_gflops(smallest(model, limit, image_size, round_to=round_to)[1])
         where = f"rounds[{first_round}]: " if len(schedule) > 1 or first_round else ""
         raise UserError(f"{where}gflops {first['value']} is not below the {now:.4g} GFLOPs per image this network "
                         f"costs at {image_size}x{image_size} (every block run): nothing to prune; give a value "
@@ -123,9 +124,9 @@ def check_schedule(model, schedule, limit, params_reference, first_round=0, imag
         steps = "one pass removes" if i == 0 else f"{i + 1} passes remove"
         leave = "one pass leaves" if i == 0 else f"{i + 1} passes leave"
         # the first round's reach is exact: a target beyond it would only fail later
-        if spec["target"] == "compression" and spec["value"] > 1 - params / params_reference + 1e-9:
+        if spec["target"] == "compression" and spec["value"] > compression(params, params_reference) + 1e-9:
             raise UserError(f"{where}compression {spec['value']} is out of reach: with {rules} {steps} at most "
-                            f"{1 - params / params_reference:.3f} of the stage-1 network's parameters")
-        if spec["target"] == "gflops" and spec["value"] * 1e9 < flops:
+                            f"{compression(params, params_reference):.3f} of the stage-1 network's parameters")
+        if spec["target"] == "gflops" and from_gflops(spec["value"]) < flops:
             raise UserError(f"{where}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
-                            f"{flops / 1e9:.4g} GFLOPs per image at {image_size}x{image_size}")
+                            f"{to_gflops(flops):.4g} GFLOPs per image at {image_size}x{image_size}")

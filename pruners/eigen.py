@@ -8,6 +8,7 @@ import torch
 from models import FactoredConv, build_model
 from pruners.kfac import conv_geometry, prunable_convs
 from utils.errors import UserError
+from utils.nets import unwrap
 
 RETRIES = 4  # eigh attempts, damping raised tenfold each time (at least to 1e-6 of the mean eigenvalue)
 
@@ -112,7 +113,7 @@ def in_eigenbasis(name, module, q_in, q_out, a, g, locations, geometry):
 
 def decompose(model, factors, damping):
     """[Layer] of every conv that has factors (see kfac.collect_factors)."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     modules = dict(model.named_modules())
     layers = []
     for name, f in factors.items():
@@ -127,7 +128,7 @@ def in_channel_basis(model, image_size=32):
     """[Layer] of every prunable conv (kfac.prunable_convs) in its own channel basis, no rotation, each
     direction scored by its squared weight magnitude: what a layer can lose, whatever the scores, and the
     magnitude criterion of channel pruning. FLOPs are counted at image_size x image_size inputs."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     modules = dict(model.named_modules())
     geometry = conv_geometry(model, image_size)
     eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
@@ -150,7 +151,7 @@ def rebuild(model, layers, keep):
     layer stays at most three convs deep however often it is pruned. A side that keeps as many
     directions as the layer has channels there gets no rotation: its (square) rotation is multiplied into
     the core. Keeping every direction changes nothing but rounding: W = Q_G W' Q_A^T."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     layers = {layer.name: layer for layer in layers}
     state = model.state_dict()
     ranks = dict(model.arch.get("ranks", {}))
@@ -188,7 +189,7 @@ def rebuild(model, layers, keep):
 
 def set_rotations_trainable(model, trainable):
     """fix_rotation: freeze (or thaw) the 1x1 rotations of every factored conv."""
-    for m in getattr(model, "module", model).modules():
+    for m in unwrap(model).modules():
         if isinstance(m, FactoredConv):
             for conv in (m.rot_in, m.rot_out):
                 if conv is not None:

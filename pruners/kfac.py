@@ -25,6 +25,7 @@ from utils.dist import all_reduce_sum
 from utils.log import progress as bar
 from utils.errors import UserError
 from utils.flops import probe
+from utils.nets import executing, is_switch, unwrap
 
 
 @dataclass
@@ -38,13 +39,13 @@ class Factors:
 def prunable_convs(model):
     """name -> conv to decompose: every backbone conv (stem, block convs, 1x1 shortcuts); for a layer
     already factored, its core conv. Never the classifier (a Linear) or the switches' own convs."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     factored = {name for name, m in model.named_modules() if isinstance(m, FactoredConv)}
     convs = {}
     for name, m in model.named_modules():
         if name in factored:
             convs[name] = m.core
-        elif (isinstance(m, nn.Conv2d) and not name.startswith("switches.")
+        elif (isinstance(m, nn.Conv2d) and not is_switch(name)
               and name.rpartition(".")[0] not in factored):
             convs[name] = m
     return convs
@@ -54,7 +55,7 @@ def prunable_convs(model):
 def conv_geometry(model, image_size):
     """name -> (input locations, output locations) per image of every prunable conv at image_size x
     image_size inputs: where its rotations and core run, for FLOPs."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     geometry = {}
     probe(model, image_size, prunable_convs(model).items(), lambda n, m, i, o: geometry.__setitem__(
         n, (i[0].shape[-2] * i[0].shape[-1], o.shape[-2] * o.shape[-1])))
@@ -98,7 +99,7 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
     """Run `batches` of (x, y) through `model` and return {name: Factors} for every prunable conv.
     fisher_type "true": labels sampled from the model's softmax (global RNG); "empirical": the real y.
     Sums are reduced over ranks under torchrun."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     convs = prunable_convs(model)
     device = next(model.parameters()).device
     # products in float32 per batch, accumulated over batches in float64
@@ -120,31 +121,27 @@ def collect_factors(model, batches, fisher_type="true", num_batches=None, progre
         return hook
 
     hooks = [conv.register_forward_hook(forward_hook(name)) for name, conv in convs.items()]
-    was_training, execution = model.training, model.execution
     grad_flags = [p.requires_grad for p in model.parameters()]
     images = 0
     try:
-        model.eval()
-        model.execution = "mask"
         # Gradients only w.r.t. activations: autograd.grad towards the input skips every weight gradient.
         for p in model.parameters():
             p.requires_grad_(False)
-        for x, y in bar(batches, progress, total=num_batches, desc="factor pass"):
-            x = x.detach().float().requires_grad_(True)
-            logits = model(x, mode)[0].float()
-            if fisher_type == "true":
-                y = torch.multinomial(logits.detach().softmax(1), 1).squeeze(1)
-            # reduction "sum": the gradient of every image's own loss, as if the batch mean were scaled
-            # by the batch size, so G does not depend on the batch size
-            torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
-            images += x.shape[0]
+        with executing(model, "mask", training=False):
+            for x, y in bar(batches, progress, total=num_batches, desc="factor pass"):
+                x = x.detach().float().requires_grad_(True)
+                logits = model(x, mode)[0].float()
+                if fisher_type == "true":
+                    y = torch.multinomial(logits.detach().softmax(1), 1).squeeze(1)
+                # reduction "sum": the gradient of every image's own loss, as if the batch mean were scaled
+                # by the batch size, so G does not depend on the batch size
+                torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+                images += x.shape[0]
     finally:
         for h in hooks:
             h.remove()
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
-        model.train(was_training)
-        model.execution = execution
     images = int(all_reduce_sum(torch.tensor(float(images), device=device)).item())
     if images == 0:
         raise UserError("the factor pass saw no images (fisher_batches or the training set is empty)")

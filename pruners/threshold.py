@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.errors import UserError
+from utils.flops import to_gflops
 
 CRITERIA = ("score", "score_per_param", "score_per_flop", "score_per_cost")
 MEASURES = ("params", "flops")
@@ -126,7 +127,7 @@ def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, crit
     UserError if no cut reaches it or the nearest one undershoots it by more than `tolerance` FLOPs."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops", round_to)
     return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "GFLOPs",
-                   lambda v: f"{v / 1e9:.4g} GFLOPs per image")
+                   lambda v: f"{to_gflops(v):.4g} GFLOPs per image")
 
 
 def _bisect(threshold, value, target, tolerance, what, amount):

@@ -25,15 +25,14 @@ import re
 import torch
 
 from models import build_model, check_arch
-from models.resnet import absorb_legacy_rotations
 from utils.data import Preprocess, check_pipeline
 from utils.errors import UserError
 from utils.files import atomic_write
+from utils.lineage import STAGES
+from utils.nets import SWITCHES
 
-FORMAT = "dynprune-checkpoint/1"
+FORMAT = "dynprune-checkpoint/2"  # a file of another version is refused (check_format), never converted
 TMP_PREFIX = ".tmp-checkpoint-"
-STAGE_NAMES = {"sp": "stage 1 (main_sp.py)", "prune": "stage 2 (main_prune.py)",
-               "rl": "stage 3 (main_rl_prune.py)"}
 
 
 def save_checkpoint(path, payload):
@@ -76,15 +75,30 @@ def read_file(path, flag, resave=None):
         raise UserError(f"{flag} {path}: not a readable checkpoint ({why})") from None
 
 
+def is_project_file(ckpt):
+    """Whether `ckpt` (what torch.load read) is a checkpoint of this project, of any format version."""
+    return isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
+
+
+def check_format(ckpt, path, flag):
+    """UserError unless `ckpt` is a checkpoint of this project in this version's format."""
+    if not is_project_file(ckpt):
+        raise UserError(f"{flag} {path}: not a checkpoint of this project (no '{FORMAT}' marker)")
+    if ckpt["format"] != FORMAT:
+        stage = STAGES.get(ckpt.get("stage"))
+        rerun = f"rerun {stage.script}" if stage else "rerun the stage that wrote it"
+        raise UserError(f"{flag} {path}: a checkpoint of another version of this project (format "
+                        f"'{ckpt['format']}', this version reads '{FORMAT}'); {rerun} with this version")
+
+
 def load_checkpoint(path, stages=None, flag="--checkpoint"):
     """Load and check a checkpoint; every problem is a one-line UserError that names the file.
     `stages`: the stages whose checkpoints are acceptable here."""
     ckpt = read_file(path, flag)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{flag} {path}: not a checkpoint of this project (no '{FORMAT}' marker)")
+    check_format(ckpt, path, flag)
     if stages and ckpt.get("stage") not in stages:
-        wanted = " or ".join(STAGE_NAMES[s] for s in stages)
-        got = STAGE_NAMES.get(ckpt.get("stage"), repr(ckpt.get("stage")))
+        wanted = " or ".join(STAGES[s].writer for s in stages)
+        got = STAGES[ckpt["stage"]].writer if ckpt.get("stage") in STAGES else repr(ckpt.get("stage"))
         raise UserError(f"{flag} {path}: written by {got}, expected one from {wanted}")
     try:
         check_arch(ckpt.get("arch"))
@@ -123,7 +137,6 @@ def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
     own = model.state_dict()
     if not isinstance(state, dict):
         raise UserError(f"{flag} {path}: holds no weights")
-    state = absorb_legacy_rotations(model, state)
     problems = weight_mismatches(own, state)
     if problems:
         raise UserError(f"{flag} {path}: weights do not match its architecture ({problems[0]}; "
@@ -137,14 +150,15 @@ def load_pretrained(model, path, flag="--pretrained"):
     Switch weights may be absent (a dense network's checkpoint); everything else must match."""
     state = read_file(path, flag, resave="save the weights alone, torch.save(model.state_dict(), 'weights.pt'), and "
                                           "give that file")
-    if isinstance(state, dict) and state.get("format") == FORMAT:
+    if is_project_file(state):
+        check_format(state, path, flag)
         state = state.get("model")
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path}: holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    problems = weight_mismatches(model.state_dict(), state, may_miss=("switches.",))
+    problems = weight_mismatches(model.state_dict(), state, may_miss=(SWITCHES,))
     if problems:
         raise UserError(f"{flag} {path}: weights do not fit this network ({problems[0]}; {len(problems)} problems)")
     check_finite(state, path, flag)
@@ -164,14 +178,13 @@ def load_model(path, device="cpu", mode=None):
     logit i (utils.data.Preprocess: resize, then the training set's mean/std). The model is in eval mode
     and runs the network of its stage's table row (row_mode: every block for stages 1 and 2, the switches'
     routes for stage 3, skipped blocks not computed); `mode` ("open" or "hard") picks the other one, and
-    model(x, mode) does so per call. UserError for a checkpoint without a pipeline record (written before it
-    was recorded: its normalisation is unknown) or an unknown mode."""
+    model(x, mode) does so per call. UserError for a checkpoint without a pipeline record (its normalisation
+    is unknown) or an unknown mode."""
     if mode not in (None, "open", "hard"):
         raise UserError(f"mode {mode!r}: expected 'open' (every block, no switch) or 'hard' (the switches' routes)")
     ckpt = load_checkpoint(path, flag="checkpoint")
     if "pipeline" not in ckpt:
-        raise UserError(f"checkpoint {path}: records no input pipeline (written by an older version); its "
-                        f"normalisation is unknown")
+        raise UserError(f"checkpoint {path}: records no input pipeline; its normalisation is unknown")
     model = model_from_checkpoint(ckpt, path, "checkpoint").to(device).eval()
     model.mode = mode or row_mode(ckpt)
     return model, Preprocess(ckpt["pipeline"], f"checkpoint {path}")

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from runtime.loop import autocast
 from utils.dist import all_reduce_sum
 from utils.faults import kill_point
-from utils.flops import dense_flops, skipped_flops
+from utils.flops import dense_flops, skipped_flops, to_gflops
 from utils.log import progress
+from utils.nets import executing, unwrap
 
 
 @contextlib.contextmanager
@@ -38,24 +39,18 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
     every block and its decision selects the output: the same decisions, accuracy and GFLOPs (up to the
     float rounding of a sub-batch's convolutions), and no host sync until the end (per-epoch evaluation).
     GFLOPs count the blocks each route executes, whichever execution."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     model.eval()
-    before = model.execution
-    if execution is not None:
-        model.execution = execution
     sums, images = None, 0
-    try:
-        with no_autotune_when_skipping(model, mode):
-            for x, y in progress(loader, ctx.is_main, desc=desc):
-                with autocast(ctx):
-                    logits, actions, _ = model(x, mode)
-                batch = torch.cat([torch.stack([(logits.argmax(1) == y).sum(dtype=torch.float64),
-                                                F.cross_entropy(logits.float(), y, reduction="sum").double()]),
-                                   actions.sum(0, dtype=torch.float64)])
-                sums = batch if sums is None else sums.add_(batch)
-                images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
-    finally:
-        model.execution = before
+    with executing(model, execution), no_autotune_when_skipping(model, mode):
+        for x, y in progress(loader, ctx.is_main, desc=desc):
+            with autocast(ctx):
+                logits, actions, _ = model(x, mode)
+            batch = torch.cat([torch.stack([(logits.argmax(1) == y).sum(dtype=torch.float64),
+                                            F.cross_entropy(logits.float(), y, reduction="sum").double()]),
+                               actions.sum(0, dtype=torch.float64)])
+            sums = batch if sums is None else sums.add_(batch)
+            images += x.shape[0]  # counted on the host: no tensor made (and copied) per batch
     if sums is None:  # a rank without images still joins the sum
         sums = torch.zeros(2 + model.num_switches, dtype=torch.float64, device=ctx.device)
     total = all_reduce_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()  # the one sync
@@ -64,7 +59,7 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
         flops = dense_flops(costs) * n
     else:  # sum over images of base + switches + a . blocks, exact in float64 (integers)
         flops = skipped_flops(costs) * n + sum(e * b for e, b in zip(executed, costs["blocks"]))
-    return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": flops / n / 1e9,
+    return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": to_gflops(flops / n),
             "exec_rate": [e / n for e in executed], "images": int(n)}
 
 
@@ -82,20 +77,17 @@ def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
     the loader was last set to (a run resumed after its last epoch has not set one), and the global RNG
     (used by `sample` mode) is seeded inside and left as it was outside. The batch statistics in train
     mode do not depend on the running statistics, so the result depends only on the weights."""
-    model = getattr(ddp, "module", ddp)
+    model = unwrap(ddp)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
-    was_training = model.training
-    model.train()
-    execution, model.execution = model.execution, "mask"
     last_epoch = getattr(loader, "epoch", None)
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(BN_EPOCH)
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with executing(model, "mask", training=True), torch.random.fork_rng(devices=devices):
             torch.manual_seed(ctx.seed * 1_000_003 + ctx.rank + BN_EPOCH)
             for i, (x, _) in enumerate(loader):
                 if i >= batches:
@@ -104,8 +96,6 @@ def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
                 with autocast(ctx):
                     model(x, mode)
     finally:
-        model.execution = execution
-        model.train(was_training)
         if last_epoch is not None:
             loader.set_epoch(last_epoch)
         for bn in bns:

@@ -14,6 +14,7 @@ from utils.dist import all_reduce_sum, broadcast_tensors
 from utils.errors import UserError
 from utils.faults import kill_point
 from utils.log import progress
+from utils.nets import unwrap
 
 
 class TrainingDiverged(UserError):
@@ -40,6 +41,11 @@ def prepare(model, ctx):
         return model, model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return model, DistributedDataParallel(model, device_ids=ids)
+
+
+def sgd(params, lr, momentum, weight_decay):
+    """The optimizer of every stage: SGD, nesterov when momentum > 0. `params`: parameters or groups."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
 
 
 def make_scheduler(optimizer, name, epochs, steps_per_epoch):
@@ -89,7 +95,7 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
     # the last one then updates each rank's with its own batch: the epoch ends with rank 0's on every rank,
     # the network the checkpoint saves, so that an evaluation over all ranks' shares is of that network
     if ctx.distributed:
-        broadcast_tensors(list(getattr(ddp, "module", ddp).buffers()))
+        broadcast_tensors(list(unwrap(ddp).buffers()))
     return reduce_means(sums, n)
 
 

@@ -18,13 +18,14 @@ from utils.files import write_json
 from utils.flops import count_params, probe
 from utils.lineage import file_sha256
 from utils.log import Logger
+from utils.nets import unwrap
 
 
 @torch.no_grad()
 def smallest_bn_map(model, image_size):
     """(pixels, name) of the smallest feature map any BatchNorm of `model` normalises, for images of
     image_size x image_size (one probe forward, every block and switch run)."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     seen = {}
     probe(model, image_size, [(n, m) for n, m in model.named_modules()
                               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)],
@@ -272,8 +273,7 @@ def check_resume_args(ckpt, args, path):
 def check_resume_world_size(ckpt, ctx, path):
     """A resumed run has as many processes as the run its checkpoint began (torchrun's world size): with
     another number the global batch, the steps per epoch and so the learning-rate schedule's length change,
-    and the result would be neither run. Refused in one line before any work. A checkpoint that records no
-    world size (written before it was recorded) is not checked."""
+    and the result would be neither run. Refused in one line before any work."""
     recorded = ckpt.get("world_size")
     if recorded is not None and recorded != ctx.world_size:
         raise UserError(f"--resume {path}: the run was started with {recorded} process(es), this one has "

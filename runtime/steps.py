@@ -5,6 +5,8 @@ in percent, execution rates are fractions of the images."""
 import torch
 import torch.nn.functional as F
 
+from utils.nets import unwrap
+
 
 def supervised_step(model, x, y, mode="hard"):
     """Cross-entropy on the routes the switches take in `mode` (stages 1 and 2: "hard"; stage 3's route
@@ -27,7 +29,7 @@ def accuracy(logits, y):
 def touch_switches(model, loss):
     """loss + 0 x the switches' parameters, for steps where the switches take no part in the loss (dense
     training, the route fine-tuning): DistributedDataParallel then finds every parameter used."""
-    switches = getattr(model, "module", model).switches
+    switches = unwrap(model).switches
     return loss + 0 * sum(p.sum() for p in switches.parameters())
 
 

@@ -15,10 +15,9 @@ import argparse
 import os
 
 from utils.errors import UserError, run_main
-from utils.files import atomic_write, read_json, write_json
-from utils.lineage import check_chain
-
-STAGES = (("sp", "w/o pruning"), ("prune", "static pruning only"), ("rl", "static + dynamic pruning"))
+from utils.files import atomic_write, write_json
+from utils.flops import compression
+from utils.lineage import STAGES, check_chain, read_metrics
 COLUMNS = ("Method", "Accuracy", "GFLOPs / image", "Compression (params removed)")
 
 
@@ -29,18 +28,13 @@ def table_row(stage, method, present, **values):
             "params": None, "compression": None, "note": None, **values}
 
 
-def read_metrics(result_dir, stage):
-    path = os.path.join(result_dir, stage, "metrics.json")
-    return read_json(path) if os.path.isfile(path) else None
-
-
 def build_table(result_dir):
     """Rows (table_row) in stage order. UserError when the stages' lineage does not hold."""
     check_chain(result_dir)
-    metrics = {stage: read_metrics(result_dir, stage) for stage, _ in STAGES}
+    metrics = {stage: read_metrics(result_dir, stage) for stage in STAGES}
     base_params = (metrics["sp"] or {}).get("params")
     rows = []
-    for stage, method in STAGES:
+    for stage, method in ((s.name, s.method) for s in STAGES.values()):
         m = metrics[stage]
         if stage == "rl" and m and m.get("source_stage") == "sp":
             method = "dynamic pruning only"
@@ -60,7 +54,7 @@ def build_table(result_dir):
                 raise UserError(f"{os.path.join(result_dir, stage, 'metrics.json')}: no valid {key!s} (not "
                                 f"written by this version's {stage} stage?)") from None
             if base_params:
-                row["compression"] = 1 - m["params"] / base_params
+                row["compression"] = compression(m["params"], base_params)
             elif m.get("compression") is not None:
                 row["compression"] = m["compression"]
                 row["note"] = "compression as recorded by the stage (no stage-1 metrics to compare with)"

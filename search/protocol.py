@@ -16,7 +16,7 @@ from search.phase import Worker, open_study, run_alone, trial_records
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from utils.data import DataSettings, load_data
 from utils.files import write_json
-from utils.flops import count_params, measure_costs, skipped_flops
+from utils.flops import count_params, measure_costs, skipped_flops, to_gflops
 
 
 def baseline(study, stage1_path, data, eval_bs, ctx):
@@ -65,7 +65,7 @@ def dynamic_knob(name, static, max_alpha, image_size, ctx):
         return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
     model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
     costs = measure_costs(model.to(ctx.device), image_size)
-    floor = skipped_flops(costs) / 1e9
+    floor = to_gflops(skipped_flops(costs))
     return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
 
 

@@ -13,9 +13,10 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from runtime.evaluate import evaluate
 from runtime.loop import prepare
 from utils.files import write_json
-from utils.flops import count_params, measure_costs
+from utils.flops import compression, count_params, measure_costs
+from utils.lineage import STAGES
 from utils.data import DataSettings, load_data
-from runtime.table import STAGES, save_table, table_row, to_markdown
+from runtime.table import save_table, table_row, to_markdown
 
 
 def evaluate_on_test(chosen, data, bs, ctx, final_dir):
@@ -80,14 +81,14 @@ def table_rows(tested, chosen_info, params_stage1, notes=None):
     """The three rows in runtime/table.py's format, each with the settings found and its validation numbers;
     a row without a network gets its note from `notes` ({row: why}, missing_notes)."""
     rows = []
-    for stage, method in STAGES:
+    for stage, method in ((s.name, s.method) for s in STAGES.values()):
         t, info = tested.get(stage), chosen_info.get(stage)
         row = table_row(stage, method, t is not None)
         if t is None:
             row["note"] = (notes or {}).get(stage) or "no trial within the budget on the validation split"
         else:
             row.update(accuracy=t["test_acc"], gflops_per_image=t["gflops_per_image"], params=t["params"],
-                       compression=1 - t["params"] / params_stage1)
+                       compression=compression(t["params"], params_stage1))
         rows.append({**row, **(info or {})})
     return rows
 

@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_one_line_error, run_script
+from models import build_model, make_arch
+from utils.errors import UserError
+
 
 def test_every_checkpoint_records_the_pipeline_later_stages_inherit_it(pipeline):
     tmp, data, res = pipeline
@@ -77,3 +81,24 @@ def test_results_are_written_with_the_users_umask(tmp_path, umask):
     modes = {name: os.stat(tmp_path / name).st_mode & 0o777
              for name in ("sp/checkpoint.pt", "sp/metrics.json", "table.md", "table.json", "plain.txt")}
     assert modes == dict.fromkeys(modes, want), {k: oct(v) for k, v in modes.items()}
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tmp_path):
+    """A checkpoint of the project's earlier format (dynprune-checkpoint/1, whose files may lack what this
+    version reads) is refused, never read with guesses: one line naming the file, its format and the stage
+    to rerun, exit status 2; as a stage's input and as --pretrained alike."""
+    from runtime.checkpoint import load_checkpoint, load_pretrained
+    model = build_model(make_arch(depth=8, width=1, num_classes=10))
+    path = str(tmp_path / "old.pt")
+    torch.save({"format": "dynprune-checkpoint/1", "stage": "prune", "arch": model.arch,
+                "model": model.state_dict(), "epoch": 0}, path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path, ("prune", "sp"))
+    for words in (path, "'dynprune-checkpoint/1'", "rerun main_prune.py"):
+        assert words in str(e.value), str(e.value)
+    with pytest.raises(UserError, match="another version of this project"):
+        load_pretrained(model, path)
+    proc = run_script("main_rl_prune.py", "--checkpoint", path, "--result_dir", str(tmp_path / "results"),
+                      "--data_dir", str(tmp_path), "--device", "cpu")
+    assert_one_line_error(proc, path, "dynprune-checkpoint/1", "rerun main_prune.py")
+    assert not (tmp_path / "results").exists()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import conftest
 from gates.counterfactual import CounterfactualStep, execution_benefit, flip_losses, switch_targets
 from gates.optim import make_optimizer
-from gates.policy import SkipPrice
+from gates.price import SkipPrice
 from models import build_model, make_arch
 from test_rl import CPU, _loaders, _mean_execute_probability
 from runtime.steps import supervised_step

@@ -20,6 +20,7 @@ import runtime.stage
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.dist import Context, setup
 from utils.errors import UserError, run_main
+from utils.nets import unwrap
 
 ARCH = ["--depth", "8", "--width", "1"]
 SMALL = ["--bs", "16", "--num_workers", "0", "--resize", "16"]
@@ -97,7 +98,7 @@ class FakeGpus:
 
     def _train_epoch(self, ddp, loader, *args, **kwargs):
         """Record where the model and the batches live, run one real step, stop."""
-        model = getattr(ddp, "module", ddp)
+        model = unwrap(ddp)
         ctx = args[3] if len(args) > 3 else kwargs["ctx"]  # (optimizer, scheduler, step_fn, ctx)
         self.step = {"ctx": str(ctx.device), "amp": ctx.amp, "loader": str(loader.device),
                      "batches": self.mode.placed.get(id(loader.x)),
@@ -303,7 +304,7 @@ def record_step(monkeypatch):
     real = runtime.stage.train_epoch
 
     def train_epoch(ddp, loader, *args, **kwargs):
-        model = getattr(ddp, "module", ddp)
+        model = unwrap(ddp)
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         hooks = [m.register_forward_hook(lambda m, i, o: seen["conv"].add(o.dtype)) for m in convs]
         seen["weights_channels_last"] = all(m.weight.is_contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import conftest
 from gates.ending import skip_alphas
 from gates.gumbel import GumbelStep
-from gates.policy import SkipPrice
+from gates.price import SkipPrice
 from models import build_model, make_arch
 from models.switches import act, gumbel_decisions
 from runtime.evaluate import evaluate

@@ -18,7 +18,8 @@ import main_sp
 import runtime.stage
 import conftest
 from conftest import ROOT, mix_switches
-from gates.policy import Baseline, ReinforceStep, SkipPrice, discounted_returns, policy_loss, skip_rewards
+from gates.policy import Baseline, ReinforceStep, discounted_returns, discounts, policy_loss, skip_rewards
+from gates.price import SkipPrice, shares
 from models.switches import log_prob
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from models import build_model, make_arch
@@ -47,13 +48,13 @@ def test_rewards_returns_and_policy_loss_by_hand():
     # 3 switches, block FLOPs 1, 2, 1 (C = 4), alpha 0.4: skipping earns 0.1, 0.2, 0.1
     actions = torch.tensor([[0., 1., 0.],    # image 1 skips blocks 1 and 3
                             [1., 0., 1.]])   # image 2 skips block 2
-    rewards = skip_rewards(actions, [1, 2, 1], alpha=0.4)
+    rewards = skip_rewards(actions, shares([1, 2, 1]), alpha=0.4)
     torch.testing.assert_close(rewards, torch.tensor([[0.1, 0.0, 0.1], [0.0, 0.2, 0.0]]))
 
     # final reward -CE: -1.0 and -0.5; gamma 0.5, R_4 = final, R_i = r_i + 0.5 R_{i+1}
     #   image 1: R3 = 0.1 + 0.5(-1.0) = -0.4    R2 = 0 + 0.5(-0.4) = -0.2     R1 = 0.1 + 0.5(-0.2) = 0.0
     #   image 2: R3 = 0 + 0.5(-0.5) = -0.25     R2 = 0.2 + 0.5(-0.25) = 0.075 R1 = 0 + 0.5(0.075) = 0.0375
-    returns = discounted_returns(rewards, 0.5, final=torch.tensor([-1.0, -0.5]))
+    returns = discounted_returns(rewards, discounts(0.5, 3), final=torch.tensor([-1.0, -0.5]))
     torch.testing.assert_close(returns, torch.tensor([[0.0, -0.2, -0.4], [0.0375, 0.075, -0.25]]))
 
     # pi(a): image 1 p = (0.2, 0.9, 0.4) with a = (0, 1, 0) -> 0.8, 0.9, 0.6
@@ -68,9 +69,9 @@ def test_rewards_returns_and_policy_loss_by_hand():
     assert policy_loss(lp, returns, baseline).item() == pytest.approx(expected, abs=1e-6)
 
     # gamma 1: the final reward reaches every switch undiscounted; gamma 0: each switch sees its own reward
-    torch.testing.assert_close(discounted_returns(rewards, 1.0, torch.tensor([-1.0, -0.5])),
+    torch.testing.assert_close(discounted_returns(rewards, discounts(1.0, 3), torch.tensor([-1.0, -0.5])),
                                torch.tensor([[-0.8, -0.9, -0.9], [-0.3, -0.3, -0.5]]))
-    torch.testing.assert_close(discounted_returns(rewards, 0.0, torch.tensor([-1.0, -0.5])), rewards)
+    torch.testing.assert_close(discounted_returns(rewards, discounts(0.0, 3), torch.tensor([-1.0, -0.5])), rewards)
 
 
 def test_policy_gradient_pushes_towards_rewarded_actions():

@@ -1,7 +1,6 @@
 """The training step's host cost: the ops it dispatches and the host syncs of the loop, and the exactness of
-what makes them few (the masked mix, the straight-through, the switches' convolution form, the REINFORCE
-arithmetic folded into constants), the compiled step (--compile), device-side augmentation and masked
-per-epoch evaluation."""
+what makes them few (the masked mix, the straight-through, the switches' convolution form), the compiled step
+(--compile), device-side augmentation and masked per-epoch evaluation."""
 import collections
 import json
 import types
@@ -18,7 +17,8 @@ from bench.bench_step import top_level_ops
 import conftest
 from conftest import mix_switches
 from gates.optim import make_optimizer
-from gates.policy import Baseline, ReinforceStep, discounted_returns, policy_loss, skip_rewards
+from gates.policy import Baseline, ReinforceStep, discounted_returns, discounts, policy_loss, skip_rewards
+from gates.price import shares
 from models.switches import act, log_prob
 from helpers import tiny_dataset
 from models import build_model, make_arch
@@ -106,9 +106,9 @@ def test_rnn_switches_compute_what_lstmcell_and_linear_compute():
 
 @pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
 def test_reinforce_step_is_the_reference_arithmetic(gamma):
-    """ReinforceStep's constants-folded returns, loss, gradients and statistics against skip_rewards,
-    discounted_returns, log_prob and policy_loss (tested by hand in test_rl.py), over two steps (the moving
-    baseline carries state)."""
+    """ReinforceStep's loss, gradients and statistics against skip_rewards, discounted_returns, log_prob and
+    policy_loss (tested by hand in test_rl.py) wired by hand, over two steps (the moving baseline carries
+    state)."""
     n, s = 6, 4
     costs = {"base": 1000.0, "switches": 50.0, "blocks": [100.0, 200.0, 300.0, 400.0]}
     g = torch.Generator().manual_seed(0)
@@ -124,8 +124,8 @@ def test_reinforce_step_is_the_reference_arithmetic(gamma):
         loss.backward()
         ref = [logits.clone().requires_grad_(), probs.clone().requires_grad_()]
         ce = F.cross_entropy(ref[0], y, reduction="none")
-        rewards = skip_rewards(actions, costs["blocks"], 0.3)
-        returns = discounted_returns(rewards, gamma, -ce.detach())
+        rewards = skip_rewards(actions, shares(costs["blocks"]), 0.3)
+        returns = discounted_returns(rewards, discounts(gamma, s), -ce.detach())
         p_loss = policy_loss(log_prob(ref[1], actions), returns, baseline(returns))
         ref_loss = ce.mean() + 0.1 * p_loss
         ref_loss.backward()

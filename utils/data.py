@@ -620,7 +620,7 @@ class BatchLoader:
 
     def __iter__(self):
         idx = self._indices().to(self.device)  # one copy per epoch
-        # Augmentation draws on the images' device (the same seed; on the CPU the same draws as ever): a CPU
+        # Augmentation draws on the images' device (the same seed on every device): a CPU
         # generator would copy its draws to the GPU, from pageable memory, at every batch.
         aug_gen = torch.Generator(device=self.x.device)
         aug_gen.manual_seed(_seeded_generator(self.seed, self.epoch, self.rank, 1).initial_seed())
@@ -708,7 +708,7 @@ def load_data(args, ctx, recorded=None, source=None, resuming=False):
                             f"{recorded['augment']}")
         resize, augment = recorded["resize"], augment or recorded["augment"]
     elif source is not None and ctx.is_main:
-        print(f"warning: {source} records no input pipeline (written by an older version): using resize "
+        print(f"warning: {source} records no input pipeline: using resize "
               f"{resize or DEFAULT_RESIZE} and the statistics of this training set", file=sys.stderr, flush=True)
     resize, augment = resize or DEFAULT_RESIZE, augment or "cifar"
     bs = process_batch(args.bs, ctx)

@@ -12,6 +12,8 @@ so the FLOPs of one image are base + switches + sum_j a_j * blocks[j] for its ro
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from utils.nets import executing, unwrap
+
 
 @torch.no_grad()
 def probe(model, image_size, modules, record, mode="hard"):
@@ -19,19 +21,18 @@ def probe(model, image_size, modules, record, mode="hard"):
     computed (eval mode, masked execution; `hard`: every switch too), calling record(name, module, inputs,
     output) for each (name, module) of `modules` it passes; the model's mode and execution are restored
     after. The shapes and FLOPs of a forward pass, measured without any data."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o)) for name, m in modules]
-    was_training, execution, route = model.training, model.execution, model.route
+    route = model.route
     param = next(model.parameters())
     x = torch.zeros(1, model.arch.get("in_channels", 3), image_size, image_size, device=param.device,
                     dtype=param.dtype)
     try:
-        model.eval()
-        model.execution, model.route = "mask", None
-        model(x, mode)
+        with executing(model, "mask", training=False):
+            model.route = None
+            model(x, mode)
     finally:
-        model.train(was_training)
-        model.execution, model.route = execution, route
+        model.route = route
         for h in hooks:
             h.remove()
 
@@ -47,7 +48,7 @@ def measure_costs(model, image_size=32):
     """Split the FLOPs of one image through `model` into base / switches / per gated block (see above):
     the whole forward with the switches on and with them off, and each gated block's residual on the input
     its switch saw."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     blocks = [0] * model.num_switches
 
     def residual(name, switches, args, output):  # switch j sees gated block j + 1's input
@@ -57,6 +58,16 @@ def measure_costs(model, image_size=32):
     routed = _flops(probe, model, image_size, [], None)
     dense = _flops(probe, model, image_size, [], None, "open")
     return {"base": dense - sum(blocks), "switches": routed - dense, "blocks": blocks}
+
+
+def to_gflops(flops):
+    """FLOPs -> GFLOPs (10^9 FLOPs: the unit of every flag, report and table)."""
+    return flops / 1e9
+
+
+def from_gflops(gflops):
+    """GFLOPs -> FLOPs."""
+    return gflops * 1e9
 
 
 def dense_flops(costs):
@@ -69,6 +80,12 @@ def skipped_flops(costs):
     return costs["base"] + costs["switches"]
 
 
+def gflops_bounds(costs):
+    """GFLOPs per image of the cheapest route (every gated block skipped) and of the dearest (every block
+    run), the switches evaluated in both: the range a GFLOPs target of the routes must fall in."""
+    return to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
+
+
 def routed_flops(costs, actions):
     """FLOPs each image really executes given its 0/1 route `actions` (N, num_switches): tensor (N,)."""
     blocks = torch.tensor(costs["blocks"], dtype=torch.float64, device=actions.device)
@@ -77,5 +94,9 @@ def routed_flops(costs, actions):
 
 def count_params(model):
     """Every parameter the model holds: convs, rotations, BN affine, classifier, switches."""
-    model = getattr(model, "module", model)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in unwrap(model).parameters())
+
+
+def compression(params, params_stage1):
+    """The share of the stage-1 network's parameters that a network of `params` parameters has removed."""
+    return 1 - params / params_stage1

@@ -5,18 +5,32 @@ Every stage records in its checkpoints and metrics.json a `parent`: {"stage", "p
 checkpoint file it started from (None for stage 1 trained from scratch), and in metrics.json the sha256 of
 the checkpoint it ended with. The chain of a --result_dir holds when each stage's parent is the final
 checkpoint of the stage before it there, and each metrics.json describes the checkpoint beside it.
-Records written before lineage was kept carry no hashes: they are reported as unchecked, not refused.
 """
 import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 
 from utils.errors import UserError
 
-ORDER = ("sp", "prune", "rl")
-SCRIPTS = {"sp": "main_sp.py", "prune": "main_prune.py", "rl": "main_rl_prune.py"}
-LABELS = {"sp": "stage 1 (sp/)", "prune": "stage 2 (prune/)", "rl": "stage 3 (rl/)"}
+
+@dataclass(frozen=True)
+class Stage:
+    """One of the three stages as every message, file and table names it: `name` its folder in --result_dir
+    and its checkpoints' "stage", `method` its row of the table."""
+    name: str
+    number: int
+    script: str
+    method: str
+    label = property(lambda self: f"stage {self.number} ({self.name}/)")
+    writer = property(lambda self: f"stage {self.number} ({self.script})")
+
+
+STAGES = {s.name: s for s in (Stage("sp", 1, "main_sp.py", "w/o pruning"),
+                              Stage("prune", 2, "main_prune.py", "static pruning only"),
+                              Stage("rl", 3, "main_rl_prune.py", "static + dynamic pruning"))}
+ORDER = tuple(STAGES)
 
 
 def file_sha256(path):
@@ -32,7 +46,8 @@ def parent_record(stage, path):
     return {"stage": stage, "path": os.path.abspath(path), "sha256": file_sha256(path)}
 
 
-def _metrics(result_dir, stage):
+def read_metrics(result_dir, stage):
+    """The metrics.json of `stage` in result_dir (a finished run's), or None if there is none."""
     path = os.path.join(result_dir, stage, "metrics.json")
     if not os.path.isfile(path):
         return None
@@ -48,32 +63,32 @@ def chain_problems(result_dir, stages=ORDER):
     problems = []
     finished = {}
     for stage in stages:
-        m = _metrics(result_dir, stage)
+        m = read_metrics(result_dir, stage)
         if m is None:
             continue
-        ckpt = os.path.join(result_dir, stage, "checkpoint.pt")
+        ckpt, this = os.path.join(result_dir, stage, "checkpoint.pt"), STAGES[stage]
         own = m.get("checkpoint_sha256")
         if own and os.path.isfile(ckpt) and file_sha256(ckpt) != own:
-            problems.append(f"{LABELS[stage]} is stale: its checkpoint.pt is not the network its metrics.json "
-                            f"describes (rerun or interrupted since; finish it with {SCRIPTS[stage]} --resume)")
+            problems.append(f"{this.label} is stale: its checkpoint.pt is not the network its metrics.json "
+                            f"describes (rerun or interrupted since; finish it with {this.script} --resume)")
         finished[stage] = m
     for stage, m in finished.items():
-        parent = m.get("parent")
+        parent, this = m.get("parent"), STAGES[stage]
         if not parent or not parent.get("sha256"):
             continue
         if parent.get("stage") in ORDER and parent["stage"] not in finished:
             # the folder holds a stage before the parent and one after it, not the network between them
             if any(ORDER.index(s) < ORDER.index(parent["stage"]) for s in finished):
-                problems.append(f"{LABELS[stage]} is orphaned: it started from a {LABELS[parent['stage']]} network "
-                                f"that is no longer in this folder (rerun {SCRIPTS[parent['stage']]} and "
-                                f"{SCRIPTS[stage]})")
+                up = STAGES[parent["stage"]]
+                problems.append(f"{this.label} is orphaned: it started from a {up.label} network that is no longer "
+                                f"in this folder (rerun {up.script} and {this.script})")
             continue
         if parent.get("stage") not in finished:
             continue
         up = finished[parent["stage"]].get("checkpoint_sha256")
         if up and up != parent["sha256"]:
-            problems.append(f"{LABELS[stage]} is stale: it started from another {LABELS[parent['stage']]} network "
-                            f"than the one there now (rerun {SCRIPTS[stage]}, or rerun the earlier stage with "
+            problems.append(f"{this.label} is stale: it started from another {STAGES[parent['stage']].label} network "
+                            f"than the one there now (rerun {this.script}, or rerun the earlier stage with "
                             f"--overwrite to move it aside)")
     return problems
 
@@ -85,7 +100,7 @@ def check_parent_fits(result_dir, parent, flag):
     stage = parent.get("stage")
     there = os.path.join(result_dir, stage, "checkpoint.pt") if stage in ORDER else None
     if there and os.path.isfile(there) and file_sha256(there) != parent["sha256"]:
-        raise UserError(f"{flag} {parent['path']} is not the {LABELS[stage]} network of {result_dir}: this "
+        raise UserError(f"{flag} {parent['path']} is not the {STAGES[stage].label} network of {result_dir}: this "
                         f"stage's results would sit beside another run's; give another --result_dir (or the "
                         f"checkpoint that is there)")
 
@@ -123,7 +138,7 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=
             raise UserError(f"{result_dir} holds results of later stages ({', '.join(s + '/' for s in later)}) "
                             f"made from the {stage}/ network this run replaces; give --overwrite to move them "
                             f"aside, or another --result_dir")
-        raise UserError(f"{result_dir} holds a finished {LABELS[stage]} run ({stage}/checkpoint.pt, "
+        raise UserError(f"{result_dir} holds a finished {STAGES[stage].label} run ({stage}/checkpoint.pt, "
                         f"{stage}/metrics.json) that this run would replace; give --overwrite to move it aside "
                         f"into {result_dir}/stale-<time>/, or another --result_dir")
     if not is_main or not move:

@@ -1,0 +1,89 @@
+"""The price of running the gated blocks, shared by every stage-3 controller (counterfactual, reinforce,
+gumbel): alpha, in cross-entropy units per image for running every gated block (block j's share: its FLOPs
+over all gated blocks' FLOPs), fixed or adapted towards a GFLOPs target."""
+import torch
+import torch.distributed as dist
+
+from utils.dist import all_reduce_sum
+from utils.flops import from_gflops, skipped_flops, to_gflops
+
+
+def shares(block_flops):
+    """w (S,): each gated block's FLOPs over all gated blocks' FLOPs (float32, sums to 1): block j's part of
+    alpha, the price of running every gated block."""
+    c = torch.as_tensor(block_flops, dtype=torch.float64)
+    return (c / c.sum()).float()
+
+
+class BlockCosts:
+    """What a controller's step needs of the FLOPs (utils.flops.measure_costs' `costs`), on one device, made
+    once: `shares` (see shares) and the GFLOPs per image of routes (gflops)."""
+
+    def __init__(self, costs, device):
+        blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
+        self.shares = shares(blocks).to(device)
+        self.device = self.shares.device
+        self.blocks = to_gflops(blocks).to(device)
+        self.always = torch.tensor(to_gflops(skipped_flops(costs)), dtype=torch.float64, device=device)
+
+    @staticmethod
+    def on(device, costs, made=None):
+        """`made` (a BlockCosts or None) if it is on `device`, else `costs`' there: a step's, made once."""
+        return made if made is not None and made.device == device else BlockCosts(costs, device)
+
+    def gflops(self, rates):
+        """GFLOPs per image (float64) of routes that run gated block j on a fraction rates[j] of the images."""
+        return self.always + rates.double() @ self.blocks
+
+
+class SkipPrice:
+    """alpha, the reward for skipping every gated block (per image), as a tensor on the device.
+
+    Fixed (target None): the --alpha of the command line. With a target of G FLOPs per image, alpha is the
+    dual variable of the constraint "FLOPs executed per image = G" and rises while the network spends more
+    than G, falls while it spends less. The update is dual ascent in log alpha (exponentiated gradient),
+    scale-free since the right alpha ranges over orders of magnitude:
+        alpha <- alpha * exp(lr * (F - G) / G)
+    F is the FLOPs per image of the *greedy* routes (p > 0.5: what the deployed model runs) on the batch
+    just trained on, averaged over processes, so every process holds the same alpha. The switches'
+    probabilities come from the sampled forward pass (the greedy route of the later switches is estimated
+    along the sampled route: no second forward pass). Sampled routes would be the wrong measure: with p
+    near 0.5 they execute about p of the blocks while greedy execution can be all or nothing.
+    The state (alpha, target, lr) goes into the checkpoint, so a resumed run continues the trajectory exactly."""
+
+    def __init__(self, alpha, target_flops=None, lr=0.05, device="cpu"):
+        if target_flops is not None and not (alpha > 0 and target_flops > 0):
+            raise ValueError("a FLOPs target needs alpha > 0 and target > 0")
+        self.target, self.lr = target_flops, lr
+        self.alpha = torch.tensor(float(alpha), dtype=torch.float64, device=device)
+
+    def update(self, greedy_flops):
+        """One dual-ascent step from the greedy FLOPs per image (N,) of the batch just trained on."""
+        if self.target is None:
+            return
+        mean = greedy_flops.double().mean()
+        if dist.is_initialized():
+            mean = all_reduce_sum(mean.clone()) / dist.get_world_size()
+        self.alpha = self.alpha * torch.exp(self.lr * (mean - self.target) / self.target)
+
+    def state_dict(self):
+        return {"alpha": self.alpha.cpu(), "target_flops": self.target, "lr": self.lr}
+
+    def load_state_dict(self, state):
+        """Continue the trajectory of a checkpoint made with the same target; otherwise start at --alpha."""
+        if state and state.get("target_flops") == self.target and self.target is not None:
+            self.alpha = state["alpha"].to(self.alpha.device, torch.float64)
+
+    def route_stats(self, costs, actions, probs):
+        """What every controller reports of a step's routes, a dict of tensors: exec_rate and sampled_gflops
+        (the routes trained on, `actions` (N, S)), greedy_gflops (p > 0.5 along them: what the deployed
+        model runs) and, with a target, the alpha this step priced with; then the dual-ascent step on the
+        greedy GFLOPs. `costs`: a BlockCosts."""
+        with torch.no_grad():  # statistics: no graph, so no detach ops
+            exec_rate = actions.detach().mean(0)
+            greedy = costs.gflops((probs > 0.5).mean(0, dtype=torch.float64))
+            stats = {"exec_rate": exec_rate, "sampled_gflops": costs.gflops(exec_rate), "greedy_gflops": greedy}
+            if self.target is not None:
+                stats["alpha"] = self.alpha
+                self.update(from_gflops(greedy))
+        return stats
