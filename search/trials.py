@@ -39,7 +39,7 @@ def stage3_settings(args, knob_name):
     settings = stage3.RLSettings(
         epochs=args.rl_epochs, lr=args.rl_lr, bs=args.rl_bs, rl_weight=args.rl_weight, gamma=args.gamma,
         route_epochs=args.rl_route_epochs, route_lr=args.rl_route_lr if args.rl_route_epochs else None,
-        alpha=args.rl_alpha if knob_name == "target_gflops" else 0.1, final_split="val")
+        alpha=args.rl_alpha, final_split="val")  # alpha: where the dual ascent starts, unless it is the knob
     probe = dataclasses.replace(settings, **{knob_name: 1.0})  # a value of the knob, for the checks
     stage3.check_settings(probe, flag=lambda name: STAGE3_FLAGS.get(name, f"--{name}"),
                           suffix=" (stage 3's setting, as main_rl_prune.py would refuse it)")

@@ -20,7 +20,7 @@ from models.resnet import compile_report, compile_step
 from models.switches import spread_decisions
 from runtime.checkpoint import load_pretrained, model_from_checkpoint
 from runtime.loop import make_scheduler, prepare
-from runtime.stage import StageRun, check_batch_shapes, restore_training_state, resume
+from runtime.stage import StageRun, check_batch_shapes, check_resume_args, restore_training_state, resume
 from runtime.steps import dense_step, supervised_step
 from utils.cli import NULL, Setting, StageSettings, check
 from utils.data import DataSettings, load_data
@@ -111,9 +111,11 @@ def run(s: SPSettings):
     check_settings(s)
     stage = StageRun.begin("sp", s)
     ctx = stage.ctx
-    ckpt, resume_path = resume(stage, s.resume, ctx, s) if s.resume else (None, None)
+    ckpt, resume_path = resume(stage, s.resume, ctx) if s.resume else (None, None)
     data = load_data(DataSettings.of(s), ctx, recorded=ckpt.get("pipeline") if ckpt else None,
                      source=f"--resume {resume_path}" if ckpt else None, resuming=True)
+    if ckpt:  # after the data's own settings, checked against the recorded pipeline with their own messages
+        check_resume_args(ckpt, s, resume_path)
     arch = make_arch(s.network, s.depth, s.width, data.num_classes, s.gate)
     model, ddp = prepare(starting_network(s, arch, ckpt, resume_path, data, ctx), ctx)
     check_batch_shapes(model, data.image_size, data.train.batch_size)

@@ -40,3 +40,14 @@ def test_a_setting_of_flags_and_config_keys_has_one_check(tmp_path, key, value, 
     with pytest.raises(UserError, match=re.escape(f"key '{key}' {demand}, got {value}")):
         load_config(str(config), sets={key: int(value)})
     assert str(flag.value).endswith(demand)
+
+
+def test_every_flag_parses_to_its_settings_type():
+    """A flag with a metavar or other argparse keywords still parses to the setting's type (a number flag
+    read as a string would fail its check or, worse, be compared as text)."""
+    from stages.rl import RLSettings
+    from utils.cli import settings_of
+    numbers = [(name, s.types[0]) for name, _, s in settings_of(RLSettings) if s.group and s.types[0] in (int, float)]
+    assert ("target_gflops", float) in numbers and ("flip_blocks", int) in numbers
+    for name, kind in numbers:
+        assert type(getattr(main_rl_prune.parse_args([f"--{name}", "1"]), name)) is kind, name

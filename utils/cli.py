@@ -74,13 +74,9 @@ def add_flags(parser, cls, titles):
             continue
         if s.group not in groups:
             groups[s.group] = parser.add_argument_group(titles.get(s.group, s.group))
-        kwargs = {"default": default, "help": s.help, "choices": s.choices}
-        if s.flag:
-            kwargs.update(s.flag)
-        elif s.types[0] is bool:
-            kwargs["action"] = "store_true"
-        else:
-            kwargs["type"] = s.types[0]
+        kwargs = {"default": default, "help": s.help, "choices": s.choices, **(s.flag or {})}
+        if "action" not in kwargs:
+            kwargs.update({"action": "store_true"} if s.types[0] is bool else {"type": s.types[0]})
         groups[s.group].add_argument(f"--{name}", **{k: v for k, v in kwargs.items() if v is not None})
     return parser
 
