@@ -5,7 +5,7 @@ than the GPU running them, the step is bound by the op count, not the FLOPs. Cou
 warm-up steps, so SGD's momentum buffers exist), for
   dense   supervised_step in mode "open" (every block, no switch): the plain dense loop
   hard    supervised_step in mode "hard" (stage 1's SkipNet phase; stage 2's fine-tuning)
-  joint   main_sp.joint_step: CE(open) + CE(hard), stage 1's default
+  joint   stages.sp.joint_step: CE(open) + CE(hard), stage 1's default
   rl      gates.policy.ReinforceStep (stage 3: sampled routes, REINFORCE)
 with RNN switches, eager and (--compile) through models.resnet.compile_step. Two counts:
   top      top-level ATen ops in torch.profiler (an op's own sub-ops not counted: what Python dispatched)
@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 
-import main_sp  # noqa: E402
+from stages import sp as main_sp  # noqa: E402
 from gates.optim import make_optimizer  # noqa: E402
 from gates.policy import Baseline, ReinforceStep  # noqa: E402
 from models import build_model, make_arch  # noqa: E402

@@ -510,8 +510,7 @@ class Check:
 
     def _build_step_models(self):
         from types import SimpleNamespace
-        import main_rl_prune
-        import main_sp
+        from stages import rl as main_rl_prune, sp as main_sp
         from gates.counterfactual import CounterfactualStep
         from gates.optim import make_optimizer
         from gates.policy import Baseline, ReinforceStep
@@ -531,7 +530,7 @@ class Check:
                                                   weight_decay=5e-4))
         # stage 3: its default controller (counterfactual, main_rl_prune's default blocks flipped per step), the
         # counterfactual's other form (every block flipped, or 4 sampled ones) and REINFORCE
-        default = main_rl_prune.FLIP_BLOCKS or None
+        default = main_rl_prune.RLSettings.flip_blocks or None
         other = (f"stage3_counterfactual_{'all' if default else 4}", None if default else 4)
         for name, stage, step in (("stage1", "sp", main_sp.STEPS["joint"][0]), ("stage2", "prune", dense_step),
                                   ("stage3", "prune", ("counterfactual", default)),

@@ -4,7 +4,7 @@ reinforce (gates/policy.py) sampled from p, gumbel (gates/gumbel.py) through its
 the deployed model runs the greedy routes (p > 0.5). So the ending works on those: with a FLOPs target, the
 switches' threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone
 fine-tuned on the greedy routes; then BN statistics re-estimated under the greedy routes and, with a target,
-the threshold calibrated once more. main_rl_prune.py saves what end_training returns in the
+the threshold calibrated once more. Stage 3 (stages/rl.py) saves what end_training returns in the
 checkpoint, so a run resumed after its ending does not redo it, and one killed during it redoes it from the
 last epoch's checkpoint (every step here is deterministic). After the final evaluation, small_cut_warning
 says when the routes cut next to nothing, and what would cut more.

@@ -1,25 +1,8 @@
 """The optimizer of stages 1 and 3: SGD with the switches in their own parameter group, so that they may get
-their own learning rate and weight decay (--switch_lr, --switch_weight_decay; by default the backbone's,
-the original behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
+their own learning rate and weight decay (the switch_lr, switch_weight_decay settings; by default the
+backbone's, the original behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
 from runtime.loop import sgd
-from utils.errors import UserError
 from utils.nets import is_switch, unwrap
-
-
-def add_switch_flags(parser):
-    g = parser.add_argument_group("switch optimisation")
-    g.add_argument("--switch_lr", type=float, default=None,
-                   help="learning rate of the switches (default: --lr); follows the same schedule")
-    g.add_argument("--switch_weight_decay", type=float, default=None,
-                   help="weight decay of the switches (default: --weight_decay)")
-    return g
-
-
-def check_switch_flags(args):
-    if args.switch_lr is not None and args.switch_lr <= 0:
-        raise UserError(f"--switch_lr {args.switch_lr} must be > 0")
-    if args.switch_weight_decay is not None and args.switch_weight_decay < 0:
-        raise UserError(f"--switch_weight_decay {args.switch_weight_decay} must be >= 0")
 
 
 def trainable(model):

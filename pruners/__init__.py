@@ -4,7 +4,7 @@
     layers = decompose(model, factors, damping) eigen.py      steps 2-4: eigenbases, W', scores
     plan = plan_for_params(layers, ...)         threshold.py  step 5: one global threshold
     model = rebuild(model, layers, keep)        eigen.py      step 6: rot_in -> core -> rot_out
-prune() runs the four in a row; main_prune.py adds the data, fine-tuning, checkpoints and metrics.
+prune() runs the four in a row; stages/prune.py adds the data, fine-tuning, checkpoints and metrics.
 """
 import itertools
 import time

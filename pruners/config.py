@@ -12,106 +12,74 @@ top-level `lr`). A round's `compression` is measured against the stage-1 model, 
 targets must grow (and successive gflops targets shrink); a round's `ratio` is the fraction of the
 directions the round starts with.
 """
+import dataclasses
 import json
 import re
 
-from utils.data import AUGMENTS
+from utils.cli import DATA_DIR, NULL, RESULT_DIR, CommonSettings, Setting, in_range, settings_of
 from utils.errors import UserError
 
 REQUIRED = object()  # the default of a key that must be given
-
-
-def _in(*choices):
-    return lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}"
-
-
-def _range(lo, hi, lo_open=False, hi_open=True):
-    def ok(v):
-        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    if hi is None:
-        return ok, f"must be {'>' if lo_open else '>='} {lo}"
-    return ok, f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
-ANY = (lambda v: True, "")
-NONEMPTY = (lambda v: bool(v), "must not be empty")
 NUMBER, INT, BOOL, STR = (int, float), (int,), (bool,), (str,)
-NULL = type(None)
 
-# key: (accepted types, default, (check, what the check demands), description)
-KEYS = {
-    "result_dir": (STR, REQUIRED, NONEMPTY, "results root; this stage writes <result_dir>/prune/ "
-                   "(checkpoint.pt, metrics.json, tb/)"),
-    "data_dir": (STR, REQUIRED, NONEMPTY, "dataset: train/<class>/*.<img_type> + test/<class>/..., or "
-                 "cifar-100-python/ (found automatically)"),
-    "img_type": (STR, "png", NONEMPTY, "image file extension in the class-folder layout"),
-    "resize": (INT + (NULL,), None, _range(8, None), "side, in pixels, the images are brought to; null: the "
-               "stage-1 checkpoint's (a different one is refused)"),
-    "augment": (STR + (NULL,), None, _in(*AUGMENTS), "fine-tuning augmentation: cifar = random "
-                "crop + flip, crop = random crop only (digits, text), none; null: the stage-1 checkpoint's"),
-    "download": (BOOL, False, ANY, "fetch CIFAR-100 through torchvision when data_dir holds neither layout"),
-    "val_split": (NUMBER, 0.0, _range(0, 1), "fraction of train held out for per-epoch validation "
-                  "(0: evaluate on test each epoch, never selecting on it)"),
-    "final_split": (STR, "test", _in("test", "val"), "split of the final evaluation (metrics.json); val "
-                    "(needs val_split > 0) never touches the test split, as a search choosing settings must"),
-    "num_workers": (INT, 4, _range(0, None), "processes decoding the images once at start-up"),
-    "checkpoint": (STR + (NULL,), None, ANY, "stage-1 checkpoint to prune; null: <result_dir>/sp/checkpoint.pt"),
-    "resume": (BOOL + STR + (NULL,), False, ANY, "continue an interrupted run: true for "
-               "<result_dir>/prune/checkpoint.pt, or a path; false/null starts afresh"),
-    "prune_mode": (STR, "one_pass", _in("one_pass", "iterative"), "one_pass: prune once to `compression`, "
-                   "`ratio` or `gflops`, then fine-tune; iterative: the prune/fine-tune rounds listed in `rounds`"),
-    "compression": (NUMBER + (NULL,), None, _range(0, 1, lo_open=True), "one_pass target: fraction of the "
-                    "stage-1 model's parameters (all of them) removed, met within 1 point"),
-    "ratio": (NUMBER + (NULL,), None, _range(0, 1), "one_pass target instead of compression: fraction of all "
-              "eigendirections (inputs and outputs of every layer, pooled) cut by the global threshold"),
-    "gflops": (NUMBER + (NULL,), None, _range(0, None, lo_open=True), "one_pass target instead of compression: "
-               "GFLOPs per image of the pruned network at `resize`, every block run (metrics.json dense_gflops), "
-               "met within 1%"),
-    "rounds": ((list, NULL), None, ANY, "iterative only: [{\"compression\" | \"ratio\" | \"gflops\": x, "
-               "\"epochs\": n?, \"lr\": x?}, ...], one prune + fine-tune per entry"),
-    "fisher_type": (STR, "true", _in("true", "empirical"), "labels of the factor pass: true = sampled from "
-                    "the model's softmax, empirical = the real labels"),
-    "fisher_batches": (INT, 200, _range(1, None), "batches of bs unaugmented training images in each factor "
-                       "pass (bs over all processes; at most all; spread evenly over the training set)"),
-    "damping": (NUMBER, 1e-3, _range(0, None), "added to each Kronecker factor before eigh, relative to its "
-                "mean eigenvalue (damping * trace/n * I); raised tenfold if eigh fails"),
-    "prune_ratio_limit": (NUMBER, 0.95, _range(0, 1, lo_open=True, hi_open=False), "largest fraction of one "
-                          "side (inputs or outputs) of one layer that may be cut"),
-    "criterion": (STR, "score_per_flop", _in("score", "score_per_param", "score_per_flop", "score_per_cost"),
-                  "what the global threshold ranks directions by: score = EigenDamage's estimate of the loss "
-                  "increase; score_per_param / score_per_flop = that score divided by the parameters / FLOPs per "
-                  "image the direction costs (the default: the saved network runs fastest, with as much accuracy as the "
-                  "others within the seeds' spread; bench/bench_prune.py, bench/bench_criteria.py); score_per_cost = "
-                  "per FLOP for a gflops target, else per parameter; score = EigenDamage's own ranking"),
-    "round_to": (INT, 8, _range(1, None), "every side keeps a multiple of this many directions (or all of "
-                 "them): 8 matches the 8-float channel blocks of onnxruntime's CPU kernels on AVX2 and the channel "
-                 "multiples of 8 that GPU tensor cores take in bf16; 1 = EigenDamage's free ranks; the speed-up is "
-                 "measured by bench/bench_prune.py"),
-    "mode": (STR, "open", _in("open", "hard"), "the network the factor pass and the fine-tuning run: open = "
-             "every block, no switch (the static network of the row \"static pruning only\"); hard = stage 1's "
-             "routes (switches in hard mode, straight-through). The row is the pruned network with every block "
-             "either way"),
-    "fix_rotation": (BOOL, False, ANY, "freeze the 1x1 rotation convs while fine-tuning"),
-    "epochs": (INT, 100, _range(0, None), "fine-tuning epochs (per round in iterative mode, unless the round "
-               "says)"),
-    "lr": (NUMBER, 0.01, _range(0, None, lo_open=True), "fine-tuning learning rate (SGD, nesterov when "
-           "momentum > 0; per round unless the round says)"),
-    "momentum": (NUMBER, 0.9, _range(0, 1), "SGD momentum"),
-    "weight_decay": (NUMBER, 5e-4, _range(0, None), "SGD weight decay (on every trained parameter)"),
-    "scheduler": (STR, "cosine", _in("cosine", "step", "constant"), "learning-rate schedule over each "
-                  "fine-tuning (per step)"),
-    "bs": (INT, 128, _range(1, None), "batch size over all processes (fine-tuning, factor pass, evaluation): "
-           "under torchrun each of P processes takes bs / P images (bs must be divisible by P)"),
-    "seed": (INT, 0, ANY, "seed of data order, augmentation and sampled Fisher labels"),
-    "device": (STR + (NULL,), None, ANY, "cpu, cuda or cuda:N; null: cuda when available (under torchrun each "
-               "process takes cuda:LOCAL_RANK; cuda:N is refused with several processes per machine)"),
-    "amp": (STR + (NULL,), None, _in("bf16", "off"), "bf16: bfloat16 autocast (weights, optimizer state and "
-            "checkpoints stay float32); off: float32 throughout; null: bf16 on CUDA, off on CPU"),
-    "channels_last": (BOOL + (NULL,), None, ANY, "weights and batches in the NHWC memory format (false: NCHW); "
-                      "null: true on CUDA, false on CPU"),
-    "tf32": (BOOL, False, ANY, "allow TF32 for the fine-tuning's float32 convolutions and matmuls on CUDA; the "
-             "factor pass, the final evaluation and anything that says float32 stay exact"),
-}
+
+@dataclasses.dataclass
+class PruneSettings(CommonSettings):
+    """Stage 2's settings: the config keys (each a Setting), then what the command line adds (overwrite) and the
+    rounds actually run (schedule: [{"target": "compression" | "ratio" | "gflops", "value", "epochs", "lr"}])."""
+    data_dir: str = DATA_DIR(REQUIRED)
+    epochs: int = Setting(INT, "fine-tuning epochs (per round in iterative mode, unless the round says)",
+                          in_range(0))(100)
+    lr: float = Setting(NUMBER, "fine-tuning learning rate (SGD, nesterov when momentum > 0; per round unless the "
+                        "round says)", in_range(0, lo_open=True))(0.01)
+    result_dir: str = RESULT_DIR(REQUIRED)
+    checkpoint: str = Setting(STR + (NULL,), "stage-1 checkpoint to prune; null: "
+                              "<result_dir>/sp/checkpoint.pt")(None)
+    resume: str = Setting(BOOL + STR + (NULL,), "continue an interrupted run: true for "
+                          "<result_dir>/prune/checkpoint.pt, or a path; false/null starts afresh")(False)
+    prune_mode: str = Setting(STR, "one_pass: prune once to `compression`, `ratio` or `gflops`, then fine-tune; "
+                              "iterative: the prune/fine-tune rounds listed in `rounds`",
+                              choices=("one_pass", "iterative"))("one_pass")
+    compression: float = Setting(NUMBER + (NULL,), "one_pass target: fraction of the stage-1 model's parameters "
+                                 "(all of them) removed, met within 1 point", in_range(0, 1, lo_open=True))(None)
+    ratio: float = Setting(NUMBER + (NULL,), "one_pass target instead of compression: fraction of all "
+                           "eigendirections (inputs and outputs of every layer, pooled) cut by the global "
+                           "threshold", in_range(0, 1))(None)
+    gflops: float = Setting(NUMBER + (NULL,), "one_pass target instead of compression: GFLOPs per image of the "
+                            "pruned network at `resize`, every block run (metrics.json dense_gflops), met within 1%",
+                            in_range(0, lo_open=True))(None)
+    rounds: list = Setting((list, NULL), "iterative only: [{\"compression\" | \"ratio\" | \"gflops\": x, "
+                           "\"epochs\": n?, \"lr\": x?}, ...], one prune + fine-tune per entry")(None)
+    fisher_type: str = Setting(STR, "labels of the factor pass: true = sampled from the model's softmax, "
+                               "empirical = the real labels", choices=("true", "empirical"))("true")
+    fisher_batches: int = Setting(INT, "batches of bs unaugmented training images in each factor pass (bs over all "
+                                  "processes; at most all; spread evenly over the training set)", in_range(1))(200)
+    damping: float = Setting(NUMBER, "added to each Kronecker factor before eigh, relative to its mean eigenvalue "
+                             "(damping * trace/n * I); raised tenfold if eigh fails", in_range(0))(1e-3)
+    prune_ratio_limit: float = Setting(NUMBER, "largest fraction of one side (inputs or outputs) of one layer that "
+                                       "may be cut", in_range(0, 1, lo_open=True, hi_open=False))(0.95)
+    criterion: str = Setting(STR, "what the global threshold ranks directions by: score = EigenDamage's estimate "
+                             "of the loss increase; score_per_param / score_per_flop = that score divided by the "
+                             "parameters / FLOPs per image the direction costs (the default: the saved network runs "
+                             "fastest, with as much accuracy as the others within the seeds' spread; "
+                             "bench/bench_prune.py, bench/bench_criteria.py); score_per_cost = per FLOP for a gflops "
+                             "target, else per parameter; score = EigenDamage's own ranking",
+                             choices=("score", "score_per_param", "score_per_flop", "score_per_cost"))("score_per_flop")
+    round_to: int = Setting(INT, "every side keeps a multiple of this many directions (or all of them): 8 matches "
+                            "the 8-float channel blocks of onnxruntime's CPU kernels on AVX2 and the channel "
+                            "multiples of 8 that GPU tensor cores take in bf16; 1 = EigenDamage's free ranks; the "
+                            "speed-up is measured by bench/bench_prune.py", in_range(1))(8)
+    mode: str = Setting(STR, "the network the factor pass and the fine-tuning run: open = every block, no switch "
+                        "(the static network of the row \"static pruning only\"); hard = stage 1's routes "
+                        "(switches in hard mode, straight-through). The row is the pruned network with every block "
+                        "either way", choices=("open", "hard"))("open")
+    fix_rotation: bool = Setting(BOOL, "freeze the 1x1 rotation convs while fine-tuning")(False)
+    overwrite: bool = False
+    schedule: list = None
+
+
+# key: (accepted types, default, (check, what the check demands), description): the config keys of PruneSettings
+KEYS = {name: (s.types, default, (s.accepts, s.demand()), s.help) for name, default, s in settings_of(PruneSettings)}
 ROUND_KEYS = ("compression", "ratio", "gflops", "epochs", "lr")
 TARGET_KEYS = ("compression", "ratio", "gflops")
 TYPE_NAMES = {int: "integer", float: "number", bool: "true/false", str: "string", list: "list", NULL: "null"}
@@ -142,15 +110,13 @@ def _check_object(where, obj, known, expected):
 
 
 def validate(cfg, where="config"):
-    """Check a config dict; returns it complete (defaults filled in) with `rounds` resolved to the
-    schedule actually run: a list of {"target": "compression" | "ratio", "value", "epochs", "lr"}."""
+    """Check a config dict -> its PruneSettings (defaults filled in), `rounds` resolved to the schedule run."""
     _check_object(where, cfg, KEYS, "a JSON object of keys")
     missing = [k for k, spec in KEYS.items() if spec[1] is REQUIRED and k not in cfg]
     if missing:
         raise UserError(f"{where}: missing required key '{missing[0]}'")
     out = {k: cfg.get(k, spec[1]) for k, spec in KEYS.items()}
-    out["schedule"] = _schedule(out, where)
-    return out
+    return PruneSettings(**out, schedule=_schedule(out, where))
 
 
 def _target(entry, where):

@@ -1,6 +1,7 @@
 """What every stage does around its own algorithm: guard --result_dir and the batch shapes, run the shared
-epoch loop with a checkpoint per epoch, resume, and write metrics.json. The three main_*.py scripts only
-add their flags, their model and their step function (the data: utils.data.load_data)."""
+epoch loop with a checkpoint per epoch, resume (one path for the three stages), and write metrics.json.
+The stages (stages/) only add their settings, their model and their step function (the data:
+utils.data.load_data)."""
 import dataclasses
 import os
 import socket
@@ -8,15 +9,15 @@ import time
 
 import torch
 
-from runtime.checkpoint import save_checkpoint, stage_checkpoint
+from runtime.checkpoint import load_checkpoint, save_checkpoint, stage_checkpoint
 from runtime.evaluate import evaluate
 from runtime.loop import seed_epoch, summary_line, train_epoch
-from utils.dist import barrier, exact_fp32, peak_memory
+from utils.dist import barrier, exact_fp32, peak_memory, setup
 from utils.errors import UserError
 from utils.faults import kill_point
 from utils.files import write_json
 from utils.flops import count_params, probe
-from utils.lineage import file_sha256
+from utils.lineage import file_sha256, parent_record
 from utils.log import Logger
 from utils.nets import unwrap
 
@@ -115,6 +116,14 @@ class StageRun:
         self.run_id = None
         self.step_offset = 0   # TensorBoard steps of the stages before this one
         self.last_step = 0
+
+    @classmethod
+    def begin(cls, name, settings):
+        """Stage `name`'s run with `settings` (utils.cli.CommonSettings): its result_dir checked, then the
+        device, torchrun's process group, seeds and numerics set up (utils.dist.setup)."""
+        check_result_dir(settings.result_dir)
+        s = settings
+        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32))
 
     def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
         """Create the stage's folder and TensorBoard writer. Call only once all input has been checked.
@@ -244,26 +253,43 @@ class StageRun:
         return metrics
 
 
-def resume_path(arg, run):
-    """--resume with no path means this stage's own checkpoint in --result_dir."""
-    return run.checkpoint_path if arg == "auto" else arg
+def resume(run, resume, ctx, settings=None, source=None):
+    """The one resume path of the three stages: the checkpoint a resumed run continues (`resume`: a path, or
+    "auto" / True for this stage's own in its result_dir) -> (checkpoint, path), refused in one line before
+    any work when it is not this stage's, was trained by another number of processes, under other training
+    settings (`settings`, a stage's settings dataclass; None: the stage checks its own) or from another
+    network than its source holds now (`source(checkpoint)`: {"stage", "path"} of the checkpoint the run began
+    from: an earlier stage was rerun since)."""
+    path = run.checkpoint_path if resume in ("auto", True) else resume
+    ckpt = load_checkpoint(path, (run.name,), "--resume")
+    if settings is not None:
+        check_resume_args(ckpt, settings, path)
+    check_resume_world_size(ckpt, ctx, path)
+    began, began_from = source(ckpt) if source else {}, (ckpt.get("parent") or {}).get("sha256")
+    if began_from and os.path.isfile(began.get("path") or "") \
+            and began_from != parent_record(began["stage"], began["path"])["sha256"]:
+        raise UserError(f"--resume {path}: began from another network than {began['path']} holds now (stage "
+                        f"{STAGE_NUMBERS[began['stage']]} was rerun since); start stage {STAGE_NUMBERS[run.name]} "
+                        f"afresh")
+    return ckpt, path
 
 
-# Flags a resumed run may change: where and how fast it runs, not what it computes (the network's own flags
-# are checked against its architecture, the resize against its recorded pipeline, with their own messages)
+STAGE_NUMBERS = {"sp": 1, "prune": 2, "rl": 3}
+# Settings a resumed run may change: where and how fast it runs, not what it computes (the network's own are
+# checked against its architecture, the resize against its recorded pipeline, with their own messages)
 RESUME_FREE = {"resume", "device", "num_workers", "data_dir", "result_dir", "overwrite", "compile", "amp",
                "channels_last", "tf32", "download", "checkpoint", "pretrained", "resize", "network", "depth", "width", "gate"}
 
 
-def check_resume_args(ckpt, args, path):
-    """A resumed run continues the run its checkpoint began: refused (one line, before any work) when a flag
+def check_resume_args(ckpt, settings, path):
+    """A resumed run continues the run its checkpoint began: refused (one line, before any work) when a setting
     that shapes the training (learning rate, batch size, recipe, seed, fewer epochs ...) differs from the one
     that run was started with: the result would be neither run, recorded as the new."""
     recorded = ckpt.get("args") or {}
     # --epochs may grow: the run goes on to the new count, its schedule continuing as the longer run's from
     # the step reached (a cosine then resumes where that run's curve is at this step)
     grows = lambda k, v: k == "epochs" and isinstance(v, int) and isinstance(recorded[k], int) and v >= recorded[k]
-    differ = [f"--{k} {recorded[k]!r} -> {v!r}" for k, v in sorted(vars(args).items())
+    differ = [f"--{k} {recorded[k]!r} -> {v!r}" for k, v in sorted(dataclasses.asdict(settings).items())
               if k not in RESUME_FREE and k in recorded and recorded[k] != v and not grows(k, v)]
     if differ:
         raise UserError(f"--resume {path}: the run was started with other training flags ({', '.join(differ)}); "

@@ -3,6 +3,7 @@ within the accuracy budget of the unpruned one, then on that network (and --dyna
 lowest stage-3 setting that still does, both chosen on the validation split; then each chosen network is
 evaluated once on the test split (search/report.py). The trials are real stage runs (search/trials.py),
 their studies and workers are search/phase.py's."""
+import dataclasses
 import os
 import time
 
@@ -13,10 +14,66 @@ from runtime.evaluate import evaluate
 from runtime.loop import prepare
 from search.bisection import Knob, label, no_trial_reason
 from search.phase import Worker, open_study, run_alone, trial_records
+from search.trials import DYNAMIC_KNOBS, record_of
+from utils.cli import DATA_DIR, IMG_TYPE, NULL, NUM_WORKERS, RESIZE, Setting, in_range
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from utils.data import DataSettings, load_data
 from utils.files import write_json
 from utils.flops import count_params, measure_costs, skipped_flops, to_gflops
+
+
+TITLES = {"": None, "data": "data (default: the stage-1 run's; its --val_split and --seed give the split)",
+          "search": "search", "stages": "stages"}
+
+
+@dataclasses.dataclass
+class SearchSettings:
+    """main_search.py's settings (its flags); those of stage 3 are checked by stage 3's own checks
+    (search.trials.stage3_settings)."""
+    result_dir: str = Setting((str,), "reads <result_dir>/sp/, writes <result_dir>/search/", group="")("results")
+    checkpoint: str = Setting((str, NULL), "the stage-1 checkpoint (default: <result_dir>/sp/checkpoint.pt)",
+                              group="", flag={"metavar": "PATH"})(None)
+    device: str = Setting((str, NULL), "cpu, cuda or cuda:N; none: cuda when available", group="")(None)
+    data_dir: str = DATA_DIR(None)
+    img_type: str = IMG_TYPE(None)
+    resize: int = RESIZE(None)
+    num_workers: int = NUM_WORKERS(None)
+    budget: float = Setting((float,), "accuracy points (validation split) a chosen network may lose against the "
+                            "unpruned one", in_range(0), group="search")(1.0)
+    storage: str = Setting((str, NULL), "Optuna RDB URL shared by every worker (default: "
+                           "sqlite:///<result_dir>/search/search.db); e.g. postgresql://user@host/db",
+                           group="search")(None)
+    study_name: str = Setting((str,), "prefix of the studies in --storage", group="search")("search")
+    min_compression: float = Setting((float,), "static phase: low end of the bisection",
+                                     in_range(0, 1, lo_open=True), group="search")(0.1)
+    max_compression: float = Setting((float,), "static phase: high end (equal to --min_compression: that one "
+                                     "compression)", (lambda v: v < 1, "must be in [--min_compression, 1)"),
+                                     group="search")(0.9)
+    static_trials: int = Setting((int,), "stage-2 runs of the static phase, at most", in_range(1),
+                                 group="search")(6)
+    dynamic_trials: int = Setting((int,), "stage-3 runs per network of the dynamic phase, at most", in_range(0),
+                                  group="search")(6)
+    dynamic_networks: int = Setting((int,), "static networks the dynamic phase starts from: the most compressed "
+                                    "within budget, and this many - 1 of the next ones", in_range(1),
+                                    group="search")(1)
+    knob: str = Setting((str,), "what the dynamic phase bisects: stage 3's --target_gflops (the default) or "
+                        "--alpha (a fixed skip reward: steadier where the dual ascent and the final calibration "
+                        "cost accuracy)", choices=DYNAMIC_KNOBS, group="search")("target_gflops")
+    max_alpha: float = Setting((float,), "high end of alpha (--knob alpha)", in_range(0, lo_open=True),
+                               group="search")(10.0)
+    prune_config: str = Setting((str, NULL), "stage-2 config of every static trial (epochs, lr, fisher_batches ...; "
+                                "target, data and result keys are set by the search)", group="stages",
+                                flag={"metavar": "PATH"})(None)
+    rl_epochs: int = Setting((int,), "stage 3: --epochs", group="stages")(100)
+    rl_lr: float = Setting((float,), "stage 3: --lr", group="stages")(0.001)
+    rl_bs: int = Setting((int,), "stage 3: --bs", group="stages")(256)
+    rl_weight: float = Setting((float,), "stage 3: --rl_weight", group="stages")(0.1)
+    gamma: float = Setting((float,), "stage 3: --gamma", group="stages")(1.0)
+    rl_alpha: float = Setting((float,), "stage 3: --alpha, where the knob is the GFLOPs target (the dual ascent's "
+                              "starting value)", group="stages")(0.1)
+    rl_route_epochs: int = Setting((int,), "stage 3: --route_epochs", group="stages")(0)
+    rl_route_lr: float = Setting((float, NULL), "stage 3: --route_lr (default: its own, --rl_lr / 10)",
+                                 group="stages")(None)
 
 
 def baseline(study, stage1_path, data, eval_bs, ctx):
@@ -112,7 +169,7 @@ class Search:
                 print(f"[search] dynamic (compression {c:.6g}): no trial{ends}: {why}", flush=True)
                 continue
             study = open_study(storage, f"{args.study_name}.dynamic.c{label(c)}", knob,
-                               {**settings, "rl": trials.rl_argv, "knob": [knob.name, knob.low, knob.high]})
+                               {**settings, "rl": record_of(trials.rl_settings), "knob": [knob.name, knob.low, knob.high]})
             worker.run_phase(study, knob, args.dynamic_trials,
                              lambda x, folder, src=t.user_attrs["checkpoint"]: judged(
                                  trials.dynamic(src, knob.name, x, folder), threshold),

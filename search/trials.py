@@ -1,88 +1,71 @@
-"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha) through the
-stage's own main() (the entry points main_search.py hands over: Stages), in its own result folder under <search_dir>/trials/ (named by its study and trial
-number: search/phase.py's trial_dir), ending on the validation split (--final_split val: no trial ever
-reads the test split). Each folder records in trial.json what defines its result: the stage, its settings
-(less where and how it runs: paths, device, workers) and the sha256 of the checkpoint it starts from. A
-folder recording the same is read when its metrics.json exists, or resumed from its checkpoint; one made
-under other settings (an earlier search with another config whose trial had the same number, in another
---storage) is moved into trials/stale-<time>/ and the trial runs: an old network is never reported as
-the new settings' result.
+"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha), a call of the
+stage's own function (stages.prune.run, stages.rl.run) with its settings, in this process, in its own result
+folder under <search_dir>/trials/ (named by its study and trial number: search/phase.py's trial_dir), ending
+on the validation split (final_split val: no trial ever reads the test split). Each folder records in
+trial.json what defines its result: the stage, its settings (less where and how it runs: paths, device,
+workers) and the sha256 of the checkpoint it starts from. A folder recording the same is read when its
+metrics.json exists, or resumed from its checkpoint; one made under other settings (an earlier search with
+another config whose trial had the same number, in another --storage) is moved into trials/stale-<time>/ and
+the trial runs: an old network is never reported as the new settings' result.
 
-    trials/<study>.static/<n>-compression<c>/        prune_config.json, prune/{checkpoint.pt, metrics.json, tb/}
+    trials/<study>.static/<n>-compression<c>/        prune/{checkpoint.pt, metrics.json, tb/}
     trials/<study>.dynamic.c<c>/<n>-<knob><x>/       rl/{checkpoint.pt, metrics.json, tb/}
 """
+import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable
 
-from utils.errors import UserError
+from pruners.config import validate
+from stages import prune as stage2, rl as stage3
 from utils.files import read_json, write_json
 from utils.lineage import file_sha256
 
 # Settings of a trial that say where and how it runs, not what it computes: not part of its record
-WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume")
+WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume", "overwrite")
 
-# Stage 3's knob: the GFLOPs target where stage 3 has it, else alpha (larger alpha, fewer GFLOPs).
+# Stage 3's knob: the GFLOPs target (the default), or alpha (larger alpha, fewer GFLOPs).
 DYNAMIC_KNOBS = ("target_gflops", "alpha")
 
-
-@dataclass(frozen=True)
-class Stages:
-    """The entry points of the stages a search runs (main_prune.py's and main_rl_prune.py's), handed over by
-    main_search.py: the search imports no script."""
-    prune: Callable        # stage 2's main(argv)
-    rl: Callable           # stage 3's main(argv)
-    rl_parse_args: Callable  # stage 3's parse_args(argv) -> its flags
-    rl_check_args: Callable  # stage 3's check_args(flags): UserError for a refused flag
+# stage 3's settings that the search sets through flags of its own
+STAGE3_FLAGS = {"epochs": "--rl_epochs", "lr": "--rl_lr", "bs": "--rl_bs", "alpha": "--rl_alpha",
+                "route_epochs": "--rl_route_epochs", "route_lr": "--rl_route_lr"}
 
 
-def stage3_knob(stages):
-    """target_gflops when this stage 3 accepts --target_gflops, else alpha."""
-    try:
-        stages.rl_parse_args(["--target_gflops", "1"])
-    except UserError:
-        return "alpha"
-    return "target_gflops"
+def stage3_settings(args, knob_name):
+    """Stage 3's settings of every dynamic trial from the search's flags (the data, the knob's value and the
+    paths are set later), checked by stage 3's own checks at once, so that the search never runs its static phase
+    to find out that stage 3 refuses them: UserError naming the search's flag."""
+    settings = stage3.RLSettings(
+        epochs=args.rl_epochs, lr=args.rl_lr, bs=args.rl_bs, rl_weight=args.rl_weight, gamma=args.gamma,
+        route_epochs=args.rl_route_epochs, route_lr=args.rl_route_lr if args.rl_route_epochs else None,
+        alpha=args.rl_alpha, final_split="val")  # alpha: where the dual ascent starts, unless it is the knob
+    probe = dataclasses.replace(settings, **{knob_name: 1.0})  # a value of the knob, for the checks
+    stage3.check_settings(probe, flag=lambda name: STAGE3_FLAGS.get(name, f"--{name}"),
+                          suffix=" (stage 3's setting, as main_rl_prune.py would refuse it)")
+    return settings
 
 
-STAGE3_FLAGS = {"--epochs": "--rl_epochs", "--lr": "--rl_lr", "--bs": "--rl_bs", "--alpha": "--rl_alpha",
-                "--route_epochs": "--rl_route_epochs", "--route_lr": "--rl_route_lr"}  # stage 3's -> the search's
-
-
-def stage3_argv(args, knob_name, stages):
-    """main_rl_prune.py's flags of every dynamic trial from the search's (the knob's value is added per
-    trial). Checked by stage 3's own parser and checks at once, so that the search never runs its static
-    phase to find out that stage 3 refuses them: UserError naming the search's flag."""
-    argv = ["--epochs", str(args.rl_epochs), "--lr", repr(args.rl_lr), "--bs", str(args.rl_bs),
-            "--rl_weight", repr(args.rl_weight), "--gamma", repr(args.gamma), "--route_epochs",
-            str(args.rl_route_epochs)]
-    if args.rl_route_lr is not None and args.rl_route_epochs:
-        argv += ["--route_lr", repr(args.rl_route_lr)]
-    if knob_name == "target_gflops":  # alpha is where the dual ascent starts
-        argv += ["--alpha", repr(args.rl_alpha)]
-    probe = ["--target_gflops", "1"] if knob_name == "target_gflops" else ["--alpha", "1"]
-    try:
-        stages.rl_check_args(stages.rl_parse_args(argv + probe))
-    except UserError as e:
-        flag, _, rest = str(e).partition(" ")  # stage 3's errors start with the flag: name the search's
-        flag = STAGE3_FLAGS.get(flag, flag)
-        raise UserError(f"{flag} {rest} (stage 3's flag, as main_rl_prune.py would refuse it)") from None
-    return argv
+def record_of(settings):
+    """What defines a stage's result among its settings (a dict or a settings dataclass), as read back from
+    trial.json."""
+    values = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in WHERE}))
 
 
 class Trials:
-    """Runs the trials of one search under <search_dir>/trials through the stages' entry points `stages`.
-    `data`: data_dir, img_type, resize, num_workers, val_split, seed (those of the stage-1 run);
-    `prune_config`: the stage-2 config every static trial starts from; `rl_argv`: the stage-3 flags every
-    dynamic trial shares."""
+    """Runs the trials of one search under <search_dir>/trials. `data`: data_dir, img_type, resize,
+    num_workers, val_split, seed (those of the stage-1 run); `prune_config`: the stage-2 config every static
+    trial starts from; `rl_settings`: the stage-3 settings every dynamic trial shares (stage3_settings).
+    `run_prune`, `run_rl`: the stages' functions (default stages.prune.run, stages.rl.run)."""
 
-    def __init__(self, search_dir, stage1_path, data, prune_config, rl_argv, device, stages):
+    def __init__(self, search_dir, stage1_path, data, prune_config, rl_settings, device, run_prune=None,
+                 run_rl=None):
         self.root = os.path.join(search_dir, "trials")
-        self.stages = stages
+        self.run_prune = run_prune or (lambda settings: stage2.run(settings))
+        self.run_rl = run_rl or (lambda settings: stage3.run(settings))
         self.stage1_path, self.data, self.device = stage1_path, data, device
-        self.prune_config, self.rl_argv = prune_config, rl_argv
+        self.prune_config, self.rl_settings = prune_config, rl_settings
 
     def prune_settings(self, compression, folder):
         """The stage-2 config of a static trial: the given config, its target, this search's data and
@@ -96,8 +79,7 @@ class Trials:
         """Make `folder` the trial's: kept when its trial.json records this stage, `settings` (less WHERE) and
         starting checkpoint `source`; else what it holds is moved into <root>/stale-<time>/ (nothing
         deleted) and the record written, before the stage runs."""
-        record = json.loads(json.dumps({"stage": stage, "source_sha256": file_sha256(source), "settings": {
-            k: v for k, v in settings.items() if k not in WHERE}}))  # as read back from the file
+        record = {"stage": stage, "source_sha256": file_sha256(source), "settings": record_of(settings)}
         path = os.path.join(folder, "trial.json")
         try:
             old = read_json(path)
@@ -130,30 +112,26 @@ class Trials:
 
     def static(self, compression, folder):
         """Stage 2 at `compression` in `folder` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
-        metrics = os.path.join(folder, "prune", "metrics.json")
-        self.use_folder(folder, "prune", self.prune_settings(compression, folder), self.stage1_path)
-        if not os.path.isfile(metrics):
-            config = os.path.join(folder, "prune_config.json")
-            write_json(config, self.prune_settings(compression, folder))
-            self.stages.prune(["--config_path", config])
-        return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "prune", "checkpoint.pt")}
+        config = self.prune_settings(compression, folder)
+        self.use_folder(folder, "prune", config, self.stage1_path)
+        return self.finished(folder, "prune", lambda: self.run_prune(validate(config, where="the search's config")))
 
-    def rl_command(self, source, folder, knob, x):
-        d = self.data
-        argv = ["--checkpoint", source, "--result_dir", folder, "--data_dir", d["data_dir"], "--img_type",
-                d["img_type"], "--resize", str(d["resize"]), "--num_workers", str(d["num_workers"]),
-                "--val_split", str(d["val_split"]), "--seed", str(d["seed"]), "--final_split", "val",
-                f"--{knob}", repr(x), *self.rl_argv]
-        if self.device:
-            argv += ["--device", self.device]
-        return argv  # flag, value pairs
+    def rl_settings_at(self, source, folder, knob, x):
+        """Stage 3's settings of a dynamic trial from `source` at knob = x in `folder`."""
+        resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
+        return dataclasses.replace(self.rl_settings, checkpoint=source, result_dir=folder, device=self.device,
+                                   resume="auto" if resume else None, **{knob: x})
 
     def dynamic(self, source, knob, x, folder):
         """Stage 3 from the static trial's checkpoint `source` at knob = x in `folder` -> its metrics."""
-        metrics = os.path.join(folder, "rl", "metrics.json")
-        argv = self.rl_command(source, folder, knob, x)
-        self.use_folder(folder, "rl", {k[2:]: v for k, v in zip(argv[::2], argv[1::2])}, source)
-        if not os.path.isfile(metrics):
-            resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
-            self.stages.rl(argv + (["--resume"] if resume else []))
-        return {**read_json(metrics), "dir": folder, "checkpoint": os.path.join(folder, "rl", "checkpoint.pt")}
+        settings = self.rl_settings_at(source, folder, knob, x)
+        self.use_folder(folder, "rl", settings, source)
+        return self.finished(folder, "rl", lambda: self.run_rl(settings))
+
+    @staticmethod
+    def finished(folder, stage, run):
+        """The metrics of the trial in `folder`: those its stage wrote when it ran to the end before, else
+        run()'s; with where its network is."""
+        path = os.path.join(folder, stage, "metrics.json")
+        metrics = read_json(path) if os.path.isfile(path) else run()
+        return {**metrics, "dir": folder, "checkpoint": os.path.join(folder, stage, "checkpoint.pt")}

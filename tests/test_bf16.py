@@ -4,6 +4,7 @@ search's trials run under it; the bf16-trained network exports (float32) with th
 and masked execution stay equal under it; and its switch decisions are those of float32 but for images that
 sit on the threshold. Tiny: 4 classes of 16x16 images, ResNet-14 at width 1, one thread (seconds per stage)."""
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -15,6 +16,7 @@ import main_prune
 import main_rl_prune
 import main_search
 import main_sp
+import stages.rl
 import utils.dist
 import conftest
 from conftest import mix_switches
@@ -137,9 +139,9 @@ def test_search_trials_run_in_bf16(runs, tmp_path, monkeypatch):
     through --prune_config); its dynamic trials and its own evaluations take the device's default (bf16 +
     channels_last on CUDA, float32 on CPU), so on the CPU the test hands them what CUDA would choose."""
     root, data, res, logs = runs
-    real_setup, real_rl = utils.dist.setup, main_rl_prune.main
+    real_setup, real_rl = utils.dist.setup, stages.rl.run
     monkeypatch.setattr(main_search, "setup", lambda device=None, seed=0: real_setup(device, seed, "bf16", True))
-    monkeypatch.setattr(main_rl_prune, "main", lambda argv: real_rl([*argv, "--amp", "bf16", "--channels_last"]))
+    monkeypatch.setattr(stages.rl, "run", lambda s: real_rl(dataclasses.replace(s, amp="bf16", channels_last=True)))
     config = tmp_path / "prune.json"
     config.write_text(json.dumps({"epochs": 1, "lr": 0.01, "bs": 32, "fisher_batches": 2, "criterion": "score",
                                   "amp": "bf16", "channels_last": True}))

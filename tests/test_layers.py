@@ -1,7 +1,7 @@
 """The imports run one way. Every .py file of the project is read with `ast` (no module is imported), and each
 import of a project module is checked against the layers, lowest first:
 
-    utils < models < runtime < pruners, gates, deploy < search < scripts
+    utils < models < runtime < pruners, gates, deploy < stages < search < scripts
 
 - a package module imports only from its own package or from a package of a lower layer (pruners, gates and
   deploy, one layer, import none of each other);
@@ -17,7 +17,7 @@ import os
 
 from conftest import ROOT
 
-LAYERS = {"utils": 0, "models": 1, "runtime": 2, "pruners": 3, "gates": 3, "deploy": 3, "search": 4}
+LAYERS = {"utils": 0, "models": 1, "runtime": 2, "pruners": 3, "gates": 3, "deploy": 3, "stages": 4, "search": 5}
 SCRIPT_PACKAGES = ("bench",)
 SKIP = {".git", "__pycache__", "out", "results", "shared"}
 

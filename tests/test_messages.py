@@ -14,6 +14,7 @@ import torch
 
 import main_rl_prune
 import main_sp
+from stages.rl import check_settings as check_rl_settings
 from conftest import write_and_train
 from helpers import assert_one_line_error, run_script, tiny_dataset
 from gates.policy import Baseline, policy_loss
@@ -81,7 +82,7 @@ def test_batch_baseline_with_one_image_per_process_is_refused(tmp_path):
     assert not (tmp_path / "res").exists()
     # two images, or the moving baseline with one, pass the flag checks
     for flags in (["--baseline", "batch", "--bs", "2"], ["--baseline", "moving", "--bs", "1"]):
-        main_rl_prune.check_args(main_rl_prune.parse_args(["--controller", "reinforce", *flags]))
+        check_rl_settings(main_rl_prune.parse_args(["--controller", "reinforce", *flags]))
 
 
 def test_a_controllers_own_flag_given_to_another_warns_that_it_does_nothing(capsys):
@@ -94,11 +95,11 @@ def test_a_controllers_own_flag_given_to_another_warns_that_it_does_nothing(caps
                         (["--controller", "reinforce", "--explore_bound", "0.2"],
                          ["--explore_bound 0.2 only applies to --controller counterfactual"]),
                         (["--controller", "gumbel", "--gumbel_tau", "0.5", "--alpha", "0.3"], [])):
-        main_rl_prune.check_args(main_rl_prune.parse_args(argv))
+        check_rl_settings(main_rl_prune.parse_args(argv))
         err = capsys.readouterr().err
         assert all(n in err for n in named) and (err.count("\n") == 1 if named else err == ""), (argv, err)
     with pytest.raises(UserError, match="--gumbel_tau 0.0 must be > 0"):
-        main_rl_prune.check_args(main_rl_prune.parse_args(["--controller", "gumbel", "--gumbel_tau", "0"]))
+        check_rl_settings(main_rl_prune.parse_args(["--controller", "gumbel", "--gumbel_tau", "0"]))
 
 
 # ------------------------------------------------------------ 2. a --val_split that holds out no image

@@ -507,7 +507,7 @@ def test_main_prune_iterative_rounds_with_fixed_rotations(stage1, tmp_path):
 
 def test_shipped_config_is_the_seeds_and_documented():
     cfg = load_config(os.path.join(ROOT, "config.json"))
-    assert cfg["schedule"] == [{"target": "compression", "value": 0.6, "epochs": cfg["epochs"], "lr": cfg["lr"]}]
+    assert cfg.schedule == [{"target": "compression", "value": 0.6, "epochs": cfg.epochs, "lr": cfg.lr}]
     table = markdown_table()
     assert all(f"| `{key}` |" in table for key in KEYS)
 
@@ -575,8 +575,8 @@ def test_set_null_clears_a_key_of_the_shipped_config():
     from main_prune import parse_overrides
     sets = parse_overrides(["compression=null", "gflops=0.5"])
     cfg = load_config(os.path.join(ROOT, "config.json"), {"device": None}, sets=sets)
-    assert cfg["schedule"][0]["target"] == "gflops" and cfg["schedule"][0]["value"] == 0.5
-    assert cfg["device"] is None
+    assert cfg.schedule[0]["target"] == "gflops" and cfg.schedule[0]["value"] == 0.5
+    assert cfg.device is None
 
 
 def test_an_error_in_a_set_value_names_the_flag():

@@ -15,6 +15,7 @@ import torch
 
 import main_prune
 import main_sp
+import stages.sp
 import conftest
 from conftest import PIPELINE_RL as RL
 from conftest import ROOT, STAGE1_DATA, STAGE1_FLAGS, prune_config
@@ -143,7 +144,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(pipel
             loss = loss * float("nan")
         return loss, stats
 
-    monkeypatch.setattr(main_sp, "supervised_step", poisoned)
+    monkeypatch.setattr(stages.sp, "supervised_step", poisoned)  # stage 1's joint step calls it
     with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
         main_sp.main([*SP, "--epochs", "3", "--data_dir", data, "--result_dir", str(tmp_path)])
     assert torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)["epoch"] == 1

@@ -149,8 +149,7 @@ def test_search_resumes_after_being_killed_mid_trial(stage1, monkeypatch, capsys
     assert len(os.listdir(static)) == 3  # the retry took over the dead trial's folder
     for d, files in finished.items():
         assert snapshot(static / d) == files  # finished trials not redone
-    config = json.loads((static / interrupted / "prune_config.json").read_text())
-    assert config["resume"] is True  # the interrupted trial continued from its checkpoint
+    assert "[prune] resuming from round 1," in stdout  # the interrupted trial continued from its checkpoint
     trials = json.loads((out / "search" / "trials.json").read_text())["trials"]
     states = sorted(t["state"] for t in trials if t["phase"] == "static")
     assert states == ["COMPLETE"] * 3 + ["FAIL"]  # the killed process's trial, retried at the same point
@@ -438,24 +437,25 @@ def test_a_trial_folder_is_reused_only_under_its_own_settings(tmp_path, capsys):
     """A fresh --storage numbers its trials from 0 again, into folders an earlier search made: a folder is
     read (or resumed) only when it records the same settings and starting network, else it is moved aside
     and the trial runs (never the old network reported as the new settings' result)."""
-    from search.trials import Stages, Trials
+    from search.trials import Trials
+    from stages.rl import RLSettings
     ran = []
 
-    def prune(argv):  # stage 2's entry point, as far as the search sees it
-        cfg = json.loads(open(argv[1]).read())
-        ran.append(("prune", cfg["epochs"]))
-        os.makedirs(os.path.join(cfg["result_dir"], "prune"), exist_ok=True)
-        with open(os.path.join(cfg["result_dir"], "prune", "checkpoint.pt"), "w") as f:
-            f.write(f"network of {cfg['epochs']} epochs")
-        with open(os.path.join(cfg["result_dir"], "prune", "metrics.json"), "w") as f:
-            json.dump({"val_acc": cfg["epochs"], "val_gflops": 1.0}, f)
+    def finish(result_dir, stage, epochs, gflops):  # what a stage leaves and returns, as far as the search sees it
+        os.makedirs(os.path.join(result_dir, stage), exist_ok=True)
+        with open(os.path.join(result_dir, stage, "checkpoint.pt"), "w") as f:
+            f.write(f"network of {epochs} epochs")
+        with open(os.path.join(result_dir, stage, "metrics.json"), "w") as f:
+            json.dump({"val_acc": epochs, "val_gflops": gflops}, f)
+        return {"val_acc": epochs, "val_gflops": gflops}
 
-    def rl(argv):
-        flag = lambda name: argv[argv.index(name) + 1]
-        ran.append(("rl", int(flag("--epochs"))))
-        os.makedirs(os.path.join(flag("--result_dir"), "rl"), exist_ok=True)
-        with open(os.path.join(flag("--result_dir"), "rl", "metrics.json"), "w") as f:
-            json.dump({"val_acc": int(flag("--epochs")), "val_gflops": 0.5}, f)
+    def prune(cfg):  # stage 2's function
+        ran.append(("prune", cfg.epochs))
+        return finish(cfg.result_dir, "prune", cfg.epochs, 1.0)
+
+    def rl(settings):
+        ran.append(("rl", settings.epochs))
+        return finish(settings.result_dir, "rl", settings.epochs, 0.5)
 
     stage1 = tmp_path / "sp.pt"
     stage1.write_text("stage-1 network")
@@ -463,7 +463,7 @@ def test_a_trial_folder_is_reused_only_under_its_own_settings(tmp_path, capsys):
 
     def trials(epochs, rl_epochs, device="cpu", data_dir="d"):
         return Trials(str(tmp_path / "search"), str(stage1), {**data, "data_dir": data_dir}, {"epochs": epochs},
-                      ["--epochs", str(rl_epochs)], device, Stages(prune, rl, None, None))
+                      RLSettings(epochs=rl_epochs, **{**data, "data_dir": data_dir}), device, prune, rl)
 
     static = str(tmp_path / "search" / "trials" / "s.static" / "0-compression0.5")
     dynamic = str(tmp_path / "search" / "trials" / "s.dynamic.c0.5" / "0-alpha1")

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import main_rl_prune
 import main_sp
+import stages.sp
 from bench.bench_step import setup as bench_setup
 from bench.bench_step import top_level_ops
 import conftest
@@ -167,7 +168,7 @@ def _losses(kind, backend, steps=20):
     model = build_model(make_arch(depth=8, width=1, num_classes=10)).train()
     costs = measure_costs(model, 16)
     optimizer = make_optimizer(model, SGD)
-    step = {"joint": main_sp.joint_step,
+    step = {"joint": stages.sp.joint_step,
             "rl": ReinforceStep(costs, 0.5, 1.0, 0.1, Baseline("moving", model.num_switches))}[kind]
     if backend:
         step = compile_step(step, "cpu", backend=backend)

@@ -1,9 +1,57 @@
-"""Command-line flags shared by the stage scripts. A bad flag is one line and exit status 2."""
+"""One definition per setting: its accepted types, its check and its help (Setting), serving the stages'
+command-line flags (add_flags, check) and stage 2's config keys (pruners/config.py) alike. A stage's settings
+are a dataclass whose fields are Settings with the stage's default; the shared ones (data, training) are
+StageSettings'. A bad flag or value is one line and exit status 2."""
 import argparse
+import dataclasses
 import math
 
 from utils.data import AUGMENTS
 from utils.errors import UserError
+
+NULL = type(None)
+ANY = (lambda v: True, "")
+
+
+def one_of(*choices):
+    return lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}"
+
+
+def in_range(lo, hi=None, lo_open=False, hi_open=True):
+    """(check, what it demands) of a number in [lo, hi) (or as opened), hi None: no upper end."""
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if hi is None:
+        return ok, f"must be {'>' if lo_open else '>='} {lo}"
+    return ok, f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setting:
+    """What a setting accepts (types: a flag's type is the first; a config key takes any of them), the check
+    of a given value, its help, the choices a flag offers, the flag's group (None: not a flag) and
+    argparse's own keywords where a flag is more than a typed value (--resume's optional path, say)."""
+    types: tuple
+    help: str
+    check: tuple = ANY
+    choices: tuple = None
+    group: str = None
+    flag: dict = None
+
+    def __call__(self, default):
+        """A dataclass field holding this setting with the stage's `default`."""
+        return dataclasses.field(default=default, metadata={"setting": self})
+
+    def demand(self):
+        return self.check[1] or (one_of(*self.choices)[1] if self.choices else "")
+
+    def accepts(self, value):
+        return value is None or (self.check[0](value) and (self.choices is None or value in self.choices))
+
+
+def settings_of(cls):
+    """(name, default, Setting) of every setting of a settings dataclass (or instance), in order."""
+    return [(f.name, f.default, f.metadata["setting"]) for f in dataclasses.fields(cls) if "setting" in f.metadata]
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,82 +66,123 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def base_parser(description):
-    """Flags of the original stage-1 and stage-3 commands, plus ours."""
-    p = Parser(description=description, formatter_class=Formatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--data_dir", default="data", help="class folders train/<class>/*.<img_type> + test/..., "
-                   "or cifar-100-python/ pickles; found automatically")
-    d.add_argument("--img_type", default="png", help="image file extension in the class-folder layout")
-    d.add_argument("--resize", type=int, default=None, help="side the images are brought to (default: 32 "
-                   "for a new network, else the one the checkpoint was trained at; a different one is refused)")
-    d.add_argument("--augment", default=None, choices=AUGMENTS,
-                   help="training augmentation: cifar = random crop + horizontal flip, crop = random crop only "
-                        "(digits, text: mirror images are other symbols), none (default: cifar for a new "
-                        "network, else the checkpoint's)")
-    d.add_argument("--download", action="store_true", help="fetch CIFAR-100 through torchvision if absent")
-    d.add_argument("--val_split", type=float, default=0.0,
-                   help="fraction of train held out for per-epoch validation (0: evaluate on test each epoch, "
-                        "never selecting on it)")
-    d.add_argument("--num_workers", type=int, default=4, help="processes decoding images once at start-up")
-    d.add_argument("--final_split", default="test", choices=["test", "val"],
-                   help="split of the final evaluation (metrics.json); val (needs --val_split > 0) never "
-                        "touches the test split, as a search choosing settings must")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=200, help="epochs of this stage")
-    t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (peak of the schedule)")
-    t.add_argument("--bs", type=int, default=128, help="batch size of a training step, over all processes: under "
-                   "torchrun each of P processes takes bs / P images (bs must be divisible by P), so the flags mean "
-                   "the same recipe on any number of GPUs")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov when > 0)")
-    t.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
-    t.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "constant"],
-                   help="learning-rate schedule, per step (step: x0.1 at 50%% and 75%%)")
-    t.add_argument("--seed", type=int, default=0, help="initialisation, data order, augmentation, sampling")
-    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available). Under "
-                   "torchrun each process takes cuda:LOCAL_RANK; cuda:N is refused when torchrun starts several "
-                   "processes per machine (choose the GPUs with CUDA_VISIBLE_DEVICES)")
-    t.add_argument("--amp", default=None, choices=["bf16", "off"],
-                   help="bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay float32); off: "
-                        "float32 throughout (default: bf16 on CUDA, off on CPU)")
-    t.add_argument("--tf32", action="store_true",
-                   help="allow TF32 (a 10-bit mantissa) for the training step's float32 convolutions and matmuls on "
-                        "CUDA (with --amp off: faster on Ampere and later GPUs); off by default, and always off for "
-                        "the final evaluation, the counterfactual losses and anything that says float32")
-    t.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
-                   help="weights and batches in the NHWC memory format; --no-channels_last: NCHW (default: on "
-                        "with CUDA, off on CPU)")
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile the model in the training step (forward and backward): on CUDA inductor "
-                        "with CUDA graphs (reduce-overhead), so the step is not bound by the host launching "
-                        "its many small ops; minutes of compiling first. Elsewhere aot_eager (no speed-up). "
-                        "Evaluation runs uncompiled")
-    t.add_argument("--result_dir", default="results", help="each stage writes <result_dir>/<stage>/")
-    t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from this stage's last checkpoint (default: the one in --result_dir)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="when --result_dir holds a finished run of this stage (which this run replaces) or later "
-                        "stages' results (made from the network this run replaces), move them into "
-                        "<result_dir>/stale-<time>/ instead of refusing")
-    return p
+def add_flags(parser, cls, titles):
+    """A flag per setting of `cls` whose Setting names a group, in the groups' `titles`."""
+    groups = {key: parser.add_argument_group(title) if title else parser for key, title in titles.items()}
+    for name, default, s in settings_of(cls):
+        if s.group is None:
+            continue
+        if s.group not in groups:
+            groups[s.group] = parser.add_argument_group(titles.get(s.group, s.group))
+        kwargs = {"default": default, "help": s.help, "choices": s.choices, **(s.flag or {})}
+        if "action" not in kwargs:
+            kwargs.update({"action": "store_true"} if s.types[0] is bool else {"type": s.types[0]})
+        groups[s.group].add_argument(f"--{name}", **{k: v for k, v in kwargs.items() if v is not None})
+    return parser
 
 
-def check_finite(args):
-    """Every float flag finite: argparse's float() takes "inf" and "nan", which no range check below refuses
-    reliably (nan fails every comparison) and no training survives."""
-    for name, value in vars(args).items():
+def parse(cls, description, titles, argv=None):
+    """Settings `cls` from the command line `argv` (not yet checked: check())."""
+    args = add_flags(Parser(description=description, formatter_class=Formatter), cls, titles).parse_args(argv)
+    return cls(**vars(args))
+
+
+def check(settings, flag=None, suffix=""):
+    """UserError naming the flag (`flag(name)`, default --name) of the first setting not finite, then of
+    the first its check refuses."""
+    flag = flag or (lambda name: f"--{name}")
+    values = [(name, getattr(settings, name), s) for name, _, s in settings_of(settings)]
+    for name, value, _ in values:  # float("inf") and "nan" parse, and nan fails every comparison
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{name} {value} must be a finite number")
+            raise UserError(f"{flag(name)} {value} must be a finite number{suffix}")
+    for name, value, s in values:
+        if not s.accepts(value):
+            raise UserError(f"{flag(name)} {value} {s.demand()}{suffix}")
 
 
-def check_ranges(args):
-    """Values argparse cannot check by type alone (every float finite, then the ranges)."""
-    check_finite(args)
-    checks = [("epochs", args.epochs >= 0, "must be >= 0"), ("lr", args.lr > 0, "must be > 0"),
-              ("bs", args.bs >= 1, "must be >= 1"), ("momentum", 0 <= args.momentum < 1, "must be in [0, 1)"),
-              ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
-              ("resize", args.resize is None or args.resize >= 8, "must be >= 8"), ("num_workers", args.num_workers >= 0, "must be >= 0"),
-              ("val_split", 0 <= args.val_split < 1, "must be in [0, 1)")]
-    for name, ok, why in checks:
-        if not ok:
-            raise UserError(f"--{name} {getattr(args, name)} {why}")
+# the shared settings: what a stage reads and how it trains (stage 2 reads them as config keys)
+DATA_DIR = Setting((str,), "class folders train/<class>/*.<img_type> + test/..., or cifar-100-python/ pickles; "
+                   "found automatically", (lambda v: bool(v), "must not be empty"), group="data")
+IMG_TYPE = Setting((str,), "image file extension in the class-folder layout", (lambda v: bool(v), "must not be "
+                   "empty"), group="data")
+RESIZE = Setting((int, NULL), "side, in pixels, the images are brought to (default: 32 for a new network, else "
+                 "the one the checkpoint was trained at; a different one is refused)", in_range(8), group="data")
+AUGMENT = Setting((str, NULL), "training augmentation: cifar = random crop + horizontal flip, crop = random crop "
+                  "only (digits, text: mirror images are other symbols), none (default: cifar for a new network, "
+                  "else the checkpoint's)", choices=AUGMENTS, group="data")
+DOWNLOAD = Setting((bool,), "fetch CIFAR-100 through torchvision if absent", group="data")
+VAL_SPLIT = Setting((float, int), "fraction of train held out for per-epoch validation (0: evaluate on test each "
+                    "epoch, never selecting on it)", in_range(0, 1), group="data")
+NUM_WORKERS = Setting((int,), "processes decoding images once at start-up", in_range(0), group="data")
+FINAL_SPLIT = Setting((str,), "split of the final evaluation (metrics.json); val (needs val_split > 0) never "
+                      "touches the test split, as a search choosing settings must", choices=("test", "val"),
+                      group="data")
+EPOCHS = Setting((int,), "epochs of this stage", in_range(0), group="training")
+LR = Setting((float,), "SGD learning rate (peak of the schedule)", in_range(0, lo_open=True), group="training")
+BS = Setting((int,), "batch size of a training step, over all processes: under torchrun each of P processes takes "
+             "bs / P images (bs must be divisible by P), so the settings mean the same recipe on any number of "
+             "GPUs", in_range(1), group="training")
+MOMENTUM = Setting((float, int), "SGD momentum (nesterov when > 0)", in_range(0, 1), group="training")
+WEIGHT_DECAY = Setting((float, int), "SGD weight decay", in_range(0), group="training")
+SCHEDULER = Setting((str,), "learning-rate schedule, per step (step: x0.1 at half and at three quarters of the steps)",
+                    choices=("cosine", "step", "constant"), group="training")
+SEED = Setting((int,), "initialisation, data order, augmentation, sampling", group="training")
+DEVICE = Setting((str, NULL), "cpu, cuda or cuda:N (default: cuda when available). Under torchrun each process "
+                 "takes cuda:LOCAL_RANK; cuda:N is refused when torchrun starts several processes per machine "
+                 "(choose the GPUs with CUDA_VISIBLE_DEVICES)", group="training")
+AMP = Setting((str, NULL), "bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay float32); off: "
+              "float32 throughout (default: bf16 on CUDA, off on CPU)", choices=("bf16", "off"), group="training")
+TF32 = Setting((bool,), "allow TF32 (a 10-bit mantissa) for the training step's float32 convolutions and matmuls "
+               "on CUDA (with amp off: faster on Ampere and later GPUs); off by default, and always off for the "
+               "final evaluation, the factor pass, the counterfactual losses and anything that says float32",
+               group="training")
+CHANNELS_LAST = Setting((bool, NULL), "weights and batches in the NHWC memory format; --no-channels_last: NCHW "
+                        "(default: on with CUDA, off on CPU)", group="training",
+                        flag={"action": argparse.BooleanOptionalAction})
+RESULT_DIR = Setting((str,), "each stage writes <result_dir>/<stage>/", (lambda v: bool(v), "must not be empty"),
+                     group="training")
+OVERWRITE = Setting((bool,), "when result_dir holds a finished run of this stage (which this run replaces) or "
+                    "later stages' results (made from the network this run replaces), move them into "
+                    "<result_dir>/stale-<time>/ instead of refusing", group="training")
+
+
+@dataclasses.dataclass
+class CommonSettings:
+    """The data and training settings of the three stages (flags of stages 1 and 3, config keys of stage 2)."""
+    data_dir: str = DATA_DIR("data")
+    img_type: str = IMG_TYPE("png")
+    resize: int = RESIZE(None)
+    augment: str = AUGMENT(None)
+    download: bool = DOWNLOAD(False)
+    val_split: float = VAL_SPLIT(0.0)
+    num_workers: int = NUM_WORKERS(4)
+    final_split: str = FINAL_SPLIT("test")
+    epochs: int = EPOCHS(200)
+    lr: float = LR(0.1)
+    bs: int = BS(128)
+    momentum: float = MOMENTUM(0.9)
+    weight_decay: float = WEIGHT_DECAY(5e-4)
+    scheduler: str = SCHEDULER("cosine")
+    seed: int = SEED(0)
+    device: str = DEVICE(None)
+    amp: str = AMP(None)
+    tf32: bool = TF32(False)
+    channels_last: bool = CHANNELS_LAST(None)
+    result_dir: str = RESULT_DIR("results")
+
+
+@dataclasses.dataclass
+class StageSettings(CommonSettings):
+    """The settings of stages 1 and 3 (and their flags): the common ones and how they run."""
+    compile: bool = Setting((bool,), "torch.compile the model in the training step (forward and backward): on CUDA "
+                            "inductor with CUDA graphs (reduce-overhead), so the step is not bound by the host "
+                            "launching its many small ops; minutes of compiling first. Elsewhere aot_eager (no "
+                            "speed-up). Evaluation runs uncompiled", group="training")(False)
+    resume: str = Setting((str, NULL), "continue from this stage's last checkpoint (default: the one in "
+                          "--result_dir)", group="training",
+                          flag={"nargs": "?", "const": "auto", "metavar": "PATH"})(None)
+    overwrite: bool = OVERWRITE(False)
+    switch_lr: float = Setting((float, NULL), "learning rate of the switches (default: --lr); follows the same "
+                               "schedule", in_range(0, lo_open=True), group="switch optimisation")(None)
+    switch_weight_decay: float = Setting((float, NULL), "weight decay of the switches (default: --weight_decay)",
+                                         in_range(0), group="switch optimisation")(None)
