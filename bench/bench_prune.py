@@ -42,7 +42,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench.peer_torch_pruning import shaped_like  # noqa: E402
-from bench.runner import run_script  # noqa: E402
+from bench.common import run_script  # noqa: E402
 from models import build_model  # noqa: E402
 from pruners import model_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402

@@ -79,7 +79,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before torch: above USDT (5), 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.runner import run_script  # noqa: E402
+from bench.common import run_script  # noqa: E402
 from utils.files import read_json  # noqa: E402
 from utils.synthetic import write_synthetic  # noqa: E402
 

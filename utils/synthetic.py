@@ -215,7 +215,7 @@ def write_digits(root, size=32, test_fraction=0.2, seed=0, hard_fraction=0.0, no
     """The digits of digits_images as PNGs of size x size in the class-folder layout, with a stratified
     deterministic train/test split. Returns root. With a spread of difficulty, the degraded images' paths,
     relative to root ("test/3/00012.png"), are listed in root/hard.txt (two levels) or with their level in
-    root/difficulty.txt ("<path> <level>" per line, graded; bench/routes_by_difficulty.py reads either)."""
+    root/difficulty.txt ("<path> <level>" per line, graded; evaluation/routes_by_difficulty.py reads either)."""
     images, labels, level = digits_images(size, seed, hard_fraction, levels, noise)
     rng = np.random.default_rng(seed)
     test_idx = []

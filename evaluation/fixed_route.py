@@ -1,9 +1,9 @@
 """The best fixed route of a network at a GFLOPs budget: the same blocks skipped for every image, chosen
 greedily on the validation split (gates/routes.best_fixed_route), BN statistics re-estimated on training
 images under that route (gates/routes.recalibrate_route), then evaluated once on test. The baseline that
-per-image routing must beat at equal GFLOPs (bench/study.py).
+per-image routing must beat at equal GFLOPs (evaluation/study.py).
 
-    python bench/fixed_route.py --checkpoint RL_CKPT [--checkpoint PRUNE_CKPT ...] --budget_gflops G \
+    python -m evaluation.fixed_route --checkpoint RL_CKPT [--checkpoint PRUNE_CKPT ...] --budget_gflops G \
         --data_dir DIR --val_split 0.1 --seed 0 --out route.json
 
 The blocks are coarse (one block of ResNet-20 is about a ninth of its cost), so the greedy route lands at or
@@ -11,17 +11,14 @@ under the budget; the route one greedy step before it (just over the budget) is 
 """
 import argparse
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from gates.routes import best_fixed_route, evaluate_route, recalibrate_route  # noqa: E402
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.dist import setup  # noqa: E402
-from runtime.loop import prepare  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.flops import measure_costs  # noqa: E402
-from utils.data import DataSettings, load_data  # noqa: E402
+from gates.routes import best_fixed_route, evaluate_route, recalibrate_route
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.dist import setup
+from runtime.loop import prepare
+from utils.files import write_json
+from utils.flops import measure_costs
+from utils.data import DataSettings, load_data
 
 
 def load(path, data, ctx, bs):

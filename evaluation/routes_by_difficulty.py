@@ -3,7 +3,7 @@ spread of difficulty (utils/synthetic.write_digits' hard_fraction: <data_dir>/ha
 images) split into hard and easy ones, and for each group: accuracy, GFLOPs per image as executed (greedy
 routes, skipped blocks not counted), and every switch's greedy execution rate.
 
-    python bench/routes_by_difficulty.py CKPT [CKPT ...] --data_dir DIR [--out routes_by_difficulty.json]
+    python -m evaluation.routes_by_difficulty CKPT [CKPT ...] --data_dir DIR [--out routes_by_difficulty.json]
 
 Images go through the checkpoint's recorded input pipeline (utils.data.Preprocess), as a deployed model
 sees them, in batches of --bs.
@@ -11,17 +11,14 @@ sees them, in batches of --bs.
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-from utils.data import Preprocess  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.flops import measure_costs, routed_flops  # noqa: E402
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import Parser
+from utils.data import Preprocess
+from utils.errors import UserError, run_main
+from utils.flops import measure_costs, routed_flops
 
 
 def test_images(data_dir):
@@ -29,7 +26,7 @@ def test_images(data_dir):
     listing = os.path.join(data_dir, "hard.txt")
     if not os.path.isfile(listing):
         raise UserError(f"{listing} does not exist: --data_dir must be written with a spread of difficulty "
-                        f"(bench/study.py --mixed, or utils/synthetic.write_digits(..., hard_fraction=0.5))")
+                        f"(evaluation/study.py --mixed, or utils/synthetic.write_digits(..., hard_fraction=0.5))")
     with open(listing) as f:
         hard = set(f.read().split())
     test = os.path.join(data_dir, "test")

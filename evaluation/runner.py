@@ -1,22 +1,14 @@
-"""Runs the project's scripts as a user runs them: one script (run_script), or a set of tasks with
-dependencies, several at a time, each reused while its output and stamp say it was done by the same command
-(Task, run_all). bench/study.py and bench/crossfit.py plan their tasks; the tests run the scripts through
-run_script too."""
+"""Runs the project's scripts as a user runs them: a set of tasks with dependencies, several at a time, each
+reused while its output and stamp say it was done by the same command (Task, run_all), each run by
+bench.common.run_script. The study, the cross-fitting and the controllers' comparisons plan their tasks."""
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(argv, env=None, **kwargs):
-    """`python *argv` from the repository root, `env` added to this process's environment; the other
-    keyword arguments are subprocess.run's. Returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
+from bench.common import run_script
 
 
 @dataclass
@@ -71,7 +63,7 @@ def run_task(task, logs, threads, upstream_rerun):
         raise RuntimeError(f"task {task.name} failed (exit {proc.returncode}); {log_path} ends with:\n{tail}")
     with open(stamp_path(task), "w") as f:
         json.dump({"argv": task.argv, "config": task.config, "seconds": task.seconds}, f)
-    print(f"[bench] {task.name} done in {task.seconds:.0f}s", flush=True)
+    print(f"[run] {task.name} done in {task.seconds:.0f}s", flush=True)
     return task
 
 
@@ -99,7 +91,7 @@ def run_all(tasks, jobs, threads, logs):
                     future.result()
                 except Exception as e:  # noqa: BLE001 -- reported with the task's log, the study goes on
                     failed[task.name] = str(e)
-                    print(f"[bench] {e}", flush=True)
+                    print(f"[run] {e}", flush=True)
                     continue
                 done.add(task.name)
                 if not task.reused:

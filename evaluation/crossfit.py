@@ -37,16 +37,16 @@ training runs), McNemar, and the smallest difference the design detects. Wall-cl
 of one unit at every compared budget, exported (deploy/export.py), batch 1 and 128, eager and onnxruntime,
 taking turns in one run.
 
-    python bench/crossfit.py --family transform --speed  # a difficulty compute can fix (~2.5 h on 2 busy cores)
-    python bench/crossfit.py --family noise --speed      # a difficulty that destroys information
-    python bench/crossfit.py report --family transform   # the report of the units finished so far
-    python bench/crossfit.py --quick --out DIR --results DIR   # the same code path in a minute or two
-    python bench/crossfit.py --scale cifar100 --data_dir DATA --speed   # a dataset of its own (one GPU)
+    python -m evaluation.crossfit --family transform --speed  # a difficulty compute can fix (~2.5 h on 2 busy cores)
+    python -m evaluation.crossfit --family noise --speed      # a difficulty that destroys information
+    python -m evaluation.crossfit report --family transform   # the report of the units finished so far
+    python -m evaluation.crossfit --quick --out DIR --results DIR   # the same code path in a minute or two
+    python -m evaluation.crossfit --scale cifar100 --data_dir DATA --speed   # a dataset of its own (one GPU)
 
 Each finished unit writes its small result (per-image correctness of every arm) to
 <results>/crossfit/<family>/units/<unit>.json; a rerun (on any machine) skips the units found there and
-reports on them. The work (checkpoints, logs) is under <out> (default bench/out/crossfit/<family>), reused by
-a rerun of the same command (bench/runner.py). The report: <results>/crossfit/<family>/report.{md,json}.
+reports on them. The work (checkpoints, logs) is under <out> (default evaluation/out/crossfit/<family>), reused by
+a rerun of the same command (evaluation/runner.py). The report: <results>/crossfit/<family>/report.{md,json}.
 """
 import argparse
 import copy
@@ -62,26 +62,25 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from bench import paired  # noqa: E402
-from bench.runner import Task, run_all  # noqa: E402
-from gates.ending import end_training  # noqa: E402
-from gates.routes import best_fixed_route, recalibrate_route, route_flops  # noqa: E402
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from runtime.evaluate import no_autotune_when_skipping  # noqa: E402
-from runtime.loop import make_scheduler, prepare, train_epoch  # noqa: E402
-from runtime.steps import dense_step, touch_switches  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-from utils.data import BatchLoader, DataSettings, load_data, split_val  # noqa: E402
-from utils.dist import setup  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.files import read_json, write_json  # noqa: E402
-from utils.flops import dense_flops, measure_costs, routed_flops, skipped_flops  # noqa: E402
-from utils.synthetic import digits_images, transformed_digits, write_split  # noqa: E402
+from evaluation import stats
+from evaluation.runner import Task, run_all
+from gates.ending import end_training
+from gates.routes import best_fixed_route, recalibrate_route, route_flops
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from runtime.evaluate import no_autotune_when_skipping
+from runtime.loop import make_scheduler, prepare, train_epoch
+from runtime.steps import dense_step, touch_switches
+from utils.cli import Parser
+from utils.data import BatchLoader, DataSettings, load_data, split_val
+from utils.dist import setup
+from utils.errors import UserError, run_main
+from utils.files import read_json, write_json
+from utils.flops import dense_flops, measure_costs, routed_flops, skipped_flops
+from utils.synthetic import digits_images, transformed_digits, write_split
 
 # Epochs after stage 1, the same for every arm: prune + rl + routes (the dynamic arm's three phases; the
 # fixed route shares the first two); lr: the peak of each phase's cosine schedule. The settings were fixed
-# by a pilot on one unit's validation split (bench/results/crossfit/pilot.md).
+# by a pilot on one unit's validation split (evaluation/results/crossfit/pilot.md).
 SCALES = {
     "digits": dict(resize=16, depth=14, width=1, bs=64, val_split=0.2, folds=2, seeds=(0, 1, 2), levels=5,
                    sp=dict(epochs=60, lr=0.1),
@@ -146,7 +145,7 @@ def write_units(s, family, out, data_dir=None):
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, "images.npz"), labels=labels, level=level)
     units = []
-    for split in paired.cross_fit_splits(len(labels), s["folds"], s["seeds"], val_fraction=0.0, labels=labels):
+    for split in stats.cross_fit_splits(len(labels), s["folds"], s["seeds"], val_fraction=0.0, labels=labels):
         name = f"s{split.seed}f{split.fold}"
         root = os.path.join(out, name, "data")
         if not os.path.isdir(os.path.join(root, "test")):
@@ -286,7 +285,7 @@ def unit_result(results, name, controller, factor=1):
 def plan(s, units, out, controller, results):
     """Every unit's tasks (those without a result yet), then the doubling checks' (after all, so that a run
     cut short has whole units)."""
-    me = [os.path.join(ROOT, "bench", "crossfit.py")]
+    me = ["-m", "evaluation.crossfit"]
     tasks, doubled = [], []
     for name, split in units:
         u = os.path.join(out, name)
@@ -784,8 +783,8 @@ def compare(units, get_a, get_b, split="test", alternative="greater"):
     a = [unbits(get_a(x)[split]) for x in units]
     b = [unbits(get_b(x)[split]) for x in units]
     ids = [np.array(x[f"{split}_ids"]) for x in units]
-    rep = paired.pooled_report(a, b, image_ids=ids, alternative=alternative, n_boot=4000)
-    ub = paired.unit_bootstrap_ci(a, b, n_boot=4000)
+    rep = stats.pooled_report(a, b, image_ids=ids, alternative=alternative, n_boot=4000)
+    ub = stats.unit_bootstrap_ci(a, b, n_boot=4000)
     rep["unit_ci"] = {"low": ub.low, "high": ub.high, "se": ub.se, "mdd": ub.mdd, "units": ub.units}
     return rep
 
@@ -906,7 +905,7 @@ def report(s, family, results, images_level, controller="counterfactual"):
                          ("fixed", lambda x: x["budgets"][k]["fixed"])):
             once = [unbits(get(a)["val"]) for a, _ in pairs]
             twice = [unbits(get(d)["val"]) for _, d in pairs]
-            ub = paired.unit_bootstrap_ci(twice, once, n_boot=4000)
+            ub = stats.unit_bootstrap_ci(twice, once, n_boot=4000)
             conv.append({"arm": arm, "units": len(pairs), "images": int(sum(len(o) for o in once)),
                          "val_acc": float(np.concatenate(once).mean() * 100),
                          "val_acc_doubled": float(np.concatenate(twice).mean() * 100), "diff": ub.diff,
@@ -1074,9 +1073,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--controller", default="counterfactual",
                    help="stage 3's --controller for the dynamic arm (compared with others on validation only)")
-    p.add_argument("--out", default=None, help="the work (default: bench/out/crossfit/<family>; with --quick, "
-                   "bench/out/crossfit-quick/<family>, never the full run's)")
-    p.add_argument("--results", default=None, help="default: bench/results/crossfit/<family>; with --quick, "
+    p.add_argument("--out", default=None, help="the work (default: evaluation/out/crossfit/<family>; with --quick, "
+                   "evaluation/out/crossfit-quick/<family>, never the full run's)")
+    p.add_argument("--results", default=None, help="default: evaluation/results/crossfit/<family>; with --quick, "
                    "<out>/results, never over the full run's")
     p.add_argument("--budget", type=float, default=None, help="one unit's steps: the budget (fraction)")
     p.add_argument("--factor", type=int, default=1, help="one unit's steps: the epochs' factor (2: doubled)")
@@ -1103,11 +1102,11 @@ def main(argv=None):
     quick = s["name"] == "quick"
     if args.data_dir:
         args.family = "own"
-    out = args.out or os.path.join(ROOT, "bench", "out", "crossfit-quick" if quick else "crossfit", args.family)
+    out = args.out or os.path.join(ROOT, "evaluation", "out", "crossfit-quick" if quick else "crossfit", args.family)
     if args.out:
         out = os.path.join(args.out, args.family)
     results = args.results or (os.path.join(out, "results") if quick else
-                               os.path.join(ROOT, "bench", "results", "crossfit", args.family))
+                               os.path.join(ROOT, "evaluation", "results", "crossfit", args.family))
     if args.results:
         results = os.path.join(args.results, args.family)
     units = write_units(s, args.family, out, args.data_dir)
@@ -1116,7 +1115,7 @@ def main(argv=None):
         tasks = plan(s, units, out, args.controller, results)
         if args.speed:
             first = os.path.join(out, units[0][0])
-            tasks.append(Task(f"{units[0][0]}/speed", [os.path.join(ROOT, "bench", "crossfit.py"), "speed", first,
+            tasks.append(Task(f"{units[0][0]}/speed", ["-m", "evaluation.crossfit", "speed", first,
                                                        "--scale", s["name"], "--controller", args.controller,
                                                        "--results", results, "--reps", str(args.reps)],
                               os.path.join(results, "speed.json"),
@@ -1135,7 +1134,7 @@ def main(argv=None):
                                                      else []),
                  *(["--data_dir", args.data_dir] if args.data_dir else ["--family", args.family]),
                  *(["--controller", args.controller] if args.controller != "counterfactual" else []), "--speed"]
-    command = " ".join(["python bench/crossfit.py", *given])
+    command = " ".join(["python -m evaluation.crossfit", *given])
     write_json(os.path.join(results, "report.json"), r)
     with open(os.path.join(results, "report.md"), "w") as f:
         f.write(markdown(r, command))

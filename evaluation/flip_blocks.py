@@ -1,8 +1,8 @@
 """The counterfactual controller with K sampled blocks flipped per step (--flip_blocks K) against the full form
 (every block flipped): validation accuracy at the same GFLOPs target, routes, and stage 3's time.
 
-    nice -n 5 python bench/flip_blocks.py                 # digits, 3 seeds, K = 0 (full), 2 and 4; ~1 h on 2 cores
-    python bench/flip_blocks.py --quick                   # a smoke run (its own --out and --results)
+    nice -n 5 python -m evaluation.flip_blocks                 # digits, 3 seeds, K = 0 (full), 2 and 4; ~1 h on 2 cores
+    python -m evaluation.flip_blocks --quick                   # a smoke run (its own --out and --results)
 
 Per seed: scikit-learn's digits at 16x16 with a graded spread of difficulty (utils/synthetic.py, 5 levels of
 contrast loss and noise; images of every level in train and test), ResNet-20 width 1 (8 switches);
@@ -12,21 +12,18 @@ middle of the gated range: every network ends calibrated to the same GFLOPs. Eve
 training images (the same ones) and ends on that validation split (--final_split val): the test split is
 never read. Reported per K: validation accuracy of the routed network (mean and per seed), its GFLOPs, the
 number of distinct routes its greedy switches take on the validation images, and stage 3's wall time.
-Runs are cached under --out (bench/runner.py's tasks); the table goes to --results (markdown + JSON).
+Runs are cached under --out (evaluation/runner.py's tasks); the table goes to --results (markdown + JSON).
 """
 import argparse
-import json
 import os
 import statistics
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 
-import torch  # noqa: E402
+import torch
 
-from bench.runner import Task, run_all  # noqa: E402
-from utils.files import read_json, write_json  # noqa: E402
+from evaluation.runner import Task, run_all
+from utils.files import read_json, write_json
 
 SCALES = {
     "digits": dict(resize=16, depth=20, width=1, bs=64, val_split=0.1, seeds=(0, 1, 2), flips=(0, 2, 4),
@@ -136,15 +133,15 @@ def markdown(s, rows, command):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny network, one seed, one epoch")
-    p.add_argument("--out", default=None, help="work folder (default: bench/out/flip_blocks[_quick])")
-    p.add_argument("--results", default=None, help="where the table goes (default: bench/results/flip_blocks "
-                                                    "or, --quick, bench/out/flip_blocks_quick/results)")
+    p.add_argument("--out", default=None, help="work folder (default: evaluation/out/flip_blocks[_quick])")
+    p.add_argument("--results", default=None, help="where the table goes (default: evaluation/results/flip_blocks "
+                                                    "or, --quick, evaluation/out/flip_blocks_quick/results)")
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
     s = SCALES["quick" if args.quick else "digits"]
-    out = args.out or os.path.join(ROOT, "bench", "out", "flip_blocks_quick" if args.quick else "flip_blocks")
+    out = args.out or os.path.join(ROOT, "evaluation", "out", "flip_blocks_quick" if args.quick else "flip_blocks")
     results = args.results or (os.path.join(out, "results") if args.quick else
-                               os.path.join(ROOT, "bench", "results", "flip_blocks"))
+                               os.path.join(ROOT, "evaluation", "results", "flip_blocks"))
     data = os.path.join(out, "data")
     if not os.path.isdir(os.path.join(data, "test")):
         from utils.synthetic import write_digits
@@ -154,7 +151,7 @@ def main(argv=None):
     run_all(tasks, args.jobs, 1, os.path.join(out, "logs"))
     times = {t.name: t.seconds for t in tasks}
     rows = report(s, out, data, times)
-    command = "python bench/flip_blocks.py" + (" --quick" if args.quick else "")
+    command = "python -m evaluation.flip_blocks" + (" --quick" if args.quick else "")
     os.makedirs(results, exist_ok=True)
     write_json(os.path.join(results, "flip_blocks.json"), {str(k): v for k, v in rows.items()})
     text = markdown(s, rows, command)
