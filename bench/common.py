@@ -1,20 +1,8 @@
-"""Shared by the benchmarks, the evaluation and the tests: running a script as a user runs it, timing
-(wall clock, median of repeats, after warm-up), routes forced at a known skip rate."""
-import os
+"""Timing helpers for the benchmarks (wall clock, median of repeats, after warm-up)."""
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(argv, env=None, **kwargs):
-    """`python *argv` from the repository root (a script's path, or -m and a module), `env` added to this
-    process's environment; the other keyword arguments are subprocess.run's. Returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
 
 
 def timeit(fn, repeats=5, warmup=2):

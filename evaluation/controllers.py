@@ -21,17 +21,18 @@ import os
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from evaluation.stats import pooled_report
+from utils.synthetic import write_digits
 from evaluation.runner import Task, run_all
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from evaluation.stats import pooled_report
+from runtime.predict import checkpoint_costs, load, predict
 from utils.cli import Parser
-from utils.data import DataSettings, load_data
+from utils.data import DataSettings
 from utils.errors import run_main
 from utils.dist import setup
 from utils.files import read_json, write_json
-from utils.flops import measure_costs, skipped_flops
-from utils.synthetic import write_digits
+from utils.flops import skipped_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCALES = {
     "digits": dict(resize=16, depth=20, width=1, bs=64, val_split=0.2, seeds=(0, 1, 2), levels=5,
@@ -53,8 +54,7 @@ def target_step(unit, budget):
     """The GFLOPs target of a seed's stage 3: `budget` of the way from every gated block skipped to every
     block run, of its stage-2 network (switches included, as stage 3 counts them)."""
     path = os.path.join(unit, "prune", "checkpoint.pt")
-    ckpt = load_checkpoint(path, ("prune",), "checkpoint")
-    costs = measure_costs(model_from_checkpoint(ckpt, path, "checkpoint"), ckpt["pipeline"]["resize"])
+    costs = checkpoint_costs(path, ("prune",))
     gflops = (skipped_flops(costs) + budget * sum(costs["blocks"])) / 1e9
     write_json(os.path.join(unit, "target.json"), {"gflops": gflops, "budget": budget})
 
@@ -62,13 +62,10 @@ def target_step(unit, budget):
 def val_correct(path):
     """Per validation image (in the split's order), whether the stage-3 network saved at `path` classifies it
     right on its greedy routes: the split the run held out, read through its recorded pipeline."""
-    import torch
-    ctx = setup("cpu", 0, "off", False)
-    ckpt = load_checkpoint(path, ("rl",), "checkpoint")
-    data = load_data(DataSettings.of(ckpt["args"]), ctx, recorded=ckpt["pipeline"], source=path)
-    model = model_from_checkpoint(ckpt, path, "checkpoint").eval()
-    with torch.no_grad():
-        return np.concatenate([(model(x)[0].argmax(1) == y).numpy() for x, y in data.eval])
+    from runtime.checkpoint import load_checkpoint
+    settings = DataSettings.of(load_checkpoint(path, ("rl",))["args"])
+    net = load(path, settings, setup("cpu", 0, "off", False), ("rl",))
+    return predict(net.ddp, net.data.eval).correct.numpy()
 
 
 def plan(s, out, data, controllers):

@@ -61,22 +61,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from evaluation import stats
+from utils.synthetic import digits_images, transformed_digits, write_split
+from gates.routes import best_fixed_route, recalibrate_route, route_flops
 from evaluation.runner import Task, run_all
 from gates.ending import end_training
-from gates.routes import best_fixed_route, recalibrate_route, route_flops
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from runtime.evaluate import no_autotune_when_skipping
-from runtime.loop import make_scheduler, prepare, train_epoch
+from runtime.checkpoint import load_model, save_checkpoint
+from runtime.loop import make_scheduler, train_epoch
+from runtime.predict import checkpoint_costs, load, predict
 from runtime.steps import dense_step, touch_switches
 from utils.cli import Parser
-from utils.data import BatchLoader, DataSettings, load_data, split_val
+from utils.data import BatchLoader, DataSettings, split_val
 from utils.dist import setup
 from utils.errors import UserError, run_main
 from utils.files import read_json, write_json
-from utils.flops import dense_flops, measure_costs, routed_flops, skipped_flops
-from utils.synthetic import digits_images, transformed_digits, write_split
+from utils.flops import dense_flops, skipped_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Epochs after stage 1, the same for every arm: prune + rl + routes (the dynamic arm's three phases; the
 # fixed route shares the first two); lr: the peak of each phase's cosine schedule. The settings were fixed
@@ -314,14 +315,12 @@ def unit_where(s, u, controller="counterfactual"):
 
 def load_unit(w, path, ctx, test=True):
     """(ddp, data, costs, ckpt) of a checkpoint with the unit's data and validation split."""
-    ckpt = load_checkpoint(path, None, "checkpoint")
     settings = DataSettings(data_dir=w.data_dir, bs=w.bs, val_split=w.val_split, seed=w.seed,
                             final_split="test" if test else "val")
-    data = load_data(settings, ctx, recorded=ckpt.get("pipeline"), source=f"checkpoint {path}")
-    if data.eval_name != "val":
+    net = load(path, settings, ctx)
+    if net.data.eval_name != "val":
         raise UserError(f"{w.data_dir}: every choice is made on a validation split: give --val_split > 0")
-    model, ddp = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
-    return ddp, data, measure_costs(model, data.image_size), ckpt
+    return net.ddp, net.data, net.costs, net.ckpt
 
 
 def save_like(ckpt, model, path, **extra):
@@ -332,23 +331,11 @@ def save_like(ckpt, model, path, **extra):
     save_checkpoint(path, payload)
 
 
-@torch.no_grad()
 def per_image(ddp, loader, mode="hard", route=None):
-    """Correctness and the 0/1 route (N, S) of every image of `loader`, in order; `route`: a fixed route in
-    `open` mode (None: every block)."""
-    model = getattr(ddp, "module", ddp)
-    model.eval()
-    saved, model.route = model.route, None if route is None else list(route)
-    correct, routes = [], []
-    try:
-        with no_autotune_when_skipping(model, mode):
-            for x, y in loader:
-                logits, a, _ = model(x, mode)
-                correct.append((logits.argmax(1) == y).cpu())
-                routes.append(a.cpu())
-    finally:
-        model.route = saved
-    return torch.cat(correct).numpy(), torch.cat(routes).numpy().astype(np.int8)
+    """Correctness and the 0/1 route (N, S) of every image of `loader`, in order, as numpy arrays
+    (runtime.predict); `route`: a fixed route in `open` mode (None: every block)."""
+    got = predict(ddp, loader, mode=mode, route=route)
+    return got.correct.numpy(), got.routes.numpy()
 
 
 def bits(correct):
@@ -396,10 +383,8 @@ def loader_of(x, y, bs, ctx, pipeline, train, seed=0, augment=None):
 
 def targets_step(s, w, u, ctx, args):
     """The unpruned network's GFLOPs (every block, no switch): budgets are fractions of it."""
-    ckpt = load_checkpoint(os.path.join(u, "sp", "checkpoint.pt"), None, "checkpoint")
-    model = model_from_checkpoint(ckpt)
-    write_json(os.path.join(u, "targets.json"),
-               {"unpruned_gflops": dense_flops(measure_costs(model, ckpt["pipeline"]["resize"])) / 1e9})
+    costs = checkpoint_costs(os.path.join(u, "sp", "checkpoint.pt"))
+    write_json(os.path.join(u, "targets.json"), {"unpruned_gflops": dense_flops(costs) / 1e9})
 
 
 def train_dense(ddp, data, ctx, epochs, lr, desc, route=None):
@@ -583,11 +568,9 @@ def finish_step(s, w, u, ctx, args):
                               momentum=0.9, weight_decay=5e-4)
     ending = end_training(ddp, data, ctx, costs, target, rl_args)
     save_like(ckpt, model, os.path.join(d, "dynamic.pt"))
-    vc, va = per_image(ddp, data.eval)
-    tc, ta = per_image(ddp, data.test)
-    tf = routed_flops(costs, torch.as_tensor(ta)).numpy() / 1e9
-    out["dynamic"] = {"val": bits(vc), "test": bits(tc),
-                      "val_gflops": float(routed_flops(costs, torch.as_tensor(va)).mean() / 1e9),
+    val, test = predict(ddp, data.eval, costs), predict(ddp, data.test, costs)
+    vc, tc, ta, tf = val.correct.numpy(), test.correct.numpy(), test.routes.numpy(), test.flops.numpy() / 1e9
+    out["dynamic"] = {"val": bits(vc), "test": bits(tc), "val_gflops": float(val.flops.mean() / 1e9),
                       "gflops": float(tf.mean()), "last_shift": ending["calibration"][-1]["shift"],
                       "test_distinct_routes": int(len(np.unique(ta, axis=0))),
                       "by_level": [{"level": int(x), "gflops": float(tf[lv["test"] == x].mean()),
@@ -691,8 +674,7 @@ def speed_step(s, w, u, ctx, args):
     switches deciding per image), static pruning at the same GFLOPs and the unpruned network, exported by
     deploy/export.py; batch 128 and batch 1 (32 images one at a time), eager PyTorch and onnxruntime, all
     taking turns round after round in one process (medians, and the ratios within each round's medians)."""
-    from deploy.export import export
-    from bench.bench_prune import Onnx
+    from deploy.export import export, onnx_session
 
     torch.set_num_threads(args.threads)
     out = {"unit": os.path.basename(os.path.normpath(u)), "threads": args.threads, "budgets": {}}
@@ -708,19 +690,16 @@ def speed_step(s, w, u, ctx, args):
             ex = os.path.join(d, "export", name)
             if not os.path.isfile(os.path.join(ex, "export.json")):
                 export(path, ex, mode=mode)
-            ckpt = load_checkpoint(path, None, "checkpoint")
-            model = model_from_checkpoint(ckpt).eval()
-            p = ckpt["pipeline"]
+            model, prep = load_model(path, mode=mode)
             if x_u8 is None:
                 from utils.data import load_dataset
-                ds = load_dataset(w.data_dir, "png", p["resize"])
-                x_u8 = ds.test_x[:128].permute(0, 2, 3, 1).contiguous()
-                x_f = (ds.test_x[:128].float() / 255 - torch.tensor(p["mean"]).view(1, 3, 1, 1)) / \
-                    torch.tensor(p["std"]).view(1, 3, 1, 1)
+                x_u8 = load_dataset(w.data_dir, "png", prep.size).test_x[:128].permute(0, 2, 3, 1).contiguous()
+                x_f = prep(x_u8)
             nets[name] = (model, mode)
             onnx[name] = (os.path.join(ex, "model.onnx"),
                           os.path.join(ex, "model_b1.onnx") if mode == "hard" else os.path.join(ex, "model.onnx"))
-        sessions = {name: (Onnx(p128, args.threads), Onnx(p1, args.threads)) for name, (p128, p1) in onnx.items()}
+        sessions = {name: (onnx_session(p128, args.threads), onnx_session(p1, args.threads))
+                    for name, (p128, p1) in onnx.items()}
 
         def eager(name, batch):
             model, mode = nets[name]
@@ -733,10 +712,10 @@ def speed_step(s, w, u, ctx, args):
 
         def ort(name, batch):
             if batch == 128:
-                sessions[name][0](None, x_u8.numpy())
+                sessions[name][0].run(None, {"images": x_u8.numpy()})
             else:
                 for i in range(32):
-                    sessions[name][1](None, x_u8[i:i + 1].numpy())
+                    sessions[name][1].run(None, {"images": x_u8[i:i + 1].numpy()})
 
         kinds = [(f"{eng} b{batch}", fn, batch) for eng, fn in (("eager", eager), ("ort", ort)) for batch in (128, 1)]
         times = {(kind, name): [] for kind, _, _ in kinds for name in nets}

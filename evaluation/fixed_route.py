@@ -13,20 +13,15 @@ import argparse
 import os
 
 from gates.routes import best_fixed_route, evaluate_route, recalibrate_route
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime import predict
 from utils.dist import setup
-from runtime.loop import prepare
 from utils.files import write_json
-from utils.flops import measure_costs
-from utils.data import DataSettings, load_data
+from utils.data import DataSettings
 
 
 def load(path, data, ctx, bs):
-    ckpt = load_checkpoint(path, None, "--checkpoint")
-    loaded = load_data(DataSettings.of(data, bs=bs), ctx,
-                       recorded=ckpt.get("pipeline"), source=f"--checkpoint {path}")
-    model, ddp = prepare(model_from_checkpoint(ckpt, path, "--checkpoint"), ctx)
-    return ddp, loaded, measure_costs(model, loaded.image_size)
+    net = predict.load(path, DataSettings.of(data, bs=bs), ctx, flag="--checkpoint")
+    return net.ddp, net.data, net.costs
 
 
 def deployed(path, data, ctx, bs, route):

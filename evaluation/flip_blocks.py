@@ -18,12 +18,12 @@ import argparse
 import os
 import statistics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import torch
 
 from evaluation.runner import Task, run_all
 from utils.files import read_json, write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCALES = {
     "digits": dict(resize=16, depth=20, width=1, bs=64, val_split=0.1, seeds=(0, 1, 2), flips=(0, 2, 4),
@@ -43,11 +43,9 @@ def common(s, data, seed):
 def target(run):
     """The middle of the stage-2 network's gated range: half of its gated blocks' GFLOPs above the cost with
     every gated block skipped."""
-    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.flops import measure_costs, skipped_flops
-    path = os.path.join(run, "prune", "checkpoint.pt")
-    ckpt = load_checkpoint(path, ("prune",))
-    costs = measure_costs(model_from_checkpoint(ckpt, path), ckpt["pipeline"]["resize"])
+    from runtime.predict import checkpoint_costs
+    from utils.flops import skipped_flops
+    costs = checkpoint_costs(os.path.join(run, "prune", "checkpoint.pt"), ("prune",), "--checkpoint")
     return round((skipped_flops(costs) + 0.5 * sum(costs["blocks"])) / 1e9, 9)
 
 
@@ -78,19 +76,14 @@ def plan(s, out, data):
     return tasks
 
 
-@torch.no_grad()
 def distinct_routes(checkpoint, data, s, seed):
     """How many different greedy routes the network takes on the validation images."""
-    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.data import DataSettings, load_data
+    from runtime.predict import load, predict
+    from utils.data import DataSettings
     from utils.dist import Context
-    ckpt = load_checkpoint(checkpoint, ("rl",))
-    ctx = Context(device=torch.device("cpu"))
-    loaded = load_data(DataSettings(data_dir=data, bs=256, val_split=s["val_split"], seed=seed,
-                                    final_split="val"), ctx, recorded=ckpt["pipeline"], source=checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint).eval()
-    routes = torch.cat([model(x, "hard")[1] for x, _ in loaded.eval])
-    return len({tuple(r) for r in routes.int().tolist()})
+    settings = DataSettings(data_dir=data, bs=256, val_split=s["val_split"], seed=seed, final_split="val")
+    net = load(checkpoint, settings, Context(device=torch.device("cpu")), ("rl",), "--checkpoint")
+    return len({tuple(r) for r in predict(net.ddp, net.data.eval).routes.tolist()})
 
 
 def report(s, out, data, times):

@@ -14,11 +14,11 @@ import os
 
 import torch
 
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import load_model
+from runtime.predict import file_batches, predict
 from utils.cli import Parser
-from utils.data import Preprocess
 from utils.errors import UserError, run_main
-from utils.flops import measure_costs, routed_flops
+from utils.flops import measure_costs
 
 
 def test_images(data_dir):
@@ -38,20 +38,11 @@ def test_images(data_dir):
 def by_difficulty(path, data_dir, bs):
     """{"hard"/"easy": {"images", "acc" (%), "gflops_per_image", "exec_rate" (per switch)}} of one checkpoint
     on the test split, greedy routes (`hard` mode, eval)."""
-    ckpt = load_checkpoint(path, None, "checkpoint")
-    model = model_from_checkpoint(ckpt, path, "checkpoint").eval()
-    prep = Preprocess(ckpt["pipeline"], f"checkpoint {path}")
-    costs = measure_costs(model, prep.size)
+    model, prep = load_model(path, mode="hard")
     images = test_images(data_dir)
-    correct, flops, actions = [], [], []
-    for i in range(0, len(images), bs):
-        chunk = images[i:i + bs]
-        logits, a, _ = model(prep([os.path.join(data_dir, p) for p, _, _ in chunk]), "hard")
-        labels = torch.tensor([prep.classes.index(c) for _, c, _ in chunk])
-        correct.append(logits.argmax(1) == labels)
-        flops.append(routed_flops(costs, a))
-        actions.append(a)
-    correct, flops, actions = torch.cat(correct), torch.cat(flops), torch.cat(actions)
+    got = predict(model, file_batches(prep, [os.path.join(data_dir, p) for p, _, _ in images],
+                                      [c for _, c, _ in images], bs), measure_costs(model, prep.size))
+    correct, flops, actions = got.correct, got.flops, got.routes
     hard = torch.tensor([h for _, _, h in images])
     out = {}
     for name, mask in (("hard", hard), ("easy", ~hard)):

@@ -1,14 +1,22 @@
-"""Runs the project's scripts as a user runs them: a set of tasks with dependencies, several at a time, each
-reused while its output and stamp say it was done by the same command (Task, run_all), each run by
-bench.common.run_script. The study, the cross-fitting and the controllers' comparisons plan their tasks."""
+"""Runs the project's scripts as a user runs them: one script (run_script), or a set of tasks with
+dependencies, several at a time, each reused while its output and stamp say it was done by the same command
+(Task, run_all). The study, the cross-fitting and the controllers' comparisons plan their tasks; the
+benchmarks and the tests run the scripts through run_script too."""
 import json
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from bench.common import run_script
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(argv, env=None, **kwargs):
+    """`python *argv` from the repository root (a script's path, or -m and a module), `env` added to this
+    process's environment; the other keyword arguments are subprocess.run's. Returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
 
 
 @dataclass

@@ -34,13 +34,15 @@ import json
 import os
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.synthetic import write_digits
 from evaluation.runner import Task, run_all, stamp_path
 from evaluation.study_report import markdown, optional, points, summarise
 from utils.cli import Parser
 from utils.errors import UserError, run_main
 from utils.files import read_json
-from utils.synthetic import write_digits, write_synthetic
+from utils.synthetic import write_synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
 # split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense (SkipNet
@@ -143,9 +145,9 @@ def searched(s, out):
 def gflops_range(s, checkpoint):
     """(GFLOPs per image with every gated block skipped, with every block run) of a stage-2 checkpoint: the
     interval a stage-3 GFLOPs target must lie in."""
-    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.flops import measure_costs, skipped_flops
-    costs = measure_costs(model_from_checkpoint(load_checkpoint(checkpoint)), s["resize"])
+    from runtime.predict import checkpoint_costs
+    from utils.flops import skipped_flops
+    costs = checkpoint_costs(checkpoint, flag="--checkpoint")
     low = skipped_flops(costs)
     return low / 1e9, (low + sum(costs["blocks"])) / 1e9
 

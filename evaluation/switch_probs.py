@@ -6,22 +6,14 @@ given: how far stage 3 moved the switches even where the greedy route (p > 0.5) 
 import argparse
 import json
 
-import torch
-
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime import predict
 from utils.dist import setup
-from runtime.loop import prepare
-from utils.data import DataSettings, load_data
+from utils.data import DataSettings
 
 
-@torch.no_grad()
 def mean_probs(path, data, ctx, bs):
-    ckpt = load_checkpoint(path, None, "checkpoint")
-    loaded = load_data(DataSettings.of(data, bs=bs, final_split="val"), ctx,
-                       recorded=ckpt.get("pipeline"), source=path)
-    model, _ = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
-    model.eval()
-    probs = torch.cat([model(x, "hard")[2] for x, _ in loaded.eval])  # (N, switches)
+    net = predict.load(path, DataSettings.of(data, bs=bs, final_split="val"), ctx)
+    probs = predict.predict(net.ddp, net.data.eval).probs  # (N, switches)
     return {"mean_p": probs.mean(0).tolist(), "std_p": probs.std(0).tolist(), "images": len(probs)}
 
 

@@ -7,7 +7,7 @@ import of a project module is checked against the layers, lowest first:
   deploy, one layer, import none of each other);
 - no package module imports a script: main_*.py and demo.py, everything under evaluation/ and bench/ (their
   commands and the modules only they share);
-- the evaluation sits beside the benchmarks and may use their tools; bench/ never imports evaluation/;
+- the evaluation never imports the benchmarks (bench/ may use the evaluation's runner and data);
 - no two packages import each other, through any chain of modules;
 - a project module is imported by its full name from the repository root (`from evaluation.stats import ...`,
   never `from stats import ...` after a sys.path edit).
@@ -107,9 +107,9 @@ def test_no_package_module_imports_a_script():
     assert not bad, "\n".join(bad)
 
 
-def test_the_benchmarks_never_import_the_evaluation():
+def test_the_evaluation_never_imports_the_benchmarks():
     bad = [f"{where}: {importer} imports {name}" for importer, name, where in edges()
-           if importer.split(".")[0] == "bench" and name.split(".")[0] == "evaluation"]
+           if importer.split(".")[0] == "evaluation" and name.split(".")[0] == "bench"]
     assert not bad, "\n".join(bad)
 
 
