@@ -49,7 +49,7 @@ from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E
 from utils.data import channel_stats, load_dataset  # noqa: E402
 from deploy.export import export, onnx_session  # noqa: E402
 from utils.flops import count_params  # noqa: E402
-from utils.synthetic import write_digits  # noqa: E402
+from evaluation.digits import write_digits  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "out")
 STAGE1 = dict(depth=32, epochs=3, lr=0.02, bs=32, train_mode="open")

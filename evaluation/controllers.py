@@ -1,7 +1,7 @@
 """Stage 3's controllers compared on validation: the same stage-2 network, the same epochs, the same GFLOPs
 target, only --controller differs. This is how the default controller is chosen (docs/stages.md).
 
-Data: scikit-learn's digits at 16x16 with graded difficulty (utils/synthetic.digits_images, 5 levels of
+Data: scikit-learn's digits at 16x16 with graded difficulty (evaluation/digits.digits_images, 5 levels of
 contrast and noise), its train split only: every stage holds out the same validation split (--val_split,
 drawn by --seed) and ends on it (--final_split val); the test split is never read. Per seed: stage 1
 (ResNet-20 width 1, crop augmentation), stage 2 (compression 0.6), then stage 3 once per controller from
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from utils.synthetic import write_digits
+from evaluation.digits import write_digits
 from evaluation.runner import Task, run_all
 from evaluation.stats import pooled_report
 from runtime.predict import checkpoint_costs, load, predict

@@ -3,8 +3,8 @@ on a difficulty that more compute can fix, over seeds and folds of all of digits
 
 Two difficulty families of scikit-learn's 1,797 digits, every image its own severity (5 levels):
   transform  the digit rotated, shrunk, shifted and cluttered with strokes of other digits
-             (utils/synthetic.transformed_digits): all of it is there, more processing can undo it
-  noise      contrast lowered and pixel noise added (utils/synthetic.digits_images): destroys information
+             (evaluation/digits.transformed_digits): all of it is there, more processing can undo it
+  noise      contrast lowered and pixel noise added (evaluation/digits.digits_images): destroys information
 For each seed the images are dealt into `folds` stratified folds; a unit (seed x fold) trains on the other
 folds (their validation split, --val_split of them, is where every choice is made) and tests on its fold, so
 every image is tested once per seed.
@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from evaluation import stats
-from utils.synthetic import digits_images, transformed_digits, write_split
-from gates.routes import best_fixed_route, recalibrate_route, route_flops
+from evaluation.digits import digits_images, transformed_digits, write_split
+from evaluation.routes import best_fixed_route, recalibrate_route, route_flops
 from evaluation.runner import Task, run_all
 from gates.ending import end_training
 from runtime.checkpoint import load_model, save_checkpoint
@@ -352,7 +352,7 @@ def all_routes(costs):
 
 def route_table_val(ddp, data, ctx, costs):
     """The fixed routes of the network (BN as it is) with their cost and per-image validation correctness:
-    every route up to EXHAUSTIVE switches; beyond, the routes of gates.routes.best_fixed_route's greedy
+    every route up to EXHAUSTIVE switches; beyond, the routes of evaluation.routes.best_fixed_route's greedy
     block removal on validation, from every block run to none."""
     if len(costs["blocks"]) <= EXHAUSTIVE:
         candidates = all_routes(costs)

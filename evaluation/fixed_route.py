@@ -1,6 +1,6 @@
 """The best fixed route of a network at a GFLOPs budget: the same blocks skipped for every image, chosen
-greedily on the validation split (gates/routes.best_fixed_route), BN statistics re-estimated on training
-images under that route (gates/routes.recalibrate_route), then evaluated once on test. The baseline that
+greedily on the validation split (evaluation/routes.best_fixed_route), BN statistics re-estimated on training
+images under that route (evaluation/routes.recalibrate_route), then evaluated once on test. The baseline that
 per-image routing must beat at equal GFLOPs (evaluation/study.py).
 
     python -m evaluation.fixed_route --checkpoint RL_CKPT [--checkpoint PRUNE_CKPT ...] --budget_gflops G \
@@ -12,7 +12,7 @@ under the budget; the route one greedy step before it (just over the budget) is 
 import argparse
 import os
 
-from gates.routes import best_fixed_route, evaluate_route, recalibrate_route
+from evaluation.routes import best_fixed_route, evaluate_route, recalibrate_route
 from runtime import predict
 from utils.dist import setup
 from utils.files import write_json

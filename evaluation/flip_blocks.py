@@ -4,7 +4,7 @@
     nice -n 5 python -m evaluation.flip_blocks                 # digits, 3 seeds, K = 0 (full), 2 and 4; ~1 h on 2 cores
     python -m evaluation.flip_blocks --quick                   # a smoke run (its own --out and --results)
 
-Per seed: scikit-learn's digits at 16x16 with a graded spread of difficulty (utils/synthetic.py, 5 levels of
+Per seed: scikit-learn's digits at 16x16 with a graded spread of difficulty (evaluation/digits.py, 5 levels of
 contrast loss and noise; images of every level in train and test), ResNet-20 width 1 (8 switches);
 stage 1 (15 epochs), stage 2 (compression 0.6, 5 epochs), then stage 3 once per K from the same stage-2
 network and seed (12 epochs, lr 0.05, alpha 1.0 adapted to the target, 6 route epochs), the target the
@@ -137,7 +137,7 @@ def main(argv=None):
                                os.path.join(ROOT, "evaluation", "results", "flip_blocks"))
     data = os.path.join(out, "data")
     if not os.path.isdir(os.path.join(data, "test")):
-        from utils.synthetic import write_digits
+        from evaluation.digits import write_digits
         write_digits(data + ".partial", size=s["resize"], levels=5)
         os.replace(data + ".partial", data)
     tasks = plan(s, out, data)

@@ -1,5 +1,5 @@
 """Do the switches route by difficulty? For each checkpoint, the test images of a dataset written with a
-spread of difficulty (utils/synthetic.write_digits' hard_fraction: <data_dir>/hard.txt lists the degraded
+spread of difficulty (evaluation/digits.write_digits' hard_fraction: <data_dir>/hard.txt lists the degraded
 images) split into hard and easy ones, and for each group: accuracy, GFLOPs per image as executed (greedy
 routes, skipped blocks not counted), and every switch's greedy execution rate.
 
@@ -26,7 +26,7 @@ def test_images(data_dir):
     listing = os.path.join(data_dir, "hard.txt")
     if not os.path.isfile(listing):
         raise UserError(f"{listing} does not exist: --data_dir must be written with a spread of difficulty "
-                        f"(evaluation/study.py --mixed, or utils/synthetic.write_digits(..., hard_fraction=0.5))")
+                        f"(evaluation/study.py --mixed, or evaluation/digits.write_digits(..., hard_fraction=0.5))")
     with open(listing) as f:
         hard = set(f.read().split())
     test = os.path.join(data_dir, "test")

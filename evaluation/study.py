@@ -3,7 +3,7 @@
 the same net for the same epochs; (2) do the switches move in stage 3 at the original flags (alpha 0.1, gamma 1,
 rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by main_search.py on the
 validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
-against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
+against the best fixed route (evaluation/routes.py) and against static pruning alone pushed to that cost.
 
     nice -n 10 python -m evaluation.study                 # the study of evaluation/results/ (about an hour, 2 cores)
     python -m evaluation.study --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
@@ -34,7 +34,7 @@ import json
 import os
 import time
 
-from utils.synthetic import write_digits
+from evaluation.digits import write_digits
 from evaluation.runner import Task, run_all, stamp_path
 from evaluation.study_report import markdown, optional, points, summarise
 from utils.cli import Parser
@@ -68,7 +68,7 @@ SCALES = {
         search=dict(budget=100.0, knob="target_gflops", dynamic_trials=2, max_alpha=4.0)),  # any network passes
 }
 # The same with a spread of difficulty, where which image skips a block should matter: half the images
-# (train and test) with contrast halved and strong noise (utils/synthetic.write_digits' hard_fraction).
+# (train and test) with contrast halved and strong noise (evaluation/digits.write_digits' hard_fraction).
 SCALES["digits-mixed"] = {**SCALES["digits"], "data": "digits-mixed"}
 
 

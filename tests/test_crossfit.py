@@ -18,7 +18,7 @@ from evaluation import crossfit, stats
 from conftest import ROOT
 from utils.dist import Context
 from utils.data import load_dataset
-from utils.synthetic import digits_images, transformed_digits
+from evaluation.digits import digits_images, transformed_digits
 
 
 def _ids(root, split):

@@ -139,3 +139,18 @@ def test_the_layers_cover_every_package():
     """A new package must be given its layer (or be a script package) before it is used."""
     packages = {m.split(".")[0] for m, p in MODULES.items() if p.endswith("__init__.py") and "." not in m}
     assert packages - {"tests"} <= set(LAYERS) | set(SCRIPT_PACKAGES), packages - set(LAYERS) - set(SCRIPT_PACKAGES)
+
+
+def test_the_product_imports_no_evaluation_only_library():
+    """scikit-learn (the digits datasets) serves the evaluation only: no package of the product imports it."""
+    bad = []
+    for module, path in MODULES.items():
+        if package(module) is None:
+            continue
+        with open(os.path.join(ROOT, path)) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            bad += [f"{path}:{node.lineno}: {name}" for name in names if name.split(".")[0] == "sklearn"]
+    assert not bad, "\n".join(bad)

@@ -522,10 +522,10 @@ def test_skip_price_dual_ascent():
     assert fixed.alpha.item() == 0.5
 
 
-# ------------------------------------------------- 7. the fixed-route baseline (gates/routes.py)
+# ------------------------------------------------- 7. the fixed-route baseline (evaluation/routes.py)
 
 def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
-    from gates.routes import best_fixed_route, evaluate_route, route_flops
+    from evaluation.routes import best_fixed_route, evaluate_route, route_flops
     train, test = _loaders()
     torch.manual_seed(0)
     model = build_model(make_arch(depth=14, width=1, num_classes=4)).eval()
