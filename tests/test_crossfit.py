@@ -195,3 +195,18 @@ def test_knee_is_the_largest_budget_losing_a_point():
     curve = [{"fraction": 1.0, "val_acc": 90.0}, {"fraction": 0.4, "val_acc": 90.5},
              {"fraction": 0.15, "val_acc": 89.0}, {"fraction": 0.07, "val_acc": 86.0}]
     assert crossfit.knee(curve, "val_acc") == (90.5, 0.15, 0.07)
+
+
+@pytest.mark.slow
+def test_the_committed_report_is_what_the_committed_units_give(tmp_path):
+    """The report command on a copy of the committed unit results (and the wall-clock's speed.json) rewrites
+    the committed report exactly: the work folder holds nothing but the images it writes."""
+    committed = os.path.join(ROOT, "evaluation", "results", "crossfit", "transform")
+    shutil.copytree(committed, tmp_path / "results" / "transform", ignore=shutil.ignore_patterns("report.*"))
+    proc = subprocess.run([sys.executable, "-m", "evaluation.crossfit", "report", "--family", "transform", "--out",
+                           str(tmp_path / "work"), "--results", str(tmp_path / "results")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("report.json", "report.md"):
+        with open(os.path.join(committed, name)) as a, open(tmp_path / "results" / "transform" / name) as b:
+            assert b.read() == a.read(), name
