@@ -29,7 +29,8 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from models import build_model, make_arch  # noqa: E402
-from utils.flops import count_params, measure_costs, routed_flops  # noqa: E402
+from runtime.predict import image_flops  # noqa: E402
+from utils.flops import count_params, measure_costs  # noqa: E402
 
 MUST_KEEP = 0.7  # wall-clock saving / FLOPs saving
 
@@ -113,7 +114,7 @@ def main():
             actions = run(model, x, execution)
             if rep:
                 times[name].append(time.perf_counter() - t0)
-            flops[name], routes[name] = routed_flops(costs, actions).mean().item(), actions
+            flops[name], routes[name] = image_flops(costs, actions).mean().item(), actions
     flops["masked"] = flops["static only"]  # it computes every block of every image
     saved = {name: statistics.median(1 - a / b for a, b in zip(times[name], times["static only"]))
              for name in runs}

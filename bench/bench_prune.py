@@ -42,14 +42,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench.peer_torch_pruning import shaped_like  # noqa: E402
-from bench.runner import run_script  # noqa: E402
+from evaluation.runner import run_script  # noqa: E402
 from models import build_model  # noqa: E402
 from pruners import model_flops  # noqa: E402
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data import channel_stats, load_dataset  # noqa: E402
-from deploy.export import export  # noqa: E402
+from deploy.export import export, onnx_session  # noqa: E402
 from utils.flops import count_params  # noqa: E402
-from utils.synthetic import write_digits  # noqa: E402
+from evaluation.digits import write_digits  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "out")
 STAGE1 = dict(depth=32, epochs=3, lr=0.02, bs=32, train_mode="open")
@@ -151,14 +151,7 @@ class Onnx:
     """An exported model in onnxruntime on raw uint8 NHWC images."""
 
     def __init__(self, path, threads):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads)
 
     def __call__(self, x_float, x_uint8):
         return self.session.run(None, {"images": x_uint8})

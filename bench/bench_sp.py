@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
 from bench.common import force_routes, timeit  # noqa: E402
 from models import build_model, make_arch  # noqa: E402
-from utils.flops import dense_flops, measure_costs, routed_flops  # noqa: E402
+from runtime.predict import image_flops  # noqa: E402
+from utils.flops import dense_flops, measure_costs  # noqa: E402
 
 
 def train_throughput(model, x, y, mode, steps):
@@ -59,7 +60,7 @@ def main():
     costs = measure_costs(model)
     with torch.no_grad():
         _, actions, _ = model(x)
-        routed = routed_flops(costs, actions).mean().item()
+        routed = image_flops(costs, actions).mean().item()
         masked_flops = dense_flops(costs) + costs["switches"]
         times = {}
         for execution in ("mask", "skip"):

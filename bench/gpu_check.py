@@ -79,7 +79,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # before torch: above USDT (5), 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.runner import run_script  # noqa: E402
+from evaluation.runner import run_script  # noqa: E402
 from utils.files import read_json  # noqa: E402
 from utils.synthetic import write_synthetic  # noqa: E402
 
@@ -461,6 +461,7 @@ class Check:
 
     def part_reload(self):
         from runtime.checkpoint import load_model
+        from runtime.predict import file_batches, predict
         from utils.dist import exact_fp32
         paths, names = self.test_images()
         out, checks = {}, {}
@@ -468,17 +469,16 @@ class Check:
             for stage in ("sp", "prune", "rl"):
                 path = self.ckpt(stage)
                 cpu, pre = load_model(path, "cpu", mode="hard")  # the switches' routes, to compare them
-                x = pre(paths)
-                y = torch.tensor([pre.classes.index(n) for n in names])
-                a = infer(cpu, x, self.size["bs"])
+                batches = list(file_batches(pre, paths, names, self.size["bs"]))
+                a = predict(cpu, batches)
                 # CUDA: the device against the CPU; CPU only: a second load, which must be identical
                 other = load_model(path, self.args.device, mode="hard")[0]
-                b = infer(other, x.to(self.args.device), self.size["bs"])
-                acc = [100.0 * (r[0].argmax(1) == y).float().mean().item() for r in (a, b)]
-                decisions = a[1].numel()
-                flips = int((a[1] != b[1]).sum().item())
-                other_route = (a[1] != b[1]).any(1)
-                top1 = a[0].argmax(1) != b[0].argmax(1)
+                b = predict(other, [(x.to(self.args.device), y.to(self.args.device)) for x, y in batches])
+                acc = [100.0 * r.correct.float().mean().item() for r in (a, b)]
+                decisions = a.routes.numel()
+                flips = int((a.routes != b.routes).sum().item())
+                other_route = (a.routes != b.routes).any(1)
+                top1 = a.logits.argmax(1) != b.logits.argmax(1)
                 allowed = max(1, math.ceil(FLIP_TOLERANCE * decisions)) if self.cuda else 0
                 allowed_top1 = max(1, math.ceil(FLIP_TOLERANCE * len(paths))) if self.cuda else 0
                 metrics = read_json(os.path.join(self.results, stage, "metrics.json"))
@@ -487,7 +487,7 @@ class Check:
                               "routes_identical": flips == 0, "images_with_other_route": int(other_route.sum()),
                               "top1_disagreements": int(top1.sum()),
                               "top1_disagreements_same_route": int((top1 & ~other_route).sum()),
-                              "max_logit_diff": (a[0] - b[0]).abs().max().item(),
+                              "max_logit_diff": (a.logits - b.logits).abs().max().item(),
                               "stage_reported_acc": metrics.get("routed_acc", metrics.get("test_acc")),
                               "images": len(paths)}
                 checks[f"{stage}_decision_flips_within_tolerance"] = flips <= allowed
@@ -809,19 +809,6 @@ def compile_flags():
     if "compile" in KEYS:
         out.insert(1 if out[:1] == ["sp"] else 0, "prune")
     return out
-
-
-@torch.no_grad()
-def infer(model, x, bs):
-    """(logits, routes) on the CPU of a loaded model (eval mode: skipping) over x in batches."""
-    from runtime.evaluate import no_autotune_when_skipping
-    logits, routes = [], []
-    with no_autotune_when_skipping(model):
-        for i in range(0, len(x), bs):
-            out = model(x[i:i + bs])
-            logits.append(out[0].float().cpu())
-            routes.append(out[1].cpu())
-    return torch.cat(logits), torch.cat(routes)
 
 
 def count_syncs(fn, n):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full-scale recipe: the three stage commands (README) on CIFAR-100 with ResNet-32 (width 4, 7.45 M
 # parameters, 2.20 GFLOPs per image) on one GPU, then the headline table, then what the switches add on
-# the 10,000 test images (bench/crossfit.py's deconfounded evaluation: static + dynamic against static pruning
+# the 10,000 test images (evaluation/crossfit.py's deconfounded evaluation: static + dynamic against static pruning
 # and the best fixed route at equal GFLOPs and epochs; results/cifar100/crossfit/own/report.md).
 #
 #   DATA=/path/to/cifar100 RESULTS=results/cifar100 bash bench/run_cifar100.sh
@@ -22,7 +22,7 @@
 #            about 4 x 7.5 extra block evaluations per image forward-only in float32 without TF32 (not on
 #            tensor cores), with the taken route: ~0.4 TFLOP per step for the pruned net, ~10 ms at ~40 TFLOP/s
 #            (on the CPU the step costs 1.9-2.4x a REINFORCE step, docs/speed.md)            -> about 8 min (5-15 min)
-# On a CPU the same recipe takes days; bench/study.py is the CPU-sized study.
+# On a CPU the same recipe takes days; evaluation/study.py is the CPU-sized study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,10 +72,10 @@ stage "stage 3" python main_rl_prune.py --network resnet --depth 32 --epochs 100
 cat "$RESULTS/table.md"
 [ "$VAL_SPLIT" = "0" ] && exit 0
 
-# What the switches add, deconfounded: bench/crossfit.py's protocol on the official split (its own stage 1;
+# What the switches add, deconfounded: evaluation/crossfit.py's protocol on the official split (its own stage 1;
 # at three budgets of the unpruned GFLOPs static pruning, static + dynamic, the best fixed route and the
 # unpruned network, every arm as many epochs after stage 1; the static curve; the doubling check of
 # convergence; wall-clock), about 1,800 epochs of the networks above in all: hours on one GPU.
 # Results: $RESULTS/crossfit/own/report.md.
-python bench/crossfit.py --scale cifar100 --data_dir "$DATA" --out "$RESULTS/crossfit" --results "$RESULTS/crossfit" \
+python -m evaluation.crossfit --scale cifar100 --data_dir "$DATA" --out "$RESULTS/crossfit" --results "$RESULTS/crossfit" \
   --jobs 1 --speed

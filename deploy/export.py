@@ -157,17 +157,22 @@ def export_files(net, out_dir, in_channels, size, single):
     return {"onnx": onnx_path, "pt2": pt2}
 
 
-def run_onnx(path, images, threads=None):
-    """Outputs of an exported ONNX file in onnxruntime (CPU), as torch tensors."""
+def onnx_session(path, threads=None):
+    """An onnxruntime session (CPU) of an exported ONNX file; its input "images" is raw uint8 NHWC."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # one graph runs at a time
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not spin
     options.log_severity_level = 3  # no warnings about initialisers the exporter left unused
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path, images, threads=None):
+    """Outputs of an exported ONNX file in onnxruntime (CPU), as torch tensors."""
+    return [torch.from_numpy(o) for o in onnx_session(path, threads).run(None, {"images": images.numpy()})]
 
 
 def reference_outputs(model, images, mean, std, mode):

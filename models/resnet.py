@@ -152,7 +152,7 @@ class ResNet(nn.Module):
         # call, each gated block as control flow (forward_branching, for export)
         self.execution = "auto"
         # `open` mode only: None (every block), or a fixed 0/1 per gated block, the same blocks skipped for
-        # every image and no switch evaluated (static block removal: gates/routes.py)
+        # every image and no switch evaluated (static block removal: evaluation/routes.py)
         self.route = None
         # `explore` mode only: its decisions are drawn from p clamped to [explore_bound, 1 - explore_bound]
         self.explore_bound = 0.1

@@ -9,15 +9,15 @@ import time
 
 import optuna
 
+from runtime import predict
 from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from runtime.evaluate import evaluate
-from runtime.loop import prepare
 from search.bisection import Knob, label, no_trial_reason
 from search.phase import Worker, open_study, run_alone, trial_records
 from search.trials import DYNAMIC_KNOBS, record_of
 from utils.cli import DATA_DIR, IMG_TYPE, NULL, NUM_WORKERS, RESIZE, Setting, in_range
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
-from utils.data import DataSettings, load_data
+from utils.data import DataSettings
 from utils.files import write_json
 from utils.flops import count_params, measure_costs, skipped_flops, to_gflops
 
@@ -80,13 +80,11 @@ def baseline(study, stage1_path, data, eval_bs, ctx):
     """The unpruned network (every block, no switch) on the validation split; kept in the study so that
     every worker and every resumed run compares with the same number."""
     if "baseline" not in study.user_attrs:
-        ckpt = load_checkpoint(stage1_path, ("sp",))
-        loaded = load_data(DataSettings.of(data, bs=eval_bs, final_split="val"), ctx,
-                           recorded=ckpt.get("pipeline"), source=f"--checkpoint {stage1_path}")
-        model, ddp = prepare(model_from_checkpoint(ckpt, stage1_path), ctx)
-        r = evaluate(ddp, loaded.eval, ctx, measure_costs(model, loaded.image_size), mode="open", desc="val")
+        net = predict.load(stage1_path, DataSettings.of(data, bs=eval_bs, final_split="val"), ctx, ("sp",),
+                           "--checkpoint")
+        r = evaluate(net.ddp, net.data.eval, ctx, net.costs, mode="open", desc="val")
         study.set_user_attr("baseline", {"val_acc": r["acc"], "val_gflops": r["gflops"],
-                                         "params": count_params(model), "val_images": r["images"]})
+                                         "params": count_params(net.model), "val_images": r["images"]})
     return study.user_attrs["baseline"]
 
 

@@ -9,13 +9,12 @@ import os
 
 from optuna.trial import TrialState
 
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime import predict
 from runtime.evaluate import evaluate
-from runtime.loop import prepare
 from utils.files import write_json
-from utils.flops import compression, count_params, measure_costs
+from utils.flops import compression, count_params
 from utils.lineage import STAGES
-from utils.data import DataSettings, load_data
+from utils.data import DataSettings
 from runtime.table import save_table, table_row, to_markdown
 
 
@@ -35,15 +34,12 @@ def evaluate_on_test(chosen, data, bs, ctx, final_dir):
             if kept["checkpoint"] == spec["checkpoint"] and kept["mode"] == spec["mode"]:
                 out[row] = kept
                 continue
-        ckpt = load_checkpoint(spec["checkpoint"], None, "checkpoint")
-        if loaded is None:  # the test split is decoded only when a network needs it
-            loaded = load_data(DataSettings.of(data, bs=bs), ctx,
-                               recorded=ckpt.get("pipeline"), source=f"checkpoint {spec['checkpoint']}")
-        model, ddp = prepare(model_from_checkpoint(ckpt, spec["checkpoint"], "checkpoint"), ctx)
-        r = evaluate(ddp, loaded.test, ctx, measure_costs(model, loaded.image_size), mode=spec["mode"],
-                     desc=f"test {row}")
+        # the test split is decoded only when a network needs it, and once
+        net = predict.load(spec["checkpoint"], DataSettings.of(data, bs=bs), ctx, data=loaded)
+        loaded = net.data
+        r = evaluate(net.ddp, loaded.test, ctx, net.costs, mode=spec["mode"], desc=f"test {row}")
         out[row] = {"test_acc": r["acc"], "test_loss": r["loss"], "gflops_per_image": r["gflops"],
-                    "params": count_params(model), "test_images": r["images"], **spec}
+                    "params": count_params(net.model), "test_images": r["images"], **spec}
         write_json(path, out[row])
     return out
 

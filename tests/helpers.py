@@ -2,7 +2,7 @@
 import hashlib
 import os
 
-from bench.runner import run_script as run_python
+from evaluation.runner import run_script as run_python
 from utils.synthetic import write_synthetic
 
 

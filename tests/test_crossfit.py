@@ -1,4 +1,4 @@
-"""bench/crossfit.py: the deconfounded evaluation of what the switches add. No test image ever reaches
+"""evaluation/crossfit.py: the deconfounded evaluation of what the switches add. No test image ever reaches
 training or selection; every image is tested once per seed; every arm gets the same epochs after stage 1; the
 fixed route costs at most what the dynamic network is trained to and static pruning is pushed to; a run
 resumes from the finished units' results alone. The quick scale runs the whole path (the stage scripts as
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench import crossfit, paired
+from evaluation import crossfit, stats
 from conftest import ROOT
 from utils.dist import Context
 from utils.data import load_dataset
-from utils.synthetic import digits_images, transformed_digits
+from evaluation.digits import digits_images, transformed_digits
 
 
 def _ids(root, split):
@@ -27,7 +27,7 @@ def _ids(root, split):
 
 
 def _run(out, *extra):
-    return subprocess.run([sys.executable, "bench/crossfit.py", "--quick", "--out", str(out / "work"),
+    return subprocess.run([sys.executable, "-m", "evaluation.crossfit", "--quick", "--out", str(out / "work"),
                            "--results", str(out / "results"), "--jobs", "2", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=3600)
 
@@ -121,7 +121,7 @@ def test_budgets_match_and_the_report_is_of_the_committed_unit_results(quick):
         assert (c["only_a"], c["only_b"]) == (int((dyn & ~fix).sum()), int((fix & ~dyn).sum()))
     # a rerun elsewhere: the work is gone, the committed unit results are all it needs
     shutil.rmtree(out / "work" / "transform" / units[0]["unit"])
-    proc = subprocess.run([sys.executable, "bench/crossfit.py", "report", "--quick", "--out", str(out / "work"),
+    proc = subprocess.run([sys.executable, "-m", "evaluation.crossfit", "report", "--quick", "--out", str(out / "work"),
                            "--results", str(out / "results")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.load(open(results / "report.json"))
@@ -130,7 +130,7 @@ def test_budgets_match_and_the_report_is_of_the_committed_unit_results(quick):
 
 def test_a_finished_unit_plans_no_task(tmp_path):
     s = {**crossfit.SCALES["quick"], "name": "quick"}
-    split = paired.Split(seed=0, fold=0, train=np.arange(2), val=np.arange(0), test=np.arange(2))
+    split = stats.Split(seed=0, fold=0, train=np.arange(2), val=np.arange(0), test=np.arange(2))
     units = [("s0f0", split)]
     res = str(tmp_path / "res")
     all_tasks = crossfit.plan(s, units, str(tmp_path / "work"), "counterfactual", res)
@@ -195,3 +195,18 @@ def test_knee_is_the_largest_budget_losing_a_point():
     curve = [{"fraction": 1.0, "val_acc": 90.0}, {"fraction": 0.4, "val_acc": 90.5},
              {"fraction": 0.15, "val_acc": 89.0}, {"fraction": 0.07, "val_acc": 86.0}]
     assert crossfit.knee(curve, "val_acc") == (90.5, 0.15, 0.07)
+
+
+@pytest.mark.slow
+def test_the_committed_report_is_what_the_committed_units_give(tmp_path):
+    """The report command on a copy of the committed unit results (and the wall-clock's speed.json) rewrites
+    the committed report exactly: the work folder holds nothing but the images it writes."""
+    committed = os.path.join(ROOT, "evaluation", "results", "crossfit", "transform")
+    shutil.copytree(committed, tmp_path / "results" / "transform", ignore=shutil.ignore_patterns("report.*"))
+    proc = subprocess.run([sys.executable, "-m", "evaluation.crossfit", "report", "--family", "transform", "--out",
+                           str(tmp_path / "work"), "--results", str(tmp_path / "results")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("report.json", "report.md"):
+        with open(os.path.join(committed, name)) as a, open(tmp_path / "results" / "transform" / name) as b:
+            assert b.read() == a.read(), name

@@ -500,13 +500,12 @@ def test_final_numbers_and_counterfactual_losses_are_exact_float32(runs, tmp_pat
 
 
 def test_inference_that_skips_blocks_never_autotunes_cudnn_per_sub_batch(runs, monkeypatch):
-    """A network that skips blocks runs them on sub-batches whose size changes with every batch: evaluation,
-    bench/crossfit.py's per-image pass and gpu_check's reload turn cudnn.benchmark off while they skip, and
-    leave it as it was; a dense pass (mode open) keeps it."""
-    import bench.crossfit
-    import bench.gpu_check
+    """A network that skips blocks runs them on sub-batches whose size changes with every batch: evaluation
+    and the per-image pass (runtime/predict.py: the evaluation's, gpu_check's reload) turn cudnn.benchmark off
+    while they skip, and leave it as it was; a dense pass (mode open) keeps it."""
     from runtime.checkpoint import load_model
     from runtime.evaluate import evaluate
+    from runtime.predict import predict
     from utils.data import BatchLoader
     from utils.flops import measure_costs
     root, data = runs
@@ -516,13 +515,11 @@ def test_inference_that_skips_blocks_never_autotunes_cudnn_per_sub_batch(runs, m
     seen = []
     hooks = [m.register_forward_hook(lambda *a: seen.append(torch.backends.cudnn.benchmark))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    x = torch.randn(12, 3, 16, 16)
     loader = BatchLoader(torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8), torch.zeros(12, dtype=torch.long),
                          4, train=False, device="cpu", mean=[0.5] * 3, std=[0.25] * 3)
-    for run, skipping in ((lambda: bench.gpu_check.infer(model, x, 4), True),
-                          (lambda: bench.crossfit.per_image(model, loader), True),
+    for run, skipping in ((lambda: predict(model, loader), True),
                           (lambda: evaluate(model, loader, Context(device=torch.device("cpu")), costs, mode="hard"), True),
-                          (lambda: bench.crossfit.per_image(model, loader, mode="open"), False)):
+                          (lambda: predict(model, loader, mode="open"), False)):
         seen.clear()
         run()
         assert seen and set(seen) == {not skipping}, (skipping, set(seen))

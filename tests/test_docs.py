@@ -12,7 +12,7 @@ from conftest import ROOT
 
 DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
                               if f.endswith(".md"))
-HELP = ["main_sp.py", "main_prune.py", "main_rl_prune.py", "main_search.py", "bench/crossfit.py"]
+HELP = ["main_sp.py", "main_prune.py", "main_rl_prune.py", "main_search.py", "-m evaluation.crossfit"]
 FENCE = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)\)")
@@ -87,7 +87,7 @@ def test_requirements_cover_every_import_of_the_product_and_the_suite():
         f[:-3] for d in (ROOT, os.path.join(ROOT, "tests")) for f in os.listdir(d) if f.endswith(".py")}
     missing = {}
     for folder, _, files in os.walk(ROOT):
-        if "/." in folder or "/bench/out" in folder:
+        if "/." in folder or "/bench/out" in folder or "/evaluation/out" in folder:
             continue
         for f in files:
             if not f.endswith(".py"):
@@ -167,12 +167,12 @@ def test_scripts_and_modules_named_in_code_exist():
 
 
 def test_help_of_every_script_runs():
-    """`python <script> --help` of the stages, the search, the cross-fitting and every other one the docs
-    show, all at once: each exits 0 and prints its usage."""
-    shown = {s for _, s in named_in_code(r"(?m)^python ([\w/.-]+\.py) --help$")}
+    """`python <script> --help` (or `python -m <module> --help`) of the stages, the search, the cross-fitting
+    and every other one the docs show, all at once: each exits 0 and prints its usage."""
+    shown = {s for _, s in named_in_code(r"(?m)^python ((?:-m [\w.]+)|(?:[\w/.-]+\.py)) --help$")}
     scripts = sorted(set(HELP) | shown)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    procs = {s: subprocess.Popen([sys.executable, *s.split(), "--help"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for s in scripts}
     failed = []
     for s, proc in procs.items():

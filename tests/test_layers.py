@@ -1,15 +1,16 @@
 """The imports run one way. Every .py file of the project is read with `ast` (no module is imported), and each
 import of a project module is checked against the layers, lowest first:
 
-    utils < models < runtime < pruners, gates, deploy < stages < search < scripts
+    utils < models < runtime < pruners, gates, deploy < stages < search < scripts (main_*.py, demo.py, evaluation/, bench/)
 
 - a package module imports only from its own package or from a package of a lower layer (pruners, gates and
   deploy, one layer, import none of each other);
-- no package module imports a script: main_*.py and demo.py, everything under bench/ (scripts and the modules
-  only they share);
+- no package module imports a script: main_*.py and demo.py, everything under evaluation/ and bench/ (their
+  commands and the modules only they share);
+- the evaluation never imports the benchmarks (bench/ may use the evaluation's runner and data);
 - no two packages import each other, through any chain of modules;
-- a project module is imported by its full name from the repository root (`from bench.paired import ...`,
-  never `from paired import ...` after a sys.path edit).
+- a project module is imported by its full name from the repository root (`from evaluation.stats import ...`,
+  never `from stats import ...` after a sys.path edit).
 
 Scripts and tests may import any layer. Imports inside functions count like the others."""
 import ast
@@ -18,7 +19,7 @@ import os
 from conftest import ROOT
 
 LAYERS = {"utils": 0, "models": 1, "runtime": 2, "pruners": 3, "gates": 3, "deploy": 3, "stages": 4, "search": 5}
-SCRIPT_PACKAGES = ("bench",)
+SCRIPT_PACKAGES = ("evaluation", "bench")
 SKIP = {".git", "__pycache__", "out", "results", "shared"}
 
 
@@ -37,8 +38,8 @@ def module_name(path):
 
 MODULES = {module_name(p): p for p in python_files()}
 TOP = {name.split(".")[0] for name in MODULES}
-# bench's modules by their bare names: what a sys.path edit pointing into bench/ would let one import
-BARE = {m.split(".")[1] for m in MODULES if m.startswith("bench.")}
+# the script packages' modules by their bare names: what a sys.path edit pointing into one would let one import
+BARE = {m.split(".")[1]: m.split(".")[0] for m in MODULES if m.split(".")[0] in SCRIPT_PACKAGES and "." in m}
 
 
 def is_script(module):
@@ -81,8 +82,8 @@ def edges():
 
 
 def test_every_project_module_is_imported_by_its_full_name():
-    bare = [f"{where}: import {name} (use bench.{name.split('.')[0]})" for _, name, where in edges()
-            if name.split(".")[0] in BARE and name.split(".")[0] not in TOP]
+    bare = [f"{where}: import {name} (use {BARE[top]}.{top})" for _, name, where in edges()
+            for top in [name.split(".")[0]] if top in BARE and top not in TOP]
     assert not bare, "\n".join(bare)
 
 
@@ -103,6 +104,12 @@ def test_no_upward_import():
 def test_no_package_module_imports_a_script():
     bad = [f"{where}: {importer} imports {name}" for importer, name, where in edges()
            if package(importer) is not None and name.split(".")[0] in TOP and is_script(name)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_evaluation_never_imports_the_benchmarks():
+    bad = [f"{where}: {importer} imports {name}" for importer, name, where in edges()
+           if importer.split(".")[0] == "evaluation" and name.split(".")[0] == "bench"]
     assert not bad, "\n".join(bad)
 
 
@@ -132,3 +139,18 @@ def test_the_layers_cover_every_package():
     """A new package must be given its layer (or be a script package) before it is used."""
     packages = {m.split(".")[0] for m, p in MODULES.items() if p.endswith("__init__.py") and "." not in m}
     assert packages - {"tests"} <= set(LAYERS) | set(SCRIPT_PACKAGES), packages - set(LAYERS) - set(SCRIPT_PACKAGES)
+
+
+def test_the_product_imports_no_evaluation_only_library():
+    """scikit-learn (the digits datasets) serves the evaluation only: no package of the product imports it."""
+    bad = []
+    for module, path in MODULES.items():
+        if package(module) is None:
+            continue
+        with open(os.path.join(ROOT, path)) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            bad += [f"{path}:{node.lineno}: {name}" for name in names if name.split(".")[0] == "sklearn"]
+    assert not bad, "\n".join(bad)

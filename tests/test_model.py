@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import mix_switches
 from models import build_model, make_arch
 from utils.errors import UserError
-from utils.flops import count_params, dense_flops, measure_costs, routed_flops
+from runtime.predict import image_flops
+from utils.flops import count_params, dense_flops, measure_costs
 
 
 def test_resnet32_k4_counts_2_20_gflops_and_7_45m_params():
@@ -31,7 +32,7 @@ def test_counter_agrees_with_flopcountermode_on_routed_batch(gate):
     with FlopCounterMode(display=False) as counter:
         _, actions, _ = model(x)
     assert 0 < actions.mean() < 1
-    assert routed_flops(costs, actions).sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert image_flops(costs, actions).sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
 def test_ff_switch_costs_about_an_eighth_of_a_block():

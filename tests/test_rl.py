@@ -523,10 +523,10 @@ def test_skip_price_dual_ascent():
     assert fixed.alpha.item() == 0.5
 
 
-# ------------------------------------------------- 7. the fixed-route baseline (gates/routes.py)
+# ------------------------------------------------- 7. the fixed-route baseline (evaluation/routes.py)
 
 def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
-    from gates.routes import best_fixed_route, evaluate_route, route_flops
+    from evaluation.routes import best_fixed_route, evaluate_route, route_flops
     train, test = _loaders()
     torch.manual_seed(0)
     model = build_model(make_arch(depth=14, width=1, num_classes=4)).eval()
@@ -548,10 +548,10 @@ def test_best_fixed_route_meets_its_budget_and_costs_what_it_runs():
 
 @pytest.mark.slow
 def test_routes_by_difficulty_splits_the_stage_evaluation_exactly(stages, tmp_path):
-    """bench/routes_by_difficulty.py on a stage-3 network, half the test images listed as hard: its two
+    """evaluation/routes_by_difficulty.py on a stage-3 network, half the test images listed as hard: its two
     groups, weighted by their sizes, give back exactly the accuracy, GFLOPs and execution rates of the
     stage's own final test (the same images through the checkpoint's recorded pipeline)."""
-    from bench import routes_by_difficulty
+    from evaluation import routes_by_difficulty
     data, results = stages
     run = tmp_path / "run"
     shutil.copytree(results / "prune", run / "prune")

@@ -1,5 +1,5 @@
-"""Smoke test of the study (bench/study.py --quick): every script of the study runs as a subprocess on a tiny
-synthetic dataset (stage 1 with a dense start and plainly dense, the search, its setting applied to a second
+"""Smoke test of the study (python -m evaluation.study --quick): every script of the study runs as a subprocess
+on a tiny synthetic dataset (stage 1 with a dense start and plainly dense, the search, its setting applied to a second
 seed, stage 3 at the seed's flags, static pruning pushed to equal GFLOPs, the best fixed route) and the
 results and picture are written, so the study's code path cannot rot. The real study uses scikit-learn's
 digits instead."""
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench import study
+from evaluation import study
 
 
 def installed(name):
@@ -30,7 +30,7 @@ def test_quick_study_runs_every_part_and_writes_the_results(tmp_path):
     dense = summary["commands"]["dense/seed0"]
     assert dense[dense.index("--train_mode") + 1] == "open"
     assert scripts["search/seed0"] == "main_search.py" and summary["timing"]["search_seconds"]["search/seed0"] > 0
-    assert scripts["route/seed1"] == "bench/fixed_route.py"
+    assert summary["commands"]["route/seed1"][1:3] == ["-m", "evaluation.fixed_route"]
     # the search's setting (chosen on validation) is what the second seed's stage 3 ran with
     # (a GFLOPs target: at the same place between the seed's static network with every gated block skipped
     # and with all run)

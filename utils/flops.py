@@ -86,12 +86,6 @@ def gflops_bounds(costs):
     return to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
 
 
-def routed_flops(costs, actions):
-    """FLOPs each image really executes given its 0/1 route `actions` (N, num_switches): tensor (N,)."""
-    blocks = torch.tensor(costs["blocks"], dtype=torch.float64, device=actions.device)
-    return skipped_flops(costs) + actions.detach().to(torch.float64) @ blocks
-
-
 def count_params(model):
     """Every parameter the model holds: convs, rotations, BN affine, classifier, switches."""
     return sum(p.numel() for p in unwrap(model).parameters())

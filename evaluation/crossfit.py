@@ -3,8 +3,8 @@ on a difficulty that more compute can fix, over seeds and folds of all of digits
 
 Two difficulty families of scikit-learn's 1,797 digits, every image its own severity (5 levels):
   transform  the digit rotated, shrunk, shifted and cluttered with strokes of other digits
-             (utils/synthetic.transformed_digits): all of it is there, more processing can undo it
-  noise      contrast lowered and pixel noise added (utils/synthetic.digits_images): destroys information
+             (evaluation/digits.transformed_digits): all of it is there, more processing can undo it
+  noise      contrast lowered and pixel noise added (evaluation/digits.digits_images): destroys information
 For each seed the images are dealt into `folds` stratified folds; a unit (seed x fold) trains on the other
 folds (their validation split, --val_split of them, is where every choice is made) and tests on its fold, so
 every image is tested once per seed.
@@ -37,16 +37,16 @@ training runs), McNemar, and the smallest difference the design detects. Wall-cl
 of one unit at every compared budget, exported (deploy/export.py), batch 1 and 128, eager and onnxruntime,
 taking turns in one run.
 
-    python bench/crossfit.py --family transform --speed  # a difficulty compute can fix (~2.5 h on 2 busy cores)
-    python bench/crossfit.py --family noise --speed      # a difficulty that destroys information
-    python bench/crossfit.py report --family transform   # the report of the units finished so far
-    python bench/crossfit.py --quick --out DIR --results DIR   # the same code path in a minute or two
-    python bench/crossfit.py --scale cifar100 --data_dir DATA --speed   # a dataset of its own (one GPU)
+    python -m evaluation.crossfit --family transform --speed  # a difficulty compute can fix (~2.5 h on 2 busy cores)
+    python -m evaluation.crossfit --family noise --speed      # a difficulty that destroys information
+    python -m evaluation.crossfit report --family transform   # the report of the units finished so far
+    python -m evaluation.crossfit --quick --out DIR --results DIR   # the same code path in a minute or two
+    python -m evaluation.crossfit --scale cifar100 --data_dir DATA --speed   # a dataset of its own (one GPU)
 
 Each finished unit writes its small result (per-image correctness of every arm) to
 <results>/crossfit/<family>/units/<unit>.json; a rerun (on any machine) skips the units found there and
-reports on them. The work (checkpoints, logs) is under <out> (default bench/out/crossfit/<family>), reused by
-a rerun of the same command (bench/runner.py). The report: <results>/crossfit/<family>/report.{md,json}.
+reports on them. The work (checkpoints, logs) is under <out> (default evaluation/out/crossfit/<family>), reused by
+a rerun of the same command (evaluation/runner.py). The report: <results>/crossfit/<family>/report.{md,json}.
 """
 import argparse
 import copy
@@ -61,28 +61,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluation import stats
+from evaluation.digits import digits_images, transformed_digits, write_split
+from evaluation.routes import best_fixed_route, recalibrate_route, route_flops
+from evaluation.runner import Task, run_all
+from gates.ending import end_training
+from runtime.checkpoint import load_model, save_checkpoint
+from runtime.loop import make_scheduler, sgd, train_epoch
+from runtime.predict import checkpoint_costs, load, predict
+from runtime.steps import dense_step, touch_switches
+from utils.cli import Parser
+from utils.data import BatchLoader, DataSettings, split_val
+from utils.dist import setup
+from utils.errors import UserError, run_main
+from utils.files import read_json, write_json
+from utils.flops import dense_flops, skipped_flops
+from utils.nets import is_switch, unwrap
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from bench import paired  # noqa: E402
-from bench.runner import Task, run_all  # noqa: E402
-from gates.ending import end_training  # noqa: E402
-from gates.routes import best_fixed_route, recalibrate_route, route_flops  # noqa: E402
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from runtime.evaluate import no_autotune_when_skipping  # noqa: E402
-from runtime.loop import make_scheduler, prepare, sgd, train_epoch  # noqa: E402
-from runtime.steps import dense_step, touch_switches  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-from utils.data import BatchLoader, DataSettings, load_data, split_val  # noqa: E402
-from utils.dist import setup  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.files import read_json, write_json  # noqa: E402
-from utils.flops import dense_flops, measure_costs, routed_flops, skipped_flops  # noqa: E402
-from utils.nets import is_switch, unwrap  # noqa: E402
-from utils.synthetic import digits_images, transformed_digits, write_split  # noqa: E402
 
 # Epochs after stage 1, the same for every arm: prune + rl + routes (the dynamic arm's three phases; the
 # fixed route shares the first two); lr: the peak of each phase's cosine schedule. The settings were fixed
-# by a pilot on one unit's validation split (bench/results/crossfit/pilot.md).
+# by a pilot on one unit's validation split (evaluation/results/crossfit/pilot.md).
 SCALES = {
     "digits": dict(resize=16, depth=14, width=1, bs=64, val_split=0.2, folds=2, seeds=(0, 1, 2), levels=5,
                    sp=dict(epochs=60, lr=0.1),
@@ -147,7 +147,7 @@ def write_units(s, family, out, data_dir=None):
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, "images.npz"), labels=labels, level=level)
     units = []
-    for split in paired.cross_fit_splits(len(labels), s["folds"], s["seeds"], val_fraction=0.0, labels=labels):
+    for split in stats.cross_fit_splits(len(labels), s["folds"], s["seeds"], val_fraction=0.0, labels=labels):
         name = f"s{split.seed}f{split.fold}"
         root = os.path.join(out, name, "data")
         if not os.path.isdir(os.path.join(root, "test")):
@@ -287,7 +287,7 @@ def unit_result(results, name, controller, factor=1):
 def plan(s, units, out, controller, results):
     """Every unit's tasks (those without a result yet), then the doubling checks' (after all, so that a run
     cut short has whole units)."""
-    me = [os.path.join(ROOT, "bench", "crossfit.py")]
+    me = ["-m", "evaluation.crossfit"]
     tasks, doubled = [], []
     for name, split in units:
         u = os.path.join(out, name)
@@ -316,14 +316,12 @@ def unit_where(s, u, controller="counterfactual"):
 
 def load_unit(w, path, ctx, test=True):
     """(ddp, data, costs, ckpt) of a checkpoint with the unit's data and validation split."""
-    ckpt = load_checkpoint(path, None, "checkpoint")
     settings = DataSettings(data_dir=w.data_dir, bs=w.bs, val_split=w.val_split, seed=w.seed,
                             final_split="test" if test else "val")
-    data = load_data(settings, ctx, recorded=ckpt.get("pipeline"), source=f"checkpoint {path}")
-    if data.eval_name != "val":
+    net = load(path, settings, ctx)
+    if net.data.eval_name != "val":
         raise UserError(f"{w.data_dir}: every choice is made on a validation split: give --val_split > 0")
-    model, ddp = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
-    return ddp, data, measure_costs(model, data.image_size), ckpt
+    return net.ddp, net.data, net.costs, net.ckpt
 
 
 def save_like(ckpt, model, path, **extra):
@@ -334,23 +332,11 @@ def save_like(ckpt, model, path, **extra):
     save_checkpoint(path, payload)
 
 
-@torch.no_grad()
 def per_image(ddp, loader, mode="hard", route=None):
-    """Correctness and the 0/1 route (N, S) of every image of `loader`, in order; `route`: a fixed route in
-    `open` mode (None: every block)."""
-    model = unwrap(ddp)
-    model.eval()
-    saved, model.route = model.route, None if route is None else list(route)
-    correct, routes = [], []
-    try:
-        with no_autotune_when_skipping(model, mode):
-            for x, y in loader:
-                logits, a, _ = model(x, mode)
-                correct.append((logits.argmax(1) == y).cpu())
-                routes.append(a.cpu())
-    finally:
-        model.route = saved
-    return torch.cat(correct).numpy(), torch.cat(routes).numpy().astype(np.int8)
+    """Correctness and the 0/1 route (N, S) of every image of `loader`, in order, as numpy arrays
+    (runtime.predict); `route`: a fixed route in `open` mode (None: every block)."""
+    got = predict(ddp, loader, mode=mode, route=route)
+    return got.correct.numpy(), got.routes.numpy()
 
 
 def bits(correct):
@@ -367,7 +353,7 @@ def all_routes(costs):
 
 def route_table_val(ddp, data, ctx, costs):
     """The fixed routes of the network (BN as it is) with their cost and per-image validation correctness:
-    every route up to EXHAUSTIVE switches; beyond, the routes of gates.routes.best_fixed_route's greedy
+    every route up to EXHAUSTIVE switches; beyond, the routes of evaluation.routes.best_fixed_route's greedy
     block removal on validation, from every block run to none."""
     if len(costs["blocks"]) <= EXHAUSTIVE:
         candidates = all_routes(costs)
@@ -398,10 +384,8 @@ def loader_of(x, y, bs, ctx, pipeline, train, seed=0, augment=None):
 
 def targets_step(s, w, u, ctx, args):
     """The unpruned network's GFLOPs (every block, no switch): budgets are fractions of it."""
-    ckpt = load_checkpoint(os.path.join(u, "sp", "checkpoint.pt"), None, "checkpoint")
-    model = model_from_checkpoint(ckpt)
-    write_json(os.path.join(u, "targets.json"),
-               {"unpruned_gflops": dense_flops(measure_costs(model, ckpt["pipeline"]["resize"])) / 1e9})
+    costs = checkpoint_costs(os.path.join(u, "sp", "checkpoint.pt"))
+    write_json(os.path.join(u, "targets.json"), {"unpruned_gflops": dense_flops(costs) / 1e9})
 
 
 def train_dense(ddp, data, ctx, epochs, lr, desc, route=None):
@@ -584,11 +568,9 @@ def finish_step(s, w, u, ctx, args):
                               momentum=0.9, weight_decay=5e-4)
     ending = end_training(ddp, data, ctx, costs, target, rl_args)
     save_like(ckpt, model, os.path.join(d, "dynamic.pt"))
-    vc, va = per_image(ddp, data.eval)
-    tc, ta = per_image(ddp, data.test)
-    tf = routed_flops(costs, torch.as_tensor(ta)).numpy() / 1e9
-    out["dynamic"] = {"val": bits(vc), "test": bits(tc),
-                      "val_gflops": float(routed_flops(costs, torch.as_tensor(va)).mean() / 1e9),
+    val, test = predict(ddp, data.eval, costs), predict(ddp, data.test, costs)
+    vc, tc, ta, tf = val.correct.numpy(), test.correct.numpy(), test.routes.numpy(), test.flops.numpy() / 1e9
+    out["dynamic"] = {"val": bits(vc), "test": bits(tc), "val_gflops": float(val.flops.mean() / 1e9),
                       "gflops": float(tf.mean()), "last_shift": ending["calibration"][-1]["shift"],
                       "test_distinct_routes": int(len(np.unique(ta, axis=0))),
                       "by_level": [{"level": int(x), "gflops": float(tf[lv["test"] == x].mean()),
@@ -691,8 +673,7 @@ def speed_step(s, w, u, ctx, args):
     switches deciding per image), static pruning at the same GFLOPs and the unpruned network, exported by
     deploy/export.py; batch 128 and batch 1 (32 images one at a time), eager PyTorch and onnxruntime, all
     taking turns round after round in one process (medians, and the ratios within each round's medians)."""
-    from deploy.export import export
-    from bench.bench_prune import Onnx
+    from deploy.export import export, onnx_session
 
     torch.set_num_threads(args.threads)
     out = {"unit": os.path.basename(os.path.normpath(u)), "threads": args.threads, "budgets": {}}
@@ -708,19 +689,16 @@ def speed_step(s, w, u, ctx, args):
             ex = os.path.join(d, "export", name)
             if not os.path.isfile(os.path.join(ex, "export.json")):
                 export(path, ex, mode=mode)
-            ckpt = load_checkpoint(path, None, "checkpoint")
-            model = model_from_checkpoint(ckpt).eval()
-            p = ckpt["pipeline"]
+            model, prep = load_model(path, mode=mode)
             if x_u8 is None:
                 from utils.data import load_dataset
-                ds = load_dataset(w.data_dir, "png", p["resize"])
-                x_u8 = ds.test_x[:128].permute(0, 2, 3, 1).contiguous()
-                x_f = (ds.test_x[:128].float() / 255 - torch.tensor(p["mean"]).view(1, 3, 1, 1)) / \
-                    torch.tensor(p["std"]).view(1, 3, 1, 1)
+                x_u8 = load_dataset(w.data_dir, "png", prep.size).test_x[:128].permute(0, 2, 3, 1).contiguous()
+                x_f = prep(x_u8)
             nets[name] = (model, mode)
             onnx[name] = (os.path.join(ex, "model.onnx"),
                           os.path.join(ex, "model_b1.onnx") if mode == "hard" else os.path.join(ex, "model.onnx"))
-        sessions = {name: (Onnx(p128, args.threads), Onnx(p1, args.threads)) for name, (p128, p1) in onnx.items()}
+        sessions = {name: (onnx_session(p128, args.threads), onnx_session(p1, args.threads))
+                    for name, (p128, p1) in onnx.items()}
 
         def eager(name, batch):
             model, mode = nets[name]
@@ -733,10 +711,10 @@ def speed_step(s, w, u, ctx, args):
 
         def ort(name, batch):
             if batch == 128:
-                sessions[name][0](None, x_u8.numpy())
+                sessions[name][0].run(None, {"images": x_u8.numpy()})
             else:
                 for i in range(32):
-                    sessions[name][1](None, x_u8[i:i + 1].numpy())
+                    sessions[name][1].run(None, {"images": x_u8[i:i + 1].numpy()})
 
         kinds = [(f"{eng} b{batch}", fn, batch) for eng, fn in (("eager", eager), ("ort", ort)) for batch in (128, 1)]
         times = {(kind, name): [] for kind, _, _ in kinds for name in nets}
@@ -783,8 +761,8 @@ def compare(units, get_a, get_b, split="test", alternative="greater"):
     a = [unbits(get_a(x)[split]) for x in units]
     b = [unbits(get_b(x)[split]) for x in units]
     ids = [np.array(x[f"{split}_ids"]) for x in units]
-    rep = paired.pooled_report(a, b, image_ids=ids, alternative=alternative, n_boot=4000)
-    ub = paired.unit_bootstrap_ci(a, b, n_boot=4000)
+    rep = stats.pooled_report(a, b, image_ids=ids, alternative=alternative, n_boot=4000)
+    ub = stats.unit_bootstrap_ci(a, b, n_boot=4000)
     rep["unit_ci"] = {"low": ub.low, "high": ub.high, "se": ub.se, "mdd": ub.mdd, "units": ub.units}
     return rep
 
@@ -905,7 +883,7 @@ def report(s, family, results, images_level, controller="counterfactual"):
                          ("fixed", lambda x: x["budgets"][k]["fixed"])):
             once = [unbits(get(a)["val"]) for a, _ in pairs]
             twice = [unbits(get(d)["val"]) for _, d in pairs]
-            ub = paired.unit_bootstrap_ci(twice, once, n_boot=4000)
+            ub = stats.unit_bootstrap_ci(twice, once, n_boot=4000)
             conv.append({"arm": arm, "units": len(pairs), "images": int(sum(len(o) for o in once)),
                          "val_acc": float(np.concatenate(once).mean() * 100),
                          "val_acc_doubled": float(np.concatenate(twice).mean() * 100), "diff": ub.diff,
@@ -1073,9 +1051,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--controller", default="counterfactual",
                    help="stage 3's --controller for the dynamic arm (compared with others on validation only)")
-    p.add_argument("--out", default=None, help="the work (default: bench/out/crossfit/<family>; with --quick, "
-                   "bench/out/crossfit-quick/<family>, never the full run's)")
-    p.add_argument("--results", default=None, help="default: bench/results/crossfit/<family>; with --quick, "
+    p.add_argument("--out", default=None, help="the work (default: evaluation/out/crossfit/<family>; with --quick, "
+                   "evaluation/out/crossfit-quick/<family>, never the full run's)")
+    p.add_argument("--results", default=None, help="default: evaluation/results/crossfit/<family>; with --quick, "
                    "<out>/results, never over the full run's")
     p.add_argument("--budget", type=float, default=None, help="one unit's steps: the budget (fraction)")
     p.add_argument("--factor", type=int, default=1, help="one unit's steps: the epochs' factor (2: doubled)")
@@ -1102,11 +1080,11 @@ def main(argv=None):
     quick = s["name"] == "quick"
     if args.data_dir:
         args.family = "own"
-    out = args.out or os.path.join(ROOT, "bench", "out", "crossfit-quick" if quick else "crossfit", args.family)
+    out = args.out or os.path.join(ROOT, "evaluation", "out", "crossfit-quick" if quick else "crossfit", args.family)
     if args.out:
         out = os.path.join(args.out, args.family)
     results = args.results or (os.path.join(out, "results") if quick else
-                               os.path.join(ROOT, "bench", "results", "crossfit", args.family))
+                               os.path.join(ROOT, "evaluation", "results", "crossfit", args.family))
     if args.results:
         results = os.path.join(args.results, args.family)
     units = write_units(s, args.family, out, args.data_dir)
@@ -1115,7 +1093,7 @@ def main(argv=None):
         tasks = plan(s, units, out, args.controller, results)
         if args.speed:
             first = os.path.join(out, units[0][0])
-            tasks.append(Task(f"{units[0][0]}/speed", [os.path.join(ROOT, "bench", "crossfit.py"), "speed", first,
+            tasks.append(Task(f"{units[0][0]}/speed", ["-m", "evaluation.crossfit", "speed", first,
                                                        "--scale", s["name"], "--controller", args.controller,
                                                        "--results", results, "--reps", str(args.reps)],
                               os.path.join(results, "speed.json"),
@@ -1134,7 +1112,7 @@ def main(argv=None):
                                                      else []),
                  *(["--data_dir", args.data_dir] if args.data_dir else ["--family", args.family]),
                  *(["--controller", args.controller] if args.controller != "counterfactual" else []), "--speed"]
-    command = " ".join(["python bench/crossfit.py", *given])
+    command = " ".join(["python -m evaluation.crossfit", *given])
     write_json(os.path.join(results, "report.json"), r)
     with open(os.path.join(results, "report.md"), "w") as f:
         f.write(markdown(r, command))

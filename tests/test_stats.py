@@ -1,8 +1,8 @@
-"""bench/paired.py on hand-made inputs whose answers are known in closed form."""
+"""evaluation/stats.py on hand-made inputs whose answers are known in closed form."""
 import numpy as np
 import pytest
 
-from bench import paired
+from evaluation import stats
 
 
 def pairs(only_a, only_b, both, neither):
@@ -17,28 +17,28 @@ def pairs(only_a, only_b, both, neither):
 
 def test_mcnemar_ten_to_zero_discordant_pairs():
     a, b = pairs(10, 0, 30, 5)
-    two = paired.mcnemar_exact(a, b)
+    two = stats.mcnemar_exact(a, b)
     assert (two.n, two.only_a, two.only_b) == (45, 10, 0)
     assert two.p == pytest.approx(2 * 0.5 ** 10)
-    assert paired.mcnemar_exact(a, b, "greater").p == pytest.approx(0.5 ** 10)
-    assert paired.mcnemar_exact(a, b, "less").p == pytest.approx(1.0)
-    assert paired.mcnemar_exact(b, a, "less").p == pytest.approx(0.5 ** 10)  # roles swap
+    assert stats.mcnemar_exact(a, b, "greater").p == pytest.approx(0.5 ** 10)
+    assert stats.mcnemar_exact(a, b, "less").p == pytest.approx(1.0)
+    assert stats.mcnemar_exact(b, a, "less").p == pytest.approx(0.5 ** 10)  # roles swap
 
 
 def test_mcnemar_equal_discordance_and_no_discordance_give_p_one():
-    assert paired.mcnemar_exact(*pairs(7, 7, 20, 3)).p == pytest.approx(1.0)
+    assert stats.mcnemar_exact(*pairs(7, 7, 20, 3)).p == pytest.approx(1.0)
     same = np.array([1, 0, 1, 1])
-    assert paired.mcnemar_exact(same, same).p == 1.0
+    assert stats.mcnemar_exact(same, same).p == 1.0
 
 
 def test_mcnemar_accepts_torch_and_refuses_non_binary():
     torch = pytest.importorskip("torch")
     a, b = pairs(3, 1, 2, 2)
-    assert paired.mcnemar_exact(torch.tensor(a), torch.tensor(b).bool()).only_a == 3
+    assert stats.mcnemar_exact(torch.tensor(a), torch.tensor(b).bool()).only_a == 3
     with pytest.raises(ValueError, match="0/1"):
-        paired.mcnemar_exact([0.3, 1], [1, 0])
+        stats.mcnemar_exact([0.3, 1], [1, 0])
     with pytest.raises(ValueError, match="length"):
-        paired.mcnemar_exact([1, 0], [1, 0, 1])
+        stats.mcnemar_exact([1, 0], [1, 0, 1])
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
@@ -46,8 +46,8 @@ def test_mcnemar_accepts_torch_and_refuses_non_binary():
 
 def test_bootstrap_ci_contains_the_difference_matches_the_normal_width_and_shrinks_with_n():
     # 20 only-A, 10 only-B of 100: difference 10 points, SE = sqrt((0.3 - 0.1^2) / n).
-    small = paired.paired_bootstrap_ci(*pairs(20, 10, 40, 30), n_boot=20000)
-    large = paired.paired_bootstrap_ci(*pairs(200, 100, 400, 300), n_boot=20000)
+    small = stats.paired_bootstrap_ci(*pairs(20, 10, 40, 30), n_boot=20000)
+    large = stats.paired_bootstrap_ci(*pairs(200, 100, 400, 300), n_boot=20000)
     for ci, n in ((small, 100), (large, 1000)):
         assert ci.diff == pytest.approx(10.0)
         assert ci.low < 10 < ci.high
@@ -59,10 +59,10 @@ def test_bootstrap_ci_contains_the_difference_matches_the_normal_width_and_shrin
 
 def test_bootstrap_identical_arrays_give_zero_interval_and_is_deterministic():
     a = np.array([1, 0, 1, 1, 0, 1])
-    ci = paired.paired_bootstrap_ci(a, a)
+    ci = stats.paired_bootstrap_ci(a, a)
     assert (ci.diff, ci.low, ci.high) == (0.0, 0.0, 0.0)
     x, y = pairs(5, 3, 10, 2)
-    assert paired.paired_bootstrap_ci(x, y, seed=3) == paired.paired_bootstrap_ci(x, y, seed=3)
+    assert stats.paired_bootstrap_ci(x, y, seed=3) == stats.paired_bootstrap_ci(x, y, seed=3)
 
 
 def test_stratified_bootstrap_keeps_group_sizes():
@@ -72,9 +72,9 @@ def test_stratified_bootstrap_keeps_group_sizes():
     a = np.r_[np.ones(10), np.ones(15), np.zeros(15)]
     b = np.r_[np.zeros(10), np.ones(15), np.zeros(15)]
     groups = np.r_[np.zeros(10), np.ones(30)]
-    strat = paired.paired_bootstrap_ci(a, b, groups=groups)
+    strat = stats.paired_bootstrap_ci(a, b, groups=groups)
     assert (strat.diff, strat.low, strat.high) == (25.0, 25.0, 25.0)
-    loose = paired.paired_bootstrap_ci(a, b)
+    loose = stats.paired_bootstrap_ci(a, b)
     assert loose.low < 25 < loose.high
 
 
@@ -82,15 +82,15 @@ def test_clustered_bootstrap_resamples_whole_images():
     # The same 40 images under 3 seeds with identical results: the information is that of 40 images, so the
     # clustered interval matches the single-seed one, and treating 120 pairs as independent is too narrow.
     a, b = pairs(12, 4, 16, 8)
-    single = paired.paired_bootstrap_ci(a, b)
+    single = stats.paired_bootstrap_ci(a, b)
     a3, b3, ids = np.tile(a, 3), np.tile(b, 3), np.tile(np.arange(40), 3)
-    clustered = paired.paired_bootstrap_ci(a3, b3, clusters=ids)
-    naive = paired.paired_bootstrap_ci(a3, b3)
+    clustered = stats.paired_bootstrap_ci(a3, b3, clusters=ids)
+    naive = stats.paired_bootstrap_ci(a3, b3)
     assert clustered.diff == single.diff == 20.0
     assert clustered.high - clustered.low == pytest.approx(single.high - single.low, rel=0.1)
     assert naive.high - naive.low < 0.7 * (clustered.high - clustered.low)
     with pytest.raises(ValueError, match="single group"):
-        paired.paired_bootstrap_ci(a3, b3, clusters=ids, groups=np.repeat([0, 1, 2], 40))
+        stats.paired_bootstrap_ci(a3, b3, clusters=ids, groups=np.repeat([0, 1, 2], 40))
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -99,23 +99,23 @@ def test_clustered_bootstrap_resamples_whole_images():
 def test_loss_tests_on_a_constant_shift():
     b = 0.5 + 0.25 * np.arange(12)  # multiples of 1/4: the differences are exact
     a = b - 0.25                    # A lower by 0.25 nats on every image
-    res = paired.paired_loss_test(a, b)
+    res = stats.paired_loss_test(a, b)
     assert res.mean_diff == pytest.approx(-0.25)
     assert res.wilcoxon_p == pytest.approx(2 * 0.5 ** 12)  # exact: all 12 signs negative
     assert res.t_p < 1e-6
-    less = paired.paired_loss_test(a, b, alternative="less")
+    less = stats.paired_loss_test(a, b, alternative="less")
     assert less.wilcoxon_p == pytest.approx(0.5 ** 12) and less.t_p == 0.0
-    greater = paired.paired_loss_test(a, b, alternative="greater")
+    greater = stats.paired_loss_test(a, b, alternative="greater")
     assert greater.wilcoxon_p == pytest.approx(1.0) and greater.t_p == 1.0
-    noisy = paired.paired_loss_test(a + np.tile([0.01, -0.01], 6), b)  # not constant: scipy's t-test
+    noisy = stats.paired_loss_test(a + np.tile([0.01, -0.01], 6), b)  # not constant: scipy's t-test
     assert noisy.mean_diff == pytest.approx(-0.25) and noisy.t_p < 1e-10
 
 
 def test_loss_tests_without_a_shift():
     b = np.linspace(0.5, 3.0, 12)
-    assert paired.paired_loss_test(b, b.copy()) == paired.LossTest(12, 0.0, 1.0, 1.0, "two-sided")
+    assert stats.paired_loss_test(b, b.copy()) == stats.LossTest(12, 0.0, 1.0, 1.0, "two-sided")
     # Symmetric differences: mean zero, t statistic zero, Wilcoxon W at its centre.
-    res = paired.paired_loss_test(b + np.tile([0.1, -0.1], 6), b)
+    res = stats.paired_loss_test(b + np.tile([0.1, -0.1], 6), b)
     assert res.mean_diff == pytest.approx(0.0, abs=1e-12)
     assert res.t_p == pytest.approx(1.0)
     assert res.wilcoxon_p > 0.5
@@ -126,7 +126,7 @@ def test_loss_tests_without_a_shift():
 
 def test_route_table_recovers_routes():
     routes = np.array([[1, 0, 1], [1, 1, 1], [1, 0, 1], [0, 0, 1]])
-    distinct, assign = paired.route_table(routes)
+    distinct, assign = stats.route_table(routes)
     assert distinct.shape == (3, 3)
     assert np.array_equal(distinct[assign], routes)
 
@@ -137,7 +137,7 @@ def test_shuffle_control_perfect_routing_beats_its_shuffles():
     n = 20
     assign = np.arange(n) % 2
     correct = np.eye(2, dtype=int)[assign]
-    res = paired.shuffle_control(correct, assign, n_perm=2000)
+    res = stats.shuffle_control(correct, assign, n_perm=2000)
     assert res.acc_assigned == 1.0
     assert res.acc_shuffled == pytest.approx(0.5, abs=0.02)
     assert res.high < 1.0 and res.std > 0
@@ -149,7 +149,7 @@ def test_shuffle_control_identical_routes_change_nothing():
     col = rng.integers(0, 2, 30)
     correct = np.stack([col, col, col], axis=1)
     assign = rng.integers(0, 3, 30)
-    res = paired.shuffle_control(correct, assign, n_perm=200)
+    res = stats.shuffle_control(correct, assign, n_perm=200)
     assert res.acc_shuffled == res.acc_assigned == col.mean()
     assert res.std == 0.0 and res.p == 1.0
 
@@ -160,9 +160,9 @@ def test_shuffle_control_within_groups():
     n = 20
     group = np.arange(n) % 2
     correct = np.eye(2, dtype=int)[group]
-    within = paired.shuffle_control(correct, group, groups=group, n_perm=200)
+    within = stats.shuffle_control(correct, group, groups=group, n_perm=200)
     assert within.acc_shuffled == within.acc_assigned == 1.0 and within.p == 1.0
-    overall = paired.shuffle_control(correct, group, n_perm=200)
+    overall = stats.shuffle_control(correct, group, n_perm=200)
     assert overall.acc_shuffled < 0.6
 
 
@@ -171,7 +171,7 @@ def test_shuffle_control_keeps_route_counts_per_group():
     # depends only on the route, so every shuffle scores exactly the assigned accuracy.
     assign = np.array([0, 0, 1, 2, 2, 2, 1, 0])
     correct = np.tile([[1, 0, 1]], (8, 1))
-    res = paired.shuffle_control(correct, assign, groups=[0, 0, 0, 0, 1, 1, 1, 1], n_perm=50)
+    res = stats.shuffle_control(correct, assign, groups=[0, 0, 0, 0, 1, 1, 1, 1], n_perm=50)
     assert res.low == res.high == res.acc_assigned == 6 / 8
 
 
@@ -184,7 +184,7 @@ def test_two_route_oracle_on_three_routes():
                         [0, 1, 1],
                         [0, 1, 0]])  # test accuracies 0.5, 0.5, 0.75
     val_acc = [0.90, 0.895, 0.85]
-    res = paired.two_route_oracle(correct, val_acc, full_acc=0.91, within=(0.5, 1, 2, 10))
+    res = stats.two_route_oracle(correct, val_acc, full_acc=0.91, within=(0.5, 1, 2, 10))
     assert res[0.5] is None                      # nothing within half a point
     one = res[1]                                 # only route 0 (exactly at the boundary)
     assert one.admissible == (0,) and one.pair == (0, 0) and one.headroom == 0.0
@@ -203,7 +203,7 @@ def test_two_route_oracle_on_three_routes():
 
 def test_cross_fit_splits_partition_and_disjointness():
     n, folds, seeds = 103, 5, (0, 1, 2)
-    splits = paired.cross_fit_splits(n, folds=folds, seeds=seeds, val_fraction=0.1)
+    splits = stats.cross_fit_splits(n, folds=folds, seeds=seeds, val_fraction=0.1)
     assert [(s.seed, s.fold) for s in splits] == [(s, f) for s in seeds for f in range(folds)]
     for seed in seeds:
         mine = [s for s in splits if s.seed == seed]
@@ -223,14 +223,14 @@ def test_cross_fit_splits_partition_and_disjointness():
 def test_cross_fit_splits_stratified_and_deterministic():
     labels = np.repeat(["a", "b", "c"], [50, 31, 12])
     n = labels.size
-    splits = paired.cross_fit_splits(n, folds=5, seeds=(0, 1), val_fraction=0.2, labels=labels)
+    splits = stats.cross_fit_splits(n, folds=5, seeds=(0, 1), val_fraction=0.2, labels=labels)
     for s in splits:
         for c, n_c in (("a", 50), ("b", 31), ("c", 12)):
             assert abs(np.sum(labels[s.test] == c) - n_c / 5) < 1          # within one image
             pool = n - s.test.size
             share = np.sum(labels[s.train] == c) + np.sum(labels[s.val] == c)
             assert abs(np.sum(labels[s.val] == c) - s.val.size * share / pool) <= 1
-    again = paired.cross_fit_splits(n, folds=5, seeds=(0, 1), val_fraction=0.2, labels=labels)
+    again = stats.cross_fit_splits(n, folds=5, seeds=(0, 1), val_fraction=0.2, labels=labels)
     for s, t in zip(splits, again):
         assert all(np.array_equal(getattr(s, k), getattr(t, k)) for k in ("train", "val", "test"))
     assert not np.array_equal(splits[0].test, splits[5].test)              # seeds differ
@@ -240,7 +240,7 @@ def test_cross_fit_splits_stratified_and_deterministic():
 
 
 def test_power_note_formula():
-    note = paired.power_note(0.2, 1000)
+    note = stats.power_note(0.2, 1000)
     assert note["mdd"] == pytest.approx((1.959964 + 0.841621) * np.sqrt(0.2 / 1000) * 100, rel=1e-5)
     assert "1000 paired images" in note["text"]
 
@@ -248,28 +248,28 @@ def test_power_note_formula():
 def test_pooled_report_pools_parts():
     a1, b1 = pairs(6, 0, 10, 4)
     a2, b2 = pairs(4, 0, 12, 4)
-    rep = paired.pooled_report([a1, a2], [b1, b2], n_boot=2000)
+    rep = stats.pooled_report([a1, a2], [b1, b2], n_boot=2000)
     assert (rep["n"], rep["n_images"]) == (40, 40)
     assert (rep["acc_a"], rep["acc_b"]) == (0.8, 0.55)
     assert rep["mcnemar"]["only_a"] == 10 and rep["mcnemar"]["p"] == pytest.approx(2 * 0.5 ** 10)
     assert rep["diff"] == 25.0 and rep["ci"]["low"] < 25 < rep["ci"]["high"]
     assert rep["power"]["discordance"] == 0.25 and rep["power"]["n"] == 40
-    clustered = paired.pooled_report([a1, a1], [b1, b1], image_ids=[np.arange(20)] * 2, n_boot=2000)
+    clustered = stats.pooled_report([a1, a1], [b1, b1], image_ids=[np.arange(20)] * 2, n_boot=2000)
     assert clustered["n"] == 40 and clustered["n_images"] == 20 and clustered["power"]["n"] == 20
 
 
 def test_unit_bootstrap_carries_the_variance_between_units():
     rng = np.random.default_rng(0)
     same = [rng.random(400) < 0.9 for _ in range(6)]
-    zero = paired.unit_bootstrap_ci(same, same, n_boot=2000)
+    zero = stats.unit_bootstrap_ci(same, same, n_boot=2000)
     assert (zero.diff, zero.low, zero.high, zero.se) == (0.0, 0.0, 0.0, 0.0)
     # units that disagree (three +10 points, three -10): the pooled difference is 0 either way, but the
     # interval over units must be far wider than the one that holds the trained units fixed
     a = [rng.random(400) < p for p in (0.95, 0.75, 0.95, 0.75, 0.95, 0.75)]
     b = [rng.random(400) < 0.85 for _ in range(6)]
-    units = paired.unit_bootstrap_ci(a, b, n_boot=4000)
-    images = paired.paired_bootstrap_ci(np.concatenate(a), np.concatenate(b), n_boot=4000)
+    units = stats.unit_bootstrap_ci(a, b, n_boot=4000)
+    images = stats.paired_bootstrap_ci(np.concatenate(a), np.concatenate(b), n_boot=4000)
     assert units.low < units.diff < units.high and units.diff == pytest.approx(images.diff)
     assert units.high - units.low > 1.5 * (images.high - images.low)
     assert units.mdd == pytest.approx(2.8016 * units.se, rel=1e-3) and units.units == 6
-    assert paired.unit_bootstrap_ci(a, b, n_boot=4000) == units  # deterministic
+    assert stats.unit_bootstrap_ci(a, b, n_boot=4000) == units  # deterministic

@@ -1,10 +1,10 @@
 """The counterfactual controller with K sampled blocks flipped per step (--flip_blocks K) against the full form
 (every block flipped): validation accuracy at the same GFLOPs target, routes, and stage 3's time.
 
-    nice -n 5 python bench/flip_blocks.py                 # digits, 3 seeds, K = 0 (full), 2 and 4; ~1 h on 2 cores
-    python bench/flip_blocks.py --quick                   # a smoke run (its own --out and --results)
+    nice -n 5 python -m evaluation.flip_blocks                 # digits, 3 seeds, K = 0 (full), 2 and 4; ~1 h on 2 cores
+    python -m evaluation.flip_blocks --quick                   # a smoke run (its own --out and --results)
 
-Per seed: scikit-learn's digits at 16x16 with a graded spread of difficulty (utils/synthetic.py, 5 levels of
+Per seed: scikit-learn's digits at 16x16 with a graded spread of difficulty (evaluation/digits.py, 5 levels of
 contrast loss and noise; images of every level in train and test), ResNet-20 width 1 (8 switches);
 stage 1 (15 epochs), stage 2 (compression 0.6, 5 epochs), then stage 3 once per K from the same stage-2
 network and seed (12 epochs, lr 0.05, alpha 1.0 adapted to the target, 6 route epochs), the target the
@@ -12,21 +12,18 @@ middle of the gated range: every network ends calibrated to the same GFLOPs. Eve
 training images (the same ones) and ends on that validation split (--final_split val): the test split is
 never read. Reported per K: validation accuracy of the routed network (mean and per seed), its GFLOPs, the
 number of distinct routes its greedy switches take on the validation images, and stage 3's wall time.
-Runs are cached under --out (bench/runner.py's tasks); the table goes to --results (markdown + JSON).
+Runs are cached under --out (evaluation/runner.py's tasks); the table goes to --results (markdown + JSON).
 """
 import argparse
-import json
 import os
 import statistics
-import sys
+
+import torch
+
+from evaluation.runner import Task, run_all
+from utils.files import read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-
-import torch  # noqa: E402
-
-from bench.runner import Task, run_all  # noqa: E402
-from utils.files import read_json, write_json  # noqa: E402
 
 SCALES = {
     "digits": dict(resize=16, depth=20, width=1, bs=64, val_split=0.1, seeds=(0, 1, 2), flips=(0, 2, 4),
@@ -46,11 +43,9 @@ def common(s, data, seed):
 def target(run):
     """The middle of the stage-2 network's gated range: half of its gated blocks' GFLOPs above the cost with
     every gated block skipped."""
-    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.flops import measure_costs, skipped_flops
-    path = os.path.join(run, "prune", "checkpoint.pt")
-    ckpt = load_checkpoint(path, ("prune",))
-    costs = measure_costs(model_from_checkpoint(ckpt, path), ckpt["pipeline"]["resize"])
+    from runtime.predict import checkpoint_costs
+    from utils.flops import skipped_flops
+    costs = checkpoint_costs(os.path.join(run, "prune", "checkpoint.pt"), ("prune",), "--checkpoint")
     return round((skipped_flops(costs) + 0.5 * sum(costs["blocks"])) / 1e9, 9)
 
 
@@ -81,19 +76,14 @@ def plan(s, out, data):
     return tasks
 
 
-@torch.no_grad()
 def distinct_routes(checkpoint, data, s, seed):
     """How many different greedy routes the network takes on the validation images."""
-    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.data import DataSettings, load_data
+    from runtime.predict import load, predict
+    from utils.data import DataSettings
     from utils.dist import Context
-    ckpt = load_checkpoint(checkpoint, ("rl",))
-    ctx = Context(device=torch.device("cpu"))
-    loaded = load_data(DataSettings(data_dir=data, bs=256, val_split=s["val_split"], seed=seed,
-                                    final_split="val"), ctx, recorded=ckpt["pipeline"], source=checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint).eval()
-    routes = torch.cat([model(x, "hard")[1] for x, _ in loaded.eval])
-    return len({tuple(r) for r in routes.int().tolist()})
+    settings = DataSettings(data_dir=data, bs=256, val_split=s["val_split"], seed=seed, final_split="val")
+    net = load(checkpoint, settings, Context(device=torch.device("cpu")), ("rl",), "--checkpoint")
+    return len({tuple(r) for r in predict(net.ddp, net.data.eval).routes.tolist()})
 
 
 def report(s, out, data, times):
@@ -136,25 +126,25 @@ def markdown(s, rows, command):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny network, one seed, one epoch")
-    p.add_argument("--out", default=None, help="work folder (default: bench/out/flip_blocks[_quick])")
-    p.add_argument("--results", default=None, help="where the table goes (default: bench/results/flip_blocks "
-                                                    "or, --quick, bench/out/flip_blocks_quick/results)")
+    p.add_argument("--out", default=None, help="work folder (default: evaluation/out/flip_blocks[_quick])")
+    p.add_argument("--results", default=None, help="where the table goes (default: evaluation/results/flip_blocks "
+                                                    "or, --quick, evaluation/out/flip_blocks_quick/results)")
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
     s = SCALES["quick" if args.quick else "digits"]
-    out = args.out or os.path.join(ROOT, "bench", "out", "flip_blocks_quick" if args.quick else "flip_blocks")
+    out = args.out or os.path.join(ROOT, "evaluation", "out", "flip_blocks_quick" if args.quick else "flip_blocks")
     results = args.results or (os.path.join(out, "results") if args.quick else
-                               os.path.join(ROOT, "bench", "results", "flip_blocks"))
+                               os.path.join(ROOT, "evaluation", "results", "flip_blocks"))
     data = os.path.join(out, "data")
     if not os.path.isdir(os.path.join(data, "test")):
-        from utils.synthetic import write_digits
+        from evaluation.digits import write_digits
         write_digits(data + ".partial", size=s["resize"], levels=5)
         os.replace(data + ".partial", data)
     tasks = plan(s, out, data)
     run_all(tasks, args.jobs, 1, os.path.join(out, "logs"))
     times = {t.name: t.seconds for t in tasks}
     rows = report(s, out, data, times)
-    command = "python bench/flip_blocks.py" + (" --quick" if args.quick else "")
+    command = "python -m evaluation.flip_blocks" + (" --quick" if args.quick else "")
     os.makedirs(results, exist_ok=True)
     write_json(os.path.join(results, "flip_blocks.json"), {str(k): v for k, v in rows.items()})
     text = markdown(s, rows, command)

@@ -1,9 +1,9 @@
 """The best fixed route of a network at a GFLOPs budget: the same blocks skipped for every image, chosen
-greedily on the validation split (gates/routes.best_fixed_route), BN statistics re-estimated on training
-images under that route (gates/routes.recalibrate_route), then evaluated once on test. The baseline that
-per-image routing must beat at equal GFLOPs (bench/study.py).
+greedily on the validation split (evaluation/routes.best_fixed_route), BN statistics re-estimated on training
+images under that route (evaluation/routes.recalibrate_route), then evaluated once on test. The baseline that
+per-image routing must beat at equal GFLOPs (evaluation/study.py).
 
-    python bench/fixed_route.py --checkpoint RL_CKPT [--checkpoint PRUNE_CKPT ...] --budget_gflops G \
+    python -m evaluation.fixed_route --checkpoint RL_CKPT [--checkpoint PRUNE_CKPT ...] --budget_gflops G \
         --data_dir DIR --val_split 0.1 --seed 0 --out route.json
 
 The blocks are coarse (one block of ResNet-20 is about a ninth of its cost), so the greedy route lands at or
@@ -11,25 +11,17 @@ under the budget; the route one greedy step before it (just over the budget) is 
 """
 import argparse
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from gates.routes import best_fixed_route, evaluate_route, recalibrate_route  # noqa: E402
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.dist import setup  # noqa: E402
-from runtime.loop import prepare  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.flops import measure_costs  # noqa: E402
-from utils.data import DataSettings, load_data  # noqa: E402
+from evaluation.routes import best_fixed_route, evaluate_route, recalibrate_route
+from runtime import predict
+from utils.dist import setup
+from utils.files import write_json
+from utils.data import DataSettings
 
 
 def load(path, data, ctx, bs):
-    ckpt = load_checkpoint(path, None, "--checkpoint")
-    loaded = load_data(DataSettings.of(data, bs=bs), ctx,
-                       recorded=ckpt.get("pipeline"), source=f"--checkpoint {path}")
-    model, ddp = prepare(model_from_checkpoint(ckpt, path, "--checkpoint"), ctx)
-    return ddp, loaded, measure_costs(model, loaded.image_size)
+    net = predict.load(path, DataSettings.of(data, bs=bs), ctx, flag="--checkpoint")
+    return net.ddp, net.data, net.costs
 
 
 def deployed(path, data, ctx, bs, route):

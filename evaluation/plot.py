@@ -2,9 +2,9 @@
 network and plain dense training, static only, static + dynamic (per-image routes), and the two baselines
 at equal GFLOPs (the best fixed route, static pruning pushed further). A larger marker is the mean of a kind.
 
-    python bench/plot.py [bench/results/study_points.json] [bench/results/study.png]
+    python -m evaluation.plot [evaluation/results/study_points.json] [evaluation/results/study.png]
 
-Reads the points bench/study.py wrote.
+Reads the points evaluation/study.py wrote.
 """
 import json
 import os
@@ -13,7 +13,7 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STYLE = {  # kind -> (marker, colour)

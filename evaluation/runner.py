@@ -1,7 +1,7 @@
 """Runs the project's scripts as a user runs them: one script (run_script), or a set of tasks with
 dependencies, several at a time, each reused while its output and stamp say it was done by the same command
-(Task, run_all). bench/study.py and bench/crossfit.py plan their tasks; the tests run the scripts through
-run_script too."""
+(Task, run_all). The study, the cross-fitting and the controllers' comparisons plan their tasks; the
+benchmarks and the tests run the scripts through run_script too."""
 import json
 import os
 import subprocess
@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(argv, env=None, **kwargs):
-    """`python *argv` from the repository root, `env` added to this process's environment; the other
-    keyword arguments are subprocess.run's. Returns the CompletedProcess."""
+    """`python *argv` from the repository root (a script's path, or -m and a module), `env` added to this
+    process's environment; the other keyword arguments are subprocess.run's. Returns the CompletedProcess."""
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
 
 
@@ -71,7 +71,7 @@ def run_task(task, logs, threads, upstream_rerun):
         raise RuntimeError(f"task {task.name} failed (exit {proc.returncode}); {log_path} ends with:\n{tail}")
     with open(stamp_path(task), "w") as f:
         json.dump({"argv": task.argv, "config": task.config, "seconds": task.seconds}, f)
-    print(f"[bench] {task.name} done in {task.seconds:.0f}s", flush=True)
+    print(f"[run] {task.name} done in {task.seconds:.0f}s", flush=True)
     return task
 
 
@@ -99,7 +99,7 @@ def run_all(tasks, jobs, threads, logs):
                     future.result()
                 except Exception as e:  # noqa: BLE001 -- reported with the task's log, the study goes on
                     failed[task.name] = str(e)
-                    print(f"[bench] {e}", flush=True)
+                    print(f"[run] {e}", flush=True)
                     continue
                 done.add(task.name)
                 if not task.reused:

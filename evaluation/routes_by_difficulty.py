@@ -1,9 +1,9 @@
 """Do the switches route by difficulty? For each checkpoint, the test images of a dataset written with a
-spread of difficulty (utils/synthetic.write_digits' hard_fraction: <data_dir>/hard.txt lists the degraded
+spread of difficulty (evaluation/digits.write_digits' hard_fraction: <data_dir>/hard.txt lists the degraded
 images) split into hard and easy ones, and for each group: accuracy, GFLOPs per image as executed (greedy
 routes, skipped blocks not counted), and every switch's greedy execution rate.
 
-    python bench/routes_by_difficulty.py CKPT [CKPT ...] --data_dir DIR [--out routes_by_difficulty.json]
+    python -m evaluation.routes_by_difficulty CKPT [CKPT ...] --data_dir DIR [--out routes_by_difficulty.json]
 
 Images go through the checkpoint's recorded input pipeline (utils.data.Preprocess), as a deployed model
 sees them, in batches of --bs.
@@ -11,17 +11,14 @@ sees them, in batches of --bs.
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-from utils.data import Preprocess  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.flops import measure_costs, routed_flops  # noqa: E402
+from runtime.checkpoint import load_model
+from runtime.predict import file_batches, predict
+from utils.cli import Parser
+from utils.errors import UserError, run_main
+from utils.flops import measure_costs
 
 
 def test_images(data_dir):
@@ -29,7 +26,7 @@ def test_images(data_dir):
     listing = os.path.join(data_dir, "hard.txt")
     if not os.path.isfile(listing):
         raise UserError(f"{listing} does not exist: --data_dir must be written with a spread of difficulty "
-                        f"(bench/study.py --mixed, or utils/synthetic.write_digits(..., hard_fraction=0.5))")
+                        f"(evaluation/study.py --mixed, or evaluation/digits.write_digits(..., hard_fraction=0.5))")
     with open(listing) as f:
         hard = set(f.read().split())
     test = os.path.join(data_dir, "test")
@@ -41,20 +38,11 @@ def test_images(data_dir):
 def by_difficulty(path, data_dir, bs):
     """{"hard"/"easy": {"images", "acc" (%), "gflops_per_image", "exec_rate" (per switch)}} of one checkpoint
     on the test split, greedy routes (`hard` mode, eval)."""
-    ckpt = load_checkpoint(path, None, "checkpoint")
-    model = model_from_checkpoint(ckpt, path, "checkpoint").eval()
-    prep = Preprocess(ckpt["pipeline"], f"checkpoint {path}")
-    costs = measure_costs(model, prep.size)
+    model, prep = load_model(path, mode="hard")
     images = test_images(data_dir)
-    correct, flops, actions = [], [], []
-    for i in range(0, len(images), bs):
-        chunk = images[i:i + bs]
-        logits, a, _ = model(prep([os.path.join(data_dir, p) for p, _, _ in chunk]), "hard")
-        labels = torch.tensor([prep.classes.index(c) for _, c, _ in chunk])
-        correct.append(logits.argmax(1) == labels)
-        flops.append(routed_flops(costs, a))
-        actions.append(a)
-    correct, flops, actions = torch.cat(correct), torch.cat(flops), torch.cat(actions)
+    got = predict(model, file_batches(prep, [os.path.join(data_dir, p) for p, _, _ in images],
+                                      [c for _, c, _ in images], bs), measure_costs(model, prep.size))
+    correct, flops, actions = got.correct, got.flops, got.routes
     hard = torch.tensor([h for _, _, h in images])
     out = {}
     for name, mask in (("hard", hard), ("easy", ~hard)):

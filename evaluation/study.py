@@ -3,14 +3,14 @@
 the same net for the same epochs; (2) do the switches move in stage 3 at the original flags (alpha 0.1, gamma 1,
 rl_weight 0.1, lr 0.001), and which way; (3) static + dynamic (setting chosen by main_search.py on the
 validation split) against static only at the same compression; (4) at equal GFLOPs, per-image routing
-against the best fixed route (gates/routes.py) and against static pruning alone pushed to that cost.
+against the best fixed route (evaluation/routes.py) and against static pruning alone pushed to that cost.
 
-    nice -n 10 python bench/study.py                 # the study (sized for about an hour on 2 idle cores)
-    python bench/study.py --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
+    nice -n 10 python -m evaluation.study                 # the study of evaluation/results/ (about an hour, 2 cores)
+    python -m evaluation.study --quick --out DIR --results DIR   # the same code path in seconds (the smoke test)
 
 Every number comes from the scripts run as subprocesses exactly as a user runs them (main_sp.py,
-main_prune.py --config_path <generated json>, main_rl_prune.py, main_search.py, bench/fixed_route.py) and
-from the JSON files they write. Layout under --out (default bench/out/study, git-ignored):
+main_prune.py --config_path <generated json>, main_rl_prune.py, main_search.py, evaluation/fixed_route.py) and
+from the JSON files they write. Layout under --out (default evaluation/out/study, git-ignored):
 
     data/                         the dataset in the PNG class-folder layout
     seed<s>/sp/                   stage 1 (dense start, then --train_mode joint): row 1
@@ -19,10 +19,10 @@ from the JSON files they write. Layout under --out (default bench/out/study, git
     seed<s>/{prune,rl}/           the other seeds: stage 2 at the same compression, stage 3 at the chosen setting
     seed<s>/seedflags/rl/         stage 3 at the original flags from the static network (first seed)
     seed<s>/equal/prune/          stage 2 pushed to the GFLOPs of the seed's static + dynamic network
-    seed<s>/route/route.json      the best fixed route at those GFLOPs (bench/fixed_route.py)
+    seed<s>/route/route.json      the best fixed route at those GFLOPs (evaluation/fixed_route.py)
     logs/<task>.log               every subprocess's output
 
-Results (--results, default bench/results/): study.json (everything, means and sample std over seeds),
+Results (--results, default evaluation/results/): study.json (everything, means and sample std over seeds),
 study.md (the tables, described in docs/study.md), study_points.json and study.png (the picture). None are
 committed: they are written by running the study.
 
@@ -33,17 +33,17 @@ command is not run again (delete --out to start afresh); a crash costs only the 
 import argparse
 import json
 import os
-import sys
 import time
 
+from evaluation.digits import write_digits
+from evaluation.runner import Task, run_all, stamp_path
+from evaluation.study_report import markdown, optional, points, summarise
+from utils.cli import Parser
+from utils.errors import UserError, run_main
+from utils.files import read_json
+from utils.synthetic import write_synthetic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from bench.runner import Task, run_all, stamp_path  # noqa: E402
-from bench.study_report import markdown, optional, points, summarise  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.files import read_json  # noqa: E402
-from utils.synthetic import write_digits, write_synthetic  # noqa: E402
 
 # The study's scale: ResNet-20 at width 1 on the 1,294 training images of digits left after the validation
 # split (10%, 144 images); an epoch takes 20-45 s on one core of a busy machine. Stage 1 starts dense, then
@@ -70,7 +70,7 @@ SCALES = {
         search=dict(budget=100.0, knob="target_gflops", dynamic_trials=2, max_alpha=4.0)),  # any network passes
 }
 # The same with a spread of difficulty, where which image skips a block should matter: half the images
-# (train and test) with contrast halved and strong noise (utils/synthetic.write_digits' hard_fraction).
+# (train and test) with contrast halved and strong noise (evaluation/digits.write_digits' hard_fraction).
 SCALES["digits-mixed"] = {**SCALES["digits"], "data": "digits-mixed"}
 
 
@@ -148,9 +148,9 @@ def searched(s, out):
 def gflops_range(s, checkpoint):
     """(GFLOPs per image with every gated block skipped, with every block run) of a stage-2 checkpoint: the
     interval a stage-3 GFLOPs target must lie in."""
-    from runtime.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.flops import gflops_bounds, measure_costs
-    return gflops_bounds(measure_costs(model_from_checkpoint(load_checkpoint(checkpoint)), s["resize"]))
+    from runtime.predict import checkpoint_costs
+    from utils.flops import gflops_bounds
+    return gflops_bounds(checkpoint_costs(checkpoint, flag="--checkpoint"))
 
 
 def chosen(s, out):
@@ -241,7 +241,7 @@ def plan(s, out):
     def route(seed):  # the best fixed route at those GFLOPs, on the stage-3 and on the stage-2 weights
         nets = lambda: networks(s, out, seed)  # noqa: E731
         return Task(f"route/seed{seed}", lambda: [
-            "bench/fixed_route.py", "--checkpoint", nets()["dynamic"]["checkpoint"], "--checkpoint",
+            "-m", "evaluation.fixed_route", "--checkpoint", nets()["dynamic"]["checkpoint"], "--checkpoint",
             nets()["static"]["checkpoint"], "--bs", str(s["bs"]), "--budget_gflops", repr(budget(seed)),
             "--data_dir", data, "--val_split", str(s["val_split"]), "--seed", str(seed), "--out",
             os.path.join(runs[seed], "route", "route.json")], os.path.join(runs[seed], "route", "route.json"),
@@ -250,7 +250,7 @@ def plan(s, out):
     def difficulty(seed):  # --mixed: the routes of hard and easy test images (stage 2's and stage 3's network)
         nets = lambda: networks(s, out, seed)  # noqa: E731
         return Task(f"difficulty/seed{seed}", lambda: [
-            "bench/routes_by_difficulty.py", nets()["static"]["checkpoint"], nets()["dynamic"]["checkpoint"],
+            "-m", "evaluation.routes_by_difficulty", nets()["static"]["checkpoint"], nets()["dynamic"]["checkpoint"],
             "--data_dir", data, "--out", os.path.join(runs[seed], "difficulty.json")],
             os.path.join(runs[seed], "difficulty.json"), [dynamic_task(seed)])
 
@@ -358,10 +358,10 @@ def main(argv=None):
     p.add_argument("--mixed", action="store_true", help="digits with a spread of difficulty: half the images "
                    "(train and test) with contrast halved and strong noise")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
-    p.add_argument("--out", default=None, help="runs and logs (default: bench/out/study; --mixed: "
-                   "bench/out/study-mixed; --quick: bench/out/study-quick)")
-    p.add_argument("--results", default=None, help="summary files (default: bench/results; --mixed: "
-                   "bench/results/mixed; --quick: <out>/results)")
+    p.add_argument("--out", default=None, help="runs and logs (default: evaluation/out/study; --mixed: "
+                   "evaluation/out/study-mixed; --quick: evaluation/out/study-quick)")
+    p.add_argument("--results", default=None, help="summary files (default: evaluation/results; --mixed: "
+                   "evaluation/results/mixed; --quick: <out>/results)")
     p.add_argument("--jobs", type=int, default=2, help="tasks run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per task")
     p.add_argument("--report", action="store_true", help="run nothing: write the results from the tasks done "
@@ -373,11 +373,11 @@ def main(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} must be >= 1")
     s = dict(SCALES["quick" if args.quick else "digits-mixed" if args.mixed else "digits"])
-    args.out = args.out or os.path.join(ROOT, "bench", "out",
+    args.out = args.out or os.path.join(ROOT, "evaluation", "out",
                                         "study-quick" if args.quick else "study-mixed" if args.mixed else "study")
     # a quick run never writes over the study's results
     args.results = args.results or (os.path.join(args.out, "results") if args.quick else
-                                    os.path.join(ROOT, "bench", "results", *(["mixed"] if args.mixed else [])))
+                                    os.path.join(ROOT, "evaluation", "results", *(["mixed"] if args.mixed else [])))
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
     out = os.path.abspath(args.out)
@@ -404,7 +404,7 @@ def main(argv=None):
     mean = summarise(per_seed)
     flags = optional(seed_flags, s, out)
     setting = optional(chosen, s, out)
-    command = "python bench/study.py" + (" --quick" if args.quick else "") + (" --mixed" if args.mixed else "") + \
+    command = "python -m evaluation.study" + (" --quick" if args.quick else "") + (" --mixed" if args.mixed else "") + \
         (f" --seeds {' '.join(map(str, s['seeds']))}" if args.seeds else "")
     os.makedirs(args.results, exist_ok=True)
     pts = points(per_seed)
@@ -419,7 +419,7 @@ def main(argv=None):
     with open(os.path.join(args.results, "study_points.json"), "w") as f:
         json.dump({"x": "gflops_per_image", "y": "test_acc", "points": pts}, f, indent=2)
     try:
-        from bench.plot import plot_points
+        from evaluation.plot import plot_points
         plot_points(pts, os.path.join(args.results, "study.png"))
     except ImportError:
         print("[study] matplotlib missing: no study.png (pip install -r requirements.txt)", flush=True)

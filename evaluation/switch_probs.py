@@ -1,31 +1,19 @@
 """Mean switch probability p (execute the block) per switch over the validation split, for each checkpoint
 given: how far stage 3 moved the switches even where the greedy route (p > 0.5) did not change.
 
-    python bench/switch_probs.py CKPT [CKPT ...] --data_dir DIR --val_split 0.1 --seed 0 [--out probs.json]
+    python -m evaluation.switch_probs CKPT [CKPT ...] --data_dir DIR --val_split 0.1 --seed 0 [--out probs.json]
 """
 import argparse
 import json
-import os
-import sys
 
-import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.dist import setup  # noqa: E402
-from runtime.loop import prepare  # noqa: E402
-from utils.data import DataSettings, load_data  # noqa: E402
+from runtime import predict
+from utils.dist import setup
+from utils.data import DataSettings
 
 
-@torch.no_grad()
 def mean_probs(path, data, ctx, bs):
-    ckpt = load_checkpoint(path, None, "checkpoint")
-    loaded = load_data(DataSettings.of(data, bs=bs, final_split="val"), ctx,
-                       recorded=ckpt.get("pipeline"), source=path)
-    model, _ = prepare(model_from_checkpoint(ckpt, path, "checkpoint"), ctx)
-    model.eval()
-    probs = torch.cat([model(x, "hard")[2] for x, _ in loaded.eval])  # (N, switches)
+    net = predict.load(path, DataSettings.of(data, bs=bs, final_split="val"), ctx)
+    probs = predict.predict(net.ddp, net.data.eval).probs  # (N, switches)
     return {"mean_p": probs.mean(0).tolist(), "std_p": probs.std(0).tolist(), "images": len(probs)}
 
 

@@ -1,39 +1,38 @@
 """Stage 3's controllers compared on validation: the same stage-2 network, the same epochs, the same GFLOPs
 target, only --controller differs. This is how the default controller is chosen (docs/stages.md).
 
-Data: scikit-learn's digits at 16x16 with graded difficulty (utils/synthetic.digits_images, 5 levels of
+Data: scikit-learn's digits at 16x16 with graded difficulty (evaluation/digits.digits_images, 5 levels of
 contrast and noise), its train split only: every stage holds out the same validation split (--val_split,
 drawn by --seed) and ends on it (--final_split val); the test split is never read. Per seed: stage 1
 (ResNet-20 width 1, crop augmentation), stage 2 (compression 0.6), then stage 3 once per controller from
 that stage-2 network, to a GFLOPs target `budget` of the way from every gated block skipped to every
 block run (the switches' FLOPs counted), with the same epochs, route epochs and learning rates.
 
-    python bench/controllers.py                     # 3 seeds, counterfactual against gumbel (about 30 min
+    python -m evaluation.controllers                     # 3 seeds, counterfactual against gumbel (about 30 min
                                                     # on 2 idle cores)
-    python bench/controllers.py --quick --out DIR --results DIR   # the same code path in a minute
+    python -m evaluation.controllers --quick --out DIR --results DIR   # the same code path in a minute
 
 Writes <results>/controllers.json (per seed and controller: val accuracy, GFLOPs, alpha, the ending) and
-.md (the table); the work goes under <out> (default bench/out/controllers), reused by a rerun of the same
-command (bench/runner.py).
+.md (the table); the work goes under <out> (default evaluation/out/controllers), reused by a rerun of the same
+command (evaluation/runner.py).
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
+from evaluation.digits import write_digits
+from evaluation.runner import Task, run_all
+from evaluation.stats import pooled_report
+from runtime.predict import checkpoint_costs, load, predict
+from utils.cli import Parser
+from utils.data import DataSettings
+from utils.errors import run_main
+from utils.dist import setup
+from utils.files import read_json, write_json
+from utils.flops import skipped_flops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as python bench/<script>.py: bench.* and the packages by their full names
-from bench.paired import pooled_report  # noqa: E402
-from bench.runner import Task, run_all  # noqa: E402
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-from utils.data import DataSettings, load_data  # noqa: E402
-from utils.errors import run_main  # noqa: E402
-from utils.dist import setup  # noqa: E402
-from utils.files import read_json, write_json  # noqa: E402
-from utils.flops import measure_costs, skipped_flops  # noqa: E402
-from utils.synthetic import write_digits  # noqa: E402
 
 SCALES = {
     "digits": dict(resize=16, depth=20, width=1, bs=64, val_split=0.2, seeds=(0, 1, 2), levels=5,
@@ -55,8 +54,7 @@ def target_step(unit, budget):
     """The GFLOPs target of a seed's stage 3: `budget` of the way from every gated block skipped to every
     block run, of its stage-2 network (switches included, as stage 3 counts them)."""
     path = os.path.join(unit, "prune", "checkpoint.pt")
-    ckpt = load_checkpoint(path, ("prune",), "checkpoint")
-    costs = measure_costs(model_from_checkpoint(ckpt, path, "checkpoint"), ckpt["pipeline"]["resize"])
+    costs = checkpoint_costs(path, ("prune",))
     gflops = (skipped_flops(costs) + budget * sum(costs["blocks"])) / 1e9
     write_json(os.path.join(unit, "target.json"), {"gflops": gflops, "budget": budget})
 
@@ -64,18 +62,15 @@ def target_step(unit, budget):
 def val_correct(path):
     """Per validation image (in the split's order), whether the stage-3 network saved at `path` classifies it
     right on its greedy routes: the split the run held out, read through its recorded pipeline."""
-    import torch
-    ctx = setup("cpu", 0, "off", False)
-    ckpt = load_checkpoint(path, ("rl",), "checkpoint")
-    data = load_data(DataSettings.of(ckpt["args"]), ctx, recorded=ckpt["pipeline"], source=path)
-    model = model_from_checkpoint(ckpt, path, "checkpoint").eval()
-    with torch.no_grad():
-        return np.concatenate([(model(x)[0].argmax(1) == y).numpy() for x, y in data.eval])
+    from runtime.checkpoint import load_checkpoint
+    settings = DataSettings.of(load_checkpoint(path, ("rl",))["args"])
+    net = load(path, settings, setup("cpu", 0, "off", False), ("rl",))
+    return predict(net.ddp, net.data.eval).correct.numpy()
 
 
 def plan(s, out, data, controllers):
     tasks = []
-    me = os.path.join(ROOT, "bench", "controllers.py")
+    me = ["-m", "evaluation.controllers"]
     for seed in s["seeds"]:
         u = os.path.join(out, f"s{seed}")
         common = ["--bs", str(s["bs"]), "--num_workers", "0", "--seed", str(seed), "--device", "cpu",
@@ -92,7 +87,7 @@ def plan(s, out, data, controllers):
                  os.path.join(u, "sp", "metrics.json")),
             Task(f"s{seed}/prune", ["main_prune.py", "--config_path", cfg], os.path.join(u, "prune", "metrics.json"),
                  [f"s{seed}/sp"], prune, cfg),
-            Task(f"s{seed}/target", [me, "target", u, "--budget", repr(s["budget"])], os.path.join(u, "target.json"),
+            Task(f"s{seed}/target", [*me, "target", u, "--budget", repr(s["budget"])], os.path.join(u, "target.json"),
                  [f"s{seed}/prune"])]
         r = s["rl"]
         for c in controllers:
@@ -175,8 +170,8 @@ def main(argv=None):
     p.add_argument("--controllers", nargs="+", default=["counterfactual", "gumbel"],
                    choices=("counterfactual", "gumbel", "reinforce"), help="the first is the one compared against")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--out", default=None, help="the work (default: bench/out/controllers[-quick])")
-    p.add_argument("--results", default=None, help="where controllers.{md,json} go (default: bench/results; "
+    p.add_argument("--out", default=None, help="the work (default: evaluation/out/controllers[-quick])")
+    p.add_argument("--results", default=None, help="where controllers.{md,json} go (default: evaluation/results; "
                                                    "with --quick, the work folder)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -187,16 +182,16 @@ def main(argv=None):
     s = {**SCALES[name], "name": name}
     if args.seeds:
         s["seeds"] = tuple(args.seeds)
-    default_out = os.path.join(ROOT, "bench", "out", "controllers" + ("-quick" if args.quick else ""))
+    default_out = os.path.join(ROOT, "evaluation", "out", "controllers" + ("-quick" if args.quick else ""))
     out = os.path.abspath(args.out or default_out)
-    results = args.results or (out if args.quick else os.path.join(ROOT, "bench", "results"))
+    results = args.results or (out if args.quick else os.path.join(ROOT, "evaluation", "results"))
     data = os.path.join(out, "data")
     if not os.path.isdir(os.path.join(data, "test")):
         write_digits(data + ".partial", size=s["resize"], seed=0, levels=s["levels"])
         os.replace(data + ".partial", data)
     run_all(plan(s, out, data, args.controllers), args.jobs, args.threads, os.path.join(out, "logs"))
     r = report(s, out, args.controllers)
-    command = "python bench/controllers.py" + (" --quick" if args.quick else "") + (
+    command = "python -m evaluation.controllers" + (" --quick" if args.quick else "") + (
         f" --seeds {' '.join(map(str, s['seeds']))}" if args.seeds else "") + (
         f" --controllers {' '.join(args.controllers)}" if args.controllers != ["counterfactual", "gumbel"] else "")
     os.makedirs(results, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The study's report: means over seeds, the picture's points and the Markdown tables of bench/study.py, from
+"""The study's report: means over seeds, the picture's points and the Markdown tables of evaluation/study.py, from
 the per-seed results it collects (each number from the JSON a stage script wrote)."""
 import statistics
 

@@ -1,0 +1,110 @@
+"""The one per-image evaluator: a checkpoint with the data and FLOPs costs it is evaluated with (load), and
+what a network does to each image of a loader, in order (predict): its logits, whether it was right, its
+route and the FLOPs that route executes, under the switches' routes, every block or a fixed route.
+
+runtime/evaluate.py's `evaluate` is the summed form the stages report (on the device, every rank, one
+sync); the search, the evaluation and gpu_check load their networks here, and what needs each image's
+outcome (paired tests, routes by difficulty, CPU against GPU) calls predict."""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.evaluate import no_autotune_when_skipping
+from runtime.loop import prepare
+from utils.data import load_data
+from utils.flops import measure_costs, skipped_flops
+
+
+EVALUATED = ("resize", "mean", "std", "classes")  # what an evaluation's images depend on (not augmentation)
+
+
+@dataclass
+class Loaded:
+    ckpt: dict
+    model: torch.nn.Module  # the plain module (FLOPs, state dict)
+    ddp: torch.nn.Module    # what to call: the model, or its DDP wrapper under torchrun
+    data: object            # utils.data.Data: the loaders, the recorded pipeline
+    costs: dict             # utils.flops.measure_costs at the recorded input size
+
+
+def load(path, settings, ctx, stages=None, flag="checkpoint", data=None):
+    """A checkpoint of `stages` (None: any) with what it is evaluated with: its network rebuilt and prepared
+    for ctx (runtime.loop.prepare), the data of `settings` (utils.data.DataSettings) through the input
+    pipeline the checkpoint records, and the FLOPs costs at that input size. `data`: what this returned for
+    another checkpoint with the same settings, reused where its pipeline gives the same images (decoded
+    once). Every problem is one line that names `flag` and the file."""
+    ckpt = load_checkpoint(path, stages, flag)
+    recorded = ckpt.get("pipeline")
+    if data is None or recorded is None or any(data.pipeline[k] != recorded[k] for k in EVALUATED):
+        data = load_data(settings, ctx, recorded=recorded, source=f"{flag} {path}")
+    model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
+    return Loaded(ckpt, model, ddp, data, measure_costs(model, data.image_size))
+
+
+def checkpoint_costs(path, stages=None, flag="checkpoint"):
+    """The FLOPs costs (utils.flops.measure_costs) of a checkpoint's network at its recorded input size."""
+    ckpt = load_checkpoint(path, stages, flag)
+    return measure_costs(model_from_checkpoint(ckpt, path, flag), ckpt["pipeline"]["resize"])
+
+
+def image_flops(costs, routes, mode="hard"):
+    """FLOPs each image executes, float64 (N,), from its 0/1 route (N, S): the layers every image runs, the
+    blocks its route runs and, in every mode but "open" (where no switch is evaluated), the switches."""
+    blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
+    base = costs["base"] if mode == "open" else skipped_flops(costs)
+    return base + routes.detach().cpu().to(torch.float64) @ blocks
+
+
+@contextlib.contextmanager
+def fixed_route(model, route):
+    """The model runs `route` (0/1 per gated block; None: every block) in "open" mode inside, and its own
+    route again after."""
+    model = getattr(model, "module", model)
+    saved, model.route = model.route, None if route is None else list(route)
+    try:
+        yield model
+    finally:
+        model.route = saved
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor    # (N, classes) float32
+    labels: torch.Tensor    # (N,)
+    routes: torch.Tensor    # (N, S) int8: 1 where the image ran the gated block
+    probs: torch.Tensor     # (N, S) the switches' probabilities of running each block ("hard" mode)
+    flops: torch.Tensor     # (N,) float64, or None without costs
+
+    @property
+    def correct(self):
+        return self.logits.argmax(1) == self.labels
+
+
+@torch.no_grad()
+def predict(ddp, loader, costs=None, mode="hard", route=None):
+    """Every image of `loader` ((x, y) batches) through the network, in order, on the CPU: logits, labels,
+    routes, switch probabilities and (with `costs`) the FLOPs each image executes. Each process predicts its
+    own images (the plain module is called: no collective, whatever the number of batches). `mode`: "hard",
+    the switches' greedy routes with skipped blocks not computed; "open", every block and no switch, or with
+    `route` (0/1 per gated block) that fixed route for every image. Eval mode; the model's own route is
+    restored after; no autocast (the weights' own precision)."""
+    out = {"logits": [], "labels": [], "routes": [], "probs": []}
+    with fixed_route(ddp, route) as model, no_autotune_when_skipping(model.eval(), mode):
+        for x, y in loader:
+            logits, routes, probs = model(x, mode)
+            out["logits"].append(logits.float().cpu())
+            out["labels"].append(y.cpu())
+            out["routes"].append(routes.cpu().to(torch.int8))
+            out["probs"].append(probs.float().cpu())
+    got = {k: torch.cat(v) for k, v in out.items()}
+    return Predictions(flops=None if costs is None else image_flops(costs, got["routes"], mode), **got)
+
+
+def file_batches(preprocess, paths, class_names, bs, device="cpu"):
+    """(x, y) batches of image files through a checkpoint's recorded input pipeline (`preprocess`:
+    runtime.checkpoint.load_model's), each labelled by the index of its class name."""
+    for i in range(0, len(paths), bs):
+        y = torch.tensor([preprocess.classes.index(c) for c in class_names[i:i + bs]], device=device)
+        yield preprocess(paths[i:i + bs], device), y
