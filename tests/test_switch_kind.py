@@ -16,7 +16,8 @@ from runtime.loop import train_epoch
 from test_export import gated_model, images, save_stage  # noqa: F401 (images: a fixture)
 from test_rl import CPU, _loaders, _mean_execute_probability
 from deploy.export import export, reference_outputs, run_onnx
-from utils.flops import dense_flops, measure_costs, routed_flops
+from runtime.predict import image_flops
+from utils.flops import dense_flops, measure_costs
 
 FILTERS = 4
 
@@ -82,7 +83,7 @@ def test_flops_of_the_new_kind_are_counted():
     with FlopCounterMode(display=False) as counter:
         _, actions, _ = model(torch.randn(12, 3, 16, 16))
     assert 0 < actions.mean() < 1
-    assert routed_flops(costs, actions).sum().item() == counter.get_total_flops()
+    assert image_flops(costs, actions).sum().item() == counter.get_total_flops()
 
 
 @pytest.mark.slow
