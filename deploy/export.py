@@ -2,30 +2,11 @@
 
     python -m deploy.export CHECKPOINT --out DIR [--mode hard|open] [--mean R G B --std R G B --resize N]
 
-What is exported is the network as it is deployed, not as it is trained:
-- raw 8-bit images in: uint8 (N, H, W, C), H = W = the pipeline's `resize`, channels in the training
-  order (RGB); the normalisation (x / 255 - mean) / std runs inside, with the checkpoint's
-  ckpt["pipeline"] mean and std (or --mean / --std for checkpoints without one);
-- every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
-- every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
-  no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
-  location);
-  rot_in is never merged (a k x k core over every input channel: docs/export.md);
-- channels_last activations (the NHWC input is already in that layout);
-- `--mode hard` (the default for stage 3, whose table row is its routed network): the switches decide per
-  image, outputs (logits, routes), routes (N, number of switches) 0/1 float. `--mode open` (the default
-  for stages 1 and 2, whose rows are their networks with every block): every block, no switch, logits.
-A checkpoint exported from <result_dir>/<stage>/checkpoint.pt must belong to that folder's chain of stages
-(utils/lineage.py): a stale one is refused in one line.
-
-Files in DIR: model.onnx and model.pt2 (torch.export.save; load with torch.export.load(p).module()) for
-any batch size; in `hard` mode also model_b1.onnx / model_b1.pt2 for one image at a time, where each
-gated block is real control flow (torch.cond, ONNX `If`): a skipped block costs nothing. The batched
-models run each gated block on the sub-batch of images whose route executes it, as eager inference does
-(nonzero -> gather -> block -> index_copy; ONNX NonZero / Gather / ScatterND; an empty sub-batch works):
-a skipped image costs only the gather and scatter of its activation. export.json records the pipeline,
-mode, input, FLOPs per image of the deployed form with every block run, and the check made at export:
-the outputs of every file against the checkpoint's on the same (random) images.
+What is exported is the network as deployed (docs/export.md): raw uint8 NHWC images normalised inside, BN
+folded, factored convs in their cheapest exact form, channels_last; `hard` mode (stage 3's default) outputs
+(logits, routes) and adds a one-image model_b1 whose gated blocks are control flow, `open` mode (stages 1
+and 2) outputs logits. export.json records the pipeline, mode, input, FLOPs per image with every block run,
+and the check of every file's outputs against the checkpoint's on the same random images.
 """
 import contextlib
 import copy

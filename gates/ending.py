@@ -43,15 +43,10 @@ def greedy_step(model, x, y):
 
 
 def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
-    """--route_epochs epochs of SGD on the backbone only (the switches' parameters are not stepped; the
-    routes are their greedy decisions, which still move with the backbone's features and, for `ff`
-    switches, their BN statistics), cross-entropy on the greedy routes (greedy_step), lr --route_lr cosine
-    to 0, the stage's momentum and weight decay. `recalibrate` (with a FLOPs target) is called before every
-    epoch but the first (which follows a calibration), so that the backbone trains on routes at the target
-    whatever the features' drift, and the final calibration moves little.
-    Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
-    uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
-    made (recalibrate's results)."""
+    """--route_epochs epochs of SGD on the backbone only (greedy_step; lr --route_lr cosine to 0).
+    `recalibrate` (with a FLOPs target) runs before every epoch but the first, so that the backbone trains on
+    routes at the target whatever the features' drift. Deterministic (its own RNG stream, loader epochs after
+    the stage's). Returns each epoch's mean training loss and accuracy (%) and the calibrations made."""
     lr = args.route_lr if args.route_lr is not None else args.lr / 10
     optimizer = sgd(trainable(ddp)[0], lr, args.momentum, args.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
@@ -73,13 +68,10 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
 
 
 def end_training(ddp, data, ctx, costs, target, args):
-    """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
-    augmented) so that the greedy routes cost the target; with --route_epochs, fine-tune the backbone on the
-    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on drawn routes,
-    whose statistics differ: the deployed model runs greedy ones), over one epoch of augmented training
-    batches as stage 2 does, and calibrate once more since the new weights and statistics move the
-    switches' inputs (and before every route epoch, see finetune_on_routes). Returns what was done, for
-    the checkpoint and metrics.json: "calibration" lists every calibration in order."""
+    """After the last epoch (see the module docstring): calibration, route epochs, BN statistics re-estimated
+    over one epoch of augmented training batches (training ran on drawn routes, the deployed model runs the
+    greedy ones), calibration again. Returns what was done, for the checkpoint and metrics.json:
+    "calibration" lists every calibration in order."""
     ending = {"bn_batches": len(data.train)}
     calibrate = None
     if target is not None:

@@ -14,19 +14,12 @@ learn by the policy gradient of a per-image return:
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 
-The policy loss is summed over images, not averaged: SkipNet's code, where the original flags (alpha 0.1,
-gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
-(`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
-batch-size times weaker (256x at the original --bs 256) and the switches would barely move in 100 epochs.
-Under DDP each process sums over its own images, the sum weighed by the number of processes (`scale`), so
-that the gradients DDP averages add up to the sum over the global batch (--bs), as on one process.
-
-alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
-(gates.price.SkipPrice).
-
-The baseline b_i is per switch: a moving average of the returns (state kept in a Baseline object outside
-the model, saved in the checkpoint so that a resumed run continues exactly) or the batch mean.
-Nothing is stored in the modules between forward and backward, so the step works under DDP.
+The policy loss is summed over images, as in SkipNet's code (`action.reinforce(rl_weight * R)`), where the
+original flags (alpha 0.1, gamma 1, rl_weight 0.1) come from: averaging would make it batch-size times
+weaker. Under DDP each process's sum is weighed by the number of processes (`scale`), so that the averaged
+gradients add up to the sum over the global batch. alpha: fixed or gates.price.SkipPrice's. The baseline
+b_i is per switch (Baseline, saved in the checkpoint); nothing is stored in the modules between forward and
+backward, so the step works under DDP.
 """
 import torch
 import torch.distributed as dist
@@ -109,13 +102,9 @@ class Baseline:
 
 
 class ReinforceStep:
-    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit: the arithmetic above, term by
-    term. `price` is a gates.price.SkipPrice (or a number: a fixed alpha).
-
-    stats (per batch; train_epoch averages them over the epoch): loss (the cross-entropy, which trains the
-    backbone), acc (%), reward (mean over images of all rewards received, undiscounted), policy_loss (summed
-    over the batch, which trains the switches) and SkipPrice.route_stats' (exec_rate, sampled_gflops,
-    greedy_gflops, alpha where it moves)."""
+    """step_fn(model, x, y) -> (loss, stats): the arithmetic above. `price` a gates.price.SkipPrice (or a
+    number: a fixed alpha). stats: loss (cross-entropy), acc, reward (mean over images of all rewards,
+    undiscounted), policy_loss and SkipPrice.route_stats'."""
 
     def __init__(self, costs, price, gamma, rl_weight, baseline, scale=1.0):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)

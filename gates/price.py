@@ -39,17 +39,14 @@ class BlockCosts:
 class SkipPrice:
     """alpha, the reward for skipping every gated block (per image), as a tensor on the device.
 
-    Fixed (target None): the --alpha of the command line. With a target of G FLOPs per image, alpha is the
-    dual variable of the constraint "FLOPs executed per image = G" and rises while the network spends more
-    than G, falls while it spends less. The update is dual ascent in log alpha (exponentiated gradient),
-    scale-free since the right alpha ranges over orders of magnitude:
+    Fixed (target None): --alpha. With a target of G FLOPs per image, alpha is the dual variable of "FLOPs
+    executed per image = G", by dual ascent in log alpha (scale-free: the right alpha spans orders of
+    magnitude):
         alpha <- alpha * exp(lr * (F - G) / G)
-    F is the FLOPs per image of the *greedy* routes (p > 0.5: what the deployed model runs) on the batch
-    just trained on, averaged over processes, so every process holds the same alpha. The switches'
-    probabilities come from the sampled forward pass (the greedy route of the later switches is estimated
-    along the sampled route: no second forward pass). Sampled routes would be the wrong measure: with p
-    near 0.5 they execute about p of the blocks while greedy execution can be all or nothing.
-    The state (alpha, target, lr) goes into the checkpoint, so a resumed run continues the trajectory exactly."""
+    F the FLOPs per image of the *greedy* routes (p > 0.5, what the deployed model runs; estimated along the
+    sampled routes, no second forward pass) on the batch just trained on, averaged over processes. Sampled
+    routes would be the wrong measure: with p near 0.5 they run about p of the blocks, greedy ones all or
+    none. The state goes into the checkpoint, so a resumed run continues the trajectory exactly."""
 
     def __init__(self, alpha, target_flops=None, lr=0.05, device="cpu"):
         if target_flops is not None and not (alpha > 0 and target_flops > 0):

@@ -12,10 +12,8 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
     moves the same for every switch) so that the greedy routes on `batches` cost the closest to `target`
     FLOPs per image. Bisection on the shift in [-bound, bound] (a larger shift executes more blocks);
     stops early within `tolerance` (relative). `batches`: a list of (x, y), training data (never test).
-    Returns {"shift", "gflops" (on `batches`, after), "gflops_before"}. Stage 3's --target_gflops ends with
-    it (gates/ending.py; also before every route epoch but the first), after dual ascent brought alpha near
-    the target: a training batch's greedy FLOPs estimate is only an estimate, and the deployed model must
-    meet the target."""
+    Returns {"shift", "gflops" (on `batches`, after), "gflops_before"}. Dual ascent brings alpha only near
+    the target; the deployed model must meet it."""
     model = unwrap(ddp)
     heads = model.switches.logit_layers()
     original = [h.bias.detach().clone() for h in heads]

@@ -11,12 +11,9 @@ from models.switches import MODES, SWITCH_KINDS, act
 
 
 class FactoredConv(nn.Module):
-    """A conv after eigenbasis pruning: rotate the input into the kept eigendirections of A (1x1), apply the
-    core k x k conv between the kept directions, rotate back to the output space of G (1x1). Input and
-    output widths equal the original conv's, so BN, residual adds and switches are untouched.
-
-    A side that keeps as many directions as the conv has channels there has no rotation (rot_in / rot_out
-    is None): a square rotation is exactly absorbed by the core, which is then smaller and cheaper."""
+    """A conv after eigenbasis pruning: rot_in (1x1) into the kept eigendirections of A, the core k x k conv
+    between kept directions, rot_out (1x1) back to G's output space; widths as the original conv's. A side
+    that keeps every direction has no rotation (None): the core absorbs a square one exactly."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride, padding, rank_in, rank_out):
         super().__init__()
@@ -66,8 +63,8 @@ class BasicBlock(nn.Module):
         return F.relu(self.residual(x) + self.skip(x))
 
     def forward_masked(self, x, a):
-        """Every image computes the block; the 0/1 mask `a` (N,) mixes block output and shortcut. Used in
-        training (the mask carries the switch's gradient) and as the reference for skip execution."""
+        """Every image computes the block; the 0/1 mask `a` (N,) (carrying the switch's gradient) mixes block
+        output and shortcut."""
         return _Mix.apply(self.residual(x), self.skip(x), a)
 
     def forward_skipping(self, x, a):
@@ -96,10 +93,9 @@ class BasicBlock(nn.Module):
 
 
 class _Mix(torch.autograd.Function):
-    """relu(r + s) where a = 1, s where a = 0, per image (r: the residual branch, s: the shortcut, a: (N,) in
-    {0, 1}), bit for bit: lerp(s, y, a) computes s + a (y - s) for a < 0.5 and y - (y - s)(1 - a) otherwise,
-    on CPU and CUDA alike. The gradient to a is <grad, y - s> per image, as for y a + s (1 - a). Written out
-    because autograd through that expression dispatches about twice the ops backward."""
+    """relu(r + s) where a = 1, s where a = 0, per image (a: (N,) in {0, 1}), bit for bit (lerp is exact at
+    a = 0 and 1); the gradient to a is <grad, y - s>, as for y a + s (1 - a). Written out because autograd
+    through that expression dispatches about twice the ops backward."""
 
     @staticmethod
     def forward(ctx, r, s, a):
@@ -167,9 +163,8 @@ class ResNet(nn.Module):
         return len(self.blocks) - 1
 
     def forward(self, x, mode=None):
-        """Returns (logits, actions, probs); actions and probs are (N, num_switches): the 0/1 route each
-        image took and the switches' probabilities (all ones in `open` mode, where switches are not run; the
-        actions there are ones, or the fixed route)."""
+        """Returns (logits, actions, probs), (N, num_switches) each: the 0/1 route each image took and the
+        switches' probabilities (in `open` mode ones, and the actions ones or the fixed route)."""
         mode = mode or self.mode
         if mode not in MODES:  # a typo would silently run `hard`'s straight-through gradient
             raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
@@ -199,13 +194,10 @@ class ResNet(nn.Module):
 
 
 def compile_step(step_fn, device, backend=None, mode=None):
-    """step_fn(model, x, y) with the model compiled by torch.compile: its forward, and through AOTAutograd its
-    backward. The loss and statistics around it stay eager, so the state that stage 3's step keeps between
-    steps (baseline, price) never lives in CUDA graphs' memory, which the next replay overwrites.
-    Default backend: on CUDA inductor with CUDA graphs ("reduce-overhead": one launch per graph instead of
-    an op per kernel; training batches have static shapes, the last partial one being dropped); elsewhere
-    "aot_eager", which traces in seconds and runs the same kernels (a check, not a speed-up). Evaluation
-    and everything else outside step_fn call the model itself, uncompiled."""
+    """step_fn(model, x, y) with the model compiled by torch.compile (forward and backward). The loss and
+    statistics stay eager, so the state stage 3's step keeps between steps never lives in CUDA graphs'
+    memory, which the next replay overwrites. Default: on CUDA inductor with CUDA graphs ("reduce-overhead";
+    training batches have static shapes), elsewhere "aot_eager" (a check, not a speed-up)."""
     device = torch.device(device)
     if backend is None:
         backend = "inductor" if device.type == "cuda" else "aot_eager"
@@ -224,11 +216,9 @@ def compile_step(step_fn, device, backend=None, mode=None):
 
 
 def compile_report(step, say=False):
-    """What torch.compile did in this process for a step made by compile_step (None for an eager step): the
-    graphs compiled, the recompilations and their first reasons, and on CUDA with reduce-overhead whether
-    CUDA graphs ran or were skipped (and why: DDP's mutated BatchNorm buffers, say). From torch._dynamo's
-    counters and compilation metrics, which count every compilation of the process. `say`: CUDA graphs
-skipped, or recompilations, in one line on stderr."""
+    """What torch.compile did in this process for a step made by compile_step (None for an eager step):
+    graphs, recompilations and their first reasons, and with reduce-overhead whether CUDA graphs ran or
+    were skipped and why. `say`: skipped CUDA graphs or recompilations in one line on stderr."""
     if getattr(step, "backend", None) is None:
         return None
     from torch._dynamo.utils import counters, get_compilation_metrics
