@@ -166,20 +166,16 @@ def load_pretrained(model, path, flag="--pretrained"):
 
 
 def row_mode(ckpt):
-    """The execution mode (models/switches.py) of the network a stage's table row measures: stage 3's
-    routes ("hard": the switches decide per image); every block for stages 1 and 2 ("open": their rows
-    "w/o pruning" and "static pruning only" run no switch)."""
+    """The execution mode of the network a stage's table row measures: stage 3's routes ("hard"), every
+    block for stages 1 and 2 ("open")."""
     return "hard" if ckpt.get("stage") == "rl" else "open"
 
 
 def load_model(path, device="cpu", mode=None):
-    """(model, preprocess) of a checkpoint of any stage, ready for inference on raw 8-bit images without
-    the training set: `logits, routes, probs = model(preprocess(images))`, preprocess.classes[i] naming
-    logit i (utils.data.Preprocess: resize, then the training set's mean/std). The model is in eval mode
-    and runs the network of its stage's table row (row_mode: every block for stages 1 and 2, the switches'
-    routes for stage 3, skipped blocks not computed); `mode` ("open" or "hard") picks the other one, and
-    model(x, mode) does so per call. UserError for a checkpoint without a pipeline record (its normalisation
-    is unknown) or an unknown mode."""
+    """(model, preprocess) of a checkpoint of any stage, for inference on raw 8-bit images:
+    `logits, routes, probs = model(preprocess(images))`, preprocess.classes[i] naming logit i. The model is in
+    eval mode and runs its table row's network (row_mode); `mode` ("open" or "hard") picks the other one.
+    UserError for a checkpoint without a pipeline record or an unknown mode."""
     if mode not in (None, "open", "hard"):
         raise UserError(f"mode {mode!r}: expected 'open' (every block, no switch) or 'hard' (the switches' routes)")
     ckpt = load_checkpoint(path, flag="checkpoint")

@@ -1,10 +1,6 @@
 """The one per-image evaluator: a checkpoint with the data and FLOPs costs it is evaluated with (load), and
-what a network does to each image of a loader, in order (predict): its logits, whether it was right, its
-route and the FLOPs that route executes, under the switches' routes, every block or a fixed route.
-
-runtime/evaluate.py's `evaluate` is the summed form the stages report (on the device, every rank, one
-sync); the search, the evaluation and gpu_check load their networks here, and what needs each image's
-outcome (paired tests, routes by difficulty, CPU against GPU) calls predict."""
+what a network does to each image of a loader, in order (predict): logits, route and the FLOPs that route
+executes. runtime/evaluate.py's `evaluate` is the summed form the stages report."""
 import contextlib
 from dataclasses import dataclass
 
@@ -30,11 +26,9 @@ class Loaded:
 
 
 def load(path, settings, ctx, stages=None, flag="checkpoint", data=None):
-    """A checkpoint of `stages` (None: any) with what it is evaluated with: its network rebuilt and prepared
-    for ctx (runtime.loop.prepare), the data of `settings` (utils.data.DataSettings) through the input
-    pipeline the checkpoint records, and the FLOPs costs at that input size. `data`: what this returned for
-    another checkpoint with the same settings, reused where its pipeline gives the same images (decoded
-    once). Every problem is one line that names `flag` and the file."""
+    """A checkpoint of `stages` (None: any), its network prepared for ctx, the data of `settings` through
+    the pipeline it records, and the FLOPs costs at that input size. `data`: what this returned for another
+    checkpoint, reused where its pipeline gives the same images. Every problem is one line naming the file."""
     ckpt = load_checkpoint(path, stages, flag)
     recorded = ckpt.get("pipeline")
     if data is None or recorded is None or any(data.pipeline[k] != recorded[k] for k in EVALUATED):
@@ -84,12 +78,10 @@ class Predictions:
 
 @torch.no_grad()
 def predict(ddp, loader, costs=None, mode="hard", route=None):
-    """Every image of `loader` ((x, y) batches) through the network, in order, on the CPU: logits, labels,
-    routes, switch probabilities and (with `costs`) the FLOPs each image executes. Each process predicts its
-    own images (the plain module is called: no collective, whatever the number of batches). `mode`: "hard",
-    the switches' greedy routes with skipped blocks not computed; "open", every block and no switch, or with
-    `route` (0/1 per gated block) that fixed route for every image. Eval mode; the model's own route is
-    restored after; no autocast (the weights' own precision)."""
+    """Every image of `loader` through the network, in order, onto the CPU (Predictions; flops with `costs`).
+    Each process predicts its own images (the plain module: no collective). `mode`: "hard", the greedy
+    routes; "open", every block, or with `route` (0/1 per gated block) that route for every image. Eval
+    mode, no autocast; the model's own route is restored after."""
     out = {"logits": [], "labels": [], "routes": [], "probs": []}
     with fixed_route(ddp, route) as model, no_autotune_when_skipping(model.eval(), mode):
         for x, y in loader:
