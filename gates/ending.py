@@ -1,13 +1,9 @@
-"""How stage 3 ends, after its last epoch, the same under every controller. Each trains on routes drawn
-from the switches' probabilities: counterfactual (gates/counterfactual.py) from p clamped away from 0 and 1,
-reinforce (gates/policy.py) sampled from p, gumbel (gates/gumbel.py) through its Gumbel-softmax relaxation;
-the deployed model runs the greedy routes (p > 0.5). So the ending works on those: with a FLOPs target, the
-switches' threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone
-fine-tuned on the greedy routes; then BN statistics re-estimated under the greedy routes and, with a target,
-the threshold calibrated once more. Stage 3 (stages/rl.py) saves what end_training returns in the
-checkpoint, so a run resumed after its ending does not redo it, and one killed during it redoes it from the
-last epoch's checkpoint (every step here is deterministic). After the final evaluation, small_cut_warning
-says when the routes cut next to nothing, and what would cut more.
+"""How stage 3 ends, the same under every controller: every controller trains on drawn routes, the deployed
+model runs the greedy ones (p > 0.5), so the ending works on those: with a FLOPs target, the switches'
+threshold calibrated (gates/routes.py); with --route_epochs, the backbone fine-tuned on the greedy routes;
+then BN statistics re-estimated and, with a target, the threshold calibrated once more. Every step is
+deterministic, so a run killed during it redoes it from the last epoch's checkpoint. small_cut_warning says
+when the routes cut next to nothing, and what would cut more.
 """
 import functools
 

@@ -60,15 +60,9 @@ def policy_loss(log_probs, returns, baseline):
 
 
 class Baseline:
-    """Per-switch baseline b_i of the returns.
-
-    moving: an exponential moving average over batches; the batch being trained on is compared with the
-            average of the batches before it (the first batch with its own mean). Averaged over DDP ranks,
-            so every rank holds the same state and the checkpoint of rank 0 resumes all of them.
-    batch:  the mean return of each switch over the current batch (this process's, not averaged over
-            ranks); keeps no state. It needs 2 or more images per batch: one image's mean is its own
-            return, every advantage 0, and REINFORCE would do nothing.
-    """
+    """Per-switch baseline b_i of the returns. moving: an exponential moving average over the batches before
+    this one (the first batch: its own mean), averaged over DDP ranks so that rank 0's checkpoint resumes
+    all; batch: this process's batch mean of each switch, no state (needs 2 or more images per batch)."""
 
     def __init__(self, kind, num_switches, momentum=0.9, device="cpu"):
         if kind not in BASELINES:
