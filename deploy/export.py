@@ -32,8 +32,8 @@ TOLERANCE = 1e-4  # exported outputs equal the checkpoint's within this (relativ
 
 
 def cheapest_form(conv):
-    """The convs (in order) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs without merging
-    rot_in: rot_out multiplied into the core where that costs no more."""
+    """The convs (in order) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs: rot_out
+    multiplied into the core where that costs no more; rot_in never merged (docs/export.md)."""
     if not isinstance(conv, FactoredConv):
         return [conv]
     core, rot_out = conv.core, conv.rot_out
@@ -52,10 +52,9 @@ def cheapest_form(conv):
 
 
 def deployed(model, mode):
-    """A float32 copy of `model` in evaluation mode as deployed: every factored conv in its cheapest form,
-    every BatchNorm that reads a conv's output folded into that conv (which conv each one reads is seen in
-    a forward pass of the model itself, so any block or switch kind is folded alike), in `open` mode
-    without switches."""
+    """A float32 eval copy of `model` as deployed: factored convs in their cheapest form, every BatchNorm that
+    reads a conv's output folded into it (seen in a forward pass, so any block or switch kind folds alike),
+    in `open` mode without switches."""
     model = copy.deepcopy(unwrap(model)).float().eval()
     made, reads = {}, {}  # id(output) -> (output, conv name): outputs kept alive, ids unique; bn -> conv
 
@@ -89,9 +88,8 @@ def _replace(model, name, module):
 
 
 class InferenceNet(nn.Module):
-    """The deployed form of a checkpoint's network (see the module docstring): its own forward, on the
-    deployed copy. `single`: one image per call, gated blocks as torch.cond (for export with control flow);
-    else each gated block on the sub-batch of images that run it."""
+    """The deployed form of a checkpoint's network: its own forward on the deployed copy. `single`: one image
+    per call, gated blocks as torch.cond; else each gated block on the sub-batch of images that run it."""
 
     def __init__(self, model, mean, std, mode="hard", single=False):
         super().__init__()
@@ -204,9 +202,8 @@ def export_form(model, pipeline, mode, single, out_dir, channels, images, expect
 
 
 def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, check_images=8, seed=0):
-    """Export the checkpoint at `ckpt_path` into `out_dir` (see the module docstring). Returns the
-    export.json dict. UserError when the pipeline (mean, std, resize) is unknown or conflicts with the
-    flags, or when an exported file does not reproduce the checkpoint's outputs."""
+    """Export the checkpoint at `ckpt_path` into `out_dir`; returns the export.json dict. UserError when the
+    pipeline is unknown or conflicts with the flags, or an exported file does not reproduce the checkpoint."""
     ckpt = load_checkpoint(ckpt_path, None, "CHECKPOINT")
     check_lineage(ckpt_path)
     pipeline = dict(ckpt.get("pipeline") or {})

@@ -62,10 +62,8 @@ def init_switch_head(head):
 
 
 class _ConvLSTMCell(nn.LSTMCell):
-    """nn.LSTMCell (same parameters and state dict) that on (N, C, 1, 1) tensors runs its matmul as one 1x1
-    convolution of [input, h]: one op each way (convolution_backward gives the input, weight and bias
-    gradients at once), where two linear layers' backward are a dozen (mm, t, sum). 2-D input runs
-    nn.LSTMCell itself."""
+    """nn.LSTMCell (same parameters) that on (N, C, 1, 1) tensors runs its matmul as one 1x1 convolution of
+    [input, h]: one op each way, where two linear layers' backward are a dozen. 2-D input: nn.LSTMCell's."""
 
     def forward(self, input, hx=None, weights=None):
         if input.dim() != 4:
@@ -79,9 +77,8 @@ class _ConvLSTMCell(nn.LSTMCell):
         return o * c.tanh(), c
 
     def conv_weights(self):
-        """([W_ih W_hh] as a 1x1 conv's weight, b_ih + b_hh), their rows rolled by one gate from nn.LSTMCell's
-        (i, f, g, o) to (o, i, f, g), so that one sigmoid covers the three sigmoid gates. Made once per forward
-        pass of the network, so that the switches share them (and the sum of their gradients)."""
+        """([W_ih W_hh] as a 1x1 conv's weight, b_ih + b_hh), rows rolled from (i, f, g, o) to (o, i, f, g) so
+        that one sigmoid covers three gates. Made once per forward pass, shared by the switches."""
         w = torch.roll(torch.cat([self.weight_ih, self.weight_hh], 1), self.hidden_size, 0)
         return _as_conv(w), torch.roll(self.bias_ih + self.bias_hh, self.hidden_size, 0)
 

@@ -101,25 +101,24 @@ def check_schedule(model, schedule, limit, params_reference, first_round=0, imag
     """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"}, run
     from `model`, numbered from `first_round`) whose target no earlier rounds could bring within reach."""
     rules = rules_text(limit, round_to)
+    where = lambda i: f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""  # noqa: E731
     first = schedule[0] if schedule else {}
     if first.get("target") == "gflops" and from_gflops(first["value"]) >= model_flops(model, image_size):
         now = to_gflops(model_flops(model, image_size))
         fewest = to_gflops(smallest(model, limit, image_size, round_to=round_to)[1])
-        where = f"rounds[{first_round}]: " if len(schedule) > 1 or first_round else ""
-        raise UserError(f"{where}gflops {first['value']} is not below the {now:.4g} GFLOPs per image this network "
+        raise UserError(f"{where(0)}gflops {first['value']} is not below the {now:.4g} GFLOPs per image this network "
                         f"costs at {image_size}x{image_size} (every block run): nothing to prune; give a value "
                         f"between {fewest:.4g} (the least that one pass leaves with {rules}) and {now:.4g}")
     for i, spec in enumerate(schedule):
         if spec["target"] not in ("compression", "gflops"):
             continue
         params, flops = smallest(model, limit, image_size, rounds=i + 1, round_to=round_to)
-        where = f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""
         steps = "one pass removes" if i == 0 else f"{i + 1} passes remove"
         leave = "one pass leaves" if i == 0 else f"{i + 1} passes leave"
         # the first round's reach is exact: a target beyond it would only fail later
         if spec["target"] == "compression" and spec["value"] > compression(params, params_reference) + 1e-9:
-            raise UserError(f"{where}compression {spec['value']} is out of reach: with {rules} {steps} at most "
+            raise UserError(f"{where(i)}compression {spec['value']} is out of reach: with {rules} {steps} at most "
                             f"{compression(params, params_reference):.3f} of the stage-1 network's parameters")
         if spec["target"] == "gflops" and from_gflops(spec["value"]) < flops:
-            raise UserError(f"{where}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
+            raise UserError(f"{where(i)}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
                             f"{to_gflops(flops):.4g} GFLOPs per image at {image_size}x{image_size}")

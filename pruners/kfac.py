@@ -78,9 +78,8 @@ def channel_gram(t):
 
 
 def patch_moment_sum(conv, x):
-    """sum of x x^T over the unfolded patches of x (images, output locations, kernel positions), without
-    materialising the k*k times larger patch tensor: each pixel's outer product weighted by how many
-    patches contain it. Costs a 1x1 conv's worth of multiply-adds."""
+    """sum of x x^T over the unfolded patches of x without materialising the k*k times larger patch tensor:
+    each pixel's outer product weighted by how many patches contain it."""
     return channel_gram(x * coverage(conv, x.shape[-2], x.shape[-1], x.device).sqrt())
 
 
@@ -96,9 +95,8 @@ def evenly_spaced(loader, count):
 
 
 def collect_factors(model, batches, fisher_type="true", num_batches=None, progress=True, mode="open"):
-    """Run `batches` of (x, y) through `model` and return {name: Factors} for every prunable conv.
-    fisher_type "true": labels sampled from the model's softmax (global RNG); "empirical": the real y.
-    Sums are reduced over ranks under torchrun."""
+    """{name: Factors} of every prunable conv over `batches` of (x, y), all ranks together. fisher_type
+    "true": labels sampled from the model's softmax (global RNG); "empirical": the real y."""
     model = unwrap(model)
     convs = prunable_convs(model)
     device = next(model.parameters()).device

@@ -36,8 +36,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 
 
 def save_checkpoint(path, payload):
-    """Atomic (utils.files.atomic_write): a process killed while writing leaves the previous checkpoint in place; an
-    OSError is a UserError naming `path` and the reason."""
+    """Atomic: a process killed while writing leaves the previous checkpoint; an OSError is a UserError."""
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), binary=True, tmp_prefix=TMP_PREFIX)
 
 
@@ -49,18 +48,16 @@ def rng_state():
 
 
 def stage_checkpoint(stage, pipeline, lineage, model, optimizer, scheduler, epoch, own):
-    """The checkpoint dict of a stage (the format above, less the marker save_checkpoint adds): its name, the
-    input pipeline (None: not recorded), the lineage record, the training state after `epoch` epochs, and
-    `own`, the stage's own keys."""
+    """The checkpoint dict of a stage (the format above, less the marker save_checkpoint adds); pipeline None:
+    not recorded; `own`: the stage's own keys."""
     return {"stage": stage, **({"pipeline": pipeline} if pipeline is not None else {}), **lineage,
             "arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state(), **own}
 
 
 def read_file(path, flag, resave=None):
-    """torch.load(weights_only=True) with every failure turned into one line that names the file: a file
-    that would need code run to unpickle is refused naming the first such type (and `resave`, how to write
-    a file that can be used instead, where there is one), anything else unreadable is called so."""
+    """torch.load(weights_only=True), every failure one line naming the file: a file that would need code run
+    is refused naming the first such type (and `resave`, how to write a usable one)."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:

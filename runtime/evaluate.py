@@ -17,15 +17,13 @@ from utils.nets import executing, unwrap
 def no_autotune_when_skipping(model, mode="hard"):
     """torch.backends.cudnn.benchmark off inside when `model` would run its gated blocks on sub-batches: their
     sizes change with every batch, and cudnn.benchmark would autotune every new shape for kernels used once."""
-    skipping = mode != "open" and (model.execution == "skip" or (model.execution == "auto" and not model.training))
-    if not skipping or not torch.backends.cudnn.benchmark:
-        yield
-        return
-    torch.backends.cudnn.benchmark = False
+    before = torch.backends.cudnn.benchmark
+    if mode != "open" and (model.execution == "skip" or (model.execution == "auto" and not model.training)):
+        torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = before
 
 
 @torch.no_grad()
@@ -56,7 +54,6 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
         flops = skipped_flops(costs) * n + sum(e * b for e, b in zip(executed, costs["blocks"]))
     return {"acc": 100.0 * correct / n, "loss": ce / n, "gflops": to_gflops(flops / n),
             "exec_rate": [e / n for e in executed], "images": int(n)}
-
 
 
 BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one no training run reaches

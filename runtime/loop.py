@@ -1,8 +1,6 @@
-"""The epoch loop shared by all three stages: a stage supplies a `step_fn(model, x, y) -> (loss, stats)`
-(stats: dict of scalar or per-switch tensors, averaged over the epoch; runtime/steps.py holds the common ones)
-and train_epoch runs it over one epoch of batches, with a tqdm bar (on a terminal) and a stop on a NaN or
-inf loss. Also what sets a run up: the device and DDP wrapping, bf16 autocast, the per-step learning-rate
-schedules, the per-epoch seed, and the one-line summary of an epoch.
+"""The epoch loop shared by all three stages (train_epoch runs a `step_fn(model, x, y) -> (loss, stats)`,
+runtime/steps.py, over one epoch, stopping on a NaN or inf loss) and what sets a run up: device and DDP,
+bf16 autocast, SGD, the per-step learning-rate schedules, the per-epoch seed, an epoch's summary line.
 """
 import contextlib
 import math
@@ -33,9 +31,8 @@ def autocast(ctx):
 
 
 def prepare(model, ctx):
-    """Move to the device in the run's memory format (ctx.channels_last, else NCHW) and wrap in DDP under
-    torchrun. Returns (model, ddp): `model` is the plain module (for checkpoints, FLOPs), `ddp` what the
-    step calls."""
+    """Move to the device in the run's memory format and wrap in DDP under torchrun. Returns (model, ddp): the
+    plain module (checkpoints, FLOPs) and what the step calls."""
     model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
     if not ctx.distributed:
         return model, model
