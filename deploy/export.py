@@ -179,8 +179,7 @@ def one_line(e, limit=300):
 
 
 def export_form(model, pipeline, mode, single, out_dir, channels, images, expected):
-    """Export one batch form of `model` and check its files on `images` against `expected`: returns the
-    files and the checks, keyed as in export.json; UserError when a file does not reproduce `expected`."""
+    """One batch form of `model` exported and checked against `expected`: (files, checks) as in export.json."""
     suffix = "_b1" if single else ""
     net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
     net = net.to(memory_format=torch.channels_last)

@@ -17,8 +17,7 @@ from runtime.steps import accuracy
 
 
 class GumbelStep:
-    """step_fn(model, x, y) -> (loss, stats); `price` a gates.price.SkipPrice. stats: loss (cross-entropy),
-    acc, price_loss and SkipPrice.route_stats' of the drawn routes."""
+    """step_fn(model, x, y) -> (loss, stats) with a gates.price.SkipPrice; stats as the other controllers'."""
 
     def __init__(self, costs, price):
         self.costs, self.price = costs, price

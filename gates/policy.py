@@ -34,8 +34,7 @@ BASELINES = ("moving", "batch")
 
 
 def skip_rewards(actions, shares, alpha):
-    """(N, S) immediate rewards: alpha * w_i for every skipped block i (action 0), else 0; `shares` (S,) the
-    blocks' w_i = c_i / C (gates.price.shares)."""
+    """(N, S) immediate rewards: alpha * w_i for every skipped block i, else 0 (`shares`: the w_i)."""
     return alpha * (1 - actions) * shares
 
 

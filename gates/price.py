@@ -9,15 +9,13 @@ from utils.flops import from_gflops, skipped_flops, to_gflops
 
 
 def shares(block_flops):
-    """w (S,): each gated block's FLOPs over all gated blocks' FLOPs (float32, sums to 1): block j's part of
-    alpha, the price of running every gated block."""
+    """w (S,): each gated block's FLOPs over all gated blocks' (float32, sums to 1)."""
     c = torch.as_tensor(block_flops, dtype=torch.float64)
     return (c / c.sum()).float()
 
 
 class BlockCosts:
-    """What a controller's step needs of the FLOPs (utils.flops.measure_costs' `costs`), on one device, made
-    once: `shares` (see shares) and the GFLOPs per image of routes (gflops)."""
+    """A step's FLOPs costs on one device, made once: `shares` and the GFLOPs of routes (gflops)."""
 
     def __init__(self, costs, device):
         blocks = torch.tensor(costs["blocks"], dtype=torch.float64)

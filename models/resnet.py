@@ -63,13 +63,11 @@ class BasicBlock(nn.Module):
         return F.relu(self.residual(x) + self.skip(x))
 
     def forward_masked(self, x, a):
-        """Every image computes the block; the 0/1 mask `a` (N,) (carrying the switch's gradient) mixes block
-        output and shortcut."""
+        """Every image computes the block; the 0/1 mask `a` (N,) mixes block output and shortcut."""
         return _Mix.apply(self.residual(x), self.skip(x), a)
 
     def forward_skipping(self, x, a):
-        """Inference: the block runs only on the sub-batch of images that execute it, so skipping saves
-        wall-clock time and not only FLOPs on paper."""
+        """Inference: the block runs only on the images that execute it, saving wall-clock time."""
         s = self.skip(x)
         idx = a.nonzero().flatten()
         if not torch.compiler.is_exporting():  # eager shortcuts; export keeps one data-independent graph

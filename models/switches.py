@@ -84,8 +84,7 @@ class _ConvLSTMCell(nn.LSTMCell):
 
 
 class _ConvHead(nn.Linear):
-    """nn.Linear (same parameters) that maps (N, C, 1, 1) to (N, out, 1, 1) by a 1x1 convolution (`weight`:
-    that conv's weight, if made already). 2-D input runs nn.Linear itself."""
+    """nn.Linear (same parameters) mapping (N, C, 1, 1) to (N, out, 1, 1) by a 1x1 conv (`weight`: if made)."""
 
     def forward(self, input, weight=None):
         if input.dim() != 4:
@@ -175,8 +174,7 @@ def finite(p):
 
 
 def act(p, mode, training, bound=0.0, temperature=1.0):
-    """0/1 execution decisions (float, shape of p) from probabilities p in `mode` (the module docstring);
-    `bound`: explore's clamp, `temperature`: gumbel's."""
+    """0/1 decisions (float, shape of p) from probabilities p in `mode` (module docstring)."""
     if mode == "sample":
         with torch.no_grad():  # no graph node (a detach would be one more op)
             return torch.bernoulli(finite(p))
@@ -191,8 +189,7 @@ def act(p, mode, training, bound=0.0, temperature=1.0):
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward the 0/1 value of p > 0.5, backward as if it were p. One op forward, none backward (the
-    expression hard + (p - p.detach()) is five, and exact too: p - p.detach() is exactly 0)."""
+    """Forward the 0/1 value of p > 0.5, backward as if it were p: one op forward, none backward."""
 
     @staticmethod
     def forward(ctx, p):

@@ -15,8 +15,7 @@ RETRIES = 4  # eigh attempts, damping raised tenfold each time (at least to 1e-6
 
 @dataclass
 class Layer:
-    """One prunable conv in the eigenbasis of its factors (of its core, for a layer already factored, whose
-    rot_in / rot_out the new rotations compose with)."""
+    """One prunable conv in its factors' eigenbasis (a factored one's core, rot_in / rot_out kept to compose)."""
     name: str
     q_in: torch.Tensor        # (n_in, n_in) eigenvectors of A as columns
     q_out: torch.Tensor       # (n_out, n_out) eigenvectors of G as columns
@@ -64,8 +63,7 @@ class Layer:
 
 
 def eigenbasis(factor, damping, what):
-    """(eigenvalues, eigenvectors) of a symmetric PSD factor in float64, after adding damping times its
-    mean eigenvalue (trace / n) to the diagonal: relative damping is the same whatever the layer's scale."""
+    """(eigenvalues, eigenvectors) of a PSD factor in float64, damped relative to its mean eigenvalue."""
     m = factor.double()
     m = (m + m.T) / 2
     if not torch.isfinite(m).all():

@@ -37,8 +37,7 @@ class Factors:
 
 
 def prunable_convs(model):
-    """name -> conv to decompose: every backbone conv (stem, block convs, 1x1 shortcuts); for a layer
-    already factored, its core conv. Never the classifier (a Linear) or the switches' own convs."""
+    """name -> conv to decompose: every backbone conv (a factored layer's core); never the classifier or switches."""
     model = unwrap(model)
     factored = {name for name, m in model.named_modules() if isinstance(m, FactoredConv)}
     convs = {}
@@ -53,8 +52,7 @@ def prunable_convs(model):
 
 @torch.no_grad()
 def conv_geometry(model, image_size):
-    """name -> (input locations, output locations) per image of every prunable conv at image_size x
-    image_size inputs: where its rotations and core run, for FLOPs."""
+    """name -> (input, output) locations per image of every prunable conv at image_size x image_size, for FLOPs."""
     model = unwrap(model)
     geometry = {}
     probe(model, image_size, prunable_convs(model).items(), lambda n, m, i, o: geometry.__setitem__(
@@ -71,8 +69,7 @@ def coverage(conv, height, width, device):
 
 
 def channel_gram(t):
-    """sum over images and positions of t[n, :, h, w] t[n, :, h, w]^T, (C, C) in float32: one GEMM on the
-    channel rows (a view for channels_last tensors, one copy for contiguous ones)."""
+    """sum over images and positions of t[n, :, h, w] t[n, :, h, w]^T, (C, C) float32, in one GEMM."""
     rows = t.float().transpose(0, 1).reshape(t.shape[1], -1)
     return rows @ rows.T
 

@@ -106,23 +106,20 @@ def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="
 
 
 def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None, criterion="score", round_to=1):
-    """The fewest cuts that bring the model to at most `target` parameters; UserError if no cut reaches it
-    or the nearest one undershoots it by more than `tolerance` parameters."""
+    """The fewest cuts to at most `target` parameters, within `tolerance`; UserError otherwise."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params", round_to)
     return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", lambda v: f"{int(v)} parameters")
 
 
 def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score", round_to=1):
-    """The fewest cuts that bring the model to at most `target` FLOPs per image (every block run);
-    UserError if no cut reaches it or the nearest one undershoots it by more than `tolerance` FLOPs."""
+    """The fewest cuts to at most `target` FLOPs per image (every block run), within `tolerance`; else UserError."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops", round_to)
     return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "GFLOPs",
                    lambda v: f"{to_gflops(v):.4g} GFLOPs per image")
 
 
 def _bisect(threshold, value, target, tolerance, what, amount):
-    """The plan of the fewest cuts that meet `target` within `tolerance`; `amount` words a value of the
-    measure (with its unit) for the messages."""
+    """The plan of the fewest cuts that meet `target` within `tolerance`; `amount` words a value."""
     lo, hi = 0, threshold.total
     fewest, now = value(threshold.plan(hi)), value(threshold.plan(0))
     if fewest > target:

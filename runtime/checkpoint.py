@@ -89,8 +89,7 @@ def check_format(ckpt, path, flag):
 
 
 def load_checkpoint(path, stages=None, flag="--checkpoint"):
-    """Load and check a checkpoint; every problem is a one-line UserError that names the file.
-    `stages`: the stages whose checkpoints are acceptable here."""
+    """Load and check a checkpoint of one of `stages` (None: any); every problem one line naming the file."""
     ckpt = read_file(path, flag)
     check_format(ckpt, path, flag)
     if stages and ckpt.get("stage") not in stages:
@@ -109,8 +108,7 @@ def load_checkpoint(path, stages=None, flag="--checkpoint"):
 
 
 def check_finite(state, path, flag):
-    """UserError if a floating-point tensor of the state dict holds NaN or inf (as after an overflow):
-    such a network computes nothing useful, and every later step would report a symptom, not the cause."""
+    """UserError if a float tensor of the state dict holds NaN or inf (later steps would show only symptoms)."""
     bad = [k for k, v in state.items()
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -119,8 +117,7 @@ def check_finite(state, path, flag):
 
 
 def weight_mismatches(own, state, may_miss=()):
-    """What keeps `state` from loading into a model whose state dict is `own` (keys starting with one of
-    `may_miss` may be absent), as readable strings; empty when it fits."""
+    """What keeps `state` from loading into state dict `own` (`may_miss`: prefixes that may be absent)."""
     return ([f"missing {k}" for k in own if k not in state and not any(k.startswith(p) for p in may_miss)]
             + [f"unexpected {k}" for k in state if k not in own]
             + [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}" for k in state
@@ -143,8 +140,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
 
 
 def load_pretrained(model, path, flag="--pretrained"):
-    """Initialise `model` from a checkpoint of this project or from a plain state dict of the same network.
-    Switch weights may be absent (a dense network's checkpoint); everything else must match."""
+    """Initialise `model` from a checkpoint or a plain state dict of the same network (switches may be absent)."""
     state = read_file(path, flag, resave="save the weights alone, torch.save(model.state_dict(), 'weights.pt'), and "
                                           "give that file")
     if is_project_file(state):
@@ -163,8 +159,7 @@ def load_pretrained(model, path, flag="--pretrained"):
 
 
 def row_mode(ckpt):
-    """The execution mode of the network a stage's table row measures: stage 3's routes ("hard"), every
-    block for stages 1 and 2 ("open")."""
+    """The mode of a stage's table row: stage 3's routes ("hard"), every block for stages 1 and 2 ("open")."""
     return "hard" if ckpt.get("stage") == "rl" else "open"
 
 

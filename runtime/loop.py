@@ -20,8 +20,7 @@ class TrainingDiverged(UserError):
 
 
 def seed_epoch(ctx, epoch):
-    """The global RNG (switch sampling, anything else random in a step) depends only on (seed, epoch,
-    rank): a run resumed at epoch e draws exactly what the uninterrupted run drew."""
+    """The global RNG seeded by (seed, epoch, rank) alone: a resumed run draws what the uninterrupted one drew."""
     torch.manual_seed(ctx.seed * 1_000_003 + epoch * 7919 + ctx.rank)
 
 
@@ -107,8 +106,7 @@ def reduce_means(sums, n):
 
 
 def summary_line(stage, epoch, epochs, train, ev, seconds, lr, name="routed"):
-    """One line per epoch; `name` says which network the evaluation was of (dense: every block; routed:
-    the greedy routes)."""
+    """One line per epoch; `name`: the network evaluated (dense: every block; routed: the greedy routes)."""
     rate = sum(ev["exec_rate"]) / max(1, len(ev["exec_rate"]))
     return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {train['acc']:.2f}%  "
             f"| eval {name} acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "

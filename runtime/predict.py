@@ -44,8 +44,7 @@ def checkpoint_costs(path, stages=None, flag="checkpoint"):
 
 
 def image_flops(costs, routes, mode="hard"):
-    """FLOPs each image executes, float64 (N,), from its 0/1 route (N, S): the layers every image runs, the
-    blocks its route runs and, in every mode but "open" (where no switch is evaluated), the switches."""
+    """FLOPs each image executes, float64 (N,), from its 0/1 route (N, S); the switches too, but in "open" mode."""
     blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
     base = costs["base"] if mode == "open" else skipped_flops(costs)
     return base + routes.detach().cpu().to(torch.float64) @ blocks
@@ -53,8 +52,7 @@ def image_flops(costs, routes, mode="hard"):
 
 @contextlib.contextmanager
 def fixed_route(model, route):
-    """The model runs `route` (0/1 per gated block; None: every block) in "open" mode inside, and its own
-    route again after."""
+    """The model runs `route` (0/1 per gated block; None: every block) in "open" mode inside."""
     model = getattr(model, "module", model)
     saved, model.route = model.route, None if route is None else list(route)
     try:
@@ -95,8 +93,7 @@ def predict(ddp, loader, costs=None, mode="hard", route=None):
 
 
 def file_batches(preprocess, paths, class_names, bs, device="cpu"):
-    """(x, y) batches of image files through a checkpoint's recorded input pipeline (`preprocess`:
-    runtime.checkpoint.load_model's), each labelled by the index of its class name."""
+    """(x, y) batches of image files through `preprocess` (load_model's), labelled by class name."""
     for i in range(0, len(paths), bs):
         y = torch.tensor([preprocess.classes.index(c) for c in class_names[i:i + bs]], device=device)
         yield preprocess(paths[i:i + bs], device), y

@@ -8,8 +8,7 @@ from utils.nets import unwrap
 
 
 def supervised_step(model, x, y, mode="hard"):
-    """Cross-entropy on the routes the switches take in `mode` (stages 1 and 2: "hard"; stage 3's route
-    fine-tuning: "greedy"), or, mode "open", of the dense network, switches untouched."""
+    """Cross-entropy on the routes taken in `mode` ("hard", "greedy"), or of the dense network ("open")."""
     logits, actions, _ = model(x, mode)
     loss = F.cross_entropy(logits, y)
     with torch.no_grad():  # statistics: no graph, so no detach ops
@@ -25,8 +24,7 @@ def accuracy(logits, y):
 
 
 def touch_switches(model, loss):
-    """loss + 0 x the switches' parameters, for steps where the switches take no part in the loss (dense
-    training, the route fine-tuning): DistributedDataParallel then finds every parameter used."""
+    """loss + 0 x the switches' parameters, so that DDP finds every parameter used where the switches don't train."""
     switches = unwrap(model).switches
     return loss + 0 * sum(p.sum() for p in switches.parameters())
 

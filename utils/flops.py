@@ -81,8 +81,7 @@ def skipped_flops(costs):
 
 
 def gflops_bounds(costs):
-    """GFLOPs per image of the cheapest route (every gated block skipped) and of the dearest (every block
-    run), the switches evaluated in both: the range a GFLOPs target of the routes must fall in."""
+    """GFLOPs per image of the cheapest and dearest routes, switches evaluated: a target's range."""
     return to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
 
 

@@ -6,8 +6,7 @@ SWITCHES = "switches."  # the name prefix of the switches' parameters and module
 
 
 def unwrap(model):
-    """The network itself, under torch.compile's (`_orig_mod`) and DistributedDataParallel's (`module`)
-    wrappers; `model` when it is not wrapped."""
+    """The network itself, under torch.compile's and DDP's wrappers (itself when unwrapped)."""
     for wrapper in ("_orig_mod", "module"):
         model = getattr(model, wrapper, model)
     return model
