@@ -52,9 +52,8 @@ def cheapest_form(conv):
 
 
 def deployed(model, mode):
-    """A float32 eval copy of `model` as deployed: factored convs in their cheapest form, every BatchNorm that
-    reads a conv's output folded into it (seen in a forward pass, so any block or switch kind folds alike),
-    in `open` mode without switches."""
+    """A float32 eval copy of `model` as deployed: factored convs in their cheapest form, each BatchNorm folded
+    into the conv it reads (seen in a forward pass), in `open` mode without switches."""
     model = copy.deepcopy(unwrap(model)).float().eval()
     made, reads = {}, {}  # id(output) -> (output, conv name): outputs kept alive, ids unique; bn -> conv
 

@@ -17,9 +17,8 @@ by cross-entropy only (`explore` mode: the switches read their inputs detached).
 gated blocks per step, drawn from the global RNG (seeded per epoch: a resumed run draws the same), their
 terms weighed by S / K: unbiased estimates of the full form's loss and gradient.
 
-A NaN probability (a diverged network) reaches the loss, whose check reports it, and never a kernel that
-asserts on it: decisions are drawn from finite probabilities (models.switches.act) and the switch loss is the
-Bernoulli log-likelihood written out, not F.binary_cross_entropy (which asserts on CUDA outside [0, 1]).
+A NaN probability (a diverged network) reaches the loss, whose check reports it, never a kernel that asserts
+on it (models.switches.finite; the switch loss written out, not F.binary_cross_entropy).
 """
 import torch
 import torch.nn.functional as F
@@ -42,10 +41,8 @@ def flip_losses(model, x, y, actions, blocks=None):
 
 
 def _flip_losses(net, x, y, a, blocks=None):
-    """The flipped routes and the taken one go through each block as one batch: branch j (block j flipped)
-    joins at block j from the taken route's input there, and follows the taken actions after it. The same
-    FLOPs as K separate passes from each flipped block on, in S block calls instead of about K * S / 2
-    (evaluation-mode BN treats every image on its own, so stacking changes no image's result)."""
+    """The flipped routes and the taken one go through each block as one batch (branch j joins at block j from
+    the taken route's input): S block calls instead of about K * S / 2; eval-mode BN keeps images apart."""
     n = x.shape[0]
     flip_set = set(range(net.num_switches)) if blocks is None else set(blocks)
     h = net.blocks[0](F.relu(net.stem_bn(net.stem(x))))

@@ -39,10 +39,8 @@ def greedy_step(model, x, y):
 
 
 def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
-    """--route_epochs epochs of SGD on the backbone only (greedy_step; lr --route_lr cosine to 0).
-    `recalibrate` (with a FLOPs target) runs before every epoch but the first, so that the backbone trains on
-    routes at the target whatever the features' drift. Deterministic (its own RNG stream, loader epochs after
-    the stage's). Returns each epoch's mean training loss and accuracy (%) and the calibrations made."""
+    """--route_epochs epochs of SGD on the backbone on the greedy routes (lr --route_lr cosine to 0), `recalibrate`
+    before every epoch but the first; deterministic. Returns each epoch's loss and accuracy, and the calibrations."""
     lr = args.route_lr if args.route_lr is not None else args.lr / 10
     optimizer = sgd(trainable(ddp)[0], lr, args.momentum, args.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
@@ -64,10 +62,8 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
 
 
 def end_training(ddp, data, ctx, costs, target, args):
-    """After the last epoch (see the module docstring): calibration, route epochs, BN statistics re-estimated
-    over one epoch of augmented training batches (training ran on drawn routes, the deployed model runs the
-    greedy ones), calibration again. Returns what was done, for the checkpoint and metrics.json:
-    "calibration" lists every calibration in order."""
+    """After the last epoch (the module docstring): calibration, route epochs, BN statistics re-estimated over one
+    epoch of training batches, calibration again. Returns what was done ("calibration": every one, in order)."""
     ending = {"bn_batches": len(data.train)}
     calibrate = None
     if target is not None:
@@ -86,11 +82,8 @@ def end_training(ddp, data, ctx, costs, target, args):
 
 @torch.no_grad()
 def skip_alphas(ddp, batches, costs):
-    """Per gated block j (switch j's block), the alpha from which skipping it pays on half the images of
-    `batches` (training data) on their greedy routes: the median over the images of b_ij / w_j, b_ij the
-    image's cross-entropy with the block skipped minus with it executed (gates/counterfactual.flip_losses),
-    w_j = c_j / C the block's share of alpha. Under every controller alpha is that price: executing block j
-    pays for image i iff b_ij > alpha * w_j. A negative value: the block does harm on most images."""
+    """Per gated block j, the alpha from which skipping it pays on half the images of `batches` (greedy routes):
+    the median of b_ij / w_j (gates/counterfactual.py). A negative value: the block does harm on most images."""
     benefits = []
     with executing(ddp, training=False) as model:
         for x, y in batches:
@@ -100,10 +93,8 @@ def skip_alphas(ddp, batches, costs):
 
 
 def small_cut_warning(ddp, data, costs, gflops, alpha):
-    """None when the routes cut at least SMALL_CUT of the GFLOPs of the same network with every block run
-    (`gflops`: per image, the final evaluation's); else one line saying how little they cut and which
-    --alpha (skip_alphas, measured on the training images) or --target_gflops would cut more. `alpha`: the
-    price the switches ended training with. A row 3 equal to row 2 is then never left unexplained."""
+    """None when the routes cut at least SMALL_CUT of the dense GFLOPs (`gflops`: the final evaluation's);
+    else one line saying which --alpha (skip_alphas) or --target_gflops would cut more (`alpha`: the final one)."""
     dense = to_gflops(dense_flops(costs))
     cut = 1 - gflops / dense
     if cut >= SMALL_CUT:

@@ -1,16 +1,13 @@
 """Stage 3's training step: SkipNet's hybrid learning, REINFORCE for the switches.
 
-Every switch samples a_i ~ Bernoulli(p_i) per image (the model's `sample` mode). The backbone learns by
-cross-entropy on the routes taken (masked execution carries no gradient to the switches); the switches
-learn by the policy gradient of a per-image return:
+Every switch samples a_i ~ Bernoulli(p_i) per image (`sample` mode). The backbone learns by cross-entropy
+on the routes taken; the switches by the policy gradient of a per-image return:
 
   skip rewards   r_i = alpha * c_i / C  if block i is skipped, else 0   (c_i: that block's FLOPs,
                                                                           C: all gated blocks' FLOPs)
   final reward   r_final = -CE(image)  (detached), received after the last switch
   returns        R_{S+1} = r_final,  R_i = r_i + gamma * R_{i+1}   for i = S .. 1
                  i.e. R_i = sum_{j >= i} gamma^(j-i) r_j + gamma^(S+1-i) r_final
-                 (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the original
-                 command, the final reward reaches every switch undiscounted)
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 

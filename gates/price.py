@@ -70,10 +70,8 @@ class SkipPrice:
             self.alpha = state["alpha"].to(self.alpha.device, torch.float64)
 
     def route_stats(self, costs, actions, probs):
-        """What every controller reports of a step's routes, a dict of tensors: exec_rate and sampled_gflops
-        (the routes trained on, `actions` (N, S)), greedy_gflops (p > 0.5 along them: what the deployed
-        model runs) and, with a target, the alpha this step priced with; then the dual-ascent step on the
-        greedy GFLOPs. `costs`: a BlockCosts."""
+        """What every controller reports of a step's routes `actions`: exec_rate, sampled_gflops, greedy_gflops (what
+        the deployed model runs) and alpha with a target; then the dual-ascent step. `costs`: a BlockCosts."""
         with torch.no_grad():  # statistics: no graph, so no detach ops
             exec_rate = actions.detach().mean(0)
             greedy = costs.gflops((probs > 0.5).mean(0, dtype=torch.float64))

@@ -11,9 +11,8 @@ from models.switches import MODES, SWITCH_KINDS, act
 
 
 class FactoredConv(nn.Module):
-    """A conv after eigenbasis pruning: rot_in (1x1) into the kept eigendirections of A, the core k x k conv
-    between kept directions, rot_out (1x1) back to G's output space; widths as the original conv's. A side
-    that keeps every direction has no rotation (None): the core absorbs a square one exactly."""
+    """A conv after eigenbasis pruning: rot_in (1x1) into A's kept eigendirections, core k x k, rot_out (1x1)
+    back to G's space; widths as the original's. A side keeping every direction has no rotation (None)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride, padding, rank_in, rank_out):
         super().__init__()
@@ -84,9 +83,8 @@ class BasicBlock(nn.Module):
         return s.clone().index_copy_(0, idx, y.to(s.dtype))
 
     def forward_branching(self, x, a):
-        """One image: the block runs or not as control flow (torch.cond; ONNX `If` once exported), so a
-        skipped block costs nothing. torch.cond's branches must not return their input: an identity
-        shortcut is copied."""
+        """One image: the block runs or not as control flow (torch.cond; ONNX `If`). torch.cond's branches must
+        not return their input: an identity shortcut is copied."""
         return torch.cond(a[0] > 0, self.forward, self.skip if self.projects else torch.clone, (x,))
 
 
@@ -117,9 +115,8 @@ class _Mix(torch.autograd.Function):
 
 
 class ResNet(nn.Module):
-    """blocks[0] always runs; blocks[j + 1] is gated by switch j (`switches`, any registered kind), which
-    sees that block's input; a skipped block computes skip(x) instead of relu(residual(x) + skip(x)), so
-    its residual is what skipping saves (utils/flops.py counts it so)."""
+    """blocks[0] always runs; blocks[j + 1] is gated by switch j, which sees that block's input; a skipped
+    block computes skip(x), so its residual is what skipping saves (utils/flops.py)."""
 
     def __init__(self, arch):
         super().__init__()
@@ -145,13 +142,10 @@ class ResNet(nn.Module):
         # auto: masked in training, skipping at inference; or force "mask" / "skip"; "branch": one image per
         # call, each gated block as control flow (forward_branching, for export)
         self.execution = "auto"
-        # `open` mode only: None (every block), or a fixed 0/1 per gated block, the same blocks skipped for
-        # every image and no switch evaluated (static block removal: evaluation/routes.py)
+        # `open` mode only: None (every block), or a fixed 0/1 per gated block for every image
         self.route = None
-        # `explore` mode only: its decisions are drawn from p clamped to [explore_bound, 1 - explore_bound]
-        self.explore_bound = 0.1
-        # `gumbel` mode only: the temperature of the relaxed decisions that give their gradient
-        self.temperature = 1.0
+        self.explore_bound = 0.1  # `explore` mode: decisions drawn from p clamped to [bound, 1 - bound]
+        self.temperature = 1.0  # `gumbel` mode: the temperature of the relaxation that gives the gradient
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -214,9 +208,8 @@ def compile_step(step_fn, device, backend=None, mode=None):
 
 
 def compile_report(step, say=False):
-    """What torch.compile did in this process for a step made by compile_step (None for an eager step):
-    graphs, recompilations and their first reasons, and with reduce-overhead whether CUDA graphs ran or
-    were skipped and why. `say`: skipped CUDA graphs or recompilations in one line on stderr."""
+    """What torch.compile did for a step made by compile_step (None for an eager step): graphs, recompilations,
+    whether CUDA graphs ran and why not. `say`: skipped CUDA graphs or recompilations in one line on stderr."""
     if getattr(step, "backend", None) is None:
         return None
     from torch._dynamo.utils import counters, get_compilation_metrics

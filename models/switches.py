@@ -1,20 +1,15 @@
 """Switches (gates): one before every residual block but the first, deciding per image whether it runs.
 
-A switch looks at the activation entering its block and gives p = P(execute). What is done with p
-depends on the mode:
+A switch looks at the activation entering its block and gives p = P(execute), used by mode:
   open    all blocks run, switches are not evaluated (the dense network)
-  hard    execute iff p > 0.5; in training the 0/1 value goes forward and the gradient flows to p
-          (straight-through)
+  hard    execute iff p > 0.5; in training the gradient flows straight through to p (stages 1 and 2)
   greedy  execute iff p > 0.5, no gradient to p (stage 3's fine-tuning of the backbone on the greedy routes)
-  sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
-          (never stashed in the module, so that DistributedDataParallel sees a pure function)
-  explore a ~ Bernoulli(p clamped to [b, 1 - b]), b the model's `explore_bound`, and the switches read their
-          blocks' inputs detached: stage 3's counterfactual controller (gates/counterfactual.py), where the
-          switches learn by their own loss only and every route keeps being tried
-  gumbel  in training a ~ Bernoulli(p) drawn by the Gumbel-max trick, the 0/1 value forward and the gradient of
-          its Gumbel-softmax relaxation (temperature: the model's `temperature`) backward, to p and through
-          the switches' inputs to the backbone: stage 3's gumbel controller (gates/gumbel.py), ConvNet-AIG's
-          gates; out of training p > 0.5, as `greedy`
+  sample  a ~ Bernoulli(p), for REINFORCE (gates/policy.py); actions and p are returned, never stashed in the
+          module, so that DistributedDataParallel sees a pure function
+  explore a ~ Bernoulli(p clamped to [b, 1 - b]), b the model's `explore_bound`, the switches reading their
+          inputs detached (gates/counterfactual.py: every route keeps being tried)
+  gumbel  in training a ~ Bernoulli(p) by the Gumbel-max trick, the gradient of its relaxation at the model's
+          `temperature` backward (gates/gumbel.py); out of training as `greedy`
 """
 import contextlib
 
@@ -37,10 +32,9 @@ def switch_kind(name):
 
 
 class Switches(nn.Module):
-    """What a switch kind is, and all that the rest of the project asks of one. Built from `channels`, the
-    input width of each gated block (one switch each); forward(j, x, state) maps switch j's block input x
-    (N, C_j, H, W) and the state the previous switch passed on (None at switch 0) to (p, state), p (N,) the
-    float32 probabilities of executing the block. FLOPs and export follow from what forward runs."""
+    """What a switch kind is, and all that the rest of the project asks of one. Built from `channels`, each gated
+    block's input width; forward(j, x, state) maps switch j's block input x (N, C_j, H, W) and the previous
+    switch's state (None at switch 0) to (p, state), p (N,) the float32 probabilities of executing the block."""
 
     def logit_layers(self):
         """The layers (each with a bias) whose outputs are the switches' logits: a constant added to their
@@ -53,10 +47,8 @@ class Switches(nn.Module):
 
 
 def init_switch_head(head):
-    """SkipNet's gate initialisation (Wang et al., ECCV 2018, code release): N(0, 2 / fan_in) weights (its
-    N(0, 2 / (fan_in * fan_out)) for one output), so that the decision depends on the image from the first
-    step (a zero weight would leave the LSTM and projections without gradient), and a zero bias, so that
-    decisions sit around p = 0.5."""
+    """SkipNet's gate initialisation: N(0, 2 / fan_in) weights, so that the decision depends on the image from
+    the first step (a zero weight leaves the LSTM and projections without gradient), and a zero bias (p ~ 0.5)."""
     nn.init.normal_(head.weight, 0.0, (2.0 / head.in_features) ** 0.5)
     nn.init.zeros_(head.bias)
 
@@ -99,11 +91,10 @@ def _as_conv(weight):
 
 @switch_kind("rnn")
 class RNNSwitches(Switches):
-    """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, then one LSTM cell shared
-    by every switch (its state runs from block to block) and a linear head to one logit.
-    Kept as (N, C, 1, 1) maps, so every matmul is a 1x1 convolution (_ConvLSTMCell): the switches are most
-    of the ops a step dispatches, each costing the host the same whatever its size. The state passed on is
-    (h, c, weights), `weights` the LSTM's and head's conv weights, made at the first switch."""
+    """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, one LSTM cell shared by every
+    switch (its state runs from block to block) and a linear head to one logit. Kept as (N, C, 1, 1) maps, every
+    matmul a 1x1 convolution (_ConvLSTMCell): the switches are most of the ops a step dispatches. The state
+    passed on is (h, c, weights), `weights` the LSTM's and head's conv weights, made at the first switch."""
 
     def __init__(self, channels, embed_dim=10, hidden_dim=10):
         super().__init__()
@@ -167,9 +158,8 @@ class FFSwitches(Switches):
 
 
 def finite(p):
-    """p with NaN as 0.5, for drawing decisions: torch.bernoulli asserts on a NaN (on CUDA a device-side
-    assert that ends the CUDA context). A NaN p comes from a diverged network, whose loss is NaN too and is
-    reported by the training loop's check."""
+    """p with NaN as 0.5 for drawing decisions: torch.bernoulli asserts on NaN (on CUDA ending the context); a
+    NaN p comes from a diverged network, whose NaN loss the training loop reports."""
     return torch.nan_to_num(p, nan=0.5)
 
 
@@ -231,12 +221,10 @@ def log_prob(p, actions, eps=1e-6):
 
 @torch.no_grad()
 def spread_decisions(model, x):
-    """Data-dependent start of the switches (the weight-normalisation init of Salimans & Kingma, NeurIPS
-    2016): on training images `x` (N, C, H, W), each of the switches' spread_layers in turn is rescaled to
-    outputs of mean 0, std 1 per channel over every call of a forward pass, so that decisions differ from
-    image to image and sit around p = 0.5 from the first step (with random weights alone the pooled
-    activations vary so little over images that p does, by a few thousandths). Runs the model as training
-    does (batch-statistics BN, masked, `hard`); BN running statistics and the model's mode are restored."""
+    """Data-dependent start of the switches (Salimans & Kingma's weight-normalisation init): on training images
+    `x`, each of the switches' spread_layers in turn rescaled to outputs of mean 0, std 1 per channel, so that
+    decisions differ from image to image and sit around p = 0.5 from the first step. Runs the model as training
+    does; BN running statistics and the model's mode are restored."""
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     try:
         with executing(model, "mask", training=True):
@@ -251,9 +239,8 @@ def spread_decisions(model, x):
 
 
 def _normalise(layer, out, eps=1e-6):
-    """Rescale a conv / linear layer (with bias) so that its outputs `out` (N, C) become mean 0, std 1 per
-    channel. Never makes a weight non-finite: fewer than two images or non-finite outputs leave the layer as
-    it is, and a channel that does not vary is only centred."""
+    """Rescale a conv / linear layer (with bias) to outputs `out` (N, C) of mean 0, std 1 per channel; fewer than
+    two images or non-finite outputs leave it as it is, and a channel that does not vary is only centred."""
     out = out.float()
     if len(out) < 2 or not torch.isfinite(out).all():
         return

@@ -137,10 +137,9 @@ def top_directions(layer, r_in, r_out):
 
 
 def rebuild(model, layers, keep):
-    """A new model in which every layer named in `keep` ({name: (input indices, output indices)} into its
-    eigenbasis) is a FactoredConv holding only those directions; rot_in = Q_A[:, kept]^T and rot_out =
-    Q_G[:, kept], composed with the rotations already there (at most three convs deep however often pruned),
-    a full side's square rotation multiplied into the core. Everything else is copied unchanged."""
+    """A new model in which every layer in `keep` ({name: (input indices, output indices)}) is a FactoredConv
+    holding those directions, composed with its rotations (at most three convs deep however often pruned), a
+    full side's square rotation multiplied into the core; everything else copied unchanged."""
     model = unwrap(model)
     layers = {layer.name: layer for layer in layers}
     state = model.state_dict()

@@ -6,13 +6,11 @@ gradients s w.r.t. its output (one per output location):
     G = mean of s s^T over images and output locations                     (out x out)
 and the Fisher of a weight in the eigenbasis is about T * g[i] * a[j], T the number of output locations.
 
-The pass runs the model in eval mode (BN running statistics, so each image's gradient does not depend
-on the rest of its batch) in the network the stage prunes for: mode `open` (every block, no switch: the
-static network) or `hard` (stage 1's routes, masked execution, so every conv sees every image). Under
-`hard`, where a switch skips a block for an image, the block's output is multiplied by 0 and its gradient
-for that image is 0: those zeros stay in G's average on purpose. The block does not affect that image's
-loss, and the zeros scale its G by the fraction of images that run it, which is exactly how much the loss
-depends on it. (A still averages over all images, a small approximation.)
+The pass runs the model in eval mode (BN running statistics: each image's gradient is its own) in mode
+`open` (the static network) or `hard` (stage 1's routes, masked, so every conv sees every image). Under
+`hard` a skipped block's gradient for that image is 0, and those zeros stay in G's average on purpose: they
+scale its G by the fraction of images that run it, exactly how much the loss depends on it (A still
+averages over all images, a small approximation).
 """
 from dataclasses import dataclass
 

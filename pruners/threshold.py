@@ -40,10 +40,8 @@ class Plan:
 
 
 class Threshold:
-    """The ranks of every layer as a function of the number of pooled directions cut (the rules above).
-    layers: the eigen.Layer of every prunable conv; params_now / flops_now: the whole model's now; `measure`
-    ("params" or "flops"): which of a layer's allowed forms is kept, and what "score_per_cost" divides by.
-    ValueError for an unknown criterion or measure, or round_to < 1."""
+    """The ranks of every layer as a function of the number of pooled directions cut (the rules above);
+    `measure` ("params" or "flops"): which allowed form is kept. ValueError for a bad criterion, measure, round_to."""
 
     def __init__(self, layers, limit, params_now, flops_now=None, criterion="score", measure="params",
                  round_to=1):
@@ -145,10 +143,8 @@ def _bisect(threshold, value, target, tolerance, what, amount):
 
 
 def _fill(threshold, value, target, tolerance, lo):
-    """When cutting direction lo - 1 (the last one the threshold takes) jumps too far below the target
-    (one direction of a small network can cost several percent of it), cut the first lo - 1 and then
-    the following directions in key order, passing over each one whose cut would land more than
-    `tolerance` below the target, until the target is met. None if no such sequence meets it."""
+    """When the last cut direction jumps too far below the target, cut the first lo - 1, then the following
+    directions in key order, passing over each that would land more than `tolerance` below; None if none meets it."""
     counts = torch.bincount(threshold.sides_by_key[:lo - 1], minlength=len(threshold.sizes))
     cut = lo - 1
     for side in threshold.sides_by_key[lo - 1:].tolist():

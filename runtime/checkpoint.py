@@ -15,9 +15,6 @@ and beside them the stage's own keys:
     prune  "round", "history" (each round's report), "schedule", "config" (the resolved config),
            "params_stage1", "stage1_checkpoint"
     rl     "args" (its flags), "extra": {"baseline", "price", "source", "ending"}
-
-load_model(path) gives the network of the stage's table row (row_mode) and the preprocessing of raw images it
-was trained with.
 """
 import os
 import re
@@ -164,10 +161,8 @@ def row_mode(ckpt):
 
 
 def load_model(path, device="cpu", mode=None):
-    """(model, preprocess) of a checkpoint of any stage, for inference on raw 8-bit images:
-    `logits, routes, probs = model(preprocess(images))`, preprocess.classes[i] naming logit i. The model is in
-    eval mode and runs its table row's network (row_mode); `mode` ("open" or "hard") picks the other one.
-    UserError for a checkpoint without a pipeline record or an unknown mode."""
+    """(model, preprocess) of a checkpoint of any stage for raw 8-bit images: `logits, routes, probs =
+    model(preprocess(images))`, in eval mode, its table row's network (row_mode) or `mode` ("open", "hard")."""
     if mode not in (None, "open", "hard"):
         raise UserError(f"mode {mode!r}: expected 'open' (every block, no switch) or 'hard' (the switches' routes)")
     ckpt = load_checkpoint(path, flag="checkpoint")

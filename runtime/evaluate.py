@@ -28,10 +28,9 @@ def no_autotune_when_skipping(model, mode="hard"):
 
 @torch.no_grad()
 def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
-    """Top-1 accuracy, loss and the FLOPs each image's route executes, over every image of `loader` (all
-    ranks together). `execution`: None, the model's own (skipping at inference); "skip": each block on the
-    sub-batch that executes it (one host sync per gated block and batch); "mask": every image computes every
-    block, the same results up to rounding and no host sync until the end (per-epoch evaluation)."""
+    """Top-1 accuracy, loss and the FLOPs each image's route executes, over `loader` on every rank. `execution`:
+    None, the model's own; "skip": blocks on sub-batches (a host sync per block and batch); "mask": every
+    image computes every block, the same results up to rounding, no host sync until the end."""
     model = unwrap(ddp)
     model.eval()
     sums, images = None, 0
@@ -61,10 +60,8 @@ BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one 
 
 @torch.no_grad()
 def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
-    """Re-estimate BatchNorm running statistics with the current weights (cumulative average over the
-    first `batches` batches of `loader`). Depends on the weights only, so that a resumed run ends exactly as
-    an uninterrupted one: the batches are always those of loader epoch BN_EPOCH, and the global RNG is seeded
-    inside and left as it was outside."""
+    """Re-estimate BatchNorm running statistics over the first `batches` batches of `loader`, from the weights
+    alone (loader epoch BN_EPOCH, the global RNG seeded inside and left as it was), so resumed runs end alike."""
     model = unwrap(ddp)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:

@@ -26,9 +26,8 @@ class Loaded:
 
 
 def load(path, settings, ctx, stages=None, flag="checkpoint", data=None):
-    """A checkpoint of `stages` (None: any), its network prepared for ctx, the data of `settings` through
-    the pipeline it records, and the FLOPs costs at that input size. `data`: what this returned for another
-    checkpoint, reused where its pipeline gives the same images. Every problem is one line naming the file."""
+    """A checkpoint of `stages` (None: any), its network prepared for ctx, the data of `settings` through its
+    recorded pipeline (`data` reused where that gives the same images), and its FLOPs costs; errors in one line."""
     ckpt = load_checkpoint(path, stages, flag)
     recorded = ckpt.get("pipeline")
     if data is None or recorded is None or any(data.pipeline[k] != recorded[k] for k in EVALUATED):
@@ -76,10 +75,8 @@ class Predictions:
 
 @torch.no_grad()
 def predict(ddp, loader, costs=None, mode="hard", route=None):
-    """Every image of `loader` through the network, in order, onto the CPU (Predictions; flops with `costs`).
-    Each process predicts its own images (the plain module: no collective). `mode`: "hard", the greedy
-    routes; "open", every block, or with `route` (0/1 per gated block) that route for every image. Eval
-    mode, no autocast; the model's own route is restored after."""
+    """Every image of `loader` through the network, in order, onto the CPU; each process its own images (no
+    collective). `mode` "hard": greedy routes; "open": every block, or `route` for every image. No autocast."""
     out = {"logits": [], "labels": [], "routes": [], "probs": []}
     with fixed_route(ddp, route) as model, no_autotune_when_skipping(model.eval(), mode):
         for x, y in loader:

@@ -19,9 +19,8 @@ def is_switch(name):
 
 @contextlib.contextmanager
 def executing(model, execution=None, training=None):
-    """`model` (DDP-wrapped or not) with its gated blocks run as `execution` ("mask", "skip" or "auto") and
-    in training mode or not (`training`) inside; None leaves either as it is. Both are restored on leaving,
-    whatever happens inside. Yields the unwrapped network."""
+    """`model` with its gated blocks run as `execution` and in training mode or not (`training`) inside (None:
+    as it is), both restored on leaving. Yields the unwrapped network."""
     net = unwrap(model)
     was_training, before = net.training, net.execution
     try:
