@@ -58,13 +58,9 @@ def _flip_losses(net, x, y, a, blocks=None):
             branches = out[:m * n]
         h = out[m * n:(m + 1) * n]
     count = len(flip_set)
-    losses = _ce(net, torch.cat([branches, h]), y.repeat(count + 1))
+    logits = net.fc(F.adaptive_avg_pool2d(torch.cat([branches, h]), 1).flatten(1))
+    losses = F.cross_entropy(logits.float(), y.repeat(count + 1), reduction="none")
     return losses[-n:], losses[:-n].view(count, n).T
-
-
-def _ce(net, h, y):
-    logits = net.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-    return F.cross_entropy(logits.float(), y, reduction="none")
 
 
 def execution_benefit(taken, flipped, actions):

@@ -31,9 +31,8 @@ def calibration_batches(data):
 
 
 def greedy_step(model, x, y):
-    """Cross-entropy on the greedy routes with no gradient through the decisions (mode `greedy`): a
-    straight-through gradient (mode `hard`) would teach the backbone to turn blocks back on through the
-    switches' inputs, the routes' GFLOPs drifting up epoch after epoch."""
+    """Cross-entropy on the greedy routes, no gradient through the decisions: a straight-through one (`hard`)
+    would teach the backbone to turn blocks back on through the switches' inputs."""
     loss, stats = supervised_step(model, x, y, mode="greedy")
     return touch_switches(model, loss), stats
 

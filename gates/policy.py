@@ -50,8 +50,8 @@ def discounted_returns(rewards, discount, final):
 
 
 def policy_loss(log_probs, returns, baseline):
-    """-sum over images (N) and switches (S) of log pi(a_i) * (R_i - b_i): SkipNet's per-image REINFORCE
-    convention (see above); log_probs and returns (N, S), baseline (S,). The advantage carries no gradient."""
+    """-sum over images and switches of log pi(a_i) * (R_i - b_i) (SkipNet's per-image convention, above);
+    log_probs and returns (N, S), baseline (S,); the advantage carries no gradient."""
     return (log_probs * (baseline - returns).detach()).sum()
 
 

@@ -79,8 +79,8 @@ def patch_moment_sum(conv, x):
 
 
 def evenly_spaced(loader, count):
-    """`count` batches of `loader` spread evenly over it: a loader in file order (class folders, sorted)
-    still contributes every class. Batches are independent in eval mode, so which ones is all that matters."""
+    """`count` batches of `loader` spread evenly over it, so that a loader in file order still contributes every
+    class (batches are independent in eval mode)."""
     total = len(loader)
     count = min(count, total)
     chosen = {round(i * (total - 1) / max(1, count - 1)) for i in range(count)} if count > 1 else {0}
