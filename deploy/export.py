@@ -2,30 +2,11 @@
 
     python -m deploy.export CHECKPOINT --out DIR [--mode hard|open] [--mean R G B --std R G B --resize N]
 
-What is exported is the network as it is deployed, not as it is trained:
-- raw 8-bit images in: uint8 (N, H, W, C), H = W = the pipeline's `resize`, channels in the training
-  order (RGB); the normalisation (x / 255 - mean) / std runs inside, with the checkpoint's
-  ckpt["pipeline"] mean and std (or --mean / --std for checkpoints without one);
-- every BatchNorm folded into the conv before it (torch.nn.utils.fusion.fuse_conv_bn_eval);
-- every factored conv in its cheapest exact form: rot_out multiplied into the core wherever that needs
-  no more FLOPs (r_in * C_out * k^2 <= r_in * r_out * k^2 + r_out * C_out multiply-adds per output
-  location);
-  rot_in is never merged (a k x k core over every input channel: docs/export.md);
-- channels_last activations (the NHWC input is already in that layout);
-- `--mode hard` (the default for stage 3, whose table row is its routed network): the switches decide per
-  image, outputs (logits, routes), routes (N, number of switches) 0/1 float. `--mode open` (the default
-  for stages 1 and 2, whose rows are their networks with every block): every block, no switch, logits.
-A checkpoint exported from <result_dir>/<stage>/checkpoint.pt must belong to that folder's chain of stages
-(utils/lineage.py): a stale one is refused in one line.
-
-Files in DIR: model.onnx and model.pt2 (torch.export.save; load with torch.export.load(p).module()) for
-any batch size; in `hard` mode also model_b1.onnx / model_b1.pt2 for one image at a time, where each
-gated block is real control flow (torch.cond, ONNX `If`): a skipped block costs nothing. The batched
-models run each gated block on the sub-batch of images whose route executes it, as eager inference does
-(nonzero -> gather -> block -> index_copy; ONNX NonZero / Gather / ScatterND; an empty sub-batch works):
-a skipped image costs only the gather and scatter of its activation. export.json records the pipeline,
-mode, input, FLOPs per image of the deployed form with every block run, and the check made at export:
-the outputs of every file against the checkpoint's on the same (random) images.
+What is exported is the network as deployed (docs/export.md): raw uint8 NHWC images normalised inside, BN
+folded, factored convs in their cheapest exact form, channels_last; `hard` mode (stage 3's default) outputs
+(logits, routes) and adds a one-image model_b1 whose gated blocks are control flow, `open` mode (stages 1
+and 2) outputs logits. export.json records the pipeline, mode, input, FLOPs per image with every block run,
+and the check of every file's outputs against the checkpoint's on the same random images.
 """
 import contextlib
 import copy
@@ -51,8 +32,8 @@ TOLERANCE = 1e-4  # exported outputs equal the checkpoint's within this (relativ
 
 
 def cheapest_form(conv):
-    """The convs (in order) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs without merging
-    rot_in: rot_out multiplied into the core where that costs no more."""
+    """The convs (in order) that compute `conv` (a Conv2d or FactoredConv) with fewest FLOPs: rot_out
+    multiplied into the core where that costs no more; rot_in never merged (docs/export.md)."""
     if not isinstance(conv, FactoredConv):
         return [conv]
     core, rot_out = conv.core, conv.rot_out
@@ -71,10 +52,8 @@ def cheapest_form(conv):
 
 
 def deployed(model, mode):
-    """A float32 copy of `model` in evaluation mode as deployed: every factored conv in its cheapest form,
-    every BatchNorm that reads a conv's output folded into that conv (which conv each one reads is seen in
-    a forward pass of the model itself, so any block or switch kind is folded alike), in `open` mode
-    without switches."""
+    """A float32 eval copy of `model` as deployed: factored convs in their cheapest form, each BatchNorm folded
+    into the conv it reads (seen in a forward pass), in `open` mode without switches."""
     model = copy.deepcopy(unwrap(model)).float().eval()
     made, reads = {}, {}  # id(output) -> (output, conv name): outputs kept alive, ids unique; bn -> conv
 
@@ -108,9 +87,8 @@ def _replace(model, name, module):
 
 
 class InferenceNet(nn.Module):
-    """The deployed form of a checkpoint's network (see the module docstring): its own forward, on the
-    deployed copy. `single`: one image per call, gated blocks as torch.cond (for export with control flow);
-    else each gated block on the sub-batch of images that run it."""
+    """The deployed form of a checkpoint's network: its own forward on the deployed copy. `single`: one image
+    per call, gated blocks as torch.cond; else each gated block on the sub-batch of images that run it."""
 
     def __init__(self, model, mean, std, mode="hard", single=False):
         super().__init__()
@@ -200,8 +178,7 @@ def one_line(e, limit=300):
 
 
 def export_form(model, pipeline, mode, single, out_dir, channels, images, expected):
-    """Export one batch form of `model` and check its files on `images` against `expected`: returns the
-    files and the checks, keyed as in export.json; UserError when a file does not reproduce `expected`."""
+    """One batch form of `model` exported and checked against `expected`: (files, checks) as in export.json."""
     suffix = "_b1" if single else ""
     net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
     net = net.to(memory_format=torch.channels_last)
@@ -223,9 +200,8 @@ def export_form(model, pipeline, mode, single, out_dir, channels, images, expect
 
 
 def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, check_images=8, seed=0):
-    """Export the checkpoint at `ckpt_path` into `out_dir` (see the module docstring). Returns the
-    export.json dict. UserError when the pipeline (mean, std, resize) is unknown or conflicts with the
-    flags, or when an exported file does not reproduce the checkpoint's outputs."""
+    """Export the checkpoint at `ckpt_path` into `out_dir`; returns the export.json dict. UserError when the
+    pipeline is unknown or conflicts with the flags, or an exported file does not reproduce the checkpoint."""
     ckpt = load_checkpoint(ckpt_path, None, "CHECKPOINT")
     check_lineage(ckpt_path)
     pipeline = dict(ckpt.get("pipeline") or {})

@@ -1,13 +1,9 @@
-"""How stage 3 ends, after its last epoch, the same under every controller. Each trains on routes drawn
-from the switches' probabilities: counterfactual (gates/counterfactual.py) from p clamped away from 0 and 1,
-reinforce (gates/policy.py) sampled from p, gumbel (gates/gumbel.py) through its Gumbel-softmax relaxation;
-the deployed model runs the greedy routes (p > 0.5). So the ending works on those: with a FLOPs target, the
-switches' threshold calibrated (gates/routes.calibrate_to_flops); with --route_epochs, the backbone
-fine-tuned on the greedy routes; then BN statistics re-estimated under the greedy routes and, with a target,
-the threshold calibrated once more. Stage 3 (stages/rl.py) saves what end_training returns in the
-checkpoint, so a run resumed after its ending does not redo it, and one killed during it redoes it from the
-last epoch's checkpoint (every step here is deterministic). After the final evaluation, small_cut_warning
-says when the routes cut next to nothing, and what would cut more.
+"""How stage 3 ends, the same under every controller: every controller trains on drawn routes, the deployed
+model runs the greedy ones (p > 0.5), so the ending works on those: with a FLOPs target, the switches'
+threshold calibrated (gates/routes.py); with --route_epochs, the backbone fine-tuned on the greedy routes;
+then BN statistics re-estimated and, with a target, the threshold calibrated once more. Every step is
+deterministic, so a run killed during it redoes it from the last epoch's checkpoint. small_cut_warning says
+when the routes cut next to nothing, and what would cut more.
 """
 import functools
 
@@ -35,23 +31,15 @@ def calibration_batches(data):
 
 
 def greedy_step(model, x, y):
-    """Cross-entropy on the greedy routes with no gradient through the decisions (mode `greedy`): a
-    straight-through gradient (mode `hard`) would teach the backbone to turn blocks back on through the
-    switches' inputs, the routes' GFLOPs drifting up epoch after epoch."""
+    """Cross-entropy on the greedy routes, no gradient through the decisions: a straight-through one (`hard`)
+    would teach the backbone to turn blocks back on through the switches' inputs."""
     loss, stats = supervised_step(model, x, y, mode="greedy")
     return touch_switches(model, loss), stats
 
 
 def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
-    """--route_epochs epochs of SGD on the backbone only (the switches' parameters are not stepped; the
-    routes are their greedy decisions, which still move with the backbone's features and, for `ff`
-    switches, their BN statistics), cross-entropy on the greedy routes (greedy_step), lr --route_lr cosine
-    to 0, the stage's momentum and weight decay. `recalibrate` (with a FLOPs target) is called before every
-    epoch but the first (which follows a calibration), so that the backbone trains on routes at the target
-    whatever the features' drift, and the final calibration moves little.
-    Deterministic (its own RNG stream, loader epochs after the stage's), so a resumed run ends as an
-    uninterrupted one. Returns the mean training loss and accuracy (%) of each epoch and the calibrations
-    made (recalibrate's results)."""
+    """--route_epochs epochs of SGD on the backbone on the greedy routes (lr --route_lr cosine to 0), `recalibrate`
+    before every epoch but the first; deterministic. Returns each epoch's loss and accuracy, and the calibrations."""
     lr = args.route_lr if args.route_lr is not None else args.lr / 10
     optimizer = sgd(trainable(ddp)[0], lr, args.momentum, args.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", args.route_epochs, len(data.train))
@@ -73,13 +61,8 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
 
 
 def end_training(ddp, data, ctx, costs, target, args):
-    """After the last epoch: with a FLOPs target, calibrate the switches' threshold on training images (not
-    augmented) so that the greedy routes cost the target; with --route_epochs, fine-tune the backbone on the
-    greedy routes; then re-estimate BN statistics under the greedy routes (training ran on drawn routes,
-    whose statistics differ: the deployed model runs greedy ones), over one epoch of augmented training
-    batches as stage 2 does, and calibrate once more since the new weights and statistics move the
-    switches' inputs (and before every route epoch, see finetune_on_routes). Returns what was done, for
-    the checkpoint and metrics.json: "calibration" lists every calibration in order."""
+    """After the last epoch (the module docstring): calibration, route epochs, BN statistics re-estimated over one
+    epoch of training batches, calibration again. Returns what was done ("calibration": every one, in order)."""
     ending = {"bn_batches": len(data.train)}
     calibrate = None
     if target is not None:
@@ -98,11 +81,8 @@ def end_training(ddp, data, ctx, costs, target, args):
 
 @torch.no_grad()
 def skip_alphas(ddp, batches, costs):
-    """Per gated block j (switch j's block), the alpha from which skipping it pays on half the images of
-    `batches` (training data) on their greedy routes: the median over the images of b_ij / w_j, b_ij the
-    image's cross-entropy with the block skipped minus with it executed (gates/counterfactual.flip_losses),
-    w_j = c_j / C the block's share of alpha. Under every controller alpha is that price: executing block j
-    pays for image i iff b_ij > alpha * w_j. A negative value: the block does harm on most images."""
+    """Per gated block j, the alpha from which skipping it pays on half the images of `batches` (greedy routes):
+    the median of b_ij / w_j (gates/counterfactual.py). A negative value: the block does harm on most images."""
     benefits = []
     with executing(ddp, training=False) as model:
         for x, y in batches:
@@ -112,10 +92,8 @@ def skip_alphas(ddp, batches, costs):
 
 
 def small_cut_warning(ddp, data, costs, gflops, alpha):
-    """None when the routes cut at least SMALL_CUT of the GFLOPs of the same network with every block run
-    (`gflops`: per image, the final evaluation's); else one line saying how little they cut and which
-    --alpha (skip_alphas, measured on the training images) or --target_gflops would cut more. `alpha`: the
-    price the switches ended training with. A row 3 equal to row 2 is then never left unexplained."""
+    """None when the routes cut at least SMALL_CUT of the dense GFLOPs (`gflops`: the final evaluation's);
+    else one line saying which --alpha (skip_alphas) or --target_gflops would cut more (`alpha`: the final one)."""
     dense = to_gflops(dense_flops(costs))
     cut = 1 - gflops / dense
     if cut >= SMALL_CUT:

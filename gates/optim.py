@@ -1,6 +1,6 @@
-"""The optimizer of stages 1 and 3: SGD with the switches in their own parameter group, so that they may get
-their own learning rate and weight decay (the switch_lr, switch_weight_decay settings; by default the
-backbone's, the original behaviour). Two groups always, so that a checkpoint's optimizer state fits whatever the flags."""
+"""The optimizer of stages 1 and 3: SGD with the switches in their own parameter group (switch_lr,
+switch_weight_decay; by default the backbone's), always two groups, so that a checkpoint's optimizer state
+fits whatever the flags."""
 from runtime.loop import sgd
 from utils.nets import is_switch, unwrap
 

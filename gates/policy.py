@@ -1,32 +1,22 @@
 """Stage 3's training step: SkipNet's hybrid learning, REINFORCE for the switches.
 
-Every switch samples a_i ~ Bernoulli(p_i) per image (the model's `sample` mode). The backbone learns by
-cross-entropy on the routes taken (masked execution carries no gradient to the switches); the switches
-learn by the policy gradient of a per-image return:
+Every switch samples a_i ~ Bernoulli(p_i) per image (`sample` mode). The backbone learns by cross-entropy
+on the routes taken; the switches by the policy gradient of a per-image return:
 
   skip rewards   r_i = alpha * c_i / C  if block i is skipped, else 0   (c_i: that block's FLOPs,
                                                                           C: all gated blocks' FLOPs)
   final reward   r_final = -CE(image)  (detached), received after the last switch
   returns        R_{S+1} = r_final,  R_i = r_i + gamma * R_{i+1}   for i = S .. 1
                  i.e. R_i = sum_{j >= i} gamma^(j-i) r_j + gamma^(S+1-i) r_final
-                 (the last switch gets R_S = r_S + gamma * r_final; with gamma = 1, as in the original
-                 command, the final reward reaches every switch undiscounted)
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 
-The policy loss is summed over images, not averaged: SkipNet's code, where the original flags (alpha 0.1,
-gamma 1, rl_weight 0.1) come from, gives every sampled action its own REINFORCE gradient
-(`action.reinforce(rl_weight * R)`), so rl_weight there weighs each image's term; averaging would make it
-batch-size times weaker (256x at the original --bs 256) and the switches would barely move in 100 epochs.
-Under DDP each process sums over its own images, the sum weighed by the number of processes (`scale`), so
-that the gradients DDP averages add up to the sum over the global batch (--bs), as on one process.
-
-alpha is the price of skipping, fixed (--alpha) or adapted by dual ascent towards a GFLOPs target
-(gates.price.SkipPrice).
-
-The baseline b_i is per switch: a moving average of the returns (state kept in a Baseline object outside
-the model, saved in the checkpoint so that a resumed run continues exactly) or the batch mean.
-Nothing is stored in the modules between forward and backward, so the step works under DDP.
+The policy loss is summed over images, as in SkipNet's code (`action.reinforce(rl_weight * R)`), where the
+original flags (alpha 0.1, gamma 1, rl_weight 0.1) come from: averaging would make it batch-size times
+weaker. Under DDP each process's sum is weighed by the number of processes (`scale`), so that the averaged
+gradients add up to the sum over the global batch. alpha: fixed or gates.price.SkipPrice's. The baseline
+b_i is per switch (Baseline, saved in the checkpoint); nothing is stored in the modules between forward and
+backward, so the step works under DDP.
 """
 import torch
 import torch.distributed as dist
@@ -41,8 +31,7 @@ BASELINES = ("moving", "batch")
 
 
 def skip_rewards(actions, shares, alpha):
-    """(N, S) immediate rewards: alpha * w_i for every skipped block i (action 0), else 0; `shares` (S,) the
-    blocks' w_i = c_i / C (gates.price.shares)."""
+    """(N, S) immediate rewards: alpha * w_i for every skipped block i, else 0 (`shares`: the w_i)."""
     return alpha * (1 - actions) * shares
 
 
@@ -61,21 +50,15 @@ def discounted_returns(rewards, discount, final):
 
 
 def policy_loss(log_probs, returns, baseline):
-    """-sum over images (N) and switches (S) of log pi(a_i) * (R_i - b_i): SkipNet's per-image REINFORCE
-    convention (see above); log_probs and returns (N, S), baseline (S,). The advantage carries no gradient."""
+    """-sum over images and switches of log pi(a_i) * (R_i - b_i) (SkipNet's per-image convention, above);
+    log_probs and returns (N, S), baseline (S,); the advantage carries no gradient."""
     return (log_probs * (baseline - returns).detach()).sum()
 
 
 class Baseline:
-    """Per-switch baseline b_i of the returns.
-
-    moving: an exponential moving average over batches; the batch being trained on is compared with the
-            average of the batches before it (the first batch with its own mean). Averaged over DDP ranks,
-            so every rank holds the same state and the checkpoint of rank 0 resumes all of them.
-    batch:  the mean return of each switch over the current batch (this process's, not averaged over
-            ranks); keeps no state. It needs 2 or more images per batch: one image's mean is its own
-            return, every advantage 0, and REINFORCE would do nothing.
-    """
+    """Per-switch baseline b_i of the returns. moving: an exponential moving average over the batches before
+    this one (the first batch: its own mean), averaged over DDP ranks so that rank 0's checkpoint resumes
+    all; batch: this process's batch mean of each switch, no state (needs 2 or more images per batch)."""
 
     def __init__(self, kind, num_switches, momentum=0.9, device="cpu"):
         if kind not in BASELINES:
@@ -109,13 +92,9 @@ class Baseline:
 
 
 class ReinforceStep:
-    """step_fn(model, x, y) -> (loss, stats) for runtime.stage.StageRun.fit: the arithmetic above, term by
-    term. `price` is a gates.price.SkipPrice (or a number: a fixed alpha).
-
-    stats (per batch; train_epoch averages them over the epoch): loss (the cross-entropy, which trains the
-    backbone), acc (%), reward (mean over images of all rewards received, undiscounted), policy_loss (summed
-    over the batch, which trains the switches) and SkipPrice.route_stats' (exec_rate, sampled_gflops,
-    greedy_gflops, alpha where it moves)."""
+    """step_fn(model, x, y) -> (loss, stats): the arithmetic above. `price` a gates.price.SkipPrice (or a
+    number: a fixed alpha). stats: loss (cross-entropy), acc, reward (mean over images of all rewards,
+    undiscounted), policy_loss and SkipPrice.route_stats'."""
 
     def __init__(self, costs, price, gamma, rl_weight, baseline, scale=1.0):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)

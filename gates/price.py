@@ -9,15 +9,13 @@ from utils.flops import from_gflops, skipped_flops, to_gflops
 
 
 def shares(block_flops):
-    """w (S,): each gated block's FLOPs over all gated blocks' FLOPs (float32, sums to 1): block j's part of
-    alpha, the price of running every gated block."""
+    """w (S,): each gated block's FLOPs over all gated blocks' (float32, sums to 1)."""
     c = torch.as_tensor(block_flops, dtype=torch.float64)
     return (c / c.sum()).float()
 
 
 class BlockCosts:
-    """What a controller's step needs of the FLOPs (utils.flops.measure_costs' `costs`), on one device, made
-    once: `shares` (see shares) and the GFLOPs per image of routes (gflops)."""
+    """A step's FLOPs costs on one device, made once: `shares` and the GFLOPs of routes (gflops)."""
 
     def __init__(self, costs, device):
         blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
@@ -39,17 +37,14 @@ class BlockCosts:
 class SkipPrice:
     """alpha, the reward for skipping every gated block (per image), as a tensor on the device.
 
-    Fixed (target None): the --alpha of the command line. With a target of G FLOPs per image, alpha is the
-    dual variable of the constraint "FLOPs executed per image = G" and rises while the network spends more
-    than G, falls while it spends less. The update is dual ascent in log alpha (exponentiated gradient),
-    scale-free since the right alpha ranges over orders of magnitude:
+    Fixed (target None): --alpha. With a target of G FLOPs per image, alpha is the dual variable of "FLOPs
+    executed per image = G", by dual ascent in log alpha (scale-free: the right alpha spans orders of
+    magnitude):
         alpha <- alpha * exp(lr * (F - G) / G)
-    F is the FLOPs per image of the *greedy* routes (p > 0.5: what the deployed model runs) on the batch
-    just trained on, averaged over processes, so every process holds the same alpha. The switches'
-    probabilities come from the sampled forward pass (the greedy route of the later switches is estimated
-    along the sampled route: no second forward pass). Sampled routes would be the wrong measure: with p
-    near 0.5 they execute about p of the blocks while greedy execution can be all or nothing.
-    The state (alpha, target, lr) goes into the checkpoint, so a resumed run continues the trajectory exactly."""
+    F the FLOPs per image of the *greedy* routes (p > 0.5, what the deployed model runs; estimated along the
+    sampled routes, no second forward pass) on the batch just trained on, averaged over processes. Sampled
+    routes would be the wrong measure: with p near 0.5 they run about p of the blocks, greedy ones all or
+    none. The state goes into the checkpoint, so a resumed run continues the trajectory exactly."""
 
     def __init__(self, alpha, target_flops=None, lr=0.05, device="cpu"):
         if target_flops is not None and not (alpha > 0 and target_flops > 0):
@@ -75,10 +70,8 @@ class SkipPrice:
             self.alpha = state["alpha"].to(self.alpha.device, torch.float64)
 
     def route_stats(self, costs, actions, probs):
-        """What every controller reports of a step's routes, a dict of tensors: exec_rate and sampled_gflops
-        (the routes trained on, `actions` (N, S)), greedy_gflops (p > 0.5 along them: what the deployed
-        model runs) and, with a target, the alpha this step priced with; then the dual-ascent step on the
-        greedy GFLOPs. `costs`: a BlockCosts."""
+        """What every controller reports of a step's routes `actions`: exec_rate, sampled_gflops, greedy_gflops (what
+        the deployed model runs) and alpha with a target; then the dual-ascent step. `costs`: a BlockCosts."""
         with torch.no_grad():  # statistics: no graph, so no detach ops
             exec_rate = actions.detach().mean(0)
             greedy = costs.gflops((probs > 0.5).mean(0, dtype=torch.float64))

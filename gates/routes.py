@@ -8,14 +8,9 @@ from utils.nets import unwrap
 
 @torch.no_grad()
 def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, tolerance=0.005):
-    """Shift every switch's logit by one constant (added to the heads' biases: the greedy threshold p > 0.5
-    moves the same for every switch) so that the greedy routes on `batches` cost the closest to `target`
-    FLOPs per image. Bisection on the shift in [-bound, bound] (a larger shift executes more blocks);
-    stops early within `tolerance` (relative). `batches`: a list of (x, y), training data (never test).
-    Returns {"shift", "gflops" (on `batches`, after), "gflops_before"}. Stage 3's --target_gflops ends with
-    it (gates/ending.py; also before every route epoch but the first), after dual ascent brought alpha near
-    the target: a training batch's greedy FLOPs estimate is only an estimate, and the deployed model must
-    meet the target."""
+    """Shift every switch's logit by one constant (the heads' biases) so that the greedy routes on `batches`
+    (training data) cost the closest to `target` FLOPs per image: bisection in [-bound, bound], stopping within
+    `tolerance`. Returns {"shift", "gflops", "gflops_before"}. Dual ascent brings alpha only near the target."""
     model = unwrap(ddp)
     heads = model.switches.logit_layers()
     original = [h.bias.detach().clone() for h in heads]

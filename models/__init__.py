@@ -5,8 +5,7 @@ checkpoint can be rebuilt without pickled modules:
      "in_channels": 3, "ranks": {"blocks.3.conv1": [r_in, r_out], ...}}
 
 `ranks` is empty for an unpruned network; static pruning fills it with the kept eigendirections of every
-factored conv. A rank equal to the conv's width on that side (at most that) means no rotation there: the
-core reads the input channels (or writes the output channels) itself.
+factored conv (a rank equal to the conv's width on that side: no rotation there).
 """
 from models.switches import SWITCH_KINDS, Switches, switch_kind  # noqa: F401 (a new kind: see Switches)
 from models.resnet import FactoredConv, ResNet

@@ -11,12 +11,8 @@ from models.switches import MODES, SWITCH_KINDS, act
 
 
 class FactoredConv(nn.Module):
-    """A conv after eigenbasis pruning: rotate the input into the kept eigendirections of A (1x1), apply the
-    core k x k conv between the kept directions, rotate back to the output space of G (1x1). Input and
-    output widths equal the original conv's, so BN, residual adds and switches are untouched.
-
-    A side that keeps as many directions as the conv has channels there has no rotation (rot_in / rot_out
-    is None): a square rotation is exactly absorbed by the core, which is then smaller and cheaper."""
+    """A conv after eigenbasis pruning: rot_in (1x1) into A's kept eigendirections, core k x k, rot_out (1x1)
+    back to G's space; widths as the original's. A side keeping every direction has no rotation (None)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride, padding, rank_in, rank_out):
         super().__init__()
@@ -66,13 +62,11 @@ class BasicBlock(nn.Module):
         return F.relu(self.residual(x) + self.skip(x))
 
     def forward_masked(self, x, a):
-        """Every image computes the block; the 0/1 mask `a` (N,) mixes block output and shortcut. Used in
-        training (the mask carries the switch's gradient) and as the reference for skip execution."""
+        """Every image computes the block; the 0/1 mask `a` (N,) mixes block output and shortcut."""
         return _Mix.apply(self.residual(x), self.skip(x), a)
 
     def forward_skipping(self, x, a):
-        """Inference: the block runs only on the sub-batch of images that execute it, so skipping saves
-        wall-clock time and not only FLOPs on paper."""
+        """Inference: the block runs only on the images that execute it, saving wall-clock time."""
         s = self.skip(x)
         idx = a.nonzero().flatten()
         if not torch.compiler.is_exporting():  # eager shortcuts; export keeps one data-independent graph
@@ -89,17 +83,15 @@ class BasicBlock(nn.Module):
         return s.clone().index_copy_(0, idx, y.to(s.dtype))
 
     def forward_branching(self, x, a):
-        """One image: the block runs or not as control flow (torch.cond; ONNX `If` once exported), so a
-        skipped block costs nothing. torch.cond's branches must not return their input: an identity
-        shortcut is copied."""
+        """One image: the block runs or not as control flow (torch.cond; ONNX `If`). torch.cond's branches must
+        not return their input: an identity shortcut is copied."""
         return torch.cond(a[0] > 0, self.forward, self.skip if self.projects else torch.clone, (x,))
 
 
 class _Mix(torch.autograd.Function):
-    """relu(r + s) where a = 1, s where a = 0, per image (r: the residual branch, s: the shortcut, a: (N,) in
-    {0, 1}), bit for bit: lerp(s, y, a) computes s + a (y - s) for a < 0.5 and y - (y - s)(1 - a) otherwise,
-    on CPU and CUDA alike. The gradient to a is <grad, y - s> per image, as for y a + s (1 - a). Written out
-    because autograd through that expression dispatches about twice the ops backward."""
+    """relu(r + s) where a = 1, s where a = 0, per image (a: (N,) in {0, 1}), bit for bit (lerp is exact at
+    a = 0 and 1); the gradient to a is <grad, y - s>, as for y a + s (1 - a). Written out because autograd
+    through that expression dispatches about twice the ops backward."""
 
     @staticmethod
     def forward(ctx, r, s, a):
@@ -123,9 +115,8 @@ class _Mix(torch.autograd.Function):
 
 
 class ResNet(nn.Module):
-    """blocks[0] always runs; blocks[j + 1] is gated by switch j (`switches`, any registered kind), which
-    sees that block's input; a skipped block computes skip(x) instead of relu(residual(x) + skip(x)), so
-    its residual is what skipping saves (utils/flops.py counts it so)."""
+    """blocks[0] always runs; blocks[j + 1] is gated by switch j, which sees that block's input; a skipped
+    block computes skip(x), so its residual is what skipping saves (utils/flops.py)."""
 
     def __init__(self, arch):
         super().__init__()
@@ -151,13 +142,10 @@ class ResNet(nn.Module):
         # auto: masked in training, skipping at inference; or force "mask" / "skip"; "branch": one image per
         # call, each gated block as control flow (forward_branching, for export)
         self.execution = "auto"
-        # `open` mode only: None (every block), or a fixed 0/1 per gated block, the same blocks skipped for
-        # every image and no switch evaluated (static block removal: evaluation/routes.py)
+        # `open` mode only: None (every block), or a fixed 0/1 per gated block for every image
         self.route = None
-        # `explore` mode only: its decisions are drawn from p clamped to [explore_bound, 1 - explore_bound]
-        self.explore_bound = 0.1
-        # `gumbel` mode only: the temperature of the relaxed decisions that give their gradient
-        self.temperature = 1.0
+        self.explore_bound = 0.1  # `explore` mode: decisions drawn from p clamped to [bound, 1 - bound]
+        self.temperature = 1.0  # `gumbel` mode: the temperature of the relaxation that gives the gradient
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -167,9 +155,8 @@ class ResNet(nn.Module):
         return len(self.blocks) - 1
 
     def forward(self, x, mode=None):
-        """Returns (logits, actions, probs); actions and probs are (N, num_switches): the 0/1 route each
-        image took and the switches' probabilities (all ones in `open` mode, where switches are not run; the
-        actions there are ones, or the fixed route)."""
+        """Returns (logits, actions, probs), (N, num_switches) each: the 0/1 route each image took and the
+        switches' probabilities (in `open` mode ones, and the actions ones or the fixed route)."""
         mode = mode or self.mode
         if mode not in MODES:  # a typo would silently run `hard`'s straight-through gradient
             raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
@@ -199,13 +186,10 @@ class ResNet(nn.Module):
 
 
 def compile_step(step_fn, device, backend=None, mode=None):
-    """step_fn(model, x, y) with the model compiled by torch.compile: its forward, and through AOTAutograd its
-    backward. The loss and statistics around it stay eager, so the state that stage 3's step keeps between
-    steps (baseline, price) never lives in CUDA graphs' memory, which the next replay overwrites.
-    Default backend: on CUDA inductor with CUDA graphs ("reduce-overhead": one launch per graph instead of
-    an op per kernel; training batches have static shapes, the last partial one being dropped); elsewhere
-    "aot_eager", which traces in seconds and runs the same kernels (a check, not a speed-up). Evaluation
-    and everything else outside step_fn call the model itself, uncompiled."""
+    """step_fn(model, x, y) with the model compiled by torch.compile (forward and backward). The loss and
+    statistics stay eager, so the state stage 3's step keeps between steps never lives in CUDA graphs'
+    memory, which the next replay overwrites. Default: on CUDA inductor with CUDA graphs ("reduce-overhead";
+    training batches have static shapes), elsewhere "aot_eager" (a check, not a speed-up)."""
     device = torch.device(device)
     if backend is None:
         backend = "inductor" if device.type == "cuda" else "aot_eager"
@@ -224,11 +208,8 @@ def compile_step(step_fn, device, backend=None, mode=None):
 
 
 def compile_report(step, say=False):
-    """What torch.compile did in this process for a step made by compile_step (None for an eager step): the
-    graphs compiled, the recompilations and their first reasons, and on CUDA with reduce-overhead whether
-    CUDA graphs ran or were skipped (and why: DDP's mutated BatchNorm buffers, say). From torch._dynamo's
-    counters and compilation metrics, which count every compilation of the process. `say`: CUDA graphs
-skipped, or recompilations, in one line on stderr."""
+    """What torch.compile did for a step made by compile_step (None for an eager step): graphs, recompilations,
+    whether CUDA graphs ran and why not. `say`: skipped CUDA graphs or recompilations in one line on stderr."""
     if getattr(step, "backend", None) is None:
         return None
     from torch._dynamo.utils import counters, get_compilation_metrics

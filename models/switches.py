@@ -1,20 +1,15 @@
 """Switches (gates): one before every residual block but the first, deciding per image whether it runs.
 
-A switch looks at the activation entering its block and gives p = P(execute). What is done with p
-depends on the mode:
+A switch looks at the activation entering its block and gives p = P(execute), used by mode:
   open    all blocks run, switches are not evaluated (the dense network)
-  hard    execute iff p > 0.5; in training the 0/1 value goes forward and the gradient flows to p
-          (straight-through)
+  hard    execute iff p > 0.5; in training the gradient flows straight through to p (stages 1 and 2)
   greedy  execute iff p > 0.5, no gradient to p (stage 3's fine-tuning of the backbone on the greedy routes)
-  sample  a ~ Bernoulli(p), for REINFORCE; the actions and p are returned by the model's forward
-          (never stashed in the module, so that DistributedDataParallel sees a pure function)
-  explore a ~ Bernoulli(p clamped to [b, 1 - b]), b the model's `explore_bound`, and the switches read their
-          blocks' inputs detached: stage 3's counterfactual controller (gates/counterfactual.py), where the
-          switches learn by their own loss only and every route keeps being tried
-  gumbel  in training a ~ Bernoulli(p) drawn by the Gumbel-max trick, the 0/1 value forward and the gradient of
-          its Gumbel-softmax relaxation (temperature: the model's `temperature`) backward, to p and through
-          the switches' inputs to the backbone: stage 3's gumbel controller (gates/gumbel.py), ConvNet-AIG's
-          gates; out of training p > 0.5, as `greedy`
+  sample  a ~ Bernoulli(p), for REINFORCE (gates/policy.py); actions and p are returned, never stashed in the
+          module, so that DistributedDataParallel sees a pure function
+  explore a ~ Bernoulli(p clamped to [b, 1 - b]), b the model's `explore_bound`, the switches reading their
+          inputs detached (gates/counterfactual.py: every route keeps being tried)
+  gumbel  in training a ~ Bernoulli(p) by the Gumbel-max trick, the gradient of its relaxation at the model's
+          `temperature` backward (gates/gumbel.py); out of training as `greedy`
 """
 import contextlib
 
@@ -37,12 +32,9 @@ def switch_kind(name):
 
 
 class Switches(nn.Module):
-    """What a switch kind is, and all that the rest of the project asks of one. Built from `channels`, the
-    input width of each gated block (one switch each); forward(j, x, state) maps switch j's block input x
-    (N, C_j, H, W) and the state the previous switch passed on (None at switch 0) to (p, state), p (N,) the
-    float32 probabilities of executing the block. FLOPs are counted from what the forward runs
-    (utils/flops.py), export traces it (deploy/export.py: BN after a conv is folded wherever it sits), so a
-    kind registered with @switch_kind trains, evaluates, is counted and exports with no change elsewhere."""
+    """What a switch kind is, and all that the rest of the project asks of one. Built from `channels`, each gated
+    block's input width; forward(j, x, state) maps switch j's block input x (N, C_j, H, W) and the previous
+    switch's state (None at switch 0) to (p, state), p (N,) the float32 probabilities of executing the block."""
 
     def logit_layers(self):
         """The layers (each with a bias) whose outputs are the switches' logits: a constant added to their
@@ -55,22 +47,15 @@ class Switches(nn.Module):
 
 
 def init_switch_head(head):
-    """SkipNet's gate initialisation (Wang et al., ECCV 2018, code release): random weights, so that the
-    decision depends on the image from the first step, and here a zero bias, so that decisions sit around
-    p = 0.5. SkipNet draws N(0, 2 / (fan_in * fan_out)) for its gates' heads; with one output that is
-    N(0, 2 / fan_in), the He scale, which keeps the logit's spread the same for narrow and wide gates.
-    The switches' 1x1 projections and 3x3 convs get He's fan-out init with every conv of the network
-    (models/resnet.py), which is SkipNet's too; the LSTM keeps PyTorch's uniform init, as in SkipNet.
-    A head that starts at weight 0 (a constant p) would leave the LSTM and projections without gradient."""
+    """SkipNet's gate initialisation: N(0, 2 / fan_in) weights, so that the decision depends on the image from
+    the first step (a zero weight leaves the LSTM and projections without gradient), and a zero bias (p ~ 0.5)."""
     nn.init.normal_(head.weight, 0.0, (2.0 / head.in_features) ** 0.5)
     nn.init.zeros_(head.bias)
 
 
 class _ConvLSTMCell(nn.LSTMCell):
-    """nn.LSTMCell (same parameters and state dict) that on (N, C, 1, 1) tensors runs its matmul as one 1x1
-    convolution of [input, h]: one op each way (convolution_backward gives the input, weight and bias
-    gradients at once), where two linear layers' backward are a dozen (mm, t, sum). 2-D input runs
-    nn.LSTMCell itself."""
+    """nn.LSTMCell (same parameters) that on (N, C, 1, 1) tensors runs its matmul as one 1x1 convolution of
+    [input, h]: one op each way, where two linear layers' backward are a dozen. 2-D input: nn.LSTMCell's."""
 
     def forward(self, input, hx=None, weights=None):
         if input.dim() != 4:
@@ -84,16 +69,14 @@ class _ConvLSTMCell(nn.LSTMCell):
         return o * c.tanh(), c
 
     def conv_weights(self):
-        """([W_ih W_hh] as a 1x1 conv's weight, b_ih + b_hh), their rows rolled by one gate from nn.LSTMCell's
-        (i, f, g, o) to (o, i, f, g), so that one sigmoid covers the three sigmoid gates. Made once per forward
-        pass of the network, so that the switches share them (and the sum of their gradients)."""
+        """([W_ih W_hh] as a 1x1 conv's weight, b_ih + b_hh), rows rolled from (i, f, g, o) to (o, i, f, g) so
+        that one sigmoid covers three gates. Made once per forward pass, shared by the switches."""
         w = torch.roll(torch.cat([self.weight_ih, self.weight_hh], 1), self.hidden_size, 0)
         return _as_conv(w), torch.roll(self.bias_ih + self.bias_hh, self.hidden_size, 0)
 
 
 class _ConvHead(nn.Linear):
-    """nn.Linear (same parameters) that maps (N, C, 1, 1) to (N, out, 1, 1) by a 1x1 convolution (`weight`:
-    that conv's weight, if made already). 2-D input runs nn.Linear itself."""
+    """nn.Linear (same parameters) mapping (N, C, 1, 1) to (N, out, 1, 1) by a 1x1 conv (`weight`: if made)."""
 
     def forward(self, input, weight=None):
         if input.dim() != 4:
@@ -108,14 +91,10 @@ def _as_conv(weight):
 
 @switch_kind("rnn")
 class RNNSwitches(Switches):
-    """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, then one LSTM cell shared
-    by every switch of the network (its state runs from block to block within one forward pass) and a
-    linear head to one logit. Nearly free: a few thousand FLOPs per switch.
-
-    Kept as (N, C, 1, 1) maps throughout, so every matmul is a 1x1 convolution (see _ConvLSTMCell): the
-    switches are most of the ops a training step dispatches, and each op costs the host the same whatever
-    its size. The state passed from switch to switch is (h, c, weights), `weights` the LSTM's and head's
-    conv weights, made at the first switch."""
+    """SkipNet's recurrent gate: per block pool -> 1x1 conv to a small embedding, one LSTM cell shared by every
+    switch (its state runs from block to block) and a linear head to one logit. Kept as (N, C, 1, 1) maps, every
+    matmul a 1x1 convolution (_ConvLSTMCell): the switches are most of the ops a step dispatches. The state
+    passed on is (h, c, weights), `weights` the LSTM's and head's conv weights, made at the first switch."""
 
     def __init__(self, channels, embed_dim=10, hidden_dim=10):
         super().__init__()
@@ -158,8 +137,7 @@ def autocast_off(device_type):
 
 @switch_kind("ff")
 class FFSwitches(Switches):
-    """SkipNet's feed-forward gate: per block 3x3 conv stride 2 + BN + ReLU -> global pool -> linear -> 1.
-    About an eighth of a block's FLOPs, and they are counted."""
+    """SkipNet's feed-forward gate: per block 3x3 conv stride 2 + BN + ReLU -> global pool -> linear -> 1."""
 
     def __init__(self, channels):
         super().__init__()
@@ -180,22 +158,13 @@ class FFSwitches(Switches):
 
 
 def finite(p):
-    """p with NaN as 0.5, for drawing decisions: torch.bernoulli asserts on a probability outside [0, 1] (on
-    CUDA a device-side assert, which ends the process's CUDA context, and under DDP leaves the other ranks
-    waiting). A NaN p comes from a diverged network, and its loss is NaN too (the p themselves enter it, see
-    gates/), which the training loop's check reports in one line; a sigmoid gives no other value outside
-    [0, 1]."""
+    """p with NaN as 0.5 for drawing decisions: torch.bernoulli asserts on NaN (on CUDA ending the context); a
+    NaN p comes from a diverged network, whose NaN loss the training loop reports."""
     return torch.nan_to_num(p, nan=0.5)
 
 
 def act(p, mode, training, bound=0.0, temperature=1.0):
-    """0/1 execution decisions (float, shape of p) from probabilities p: `sample` draws them (`explore` from
-    p clamped to [bound, 1 - bound]; `gumbel` in training as `sample`, with a gradient), `hard` and
-    `greedy` take p > 0.5. In training, `hard` passes gradients straight through to p (SkipNet's supervised
-    phase: the switches and, through their inputs, the backbone learn the routes); `greedy` passes none (the
-    routes are fixed functions of the features: stage 3's route fine-tuning trains the backbone on them
-    without teaching it to turn blocks back on through the switches' inputs); `gumbel` passes the gradient
-    of the relaxed decision at `temperature` (gumbel_decisions)."""
+    """0/1 decisions (float, shape of p) from probabilities p in `mode` (module docstring)."""
     if mode == "sample":
         with torch.no_grad():  # no graph node (a detach would be one more op)
             return torch.bernoulli(finite(p))
@@ -210,8 +179,7 @@ def act(p, mode, training, bound=0.0, temperature=1.0):
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward the 0/1 value of p > 0.5, backward as if it were p. One op forward, none backward (the
-    expression hard + (p - p.detach()) is five, and exact too: p - p.detach() is exactly 0)."""
+    """Forward the 0/1 value of p > 0.5, backward as if it were p: one op forward, none backward."""
 
     @staticmethod
     def forward(ctx, p):
@@ -233,9 +201,7 @@ def gumbel_decisions(p, temperature=1.0, noise=None, eps=1e-6):
       backward  d a / d logit(p) = s (1 - s) / temperature,    s = sigmoid((logit(p) + L) / temperature)
 
     (the hard value plus the relaxation minus its detached self: exactly 0 or 1 forward). logit(p) is taken
-    of p clamped to [eps, 1 - eps]: float32 holds no larger logit at p near 1, and a switch saturated past
-    it gets no gradient from that image (its sigmoid's gradient there is under eps anyway). In float32 even
-    under bf16 autocast, like the switches' probabilities."""
+    of p clamped to [eps, 1 - eps] (float32 holds no larger logit near 1). In float32 even under autocast."""
     with autocast_off(p.device.type):
         p = p if p.dtype == torch.float32 else p.float()
         if noise is None:
@@ -255,18 +221,10 @@ def log_prob(p, actions, eps=1e-6):
 
 @torch.no_grad()
 def spread_decisions(model, x):
-    """Data-dependent start of the switches (the weight-normalisation init of Salimans & Kingma, NeurIPS
-    2016, applied to them), after SkipNet's random init: on training images `x` (N, C, H, W), rescale so
-    that every switch's input to its decision varies over the images with unit spread and its logit has
-    mean 0 and std 1 over the batch. So decisions differ from image to image and sit around p = 0.5 from
-    the first step, whatever the scale of the activations a switch sees (with random weights alone, the
-    pooled activations of a block vary so little over images that p does, by a few thousandths).
-    Each of the switches' spread_layers in turn: its outputs over every call of a forward pass -> mean 0,
-    std 1 per channel (rnn: each projection, then the shared head; ff: each head).
-    N should be large enough to measure a spread (main_sp.py gives up to 256 images, whatever --bs); with
-    N = 1 the switches keep their random init (see _normalise: no weight is ever made non-finite).
-    Runs the model as training does (batch statistics in BN, masked execution, `hard` switches); the BN
-    running statistics and the model's mode are restored after."""
+    """Data-dependent start of the switches (Salimans & Kingma's weight-normalisation init): on training images
+    `x`, each of the switches' spread_layers in turn rescaled to outputs of mean 0, std 1 per channel, so that
+    decisions differ from image to image and sit around p = 0.5 from the first step. Runs the model as training
+    does; BN running statistics and the model's mode are restored."""
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     try:
         with executing(model, "mask", training=True):
@@ -281,10 +239,8 @@ def spread_decisions(model, x):
 
 
 def _normalise(layer, out, eps=1e-6):
-    """Rescale a conv / linear layer (with bias) so that its outputs `out` (N, C) become mean 0, std 1 per
-    output channel. Never makes a weight non-finite: with fewer than two images (no spread to measure) or
-    non-finite outputs the layer is left as it is, and a channel that does not vary (std <= eps) is only
-    centred, not scaled."""
+    """Rescale a conv / linear layer (with bias) to outputs `out` (N, C) of mean 0, std 1 per channel; fewer than
+    two images or non-finite outputs leave it as it is, and a channel that does not vary is only centred."""
     out = out.float()
     if len(out) < 2 or not torch.isfinite(out).all():
         return

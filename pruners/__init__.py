@@ -37,13 +37,10 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
     """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
     `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
     fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
-    inputs image_size x image_size, default the batches' size), within 1%. `criterion` ranks directions
-    (pruners/threshold.py; "score_per_cost": per parameter for compression and ratio, per FLOP for gflops,
-    the report keeps the name given); every side keeps a multiple of `round_to` directions, or all. Returns
-    (the rebuilt model, a report of plain data). Raises UserError when there are no batches, the target is
-    out of reach or cannot be met within its tolerance; RuntimeError if the rebuilt model does not hold the
-    parameters and FLOPs the plan counted. `mode`: the network the factors are collected in (open: every
-    block; hard: the switches' routes; pruners/kfac.py)."""
+    at image_size, default the batches'), within 1%. `criterion`, `round_to`: pruners/threshold.py; `mode`:
+    the network the factors are collected in (pruners/kfac.py). Returns (the rebuilt model, a report of
+    plain data). UserError when there are no batches or the target cannot be met; RuntimeError if the
+    rebuilt model does not hold the parameters and FLOPs the plan counted."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
@@ -82,11 +79,9 @@ def prune(model, batches, *, target, value, params_reference, limit=0.95, dampin
 
 
 def smallest(model, limit, image_size=32, rounds=1, round_to=1):
-    """(parameters, FLOPs per image at image_size x image_size) of `model` after `rounds` pruning steps with
-    prune_ratio_limit `limit` that each cut every side to its limit (the count kept rounded up to a multiple
-    of round_to, at most the side), each layer in its fewest-parameter (resp. fewest-FLOPs) form. A
-    lower bound for any sequence of targets (a layer can keep no fewer after a round the more it kept
-    before it). Needs no data (only the shapes of the pruned networks), so it is checked up front."""
+    """(parameters, FLOPs per image at image_size) of `model` after `rounds` pruning steps that each cut
+    every side to its limit (and round_to), each layer in its fewest-parameter (resp. -FLOPs) form: a lower
+    bound for any sequence of targets, from shapes alone, so it is checked up front."""
     model = unwrap(model)
     out = []
     for measure in ("params", "flops"):
@@ -103,30 +98,27 @@ def smallest(model, limit, image_size=32, rounds=1, round_to=1):
 
 
 def check_schedule(model, schedule, limit, params_reference, first_round=0, image_size=32, round_to=1):
-    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"}:
-    compression as a fraction of params_reference, gflops per image at image_size x image_size pixels; run
-    from `model`; numbered from `first_round` in the message) whose target no earlier rounds could bring
-    within reach with prune_ratio_limit `limit` and round_to."""
+    """UserError, before any work, naming the first round of `schedule` (a list of {"target", "value"}, run
+    from `model`, numbered from `first_round`) whose target no earlier rounds could bring within reach."""
     rules = rules_text(limit, round_to)
+    where = lambda i: f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""  # noqa: E731
     first = schedule[0] if schedule else {}
     if first.get("target") == "gflops" and from_gflops(first["value"]) >= model_flops(model, image_size):
         now = to_gflops(model_flops(model, image_size))
         fewest = to_gflops(smallest(model, limit, image_size, round_to=round_to)[1])
-        where = f"rounds[{first_round}]: " if len(schedule) > 1 or first_round else ""
-        raise UserError(f"{where}gflops {first['value']} is not below the {now:.4g} GFLOPs per image this network "
+        raise UserError(f"{where(0)}gflops {first['value']} is not below the {now:.4g} GFLOPs per image this network "
                         f"costs at {image_size}x{image_size} (every block run): nothing to prune; give a value "
                         f"between {fewest:.4g} (the least that one pass leaves with {rules}) and {now:.4g}")
     for i, spec in enumerate(schedule):
         if spec["target"] not in ("compression", "gflops"):
             continue
         params, flops = smallest(model, limit, image_size, rounds=i + 1, round_to=round_to)
-        where = f"rounds[{first_round + i}]: " if len(schedule) > 1 or first_round else ""
         steps = "one pass removes" if i == 0 else f"{i + 1} passes remove"
         leave = "one pass leaves" if i == 0 else f"{i + 1} passes leave"
         # the first round's reach is exact: a target beyond it would only fail later
         if spec["target"] == "compression" and spec["value"] > compression(params, params_reference) + 1e-9:
-            raise UserError(f"{where}compression {spec['value']} is out of reach: with {rules} {steps} at most "
+            raise UserError(f"{where(i)}compression {spec['value']} is out of reach: with {rules} {steps} at most "
                             f"{compression(params, params_reference):.3f} of the stage-1 network's parameters")
         if spec["target"] == "gflops" and from_gflops(spec["value"]) < flops:
-            raise UserError(f"{where}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
+            raise UserError(f"{where(i)}gflops {spec['value']} is out of reach: with {rules} {leave} at least "
                             f"{to_gflops(flops):.4g} GFLOPs per image at {image_size}x{image_size}")

@@ -15,9 +15,7 @@ RETRIES = 4  # eigh attempts, damping raised tenfold each time (at least to 1e-6
 
 @dataclass
 class Layer:
-    """One prunable conv seen in the eigenbasis of its factors. For a layer already factored the basis is
-    that of its core conv, and rot_in / rot_out hold the rotations the new ones compose with (None on a
-    side that has none)."""
+    """One prunable conv in its factors' eigenbasis (a factored one's core, rot_in / rot_out kept to compose)."""
     name: str
     q_in: torch.Tensor        # (n_in, n_in) eigenvectors of A as columns
     q_out: torch.Tensor       # (n_out, n_out) eigenvectors of G as columns
@@ -32,10 +30,8 @@ class Layer:
     rot_out: torch.Tensor = None  # (C_out, n_out)
 
     def cost(self, r_in, r_out):
-        """(parameters, FLOPs per image) of the layer keeping r_in input and r_out output directions:
-        the core, plus a 1x1 rotation on each side that keeps fewer directions than the layer has
-        channels there (a full side has none: the core absorbs it). FLOPs are 2 x multiply-adds
-        (utils/flops.py), the rotation in front counted at the input's resolution."""
+        """(parameters, FLOPs per image) of the layer keeping r_in input and r_out output directions: the
+        core, plus a 1x1 rotation on each side that keeps fewer than all (rot_in at the input's resolution)."""
         kh, kw = self.weight.shape[2:]
         (c_in, c_out), (l_in, l_out) = self.channels, self.geometry
         params = r_in * r_out * kh * kw
@@ -57,9 +53,8 @@ class Layer:
         return self.cost(*self.ranks)[1]
 
     def direction_costs(self, per):
-        """(input, output): what one direction of each side costs in the factored form at the layer's
-        present ranks, in parameters (per="params") or FLOPs per image ("flops"): its row of the
-        rotation plus its slice of the core. The denominators of the cost-aware criteria."""
+        """(input, output): what one direction of each side costs at the present ranks, its row of the
+        rotation plus its slice of the core, in parameters (per="params") or FLOPs per image ("flops")."""
         kh, kw = self.weight.shape[2:]
         (c_in, c_out), (l_in, l_out), (n_in, n_out) = self.channels, self.geometry, self.ranks
         if per == "params":
@@ -68,8 +63,7 @@ class Layer:
 
 
 def eigenbasis(factor, damping, what):
-    """(eigenvalues, eigenvectors) of a symmetric PSD factor in float64, after adding damping times its
-    mean eigenvalue (trace / n) to the diagonal: relative damping is the same whatever the layer's scale."""
+    """(eigenvalues, eigenvectors) of a PSD factor in float64, damped relative to its mean eigenvalue."""
     m = factor.double()
     m = (m + m.T) / 2
     if not torch.isfinite(m).all():
@@ -94,9 +88,8 @@ def rotate(weight, q_in, q_out):
 
 
 def in_eigenbasis(name, module, q_in, q_out, a, g, locations, geometry):
-    """The Layer of `module` (a Conv2d or FactoredConv) in the bases q_in / q_out whose eigenvalues are
-    a / g. Scores: s[i, j] = 1/2 * T * g[i] * a[j] * sum over kernel positions of W'[i, j]^2, the OBD
-    estimate of the loss increase when weight (i, j) of the eigenbasis is removed."""
+    """The Layer of `module` in the bases q_in / q_out of eigenvalues a / g. Scores: the OBD estimate of the
+    loss increase when weight (i, j) of the eigenbasis is removed, 1/2 T g[i] a[j] sum_kl W'[i, j]^2."""
     factored = isinstance(module, FactoredConv)
     conv = module.core if factored else module
     weight = rotate(conv.weight.detach().double().cpu(), q_in, q_out)
@@ -125,9 +118,8 @@ def decompose(model, factors, damping):
 
 
 def in_channel_basis(model, image_size=32):
-    """[Layer] of every prunable conv (kfac.prunable_convs) in its own channel basis, no rotation, each
-    direction scored by its squared weight magnitude: what a layer can lose, whatever the scores, and the
-    magnitude criterion of channel pruning. FLOPs are counted at image_size x image_size inputs."""
+    """[Layer] of every prunable conv in its own channel basis, each direction scored by its squared weight
+    magnitude: what a layer can lose, whatever the scores. FLOPs at image_size x image_size inputs."""
     model = unwrap(model)
     modules = dict(model.named_modules())
     geometry = conv_geometry(model, image_size)
@@ -145,12 +137,9 @@ def top_directions(layer, r_in, r_out):
 
 
 def rebuild(model, layers, keep):
-    """A new model in which every layer named in `keep` ({name: (input indices, output indices)} into its
-    eigenbasis) is a FactoredConv holding only those directions; everything else is copied unchanged.
-    rot_in = Q_A[:, kept]^T and rot_out = Q_G[:, kept], composed with the rotations already there, so a
-    layer stays at most three convs deep however often it is pruned. A side that keeps as many
-    directions as the layer has channels there gets no rotation: its (square) rotation is multiplied into
-    the core. Keeping every direction changes nothing but rounding: W = Q_G W' Q_A^T."""
+    """A new model in which every layer in `keep` ({name: (input indices, output indices)}) is a FactoredConv
+    holding those directions, composed with its rotations (at most three convs deep however often pruned), a
+    full side's square rotation multiplied into the core; everything else copied unchanged."""
     model = unwrap(model)
     layers = {layer.name: layer for layer in layers}
     state = model.state_dict()

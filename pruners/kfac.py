@@ -6,13 +6,11 @@ gradients s w.r.t. its output (one per output location):
     G = mean of s s^T over images and output locations                     (out x out)
 and the Fisher of a weight in the eigenbasis is about T * g[i] * a[j], T the number of output locations.
 
-The pass runs the model in eval mode (BN running statistics, so each image's gradient does not depend
-on the rest of its batch) in the network the stage prunes for: mode `open` (every block, no switch: the
-static network) or `hard` (stage 1's routes, masked execution, so every conv sees every image). Under
-`hard`, where a switch skips a block for an image, the block's output is multiplied by 0 and its gradient
-for that image is 0: those zeros stay in G's average on purpose. The block does not affect that image's
-loss, and the zeros scale its G by the fraction of images that run it, which is exactly how much the loss
-depends on it. (A still averages over all images, a small approximation.)
+The pass runs the model in eval mode (BN running statistics: each image's gradient is its own) in mode
+`open` (the static network) or `hard` (stage 1's routes, masked, so every conv sees every image). Under
+`hard` a skipped block's gradient for that image is 0, and those zeros stay in G's average on purpose: they
+scale its G by the fraction of images that run it, exactly how much the loss depends on it (A still
+averages over all images, a small approximation).
 """
 from dataclasses import dataclass
 
@@ -37,8 +35,7 @@ class Factors:
 
 
 def prunable_convs(model):
-    """name -> conv to decompose: every backbone conv (stem, block convs, 1x1 shortcuts); for a layer
-    already factored, its core conv. Never the classifier (a Linear) or the switches' own convs."""
+    """name -> conv to decompose: every backbone conv (a factored layer's core); never the classifier or switches."""
     model = unwrap(model)
     factored = {name for name, m in model.named_modules() if isinstance(m, FactoredConv)}
     convs = {}
@@ -53,8 +50,7 @@ def prunable_convs(model):
 
 @torch.no_grad()
 def conv_geometry(model, image_size):
-    """name -> (input locations, output locations) per image of every prunable conv at image_size x
-    image_size inputs: where its rotations and core run, for FLOPs."""
+    """name -> (input, output) locations per image of every prunable conv at image_size x image_size, for FLOPs."""
     model = unwrap(model)
     geometry = {}
     probe(model, image_size, prunable_convs(model).items(), lambda n, m, i, o: geometry.__setitem__(
@@ -71,22 +67,20 @@ def coverage(conv, height, width, device):
 
 
 def channel_gram(t):
-    """sum over images and positions of t[n, :, h, w] t[n, :, h, w]^T, (C, C) in float32: one GEMM on the
-    channel rows (a view for channels_last tensors, one copy for contiguous ones)."""
+    """sum over images and positions of t[n, :, h, w] t[n, :, h, w]^T, (C, C) float32, in one GEMM."""
     rows = t.float().transpose(0, 1).reshape(t.shape[1], -1)
     return rows @ rows.T
 
 
 def patch_moment_sum(conv, x):
-    """sum of x x^T over the unfolded patches of x (images, output locations, kernel positions), without
-    materialising the k*k times larger patch tensor: each pixel's outer product weighted by how many
-    patches contain it. Costs a 1x1 conv's worth of multiply-adds."""
+    """sum of x x^T over the unfolded patches of x without materialising the k*k times larger patch tensor:
+    each pixel's outer product weighted by how many patches contain it."""
     return channel_gram(x * coverage(conv, x.shape[-2], x.shape[-1], x.device).sqrt())
 
 
 def evenly_spaced(loader, count):
-    """`count` batches of `loader` spread evenly over it: a loader in file order (class folders, sorted)
-    still contributes every class. Batches are independent in eval mode, so which ones is all that matters."""
+    """`count` batches of `loader` spread evenly over it, so that a loader in file order still contributes every
+    class (batches are independent in eval mode)."""
     total = len(loader)
     count = min(count, total)
     chosen = {round(i * (total - 1) / max(1, count - 1)) for i in range(count)} if count > 1 else {0}
@@ -96,9 +90,8 @@ def evenly_spaced(loader, count):
 
 
 def collect_factors(model, batches, fisher_type="true", num_batches=None, progress=True, mode="open"):
-    """Run `batches` of (x, y) through `model` and return {name: Factors} for every prunable conv.
-    fisher_type "true": labels sampled from the model's softmax (global RNG); "empirical": the real y.
-    Sums are reduced over ranks under torchrun."""
+    """{name: Factors} of every prunable conv over `batches` of (x, y), all ranks together. fisher_type
+    "true": labels sampled from the model's softmax (global RNG); "empirical": the real y."""
     model = unwrap(model)
     convs = prunable_convs(model)
     device = next(model.parameters()).device

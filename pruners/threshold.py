@@ -2,22 +2,15 @@
 
 A direction's key is its score (criterion "score": EigenDamage's OBD estimate of the loss increase when it
 is removed), or its score divided by what the direction costs ("score_per_param", "score_per_flop":
-Layer.direction_costs), so that cheap-but-important and expensive-but-useless directions compare fairly;
-"score_per_cost" divides by the cost the target counts (parameters for a compression or ratio target,
-FLOPs for a GFLOPs target). Stage 2's default is score_per_flop (pruners/config.py says why).
+Layer.direction_costs); "score_per_cost" divides by the cost the target counts (docs/config.md).
 Cutting the c lowest-keyed directions of the pool gives every layer its ranks, subject to four rules:
-a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one
-(its highest-scoring); with round_to m, a side keeps a multiple of m directions (the fewest multiple at
-or above what the threshold leaves; all n where that is more): convolutions whose channel counts are
-multiples of the SIMD width run at full speed (onnxruntime's NCHWc kernels pad channels to blocks of 8
-on AVX2, 16 on AVX-512), as Torch-Pruning's round_to; and each side either takes its cut or keeps every
-direction it holds, whichever leaves the layer cheaper (in the measure the target counts: a cut that costs
-a rotation larger than it saves is not made), the layer staying as it is unless that is strictly cheaper,
-and never taking a form that costs more than the layer as it is in the other measure (parameters or FLOPs:
-pruning never makes the network more expensive in either).
-The model's parameters and FLOPs never grow with c, so a parameter or FLOPs target is met by bisection on c;
-where one more direction would jump past the target's tolerance, the directions after it are tried in order
-(_fill).
+a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one;
+with round_to m, a side keeps a multiple of m directions (or all n); and each side either takes its cut or
+keeps every direction it holds, whichever leaves the layer cheaper in the measure the target counts, never
+taking a form that costs more than the layer as it is in the other measure (pruning never makes the network
+more expensive in either). The model's parameters and FLOPs never grow with c, so a target is met by
+bisection on c; where one more direction would jump past the target's tolerance, the directions after it
+are tried in order (_fill).
 """
 import math
 from dataclasses import dataclass
@@ -47,13 +40,8 @@ class Plan:
 
 
 class Threshold:
-    """The ranks of every layer as a function of the number of pooled directions cut.
-
-    layers: the eigen.Layer of every prunable conv (scores and costs); limit: the largest fraction of a
-    side that may be cut, in (0, 1]; params_now / flops_now: the whole model's parameters and FLOPs per
-    image (every block run) now; `measure` ("params" or "flops") decides, per layer, which of the forms
-    allowed by the cut is kept, and what "score_per_cost" divides by; round_to (>= 1): every side keeps a
-    multiple of it, or all. ValueError for an unknown criterion or measure, or round_to < 1."""
+    """The ranks of every layer as a function of the number of pooled directions cut (the rules above);
+    `measure` ("params" or "flops"): which allowed form is kept. ValueError for a bad criterion, measure, round_to."""
 
     def __init__(self, layers, limit, params_now, flops_now=None, criterion="score", measure="params",
                  round_to=1):
@@ -116,23 +104,20 @@ def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="
 
 
 def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None, criterion="score", round_to=1):
-    """The fewest cuts that bring the model to at most `target` parameters; UserError if no cut reaches it
-    or the nearest one undershoots it by more than `tolerance` parameters."""
+    """The fewest cuts to at most `target` parameters, within `tolerance`; UserError otherwise."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params", round_to)
     return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", lambda v: f"{int(v)} parameters")
 
 
 def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score", round_to=1):
-    """The fewest cuts that bring the model to at most `target` FLOPs per image (every block run);
-    UserError if no cut reaches it or the nearest one undershoots it by more than `tolerance` FLOPs."""
+    """The fewest cuts to at most `target` FLOPs per image (every block run), within `tolerance`; else UserError."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "flops", round_to)
     return _bisect(threshold, lambda plan: plan.flops, target, tolerance, "GFLOPs",
                    lambda v: f"{to_gflops(v):.4g} GFLOPs per image")
 
 
 def _bisect(threshold, value, target, tolerance, what, amount):
-    """The plan of the fewest cuts that meet `target` within `tolerance`; `amount` words a value of the
-    measure (with its unit) for the messages."""
+    """The plan of the fewest cuts that meet `target` within `tolerance`; `amount` words a value."""
     lo, hi = 0, threshold.total
     fewest, now = value(threshold.plan(hi)), value(threshold.plan(0))
     if fewest > target:
@@ -158,10 +143,8 @@ def _bisect(threshold, value, target, tolerance, what, amount):
 
 
 def _fill(threshold, value, target, tolerance, lo):
-    """When cutting direction lo - 1 (the last one the threshold takes) jumps too far below the target
-    (one direction of a small network can cost several percent of it), cut the first lo - 1 and then
-    the following directions in key order, passing over each one whose cut would land more than
-    `tolerance` below the target, until the target is met. None if no such sequence meets it."""
+    """When the last cut direction jumps too far below the target, cut the first lo - 1, then the following
+    directions in key order, passing over each that would land more than `tolerance` below; None if none meets it."""
     counts = torch.bincount(threshold.sides_by_key[:lo - 1], minlength=len(threshold.sizes))
     cut = lo - 1
     for side in threshold.sides_by_key[lo - 1:].tolist():

@@ -15,9 +15,6 @@ and beside them the stage's own keys:
     prune  "round", "history" (each round's report), "schedule", "config" (the resolved config),
            "params_stage1", "stage1_checkpoint"
     rl     "args" (its flags), "extra": {"baseline", "price", "source", "ending"}
-
-load_model(path) gives the network of the stage's table row (row_mode) and the preprocessing of raw images it
-was trained with.
 """
 import os
 import re
@@ -36,8 +33,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 
 
 def save_checkpoint(path, payload):
-    """Atomic (utils.files.atomic_write): a process killed while writing leaves the previous checkpoint in place; an
-    OSError is a UserError naming `path` and the reason."""
+    """Atomic: a process killed while writing leaves the previous checkpoint; an OSError is a UserError."""
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), binary=True, tmp_prefix=TMP_PREFIX)
 
 
@@ -49,18 +45,16 @@ def rng_state():
 
 
 def stage_checkpoint(stage, pipeline, lineage, model, optimizer, scheduler, epoch, own):
-    """The checkpoint dict of a stage (the format above, less the marker save_checkpoint adds): its name, the
-    input pipeline (None: not recorded), the lineage record, the training state after `epoch` epochs, and
-    `own`, the stage's own keys."""
+    """The checkpoint dict of a stage (the format above, less the marker save_checkpoint adds); pipeline None:
+    not recorded; `own`: the stage's own keys."""
     return {"stage": stage, **({"pipeline": pipeline} if pipeline is not None else {}), **lineage,
             "arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state(), **own}
 
 
 def read_file(path, flag, resave=None):
-    """torch.load(weights_only=True) with every failure turned into one line that names the file: a file
-    that would need code run to unpickle is refused naming the first such type (and `resave`, how to write
-    a file that can be used instead, where there is one), anything else unreadable is called so."""
+    """torch.load(weights_only=True), every failure one line naming the file: a file that would need code run
+    is refused naming the first such type (and `resave`, how to write a usable one)."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     try:
@@ -92,8 +86,7 @@ def check_format(ckpt, path, flag):
 
 
 def load_checkpoint(path, stages=None, flag="--checkpoint"):
-    """Load and check a checkpoint; every problem is a one-line UserError that names the file.
-    `stages`: the stages whose checkpoints are acceptable here."""
+    """Load and check a checkpoint of one of `stages` (None: any); every problem one line naming the file."""
     ckpt = read_file(path, flag)
     check_format(ckpt, path, flag)
     if stages and ckpt.get("stage") not in stages:
@@ -112,8 +105,7 @@ def load_checkpoint(path, stages=None, flag="--checkpoint"):
 
 
 def check_finite(state, path, flag):
-    """UserError if a floating-point tensor of the state dict holds NaN or inf (as after an overflow):
-    such a network computes nothing useful, and every later step would report a symptom, not the cause."""
+    """UserError if a float tensor of the state dict holds NaN or inf (later steps would show only symptoms)."""
     bad = [k for k, v in state.items()
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -122,8 +114,7 @@ def check_finite(state, path, flag):
 
 
 def weight_mismatches(own, state, may_miss=()):
-    """What keeps `state` from loading into a model whose state dict is `own` (keys starting with one of
-    `may_miss` may be absent), as readable strings; empty when it fits."""
+    """What keeps `state` from loading into state dict `own` (`may_miss`: prefixes that may be absent)."""
     return ([f"missing {k}" for k in own if k not in state and not any(k.startswith(p) for p in may_miss)]
             + [f"unexpected {k}" for k in state if k not in own]
             + [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}" for k in state
@@ -146,8 +137,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
 
 
 def load_pretrained(model, path, flag="--pretrained"):
-    """Initialise `model` from a checkpoint of this project or from a plain state dict of the same network.
-    Switch weights may be absent (a dense network's checkpoint); everything else must match."""
+    """Initialise `model` from a checkpoint or a plain state dict of the same network (switches may be absent)."""
     state = read_file(path, flag, resave="save the weights alone, torch.save(model.state_dict(), 'weights.pt'), and "
                                           "give that file")
     if is_project_file(state):
@@ -166,20 +156,13 @@ def load_pretrained(model, path, flag="--pretrained"):
 
 
 def row_mode(ckpt):
-    """The execution mode (models/switches.py) of the network a stage's table row measures: stage 3's
-    routes ("hard": the switches decide per image); every block for stages 1 and 2 ("open": their rows
-    "w/o pruning" and "static pruning only" run no switch)."""
+    """The mode of a stage's table row: stage 3's routes ("hard"), every block for stages 1 and 2 ("open")."""
     return "hard" if ckpt.get("stage") == "rl" else "open"
 
 
 def load_model(path, device="cpu", mode=None):
-    """(model, preprocess) of a checkpoint of any stage, ready for inference on raw 8-bit images without
-    the training set: `logits, routes, probs = model(preprocess(images))`, preprocess.classes[i] naming
-    logit i (utils.data.Preprocess: resize, then the training set's mean/std). The model is in eval mode
-    and runs the network of its stage's table row (row_mode: every block for stages 1 and 2, the switches'
-    routes for stage 3, skipped blocks not computed); `mode` ("open" or "hard") picks the other one, and
-    model(x, mode) does so per call. UserError for a checkpoint without a pipeline record (its normalisation
-    is unknown) or an unknown mode."""
+    """(model, preprocess) of a checkpoint of any stage for raw 8-bit images: `logits, routes, probs =
+    model(preprocess(images))`, in eval mode, its table row's network (row_mode) or `mode` ("open", "hard")."""
     if mode not in (None, "open", "hard"):
         raise UserError(f"mode {mode!r}: expected 'open' (every block, no switch) or 'hard' (the switches' routes)")
     ckpt = load_checkpoint(path, flag="checkpoint")

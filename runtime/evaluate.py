@@ -15,30 +15,22 @@ from utils.nets import executing, unwrap
 
 @contextlib.contextmanager
 def no_autotune_when_skipping(model, mode="hard"):
-    """torch.backends.cudnn.benchmark off inside, when `model` (in evaluation mode) would run its gated blocks
-    on sub-batches (skipping execution, any mode but "open"), restored after: a sub-batch's size changes
-    with every batch, and cudnn.benchmark would autotune every new shape (most of a pass) for kernels used
-    once. Every inference that skips blocks runs inside it."""
-    skipping = mode != "open" and (model.execution == "skip" or (model.execution == "auto" and not model.training))
-    if not skipping or not torch.backends.cudnn.benchmark:
-        yield
-        return
-    torch.backends.cudnn.benchmark = False
+    """torch.backends.cudnn.benchmark off inside when `model` would run its gated blocks on sub-batches: their
+    sizes change with every batch, and cudnn.benchmark would autotune every new shape for kernels used once."""
+    before = torch.backends.cudnn.benchmark
+    if mode != "open" and (model.execution == "skip" or (model.execution == "auto" and not model.training)):
+        torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = before
 
 
 @torch.no_grad()
 def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
-    """Top-1 accuracy, loss and the FLOPs each image's route executes (greedy switches), over every image of
-    `loader` (all ranks together). `execution`: how the gated blocks run; None: the model's own setting
-    (skipping at inference); "skip": each block runs on the sub-batch that executes it, so the time saved is
-    real, at one host sync per gated block and batch (to size the sub-batch); "mask": every image computes
-    every block and its decision selects the output: the same decisions, accuracy and GFLOPs (up to the
-    float rounding of a sub-batch's convolutions), and no host sync until the end (per-epoch evaluation).
-    GFLOPs count the blocks each route executes, whichever execution."""
+    """Top-1 accuracy, loss and the FLOPs each image's route executes, over `loader` on every rank. `execution`:
+    None, the model's own; "skip": blocks on sub-batches (a host sync per block and batch); "mask": every
+    image computes every block, the same results up to rounding, no host sync until the end."""
     model = unwrap(ddp)
     model.eval()
     sums, images = None, 0
@@ -63,20 +55,13 @@ def evaluate(ddp, loader, ctx, costs, mode="hard", desc="eval", execution=None):
             "exec_rate": [e / n for e in executed], "images": int(n)}
 
 
-
 BN_EPOCH = 2**31 - 1  # the loader epoch BN statistics are re-estimated on: one no training run reaches
 
 
 @torch.no_grad()
 def recalibrate_bn(ddp, loader, ctx, mode="hard", batches=100):
-    """Re-estimate BatchNorm running statistics with the current weights (cumulative average over the
-    first `batches` batches of `loader`).
-
-    Deterministic, so that a resumed run ends exactly as an uninterrupted one (and re-running it on the
-    same weights changes nothing): the batches are always those of loader epoch BN_EPOCH, whatever epoch
-    the loader was last set to (a run resumed after its last epoch has not set one), and the global RNG
-    (used by `sample` mode) is seeded inside and left as it was outside. The batch statistics in train
-    mode do not depend on the running statistics, so the result depends only on the weights."""
+    """Re-estimate BatchNorm running statistics over the first `batches` batches of `loader`, from the weights
+    alone (loader epoch BN_EPOCH, the global RNG seeded inside and left as it was), so resumed runs end alike."""
     model = unwrap(ddp)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:

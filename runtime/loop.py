@@ -1,8 +1,6 @@
-"""The epoch loop shared by all three stages: a stage supplies a `step_fn(model, x, y) -> (loss, stats)`
-(stats: dict of scalar or per-switch tensors, averaged over the epoch; runtime/steps.py holds the common ones)
-and train_epoch runs it over one epoch of batches, with a tqdm bar (on a terminal) and a stop on a NaN or
-inf loss. Also what sets a run up: the device and DDP wrapping, bf16 autocast, the per-step learning-rate
-schedules, the per-epoch seed, and the one-line summary of an epoch.
+"""The epoch loop shared by all three stages (train_epoch runs a `step_fn(model, x, y) -> (loss, stats)`,
+runtime/steps.py, over one epoch, stopping on a NaN or inf loss) and what sets a run up: device and DDP,
+bf16 autocast, SGD, the per-step learning-rate schedules, the per-epoch seed, an epoch's summary line.
 """
 import contextlib
 import math
@@ -22,8 +20,7 @@ class TrainingDiverged(UserError):
 
 
 def seed_epoch(ctx, epoch):
-    """The global RNG (switch sampling, anything else random in a step) depends only on (seed, epoch,
-    rank): a run resumed at epoch e draws exactly what the uninterrupted run drew."""
+    """The global RNG seeded by (seed, epoch, rank) alone: a resumed run draws what the uninterrupted one drew."""
     torch.manual_seed(ctx.seed * 1_000_003 + epoch * 7919 + ctx.rank)
 
 
@@ -33,9 +30,8 @@ def autocast(ctx):
 
 
 def prepare(model, ctx):
-    """Move to the device in the run's memory format (ctx.channels_last, else NCHW) and wrap in DDP under
-    torchrun. Returns (model, ddp): `model` is the plain module (for checkpoints, FLOPs), `ddp` what the
-    step calls."""
+    """Move to the device in the run's memory format and wrap in DDP under torchrun. Returns (model, ddp): the
+    plain module (checkpoints, FLOPs) and what the step calls."""
     model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
     if not ctx.distributed:
         return model, model
@@ -110,8 +106,7 @@ def reduce_means(sums, n):
 
 
 def summary_line(stage, epoch, epochs, train, ev, seconds, lr, name="routed"):
-    """One line per epoch; `name` says which network the evaluation was of (dense: every block; routed:
-    the greedy routes)."""
+    """One line per epoch; `name`: the network evaluated (dense: every block; routed: the greedy routes)."""
     rate = sum(ev["exec_rate"]) / max(1, len(ev["exec_rate"]))
     return (f"[{stage}] epoch {epoch}/{epochs}  train loss {train['loss']:.3f} acc {train['acc']:.2f}%  "
             f"| eval {name} acc {ev['acc']:.2f}% loss {ev['loss']:.3f}  {ev['gflops']:.3f} GFLOPs/img  "

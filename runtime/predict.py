@@ -1,10 +1,6 @@
 """The one per-image evaluator: a checkpoint with the data and FLOPs costs it is evaluated with (load), and
-what a network does to each image of a loader, in order (predict): its logits, whether it was right, its
-route and the FLOPs that route executes, under the switches' routes, every block or a fixed route.
-
-runtime/evaluate.py's `evaluate` is the summed form the stages report (on the device, every rank, one
-sync); the search, the evaluation and gpu_check load their networks here, and what needs each image's
-outcome (paired tests, routes by difficulty, CPU against GPU) calls predict."""
+what a network does to each image of a loader, in order (predict): logits, route and the FLOPs that route
+executes. runtime/evaluate.py's `evaluate` is the summed form the stages report."""
 import contextlib
 from dataclasses import dataclass
 
@@ -30,11 +26,8 @@ class Loaded:
 
 
 def load(path, settings, ctx, stages=None, flag="checkpoint", data=None):
-    """A checkpoint of `stages` (None: any) with what it is evaluated with: its network rebuilt and prepared
-    for ctx (runtime.loop.prepare), the data of `settings` (utils.data.DataSettings) through the input
-    pipeline the checkpoint records, and the FLOPs costs at that input size. `data`: what this returned for
-    another checkpoint with the same settings, reused where its pipeline gives the same images (decoded
-    once). Every problem is one line that names `flag` and the file."""
+    """A checkpoint of `stages` (None: any), its network prepared for ctx, the data of `settings` through its
+    recorded pipeline (`data` reused where that gives the same images), and its FLOPs costs; errors in one line."""
     ckpt = load_checkpoint(path, stages, flag)
     recorded = ckpt.get("pipeline")
     if data is None or recorded is None or any(data.pipeline[k] != recorded[k] for k in EVALUATED):
@@ -50,8 +43,7 @@ def checkpoint_costs(path, stages=None, flag="checkpoint"):
 
 
 def image_flops(costs, routes, mode="hard"):
-    """FLOPs each image executes, float64 (N,), from its 0/1 route (N, S): the layers every image runs, the
-    blocks its route runs and, in every mode but "open" (where no switch is evaluated), the switches."""
+    """FLOPs each image executes, float64 (N,), from its 0/1 route (N, S); the switches too, but in "open" mode."""
     blocks = torch.tensor(costs["blocks"], dtype=torch.float64)
     base = costs["base"] if mode == "open" else skipped_flops(costs)
     return base + routes.detach().cpu().to(torch.float64) @ blocks
@@ -59,8 +51,7 @@ def image_flops(costs, routes, mode="hard"):
 
 @contextlib.contextmanager
 def fixed_route(model, route):
-    """The model runs `route` (0/1 per gated block; None: every block) in "open" mode inside, and its own
-    route again after."""
+    """The model runs `route` (0/1 per gated block; None: every block) in "open" mode inside."""
     model = getattr(model, "module", model)
     saved, model.route = model.route, None if route is None else list(route)
     try:
@@ -84,12 +75,8 @@ class Predictions:
 
 @torch.no_grad()
 def predict(ddp, loader, costs=None, mode="hard", route=None):
-    """Every image of `loader` ((x, y) batches) through the network, in order, on the CPU: logits, labels,
-    routes, switch probabilities and (with `costs`) the FLOPs each image executes. Each process predicts its
-    own images (the plain module is called: no collective, whatever the number of batches). `mode`: "hard",
-    the switches' greedy routes with skipped blocks not computed; "open", every block and no switch, or with
-    `route` (0/1 per gated block) that fixed route for every image. Eval mode; the model's own route is
-    restored after; no autocast (the weights' own precision)."""
+    """Every image of `loader` through the network, in order, onto the CPU; each process its own images (no
+    collective). `mode` "hard": greedy routes; "open": every block, or `route` for every image. No autocast."""
     out = {"logits": [], "labels": [], "routes": [], "probs": []}
     with fixed_route(ddp, route) as model, no_autotune_when_skipping(model.eval(), mode):
         for x, y in loader:
@@ -103,8 +90,7 @@ def predict(ddp, loader, costs=None, mode="hard", route=None):
 
 
 def file_batches(preprocess, paths, class_names, bs, device="cpu"):
-    """(x, y) batches of image files through a checkpoint's recorded input pipeline (`preprocess`:
-    runtime.checkpoint.load_model's), each labelled by the index of its class name."""
+    """(x, y) batches of image files through `preprocess` (load_model's), labelled by class name."""
     for i in range(0, len(paths), bs):
         y = torch.tensor([preprocess.classes.index(c) for c in class_names[i:i + bs]], device=device)
         yield preprocess(paths[i:i + bs], device), y

@@ -1,7 +1,6 @@
-"""The step functions every stage uses (a step: `step_fn(model, x, y) -> (loss, stats)`, run by
-runtime/loop.train_epoch). Their stats name what they are, in one unit per kind: "loss" is the
-cross-entropy that trains the network (another loss, the switches' own, gets its own name), accuracies are
-in percent, execution rates are fractions of the images."""
+"""The step functions every stage uses (`step_fn(model, x, y) -> (loss, stats)`, run by train_epoch). stats:
+"loss" the cross-entropy that trains the network (the switches' own loss has its own name), accuracies in
+percent, execution rates fractions of the images."""
 import torch
 import torch.nn.functional as F
 
@@ -9,8 +8,7 @@ from utils.nets import unwrap
 
 
 def supervised_step(model, x, y, mode="hard"):
-    """Cross-entropy on the routes the switches take in `mode` (stages 1 and 2: "hard"; stage 3's route
-    fine-tuning: "greedy"), or, mode "open", of the dense network, switches untouched."""
+    """Cross-entropy on the routes taken in `mode` ("hard", "greedy"), or of the dense network ("open")."""
     logits, actions, _ = model(x, mode)
     loss = F.cross_entropy(logits, y)
     with torch.no_grad():  # statistics: no graph, so no detach ops
@@ -25,17 +23,13 @@ def accuracy(logits, y):
     return (logits.argmax(1) == y).sum(dtype=torch.float32) * (100.0 / len(y))
 
 
-
 def touch_switches(model, loss):
-    """loss + 0 x the switches' parameters, for steps where the switches take no part in the loss (dense
-    training, the route fine-tuning): DistributedDataParallel then finds every parameter used."""
+    """loss + 0 x the switches' parameters, so that DDP finds every parameter used where the switches don't train."""
     switches = unwrap(model).switches
     return loss + 0 * sum(p.sum() for p in switches.parameters())
 
 
-
 def dense_step(model, x, y):
-    """Plain dense training: every block, no switch evaluated. The switches' parameters enter the loss with
-    weight 0, so that DistributedDataParallel finds every parameter used."""
+    """Plain dense training: every block, no switch evaluated (touch_switches: DDP finds every parameter)."""
     loss, stats = supervised_step(model, x, y, mode="open")
     return touch_switches(model, loss), stats

@@ -4,9 +4,8 @@ FLOPs = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounte
 own forward runs (convolutions, linear layers, the switches' matmuls, whatever a switch kind computes).
 A network's cost splits into
   base      what every image runs: stem, ungated first block, shortcuts, classifier
-  switches  every switch (they run for every image whenever the switches are on)
-  blocks[j] the residual of gated block j+1 (model.blocks[j + 1].residual), paid only by the images that
-            execute it
+  switches  every switch (run for every image whenever the switches are on)
+  blocks[j] the residual of gated block j+1, paid only by the images that execute it
 so the FLOPs of one image are base + switches + sum_j a_j * blocks[j] for its route a.
 """
 import torch
@@ -17,10 +16,8 @@ from utils.nets import executing, unwrap
 
 @torch.no_grad()
 def probe(model, image_size, modules, record, mode="hard"):
-    """Run one all-zero image of image_size x image_size through `model` in `mode` with every block
-    computed (eval mode, masked execution; `hard`: every switch too), calling record(name, module, inputs,
-    output) for each (name, module) of `modules` it passes; the model's mode and execution are restored
-    after. The shapes and FLOPs of a forward pass, measured without any data."""
+    """Run one all-zero image through `model` in `mode`, every block computed (eval, masked), calling
+    record(name, module, inputs, output) for each of `modules`; mode and execution restored after."""
     model = unwrap(model)
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o)) for name, m in modules]
     route = model.route
@@ -81,8 +78,7 @@ def skipped_flops(costs):
 
 
 def gflops_bounds(costs):
-    """GFLOPs per image of the cheapest route (every gated block skipped) and of the dearest (every block
-    run), the switches evaluated in both: the range a GFLOPs target of the routes must fall in."""
+    """GFLOPs per image of the cheapest and dearest routes, switches evaluated: a target's range."""
     return to_gflops(skipped_flops(costs)), to_gflops(skipped_flops(costs) + sum(costs["blocks"]))
 
 

@@ -6,8 +6,7 @@ SWITCHES = "switches."  # the name prefix of the switches' parameters and module
 
 
 def unwrap(model):
-    """The network itself, under torch.compile's (`_orig_mod`) and DistributedDataParallel's (`module`)
-    wrappers; `model` when it is not wrapped."""
+    """The network itself, under torch.compile's and DDP's wrappers (itself when unwrapped)."""
     for wrapper in ("_orig_mod", "module"):
         model = getattr(model, wrapper, model)
     return model
@@ -20,9 +19,8 @@ def is_switch(name):
 
 @contextlib.contextmanager
 def executing(model, execution=None, training=None):
-    """`model` (DDP-wrapped or not) with its gated blocks run as `execution` ("mask", "skip" or "auto") and
-    in training mode or not (`training`) inside; None leaves either as it is. Both are restored on leaving,
-    whatever happens inside. Yields the unwrapped network."""
+    """`model` with its gated blocks run as `execution` and in training mode or not (`training`) inside (None:
+    as it is), both restored on leaving. Yields the unwrapped network."""
     net = unwrap(model)
     was_training, before = net.training, net.execution
     try:
