@@ -1,10 +1,9 @@
 """Small learnable datasets written in the real on-disk layouts, so tests and the quick demo run through
 the same loading code (utils/data.py) as CIFAR-100.
 
-Every class has a fixed random smooth colour template (low-frequency sinusoids plus a few colour blobs,
-partly shared between classes so they are not trivially apart); an image is its class template shifted by
-a few pixels, scaled by a random brightness, plus gaussian noise. A tiny ResNet gets well above chance
-in a few epochs, but not 100% at once.
+An image is its class's random smooth colour template (partly shared between classes, so that they are not
+trivially apart), shifted, brightened and noised: a tiny ResNet gets well above chance in a few epochs, but
+not 100% at once.
 
     python -m utils.synthetic ROOT [--layout png|pickle] [--classes N] [--train_per_class N]
                                    [--test_per_class N] [--size S]
