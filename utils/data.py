@@ -54,8 +54,6 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
-# ---------------------------------------------------------------------------------------------- loading
-
 def load_dataset(data_dir, img_type="png", resize=32, download=False, num_workers=0):
     """Load train and test splits from `data_dir`, whichever layout it holds, at resize x resize pixels."""
     if isinstance(resize, bool) or not isinstance(resize, int) or resize <= 0:
@@ -112,8 +110,6 @@ def _download(data_dir):
     return os.path.join(data_dir, PICKLE_DIR)
 
 
-# --- the official pickles
-
 def _load_pickles(pickle_dir, resize):
     for name in PICKLE_FILES:
         if not os.path.isfile(os.path.join(pickle_dir, name)):
@@ -121,9 +117,8 @@ def _load_pickles(pickle_dir, resize):
                             f"python archive ({', '.join(PICKLE_FILES)})")
     meta = _read_pickle(os.path.join(pickle_dir, "meta"), [b"fine_label_names"])
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"fine_label_names"]]
-    train_x, train_y = _pickle_split(os.path.join(pickle_dir, "train"), len(classes), resize)
-    test_x, test_y = _pickle_split(os.path.join(pickle_dir, "test"), len(classes), resize)
-    return Dataset(train_x, train_y, test_x, test_y, classes, "pickle")
+    train, test = (_pickle_split(os.path.join(pickle_dir, split), len(classes), resize) for split in ("train", "test"))
+    return Dataset(*train, *test, classes, "pickle")
 
 
 def _read_pickle(path, keys):
@@ -166,8 +161,6 @@ def _resize_tensor(x, size, chunk=4096):
     return out
 
 
-# --- class folders
-
 def _load_folders(data_dir, img_type, resize, num_workers):
     for split in ("train", "test"):
         if not _has_dir(data_dir, split):
@@ -180,9 +173,8 @@ def _load_folders(data_dir, img_type, resize, num_workers):
         only_test = sorted(set(test_classes) - set(classes))
         raise DataError(f"class folders of {data_dir}/test differ from those of train: "
                         f"only in train: {_short(only_train, 5)}; only in test: {_short(only_test, 5)}")
-    train_x, train_y = _decode_all(train_files, resize, num_workers)
-    test_x, test_y = _decode_all(test_files, resize, num_workers)
-    return Dataset(train_x, train_y, test_x, test_y, classes, "folders")
+    return Dataset(*_decode_all(train_files, resize, num_workers), *_decode_all(test_files, resize, num_workers),
+                   classes, "folders")
 
 
 def _list_images(split_dir, img_type):
@@ -302,8 +294,6 @@ def _decode_all(files, resize, num_workers, chunk=500):
     return x, labels
 
 
-# ------------------------------------------------------------------------ decoded once per machine
-
 def _node_cache(data_dir, img_type, resize):
     """This torchrun job's file for the decoded dataset in the temporary directory, named by the job (run id,
     rendezvous address), the machine and what was decoded: its processes here find it, other jobs and machines
@@ -368,8 +358,6 @@ def load_dataset_once(ctx, data_dir, img_type="png", resize=32, download=False, 
     return ds
 
 
-# ----------------------------------------------------------------------------------- splits and stats
-
 def split_val(x, y, fraction, seed):
     """Hold out round(fraction * N) random images as a validation split; both parts keep their order."""
     if not 0 <= fraction < 1:
@@ -387,22 +375,16 @@ def channel_stats(x_uint8, chunk=1024):
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, as float32 tensors."""
     if x_uint8.shape[0] == 0:
         raise DataError("cannot compute channel statistics of an empty image set")
-    c = x_uint8.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
+    sums = torch.zeros(2, x_uint8.shape[1], dtype=torch.float64)  # of x and of x squared, per channel
     for i in range(0, x_uint8.shape[0], chunk):  # float64 copies of everything at once would be 1.2 GB
         part = x_uint8[i:i + chunk].to(torch.float64)
-        total += part.sum(dim=(0, 2, 3))
-        total_sq += part.square().sum(dim=(0, 2, 3))
-    count = x_uint8.numel() // c
-    mean = total / count
+        sums += torch.stack([part.sum(dim=(0, 2, 3)), part.square().sum(dim=(0, 2, 3))])
+    mean, mean_sq = sums / (x_uint8.numel() // x_uint8.shape[1])
     # A channel that never varies (std 0: all-black red, say) carries no information; flooring its std at
     # one grey level keeps (x - mean) / std finite, so the channel reads as ~0 instead of NaN.
-    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(MIN_STD * 255)
+    std = (mean_sq - mean.square()).clamp_min(0).sqrt().clamp_min(MIN_STD * 255)
     return (mean / 255).float(), (std / 255).float()
 
-
-# ------------------------------------------------------------------------------------ the pipeline
 
 def make_pipeline(resize, mean, std, classes, augment):
     """The input pipeline a network is trained with, as every checkpoint records it (plain data):
@@ -457,8 +439,6 @@ class Preprocess:
         return ((x.float() / 255 - self.mean) / self.std).to(device)
 
 
-# ------------------------------------------------------------------------------------ augmentation
-
 def crop_and_flip(x, offsets, flips, pad=PAD):
     """Per image b: the window of x[b] zero-padded by `pad` whose top-left corner is offsets[b] = (dy, dx)
     in padded coordinates (so (pad, pad) is the image itself), mirrored left-right where flips[b].
@@ -484,8 +464,6 @@ def augment(x_uint8_batch, generator, pad=PAD, flip=True):
         offsets, flips = offsets.to(x_uint8_batch.device), flips.to(x_uint8_batch.device)
     return crop_and_flip(x_uint8_batch, offsets, flips if flip else torch.zeros_like(flips), pad)
 
-
-# ---------------------------------------------------------------------------------------- batching
 
 def _seeded_generator(*keys):
     """A CPU generator whose state depends only on the integers `keys` (well mixed, no collisions)."""
