@@ -183,20 +183,16 @@ def _list_images(split_dir, img_type):
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/*.{img_type}")
-    files, other_suffixes, empty = [], set(), []
+    files, other_suffixes = [], set()
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
-        found = 0
-        for entry in sorted(os.listdir(class_dir)):
-            if entry.startswith("."):
-                continue
+        for entry in sorted(e for e in os.listdir(class_dir) if not e.startswith(".")):
             if entry.lower().endswith(suffixes):
                 files.append((os.path.join(class_dir, entry), label))
-                found += 1
             else:
                 other_suffixes.add(os.path.splitext(entry)[1].lower() or entry)
-        if not found:
-            empty.append(name)
+    found = {label for _, label in files}
+    empty = [name for label, name in enumerate(classes) if label not in found]
     if not files:
         other = f"found other files: {', '.join(sorted(other_suffixes))}" if other_suffixes else "found no files"
         raise DataError(f"no *.{img_type} images under {split_dir} ({other}); check --img_type")
@@ -206,8 +202,7 @@ def _list_images(split_dir, img_type):
     return files, classes
 
 
-# Alpha is composited on black: a transparent pixel reads as (0, 0, 0), the same colour as the zero
-# padding of the random crop (and what most tools store under alpha 0).
+# alpha is composited on black: the colour of the random crop's zero padding (and what most tools store under 0)
 ALPHA_BACKGROUND = (0, 0, 0)
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -295,9 +290,8 @@ def _decode_all(files, resize, num_workers, chunk=500):
 
 
 def _node_cache(data_dir, img_type, resize):
-    """This torchrun job's file for the decoded dataset in the temporary directory, named by the job (run id,
-    rendezvous address), the machine and what was decoded: its processes here find it, other jobs and machines
-    (a temporary directory shared over the network) never."""
+    """The decoded dataset's file in the temporary directory, named by the job, the machine and what was decoded:
+    this job's processes here find it, other jobs and machines (a temporary directory on the network) never."""
     key = json.dumps([socket.gethostname(), os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("MASTER_ADDR"),
                       os.environ.get("MASTER_PORT"), os.path.abspath(os.path.expanduser(str(data_dir))),
                       str(img_type), resize])
@@ -314,9 +308,8 @@ def _write_node_cache(path, content):
 
 
 def _read_node_cache(path):
-    """What _write_node_cache wrote: the Dataset, memory-mapped copy on write (the page cache is shared, the
-    tensors writable), or the DataError local rank 0 met; None where there is no such file (a launcher whose
-    processes on one machine do not share the job's names)."""
+    """The Dataset _write_node_cache wrote, memory-mapped copy on write (the page cache shared, the tensors writable),
+    or its DataError; None without one (a launcher whose processes on one machine do not share the job's names)."""
     if not os.path.isfile(path):
         return None
     content = torch.load(path, mmap=True, weights_only=True)
@@ -380,8 +373,7 @@ def channel_stats(x_uint8, chunk=1024):
         part = x_uint8[i:i + chunk].to(torch.float64)
         sums += torch.stack([part.sum(dim=(0, 2, 3)), part.square().sum(dim=(0, 2, 3))])
     mean, mean_sq = sums / (x_uint8.numel() // x_uint8.shape[1])
-    # A channel that never varies (std 0: all-black red, say) carries no information; flooring its std at
-    # one grey level keeps (x - mean) / std finite, so the channel reads as ~0 instead of NaN.
+    # a channel that never varies (std 0) carries nothing: its std floored at one grey level keeps the input finite
     std = (mean_sq - mean.square()).clamp_min(0).sqrt().clamp_min(MIN_STD * 255)
     return (mean / 255).float(), (std / 255).float()
 
@@ -543,8 +535,7 @@ class BatchLoader:
 
     def __iter__(self):
         idx = self._indices().to(self.device)  # one copy per epoch
-        # Augmentation draws on the images' device (the same seed on every device): a CPU
-        # generator would copy its draws to the GPU, from pageable memory, at every batch.
+        # drawn on the images' device: a CPU generator's draws would be copied from pageable memory every batch
         aug_gen = torch.Generator(device=self.x.device)
         aug_gen.manual_seed(_seeded_generator(self.seed, self.epoch, self.rank, 1).initial_seed())
         for start in range(0, self.num_samples, self.batch_size):
@@ -590,8 +581,7 @@ class DataSettings:
 
     @classmethod
     def of(cls, flags, **given):
-        """The settings among a run's flags (an argparse namespace or a config dict; other keys ignored),
-        `given` in place of theirs."""
+        """The settings among a run's flags (an argparse namespace or a config dict), `given` in place of theirs."""
         values = {**(flags if isinstance(flags, dict) else vars(flags)), **given}
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 

@@ -163,8 +163,7 @@ def setup(device=None, seed=0, amp=None, channels_last=None, tf32=False):
     world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise UserError(f"environment: RANK {rank} is outside WORLD_SIZE {world_size} (set by torchrun)")
-    # one process ignores a stale LOCAL_RANK; without LOCAL_WORLD_SIZE (other launchers) every process is
-    # taken to share this machine
+    # one process ignores a stale LOCAL_RANK; without LOCAL_WORLD_SIZE (other launchers) all share this machine
     local_rank = _env_int("LOCAL_RANK", 0) if world_size > 1 else 0
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size) if world_size > 1 else 1
     if not 0 <= local_rank < local_world_size:

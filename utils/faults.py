@@ -55,9 +55,8 @@ def interrupt_pipeline(wait_s=60):
 
 @contextlib.contextmanager
 def scoped(name, *where):
-    """Within this block DYNPRUNE_KILL_AT="<name>:<where>:<point>" acts as "<point>": e.g. "trial:2:saved:1"
-    kills right after the epoch-1 checkpoint of the second trial a search process runs (one process runs
-    many stages, each with its own "saved:1")."""
+    """Within this block DYNPRUNE_KILL_AT="<name>:<where>:<point>" acts as "<point>": "trial:2:saved:1" is "saved:1"
+    of the second trial a search process runs (one process runs many stages, each with its own "saved:1")."""
     spec, prefix = os.environ.get(ENV), ":".join([name, *map(str, where)]) + ":"
     if not spec or not spec.startswith(prefix):
         yield

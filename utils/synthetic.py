@@ -126,11 +126,8 @@ def main():
     parser = argparse.ArgumentParser(description="Write a small synthetic dataset in a CIFAR layout.")
     parser.add_argument("root")
     parser.add_argument("--layout", choices=["png", "pickle"], default="png")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--train_per_class", type=int, default=50)
-    parser.add_argument("--test_per_class", type=int, default=20)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, default in (("classes", 10), ("train_per_class", 50), ("test_per_class", 20), ("size", 32), ("seed", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--img_type", choices=["png", "jpg"], default="png")
     args = parser.parse_args()
     if args.layout == "pickle" and args.size != 32:
