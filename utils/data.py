@@ -5,21 +5,15 @@ Two on-disk layouts are recognised without being told which:
   pickle   data_dir/cifar-100-python/{train,test,meta}, the official archive (or data_dir is that folder)
 With neither present and download=True, torchvision fetches the official archive.
 
-The whole dataset (150 MB for CIFAR-100) is held as one uint8 tensor. BatchLoader moves it to the device
-once and does shuffling, crop/flip augmentation and normalisation there in batched tensor ops, so no
-DataLoader workers are involved and data never bounds an epoch. All randomness comes from generators
-seeded by (seed, epoch): a run resumed at epoch e sees exactly the batches the interrupted run would have.
-
-load_data (DataSettings: the data flags) is what every stage does with them: the dataset decoded once (under
-torchrun once per machine, load_dataset_once), the validation split held out, the pipeline of the checkpoint
-the stage starts from applied, the loaders built with this process's share of the batch (process_batch).
+BatchLoader holds the whole uint8 dataset on the device and shuffles, augments and normalises there in
+batched tensor ops: no DataLoader workers, and data never bounds an epoch. All randomness comes from
+generators seeded by (seed, epoch): a resumed run sees exactly the batches the interrupted one would have.
 """
 import hashlib
 import json
 import multiprocessing
 import os
 import pickle
-import shutil
 import socket
 import sys
 import tempfile
@@ -33,6 +27,7 @@ import torch.nn.functional as F
 from utils.dist import barrier
 from utils.errors import UserError
 from utils.faults import kill_point
+from utils.files import os_error
 
 PICKLE_DIR = "cifar-100-python"
 PICKLE_FILES = ("train", "test", "meta")
@@ -54,16 +49,10 @@ class Dataset:
     classes: list  # class names; index i is label i
     layout: str  # "folders" | "pickle"
 
-    @property
-    def num_classes(self):
-        return len(self.classes)
-
 
 def _one_line(text):
     return " ".join(str(text).split())
 
-
-# ---------------------------------------------------------------------------------------------- loading
 
 def load_dataset(data_dir, img_type="png", resize=32, download=False, num_workers=0):
     """Load train and test splits from `data_dir`, whichever layout it holds, at resize x resize pixels."""
@@ -98,10 +87,7 @@ def _has_dir(parent, name):
 
 def _describe_contents(path):
     entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
-    if not entries:
-        return "it is empty"
-    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-    return f"it holds: {shown}"
+    return f"it holds: {_short(entries, 5, 'entries')}" if entries else "it is empty"
 
 
 def _find_pickle_dir(data_dir):
@@ -124,8 +110,6 @@ def _download(data_dir):
     return os.path.join(data_dir, PICKLE_DIR)
 
 
-# --- the official pickles
-
 def _load_pickles(pickle_dir, resize):
     for name in PICKLE_FILES:
         if not os.path.isfile(os.path.join(pickle_dir, name)):
@@ -133,9 +117,8 @@ def _load_pickles(pickle_dir, resize):
                             f"python archive ({', '.join(PICKLE_FILES)})")
     meta = _read_pickle(os.path.join(pickle_dir, "meta"), [b"fine_label_names"])
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"fine_label_names"]]
-    train_x, train_y = _pickle_split(os.path.join(pickle_dir, "train"), len(classes), resize)
-    test_x, test_y = _pickle_split(os.path.join(pickle_dir, "test"), len(classes), resize)
-    return Dataset(train_x, train_y, test_x, test_y, classes, "pickle")
+    train, test = (_pickle_split(os.path.join(pickle_dir, split), len(classes), resize) for split in ("train", "test"))
+    return Dataset(*train, *test, classes, "pickle")
 
 
 def _read_pickle(path, keys):
@@ -178,8 +161,6 @@ def _resize_tensor(x, size, chunk=4096):
     return out
 
 
-# --- class folders
-
 def _load_folders(data_dir, img_type, resize, num_workers):
     for split in ("train", "test"):
         if not _has_dir(data_dir, split):
@@ -191,16 +172,9 @@ def _load_folders(data_dir, img_type, resize, num_workers):
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
         raise DataError(f"class folders of {data_dir}/test differ from those of train: "
-                        f"only in train: {_short_list(only_train)}; only in test: {_short_list(only_test)}")
-    train_x, train_y = _decode_all(train_files, resize, num_workers)
-    test_x, test_y = _decode_all(test_files, resize, num_workers)
-    return Dataset(train_x, train_y, test_x, test_y, classes, "folders")
-
-
-def _short_list(names, limit=5):
-    if not names:
-        return "none"
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+                        f"only in train: {_short(only_train, 5)}; only in test: {_short(only_test, 5)}")
+    return Dataset(*_decode_all(train_files, resize, num_workers), *_decode_all(test_files, resize, num_workers),
+                   classes, "folders")
 
 
 def _list_images(split_dir, img_type):
@@ -209,20 +183,16 @@ def _list_images(split_dir, img_type):
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/*.{img_type}")
-    files, other_suffixes, empty = [], set(), []
+    files, other_suffixes = [], set()
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
-        found = 0
-        for entry in sorted(os.listdir(class_dir)):
-            if entry.startswith("."):
-                continue
+        for entry in sorted(e for e in os.listdir(class_dir) if not e.startswith(".")):
             if entry.lower().endswith(suffixes):
                 files.append((os.path.join(class_dir, entry), label))
-                found += 1
             else:
                 other_suffixes.add(os.path.splitext(entry)[1].lower() or entry)
-        if not found:
-            empty.append(name)
+    found = {label for _, label in files}
+    empty = [name for label, name in enumerate(classes) if label not in found]
     if not files:
         other = f"found other files: {', '.join(sorted(other_suffixes))}" if other_suffixes else "found no files"
         raise DataError(f"no *.{img_type} images under {split_dir} ({other}); check --img_type")
@@ -232,17 +202,13 @@ def _list_images(split_dir, img_type):
     return files, classes
 
 
-# Alpha is composited on black: a transparent pixel reads as (0, 0, 0), the same colour as the zero
-# padding of the random crop (and what most tools store under alpha 0).
+# alpha is composited on black: the colour of the random crop's zero padding (and what most tools store under 0)
 ALPHA_BACKGROUND = (0, 0, 0)
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def to_rgb8(im, name="image"):
-    """A PIL image as the 8-bit RGB picture it shows, or DataError naming `name`.
-    16-bit integer pixels (modes I;16*, and I holding 0..65535) are scaled to 8 bits (v / 257, rounded),
-    not clipped; alpha (RGBA, LA, PA, palette transparency) is composited on ALPHA_BACKGROUND; CMYK,
-    YCbCr, palette, grey and bilevel go through PIL's conversion; EXIF orientation is applied."""
+    """A PIL image as the 8-bit RGB picture it shows (docs/robustness.md), or DataError naming `name`."""
     from PIL import Image, ImageOps
 
     try:
@@ -254,7 +220,7 @@ def to_rgb8(im, name="image"):
         if v.size and (v.min() < 0 or v.max() > 65535):
             raise DataError(f"image {name}: {im.mode} pixels span {v.min()}..{v.max()}, outside the 16-bit "
                             f"range 0..65535; save it as 8- or 16-bit")
-        im = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))
+        im = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))  # v / 257 rounded: scaled, not clipped
     elif im.mode == "F":
         raise DataError(f"image {name}: floating-point pixels (mode F) have no defined 8-bit scale; save it "
                         f"as 8- or 16-bit")
@@ -299,18 +265,9 @@ def _decode_chunk(paths, size):
     return out
 
 
-def usable_cpus():
-    """The CPU cores this process may run on (its affinity mask, which a scheduler or container sets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _pool_context():
-    """Worker processes started by a fork server, never forked from this process: the images are decoded
-    after CUDA (and under torchrun NCCL) have started here, and a child forked from a process holding
-    them can hang or crash in them."""
+    """A fork server's workers, never forked from this process: a child forked from a process holding CUDA
+    (or NCCL, under torchrun), as this one may, can hang or crash in them."""
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
@@ -319,7 +276,9 @@ def _decode_all(files, resize, num_workers, chunk=500):
     paths = [p for p, _ in files]
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    workers = min(num_workers, len(chunks), usable_cpus())  # more processes than cores only queue
+    # more processes than the cores this one may run on (its affinity mask, set by a scheduler) only queue
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(num_workers, len(chunks), cores)
     if workers > 1:
         # one array per chunk of files crosses the process boundary, not one per image
         with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
@@ -330,94 +289,67 @@ def _decode_all(files, resize, num_workers, chunk=500):
     return x, labels
 
 
-# ------------------------------------------------------------------------ decoded once per machine
-
 def _node_cache(data_dir, img_type, resize):
-    """The folder where this torchrun job's decoded dataset lives on this machine while its processes read
-    it: in the temporary directory, named by the job (torchrun's run id and rendezvous address) and what
-    was decoded, so that the processes of one job on one machine find the same one, and other jobs and
-    machines (a temporary directory shared over the network) never."""
+    """The decoded dataset's file in the temporary directory, named by the job, the machine and what was decoded:
+    this job's processes here find it, other jobs and machines (a temporary directory on the network) never."""
     key = json.dumps([socket.gethostname(), os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("MASTER_ADDR"),
                       os.environ.get("MASTER_PORT"), os.path.abspath(os.path.expanduser(str(data_dir))),
                       str(img_type), resize])
     return os.path.join(tempfile.gettempdir(), "dynprune-decoded-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-ARRAYS = ("train_x", "train_y", "test_x", "test_y")
-
-
-def _write_node_cache(path, ds):
-    """The dataset as .npy files (uint8 images, int64 labels) and its class names, made visible at once (a
-    folder renamed into place): a reader never sees half of it."""
+def _write_node_cache(path, content):
+    """`content` (a Dataset's fields, or {"error": the DataError's line}) in one file renamed into place: a reader
+    never sees half of it, and a restarted job's (torchrun --max_restarts) is replaced."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in ARRAYS:
-        np.save(os.path.join(tmp, f"{name}.npy"), getattr(ds, name).numpy())
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"classes": ds.classes, "layout": ds.layout}, f)
-    shutil.rmtree(path, ignore_errors=True)  # a restarted job's (torchrun --max_restarts) is replaced
+    with open(tmp, "wb") as f:  # written through a file object, torch.save's error holds the OSError (os_error)
+        torch.save(content, f)
     os.replace(tmp, path)
 
 
 def _read_node_cache(path):
-    """The dataset written by _write_node_cache, its images memory-mapped (copy on write: the page cache is
-    shared by the processes of this machine, and a tensor made from it is writable); or the DataError local
-    rank 0 met; None if there is no such folder here (a launcher whose processes on one machine do not share
-    the job's names)."""
-    if os.path.isfile(path + ".error"):
-        with open(path + ".error") as f:
-            return DataError(f.read().strip())
-    if not os.path.isfile(os.path.join(path, "meta.json")):
+    """The Dataset _write_node_cache wrote, memory-mapped copy on write (the page cache shared, the tensors writable),
+    or its DataError; None without one (a launcher whose processes on one machine do not share the job's names)."""
+    if not os.path.isfile(path):
         return None
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    arrays = {name: torch.from_numpy(np.load(os.path.join(path, f"{name}.npy"), mmap_mode="c")) for name in ARRAYS}
-    return Dataset(**arrays, classes=meta["classes"], layout=meta["layout"])
+    content = torch.load(path, mmap=True, weights_only=True)
+    return DataError(content["error"]) if "error" in content else Dataset(**content)
 
 
 def load_dataset_once(ctx, data_dir, img_type="png", resize=32, download=False, num_workers=0):
-    """load_dataset, done once per machine under torchrun: local rank 0 decodes (with its pool of up to
-    num_workers processes, capped at the cores it may use) and writes the uint8 arrays to a folder of the
-    temporary directory; the other processes of the machine wait at a barrier, then read them. Its DataError
-    is every process's. One process: load_dataset itself."""
+    """load_dataset, done once per machine under torchrun: local rank 0 decodes and writes the arrays to the
+    temporary directory, the machine's other processes wait at a barrier, then read them (docs/stages.md).
+    Its DataError is every process's."""
     if not ctx.distributed:
         return load_dataset(data_dir, img_type, resize, download, num_workers)
     path = _node_cache(data_dir, img_type, resize)
-    ds, error = None, None
+    ds = None  # the dataset, or the DataError local rank 0 met
     if ctx.local_rank == 0:
         try:
             kill_point("decode", ctx.local_rank)
             ds = load_dataset(data_dir, img_type, resize, download, num_workers)
-            _write_node_cache(path, ds)
+            _write_node_cache(path, vars(ds))
         except DataError as e:
-            error = e
-            with open(path + ".error", "w") as f:
-                f.write(str(e))
-        except OSError as e:  # no room in the temporary directory: the other processes decode for themselves
-            print(f"warning: cannot keep the decoded images in {tempfile.gettempdir()} ({e.strerror}): every "
+            ds = e
+            _write_node_cache(path, {"error": str(e)})
+        except Exception as e:  # no room in the temporary directory: the other processes decode for themselves
+            if os_error(e) is None:
+                raise
+            print(f"warning: cannot keep the decoded images in {tempfile.gettempdir()} ({os_error(e).strerror}): every "
                   f"process decodes them itself (set TMPDIR to a folder with room)", file=sys.stderr, flush=True)
     barrier()
     if ctx.local_rank != 0:
-        found = _read_node_cache(path)
-        if isinstance(found, DataError):
-            error = found
-        else:
-            ds = found
+        ds = _read_node_cache(path)
     barrier()  # every process has read it (memory-mapped files stay readable once removed)
-    if ctx.local_rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.exists(path + ".error"):
-            os.remove(path + ".error")
-    if error is not None:
-        raise error
+    if ctx.local_rank == 0 and os.path.exists(path):
+        os.remove(path)
+    if isinstance(ds, DataError):
+        raise ds
     if ds is None:
         kill_point("decode", ctx.local_rank)
         ds = load_dataset(data_dir, img_type, resize, download, num_workers)
     return ds
 
-
-# ----------------------------------------------------------------------------------- splits and stats
 
 def split_val(x, y, fraction, seed):
     """Hold out round(fraction * N) random images as a validation split; both parts keep their order."""
@@ -436,22 +368,15 @@ def channel_stats(x_uint8, chunk=1024):
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, as float32 tensors."""
     if x_uint8.shape[0] == 0:
         raise DataError("cannot compute channel statistics of an empty image set")
-    c = x_uint8.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
+    sums = torch.zeros(2, x_uint8.shape[1], dtype=torch.float64)  # of x and of x squared, per channel
     for i in range(0, x_uint8.shape[0], chunk):  # float64 copies of everything at once would be 1.2 GB
         part = x_uint8[i:i + chunk].to(torch.float64)
-        total += part.sum(dim=(0, 2, 3))
-        total_sq += part.square().sum(dim=(0, 2, 3))
-    count = x_uint8.numel() // c
-    mean = total / count
-    # A channel that never varies (std 0: all-black red, say) carries no information; flooring its std at
-    # one grey level keeps (x - mean) / std finite, so the channel reads as ~0 instead of NaN.
-    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(MIN_STD * 255)
+        sums += torch.stack([part.sum(dim=(0, 2, 3)), part.square().sum(dim=(0, 2, 3))])
+    mean, mean_sq = sums / (x_uint8.numel() // x_uint8.shape[1])
+    # a channel that never varies (std 0) carries nothing: its std floored at one grey level keeps the input finite
+    std = (mean_sq - mean.square()).clamp_min(0).sqrt().clamp_min(MIN_STD * 255)
     return (mean / 255).float(), (std / 255).float()
 
-
-# ------------------------------------------------------------------------------------ the pipeline
 
 def make_pipeline(resize, mean, std, classes, augment):
     """The input pipeline a network is trained with, as every checkpoint records it (plain data):
@@ -484,10 +409,9 @@ def check_pipeline(p, where):
 
 
 class Preprocess:
-    """Raw 8-bit images -> the normalised float batch (N, 3, resize, resize) a network of this project
-    expects, from the pipeline its checkpoint records: no training set needed.
-    Accepts one image or a list of them: file paths, PIL images, uint8 arrays H x W x 3 (or H x W), or a
-    uint8 array / tensor (N, H, W, 3). `classes[i]` names logit i."""
+    """Raw 8-bit images (a path, PIL image or uint8 array H x W [x 3], a list of them, or a uint8 array /
+    tensor (N, H, W, 3)) -> the normalised float batch a network expects, from the pipeline its checkpoint
+    records: no training set needed. `classes[i]` names logit i."""
 
     def __init__(self, pipeline, where="pipeline"):
         self.pipeline = check_pipeline(pipeline, where)
@@ -507,8 +431,6 @@ class Preprocess:
         return ((x.float() / 255 - self.mean) / self.std).to(device)
 
 
-# ------------------------------------------------------------------------------------ augmentation
-
 def crop_and_flip(x, offsets, flips, pad=PAD):
     """Per image b: the window of x[b] zero-padded by `pad` whose top-left corner is offsets[b] = (dy, dx)
     in padded coordinates (so (pad, pad) is the image itself), mirrored left-right where flips[b].
@@ -525,10 +447,8 @@ def crop_and_flip(x, offsets, flips, pad=PAD):
 
 
 def augment(x_uint8_batch, generator, pad=PAD, flip=True):
-    """Standard CIFAR augmentation on a batch: random crop of the `pad`-zero-padded image and (if `flip`)
-    random horizontal flip, each drawn per image from `generator`, done on x's device. A generator on x's
-    device draws there (no host-to-device copy, no sync); a CPU one draws on the CPU and the draws are copied.
-    The draws are the same with and without flips (flip=False only ignores them)."""
+    """CIFAR augmentation of a batch on its device: a random crop of the `pad`-zero-padded image and (if `flip`)
+    a random horizontal flip, drawn per image from `generator` (flip=False draws the same, then ignores them)."""
     b = x_uint8_batch.shape[0]
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device)
     flips = torch.randint(0, 2, (b,), generator=generator, device=generator.device)
@@ -537,8 +457,6 @@ def augment(x_uint8_batch, generator, pad=PAD, flip=True):
     return crop_and_flip(x_uint8_batch, offsets, flips if flip else torch.zeros_like(flips), pad)
 
 
-# ---------------------------------------------------------------------------------------- batching
-
 def _seeded_generator(*keys):
     """A CPU generator whose state depends only on the integers `keys` (well mixed, no collisions)."""
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
@@ -546,19 +464,16 @@ def _seeded_generator(*keys):
 
 
 class BatchLoader:
-    """Batches of an in-memory uint8 image tensor, augmented and normalised on `device`.
+    """Batches (x float32 normalised, y int64) of an in-memory uint8 image tensor, augmented and normalised
+    on `device`; call set_epoch(e) before iterating epoch e: order and augmentation depend only on (seed,
+    epoch) (and rank for the augmentation).
 
-    train=True: every epoch a permutation of all N images (the same on every rank) is cut to a multiple
-    of world_size, rank r takes perm[r::world_size], and the last incomplete batch is dropped, so all
-    ranks run the same number of steps. augment: "cifar" (crop + flip, the default), "crop" (no flip:
-    for digits or text, whose mirror images are other symbols) or "none"/False, e.g. to see the training
-    images in shuffled order but unaugmented.
-    train=False: fixed order, no augmentation, last partial batch kept; rank r takes the r-th contiguous
-    shard, so the ranks together see every image exactly once (shards differ in size by at most one).
-    Order and augmentation depend only on (seed, epoch) (and rank for the augmentation): call
-    set_epoch(e) before iterating epoch e. The augmentation is drawn on `device` (a CUDA generator draws
-    other numbers than the CPU's from the same seed, as deterministically). Yields (x float32 normalised,
-    y int64), both on `device`.
+    train=True: each epoch rank r takes perm[r::world_size] of one permutation (the same on every rank) cut
+    to a multiple of world_size, the last incomplete batch dropped: every rank runs as many steps. augment:
+    "cifar" (crop + flip, the default), "crop" (mirror images of digits or text are other symbols) or
+    "none"/False (the training images shuffled but unaugmented).
+    train=False: fixed order, unaugmented, the last partial batch kept; rank r takes the r-th contiguous
+    shard, so the ranks together see every image once.
     """
 
     def __init__(self, x_uint8, y, batch_size, *, train, device, mean, std, seed=0, rank=0, world_size=1,
@@ -620,8 +535,7 @@ class BatchLoader:
 
     def __iter__(self):
         idx = self._indices().to(self.device)  # one copy per epoch
-        # Augmentation draws on the images' device (the same seed on every device): a CPU
-        # generator would copy its draws to the GPU, from pageable memory, at every batch.
+        # drawn on the images' device: a CPU generator's draws would be copied from pageable memory every batch
         aug_gen = torch.Generator(device=self.x.device)
         aug_gen.manual_seed(_seeded_generator(self.seed, self.epoch, self.rank, 1).initial_seed())
         for start in range(0, self.num_samples, self.batch_size):
@@ -667,17 +581,14 @@ class DataSettings:
 
     @classmethod
     def of(cls, flags, **given):
-        """The settings among a run's flags (an argparse namespace or a config dict; other keys ignored),
-        `given` in place of theirs."""
+        """The settings among a run's flags (an argparse namespace or a config dict), `given` in place of theirs."""
         values = {**(flags if isinstance(flags, dict) else vars(flags)), **given}
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
 def process_batch(bs, ctx):
-    """This process's share of the batch size `bs`, which is that of a whole step over all processes: under
-    torchrun P processes take bs / P images each (DDP averages their gradients: the step is that of one
-    process on bs images, so the learning rate and every other flag mean the same on any number of GPUs).
-    A bs that P does not divide is refused; rank 0 says the split in one line."""
+    """This process's share of `bs`, the batch of a step over all P processes (docs/stages.md): bs / P; a bs
+    that P does not divide is refused; rank 0 says the split in one line."""
     if not ctx.distributed:
         return bs
     p = ctx.world_size
@@ -692,12 +603,10 @@ def process_batch(bs, ctx):
 
 
 def load_data(args, ctx, recorded=None, source=None, resuming=False):
-    """Decode the dataset once into memory (on the device), split off validation, build the loaders.
-    `args`: DataSettings.
-    `recorded`: the input pipeline of the checkpoint this stage starts from (`source` names it): its
-    resize, normalisation and class names are used, and a conflicting resize or class list is refused in
-    one line. Its augmentation is the default; `resuming` (the stage's own checkpoint) makes a different
-    one a conflict too. Without a record: args.resize (default 32), statistics of the training split."""
+    """The loaders of DataSettings `args`: the dataset decoded once, validation split off.
+    `recorded`: the input pipeline of the checkpoint the stage starts from (`source` names it): its resize,
+    normalisation and classes are used (a conflicting resize or class list is refused), its augmentation is
+    the default (a conflict too when `resuming`). Without one: args.resize, the training split's statistics."""
     resize, augment = args.resize, args.augment
     if recorded is not None:
         if resize is not None and resize != recorded["resize"]:
@@ -760,8 +669,10 @@ def load_data(args, ctx, recorded=None, source=None, resuming=False):
                 eval_name="val" if val else "test", pipeline=pipeline, final_name=final)
 
 
-def _short(names, limit=3):
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+def _short(names, limit=3, total="in all"):
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} {total})" if len(names) > limit else "")
 
 
 def _classes(names):

@@ -16,10 +16,9 @@ PRECISIONS = ("bf16", "off")  # --amp / config "amp"; None: by device
 
 @dataclass
 class Context:
-    """A run's device, rank and numerics. amp (bf16 autocast) and channels_last left None follow the
-    device: on for CUDA, off for CPU. tf32: float32 convolutions and matmuls of the training step may run
-    in TF32 on CUDA (off by default: float32 means float32; see set_tf32). local_rank / local_world_size:
-    this process among those torchrun started on its machine."""
+    """A run's device, rank and numerics. amp (bf16 autocast) and channels_last left None follow the device
+    (on for CUDA); tf32: the training step may use TF32 (set_tf32); local_rank / local_world_size: this
+    process among those torchrun started on its machine."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -65,8 +64,7 @@ def _parse_device(name):
 
 def cuda_missing():
     """Why this CUDA build of torch sees no GPU, in one line (None: a CPU build, which expects none): the
-    driver's own message (no driver, a driver older than the wheel's CUDA needs), or CUDA_VISIBLE_DEVICES
-    hiding every GPU."""
+    driver's own message, or CUDA_VISIBLE_DEVICES hiding every GPU."""
     if not torch.version.cuda:
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -83,9 +81,8 @@ _WARNED = []  # the fallback is said once per process (the search runs many stag
 
 
 def warn_cpu_fallback(rank=0):
-    """One line on stderr (rank 0, once per process) when a CUDA build of torch runs on the CPU because no GPU
-    is usable, though none was asked for explicitly: a GPU machine whose driver is too old for the wheel would
-    otherwise train on the CPU without a word. Returns the reason (None when there is nothing to say)."""
+    """One line on stderr (rank 0, once per process) when a CUDA build of torch runs on the CPU unasked, finding
+    no usable GPU (a driver too old for the wheel, say); returns the reason (None: nothing to say)."""
     why = cuda_missing()
     if why and rank == 0 and why not in _WARNED:
         _WARNED.append(why)
@@ -95,12 +92,9 @@ def warn_cpu_fallback(rank=0):
 
 
 def set_tf32(enabled):
-    """TF32 for float32 cuDNN convolutions and cuBLAS matmuls on CUDA, on or off: the one switch of the project,
-    through the legacy flags only (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32).
-    PyTorch 2.14 also has per-op flags (torch.backends.*.fp32_precision); once those are set, reading a
-    legacy flag can raise (cuDNN's when conv and rnn differ, cuBLAS's once it is "tf32"), and inductor reads
-    both kinds, while after the legacy setters both kinds read consistently. cuDNN's default is TF32 on:
-    float32 convolutions then keep a 10-bit mantissa. No effect on the CPU."""
+    """TF32 for float32 cuDNN convolutions and cuBLAS matmuls on CUDA, on or off (cuDNN's own default: on),
+    through the legacy allow_tf32 flags only: once the per-op flags (torch.backends.*.fp32_precision) are set,
+    reading a legacy one can raise, and inductor reads both kinds; after the legacy setters both agree."""
     torch.backends.cudnn.allow_tf32 = bool(enabled)
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
 
@@ -138,12 +132,13 @@ def peak_memory(device):
 
 
 def _cuda_device(device, local_rank, local_world_size):
-    """The indexed CUDA device of this process (torch.cuda.set_device refuses a bare "cuda"): cuda:N as
-    given; a bare cuda is cuda:LOCAL_RANK (cuda:0 without torchrun)."""
+    """This process's indexed CUDA device (torch.cuda.set_device refuses a bare "cuda"): cuda:N as given, cuda
+    as cuda:LOCAL_RANK."""
     if not torch.cuda.is_available():
         why = cuda_missing()
         raise UserError(f"--device {device} asked for, but no CUDA GPU is visible"
-                        + (f" ({why}; torch built for CUDA {torch.version.cuda})" if why else "") + " (use --device cpu)")
+                        + (f" ({why}; torch built for CUDA {torch.version.cuda})" if why else "")
+                        + " (use --device cpu)")
     count = torch.cuda.device_count()
     if device.index is None:
         if local_world_size > count:  # said by every process of this machine, not only the ones left over
@@ -162,15 +157,13 @@ def _cuda_device(device, local_rank, local_world_size):
 
 
 def setup(device=None, seed=0, amp=None, channels_last=None, tf32=False):
-    """Pick the device (`cuda` when available unless --device says otherwise; a CUDA build that finds no
-    usable GPU says so in one line) and the numerics (amp: "bf16" / "off", channels_last: True / False;
-    None follows the device; tf32: TF32 allowed in training, else off for the whole run), and join the
-    process group when started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
+    """The run's Context: the device (default cuda when available), the numerics (amp "bf16" / "off",
+    channels_last, None following the device; tf32 allowed in training, else off for the whole run), and
+    the process group joined when torchrun started it (RANK/WORLD_SIZE/LOCAL_RANK in the environment)."""
     world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise UserError(f"environment: RANK {rank} is outside WORLD_SIZE {world_size} (set by torchrun)")
-    # one process: a stale LOCAL_RANK is ignored, as before; without LOCAL_WORLD_SIZE (other launchers)
-    # every process is taken to share this machine
+    # one process ignores a stale LOCAL_RANK; without LOCAL_WORLD_SIZE (other launchers) all share this machine
     local_rank = _env_int("LOCAL_RANK", 0) if world_size > 1 else 0
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size) if world_size > 1 else 1
     if not 0 <= local_rank < local_world_size:
@@ -204,12 +197,10 @@ def setup(device=None, seed=0, amp=None, channels_last=None, tf32=False):
 
 
 def teardown():
-    """End of a run: every rank waits for the others (rank 0 writes the results after the last collective),
-    then the process group is destroyed, before the interpreter exits: gloo's worker threads still alive at
-    interpreter shutdown can abort the process (SIGABRT, "terminate called without an active exception")."""
+    """End of a run: every rank waits for the others (rank 0 writes after the last collective), then the group
+    is destroyed before the interpreter exits: gloo's threads alive at its shutdown can abort it (SIGABRT)."""
     if dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -222,10 +213,9 @@ def all_reduce_sum(t):
 
 def broadcast_object(obj, src=0):
     """Rank `src`'s Python object on every rank (no-op on one process)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 

@@ -1,8 +1,5 @@
-"""One exception type for everything a user can get wrong, and the wrapper that turns it into one line.
-
-Bad input (data dir, config, checkpoint, flags) must end the program with a single line naming the
-problem and exit status 2, never a traceback, and before anything in --result_dir is written.
-"""
+"""UserError, for everything a user can get wrong, and run_main, which ends the program on one with a single
+line naming the problem and exit status 2, never a traceback."""
 import os
 import sys
 
@@ -29,10 +26,8 @@ def write_error(path, e):
 
 
 def _abandon_process_group():
-    """A process group still open here was left by an error (a finished run destroyed it): destroy it without
-    waiting for the other ranks (they may never come), so that this process exits with its own status and
-    message; gloo's worker threads alive at interpreter shutdown would abort it ("terminate called without
-    an active exception", SIGABRT) and hide both."""
+    """Destroy a process group an error left open without waiting for the other ranks (they may never come):
+    gloo's threads alive at interpreter shutdown would abort the process (SIGABRT), hiding its status and line."""
     dist = sys.modules.get("torch.distributed")  # only if the program imported it: nothing to import here
     if dist is not None and dist.is_available() and dist.is_initialized():
         try:
@@ -42,10 +37,8 @@ def _abandon_process_group():
 
 
 def _exit_if_one_of_several():
-    """A finished process of a torchrun job exits here, its files closed and its output flushed, without the
-    interpreter's finalization: even with the process group destroyed, objects that held gloo work (DDP's
-    reducer) can be torn down while the interpreter shuts down and abort the process ("terminate called
-    without an active exception", SIGABRT: a run that wrote everything would report a failure)."""
+    """A finished process of a torchrun job exits here, output flushed, skipping the interpreter's finalization:
+    objects that held gloo work (DDP's reducer) torn down in it can abort a run that wrote everything (SIGABRT)."""
     try:
         several = int(os.environ.get("WORLD_SIZE") or 1) > 1
     except ValueError:  # not set by torchrun: not one of several
@@ -57,9 +50,8 @@ def _exit_if_one_of_several():
 
 
 def _leave(status, line):
-    """Exit with `status` after `line` on stderr. Where a stream's reader is gone (`2>&1 | tee` after Ctrl-C,
-    which ends tee too) nothing can be shown: the stream is pointed at /dev/null instead, so that neither the
-    line nor the interpreter's last flush fails, which would replace the status with 1 and print nothing."""
+    """Exit with `status` after `line` on stderr. A stream whose reader is gone (`| tee` after Ctrl-C) is pointed
+    at /dev/null: a failing write or last flush would replace the status with 1."""
     for stream, text in ((sys.stdout, ""), (sys.stderr, line + "\n")):
         try:
             stream.write(text)

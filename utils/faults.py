@@ -7,14 +7,9 @@ at a named, deterministic point, so that crash-and-resume tests never race the c
     DYNPRUNE_KILL_AT="decode:1"    under torchrun, the process of local rank 1 as it starts decoding the images
     DYNPRUNE_KILL_AT="trial:3:saved:1"  main_search.py: that point within the 3rd trial the process runs
 
-With DYNPRUNE_KILL_SIGNAL=SIGINT the point sends SIGINT to the process's whole process group instead, as
-Ctrl-C in a terminal does to every process of a pipeline (`python main_sp.py ... | tee log`; start such a
-job in a session of its own), and raises KeyboardInterrupt once every pipe the process writes to has lost
-its reader: tee, with nothing to finish, is gone before a training step ends, and the test then sees that
-order every time.
-
-The point names and numbers are those of the calls to `kill_point` below; with the variable unset (every
-normal run) a call costs one dictionary lookup.
+With DYNPRUNE_KILL_SIGNAL=SIGINT the point sends SIGINT to its whole process group instead, as Ctrl-C does to
+a pipeline (`python main_sp.py ... | tee log`; start such a job in a session of its own), and raises
+KeyboardInterrupt once every pipe it writes to has lost its reader, so a test sees that order every time.
 """
 import contextlib
 import os
@@ -60,9 +55,8 @@ def interrupt_pipeline(wait_s=60):
 
 @contextlib.contextmanager
 def scoped(name, *where):
-    """Within this block DYNPRUNE_KILL_AT="<name>:<where>:<point>" acts as "<point>": e.g. "trial:2:saved:1"
-    kills right after the epoch-1 checkpoint of the second trial a search process runs (one process runs
-    many stages, each with its own "saved:1")."""
+    """Within this block DYNPRUNE_KILL_AT="<name>:<where>:<point>" acts as "<point>": "trial:2:saved:1" is "saved:1"
+    of the second trial a search process runs (one process runs many stages, each with its own "saved:1")."""
     spec, prefix = os.environ.get(ENV), ":".join([name, *map(str, where)]) + ":"
     if not spec or not spec.startswith(prefix):
         yield

@@ -7,9 +7,8 @@ from utils.errors import write_error
 
 
 def current_umask():
-    """The process's umask, read without changing it where Linux reports it (/proc/self/status); elsewhere
-    set and restored at once, through 0o077 so that a file another thread creates in between is only ever
-    more private, never less."""
+    """The process's umask, read from /proc/self/status on Linux; elsewhere set and restored through 0o077, so
+    that a file another thread creates in between is only ever more private."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -23,13 +22,11 @@ def current_umask():
 
 
 def atomic_write(path, write, binary=False, tmp_prefix=None):
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a
-    process killed while writing leaves the previous file in place, and a crash never leaves an empty one.
-    Temporary files of earlier killed writers (`tmp_prefix`, default ".tmp-<name>-") are removed first (one
-    writer per file). An OSError (disk full, no permission, a path component that is a file) is a UserError
-    naming `path` and the reason (also when the writer wraps it, as torch.save does); the previous file stays
-    as it was. The file gets the mode a plain open() would give it (0o666 less the umask: on a shared
-    machine, readable by whom the user's umask says), not the temporary file's private 0o600."""
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a killed
+    or failed write leaves the previous file as it was. Earlier killed writers' temporary files (`tmp_prefix`,
+    default ".tmp-<name>-") are removed first (one writer per file). An OSError, also one the writer wraps (as
+    torch.save does), is a UserError naming `path`. The file gets open()'s mode (0o666 less the umask), not
+    the temporary file's private 0o600."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = tmp_prefix or f".tmp-{os.path.basename(path)}-"
     tmp = None

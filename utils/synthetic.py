@@ -1,10 +1,9 @@
 """Small learnable datasets written in the real on-disk layouts, so tests and the quick demo run through
 the same loading code (utils/data.py) as CIFAR-100.
 
-Every class has a fixed random smooth colour template (low-frequency sinusoids plus a few colour blobs,
-partly shared between classes so they are not trivially apart); an image is its class template shifted by
-a few pixels, scaled by a random brightness, plus gaussian noise. A tiny ResNet gets well above chance
-in a few epochs, but not 100% at once.
+An image is its class's random smooth colour template (partly shared between classes, so that they are not
+trivially apart), shifted, brightened and noised: a tiny ResNet gets well above chance in a few epochs, but
+not 100% at once.
 
     python -m utils.synthetic ROOT [--layout png|pickle] [--classes N] [--train_per_class N]
                                    [--test_per_class N] [--size S]
@@ -127,11 +126,8 @@ def main():
     parser = argparse.ArgumentParser(description="Write a small synthetic dataset in a CIFAR layout.")
     parser.add_argument("root")
     parser.add_argument("--layout", choices=["png", "pickle"], default="png")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--train_per_class", type=int, default=50)
-    parser.add_argument("--test_per_class", type=int, default=20)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, default in (("classes", 10), ("train_per_class", 50), ("test_per_class", 20), ("size", 32), ("seed", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--img_type", choices=["png", "jpg"], default="png")
     args = parser.parse_args()
     if args.layout == "pickle" and args.size != 32:
