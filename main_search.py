@@ -18,15 +18,13 @@ import time
 import optuna
 
 from pruners.config import validate
-from runtime.checkpoint import load_checkpoint
-from runtime.stage import check_result_dir
+from runtime.stage import check_result_dir, starting_checkpoint
 from search.phase import open_storage
 from search.protocol import TITLES, Search, SearchSettings
 from search.trials import Trials, stage3_settings
 from utils.cli import check, parse
 from utils.dist import setup
 from utils.errors import UserError, run_main
-from utils.lineage import check_chain
 
 DATA_KEYS = ("data_dir", "img_type", "resize", "num_workers")
 SET_BY_SEARCH = ("result_dir", "checkpoint", "prune_mode", "compression", "ratio", "rounds", "final_split",
@@ -79,13 +77,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     rl_settings = stage3_settings(args, args.knob)  # checked by stage 3's checks before any work
-    stage1_path = args.checkpoint or os.path.join(args.result_dir, "sp", "checkpoint.pt")
-    if not os.path.isfile(stage1_path):
-        raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py (with --val_split > 0) first, "
-                        f"or give --checkpoint")
-    if not args.checkpoint:  # this --result_dir's stage 1 must be the network its metrics describe
-        check_chain(args.result_dir, ("sp",))
-    stage1 = load_checkpoint(stage1_path, ("sp",), "--checkpoint")
+    stage1_path, stage1 = starting_checkpoint(args.checkpoint, args.result_dir, ("sp",), "--checkpoint", (
+        f"no stage-1 checkpoint at {os.path.join(args.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py (with "
+        f"--val_split > 0) first, or give --checkpoint"))
     data = stage1_data(args, stage1, stage1_path)
     rl_settings = dataclasses.replace(rl_settings, **data)
     eval_bs = (stage1.get("args") or {}).get("bs", 128)  # the stage-1 run's: fits its training split

@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.faults import kill_point
 from utils.files import write_json
 from utils.flops import count_params, probe
-from utils.lineage import file_sha256, parent_record
+from utils.lineage import STAGES, check_chain, check_parent_fits, file_sha256, parent_record
 from utils.log import Logger
 from utils.nets import unwrap
 
@@ -105,24 +105,19 @@ class StageRun:
     after stage 1's last, so `tensorboard --logdir RESULTS` shows the three stages one after the other."""
 
     def __init__(self, name, result_dir, ctx):
-        self.name, self.ctx = name, ctx
-        self.result_dir = result_dir
-        self.dir = os.path.join(result_dir, name)
+        self.name, self.ctx, self.result_dir, self.dir = name, ctx, result_dir, os.path.join(result_dir, name)
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
-        self.logger = None
-        self.pipeline = None
+        self.logger = self.pipeline = self.run_id = None
         self.parent = None     # lineage record of the checkpoint this stage started from (utils/lineage.py)
-        self.run_id = None
-        self.step_offset = 0   # TensorBoard steps of the stages before this one
-        self.last_step = 0
+        self.step_offset = self.last_step = 0   # step_offset: TensorBoard steps of the stages before this one
 
     @classmethod
     def begin(cls, name, settings):
         """Stage `name`'s run with `settings` (utils.cli.CommonSettings): its result_dir checked, then the
         device, torchrun's process group, seeds and numerics set up (utils.dist.setup)."""
-        check_result_dir(settings.result_dir)
         s = settings
+        check_result_dir(s.result_dir)
         return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32))
 
     def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
@@ -210,18 +205,13 @@ class StageRun:
         return evs
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard", routes="routed"):
-        """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
-        model the stage ends with, exactly as saved (float32, even after bf16 training) -> metrics.json and
-        TensorBoard (at the stage's last step): <split>_acc, <split>_loss, <split>_images, gflops_per_image
-        (on that split; under val also as val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
-        with every block executed and no switch evaluated, and routed_acc, routed_gflops, exec_rate those of
-        the greedy routes beside it, on the same split (in TensorBoard `routes`_acc and `routes`_gflops: stage 1
-        names them for its re-spread switches). Also the lineage: the sha256 of the checkpoint the numbers
-        are of, and the parent it started from. Returns the metrics dict."""
+        """Final evaluation on the --final_split (val: no test number is computed) of the model exactly as
+        saved -> metrics.json (<split>_acc, gflops_per_image ..., the lineage) and TensorBoard at the stage's last
+        step. Mode "open" (rows 1 and 2): every block, no switch, the greedy routes beside it as routed_*
+        (TensorBoard: `routes`_acc and `routes`_gflops, stage 1 naming its re-spread switches so)."""
         split = data.final_name
         loader = data.test if split == "test" else data.eval
-        # float32 whatever the training precision: the numbers are the saved (float32) model's, as deployed
-        # and TF32 off (cuDNN's float32 convolutions default to TF32 on CUDA), whatever --tf32 allowed in training
+        # float32 and TF32 off whatever training allowed: the numbers are the saved (float32) model's, as deployed
         exact = dataclasses.replace(self.ctx, amp=False)
         with exact_fp32():
             final = evaluate(ddp, loader, exact, costs, mode=mode, desc=split)
@@ -253,6 +243,27 @@ class StageRun:
         return metrics
 
 
+def starting_checkpoint(given, result_dir, stages, flag, missing):
+    """(path, checkpoint) a stage starts from: `given`, else the first of `stages` whose checkpoint is in
+    result_dir (refused with the line `missing` when there is none, or when result_dir's chain does not hold)."""
+    path = given or next((p for p in (os.path.join(result_dir, s, "checkpoint.pt") for s in stages)
+                          if os.path.isfile(p)), None)
+    if path is None:
+        raise UserError(missing)
+    if not given:  # the network of this --result_dir's chain, which must hold
+        check_chain(result_dir, tuple(s for s in STAGES if s in stages))
+    return path, load_checkpoint(path, stages, flag)
+
+
+def parent_of(ckpt, path, given, result_dir, flag):
+    """The lineage record of the checkpoint a stage starts from; one `given` by `flag` must be the network
+    result_dir holds of its stage, if any."""
+    parent = parent_record(ckpt["stage"], path)
+    if given:
+        check_parent_fits(result_dir, parent, flag)
+    return parent
+
+
 def resume(run, resume, ctx, settings=None, source=None):
     """The one resume path of the three stages: the checkpoint a resumed run continues (`resume`: a path, or
     "auto" / True for this stage's own in its result_dir) -> (checkpoint, path), refused in one line before
@@ -269,16 +280,17 @@ def resume(run, resume, ctx, settings=None, source=None):
     if began_from and os.path.isfile(began.get("path") or "") \
             and began_from != parent_record(began["stage"], began["path"])["sha256"]:
         raise UserError(f"--resume {path}: began from another network than {began['path']} holds now (stage "
-                        f"{STAGE_NUMBERS[began['stage']]} was rerun since); start stage {STAGE_NUMBERS[run.name]} "
+                        f"{STAGES[began['stage']].number} was rerun since); start stage {STAGES[run.name].number} "
                         f"afresh")
     return ckpt, path
 
 
-STAGE_NUMBERS = {"sp": 1, "prune": 2, "rl": 3}
-# Settings a resumed run may change: where and how fast it runs, not what it computes (the network's own are
-# checked against its architecture, the resize against its recorded pipeline, with their own messages)
-RESUME_FREE = {"resume", "device", "num_workers", "data_dir", "result_dir", "overwrite", "compile", "amp",
-               "channels_last", "tf32", "download", "checkpoint", "pretrained", "resize", "network", "depth", "width", "gate"}
+# Settings that say where a run runs, not what it computes: a search's trial does not record them
+WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume", "overwrite")
+# Settings a resumed run may change: WHERE and how fast it runs (the network's own are checked against its
+# architecture, the resize against its recorded pipeline, with their own messages)
+RESUME_FREE = {*WHERE, "compile", "amp", "channels_last", "tf32", "download", "pretrained", "resize", "network",
+               "depth", "width", "gate"}
 
 
 def check_resume_args(ckpt, settings, path):

@@ -1,14 +1,7 @@
-"""Bisection on one monotone knob, as an Optuna sampler.
-
-Why bisection and not TPE or a GP: each phase of the search asks for a threshold, the most aggressive value
-of one knob (compression; stage 3's GFLOPs target) whose network stays within the accuracy budget, and
-accuracy falls monotonically with the knob up to training noise. Bisection halves the interval of
-uncertainty with every trial, which a model-based sampler does not do on a one-dimensional feasibility
-question, and it is deterministic: a resumed search proposes again exactly the point whose trial was
-interrupted, so that trial continues in its own result folder instead of starting elsewhere. Trials other
-workers are running split the interval too (the next point is the middle of the widest gap left between
-the bracket and the points in flight); search/phase.py's claim() makes that view complete, so workers
-sharing a study never run the same point.
+"""Bisection on one monotone knob, as an Optuna sampler (why not TPE or a GP: docs/search.md, "Why
+bisection"; a model-based sampler neither halves a one-dimensional feasibility interval per trial nor
+proposes an interrupted trial's point again). Trials in flight split the interval too; search/phase.py's
+claim() makes that view complete, so workers sharing a study never run the same point.
 
 Noise: a feasible point beyond an infeasible one moves the bracket past it (the best feasible point wins);
 infeasible points below the best feasible one are ignored.

@@ -15,7 +15,7 @@ from runtime.evaluate import evaluate
 from search.bisection import Knob, label, no_trial_reason
 from search.phase import Worker, open_study, run_alone, trial_records
 from search.trials import DYNAMIC_KNOBS, record_of
-from utils.cli import DATA_DIR, IMG_TYPE, NULL, NUM_WORKERS, RESIZE, Setting, in_range
+from utils.cli import NULL, CommonSettings, Setting, in_range, like
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from utils.data import DataSettings
 from utils.files import write_json
@@ -34,10 +34,10 @@ class SearchSettings:
     checkpoint: str = Setting((str, NULL), "the stage-1 checkpoint (default: <result_dir>/sp/checkpoint.pt)",
                               group="", flag={"metavar": "PATH"})(None)
     device: str = Setting((str, NULL), "cpu, cuda or cuda:N; none: cuda when available", group="")(None)
-    data_dir: str = DATA_DIR(None)
-    img_type: str = IMG_TYPE(None)
-    resize: int = RESIZE(None)
-    num_workers: int = NUM_WORKERS(None)
+    data_dir: str = like(CommonSettings, "data_dir", None)
+    img_type: str = like(CommonSettings, "img_type", None)
+    resize: int = like(CommonSettings, "resize", None)
+    num_workers: int = like(CommonSettings, "num_workers", None)
     budget: float = Setting((float,), "accuracy points (validation split) a chosen network may lose against the "
                             "unpruned one", in_range(0), group="search")(1.0)
     storage: str = Setting((str, NULL), "Optuna RDB URL shared by every worker (default: "

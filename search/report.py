@@ -4,14 +4,13 @@ with the settings found, every trial's result and the accuracy / GFLOPs picture 
 Under <search_dir>: final/<row>.json (the one test evaluation of each chosen network, reused while the
 choice stands), table.md, table.json, trials.json and pareto.png.
 """
-import json
 import os
 
 from optuna.trial import TrialState
 
 from runtime import predict
 from runtime.evaluate import evaluate
-from utils.files import write_json
+from utils.files import read_json, write_json
 from utils.flops import compression, count_params
 from utils.lineage import STAGES
 from utils.data import DataSettings
@@ -29,8 +28,7 @@ def evaluate_on_test(chosen, data, bs, ctx, final_dir):
     for row, spec in chosen.items():
         path = os.path.join(final_dir, f"{row}.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                kept = json.load(f)
+            kept = read_json(path)
             if kept["checkpoint"] == spec["checkpoint"] and kept["mode"] == spec["mode"]:
                 out[row] = kept
                 continue

@@ -1,47 +1,35 @@
-"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha), a call of the
-stage's own function (stages.prune.run, stages.rl.run) with its settings, in this process, in its own result
-folder under <search_dir>/trials/ (named by its study and trial number: search/phase.py's trial_dir), ending
-on the validation split (final_split val: no trial ever reads the test split). Each folder records in
-trial.json what defines its result: the stage, its settings (less where and how it runs: paths, device,
-workers) and the sha256 of the checkpoint it starts from. A folder recording the same is read when its
-metrics.json exists, or resumed from its checkpoint; one made under other settings (an earlier search with
-another config whose trial had the same number, in another --storage) is moved into trials/stale-<time>/ and
-the trial runs: an old network is never reported as the new settings' result.
-
-    trials/<study>.static/<n>-compression<c>/        prune/{checkpoint.pt, metrics.json, tb/}
-    trials/<study>.dynamic.c<c>/<n>-<knob><x>/       rl/{checkpoint.pt, metrics.json, tb/}
+"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha): the stage's own
+function in this process, in its own folder under <search_dir>/trials/, ending on the validation split. Its
+trial.json records what defines its result, so that an old network is never reported as new settings'
+result (the folders and their records: docs/search.md).
 """
 import dataclasses
 import json
 import os
-import time
 
 from pruners.config import validate
+from runtime.stage import WHERE
 from stages import prune as stage2, rl as stage3
 from utils.files import read_json, write_json
-from utils.lineage import file_sha256
-
-# Settings of a trial that say where and how it runs, not what it computes: not part of its record
-WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume", "overwrite")
+from utils.lineage import file_sha256, stale_folder
 
 # Stage 3's knob: the GFLOPs target (the default), or alpha (larger alpha, fewer GFLOPs).
 DYNAMIC_KNOBS = ("target_gflops", "alpha")
 
-# stage 3's settings that the search sets through flags of its own
-STAGE3_FLAGS = {"epochs": "--rl_epochs", "lr": "--rl_lr", "bs": "--rl_bs", "alpha": "--rl_alpha",
-                "route_epochs": "--rl_route_epochs", "route_lr": "--rl_route_lr"}
+# stage 3's settings that the search sets, by its own flags
+STAGE3_FLAGS = {"epochs": "rl_epochs", "lr": "rl_lr", "bs": "rl_bs", "rl_weight": "rl_weight", "gamma": "gamma",
+                "alpha": "rl_alpha", "route_epochs": "rl_route_epochs", "route_lr": "rl_route_lr"}
 
 
 def stage3_settings(args, knob_name):
     """Stage 3's settings of every dynamic trial from the search's flags (the data, the knob's value and the
     paths are set later), checked by stage 3's own checks at once, so that the search never runs its static phase
     to find out that stage 3 refuses them: UserError naming the search's flag."""
-    settings = stage3.RLSettings(
-        epochs=args.rl_epochs, lr=args.rl_lr, bs=args.rl_bs, rl_weight=args.rl_weight, gamma=args.gamma,
-        route_epochs=args.rl_route_epochs, route_lr=args.rl_route_lr if args.rl_route_epochs else None,
-        alpha=args.rl_alpha, final_split="val")  # alpha: where the dual ascent starts, unless it is the knob
+    # alpha: where the dual ascent starts, unless it is the knob
+    settings = stage3.RLSettings(**{k: getattr(args, a) for k, a in STAGE3_FLAGS.items()}, final_split="val")
+    settings.route_lr = settings.route_lr if settings.route_epochs else None
     probe = dataclasses.replace(settings, **{knob_name: 1.0})  # a value of the knob, for the checks
-    stage3.check_settings(probe, flag=lambda name: STAGE3_FLAGS.get(name, f"--{name}"),
+    stage3.check_settings(probe, flag=lambda name: f"--{STAGE3_FLAGS.get(name, name)}",
                           suffix=" (stage 3's setting, as main_rl_prune.py would refuse it)")
     return settings
 
@@ -88,10 +76,8 @@ class Trials:
         if old == record:
             return
         if os.path.isdir(folder) and os.listdir(folder):
-            stamp, within = time.strftime("stale-%Y%m%d-%H%M%S"), os.path.relpath(folder, self.root)
-            aside, n = os.path.join(self.root, stamp, within), 1
-            while os.path.exists(aside):
-                aside, n = os.path.join(self.root, f"{stamp}-{n}", within), n + 1
+            within = os.path.relpath(folder, self.root)
+            aside = os.path.join(stale_folder(self.root, within), within)
             os.makedirs(os.path.dirname(aside), exist_ok=True)
             os.rename(folder, aside)
             print(f"[search] {folder} holds a trial {self.difference(old, record)}: moved to {aside}; "

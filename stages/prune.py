@@ -11,16 +11,16 @@ import torch
 
 from pruners import check_schedule, evenly_spaced, prunable_convs, prune, set_rotations_trainable
 from pruners.config import PruneSettings
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import model_from_checkpoint
 from runtime.evaluate import evaluate, recalibrate_bn
 from runtime.loop import make_scheduler, prepare, sgd
-from runtime.stage import StageRun, check_batch_shapes, restore_training_state, resume
+from runtime.stage import StageRun, check_batch_shapes, parent_of, restore_training_state, resume, starting_checkpoint
 from runtime.steps import dense_step, supervised_step
 from utils.data import DataSettings, load_data
 from utils.dist import exact_fp32, teardown
 from utils.errors import UserError
 from utils.flops import compression, count_params, dense_flops, measure_costs, to_gflops
-from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
+from utils.lineage import guard_rerun
 
 
 def targets(schedule):
@@ -74,22 +74,6 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     return model, report
 
 
-def stage1_of(cfg):
-    """(path, checkpoint, lineage record) of the stage-1 network `cfg` prunes, refused in one line when absent,
-    not a stage-1 checkpoint, or not the network of this result_dir's chain."""
-    path = cfg.checkpoint or os.path.join(cfg.result_dir, "sp", "checkpoint.pt")
-    if not cfg.checkpoint and not os.path.isfile(path):
-        raise UserError(f"no stage-1 checkpoint at {path}: run main_sp.py with this result_dir first "
-                        f"(or set the config's 'checkpoint')")
-    if not cfg.checkpoint:
-        check_chain(cfg.result_dir, ("sp",))
-    stage1 = load_checkpoint(path, ("sp",), "checkpoint")
-    parent = parent_record("sp", path)
-    if cfg.checkpoint:
-        check_parent_fits(cfg.result_dir, parent, "checkpoint")
-    return path, stage1, parent
-
-
 def resumed_run(cfg, stage, ctx, stage1_path):
     """(checkpoint, path) of this stage that a resumed run continues (runtime.stage.resume), or (None, None)."""
     if not cfg.resume:
@@ -135,7 +119,10 @@ def run(cfg: PruneSettings):
     schedule = cfg.schedule
     stage = StageRun.begin("prune", cfg)
     ctx = stage.ctx
-    stage1_path, stage1, parent = stage1_of(cfg)
+    stage1_path, stage1 = starting_checkpoint(cfg.checkpoint, cfg.result_dir, ("sp",), "checkpoint", (
+        f"no stage-1 checkpoint at {os.path.join(cfg.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py with this "
+        f"result_dir first (or set the config's 'checkpoint')"))
+    parent = parent_of(stage1, stage1_path, cfg.checkpoint, cfg.result_dir, "checkpoint")
     ckpt, resume_path = resumed_run(cfg, stage, ctx, stage1_path)
     # a resumed run inherited stage 1's pipeline and fixed its own augmentation
     recorded = (ckpt or stage1).get("pipeline")

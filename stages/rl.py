@@ -30,17 +30,17 @@ from gates.optim import make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep
 from gates.price import SkipPrice
 from models.resnet import compile_report, compile_step
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import model_from_checkpoint
 from runtime.loop import make_scheduler, prepare
-from runtime.stage import StageRun, check_batch_shapes, resume, restore_training_state
+from runtime.stage import StageRun, check_batch_shapes, parent_of, resume, restore_training_state, starting_checkpoint
 from runtime.table import write_table
-from utils.cli import BS, EPOCHS, LR, NULL, Setting, StageSettings, check, in_range
+from utils.cli import NULL, Setting, StageSettings, check, in_range, like
 from utils.data import DataSettings, load_data
 from utils.dist import teardown
 from utils.errors import UserError
 from utils.flops import compression, count_params, from_gflops, gflops_bounds, measure_costs
 from utils.nets import unwrap
-from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
+from utils.lineage import guard_rerun
 
 CONTROLLERS = ("counterfactual", "reinforce", "gumbel")
 TITLES = {"data": "data", "training": "training",
@@ -50,9 +50,9 @@ TITLES = {"data": "data", "training": "training",
 
 @dataclasses.dataclass
 class RLSettings(StageSettings):
-    epochs: int = EPOCHS(100)  # the original stage-3 command's
-    lr: float = LR(0.001)
-    bs: int = BS(256)
+    epochs: int = like(StageSettings, "epochs", 100)  # the original stage-3 command's
+    lr: float = like(StageSettings, "lr", 0.001)
+    bs: int = like(StageSettings, "bs", 256)
     network: str = Setting((str, NULL), "if given, must be the checkpoint's network (resnet)", group="model")(None)
     depth: int = Setting((int, NULL), "if given, must be the checkpoint's depth", group="model")(None)
     width: int = Setting((int, NULL), "if given, must be the checkpoint's width multiplier", group="model")(None)
@@ -138,18 +138,6 @@ def check_settings(s, flag=None, suffix=""):
                         f"it > 0{suffix}")
 
 
-def source_path(s):
-    if s.checkpoint:
-        return s.checkpoint
-    for stage in ("prune", "sp"):
-        path = os.path.join(s.result_dir, stage, "checkpoint.pt")
-        if os.path.isfile(path):
-            return path
-    raise UserError(f"no checkpoint to start from: neither {s.result_dir}/prune/checkpoint.pt nor "
-                    f"{s.result_dir}/sp/checkpoint.pt exists (run main_sp.py and main_prune.py first, "
-                    f"or give --checkpoint)")
-
-
 def source_compression(ckpt, params):
     """Fraction of the stage-1 parameters that the starting network (holding `params`) has removed: 0 for a
     stage-1 network, from the stage-1 size a stage-2 one records (None where it records none)."""
@@ -194,13 +182,10 @@ def starting_point(s, run, ctx):
         ckpt, path = resume(run, s.resume, ctx, s, source=lambda c: (c.get("extra", {}).get("source") or {}))
         source = ckpt.get("extra", {}).get("source", {})
         return ckpt, path, "--resume", source, None
-    path = source_path(s)
-    if not s.checkpoint:  # the network of this --result_dir's chain, which must hold
-        check_chain(s.result_dir, ("sp", "prune"))
-    ckpt = load_checkpoint(path, ("prune", "sp"), "--checkpoint")
-    parent = parent_record(ckpt["stage"], path)
-    if s.checkpoint:
-        check_parent_fits(s.result_dir, parent, "--checkpoint")
+    path, ckpt = starting_checkpoint(s.checkpoint, s.result_dir, ("prune", "sp"), "--checkpoint", (
+        f"no checkpoint to start from: neither {s.result_dir}/prune/checkpoint.pt nor {s.result_dir}/sp/checkpoint.pt "
+        f"exists (run main_sp.py and main_prune.py first, or give --checkpoint)"))
+    parent = parent_of(ckpt, path, s.checkpoint, s.result_dir, "--checkpoint")
     return ckpt, path, "--checkpoint", {"path": path, "stage": ckpt["stage"]}, parent
 
 

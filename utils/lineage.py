@@ -7,12 +7,12 @@ the checkpoint it ended with. The chain of a --result_dir holds when each stage'
 checkpoint of the stage before it there, and each metrics.json describes the checkpoint beside it.
 """
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
 
 from utils.errors import UserError
+from utils.files import read_json
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,7 @@ def read_metrics(result_dir, stage):
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path)
     except (OSError, ValueError):
         raise UserError(f"{path}: unreadable or not JSON") from None
 
@@ -121,6 +120,15 @@ def finished(result_dir, stage):
     return os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))
 
 
+def stale_folder(root, within=""):
+    """A new <root>/stale-<time>[-n] to move stale results into (`within` it: one not holding that path yet)."""
+    stamp = time.strftime("stale-%Y%m%d-%H%M%S")
+    aside, n = os.path.join(root, stamp), 1
+    while os.path.exists(os.path.join(aside, within)):
+        aside, n = os.path.join(root, f"{stamp}-{n}"), n + 1
+    return aside
+
+
 def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=False):
     """Before a stage writes into result_dir: a finished run of this stage there (unless `resuming` it) would
     be replaced, and later stages' results there were made from the network this run replaces. Refused
@@ -143,11 +151,7 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=
                         f"into {result_dir}/stale-<time>/, or another --result_dir")
     if not is_main or not move:
         return None
-    aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S"))
-    n = 1
-    while os.path.exists(aside):
-        aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S") + f"-{n}")
-        n += 1
+    aside = stale_folder(result_dir)
     names = [name for name in [*([] if resuming else [stage]), *later, "table.md", "table.json"]
              if os.path.exists(os.path.join(result_dir, name))]
     moved = []
