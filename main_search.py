@@ -5,13 +5,9 @@ test); then each chosen network is evaluated once on the test split.
 
     python main_search.py --result_dir results --prune_config config.json [--budget 1.0] [--storage URL]
 
-Reads <result_dir>/sp/checkpoint.pt (stage 1, run with --val_split > 0) and writes <result_dir>/search/:
-search.db (the Optuna studies), trials/ (every trial's stage folder), trials.json, table.md, table.json
-and pareto.png. Run the same command again to continue an interrupted search, or on several machines with
-one --storage (and a shared --result_dir) to split its trials (docs/search.md).
+What it writes, resuming, several workers: docs/search.md.
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -25,6 +21,7 @@ from search.trials import Trials, stage3_settings
 from utils.cli import check, parse
 from utils.dist import setup
 from utils.errors import UserError, run_main
+from utils.files import read_json
 
 DATA_KEYS = ("data_dir", "img_type", "resize", "num_workers")
 SET_BY_SEARCH = ("result_dir", "checkpoint", "prune_mode", "compression", "ratio", "rounds", "final_split",
@@ -60,8 +57,7 @@ def prune_base(args, data, stage1_path):
     base = {}
     if args.prune_config:
         try:
-            with open(args.prune_config) as f:
-                base = json.load(f)
+            base = read_json(args.prune_config)
         except (OSError, ValueError) as e:
             raise UserError(f"--prune_config {args.prune_config}: cannot read it as JSON ({e})") from None
         if not isinstance(base, dict):

@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.faults import kill_point
 from utils.files import write_json
 from utils.flops import count_params, probe
-from utils.lineage import STAGES, check_chain, check_parent_fits, file_sha256, parent_record
+from utils.lineage import STAGES, check_chain, check_parent_fits, file_sha256, guard_rerun, parent_record
 from utils.log import Logger
 from utils.nets import unwrap
 
@@ -52,9 +52,8 @@ def check_batch_shapes(model, image_size, bs, resize_fixed=False):
 
 
 def curves(ev, mode):
-    """The TensorBoard curves of an evaluation (runtime/evaluate.py's dict) in `mode`: accuracy and loss, and
-    for the switches' routes their GFLOPs and execution rates. Every block runs in open mode, so its GFLOPs
-    and rates are constants, and the image count is one for every evaluation: curves that say nothing."""
+    """The TensorBoard curves of an evaluation in `mode`: GFLOPs and execution rates only for the switches'
+    routes (in open mode they are constants, like the image count: curves that say nothing)."""
     keys = ("acc", "loss") if mode == "open" else ("acc", "loss", "gflops", "exec_rate")
     return {k: ev[k] for k in keys}
 
@@ -104,8 +103,9 @@ class StageRun:
     own), and its steps are epochs counted from the start of the lineage: stage 2's first epoch comes
     after stage 1's last, so `tensorboard --logdir RESULTS` shows the three stages one after the other."""
 
-    def __init__(self, name, result_dir, ctx):
+    def __init__(self, name, result_dir, ctx, overwrite=False):
         self.name, self.ctx, self.result_dir, self.dir = name, ctx, result_dir, os.path.join(result_dir, name)
+        self.overwrite = overwrite
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
         self.logger = self.pipeline = self.run_id = None
@@ -114,17 +114,17 @@ class StageRun:
 
     @classmethod
     def begin(cls, name, settings):
-        """Stage `name`'s run with `settings` (utils.cli.CommonSettings): its result_dir checked, then the
-        device, torchrun's process group, seeds and numerics set up (utils.dist.setup)."""
+        """Stage `name`'s run: its result_dir checked, then device, process group, seeds, numerics set up."""
         s = settings
         check_result_dir(s.result_dir)
-        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32))
+        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32), s.overwrite)
 
     def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
-        """Create the stage's folder and TensorBoard writer. Call only once all input has been checked.
-        `pipeline` (Data.pipeline) goes into every checkpoint; `parent` is the lineage record of the
-        checkpoint the stage started from; `resumed`, the checkpoint of this stage a --resume continues (its
-        run folder and step offset are kept); `start_step`, the parent's last TensorBoard step."""
+        """Create the stage's folder (earlier results there moved aside or refused: utils.lineage.guard_rerun)
+        and TensorBoard writer, once all input has been checked. `resumed`: the
+        checkpoint a --resume continues (its run folder and step offset kept); `start_step`: the parent's last
+        TensorBoard step."""
+        guard_rerun(self.result_dir, self.name, self.overwrite, self.ctx.is_main, resuming=resumed is not None)
         self.pipeline, self.parent = pipeline, parent
         if resumed is not None:
             self.run_id = resumed.get("run_id")
@@ -154,8 +154,7 @@ class StageRun:
                 "tb_step": self.last_step}
 
     def save(self, model, optimizer, scheduler, epoch, own):
-        """Write this stage's checkpoint (runtime/checkpoint.py's format; rank 0, every rank waits): the
-        training state after `epoch` epochs and `own`, the stage's own keys."""
+        """Write the checkpoint after `epoch` epochs with `own`, the stage's own keys (rank 0; every rank waits)."""
         if self.ctx.is_main:
             own = {**own, "world_size": self.ctx.world_size}  # processes training it: check_resume_world_size
             save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, self.lineage(), model,
@@ -165,11 +164,10 @@ class StageRun:
 
     def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, own_state,
             log_offset=0, evals=(("routed", "hard"),), total_epochs=None):
-        """The epoch loop. `own_state()` returns the stage's own keys of its checkpoint, read at every save
-        (arch, model, optimizer ... are filled in by save). After every epoch the network being trained is
-        evaluated in each of `evals` ((name, mode): "dense" in mode open, "routed" in hard); the first is the one-line
-        summary's. Epochs are shown as epoch / total_epochs (default `epochs`), so that a stage calling fit
-        twice (stage 1's dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
+        """The epoch loop, a checkpoint per epoch (`own_state()`: the stage's own keys, read at every save). After
+        every epoch the network is evaluated in each of `evals` ((name, mode)), the first in the summary line.
+        Epochs are shown out of total_epochs (default `epochs`), so that a stage calling fit twice (stage 1's
+        dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
         def checkpoint(epoch):
             self.save(model, optimizer, scheduler, epoch, own_state())
 
@@ -265,12 +263,10 @@ def parent_of(ckpt, path, given, result_dir, flag):
 
 
 def resume(run, resume, ctx, settings=None, source=None):
-    """The one resume path of the three stages: the checkpoint a resumed run continues (`resume`: a path, or
-    "auto" / True for this stage's own in its result_dir) -> (checkpoint, path), refused in one line before
-    any work when it is not this stage's, was trained by another number of processes, under other training
-    settings (`settings`, a stage's settings dataclass; None: the stage checks its own) or from another
-    network than its source holds now (`source(checkpoint)`: {"stage", "path"} of the checkpoint the run began
-    from: an earlier stage was rerun since)."""
+    """The one resume path of the three stages -> (checkpoint, path) of `resume` (a path, or "auto" / True: this
+    stage's own), refused in one line when it is not this stage's, or was trained by another number of
+    processes, under other `settings` (None: the stage checks its own), or from another network than its source
+    (`source(checkpoint)`: {"stage", "path"}) holds now."""
     path = run.checkpoint_path if resume in ("auto", True) else resume
     ckpt = load_checkpoint(path, (run.name,), "--resume")
     if settings is not None:
@@ -294,9 +290,8 @@ RESUME_FREE = {*WHERE, "compile", "amp", "channels_last", "tf32", "download", "p
 
 
 def check_resume_args(ckpt, settings, path):
-    """A resumed run continues the run its checkpoint began: refused (one line, before any work) when a setting
-    that shapes the training (learning rate, batch size, recipe, seed, fewer epochs ...) differs from the one
-    that run was started with: the result would be neither run, recorded as the new."""
+    """Refused when a setting that shapes the training differs from the one the resumed run was started with:
+    the result would be neither run, recorded as the new."""
     recorded = ckpt.get("args") or {}
     # --epochs may grow: the run goes on to the new count, its schedule continuing as the longer run's from
     # the step reached (a cosine then resumes where that run's curve is at this step)
@@ -309,9 +304,8 @@ def check_resume_args(ckpt, settings, path):
 
 
 def check_resume_world_size(ckpt, ctx, path):
-    """A resumed run has as many processes as the run its checkpoint began (torchrun's world size): with
-    another number the global batch, the steps per epoch and so the learning-rate schedule's length change,
-    and the result would be neither run. Refused in one line before any work."""
+    """Refused when the resumed run had another number of processes: the steps per epoch and so the schedule
+    would change."""
     recorded = ckpt.get("world_size")
     if recorded is not None and recorded != ctx.world_size:
         raise UserError(f"--resume {path}: the run was started with {recorded} process(es), this one has "

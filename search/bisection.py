@@ -38,10 +38,9 @@ def label(x):
 
 
 def outcomes(trials, knob):
-    """Trials (FrozenTrials of one study) as seen by the bisection: ([(x, feasible)] of the finished ones,
-    [x] in flight, number of running trials). A trial that failed with an error of its stage (user attr
-    `error`, e.g. an unreachable target or a diverged training) counts as infeasible; one failed because
-    its process died does not count at all (its point is proposed again)."""
+    """([(x, feasible)] of the finished trials, [x] in flight, number running). A trial failed with an error of
+    its stage (user attr `error`) counts as infeasible; one whose process died does not count (its point runs
+    again)."""
     done, flying, running = [], [], 0
     for t in trials:
         x = t.params.get(knob.name)

@@ -111,9 +111,8 @@ class Worker:
         self.quiet = OneLinePerFailedTrial()
 
     def run_phase(self, study, knob, budget, run_trial, describe):
-        """Run this worker's share of the phase: `run_trial(x, folder)` -> dict with val_acc, val_gflops,
-        feasible (and any other result, kept as user attrs); `describe(x, result, seconds)` is the trial's
-        line. Returns once every trial of the phase has finished, in this worker or any other."""
+        """Run this worker's share of the phase (`run_trial(x, folder)` -> its results, val_acc and val_gflops
+        among them; `describe` its line) until every trial of it has finished, here or in another worker."""
         waiting = False
         while True:
             fail_stale_trials(study)

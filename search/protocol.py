@@ -1,8 +1,5 @@
-"""The original protocol: from a stage-1 network, the highest static compression whose fine-tuned network stays
-within the accuracy budget of the unpruned one, then on that network (and --dynamic_networks - 1 more) the
-lowest stage-3 setting that still does, both chosen on the validation split; then each chosen network is
-evaluated once on the test split (search/report.py). The trials are real stage runs (search/trials.py),
-their studies and workers are search/phase.py's."""
+"""The original protocol (docs/search.md): the static phase, the dynamic phase on the chosen static networks,
+both chosen on the validation split, then the report (search/report.py)."""
 import dataclasses
 import os
 import time
@@ -125,10 +122,8 @@ def dynamic_knob(name, static, max_alpha, image_size, ctx):
 
 
 class Search:
-    """One search, as one worker runs it. `args`: main_search.py's flags (budget, compressions, trials per
-    phase, study name ...); `trials`: the trials' runner (search/trials.Trials: the stage-1 network, data,
-    stage configs and the stages' entry points); `stage1_path` as given; `eval_bs`: the batch size of the
-    search's own evaluations; `knob_name`: what the dynamic phase bisects."""
+    """One search, as one worker runs it: `args` main_search.py's settings, `trials` the runner of its trials
+    (search.trials.Trials), `eval_bs` the batch size of its own evaluations."""
 
     def __init__(self, args, trials, stage1_path, eval_bs, knob_name, ctx):
         self.args, self.trials, self.stage1_path, self.eval_bs = args, trials, stage1_path, eval_bs
@@ -178,8 +173,7 @@ class Search:
 
     def report(self, static_study, statics, dynamic_studies, notes, t0):
         """Choose, evaluate the chosen networks once on test, write trials.json, pareto.png and the table.
-        `statics`: the static phase's trials within the budget, most compressed first; `dynamic_studies`:
-        [(compression, study)]; `notes`: why a row has no network (search.report.missing_notes)."""
+        `statics`: the static trials within the budget, most compressed first."""
         base, threshold, search_dir = self.base, self.threshold, self.search_dir
         dynamics = [(c, t) for c, s in dynamic_studies for t in feasible(s)]
         chosen = {"sp": {"checkpoint": os.path.abspath(self.stage1_path), "mode": "open"}}

@@ -1,9 +1,5 @@
-"""The end of a search: the chosen networks evaluated once on the test split, the three-row table
-with the settings found, every trial's result and the accuracy / GFLOPs picture of all trials.
-
-Under <search_dir>: final/<row>.json (the one test evaluation of each chosen network, reused while the
-choice stands), table.md, table.json, trials.json and pareto.png.
-"""
+"""The end of a search: the chosen networks evaluated once on the test split, the three-row table with the
+settings found, every trial's result and the accuracy / GFLOPs picture (the files: docs/search.md)."""
 import os
 
 from optuna.trial import TrialState
@@ -18,11 +14,8 @@ from runtime.table import save_table, table_row, to_markdown
 
 
 def evaluate_on_test(chosen, data, bs, ctx, final_dir):
-    """Evaluate each chosen network {row: {"checkpoint", "mode"}} once on the test split (mode "open" for
-    the unpruned network: every block, no switch; "hard" for the others: greedy routes, skipped blocks not
-    computed). A row whose final/<row>.json holds the same checkpoint is not evaluated again. Returns
-    {row: {test_acc, test_loss, gflops_per_image, params, test_images, checkpoint, mode}}. One worker at a
-    time (search.phase.run_alone)."""
+    """Evaluate each chosen network {row: {"checkpoint", "mode"}} once on the test split, unless its
+    final/<row>.json holds the same checkpoint -> {row: test_acc, gflops_per_image ...}. One worker at a time."""
     os.makedirs(final_dir, exist_ok=True)
     out, loaded = {}, None
     for row, spec in chosen.items():
@@ -112,9 +105,7 @@ def pareto_front(points):
 
 
 def plot(points, baseline, threshold, chosen, path):
-    """Validation accuracy against GFLOPs per image of every finished trial (static, static + dynamic), the
-    unpruned network, the budget line, the Pareto front and the chosen networks. Returns False (after one
-    line) when matplotlib is missing."""
+    """pareto.png (docs/search.md); False, after one line, when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -42,10 +42,8 @@ def record_of(settings):
 
 
 class Trials:
-    """Runs the trials of one search under <search_dir>/trials. `data`: data_dir, img_type, resize,
-    num_workers, val_split, seed (those of the stage-1 run); `prune_config`: the stage-2 config every static
-    trial starts from; `rl_settings`: the stage-3 settings every dynamic trial shares (stage3_settings).
-    `run_prune`, `run_rl`: the stages' functions (default stages.prune.run, stages.rl.run)."""
+    """Runs the trials of one search under <search_dir>/trials. `data`: the stage-1 run's data settings and
+    split; `prune_config`, `rl_settings`: what every static / dynamic trial starts from."""
 
     def __init__(self, search_dir, stage1_path, data, prune_config, rl_settings, device, run_prune=None,
                  run_rl=None):
@@ -55,18 +53,9 @@ class Trials:
         self.stage1_path, self.data, self.device = stage1_path, data, device
         self.prune_config, self.rl_settings = prune_config, rl_settings
 
-    def prune_settings(self, compression, folder):
-        """The stage-2 config of a static trial: the given config, its target, this search's data and
-        validation split, and an end on that split."""
-        return {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
-                "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
-                "final_split": "val", "device": self.device,
-                "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
-
     def use_folder(self, folder, stage, settings, source):
-        """Make `folder` the trial's: kept when its trial.json records this stage, `settings` (less WHERE) and
-        starting checkpoint `source`; else what it holds is moved into <root>/stale-<time>/ (nothing
-        deleted) and the record written, before the stage runs."""
+        """Make `folder` the trial's: kept when its trial.json records this stage, `settings` and `source`; else
+        what it holds is moved into <root>/stale-<time>/ and the record written, before the stage runs."""
         record = {"stage": stage, "source_sha256": file_sha256(source), "settings": record_of(settings)}
         path = os.path.join(folder, "trial.json")
         try:
@@ -97,20 +86,20 @@ class Trials:
         return f"made with other settings ({key} {was.get(key)!r}, now {now.get(key)!r})"
 
     def static(self, compression, folder):
-        """Stage 2 at `compression` in `folder` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
-        config = self.prune_settings(compression, folder)
+        """Stage 2 at `compression` in `folder`, from the search's config, data and validation split -> its
+        metrics (val_acc, val_gflops, params, compression, ...)."""
+        config = {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
+                  "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
+                  "final_split": "val", "device": self.device,
+                  "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
         self.use_folder(folder, "prune", config, self.stage1_path)
         return self.finished(folder, "prune", lambda: self.run_prune(validate(config, where="the search's config")))
 
-    def rl_settings_at(self, source, folder, knob, x):
-        """Stage 3's settings of a dynamic trial from `source` at knob = x in `folder`."""
-        resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
-        return dataclasses.replace(self.rl_settings, checkpoint=source, result_dir=folder, device=self.device,
-                                   resume="auto" if resume else None, **{knob: x})
-
     def dynamic(self, source, knob, x, folder):
         """Stage 3 from the static trial's checkpoint `source` at knob = x in `folder` -> its metrics."""
-        settings = self.rl_settings_at(source, folder, knob, x)
+        resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
+        settings = dataclasses.replace(self.rl_settings, checkpoint=source, result_dir=folder, device=self.device,
+                                       resume="auto" if resume else None, **{knob: x})
         self.use_folder(folder, "rl", settings, source)
         return self.finished(folder, "rl", lambda: self.run_rl(settings))
 

@@ -1,24 +1,10 @@
 """Stage 3: dynamic pruning. The switches of the stage-2 network (or of the stage-1 network, for dynamic
-pruning alone) learn to skip blocks per image. The controller (--controller):
-  counterfactual (default; gates/counterfactual.py): per image and block, the loss with the block skipped
-      minus with it executed, against the block's price; the backbone learns by cross-entropy on routes
-      drawn from the switches' probabilities kept away from 0 and 1
-  reinforce (gates/policy.py): SkipNet's REINFORCE, the backbone by cross-entropy on the sampled routes
-  gumbel (gates/gumbel.py): ConvNet-AIG's gates, the backbone and the switches trained together on the
-      switches' own routes by the cross-entropy plus the price of the blocks run, through the decisions'
-      straight-through Gumbel-softmax gradient
-alpha is the price of running every gated block, in cross-entropy units, under all three. The switches'
-loss of counterfactual and reinforce is summed over the images of each process's batch (every decision gets
-its own term), so --rl_weight means what it means in SkipNet's code, where the original flags come from.
-With --target_gflops G, alpha is adapted during training (dual ascent) and the switches' threshold
-calibrated on training data so that the greedy routes cost G.
-With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
-(the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
-is recalibrated before every route epoch). The stage ends like stage 2: BN statistics re-estimated under the
-greedy routes, save, then the final test of the model exactly as saved; a run whose switches cut under 1%
-of the GFLOPs ends with a line saying so and which --alpha or --target_gflops would cut more. Writes
+pruning alone) learn to skip blocks per image, by the --controller (counterfactual, reinforce or gumbel);
+alpha is the price of running every gated block, in cross-entropy units, under all three, adapted during
+training with --target_gflops G so that the greedy routes cost G. The stage ends like stage 2: BN statistics
+re-estimated under the greedy routes, save, then the final test of the model exactly as saved. Writes
 <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static + dynamic pruning", then the whole table
-as <result_dir>/table.md and table.json."""
+as <result_dir>/table.md and table.json. How it trains and ends: docs/stages.md."""
 import dataclasses
 import os
 import sys
@@ -40,7 +26,6 @@ from utils.dist import teardown
 from utils.errors import UserError
 from utils.flops import compression, count_params, from_gflops, gflops_bounds, measure_costs
 from utils.nets import unwrap
-from utils.lineage import guard_rerun
 
 CONTROLLERS = ("counterfactual", "reinforce", "gumbel")
 TITLES = {"data": "data", "training": "training",
@@ -114,10 +99,9 @@ CONTROLLER_SETTINGS = {"tau": ("counterfactual",), "explore_bound": ("counterfac
                        "flip_blocks": ("counterfactual",)}
 
 
-def check_settings(s, flag=None, suffix=""):
-    """UserError (naming the flag: `flag(name)`, default --name) for settings stage 3 refuses; warnings for
-    settings that would do nothing."""
-    flag = flag or (lambda name: f"--{name}")
+def check_settings(s, flag=lambda name: f"--{name}", suffix=""):
+    """UserError (naming the flag: `flag(name)`) for settings stage 3 refuses; warnings for settings that would
+    do nothing."""
     check(s, flag, suffix)
     if s.route_lr is not None and not s.route_epochs:
         print(f"warning: {flag('route_lr')} {s.route_lr} does nothing without {flag('route_epochs')}",
@@ -223,7 +207,6 @@ def run(s: RLSettings):
         ending = extra.get("ending") or {}
     costs = measure_costs(model, data.image_size)
     check_target(s, costs)
-    guard_rerun(s.result_dir, "rl", s.overwrite, ctx.is_main, resuming=bool(s.resume))
     stage.open(data.pipeline, parent=parent, resumed=ckpt if s.resume else None,
                start_step=ckpt.get("tb_step", 0) if not s.resume else 0)
     step = controller_step(s, model, ddp, costs, price, baseline, ctx)

@@ -87,10 +87,8 @@ def parse(cls, description, titles, argv=None):
     return cls(**vars(args))
 
 
-def check(settings, flag=None, suffix=""):
-    """UserError naming the flag (`flag(name)`, default --name) of the first setting not finite, then of
-    the first its check refuses."""
-    flag = flag or (lambda name: f"--{name}")
+def check(settings, flag=lambda name: f"--{name}", suffix=""):
+    """UserError naming the flag (`flag(name)`) of the first setting not finite, then of the first refused."""
     values = [(name, getattr(settings, name), s) for name, _, s in settings_of(settings)]
     for name, value, _ in values:  # float("inf") and "nan" parse, and nan fails every comparison
         if isinstance(value, float) and not math.isfinite(value):

@@ -1,11 +1,8 @@
-"""Which network each stage started from, so that a table row, a later stage, the search or an export never
-combines one run's stage with another run's.
-
-Every stage records in its checkpoints and metrics.json a `parent`: {"stage", "path", "sha256"} of the
-checkpoint file it started from (None for stage 1 trained from scratch), and in metrics.json the sha256 of
-the checkpoint it ended with. The chain of a --result_dir holds when each stage's parent is the final
-checkpoint of the stage before it there, and each metrics.json describes the checkpoint beside it.
-"""
+"""Which network each stage started from (its `parent`: {"stage", "path", "sha256"}), so that a table row, a
+later stage, the search or an export never combines one run's stage with another run's. The chain of a
+--result_dir holds when each stage's parent is the final checkpoint of the stage before it there, and each
+metrics.json describes the checkpoint beside it (its checkpoint_sha256)."""
+import contextlib
 import hashlib
 import os
 import time
@@ -93,9 +90,8 @@ def chain_problems(result_dir, stages=ORDER):
 
 
 def check_parent_fits(result_dir, parent, flag):
-    """A stage started from a checkpoint given by `flag` writes into result_dir beside what is there: if
-    result_dir holds a run of the parent's stage, the parent must be that network (the same file content),
-    else the folder would combine two runs. Checked before any work."""
+    """A parent given by `flag` must be the network result_dir holds of its stage, if any: else the folder
+    would combine two runs."""
     stage = parent.get("stage")
     there = os.path.join(result_dir, stage, "checkpoint.pt") if stage in ORDER else None
     if there and os.path.isfile(there) and file_sha256(there) != parent["sha256"]:
@@ -129,14 +125,12 @@ def stale_folder(root, within=""):
     return aside
 
 
-def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=False):
+def guard_rerun(result_dir, stage, overwrite, is_main=True, resuming=False):
     """Before a stage writes into result_dir: a finished run of this stage there (unless `resuming` it) would
     be replaced, and later stages' results there were made from the network this run replaces. Refused
     unless `overwrite`, which moves them, the table and (unless `resuming`) this stage's own earlier results
-    into <result_dir>/stale-<time>/, never deleting anything: the folder aside holds the earlier run's whole
-    chain. All or nothing: renamed within result_dir (never copied), undone if one rename fails. Call it with
-    move=False before any work (to refuse early), then with move=True once every input has been checked.
-    Returns the folder used, or None."""
+    into <result_dir>/stale-<time>/ (the earlier run's whole chain), all or nothing. Returns that folder, or
+    None."""
     later = later_stages(result_dir, stage)
     own = not resuming and finished(result_dir, stage)
     if not later and not own:
@@ -149,7 +143,7 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=
         raise UserError(f"{result_dir} holds a finished {STAGES[stage].label} run ({stage}/checkpoint.pt, "
                         f"{stage}/metrics.json) that this run would replace; give --overwrite to move it aside "
                         f"into {result_dir}/stale-<time>/, or another --result_dir")
-    if not is_main or not move:
+    if not is_main:
         return None
     aside = stale_folder(result_dir)
     names = [name for name in [*([] if resuming else [stage]), *later, "table.md", "table.json"]
@@ -167,14 +161,10 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=
             moved.append(name)
     except OSError as e:
         for name in reversed(moved):  # put back what was moved: the folder as it was
-            try:
+            with contextlib.suppress(OSError):
                 os.rename(os.path.join(aside, name), os.path.join(result_dir, name))
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(aside)
-        except OSError:
-            pass
         where = f" ({e.filename})" if isinstance(e.filename, str) else ""
         raise UserError(f"cannot move stale results into {aside}: {e.strerror}{where}; nothing was moved") from None
     return aside
