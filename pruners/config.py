@@ -150,8 +150,8 @@ def _schedule(cfg, where):
 
 
 def load_config(path, overrides=None, sets=None):
-    """Read, apply command-line overrides (keys of KEYS, None meaning not given), then `sets` (--set KEY=VALUE:
-    every value applied, null included, so that a key can be cleared), and validate."""
+    """Read, apply `sets` (--set: null too, so that a key can be cleared), then command-line overrides (None:
+    not given), and validate."""
     try:
         with open(path) as f:
             cfg = json.load(f)

@@ -97,11 +97,8 @@ def _pathconf(path, key, default):
 
 
 class StageRun:
-    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/.
-
-    TensorBoard: every run of the stage logs into its own folder tb/<run id> (a resumed run continues its
-    own), and its steps are epochs counted from the start of the lineage: stage 2's first epoch comes
-    after stage 1's last, so `tensorboard --logdir RESULTS` shows the three stages one after the other."""
+    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/ (TensorBoard's
+    steps count on from the stage before: docs/stages.md)."""
 
     def __init__(self, name, result_dir, ctx, overwrite=False):
         self.name, self.ctx, self.result_dir, self.dir = name, ctx, result_dir, os.path.join(result_dir, name)

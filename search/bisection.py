@@ -89,8 +89,8 @@ def no_trial_reason(knob):
 
 
 class BisectionSampler(optuna.samplers.BaseSampler):
-    """Proposes the point search.phase.claim() chose for the trial (see the module docstring for why this
-    sampler); next_point from the trials numbered below it for a trial not run by a search.phase.Worker."""
+    """Proposes the point search.phase.claim() chose for the trial; for a trial not run by a
+    search.phase.Worker, next_point from the trials numbered below it."""
 
     def __init__(self, knob):
         self.knob, self.claimed = knob, {}  # trial number -> its claimed point, set just before suggest

@@ -165,10 +165,9 @@ class Worker:
 
 
 def run_alone(storage, name, work):
-    """work() in this worker, unless another live worker is doing it: work()'s result, or None. The claim is a
-    trial of study `name` held while work() runs, alive by its heartbeat like every trial; of workers
-    claiming together, the lowest trial number goes on, and a claim whose worker is gone lapses after
-    GRACE_SECONDS."""
+    """work()'s result in this worker, or None when another live worker is doing it. The claim is a trial of
+    study `name` held while work() runs, alive by its heartbeat; of workers claiming together, the lowest
+    trial number goes on."""
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
     result, raised = [], []
 

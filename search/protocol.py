@@ -7,7 +7,6 @@ import time
 import optuna
 
 from runtime import predict
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from runtime.evaluate import evaluate
 from search.bisection import Knob, label, no_trial_reason
 from search.phase import Worker, open_study, run_alone, trial_records
@@ -16,7 +15,7 @@ from utils.cli import NULL, CommonSettings, Setting, in_range, like
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from utils.data import DataSettings
 from utils.files import write_json
-from utils.flops import count_params, measure_costs, skipped_flops, to_gflops
+from utils.flops import count_params, skipped_flops, to_gflops
 
 
 TITLES = {"": None, "data": "data (default: the stage-1 run's; its --val_split and --seed give the split)",
@@ -110,14 +109,12 @@ def feasible(study):
             if t.user_attrs.get("feasible")]
 
 
-def dynamic_knob(name, static, max_alpha, image_size, ctx):
+def dynamic_knob(name, static, max_alpha):
     """Stage 3's knob on one static network: a GFLOPs target between the network with every gated block
     skipped and the static network itself (met within 3%), or alpha in [0, max_alpha]."""
     if name == "alpha":
         return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
-    model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
-    costs = measure_costs(model.to(ctx.device), image_size)
-    floor = to_gflops(skipped_flops(costs))
+    floor = to_gflops(skipped_flops(predict.checkpoint_costs(static["checkpoint"], ("prune",), "--checkpoint")))
     return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
 
 
@@ -153,7 +150,7 @@ class Search:
         dynamic_studies, idle = [], []  # idle: why the dynamic phase ran no trial on a static network
         for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
             c = t.params["compression"]
-            knob = dynamic_knob(self.knob_name, t.user_attrs, args.max_alpha, data["resize"], self.ctx)
+            knob = dynamic_knob(self.knob_name, t.user_attrs, args.max_alpha)
             why = no_trial_reason(knob)
             if why:
                 ends = " (GFLOPs from the network with every gated block skipped to the static network itself)" \

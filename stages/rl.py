@@ -139,8 +139,7 @@ def check_flags_match(s, arch, path, flag):
 
 
 def check_target(s, costs):
-    """A --target_gflops the greedy routes cannot reach (below the cost with every gated block skipped, or
-    above the cost with all executed) is refused before any work."""
+    """A --target_gflops the greedy routes cannot reach is refused before any work."""
     if s.target_gflops is None:
         return
     low, high = gflops_bounds(costs)
@@ -235,8 +234,8 @@ def run(s: RLSettings):
 
 
 def say_table(s, warning):
-    """The whole table (after a run ending on the test split: the table holds test numbers only), then the
-    warning of a run that cut next to nothing, last, so that it is not lost above the table."""
+    """The whole table (test numbers only), then the warning of a run that cut next to nothing, last, so that
+    it is not lost above the table."""
     if s.final_split == "test":
         print(f"\n{write_table(s.result_dir)}", end="", flush=True)
         print(f"-> {os.path.join(s.result_dir, 'table.md')} and table.json", flush=True)

@@ -61,9 +61,8 @@ def check_settings(s):
 
 
 def joint_step(model, x, y):
-    """Cross-entropy of the dense network plus that of the routes the switches take (hard mode). The
-    dense network's gradient is exactly plain dense training's; the routed term teaches the backbone to
-    tolerate skipping. Two forward passes, one backward (DistributedDataParallel reduces once)."""
+    """Cross-entropy of the dense network (its gradient exactly plain dense training's) plus that of the
+    switches' routes (hard mode), which teaches the backbone to tolerate skipping. One backward: DDP reduces once."""
     dense, dense_stats = supervised_step(model, x, y, mode="open")
     routed, routed_stats = supervised_step(model, x, y, mode="hard")
     return dense + routed, {"loss": dense_stats["loss"], "acc": dense_stats["acc"],

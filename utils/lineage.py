@@ -111,11 +111,6 @@ def later_stages(result_dir, stage):
     return [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
 
 
-def finished(result_dir, stage):
-    """Whether result_dir holds a finished run of `stage` (its metrics.json, written as the run ends)."""
-    return os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))
-
-
 def stale_folder(root, within=""):
     """A new <root>/stale-<time>[-n] to move stale results into (`within` it: one not holding that path yet)."""
     stamp = time.strftime("stale-%Y%m%d-%H%M%S")
@@ -132,7 +127,7 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, resuming=False):
     into <result_dir>/stale-<time>/ (the earlier run's whole chain), all or nothing. Returns that folder, or
     None."""
     later = later_stages(result_dir, stage)
-    own = not resuming and finished(result_dir, stage)
+    own = not resuming and os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))  # a finished run
     if not later and not own:
         return None
     if not overwrite:
