@@ -64,9 +64,8 @@ DEEPEST = len("/stale-20240101-000000-99/prune/tb/run-20240101-000000-4194304/ev
 
 
 def check_result_dir(path):
-    """--result_dir must be (or be creatable as) a writable directory whose files the file system can name;
-    checked before anything is written (a name too long for it would otherwise fail half-way through
-    creating the folders, leaving the first ones behind)."""
+    """--result_dir must be (or be creatable as) a writable directory whose files the file system can name:
+    checked before anything is written, not half-way through creating the folders."""
     full = os.path.abspath(path)
     if os.path.exists(full) and not os.path.isdir(full):
         raise UserError(f"--result_dir {path} exists and is not a directory")

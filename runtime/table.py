@@ -14,8 +14,7 @@ COLUMNS = ("Method", "Accuracy", "GFLOPs / image", "Compression (params removed)
 
 
 def table_row(stage, method, present, **values):
-    """One row: method, stage, present, accuracy (%), gflops_per_image, params, compression (fraction) and
-    note, None where not given."""
+    """One row (accuracy in %, compression a fraction), None where not given."""
     return {"method": method, "stage": stage, "present": present, "accuracy": None, "gflops_per_image": None,
             "params": None, "compression": None, "note": None, **values}
 

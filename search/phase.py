@@ -59,19 +59,6 @@ def open_study(storage, name, knob, settings):
     return study
 
 
-class OneLinePerFailedTrial(logging.Filter):
-    """Optuna logs a trial that raised as a warning with the traceback; a trial failed by its stage's one-line
-    error (UserError) has the search's own line already, which says why: Optuna's record of it is dropped."""
-
-    def __init__(self):
-        super().__init__()
-        self.reported = set()
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not any(message.startswith(f"Trial {n} failed ") for n in self.reported)
-
-
 def _counted(trials):
     """The trials that fill a phase's budget: running or ran (not skipped, not killed)."""
     return [t for t in trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)
@@ -108,7 +95,10 @@ class Worker:
 
     def __init__(self, root, log=print):
         self.root, self.count, self.log = root, 0, log
-        self.quiet = OneLinePerFailedTrial()
+        # Optuna logs a trial that raised with its traceback; one failed by its stage's one-line error (UserError)
+        # has the search's own line already, which says why: Optuna's record of it is dropped
+        self.reported = set()
+        self.quiet = lambda record: not any(record.getMessage().startswith(f"Trial {n} failed ") for n in self.reported)
 
     def run_phase(self, study, knob, budget, run_trial, describe):
         """Run this worker's share of the phase (`run_trial(x, folder)` -> its results, val_acc and val_gflops
@@ -155,7 +145,7 @@ class Worker:
         except UserError as e:
             trial.set_user_attr("error", str(e))
             self.log(describe(x, {"error": str(e)}, time.time() - t0))
-            self.quiet.reported.add(trial.number)  # that line says it all: no traceback from Optuna beside it
+            self.reported.add(trial.number)  # that line says it all: no traceback from Optuna beside it
             raise
         for key, value in result.items():
             trial.set_user_attr(key, value)

@@ -47,9 +47,8 @@ def _ran(studies, phase):
 
 
 def missing_notes(static_study, dynamic_studies, any_static, dynamic_trials, idle):
-    """{row: why it has no network}: the phase ran no trial (and why), or its trials ran and none is within
-    the budget. `dynamic_studies`: [(compression, study)] the dynamic phase ran; `idle`: why it ran no
-    trial on each other static network it was to start from."""
+    """{row: why it has no network}: its phase ran no trial (and why: `idle`), or none of its trials is within
+    the budget. `dynamic_studies`: [(compression, study)]."""
     static = _ran([static_study], "static") or "the static phase ran no trial"
     if not dynamic_trials:
         dynamic = "the dynamic phase was not run (--dynamic_trials 0)"
