@@ -73,9 +73,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     rl_settings = stage3_settings(args, args.knob)  # checked by stage 3's checks before any work
-    stage1_path, stage1 = starting_checkpoint(args.checkpoint, args.result_dir, ("sp",), "--checkpoint", (
+    stage1_path, stage1, _ = starting_checkpoint(args.checkpoint, args.result_dir, ("sp",), "--checkpoint", (
         f"no stage-1 checkpoint at {os.path.join(args.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py (with "
-        f"--val_split > 0) first, or give --checkpoint"))
+        f"--val_split > 0) first, or give --checkpoint"), lineage=False)
     data = stage1_data(args, stage1, stage1_path)
     rl_settings = dataclasses.replace(rl_settings, **data)
     eval_bs = (stage1.get("args") or {}).get("bs", 128)  # the stage-1 run's: fits its training split

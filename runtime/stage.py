@@ -237,25 +237,21 @@ class StageRun:
         return metrics
 
 
-def starting_checkpoint(given, result_dir, stages, flag, missing):
-    """(path, checkpoint) a stage starts from: `given`, else the first of `stages` whose checkpoint is in
-    result_dir (refused with the line `missing` when there is none, or when result_dir's chain does not hold)."""
+def starting_checkpoint(given, result_dir, stages, flag, missing, lineage=True):
+    """(path, checkpoint, lineage record or None) a stage starts from: `given` (which must be the network
+    result_dir holds of its stage, if any), else the first of `stages` whose checkpoint is in result_dir
+    (refused with the line `missing` when there is none, or when result_dir's chain does not hold)."""
     path = given or next((p for p in (os.path.join(result_dir, s, "checkpoint.pt") for s in stages)
                           if os.path.isfile(p)), None)
     if path is None:
         raise UserError(missing)
     if not given:  # the network of this --result_dir's chain, which must hold
         check_chain(result_dir, tuple(s for s in STAGES if s in stages))
-    return path, load_checkpoint(path, stages, flag)
-
-
-def parent_of(ckpt, path, given, result_dir, flag):
-    """The lineage record of the checkpoint a stage starts from; one `given` by `flag` must be the network
-    result_dir holds of its stage, if any."""
-    parent = parent_record(ckpt["stage"], path)
-    if given:
+    ckpt = load_checkpoint(path, stages, flag)
+    parent = parent_record(ckpt["stage"], path) if lineage else None
+    if given and lineage:
         check_parent_fits(result_dir, parent, flag)
-    return parent
+    return path, ckpt, parent
 
 
 def resume(run, resume, ctx, settings=None, source=None):

@@ -12,7 +12,7 @@ from pruners.config import PruneSettings
 from runtime.checkpoint import model_from_checkpoint
 from runtime.evaluate import evaluate, recalibrate_bn
 from runtime.loop import make_scheduler, prepare, sgd
-from runtime.stage import StageRun, check_batch_shapes, parent_of, restore_training_state, resume, starting_checkpoint
+from runtime.stage import StageRun, check_batch_shapes, restore_training_state, resume, starting_checkpoint
 from runtime.steps import dense_step, supervised_step
 from utils.data import DataSettings, load_data
 from utils.dist import exact_fp32, teardown
@@ -104,10 +104,9 @@ def run(cfg: PruneSettings):
     schedule = cfg.schedule
     stage = StageRun.begin("prune", cfg)
     ctx = stage.ctx
-    stage1_path, stage1 = starting_checkpoint(cfg.checkpoint, cfg.result_dir, ("sp",), "checkpoint", (
+    stage1_path, stage1, parent = starting_checkpoint(cfg.checkpoint, cfg.result_dir, ("sp",), "checkpoint", (
         f"no stage-1 checkpoint at {os.path.join(cfg.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py with this "
         f"result_dir first (or set the config's 'checkpoint')"))
-    parent = parent_of(stage1, stage1_path, cfg.checkpoint, cfg.result_dir, "checkpoint")
     ckpt, resume_path = None, None
     if cfg.resume:
         ckpt, resume_path = resume(stage, cfg.resume, ctx, source=lambda c: {"stage": "sp", "path": stage1_path})

@@ -18,7 +18,7 @@ from gates.price import SkipPrice
 from models.resnet import compile_report, compile_step
 from runtime.checkpoint import model_from_checkpoint
 from runtime.loop import make_scheduler, prepare
-from runtime.stage import StageRun, check_batch_shapes, parent_of, resume, restore_training_state, starting_checkpoint
+from runtime.stage import StageRun, check_batch_shapes, resume, restore_training_state, starting_checkpoint
 from runtime.table import write_table
 from utils.cli import NULL, Setting, StageSettings, check, in_range, like
 from utils.data import DataSettings, load_data
@@ -165,10 +165,9 @@ def starting_point(s, run, ctx):
         ckpt, path = resume(run, s.resume, ctx, s, source=lambda c: (c.get("extra", {}).get("source") or {}))
         source = ckpt.get("extra", {}).get("source", {})
         return ckpt, path, "--resume", source, None
-    path, ckpt = starting_checkpoint(s.checkpoint, s.result_dir, ("prune", "sp"), "--checkpoint", (
+    path, ckpt, parent = starting_checkpoint(s.checkpoint, s.result_dir, ("prune", "sp"), "--checkpoint", (
         f"no checkpoint to start from: neither {s.result_dir}/prune/checkpoint.pt nor {s.result_dir}/sp/checkpoint.pt "
         f"exists (run main_sp.py and main_prune.py first, or give --checkpoint)"))
-    parent = parent_of(ckpt, path, s.checkpoint, s.result_dir, "--checkpoint")
     return ckpt, path, "--checkpoint", {"path": path, "stage": ckpt["stage"]}, parent
 
 
