@@ -3,10 +3,8 @@
     python main_prune.py --config_path config.json [--resume [PATH]] [--result_dir DIR] [--data_dir DIR]
                          [--device DEV] [--checkpoint PATH] [--set KEY=VALUE ...] [--overwrite]
 
-Reads the stage-1 checkpoint (the config's `checkpoint`, default <result_dir>/sp/checkpoint.pt) and writes
-<result_dir>/prune/{checkpoint.pt, metrics.json, tb/}: the row "static pruning only". The config keys are
-pruners/config.py's PruneSettings; the command-line flags override the keys of the same name; what the stage
-does is stages.prune.run.
+The config keys are pruners/config.py's PruneSettings, the flags override the keys of the same name; what the
+stage does is stages.prune.run.
 """
 import dataclasses
 import json

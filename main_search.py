@@ -5,28 +5,23 @@ test); then each chosen network is evaluated once on the test split.
 
     python main_search.py --result_dir results --prune_config config.json [--budget 1.0] [--storage URL]
 
-Reads <result_dir>/sp/checkpoint.pt (stage 1, run with --val_split > 0) and writes <result_dir>/search/:
-search.db (the Optuna studies), trials/ (every trial's stage folder), trials.json, table.md, table.json
-and pareto.png. Run the same command again to continue an interrupted search, or on several machines with
-one --storage (and a shared --result_dir) to split its trials (docs/search.md).
+What it writes, resuming, several workers: docs/search.md.
 """
 import dataclasses
-import json
 import os
 import time
 
 import optuna
 
 from pruners.config import validate
-from runtime.checkpoint import load_checkpoint
-from runtime.stage import check_result_dir
+from runtime.stage import check_result_dir, starting_checkpoint
 from search.phase import open_storage
 from search.protocol import TITLES, Search, SearchSettings
 from search.trials import Trials, stage3_settings
 from utils.cli import check, parse
 from utils.dist import setup
 from utils.errors import UserError, run_main
-from utils.lineage import check_chain
+from utils.files import read_json
 
 DATA_KEYS = ("data_dir", "img_type", "resize", "num_workers")
 SET_BY_SEARCH = ("result_dir", "checkpoint", "prune_mode", "compression", "ratio", "rounds", "final_split",
@@ -62,8 +57,7 @@ def prune_base(args, data, stage1_path):
     base = {}
     if args.prune_config:
         try:
-            with open(args.prune_config) as f:
-                base = json.load(f)
+            base = read_json(args.prune_config)
         except (OSError, ValueError) as e:
             raise UserError(f"--prune_config {args.prune_config}: cannot read it as JSON ({e})") from None
         if not isinstance(base, dict):
@@ -79,13 +73,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     rl_settings = stage3_settings(args, args.knob)  # checked by stage 3's checks before any work
-    stage1_path = args.checkpoint or os.path.join(args.result_dir, "sp", "checkpoint.pt")
-    if not os.path.isfile(stage1_path):
-        raise UserError(f"no stage-1 checkpoint at {stage1_path}: run main_sp.py (with --val_split > 0) first, "
-                        f"or give --checkpoint")
-    if not args.checkpoint:  # this --result_dir's stage 1 must be the network its metrics describe
-        check_chain(args.result_dir, ("sp",))
-    stage1 = load_checkpoint(stage1_path, ("sp",), "--checkpoint")
+    stage1_path, stage1, _ = starting_checkpoint(args.checkpoint, args.result_dir, ("sp",), "--checkpoint", (
+        f"no stage-1 checkpoint at {os.path.join(args.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py (with "
+        f"--val_split > 0) first, or give --checkpoint"), lineage=False)
     data = stage1_data(args, stage1, stage1_path)
     rl_settings = dataclasses.replace(rl_settings, **data)
     eval_bs = (stage1.get("args") or {}).get("bs", 128)  # the stage-1 run's: fits its training split

@@ -1,22 +1,11 @@
-"""Stage 2's config file (config.json): every key with its type, default, check and meaning, in one table.
-
-The key table of docs/config.md is generated from KEYS (markdown_table), so documentation and validation cannot
-drift apart. A bad file ends the program with one line naming the key (UserError, exit status 2) before
-anything is read or written.
-
-Pruning targets. `prune_mode: one_pass` prunes once to the top-level `compression`, `ratio` or `gflops`
-(exactly one of them) and fine-tunes for `epochs`. `prune_mode: iterative` runs the rounds listed in
-`rounds`, each {"compression" | "ratio" | "gflops": value, "epochs": optional, "lr": optional}: prune to
-that target, fine-tune for the round's epochs (default: the top-level `epochs`) at its lr (default: the
-top-level `lr`). A round's `compression` is measured against the stage-1 model, so successive compression
-targets must grow (and successive gflops targets shrink); a round's `ratio` is the fraction of the
-directions the round starts with.
-"""
+"""Stage 2's config file (config.json): every key with its type, default, check and meaning (PruneSettings).
+docs/config.md's key table is generated from KEYS (markdown_table), so documentation and validation cannot
+drift apart; the pruning targets and rounds are described there."""
 import dataclasses
 import json
 import re
 
-from utils.cli import DATA_DIR, NULL, RESULT_DIR, CommonSettings, Setting, in_range, settings_of
+from utils.cli import NULL, CommonSettings, Setting, in_range, like, settings_of
 from utils.errors import UserError
 
 REQUIRED = object()  # the default of a key that must be given
@@ -27,12 +16,12 @@ NUMBER, INT, BOOL, STR = (int, float), (int,), (bool,), (str,)
 class PruneSettings(CommonSettings):
     """Stage 2's settings: the config keys (each a Setting), then what the command line adds (overwrite) and the
     rounds actually run (schedule: [{"target": "compression" | "ratio" | "gflops", "value", "epochs", "lr"}])."""
-    data_dir: str = DATA_DIR(REQUIRED)
+    data_dir: str = like(CommonSettings, "data_dir", REQUIRED)
     epochs: int = Setting(INT, "fine-tuning epochs (per round in iterative mode, unless the round says)",
                           in_range(0))(100)
     lr: float = Setting(NUMBER, "fine-tuning learning rate (SGD, nesterov when momentum > 0; per round unless the "
                         "round says)", in_range(0, lo_open=True))(0.01)
-    result_dir: str = RESULT_DIR(REQUIRED)
+    result_dir: str = like(CommonSettings, "result_dir", REQUIRED)
     checkpoint: str = Setting(STR + (NULL,), "stage-1 checkpoint to prune; null: "
                               "<result_dir>/sp/checkpoint.pt")(None)
     resume: str = Setting(BOOL + STR + (NULL,), "continue an interrupted run: true for "
@@ -161,8 +150,8 @@ def _schedule(cfg, where):
 
 
 def load_config(path, overrides=None, sets=None):
-    """Read, apply command-line overrides (keys of KEYS, None meaning not given), then `sets` (--set KEY=VALUE:
-    every value applied, null included, so that a key can be cleared), and validate."""
+    """Read, apply `sets` (--set: null too, so that a key can be cleared), then command-line overrides (None:
+    not given), and validate."""
     try:
         with open(path) as f:
             cfg = json.load(f)

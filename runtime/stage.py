@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.faults import kill_point
 from utils.files import write_json
 from utils.flops import count_params, probe
-from utils.lineage import file_sha256, parent_record
+from utils.lineage import STAGES, check_chain, check_parent_fits, file_sha256, guard_rerun, parent_record
 from utils.log import Logger
 from utils.nets import unwrap
 
@@ -52,9 +52,8 @@ def check_batch_shapes(model, image_size, bs, resize_fixed=False):
 
 
 def curves(ev, mode):
-    """The TensorBoard curves of an evaluation (runtime/evaluate.py's dict) in `mode`: accuracy and loss, and
-    for the switches' routes their GFLOPs and execution rates. Every block runs in open mode, so its GFLOPs
-    and rates are constants, and the image count is one for every evaluation: curves that say nothing."""
+    """The TensorBoard curves of an evaluation in `mode`: GFLOPs and execution rates only for the switches'
+    routes (in open mode they are constants, like the image count: curves that say nothing)."""
     keys = ("acc", "loss") if mode == "open" else ("acc", "loss", "gflops", "exec_rate")
     return {k: ev[k] for k in keys}
 
@@ -65,9 +64,8 @@ DEEPEST = len("/stale-20240101-000000-99/prune/tb/run-20240101-000000-4194304/ev
 
 
 def check_result_dir(path):
-    """--result_dir must be (or be creatable as) a writable directory whose files the file system can name;
-    checked before anything is written (a name too long for it would otherwise fail half-way through
-    creating the folders, leaving the first ones behind)."""
+    """--result_dir must be (or be creatable as) a writable directory whose files the file system can name:
+    checked before anything is written, not half-way through creating the folders."""
     full = os.path.abspath(path)
     if os.path.exists(full) and not os.path.isdir(full):
         raise UserError(f"--result_dir {path} exists and is not a directory")
@@ -98,38 +96,31 @@ def _pathconf(path, key, default):
 
 
 class StageRun:
-    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/.
+    """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/ (TensorBoard's
+    steps count on from the stage before: docs/stages.md)."""
 
-    TensorBoard: every run of the stage logs into its own folder tb/<run id> (a resumed run continues its
-    own), and its steps are epochs counted from the start of the lineage: stage 2's first epoch comes
-    after stage 1's last, so `tensorboard --logdir RESULTS` shows the three stages one after the other."""
-
-    def __init__(self, name, result_dir, ctx):
-        self.name, self.ctx = name, ctx
-        self.result_dir = result_dir
-        self.dir = os.path.join(result_dir, name)
+    def __init__(self, name, result_dir, ctx, overwrite=False):
+        self.name, self.ctx, self.result_dir, self.dir = name, ctx, result_dir, os.path.join(result_dir, name)
+        self.overwrite = overwrite
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
-        self.logger = None
-        self.pipeline = None
+        self.logger = self.pipeline = self.run_id = None
         self.parent = None     # lineage record of the checkpoint this stage started from (utils/lineage.py)
-        self.run_id = None
-        self.step_offset = 0   # TensorBoard steps of the stages before this one
-        self.last_step = 0
+        self.step_offset = self.last_step = 0   # step_offset: TensorBoard steps of the stages before this one
 
     @classmethod
     def begin(cls, name, settings):
-        """Stage `name`'s run with `settings` (utils.cli.CommonSettings): its result_dir checked, then the
-        device, torchrun's process group, seeds and numerics set up (utils.dist.setup)."""
-        check_result_dir(settings.result_dir)
+        """Stage `name`'s run: its result_dir checked, then device, process group, seeds, numerics set up."""
         s = settings
-        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32))
+        check_result_dir(s.result_dir)
+        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32), s.overwrite)
 
     def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
-        """Create the stage's folder and TensorBoard writer. Call only once all input has been checked.
-        `pipeline` (Data.pipeline) goes into every checkpoint; `parent` is the lineage record of the
-        checkpoint the stage started from; `resumed`, the checkpoint of this stage a --resume continues (its
-        run folder and step offset are kept); `start_step`, the parent's last TensorBoard step."""
+        """Create the stage's folder (earlier results there moved aside or refused: utils.lineage.guard_rerun)
+        and TensorBoard writer, once all input has been checked. `resumed`: the
+        checkpoint a --resume continues (its run folder and step offset kept); `start_step`: the parent's last
+        TensorBoard step."""
+        guard_rerun(self.result_dir, self.name, self.overwrite, self.ctx.is_main, resuming=resumed is not None)
         self.pipeline, self.parent = pipeline, parent
         if resumed is not None:
             self.run_id = resumed.get("run_id")
@@ -159,8 +150,7 @@ class StageRun:
                 "tb_step": self.last_step}
 
     def save(self, model, optimizer, scheduler, epoch, own):
-        """Write this stage's checkpoint (runtime/checkpoint.py's format; rank 0, every rank waits): the
-        training state after `epoch` epochs and `own`, the stage's own keys."""
+        """Write the checkpoint after `epoch` epochs with `own`, the stage's own keys (rank 0; every rank waits)."""
         if self.ctx.is_main:
             own = {**own, "world_size": self.ctx.world_size}  # processes training it: check_resume_world_size
             save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, self.lineage(), model,
@@ -170,11 +160,10 @@ class StageRun:
 
     def fit(self, *, model, ddp, data, optimizer, scheduler, step_fn, epochs, start_epoch, costs, own_state,
             log_offset=0, evals=(("routed", "hard"),), total_epochs=None):
-        """The epoch loop. `own_state()` returns the stage's own keys of its checkpoint, read at every save
-        (arch, model, optimizer ... are filled in by save). After every epoch the network being trained is
-        evaluated in each of `evals` ((name, mode): "dense" in mode open, "routed" in hard); the first is the one-line
-        summary's. Epochs are shown as epoch / total_epochs (default `epochs`), so that a stage calling fit
-        twice (stage 1's dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
+        """The epoch loop, a checkpoint per epoch (`own_state()`: the stage's own keys, read at every save). After
+        every epoch the network is evaluated in each of `evals` ((name, mode)), the first in the summary line.
+        Epochs are shown out of total_epochs (default `epochs`), so that a stage calling fit twice (stage 1's
+        dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
         def checkpoint(epoch):
             self.save(model, optimizer, scheduler, epoch, own_state())
 
@@ -210,18 +199,13 @@ class StageRun:
         return evs
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard", routes="routed"):
-        """Final evaluation, on the --final_split (test; or val, and then no test number is computed), of the
-        model the stage ends with, exactly as saved (float32, even after bf16 training) -> metrics.json and
-        TensorBoard (at the stage's last step): <split>_acc, <split>_loss, <split>_images, gflops_per_image
-        (on that split; under val also as val_gflops) ... mode "open" (the rows "w/o pruning" and "static pruning only"): those are the network
-        with every block executed and no switch evaluated, and routed_acc, routed_gflops, exec_rate those of
-        the greedy routes beside it, on the same split (in TensorBoard `routes`_acc and `routes`_gflops: stage 1
-        names them for its re-spread switches). Also the lineage: the sha256 of the checkpoint the numbers
-        are of, and the parent it started from. Returns the metrics dict."""
+        """Final evaluation on the --final_split (val: no test number is computed) of the model exactly as
+        saved -> metrics.json (<split>_acc, gflops_per_image ..., the lineage) and TensorBoard at the stage's last
+        step. Mode "open" (rows 1 and 2): every block, no switch, the greedy routes beside it as routed_*
+        (TensorBoard: `routes`_acc and `routes`_gflops, stage 1 naming its re-spread switches so)."""
         split = data.final_name
         loader = data.test if split == "test" else data.eval
-        # float32 whatever the training precision: the numbers are the saved (float32) model's, as deployed
-        # and TF32 off (cuDNN's float32 convolutions default to TF32 on CUDA), whatever --tf32 allowed in training
+        # float32 and TF32 off whatever training allowed: the numbers are the saved (float32) model's, as deployed
         exact = dataclasses.replace(self.ctx, amp=False)
         with exact_fp32():
             final = evaluate(ddp, loader, exact, costs, mode=mode, desc=split)
@@ -253,13 +237,28 @@ class StageRun:
         return metrics
 
 
+def starting_checkpoint(given, result_dir, stages, flag, missing, lineage=True):
+    """(path, checkpoint, lineage record or None) a stage starts from: `given` (which must be the network
+    result_dir holds of its stage, if any), else the first of `stages` whose checkpoint is in result_dir
+    (refused with the line `missing` when there is none, or when result_dir's chain does not hold)."""
+    path = given or next((p for p in (os.path.join(result_dir, s, "checkpoint.pt") for s in stages)
+                          if os.path.isfile(p)), None)
+    if path is None:
+        raise UserError(missing)
+    if not given:  # the network of this --result_dir's chain, which must hold
+        check_chain(result_dir, tuple(s for s in STAGES if s in stages))
+    ckpt = load_checkpoint(path, stages, flag)
+    parent = parent_record(ckpt["stage"], path) if lineage else None
+    if given and lineage:
+        check_parent_fits(result_dir, parent, flag)
+    return path, ckpt, parent
+
+
 def resume(run, resume, ctx, settings=None, source=None):
-    """The one resume path of the three stages: the checkpoint a resumed run continues (`resume`: a path, or
-    "auto" / True for this stage's own in its result_dir) -> (checkpoint, path), refused in one line before
-    any work when it is not this stage's, was trained by another number of processes, under other training
-    settings (`settings`, a stage's settings dataclass; None: the stage checks its own) or from another
-    network than its source holds now (`source(checkpoint)`: {"stage", "path"} of the checkpoint the run began
-    from: an earlier stage was rerun since)."""
+    """The one resume path of the three stages -> (checkpoint, path) of `resume` (a path, or "auto" / True: this
+    stage's own), refused in one line when it is not this stage's, or was trained by another number of
+    processes, under other `settings` (None: the stage checks its own), or from another network than its source
+    (`source(checkpoint)`: {"stage", "path"}) holds now."""
     path = run.checkpoint_path if resume in ("auto", True) else resume
     ckpt = load_checkpoint(path, (run.name,), "--resume")
     if settings is not None:
@@ -269,22 +268,22 @@ def resume(run, resume, ctx, settings=None, source=None):
     if began_from and os.path.isfile(began.get("path") or "") \
             and began_from != parent_record(began["stage"], began["path"])["sha256"]:
         raise UserError(f"--resume {path}: began from another network than {began['path']} holds now (stage "
-                        f"{STAGE_NUMBERS[began['stage']]} was rerun since); start stage {STAGE_NUMBERS[run.name]} "
+                        f"{STAGES[began['stage']].number} was rerun since); start stage {STAGES[run.name].number} "
                         f"afresh")
     return ckpt, path
 
 
-STAGE_NUMBERS = {"sp": 1, "prune": 2, "rl": 3}
-# Settings a resumed run may change: where and how fast it runs, not what it computes (the network's own are
-# checked against its architecture, the resize against its recorded pipeline, with their own messages)
-RESUME_FREE = {"resume", "device", "num_workers", "data_dir", "result_dir", "overwrite", "compile", "amp",
-               "channels_last", "tf32", "download", "checkpoint", "pretrained", "resize", "network", "depth", "width", "gate"}
+# Settings that say where a run runs, not what it computes: a search's trial does not record them
+WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume", "overwrite")
+# Settings a resumed run may change: WHERE and how fast it runs (the network's own are checked against its
+# architecture, the resize against its recorded pipeline, with their own messages)
+RESUME_FREE = {*WHERE, "compile", "amp", "channels_last", "tf32", "download", "pretrained", "resize", "network",
+               "depth", "width", "gate"}
 
 
 def check_resume_args(ckpt, settings, path):
-    """A resumed run continues the run its checkpoint began: refused (one line, before any work) when a setting
-    that shapes the training (learning rate, batch size, recipe, seed, fewer epochs ...) differs from the one
-    that run was started with: the result would be neither run, recorded as the new."""
+    """Refused when a setting that shapes the training differs from the one the resumed run was started with:
+    the result would be neither run, recorded as the new."""
     recorded = ckpt.get("args") or {}
     # --epochs may grow: the run goes on to the new count, its schedule continuing as the longer run's from
     # the step reached (a cosine then resumes where that run's curve is at this step)
@@ -297,9 +296,8 @@ def check_resume_args(ckpt, settings, path):
 
 
 def check_resume_world_size(ckpt, ctx, path):
-    """A resumed run has as many processes as the run its checkpoint began (torchrun's world size): with
-    another number the global batch, the steps per epoch and so the learning-rate schedule's length change,
-    and the result would be neither run. Refused in one line before any work."""
+    """Refused when the resumed run had another number of processes: the steps per epoch and so the schedule
+    would change."""
     recorded = ckpt.get("world_size")
     if recorded is not None and recorded != ctx.world_size:
         raise UserError(f"--resume {path}: the run was started with {recorded} process(es), this one has "

@@ -1,13 +1,5 @@
-"""The headline table: one row per stage, read from the stages' metrics.json in --result_dir.
-
-    | Method | Accuracy | GFLOPs / image | Compression (params removed) |
-
-Compression = 1 - params / params of the stage-1 model (every parameter counted); without stage 1's
-metrics the stage's own `compression` field is used. A stage that was not run keeps its row, marked
-"not run", with a note saying which file is missing. A stage-3 run started from the stage-1 checkpoint
-(dynamic pruning alone) is labelled as such. The rows must come from one chain of networks (each stage
-started from the network of the stage before it in the same --result_dir, utils/lineage.py): a broken chain
-is refused in one line naming the stale stage.
+"""The headline table: one row per stage, read from the stages' metrics.json in --result_dir, which must hold
+one chain of networks (utils/lineage.py). Compression counts every parameter against the stage-1 model.
 
     python -m runtime.table RESULT_DIR [--write]   # print the table; --write also writes table.md/.json
 """
@@ -22,8 +14,7 @@ COLUMNS = ("Method", "Accuracy", "GFLOPs / image", "Compression (params removed)
 
 
 def table_row(stage, method, present, **values):
-    """One row: method, stage, present, accuracy (%), gflops_per_image, params, compression (fraction) and
-    note, None where not given."""
+    """One row (accuracy in %, compression a fraction), None where not given."""
     return {"method": method, "stage": stage, "present": present, "accuracy": None, "gflops_per_image": None,
             "params": None, "compression": None, "note": None, **values}
 

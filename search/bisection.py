@@ -1,14 +1,7 @@
-"""Bisection on one monotone knob, as an Optuna sampler.
-
-Why bisection and not TPE or a GP: each phase of the search asks for a threshold, the most aggressive value
-of one knob (compression; stage 3's GFLOPs target) whose network stays within the accuracy budget, and
-accuracy falls monotonically with the knob up to training noise. Bisection halves the interval of
-uncertainty with every trial, which a model-based sampler does not do on a one-dimensional feasibility
-question, and it is deterministic: a resumed search proposes again exactly the point whose trial was
-interrupted, so that trial continues in its own result folder instead of starting elsewhere. Trials other
-workers are running split the interval too (the next point is the middle of the widest gap left between
-the bracket and the points in flight); search/phase.py's claim() makes that view complete, so workers
-sharing a study never run the same point.
+"""Bisection on one monotone knob, as an Optuna sampler (why not TPE or a GP: docs/search.md, "Why
+bisection"; a model-based sampler neither halves a one-dimensional feasibility interval per trial nor
+proposes an interrupted trial's point again). Trials in flight split the interval too; search/phase.py's
+claim() makes that view complete, so workers sharing a study never run the same point.
 
 Noise: a feasible point beyond an infeasible one moves the bracket past it (the best feasible point wins);
 infeasible points below the best feasible one are ignored.
@@ -45,10 +38,9 @@ def label(x):
 
 
 def outcomes(trials, knob):
-    """Trials (FrozenTrials of one study) as seen by the bisection: ([(x, feasible)] of the finished ones,
-    [x] in flight, number of running trials). A trial that failed with an error of its stage (user attr
-    `error`, e.g. an unreachable target or a diverged training) counts as infeasible; one failed because
-    its process died does not count at all (its point is proposed again)."""
+    """([(x, feasible)] of the finished trials, [x] in flight, number running). A trial failed with an error of
+    its stage (user attr `error`) counts as infeasible; one whose process died does not count (its point runs
+    again)."""
     done, flying, running = [], [], 0
     for t in trials:
         x = t.params.get(knob.name)
@@ -97,8 +89,8 @@ def no_trial_reason(knob):
 
 
 class BisectionSampler(optuna.samplers.BaseSampler):
-    """Proposes the point search.phase.claim() chose for the trial (see the module docstring for why this
-    sampler); next_point from the trials numbered below it for a trial not run by a search.phase.Worker."""
+    """Proposes the point search.phase.claim() chose for the trial; for a trial not run by a
+    search.phase.Worker, next_point from the trials numbered below it."""
 
     def __init__(self, knob):
         self.knob, self.claimed = knob, {}  # trial number -> its claimed point, set just before suggest

@@ -1,19 +1,12 @@
-"""Optuna storage and studies of a search, and one worker's loop over the trials of a phase.
+"""Optuna storage and studies of a search, and one worker's loop over the trials of a phase; how workers
+share a study and how a dead worker's trial is taken over: docs/search.md ("Many workers, many machines").
 
-Every worker (one process, on this machine or another) runs the same loop on the same studies. Claiming a
-trial (claim()): the storage hands out trial numbers atomically (Optuna's ask(), under a lock of the
-study's row in an RDB), and a trial's point is chosen from the trials numbered below it only, once each of
-them holds its point or has ended; so every trial sees every point claimed before it, the bisection puts
-it elsewhere, and two live trials never hold one point. Its folder is named by its trial number. A budget
-counted in trial-number order keeps the phase to its number of trials, and a worker leaves a phase only
-once no trial of it is running, because the next phase starts from its result.
-
-Interrupted trials: liveness is Optuna's heartbeat (RDB storage): every running trial's worker records one
-every HEARTBEAT_SECONDS, and a trial left RUNNING by a worker that is gone (killed, out of memory, its
-machine lost) is failed (without an `error`) once its heartbeat is GRACE_SECONDS old, by any worker,
-including the same command started again; the bisection then proposes its point again and the new trial,
-the only live one at that point, resumes the dead trial's folder. Never by host name and process id:
-workers in containers, or on machines sharing a host name, do not see each other's processes.
+Claiming a trial (claim()): the storage hands out trial numbers atomically (Optuna's ask(), under a lock of
+the study's row in an RDB), and a trial's point is chosen from the trials numbered below it only, once each
+of them holds its point or has ended. A budget counted in trial-number order keeps the phase to its number
+of trials, and a worker leaves a phase only once no trial of it is running: the next phase starts from its
+result. A dead trial is failed without an `error`, so its point is proposed again and the new trial resumes
+its folder.
 """
 import logging
 import os
@@ -22,6 +15,7 @@ import time
 import warnings
 
 import optuna
+from optuna.storages import fail_stale_trials  # the RUNNING trials without a heartbeat for GRACE_SECONDS
 from optuna.trial import TrialState
 
 from search.bisection import BisectionSampler, label, next_point, outcomes
@@ -65,25 +59,6 @@ def open_study(storage, name, knob, settings):
     return study
 
 
-def fail_dead_trials(study):
-    """Fail the RUNNING trials whose worker is gone: no heartbeat for GRACE_SECONDS (Optuna's check, as the
-    storage of this worker was opened with them)."""
-    optuna.storages.fail_stale_trials(study)
-
-
-class OneLinePerFailedTrial(logging.Filter):
-    """Optuna logs a trial that raised as a warning with the traceback; a trial failed by its stage's one-line
-    error (UserError) has the search's own line already, which says why: Optuna's record of it is dropped."""
-
-    def __init__(self):
-        super().__init__()
-        self.reported = set()
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not any(message.startswith(f"Trial {n} failed ") for n in self.reported)
-
-
 def _counted(trials):
     """The trials that fill a phase's budget: running or ran (not skipped, not killed)."""
     return [t for t in trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)
@@ -104,7 +79,7 @@ def claim(study, knob, budget, number):
         if not any(t.state == TrialState.RUNNING and knob.name not in t.params for t in earlier):
             break
         time.sleep(CLAIM_POLL_SECONDS)
-        fail_dead_trials(study)  # one that died choosing would be waited for until failed
+        fail_stale_trials(study)  # one that died choosing would be waited for until failed
     done, flying, _ = outcomes(earlier, knob)
     x = next_point(knob, done, flying)
     if x is None or len(_counted(earlier)) >= budget:
@@ -120,15 +95,17 @@ class Worker:
 
     def __init__(self, root, log=print):
         self.root, self.count, self.log = root, 0, log
-        self.quiet = OneLinePerFailedTrial()
+        # Optuna logs a trial that raised with its traceback; one failed by its stage's one-line error (UserError)
+        # has the search's own line already, which says why: Optuna's record of it is dropped
+        self.reported = set()
+        self.quiet = lambda record: not any(record.getMessage().startswith(f"Trial {n} failed ") for n in self.reported)
 
     def run_phase(self, study, knob, budget, run_trial, describe):
-        """Run this worker's share of the phase: `run_trial(x, folder)` -> dict with val_acc, val_gflops,
-        feasible (and any other result, kept as user attrs); `describe(x, result, seconds)` is the trial's
-        line. Returns once every trial of the phase has finished, in this worker or any other."""
+        """Run this worker's share of the phase (`run_trial(x, folder)` -> its results, val_acc and val_gflops
+        among them; `describe` its line) until every trial of it has finished, here or in another worker."""
         waiting = False
         while True:
-            fail_dead_trials(study)
+            fail_stale_trials(study)
             done, flying, running = outcomes(study.get_trials(deepcopy=False), knob)
             if len(done) + running < budget and next_point(knob, done, flying) is not None:
                 optuna_log = logging.getLogger("optuna.study._optimize")
@@ -168,7 +145,7 @@ class Worker:
         except UserError as e:
             trial.set_user_attr("error", str(e))
             self.log(describe(x, {"error": str(e)}, time.time() - t0))
-            self.quiet.reported.add(trial.number)  # that line says it all: no traceback from Optuna beside it
+            self.reported.add(trial.number)  # that line says it all: no traceback from Optuna beside it
             raise
         for key, value in result.items():
             trial.set_user_attr(key, value)
@@ -178,15 +155,14 @@ class Worker:
 
 
 def run_alone(storage, name, work):
-    """work() in this worker, unless another live worker is doing it: work()'s result, or None. The claim is a
-    trial of study `name` held while work() runs, alive by its heartbeat like every trial; of workers
-    claiming together, the lowest trial number goes on, and a claim whose worker is gone lapses after
-    GRACE_SECONDS."""
+    """work()'s result in this worker, or None when another live worker is doing it. The claim is a trial of
+    study `name` held while work() runs, alive by its heartbeat; of workers claiming together, the lowest
+    trial number goes on."""
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
     result, raised = [], []
 
     def objective(trial):
-        fail_dead_trials(study)
+        fail_stale_trials(study)
         if any(t.state == TrialState.RUNNING and t.number < trial.number for t in study.get_trials(deepcopy=False)):
             raise optuna.TrialPruned()
         try:

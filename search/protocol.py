@@ -1,8 +1,5 @@
-"""The original protocol: from a stage-1 network, the highest static compression whose fine-tuned network stays
-within the accuracy budget of the unpruned one, then on that network (and --dynamic_networks - 1 more) the
-lowest stage-3 setting that still does, both chosen on the validation split; then each chosen network is
-evaluated once on the test split (search/report.py). The trials are real stage runs (search/trials.py),
-their studies and workers are search/phase.py's."""
+"""The original protocol (docs/search.md): the static phase, the dynamic phase on the chosen static networks,
+both chosen on the validation split, then the report (search/report.py)."""
 import dataclasses
 import os
 import time
@@ -10,16 +7,15 @@ import time
 import optuna
 
 from runtime import predict
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from runtime.evaluate import evaluate
 from search.bisection import Knob, label, no_trial_reason
 from search.phase import Worker, open_study, run_alone, trial_records
 from search.trials import DYNAMIC_KNOBS, record_of
-from utils.cli import DATA_DIR, IMG_TYPE, NULL, NUM_WORKERS, RESIZE, Setting, in_range
+from utils.cli import NULL, CommonSettings, Setting, in_range, like
 from search.report import evaluate_on_test, missing_notes, plot, table_rows, write_table
 from utils.data import DataSettings
 from utils.files import write_json
-from utils.flops import count_params, measure_costs, skipped_flops, to_gflops
+from utils.flops import count_params, skipped_flops, to_gflops
 
 
 TITLES = {"": None, "data": "data (default: the stage-1 run's; its --val_split and --seed give the split)",
@@ -34,10 +30,10 @@ class SearchSettings:
     checkpoint: str = Setting((str, NULL), "the stage-1 checkpoint (default: <result_dir>/sp/checkpoint.pt)",
                               group="", flag={"metavar": "PATH"})(None)
     device: str = Setting((str, NULL), "cpu, cuda or cuda:N; none: cuda when available", group="")(None)
-    data_dir: str = DATA_DIR(None)
-    img_type: str = IMG_TYPE(None)
-    resize: int = RESIZE(None)
-    num_workers: int = NUM_WORKERS(None)
+    data_dir: str = like(CommonSettings, "data_dir", None)
+    img_type: str = like(CommonSettings, "img_type", None)
+    resize: int = like(CommonSettings, "resize", None)
+    num_workers: int = like(CommonSettings, "num_workers", None)
     budget: float = Setting((float,), "accuracy points (validation split) a chosen network may lose against the "
                             "unpruned one", in_range(0), group="search")(1.0)
     storage: str = Setting((str, NULL), "Optuna RDB URL shared by every worker (default: "
@@ -113,22 +109,18 @@ def feasible(study):
             if t.user_attrs.get("feasible")]
 
 
-def dynamic_knob(name, static, max_alpha, image_size, ctx):
+def dynamic_knob(name, static, max_alpha):
     """Stage 3's knob on one static network: a GFLOPs target between the network with every gated block
     skipped and the static network itself (met within 3%), or alpha in [0, max_alpha]."""
     if name == "alpha":
         return Knob("alpha", 0.0, max_alpha, "high", max_alpha / 64)
-    model = model_from_checkpoint(load_checkpoint(static["checkpoint"], ("prune",)), static["checkpoint"])
-    costs = measure_costs(model.to(ctx.device), image_size)
-    floor = to_gflops(skipped_flops(costs))
+    floor = to_gflops(skipped_flops(predict.checkpoint_costs(static["checkpoint"], ("prune",), "--checkpoint")))
     return Knob("target_gflops", floor, static["val_gflops"], "low", 0.03 * static["val_gflops"])
 
 
 class Search:
-    """One search, as one worker runs it. `args`: main_search.py's flags (budget, compressions, trials per
-    phase, study name ...); `trials`: the trials' runner (search/trials.Trials: the stage-1 network, data,
-    stage configs and the stages' entry points); `stage1_path` as given; `eval_bs`: the batch size of the
-    search's own evaluations; `knob_name`: what the dynamic phase bisects."""
+    """One search, as one worker runs it: `args` main_search.py's settings, `trials` the runner of its trials
+    (search.trials.Trials), `eval_bs` the batch size of its own evaluations."""
 
     def __init__(self, args, trials, stage1_path, eval_bs, knob_name, ctx):
         self.args, self.trials, self.stage1_path, self.eval_bs = args, trials, stage1_path, eval_bs
@@ -158,7 +150,7 @@ class Search:
         dynamic_studies, idle = [], []  # idle: why the dynamic phase ran no trial on a static network
         for t in statics[:args.dynamic_networks] if args.dynamic_trials else []:
             c = t.params["compression"]
-            knob = dynamic_knob(self.knob_name, t.user_attrs, args.max_alpha, data["resize"], self.ctx)
+            knob = dynamic_knob(self.knob_name, t.user_attrs, args.max_alpha)
             why = no_trial_reason(knob)
             if why:
                 ends = " (GFLOPs from the network with every gated block skipped to the static network itself)" \
@@ -178,8 +170,7 @@ class Search:
 
     def report(self, static_study, statics, dynamic_studies, notes, t0):
         """Choose, evaluate the chosen networks once on test, write trials.json, pareto.png and the table.
-        `statics`: the static phase's trials within the budget, most compressed first; `dynamic_studies`:
-        [(compression, study)]; `notes`: why a row has no network (search.report.missing_notes)."""
+        `statics`: the static trials within the budget, most compressed first."""
         base, threshold, search_dir = self.base, self.threshold, self.search_dir
         dynamics = [(c, t) for c, s in dynamic_studies for t in feasible(s)]
         chosen = {"sp": {"checkpoint": os.path.abspath(self.stage1_path), "mode": "open"}}

@@ -1,17 +1,12 @@
-"""The end of a search: the chosen networks evaluated once on the test split, the three-row table
-with the settings found, every trial's result and the accuracy / GFLOPs picture of all trials.
-
-Under <search_dir>: final/<row>.json (the one test evaluation of each chosen network, reused while the
-choice stands), table.md, table.json, trials.json and pareto.png.
-"""
-import json
+"""The end of a search: the chosen networks evaluated once on the test split, the three-row table with the
+settings found, every trial's result and the accuracy / GFLOPs picture (the files: docs/search.md)."""
 import os
 
 from optuna.trial import TrialState
 
 from runtime import predict
 from runtime.evaluate import evaluate
-from utils.files import write_json
+from utils.files import read_json, write_json
 from utils.flops import compression, count_params
 from utils.lineage import STAGES
 from utils.data import DataSettings
@@ -19,18 +14,14 @@ from runtime.table import save_table, table_row, to_markdown
 
 
 def evaluate_on_test(chosen, data, bs, ctx, final_dir):
-    """Evaluate each chosen network {row: {"checkpoint", "mode"}} once on the test split (mode "open" for
-    the unpruned network: every block, no switch; "hard" for the others: greedy routes, skipped blocks not
-    computed). A row whose final/<row>.json holds the same checkpoint is not evaluated again. Returns
-    {row: {test_acc, test_loss, gflops_per_image, params, test_images, checkpoint, mode}}. One worker at a
-    time (search.phase.run_alone)."""
+    """Evaluate each chosen network {row: {"checkpoint", "mode"}} once on the test split, unless its
+    final/<row>.json holds the same checkpoint -> {row: test_acc, gflops_per_image ...}. One worker at a time."""
     os.makedirs(final_dir, exist_ok=True)
     out, loaded = {}, None
     for row, spec in chosen.items():
         path = os.path.join(final_dir, f"{row}.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                kept = json.load(f)
+            kept = read_json(path)
             if kept["checkpoint"] == spec["checkpoint"] and kept["mode"] == spec["mode"]:
                 out[row] = kept
                 continue
@@ -56,9 +47,8 @@ def _ran(studies, phase):
 
 
 def missing_notes(static_study, dynamic_studies, any_static, dynamic_trials, idle):
-    """{row: why it has no network}: the phase ran no trial (and why), or its trials ran and none is within
-    the budget. `dynamic_studies`: [(compression, study)] the dynamic phase ran; `idle`: why it ran no
-    trial on each other static network it was to start from."""
+    """{row: why it has no network}: its phase ran no trial (and why: `idle`), or none of its trials is within
+    the budget. `dynamic_studies`: [(compression, study)]."""
     static = _ran([static_study], "static") or "the static phase ran no trial"
     if not dynamic_trials:
         dynamic = "the dynamic phase was not run (--dynamic_trials 0)"
@@ -114,9 +104,7 @@ def pareto_front(points):
 
 
 def plot(points, baseline, threshold, chosen, path):
-    """Validation accuracy against GFLOPs per image of every finished trial (static, static + dynamic), the
-    unpruned network, the budget line, the Pareto front and the chosen networks. Returns False (after one
-    line) when matplotlib is missing."""
+    """pareto.png (docs/search.md); False, after one line, when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")

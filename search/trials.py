@@ -1,47 +1,35 @@
-"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha), a call of the
-stage's own function (stages.prune.run, stages.rl.run) with its settings, in this process, in its own result
-folder under <search_dir>/trials/ (named by its study and trial number: search/phase.py's trial_dir), ending
-on the validation split (final_split val: no trial ever reads the test split). Each folder records in
-trial.json what defines its result: the stage, its settings (less where and how it runs: paths, device,
-workers) and the sha256 of the checkpoint it starts from. A folder recording the same is read when its
-metrics.json exists, or resumed from its checkpoint; one made under other settings (an earlier search with
-another config whose trial had the same number, in another --storage) is moved into trials/stale-<time>/ and
-the trial runs: an old network is never reported as the new settings' result.
-
-    trials/<study>.static/<n>-compression<c>/        prune/{checkpoint.pt, metrics.json, tb/}
-    trials/<study>.dynamic.c<c>/<n>-<knob><x>/       rl/{checkpoint.pt, metrics.json, tb/}
+"""One trial = one real run of stage 2 (a compression) or stage 3 (a GFLOPs target, or alpha): the stage's own
+function in this process, in its own folder under <search_dir>/trials/, ending on the validation split. Its
+trial.json records what defines its result, so that an old network is never reported as new settings'
+result (the folders and their records: docs/search.md).
 """
 import dataclasses
 import json
 import os
-import time
 
 from pruners.config import validate
+from runtime.stage import WHERE
 from stages import prune as stage2, rl as stage3
 from utils.files import read_json, write_json
-from utils.lineage import file_sha256
-
-# Settings of a trial that say where and how it runs, not what it computes: not part of its record
-WHERE = ("result_dir", "checkpoint", "data_dir", "num_workers", "device", "resume", "overwrite")
+from utils.lineage import file_sha256, stale_folder
 
 # Stage 3's knob: the GFLOPs target (the default), or alpha (larger alpha, fewer GFLOPs).
 DYNAMIC_KNOBS = ("target_gflops", "alpha")
 
-# stage 3's settings that the search sets through flags of its own
-STAGE3_FLAGS = {"epochs": "--rl_epochs", "lr": "--rl_lr", "bs": "--rl_bs", "alpha": "--rl_alpha",
-                "route_epochs": "--rl_route_epochs", "route_lr": "--rl_route_lr"}
+# stage 3's settings that the search sets, by its own flags
+STAGE3_FLAGS = {"epochs": "rl_epochs", "lr": "rl_lr", "bs": "rl_bs", "rl_weight": "rl_weight", "gamma": "gamma",
+                "alpha": "rl_alpha", "route_epochs": "rl_route_epochs", "route_lr": "rl_route_lr"}
 
 
 def stage3_settings(args, knob_name):
     """Stage 3's settings of every dynamic trial from the search's flags (the data, the knob's value and the
     paths are set later), checked by stage 3's own checks at once, so that the search never runs its static phase
     to find out that stage 3 refuses them: UserError naming the search's flag."""
-    settings = stage3.RLSettings(
-        epochs=args.rl_epochs, lr=args.rl_lr, bs=args.rl_bs, rl_weight=args.rl_weight, gamma=args.gamma,
-        route_epochs=args.rl_route_epochs, route_lr=args.rl_route_lr if args.rl_route_epochs else None,
-        alpha=args.rl_alpha, final_split="val")  # alpha: where the dual ascent starts, unless it is the knob
+    # alpha: where the dual ascent starts, unless it is the knob
+    settings = stage3.RLSettings(**{k: getattr(args, a) for k, a in STAGE3_FLAGS.items()}, final_split="val")
+    settings.route_lr = settings.route_lr if settings.route_epochs else None
     probe = dataclasses.replace(settings, **{knob_name: 1.0})  # a value of the knob, for the checks
-    stage3.check_settings(probe, flag=lambda name: STAGE3_FLAGS.get(name, f"--{name}"),
+    stage3.check_settings(probe, flag=lambda name: f"--{STAGE3_FLAGS.get(name, name)}",
                           suffix=" (stage 3's setting, as main_rl_prune.py would refuse it)")
     return settings
 
@@ -54,10 +42,8 @@ def record_of(settings):
 
 
 class Trials:
-    """Runs the trials of one search under <search_dir>/trials. `data`: data_dir, img_type, resize,
-    num_workers, val_split, seed (those of the stage-1 run); `prune_config`: the stage-2 config every static
-    trial starts from; `rl_settings`: the stage-3 settings every dynamic trial shares (stage3_settings).
-    `run_prune`, `run_rl`: the stages' functions (default stages.prune.run, stages.rl.run)."""
+    """Runs the trials of one search under <search_dir>/trials. `data`: the stage-1 run's data settings and
+    split; `prune_config`, `rl_settings`: what every static / dynamic trial starts from."""
 
     def __init__(self, search_dir, stage1_path, data, prune_config, rl_settings, device, run_prune=None,
                  run_rl=None):
@@ -67,18 +53,9 @@ class Trials:
         self.stage1_path, self.data, self.device = stage1_path, data, device
         self.prune_config, self.rl_settings = prune_config, rl_settings
 
-    def prune_settings(self, compression, folder):
-        """The stage-2 config of a static trial: the given config, its target, this search's data and
-        validation split, and an end on that split."""
-        return {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
-                "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
-                "final_split": "val", "device": self.device,
-                "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
-
     def use_folder(self, folder, stage, settings, source):
-        """Make `folder` the trial's: kept when its trial.json records this stage, `settings` (less WHERE) and
-        starting checkpoint `source`; else what it holds is moved into <root>/stale-<time>/ (nothing
-        deleted) and the record written, before the stage runs."""
+        """Make `folder` the trial's: kept when its trial.json records this stage, `settings` and `source`; else
+        what it holds is moved into <root>/stale-<time>/ and the record written, before the stage runs."""
         record = {"stage": stage, "source_sha256": file_sha256(source), "settings": record_of(settings)}
         path = os.path.join(folder, "trial.json")
         try:
@@ -88,10 +65,8 @@ class Trials:
         if old == record:
             return
         if os.path.isdir(folder) and os.listdir(folder):
-            stamp, within = time.strftime("stale-%Y%m%d-%H%M%S"), os.path.relpath(folder, self.root)
-            aside, n = os.path.join(self.root, stamp, within), 1
-            while os.path.exists(aside):
-                aside, n = os.path.join(self.root, f"{stamp}-{n}", within), n + 1
+            within = os.path.relpath(folder, self.root)
+            aside = os.path.join(stale_folder(self.root, within), within)
             os.makedirs(os.path.dirname(aside), exist_ok=True)
             os.rename(folder, aside)
             print(f"[search] {folder} holds a trial {self.difference(old, record)}: moved to {aside}; "
@@ -111,20 +86,20 @@ class Trials:
         return f"made with other settings ({key} {was.get(key)!r}, now {now.get(key)!r})"
 
     def static(self, compression, folder):
-        """Stage 2 at `compression` in `folder` -> its metrics (val_acc, val_gflops, params, compression, ...)."""
-        config = self.prune_settings(compression, folder)
+        """Stage 2 at `compression` in `folder`, from the search's config, data and validation split -> its
+        metrics (val_acc, val_gflops, params, compression, ...)."""
+        config = {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
+                  "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
+                  "final_split": "val", "device": self.device,
+                  "resume": os.path.isfile(os.path.join(folder, "prune", "checkpoint.pt"))}
         self.use_folder(folder, "prune", config, self.stage1_path)
         return self.finished(folder, "prune", lambda: self.run_prune(validate(config, where="the search's config")))
 
-    def rl_settings_at(self, source, folder, knob, x):
-        """Stage 3's settings of a dynamic trial from `source` at knob = x in `folder`."""
-        resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
-        return dataclasses.replace(self.rl_settings, checkpoint=source, result_dir=folder, device=self.device,
-                                   resume="auto" if resume else None, **{knob: x})
-
     def dynamic(self, source, knob, x, folder):
         """Stage 3 from the static trial's checkpoint `source` at knob = x in `folder` -> its metrics."""
-        settings = self.rl_settings_at(source, folder, knob, x)
+        resume = os.path.isfile(os.path.join(folder, "rl", "checkpoint.pt"))
+        settings = dataclasses.replace(self.rl_settings, checkpoint=source, result_dir=folder, device=self.device,
+                                       resume="auto" if resume else None, **{knob: x})
         self.use_folder(folder, "rl", settings, source)
         return self.finished(folder, "rl", lambda: self.run_rl(settings))
 

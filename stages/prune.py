@@ -1,7 +1,5 @@
-"""Stage 2: prune the stage-1 network in the Kronecker-factored eigenbasis (EigenDamage), then fine-tune. Reads
-the stage-1 checkpoint (the config's `checkpoint`, default <result_dir>/sp/checkpoint.pt) and writes
-<result_dir>/prune/{checkpoint.pt, metrics.json, tb/}: the row "static pruning only". Its settings are
-pruners/config.py's PruneSettings (the config keys)."""
+"""Stage 2: prune the stage-1 network in the Kronecker-factored eigenbasis (EigenDamage), then fine-tune ->
+<result_dir>/prune/: the row "static pruning only". Its settings: pruners/config.py's PruneSettings."""
 import dataclasses
 import os
 import sys
@@ -11,16 +9,15 @@ import torch
 
 from pruners import check_schedule, evenly_spaced, prunable_convs, prune, set_rotations_trainable
 from pruners.config import PruneSettings
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import model_from_checkpoint
 from runtime.evaluate import evaluate, recalibrate_bn
 from runtime.loop import make_scheduler, prepare, sgd
-from runtime.stage import StageRun, check_batch_shapes, restore_training_state, resume
+from runtime.stage import StageRun, check_batch_shapes, restore_training_state, resume, starting_checkpoint
 from runtime.steps import dense_step, supervised_step
 from utils.data import DataSettings, load_data
 from utils.dist import exact_fp32, teardown
 from utils.errors import UserError
 from utils.flops import compression, count_params, dense_flops, measure_costs, to_gflops
-from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 
 
 def targets(schedule):
@@ -74,37 +71,9 @@ def prune_round(model, data, ctx, cfg, spec, r, params_stage1):
     return model, report
 
 
-def stage1_of(cfg):
-    """(path, checkpoint, lineage record) of the stage-1 network `cfg` prunes, refused in one line when absent,
-    not a stage-1 checkpoint, or not the network of this result_dir's chain."""
-    path = cfg.checkpoint or os.path.join(cfg.result_dir, "sp", "checkpoint.pt")
-    if not cfg.checkpoint and not os.path.isfile(path):
-        raise UserError(f"no stage-1 checkpoint at {path}: run main_sp.py with this result_dir first "
-                        f"(or set the config's 'checkpoint')")
-    if not cfg.checkpoint:
-        check_chain(cfg.result_dir, ("sp",))
-    stage1 = load_checkpoint(path, ("sp",), "checkpoint")
-    parent = parent_record("sp", path)
-    if cfg.checkpoint:
-        check_parent_fits(cfg.result_dir, parent, "checkpoint")
-    return path, stage1, parent
-
-
-def resumed_run(cfg, stage, ctx, stage1_path):
-    """(checkpoint, path) of this stage that a resumed run continues (runtime.stage.resume), or (None, None)."""
-    if not cfg.resume:
-        return None, None
-    ckpt, path = resume(stage, cfg.resume, ctx, source=lambda c: {"stage": "sp", "path": stage1_path})
-    if not {"round", "history", "schedule"} <= set(ckpt):
-        raise UserError(f"--resume {path}: lacks the pruning state (round, history, schedule)")
-    check_resumable(ckpt, cfg.schedule, path)
-    return ckpt, path
-
-
 def finetune(stage, model, data, ctx, cfg, spec, own_state, report, resumed, log_offset, total_epochs):
-    """Fine-tune the pruned `model` for the round's epochs at its lr (continuing `resumed`, this stage's
-    checkpoint, when the round was under way), then re-estimate its BN statistics and save -> (model, ddp,
-    costs). `own_state()`: the round's own checkpoint keys; `report`: the round's, given bn_seconds."""
+    """Fine-tune the pruned `model` for the round (continuing `resumed` when it was under way), then re-estimate
+    its BN statistics and save -> (model, ddp, costs)."""
     if cfg.mode == "open":  # the static network: every block, the switches untouched
         step, evals = dense_step, (("dense", "open"),)
     else:
@@ -135,8 +104,15 @@ def run(cfg: PruneSettings):
     schedule = cfg.schedule
     stage = StageRun.begin("prune", cfg)
     ctx = stage.ctx
-    stage1_path, stage1, parent = stage1_of(cfg)
-    ckpt, resume_path = resumed_run(cfg, stage, ctx, stage1_path)
+    stage1_path, stage1, parent = starting_checkpoint(cfg.checkpoint, cfg.result_dir, ("sp",), "checkpoint", (
+        f"no stage-1 checkpoint at {os.path.join(cfg.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py with this "
+        f"result_dir first (or set the config's 'checkpoint')"))
+    ckpt, resume_path = None, None
+    if cfg.resume:
+        ckpt, resume_path = resume(stage, cfg.resume, ctx, source=lambda c: {"stage": "sp", "path": stage1_path})
+        if not {"round", "history", "schedule"} <= set(ckpt):
+            raise UserError(f"--resume {resume_path}: lacks the pruning state (round, history, schedule)")
+        check_resumable(ckpt, schedule, resume_path)
     # a resumed run inherited stage 1's pipeline and fixed its own augmentation
     recorded = (ckpt or stage1).get("pipeline")
     source = f"--resume {resume_path}" if ckpt else f"checkpoint {stage1_path}"
@@ -154,9 +130,9 @@ def run(cfg: PruneSettings):
     later = first_round + 1 if ckpt else 0
     check_schedule(model, schedule[later:], cfg.prune_ratio_limit, params_stage1, first_round=later,
                    image_size=data.image_size, round_to=cfg.round_to)
-    guard_rerun(cfg.result_dir, "prune", cfg.overwrite, ctx.is_main, resuming=bool(ckpt))
     stage.open(data.pipeline, parent=parent, resumed=ckpt, start_step=stage1.get("tb_step", 0))
 
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}  # what a checkpoint records
     logged = sum(spec["epochs"] for spec in schedule[:first_round])  # TensorBoard steps of earlier rounds
     total_epochs = sum(spec["epochs"] for spec in schedule)
     for r in range(first_round, len(schedule)):
@@ -166,7 +142,7 @@ def run(cfg: PruneSettings):
             history.append(report)
             stage.logger.scalars("prune/round", {k: report[k] for k in ("compression", "params", "gflops")},
                                  stage.step_offset + logged)
-        own_state = lambda r=r: {"round": r, "history": history, "schedule": schedule, "config": config_of(cfg),
+        own_state = lambda r=r: {"round": r, "history": history, "schedule": schedule, "config": config,
                                  "params_stage1": params_stage1, "stage1_checkpoint": stage1_path}
         model, ddp, costs = finetune(stage, model, data, ctx, cfg, spec, own_state, history[-1],
                                      ckpt if resuming else None, logged, total_epochs)
@@ -180,8 +156,3 @@ def run(cfg: PruneSettings):
         "stage1_checkpoint": stage1_path})
     teardown()
     return metrics
-
-
-def config_of(cfg):
-    """The config keys of `cfg` with the schedule run (what a checkpoint records)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}

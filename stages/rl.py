@@ -1,24 +1,10 @@
 """Stage 3: dynamic pruning. The switches of the stage-2 network (or of the stage-1 network, for dynamic
-pruning alone) learn to skip blocks per image. The controller (--controller):
-  counterfactual (default; gates/counterfactual.py): per image and block, the loss with the block skipped
-      minus with it executed, against the block's price; the backbone learns by cross-entropy on routes
-      drawn from the switches' probabilities kept away from 0 and 1
-  reinforce (gates/policy.py): SkipNet's REINFORCE, the backbone by cross-entropy on the sampled routes
-  gumbel (gates/gumbel.py): ConvNet-AIG's gates, the backbone and the switches trained together on the
-      switches' own routes by the cross-entropy plus the price of the blocks run, through the decisions'
-      straight-through Gumbel-softmax gradient
-alpha is the price of running every gated block, in cross-entropy units, under all three. The switches'
-loss of counterfactual and reinforce is summed over the images of each process's batch (every decision gets
-its own term), so --rl_weight means what it means in SkipNet's code, where the original flags come from.
-With --target_gflops G, alpha is adapted during training (dual ascent) and the switches' threshold
-calibrated on training data so that the greedy routes cost G.
-With --route_epochs N the backbone is then fine-tuned for N epochs by cross-entropy on the greedy routes
-(the switches' weights not stepped, their decisions passing no gradient; with --target_gflops the threshold
-is recalibrated before every route epoch). The stage ends like stage 2: BN statistics re-estimated under the
-greedy routes, save, then the final test of the model exactly as saved; a run whose switches cut under 1%
-of the GFLOPs ends with a line saying so and which --alpha or --target_gflops would cut more. Writes
+pruning alone) learn to skip blocks per image, by the --controller (counterfactual, reinforce or gumbel);
+alpha is the price of running every gated block, in cross-entropy units, under all three, adapted during
+training with --target_gflops G so that the greedy routes cost G. The stage ends like stage 2: BN statistics
+re-estimated under the greedy routes, save, then the final test of the model exactly as saved. Writes
 <result_dir>/rl/{checkpoint.pt, metrics.json, tb/}: the row "static + dynamic pruning", then the whole table
-as <result_dir>/table.md and table.json."""
+as <result_dir>/table.md and table.json. How it trains and ends: docs/stages.md."""
 import dataclasses
 import os
 import sys
@@ -30,17 +16,16 @@ from gates.optim import make_optimizer
 from gates.policy import BASELINES, Baseline, ReinforceStep
 from gates.price import SkipPrice
 from models.resnet import compile_report, compile_step
-from runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from runtime.checkpoint import model_from_checkpoint
 from runtime.loop import make_scheduler, prepare
-from runtime.stage import StageRun, check_batch_shapes, resume, restore_training_state
+from runtime.stage import StageRun, check_batch_shapes, resume, restore_training_state, starting_checkpoint
 from runtime.table import write_table
-from utils.cli import BS, EPOCHS, LR, NULL, Setting, StageSettings, check, in_range
+from utils.cli import NULL, Setting, StageSettings, check, in_range, like
 from utils.data import DataSettings, load_data
 from utils.dist import teardown
 from utils.errors import UserError
 from utils.flops import compression, count_params, from_gflops, gflops_bounds, measure_costs
 from utils.nets import unwrap
-from utils.lineage import check_chain, check_parent_fits, guard_rerun, parent_record
 
 CONTROLLERS = ("counterfactual", "reinforce", "gumbel")
 TITLES = {"data": "data", "training": "training",
@@ -50,9 +35,9 @@ TITLES = {"data": "data", "training": "training",
 
 @dataclasses.dataclass
 class RLSettings(StageSettings):
-    epochs: int = EPOCHS(100)  # the original stage-3 command's
-    lr: float = LR(0.001)
-    bs: int = BS(256)
+    epochs: int = like(StageSettings, "epochs", 100)  # the original stage-3 command's
+    lr: float = like(StageSettings, "lr", 0.001)
+    bs: int = like(StageSettings, "bs", 256)
     network: str = Setting((str, NULL), "if given, must be the checkpoint's network (resnet)", group="model")(None)
     depth: int = Setting((int, NULL), "if given, must be the checkpoint's depth", group="model")(None)
     width: int = Setting((int, NULL), "if given, must be the checkpoint's width multiplier", group="model")(None)
@@ -114,10 +99,9 @@ CONTROLLER_SETTINGS = {"tau": ("counterfactual",), "explore_bound": ("counterfac
                        "flip_blocks": ("counterfactual",)}
 
 
-def check_settings(s, flag=None, suffix=""):
-    """UserError (naming the flag: `flag(name)`, default --name) for settings stage 3 refuses; warnings for
-    settings that would do nothing."""
-    flag = flag or (lambda name: f"--{name}")
+def check_settings(s, flag=lambda name: f"--{name}", suffix=""):
+    """UserError (naming the flag: `flag(name)`) for settings stage 3 refuses; warnings for settings that would
+    do nothing."""
     check(s, flag, suffix)
     if s.route_lr is not None and not s.route_epochs:
         print(f"warning: {flag('route_lr')} {s.route_lr} does nothing without {flag('route_epochs')}",
@@ -138,18 +122,6 @@ def check_settings(s, flag=None, suffix=""):
                         f"it > 0{suffix}")
 
 
-def source_path(s):
-    if s.checkpoint:
-        return s.checkpoint
-    for stage in ("prune", "sp"):
-        path = os.path.join(s.result_dir, stage, "checkpoint.pt")
-        if os.path.isfile(path):
-            return path
-    raise UserError(f"no checkpoint to start from: neither {s.result_dir}/prune/checkpoint.pt nor "
-                    f"{s.result_dir}/sp/checkpoint.pt exists (run main_sp.py and main_prune.py first, "
-                    f"or give --checkpoint)")
-
-
 def source_compression(ckpt, params):
     """Fraction of the stage-1 parameters that the starting network (holding `params`) has removed: 0 for a
     stage-1 network, from the stage-1 size a stage-2 one records (None where it records none)."""
@@ -167,8 +139,7 @@ def check_flags_match(s, arch, path, flag):
 
 
 def check_target(s, costs):
-    """A --target_gflops the greedy routes cannot reach (below the cost with every gated block skipped, or
-    above the cost with all executed) is refused before any work."""
+    """A --target_gflops the greedy routes cannot reach is refused before any work."""
     if s.target_gflops is None:
         return
     low, high = gflops_bounds(costs)
@@ -194,13 +165,9 @@ def starting_point(s, run, ctx):
         ckpt, path = resume(run, s.resume, ctx, s, source=lambda c: (c.get("extra", {}).get("source") or {}))
         source = ckpt.get("extra", {}).get("source", {})
         return ckpt, path, "--resume", source, None
-    path = source_path(s)
-    if not s.checkpoint:  # the network of this --result_dir's chain, which must hold
-        check_chain(s.result_dir, ("sp", "prune"))
-    ckpt = load_checkpoint(path, ("prune", "sp"), "--checkpoint")
-    parent = parent_record(ckpt["stage"], path)
-    if s.checkpoint:
-        check_parent_fits(s.result_dir, parent, "--checkpoint")
+    path, ckpt, parent = starting_checkpoint(s.checkpoint, s.result_dir, ("prune", "sp"), "--checkpoint", (
+        f"no checkpoint to start from: neither {s.result_dir}/prune/checkpoint.pt nor {s.result_dir}/sp/checkpoint.pt "
+        f"exists (run main_sp.py and main_prune.py first, or give --checkpoint)"))
     return ckpt, path, "--checkpoint", {"path": path, "stage": ckpt["stage"]}, parent
 
 
@@ -238,7 +205,6 @@ def run(s: RLSettings):
         ending = extra.get("ending") or {}
     costs = measure_costs(model, data.image_size)
     check_target(s, costs)
-    guard_rerun(s.result_dir, "rl", s.overwrite, ctx.is_main, resuming=bool(s.resume))
     stage.open(data.pipeline, parent=parent, resumed=ckpt if s.resume else None,
                start_step=ckpt.get("tb_step", 0) if not s.resume else 0)
     step = controller_step(s, model, ddp, costs, price, baseline, ctx)
@@ -267,8 +233,8 @@ def run(s: RLSettings):
 
 
 def say_table(s, warning):
-    """The whole table (after a run ending on the test split: the table holds test numbers only), then the
-    warning of a run that cut next to nothing, last, so that it is not lost above the table."""
+    """The whole table (test numbers only), then the warning of a run that cut next to nothing, last, so that
+    it is not lost above the table."""
     if s.final_split == "test":
         print(f"\n{write_table(s.result_dir)}", end="", flush=True)
         print(f"-> {os.path.join(s.result_dir, 'table.md')} and table.json", flush=True)

@@ -1,13 +1,9 @@
-"""Stage 1: the network and its switches, trained by cross-entropy. --train_mode joint (default): every
-step the cross-entropy of the dense network (every block) plus that of the routes the switches take
-(`hard`: execute iff p > 0.5, straight-through gradient to p), so the backbone learns to tolerate skipping
-while the dense network, the row "w/o pruning", trains as in plain dense training; the switches then
-restart from their data-dependent spread on the trained network, so that stage 3 finds them where
-REINFORCE can move them. hard: SkipNet's supervised phase alone (the dense network then is much weaker);
-open: plain dense training. From scratch, or fine-tuning a dense network (--pretrained). Writes
+"""Stage 1: the network and its switches, trained by cross-entropy (--train_mode: joint, hard or open), from
+scratch or fine-tuning a dense network (--pretrained); under joint the switches then restart from their
+data-dependent spread on the trained network, so that stage 3 finds them where it can move them. Writes
 <result_dir>/sp/{checkpoint.pt, metrics.json, tb/}: the row "w/o pruning" = the dense network (every block,
 no switch evaluated): test_acc, gflops_per_image; beside it the greedy routes' routed_acc, routed_gflops
-and per-switch exec_rate."""
+and per-switch exec_rate. How it trains: docs/stages.md."""
 import dataclasses
 import itertools
 import sys
@@ -27,7 +23,7 @@ from utils.data import DataSettings, load_data
 from utils.dist import broadcast_tensors, teardown
 from utils.errors import UserError
 from utils.flops import dense_flops, measure_costs, to_gflops
-from utils.lineage import guard_rerun, parent_record
+from utils.lineage import parent_record
 
 LOW_LR = 1e-3  # at or below it, SGD from a random initialisation barely moves in a usual number of epochs
 SPREAD_IMAGES = 256  # the switches' data-dependent start measures spreads over this many images, whatever --bs
@@ -65,9 +61,8 @@ def check_settings(s):
 
 
 def joint_step(model, x, y):
-    """Cross-entropy of the dense network plus that of the routes the switches take (hard mode). The
-    dense network's gradient is exactly plain dense training's; the routed term teaches the backbone to
-    tolerate skipping. Two forward passes, one backward (DistributedDataParallel reduces once)."""
+    """Cross-entropy of the dense network (its gradient exactly plain dense training's) plus that of the
+    switches' routes (hard mode), which teaches the backbone to tolerate skipping. One backward: DDP reduces once."""
     dense, dense_stats = supervised_step(model, x, y, mode="open")
     routed, routed_stats = supervised_step(model, x, y, mode="hard")
     return dense + routed, {"loss": dense_stats["loss"], "acc": dense_stats["acc"],
@@ -124,12 +119,11 @@ def run(s: SPSettings):
     start = restore_training_state(ckpt, optimizer, scheduler) if ckpt else 0
     costs = measure_costs(model, data.image_size)
     parent = parent_record("pretrained", s.pretrained) if s.pretrained and not ckpt else None
-    guard_rerun(s.result_dir, "sp", s.overwrite, ctx.is_main, resuming=bool(ckpt))
+    stage.open(data.pipeline, parent=parent, resumed=ckpt)
     if s.epochs == 0 and not ckpt and ctx.is_main:
         weights = "the --pretrained weights" if s.pretrained else "its random initialisation"
         print(f"warning: --epochs 0 trains nothing: sp/checkpoint.pt will hold the network as it starts "
               f"({weights})", file=sys.stderr, flush=True)
-    stage.open(data.pipeline, parent=parent, resumed=ckpt)
     # done once, after the last epoch (again if a resumed run trains further epochs)
     respread = [bool((ckpt or {}).get("switches_respread")) and start >= s.epochs]
     own_state = lambda: {"args": dataclasses.asdict(s), "switches_respread": respread[0]}

@@ -87,10 +87,8 @@ def parse(cls, description, titles, argv=None):
     return cls(**vars(args))
 
 
-def check(settings, flag=None, suffix=""):
-    """UserError naming the flag (`flag(name)`, default --name) of the first setting not finite, then of
-    the first its check refuses."""
-    flag = flag or (lambda name: f"--{name}")
+def check(settings, flag=lambda name: f"--{name}", suffix=""):
+    """UserError naming the flag (`flag(name)`) of the first setting not finite, then of the first refused."""
     values = [(name, getattr(settings, name), s) for name, _, s in settings_of(settings)]
     for name, value, _ in values:  # float("inf") and "nan" parse, and nan fails every comparison
         if isinstance(value, float) and not math.isfinite(value):
@@ -100,75 +98,60 @@ def check(settings, flag=None, suffix=""):
             raise UserError(f"{flag(name)} {value} {s.demand()}{suffix}")
 
 
-# the shared settings: what a stage reads and how it trains (stage 2 reads them as config keys)
-DATA_DIR = Setting((str,), "class folders train/<class>/*.<img_type> + test/..., or cifar-100-python/ pickles; "
-                   "found automatically", (lambda v: bool(v), "must not be empty"), group="data")
-IMG_TYPE = Setting((str,), "image file extension in the class-folder layout", (lambda v: bool(v), "must not be "
-                   "empty"), group="data")
-RESIZE = Setting((int, NULL), "side, in pixels, the images are brought to (default: 32 for a new network, else "
-                 "the one the checkpoint was trained at; a different one is refused)", in_range(8), group="data")
-AUGMENT = Setting((str, NULL), "training augmentation: cifar = random crop + horizontal flip, crop = random crop "
-                  "only (digits, text: mirror images are other symbols), none (default: cifar for a new network, "
-                  "else the checkpoint's)", choices=AUGMENTS, group="data")
-DOWNLOAD = Setting((bool,), "fetch CIFAR-100 through torchvision if absent", group="data")
-VAL_SPLIT = Setting((float, int), "fraction of train held out for per-epoch validation (0: evaluate on test each "
-                    "epoch, never selecting on it)", in_range(0, 1), group="data")
-NUM_WORKERS = Setting((int,), "processes decoding images once at start-up", in_range(0), group="data")
-FINAL_SPLIT = Setting((str,), "split of the final evaluation (metrics.json); val (needs val_split > 0) never "
-                      "touches the test split, as a search choosing settings must", choices=("test", "val"),
-                      group="data")
-EPOCHS = Setting((int,), "epochs of this stage", in_range(0), group="training")
-LR = Setting((float,), "SGD learning rate (peak of the schedule)", in_range(0, lo_open=True), group="training")
-BS = Setting((int,), "batch size of a training step, over all processes: under torchrun each of P processes takes "
-             "bs / P images (bs must be divisible by P), so the settings mean the same recipe on any number of "
-             "GPUs", in_range(1), group="training")
-MOMENTUM = Setting((float, int), "SGD momentum (nesterov when > 0)", in_range(0, 1), group="training")
-WEIGHT_DECAY = Setting((float, int), "SGD weight decay", in_range(0), group="training")
-SCHEDULER = Setting((str,), "learning-rate schedule, per step (step: x0.1 at half and at three quarters of the steps)",
-                    choices=("cosine", "step", "constant"), group="training")
-SEED = Setting((int,), "initialisation, data order, augmentation, sampling", group="training")
-DEVICE = Setting((str, NULL), "cpu, cuda or cuda:N (default: cuda when available). Under torchrun each process "
-                 "takes cuda:LOCAL_RANK; cuda:N is refused when torchrun starts several processes per machine "
-                 "(choose the GPUs with CUDA_VISIBLE_DEVICES)", group="training")
-AMP = Setting((str, NULL), "bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay float32); off: "
-              "float32 throughout (default: bf16 on CUDA, off on CPU)", choices=("bf16", "off"), group="training")
-TF32 = Setting((bool,), "allow TF32 (a 10-bit mantissa) for the training step's float32 convolutions and matmuls "
-               "on CUDA (with amp off: faster on Ampere and later GPUs); off by default, and always off for the "
-               "final evaluation, the factor pass, the counterfactual losses and anything that says float32",
-               group="training")
-CHANNELS_LAST = Setting((bool, NULL), "weights and batches in the NHWC memory format; --no-channels_last: NCHW "
-                        "(default: on with CUDA, off on CPU)", group="training",
-                        flag={"action": argparse.BooleanOptionalAction})
-RESULT_DIR = Setting((str,), "each stage writes <result_dir>/<stage>/", (lambda v: bool(v), "must not be empty"),
-                     group="training")
-OVERWRITE = Setting((bool,), "when result_dir holds a finished run of this stage (which this run replaces) or "
-                    "later stages' results (made from the network this run replaces), move them into "
-                    "<result_dir>/stale-<time>/ instead of refusing", group="training")
+def like(cls, name, default):
+    """The setting `name` of settings dataclass `cls`, with another `default` (a field of another class)."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["setting"](default)
+
+
+NOT_EMPTY = (lambda v: bool(v), "must not be empty")
 
 
 @dataclasses.dataclass
 class CommonSettings:
     """The data and training settings of the three stages (flags of stages 1 and 3, config keys of stage 2)."""
-    data_dir: str = DATA_DIR("data")
-    img_type: str = IMG_TYPE("png")
-    resize: int = RESIZE(None)
-    augment: str = AUGMENT(None)
-    download: bool = DOWNLOAD(False)
-    val_split: float = VAL_SPLIT(0.0)
-    num_workers: int = NUM_WORKERS(4)
-    final_split: str = FINAL_SPLIT("test")
-    epochs: int = EPOCHS(200)
-    lr: float = LR(0.1)
-    bs: int = BS(128)
-    momentum: float = MOMENTUM(0.9)
-    weight_decay: float = WEIGHT_DECAY(5e-4)
-    scheduler: str = SCHEDULER("cosine")
-    seed: int = SEED(0)
-    device: str = DEVICE(None)
-    amp: str = AMP(None)
-    tf32: bool = TF32(False)
-    channels_last: bool = CHANNELS_LAST(None)
-    result_dir: str = RESULT_DIR("results")
+    data_dir: str = Setting((str,), "class folders train/<class>/*.<img_type> + test/..., or cifar-100-python/ "
+                            "pickles; found automatically", NOT_EMPTY, group="data")("data")
+    img_type: str = Setting((str,), "image file extension in the class-folder layout", NOT_EMPTY,
+                            group="data")("png")
+    resize: int = Setting((int, NULL), "side, in pixels, the images are brought to (default: 32 for a new network, "
+                          "else the one the checkpoint was trained at; a different one is refused)", in_range(8),
+                          group="data")(None)
+    augment: str = Setting((str, NULL), "training augmentation: cifar = random crop + horizontal flip, crop = "
+                           "random crop only (digits, text: mirror images are other symbols), none (default: cifar "
+                           "for a new network, else the checkpoint's)", choices=AUGMENTS, group="data")(None)
+    download: bool = Setting((bool,), "fetch CIFAR-100 through torchvision if absent", group="data")(False)
+    val_split: float = Setting((float, int), "fraction of train held out for per-epoch validation (0: evaluate on "
+                               "test each epoch, never selecting on it)", in_range(0, 1), group="data")(0.0)
+    num_workers: int = Setting((int,), "processes decoding images once at start-up", in_range(0), group="data")(4)
+    final_split: str = Setting((str,), "split of the final evaluation (metrics.json); val (needs val_split > 0) "
+                               "never touches the test split, as a search choosing settings must",
+                               choices=("test", "val"), group="data")("test")
+    epochs: int = Setting((int,), "epochs of this stage", in_range(0), group="training")(200)
+    lr: float = Setting((float,), "SGD learning rate (peak of the schedule)", in_range(0, lo_open=True),
+                        group="training")(0.1)
+    bs: int = Setting((int,), "batch size of a training step, over all processes: under torchrun each of P "
+                      "processes takes bs / P images (bs must be divisible by P), so the settings mean the same "
+                      "recipe on any number of GPUs", in_range(1), group="training")(128)
+    momentum: float = Setting((float, int), "SGD momentum (nesterov when > 0)", in_range(0, 1), group="training")(0.9)
+    weight_decay: float = Setting((float, int), "SGD weight decay", in_range(0), group="training")(5e-4)
+    scheduler: str = Setting((str,), "learning-rate schedule, per step (step: x0.1 at half and at three quarters of "
+                             "the steps)", choices=("cosine", "step", "constant"), group="training")("cosine")
+    seed: int = Setting((int,), "initialisation, data order, augmentation, sampling", group="training")(0)
+    device: str = Setting((str, NULL), "cpu, cuda or cuda:N (default: cuda when available). Under torchrun each "
+                          "process takes cuda:LOCAL_RANK; cuda:N is refused when torchrun starts several processes "
+                          "per machine (choose the GPUs with CUDA_VISIBLE_DEVICES)", group="training")(None)
+    amp: str = Setting((str, NULL), "bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay "
+                       "float32); off: float32 throughout (default: bf16 on CUDA, off on CPU)",
+                       choices=("bf16", "off"), group="training")(None)
+    tf32: bool = Setting((bool,), "allow TF32 (a 10-bit mantissa) for the training step's float32 convolutions and "
+                         "matmuls on CUDA (with amp off: faster on Ampere and later GPUs); off by default, and always "
+                         "off for the final evaluation, the factor pass, the counterfactual losses and anything that "
+                         "says float32", group="training")(False)
+    channels_last: bool = Setting((bool, NULL), "weights and batches in the NHWC memory format; --no-channels_last: "
+                                  "NCHW (default: on with CUDA, off on CPU)", group="training",
+                                  flag={"action": argparse.BooleanOptionalAction})(None)
+    result_dir: str = Setting((str,), "each stage writes <result_dir>/<stage>/", NOT_EMPTY,
+                              group="training")("results")
 
 
 @dataclasses.dataclass
@@ -181,7 +164,9 @@ class StageSettings(CommonSettings):
     resume: str = Setting((str, NULL), "continue from this stage's last checkpoint (default: the one in "
                           "--result_dir)", group="training",
                           flag={"nargs": "?", "const": "auto", "metavar": "PATH"})(None)
-    overwrite: bool = OVERWRITE(False)
+    overwrite: bool = Setting((bool,), "when result_dir holds a finished run of this stage (which this run replaces) "
+                              "or later stages' results (made from the network this run replaces), move them into "
+                              "<result_dir>/stale-<time>/ instead of refusing", group="training")(False)
     switch_lr: float = Setting((float, NULL), "learning rate of the switches (default: --lr); follows the same "
                                "schedule", in_range(0, lo_open=True), group="switch optimisation")(None)
     switch_weight_decay: float = Setting((float, NULL), "weight decay of the switches (default: --weight_decay)",

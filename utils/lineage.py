@@ -1,18 +1,15 @@
-"""Which network each stage started from, so that a table row, a later stage, the search or an export never
-combines one run's stage with another run's.
-
-Every stage records in its checkpoints and metrics.json a `parent`: {"stage", "path", "sha256"} of the
-checkpoint file it started from (None for stage 1 trained from scratch), and in metrics.json the sha256 of
-the checkpoint it ended with. The chain of a --result_dir holds when each stage's parent is the final
-checkpoint of the stage before it there, and each metrics.json describes the checkpoint beside it.
-"""
+"""Which network each stage started from (its `parent`: {"stage", "path", "sha256"}), so that a table row, a
+later stage, the search or an export never combines one run's stage with another run's. The chain of a
+--result_dir holds when each stage's parent is the final checkpoint of the stage before it there, and each
+metrics.json describes the checkpoint beside it (its checkpoint_sha256)."""
+import contextlib
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
 
 from utils.errors import UserError
+from utils.files import read_json
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,7 @@ def read_metrics(result_dir, stage):
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path)
     except (OSError, ValueError):
         raise UserError(f"{path}: unreadable or not JSON") from None
 
@@ -94,9 +90,8 @@ def chain_problems(result_dir, stages=ORDER):
 
 
 def check_parent_fits(result_dir, parent, flag):
-    """A stage started from a checkpoint given by `flag` writes into result_dir beside what is there: if
-    result_dir holds a run of the parent's stage, the parent must be that network (the same file content),
-    else the folder would combine two runs. Checked before any work."""
+    """A parent given by `flag` must be the network result_dir holds of its stage, if any: else the folder
+    would combine two runs."""
     stage = parent.get("stage")
     there = os.path.join(result_dir, stage, "checkpoint.pt") if stage in ORDER else None
     if there and os.path.isfile(there) and file_sha256(there) != parent["sha256"]:
@@ -116,21 +111,23 @@ def later_stages(result_dir, stage):
     return [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
 
 
-def finished(result_dir, stage):
-    """Whether result_dir holds a finished run of `stage` (its metrics.json, written as the run ends)."""
-    return os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))
+def stale_folder(root, within=""):
+    """A new <root>/stale-<time>[-n] to move stale results into (`within` it: one not holding that path yet)."""
+    stamp = time.strftime("stale-%Y%m%d-%H%M%S")
+    aside, n = os.path.join(root, stamp), 1
+    while os.path.exists(os.path.join(aside, within)):
+        aside, n = os.path.join(root, f"{stamp}-{n}"), n + 1
+    return aside
 
 
-def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=False):
+def guard_rerun(result_dir, stage, overwrite, is_main=True, resuming=False):
     """Before a stage writes into result_dir: a finished run of this stage there (unless `resuming` it) would
     be replaced, and later stages' results there were made from the network this run replaces. Refused
     unless `overwrite`, which moves them, the table and (unless `resuming`) this stage's own earlier results
-    into <result_dir>/stale-<time>/, never deleting anything: the folder aside holds the earlier run's whole
-    chain. All or nothing: renamed within result_dir (never copied), undone if one rename fails. Call it with
-    move=False before any work (to refuse early), then with move=True once every input has been checked.
-    Returns the folder used, or None."""
+    into <result_dir>/stale-<time>/ (the earlier run's whole chain), all or nothing. Returns that folder, or
+    None."""
     later = later_stages(result_dir, stage)
-    own = not resuming and finished(result_dir, stage)
+    own = not resuming and os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))  # a finished run
     if not later and not own:
         return None
     if not overwrite:
@@ -141,13 +138,9 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=
         raise UserError(f"{result_dir} holds a finished {STAGES[stage].label} run ({stage}/checkpoint.pt, "
                         f"{stage}/metrics.json) that this run would replace; give --overwrite to move it aside "
                         f"into {result_dir}/stale-<time>/, or another --result_dir")
-    if not is_main or not move:
+    if not is_main:
         return None
-    aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S"))
-    n = 1
-    while os.path.exists(aside):
-        aside = os.path.join(result_dir, time.strftime("stale-%Y%m%d-%H%M%S") + f"-{n}")
-        n += 1
+    aside = stale_folder(result_dir)
     names = [name for name in [*([] if resuming else [stage]), *later, "table.md", "table.json"]
              if os.path.exists(os.path.join(result_dir, name))]
     moved = []
@@ -163,14 +156,10 @@ def guard_rerun(result_dir, stage, overwrite, is_main=True, move=True, resuming=
             moved.append(name)
     except OSError as e:
         for name in reversed(moved):  # put back what was moved: the folder as it was
-            try:
+            with contextlib.suppress(OSError):
                 os.rename(os.path.join(aside, name), os.path.join(result_dir, name))
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(aside)
-        except OSError:
-            pass
         where = f" ({e.filename})" if isinstance(e.filename, str) else ""
         raise UserError(f"cannot move stale results into {aside}: {e.strerror}{where}; nothing was moved") from None
     return aside
