@@ -37,7 +37,8 @@ class SPSettings(StageSettings):
     network: str = Setting((str,), "the network (resnet)", group="model")("resnet")
     depth: int = Setting((int,), "6n+2", group="model")(32)
     width: int = Setting((int,), "stage widths 16k/32k/64k", group="model")(4)
-    gate: str = Setting((str,), "switch kind: rnn or ff", group="model")("rnn")
+    gate: str = Setting((str,), "switch kind: rnn, ff or any kind registered with models.switches.switch_kind",
+                        group="model")("rnn")
     pretrained: str = Setting((str, NULL), "start from these weights (a checkpoint or a state dict; switches may be "
                               "missing)", group="model", flag={"metavar": "PATH"})(None)
     train_mode: str = Setting((str,), "joint: cross-entropy of the dense network plus that of the switches' routes, "
