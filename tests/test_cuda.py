@@ -425,13 +425,20 @@ def test_a_cuda_build_falling_back_to_the_cpu_says_so_in_one_line(runs, tmp_path
     assert "no CUDA GPU" in err and "too old" in err and "CUDA 13.0" in err, err
 
 
-def test_tf32_switch_is_one_api_and_every_flag_reads_back(monkeypatch):
+@pytest.fixture
+def tf32_flags_restored():
+    """The legacy TF32 flags put back after the test. Not through monkeypatch: torch's cuBLAS flag lives in
+    its module's __getattr__, and pytest 9.2's undo deletes an attribute it found no instance entry for."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_tf32_switch_is_one_api_and_every_flag_reads_back(monkeypatch, tf32_flags_restored):
     """TF32 set through the legacy flags only: afterwards every flag of both APIs reads (inductor reads both;
     after the per-op API is used, reading a legacy one can raise), exact_fp32 turns both off inside and
     restores them, and setup turns TF32 off unless asked."""
     from utils.dist import exact_fp32, set_tf32, tf32_flags
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)  # restored after
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     for key in TORCHRUN:
         monkeypatch.delenv(key, raising=False)
 
@@ -477,13 +484,13 @@ def record_tf32_by_phase(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tf32", [False, True])
-def test_final_numbers_and_counterfactual_losses_are_exact_float32(runs, tmp_path, monkeypatch, tf32):
+def test_final_numbers_and_counterfactual_losses_are_exact_float32(runs, tmp_path, monkeypatch, tf32,
+                                                                   tf32_flags_restored):
     """cuDNN's float32 convolutions default to TF32. By default the whole run has TF32 off; --tf32 allows it in
     the training step only: the counterfactual losses and the final evaluation (metrics.json, "float32 as
     saved") run with TF32 off, and metrics.json records the training precision."""
     root, data = runs
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's own default (restored after)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # torch's own defaults
     seen, handle = record_tf32_by_phase(monkeypatch)
     try:
         main_rl_prune.main(["--checkpoint", str(root / "base" / "sp" / "checkpoint.pt"), *SMALL, "--epochs", "1",
