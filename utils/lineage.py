@@ -54,39 +54,33 @@ def read_metrics(result_dir, stage):
         raise UserError(f"{path}: unreadable or not JSON") from None
 
 
-def chain_problems(result_dir, stages=ORDER):
-    """One line per broken link among `stages` of result_dir (empty when the chain holds or is unrecorded)."""
-    problems = []
-    finished = {}
-    for stage in stages:
-        m = read_metrics(result_dir, stage)
-        if m is None:
-            continue
+def check_chain(result_dir, stages=ORDER):
+    """UserError naming the first broken link among `stages` of result_dir (none when the chain holds or is
+    unrecorded)."""
+    finished = {s: m for s in stages if (m := read_metrics(result_dir, s)) is not None}
+    for stage, m in finished.items():
         ckpt, this = os.path.join(result_dir, stage, "checkpoint.pt"), STAGES[stage]
         own = m.get("checkpoint_sha256")
         if own and os.path.isfile(ckpt) and file_sha256(ckpt) != own:
-            problems.append(f"{this.label} is stale: its checkpoint.pt is not the network its metrics.json "
-                            f"describes (rerun or interrupted since; finish it with {this.script} --resume)")
-        finished[stage] = m
+            raise UserError(f"{result_dir}: {this.label} is stale: its checkpoint.pt is not the network its "
+                            f"metrics.json describes (rerun or interrupted since; finish it with {this.script} "
+                            f"--resume)")
     for stage, m in finished.items():
         parent, this = m.get("parent"), STAGES[stage]
         if not parent or not parent.get("sha256"):
             continue
-        if parent.get("stage") in ORDER and parent["stage"] not in finished:
-            # the folder holds a stage before the parent and one after it, not the network between them
-            if any(ORDER.index(s) < ORDER.index(parent["stage"]) for s in finished):
-                up = STAGES[parent["stage"]]
-                problems.append(f"{this.label} is orphaned: it started from a {up.label} network that is no longer "
-                                f"in this folder (rerun {up.script} and {this.script})")
-            continue
         if parent.get("stage") not in finished:
+            # the folder holds a stage before the parent and one after it, not the network between them
+            if parent.get("stage") in ORDER and any(ORDER.index(s) < ORDER.index(parent["stage"]) for s in finished):
+                up = STAGES[parent["stage"]]
+                raise UserError(f"{result_dir}: {this.label} is orphaned: it started from a {up.label} network that "
+                                f"is no longer in this folder (rerun {up.script} and {this.script})")
             continue
         up = finished[parent["stage"]].get("checkpoint_sha256")
         if up and up != parent["sha256"]:
-            problems.append(f"{this.label} is stale: it started from another {STAGES[parent['stage']].label} network "
-                            f"than the one there now (rerun {this.script}, or rerun the earlier stage with "
-                            f"--overwrite to move it aside)")
-    return problems
+            raise UserError(f"{result_dir}: {this.label} is stale: it started from another "
+                            f"{STAGES[parent['stage']].label} network than the one there now (rerun {this.script}, "
+                            f"or rerun the earlier stage with --overwrite to move it aside)")
 
 
 def check_parent_fits(result_dir, parent, flag):
@@ -100,17 +94,6 @@ def check_parent_fits(result_dir, parent, flag):
                         f"checkpoint that is there)")
 
 
-def check_chain(result_dir, stages=ORDER):
-    problems = chain_problems(result_dir, stages)
-    if problems:
-        raise UserError(f"{result_dir}: {problems[0]}")
-
-
-def later_stages(result_dir, stage):
-    """The folders of stages after `stage` that hold results in result_dir."""
-    return [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
-
-
 def stale_folder(root, within=""):
     """A new <root>/stale-<time>[-n] to move stale results into (`within` it: one not holding that path yet)."""
     stamp = time.strftime("stale-%Y%m%d-%H%M%S")
@@ -121,12 +104,10 @@ def stale_folder(root, within=""):
 
 
 def guard_rerun(result_dir, stage, overwrite, is_main=True, resuming=False):
-    """Before a stage writes into result_dir: a finished run of this stage there (unless `resuming` it) would
-    be replaced, and later stages' results there were made from the network this run replaces. Refused
-    unless `overwrite`, which moves them, the table and (unless `resuming`) this stage's own earlier results
-    into <result_dir>/stale-<time>/ (the earlier run's whole chain), all or nothing. Returns that folder, or
-    None."""
-    later = later_stages(result_dir, stage)
+    """Before a stage writes into result_dir: replacing a finished run of this stage (unless `resuming` it) or
+    later stages' results is refused, or with `overwrite` they move aside (docs/robustness.md) into the folder
+    returned (None: nothing moved here)."""
+    later = [s for s in ORDER[ORDER.index(stage) + 1:] if os.path.isdir(os.path.join(result_dir, s))]
     own = not resuming and os.path.isfile(os.path.join(result_dir, stage, "metrics.json"))  # a finished run
     if not later and not own:
         return None
