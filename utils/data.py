@@ -1,14 +1,14 @@
 """CIFAR-style data: find and load a dataset into memory as uint8 tensors, and batch it on the device.
 
-Two on-disk layouts are recognised without being told which:
-  folders  data_dir/train/<class>/*.<img_type> and data_dir/test/<class>/*.<img_type>
-  pickle   data_dir/cifar-100-python/{train,test,meta}, the official archive (or data_dir is that folder)
-With neither present and download=True, torchvision fetches the official archive.
+Two on-disk layouts are recognised without being told which: class folders data_dir/{train,test}/<class>/*.<img_type>,
+and data_dir/cifar-100-python/{train,test,meta}, the official archive (or data_dir is that folder), which
+torchvision fetches with download=True when neither is present.
 
 BatchLoader holds the whole uint8 dataset on the device and shuffles, augments and normalises there in
 batched tensor ops: no DataLoader workers, and data never bounds an epoch. All randomness comes from
 generators seeded by (seed, epoch): a resumed run sees exactly the batches the interrupted one would have.
 """
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -69,35 +69,20 @@ def load_dataset(data_dir, img_type="png", resize=32, download=False, num_worker
         raise DataError(f"--data_dir {data_dir} does not exist")
 
     if os.path.isdir(data_dir):
-        if _has_dir(data_dir, "train") or _has_dir(data_dir, "test"):
+        if any(os.path.isdir(os.path.join(data_dir, split)) for split in ("train", "test")):
             return _load_folders(data_dir, img_type, resize, num_workers)
-        pickle_dir = _find_pickle_dir(data_dir)
-        if pickle_dir is not None:
-            return _load_pickles(pickle_dir, resize)
+        if os.path.isdir(os.path.join(data_dir, PICKLE_DIR)):
+            return _load_pickles(os.path.join(data_dir, PICKLE_DIR), resize)
+        if os.path.basename(os.path.normpath(data_dir)) == PICKLE_DIR or all(
+                os.path.isfile(os.path.join(data_dir, f)) for f in PICKLE_FILES):  # data_dir holds the pickles
+            return _load_pickles(data_dir, resize)
     if download:
         return _load_pickles(_download(data_dir), resize)
+    entries = sorted(e for e in os.listdir(data_dir) if not e.startswith("."))
     raise DataError(
         f"--data_dir {data_dir} holds neither train/<class>/*.{img_type} + test/<class>/*.{img_type} "
-        f"nor {PICKLE_DIR}/ (use --download to fetch CIFAR-100); {_describe_contents(data_dir)}")
-
-
-def _has_dir(parent, name):
-    return os.path.isdir(os.path.join(parent, name))
-
-
-def _describe_contents(path):
-    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
-    return f"it holds: {_short(entries, 5, 'entries')}" if entries else "it is empty"
-
-
-def _find_pickle_dir(data_dir):
-    """The folder holding the official pickles: data_dir/cifar-100-python, or data_dir itself."""
-    if _has_dir(data_dir, PICKLE_DIR):
-        return os.path.join(data_dir, PICKLE_DIR)
-    if os.path.basename(os.path.normpath(data_dir)) == PICKLE_DIR or all(
-            os.path.isfile(os.path.join(data_dir, f)) for f in PICKLE_FILES):
-        return data_dir
-    return None
+        f"nor {PICKLE_DIR}/ (use --download to fetch CIFAR-100); "
+        + (f"it holds: {_short(entries, 5, 'entries')}" if entries else "it is empty"))
 
 
 def _download(data_dir):
@@ -163,16 +148,15 @@ def _resize_tensor(x, size, chunk=4096):
 
 def _load_folders(data_dir, img_type, resize, num_workers):
     for split in ("train", "test"):
-        if not _has_dir(data_dir, split):
+        if not os.path.isdir(os.path.join(data_dir, split)):
             raise DataError(f"--data_dir {data_dir} has no {split}/ folder; expected "
                             f"train/<class>/*.{img_type} and test/<class>/*.{img_type}")
     train_files, classes = _list_images(os.path.join(data_dir, "train"), img_type)
     test_files, test_classes = _list_images(os.path.join(data_dir, "test"), img_type)
     if test_classes != classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        raise DataError(f"class folders of {data_dir}/test differ from those of train: "
-                        f"only in train: {_short(only_train, 5)}; only in test: {_short(only_test, 5)}")
+        raise DataError(f"class folders of {data_dir}/test differ from those of train: only in train: "
+                        f"{_short(sorted(set(classes) - set(test_classes)), 5)}; only in test: "
+                        f"{_short(sorted(set(test_classes) - set(classes)), 5)}")
     return Dataset(*_decode_all(train_files, resize, num_workers), *_decode_all(test_files, resize, num_workers),
                    classes, "folders")
 
@@ -211,10 +195,8 @@ def to_rgb8(im, name="image"):
     """A PIL image as the 8-bit RGB picture it shows (docs/robustness.md), or DataError naming `name`."""
     from PIL import Image, ImageOps
 
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block does not make the pixels unusable
         im = ImageOps.exif_transpose(im)
-    except Exception:  # a broken EXIF block does not make the pixels unusable
-        pass
     if im.mode in _WIDE_INT_MODES:
         v = np.asarray(im, dtype=np.int64)
         if v.size and (v.min() < 0 or v.max() > 65535):
@@ -259,34 +241,25 @@ def decode_image(source, size, name=None):
 
 def _decode_chunk(paths, size):
     """Decode image files into one uint8 array (n, size, size, 3). Runs in worker processes."""
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        out[i] = decode_image(path, size)
-    return out
-
-
-def _pool_context():
-    """A fork server's workers, never forked from this process: a child forked from a process holding CUDA
-    (or NCCL, under torchrun), as this one may, can hang or crash in them."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return np.stack([decode_image(path, size) for path in paths])
 
 
 def _decode_all(files, resize, num_workers, chunk=500):
-    paths = [p for p, _ in files]
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    paths, labels = zip(*files)
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     # more processes than the cores this one may run on (its affinity mask, set by a scheduler) only queue
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(num_workers, len(chunks), cores)
     if workers > 1:
-        # one array per chunk of files crosses the process boundary, not one per image
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        # one array per chunk of files crosses the process boundary, not one per image. A fork server's workers,
+        # never forked from this process: a child forked from one holding CUDA (or NCCL) can hang or crash
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
             arrays = list(pool.map(_decode_chunk, chunks, [resize] * len(chunks)))
     else:
         arrays = [_decode_chunk(c, resize) for c in chunks]
     x = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    return x, labels
+    return x, torch.tensor(labels, dtype=torch.int64)
 
 
 def _node_cache(data_dir, img_type, resize):
@@ -307,19 +280,9 @@ def _write_node_cache(path, content):
     os.replace(tmp, path)
 
 
-def _read_node_cache(path):
-    """The Dataset _write_node_cache wrote, memory-mapped copy on write (the page cache shared, the tensors writable),
-    or its DataError; None without one (a launcher whose processes on one machine do not share the job's names)."""
-    if not os.path.isfile(path):
-        return None
-    content = torch.load(path, mmap=True, weights_only=True)
-    return DataError(content["error"]) if "error" in content else Dataset(**content)
-
-
 def load_dataset_once(ctx, data_dir, img_type="png", resize=32, download=False, num_workers=0):
-    """load_dataset, done once per machine under torchrun: local rank 0 decodes and writes the arrays to the
-    temporary directory, the machine's other processes wait at a barrier, then read them (docs/stages.md).
-    Its DataError is every process's."""
+    """load_dataset, done once per machine under torchrun by local rank 0 (docs/stages.md); its DataError is
+    every process's."""
     if not ctx.distributed:
         return load_dataset(data_dir, img_type, resize, download, num_workers)
     path = _node_cache(data_dir, img_type, resize)
@@ -338,8 +301,10 @@ def load_dataset_once(ctx, data_dir, img_type="png", resize=32, download=False, 
             print(f"warning: cannot keep the decoded images in {tempfile.gettempdir()} ({os_error(e).strerror}): every "
                   f"process decodes them itself (set TMPDIR to a folder with room)", file=sys.stderr, flush=True)
     barrier()
-    if ctx.local_rank != 0:
-        ds = _read_node_cache(path)
+    # none to read: a launcher whose processes on one machine do not share the job's names (they decode below)
+    if ctx.local_rank != 0 and os.path.isfile(path):
+        content = torch.load(path, mmap=True, weights_only=True)  # copy on write: page cache shared, tensors writable
+        ds = DataError(content["error"]) if "error" in content else Dataset(**content)
     barrier()  # every process has read it (memory-mapped files stay readable once removed)
     if ctx.local_rank == 0 and os.path.exists(path):
         os.remove(path)
@@ -386,8 +351,7 @@ def make_pipeline(resize, mean, std, classes, augment):
 
 
 def check_pipeline(p, where):
-    """DataError naming `where` if `p` is not a usable pipeline record (the normalisation must be finite,
-    std positive: the input must stay finite)."""
+    """`p` if it is a usable pipeline record (its normalisation finite), else DataError naming `where`."""
     def bad(why):
         return DataError(f"{where}: its input pipeline record is unusable ({why})")
     if not isinstance(p, dict):
@@ -437,9 +401,8 @@ def crop_and_flip(x, offsets, flips, pad=PAD):
     One gather over the whole batch; offsets (B, 2) and flips (B,) must be on x's device."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
-    rows = offsets[:, 0:1] + ar_h  # (B, H): source row of every output row
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (B, H): source row of every output row
     cols = offsets[:, 1:2] + torch.where(flips[:, None].bool(), ar_w.flip(0), ar_w)  # (B, W)
     # flat position in the padded plane, shared by all channels: one gather beats 4-way advanced indexing
     flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
@@ -452,8 +415,7 @@ def augment(x_uint8_batch, generator, pad=PAD, flip=True):
     b = x_uint8_batch.shape[0]
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device)
     flips = torch.randint(0, 2, (b,), generator=generator, device=generator.device)
-    if generator.device != x_uint8_batch.device:
-        offsets, flips = offsets.to(x_uint8_batch.device), flips.to(x_uint8_batch.device)
+    offsets, flips = offsets.to(x_uint8_batch.device), flips.to(x_uint8_batch.device)  # no-ops on its device
     return crop_and_flip(x_uint8_batch, offsets, flips if flip else torch.zeros_like(flips), pad)
 
 
@@ -464,17 +426,14 @@ def _seeded_generator(*keys):
 
 
 class BatchLoader:
-    """Batches (x float32 normalised, y int64) of an in-memory uint8 image tensor, augmented and normalised
-    on `device`; call set_epoch(e) before iterating epoch e: order and augmentation depend only on (seed,
-    epoch) (and rank for the augmentation).
-
+    """Batches (x float32 normalised, y int64) of uint8 images, augmented and normalised on `device`; call
+    set_epoch(e) before epoch e (the augmentation depends on the rank too).
     train=True: each epoch rank r takes perm[r::world_size] of one permutation (the same on every rank) cut
     to a multiple of world_size, the last incomplete batch dropped: every rank runs as many steps. augment:
     "cifar" (crop + flip, the default), "crop" (mirror images of digits or text are other symbols) or
     "none"/False (the training images shuffled but unaugmented).
     train=False: fixed order, unaugmented, the last partial batch kept; rank r takes the r-th contiguous
-    shard, so the ranks together see every image once.
-    """
+    shard, so the ranks together see every image once."""
 
     def __init__(self, x_uint8, y, batch_size, *, train, device, mean, std, seed=0, rank=0, world_size=1,
                  channels_last=False, augment=None):
@@ -587,8 +546,7 @@ class DataSettings:
 
 
 def process_batch(bs, ctx):
-    """This process's share of `bs`, the batch of a step over all P processes (docs/stages.md): bs / P; a bs
-    that P does not divide is refused; rank 0 says the split in one line."""
+    """This process's share of `bs`, the batch of a step over all processes (docs/stages.md)."""
     if not ctx.distributed:
         return bs
     p = ctx.world_size
@@ -683,10 +641,8 @@ def _class_difference(data_classes, ckpt_classes):
     """How the data's class list differs from a checkpoint's, in words (only what is true of the two)."""
     only_here = sorted(set(data_classes) - set(ckpt_classes))
     only_there = sorted(set(ckpt_classes) - set(data_classes))
-    if len(data_classes) != len(ckpt_classes):
-        count = f"the data has {len(data_classes)} classes, the checkpoint {len(ckpt_classes)}"
-    else:
-        count = f"{len(data_classes)} classes each"
+    count = (f"the data has {len(data_classes)} classes, the checkpoint {len(ckpt_classes)}"
+             if len(data_classes) != len(ckpt_classes) else f"{len(data_classes)} classes each")
     parts = ([f"only in the data: {_short(only_here)}"] if only_here else []) \
         + ([f"only in the checkpoint: {_short(only_there)}"] if only_there else [])
     if not parts:

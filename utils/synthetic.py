@@ -3,10 +3,7 @@ the same loading code (utils/data.py) as CIFAR-100.
 
 An image is its class's random smooth colour template (partly shared between classes, so that they are not
 trivially apart), shifted, brightened and noised: a tiny ResNet gets well above chance in a few epochs, but
-not 100% at once.
-
-    python -m utils.synthetic ROOT [--layout png|pickle] [--classes N] [--train_per_class N]
-                                   [--test_per_class N] [--size S]
+not 100% at once. Written by `python -m utils.synthetic ROOT` (see --help).
 """
 import argparse
 import os
@@ -60,11 +57,8 @@ def make_synthetic(num_classes=10, train_per_class=50, test_per_class=20, size=3
             images[i] = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
         return images, labels.astype(np.int64)
 
-    train_x, train_y = sample(train_per_class)
-    test_x, test_y = sample(test_per_class)
     width = max(2, len(str(num_classes - 1)))
-    classes = [f"class_{i:0{width}d}" for i in range(num_classes)]
-    return train_x, train_y, test_x, test_y, classes
+    return (*sample(train_per_class), *sample(test_per_class), [f"class_{i:0{width}d}" for i in range(num_classes)])
 
 
 def write_synthetic(root, layout="png", num_classes=10, train_per_class=50, test_per_class=20, size=32,
