@@ -1,5 +1,5 @@
 """One definition per setting: its accepted types, its check and its help (Setting), serving the stages'
-command-line flags (add_flags, check) and stage 2's config keys (pruners/config.py) alike. A stage's settings
+command-line flags (parse, check) and stage 2's config keys (pruners/config.py) alike. A stage's settings
 are a dataclass whose fields are Settings with the stage's default; the shared ones (data, training) are
 StageSettings'. A bad flag or value is one line and exit status 2."""
 import argparse
@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 from utils.data import AUGMENTS
+from utils.dist import PRECISIONS
 from utils.errors import UserError
 
 NULL = type(None)
@@ -66,25 +67,21 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def add_flags(parser, cls, titles):
-    """A flag per setting of `cls` whose Setting names a group, in the groups' `titles`."""
+def parse(cls, description, titles, argv=None):
+    """Settings `cls` from the command line `argv` (not yet checked: check()): a flag per setting whose Setting
+    names a group, in the groups' `titles`."""
+    parser = Parser(description=description, formatter_class=Formatter)
     groups = {key: parser.add_argument_group(title) if title else parser for key, title in titles.items()}
     for name, default, s in settings_of(cls):
         if s.group is None:
             continue
         if s.group not in groups:
-            groups[s.group] = parser.add_argument_group(titles.get(s.group, s.group))
+            groups[s.group] = parser.add_argument_group(s.group)
         kwargs = {"default": default, "help": s.help, "choices": s.choices, **(s.flag or {})}
         if "action" not in kwargs:
             kwargs.update({"action": "store_true"} if s.types[0] is bool else {"type": s.types[0]})
         groups[s.group].add_argument(f"--{name}", **{k: v for k, v in kwargs.items() if v is not None})
-    return parser
-
-
-def parse(cls, description, titles, argv=None):
-    """Settings `cls` from the command line `argv` (not yet checked: check())."""
-    args = add_flags(Parser(description=description, formatter_class=Formatter), cls, titles).parse_args(argv)
-    return cls(**vars(args))
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def check(settings, flag=lambda name: f"--{name}", suffix=""):
@@ -142,7 +139,7 @@ class CommonSettings:
                           "per machine (choose the GPUs with CUDA_VISIBLE_DEVICES)", group="training")(None)
     amp: str = Setting((str, NULL), "bf16: bfloat16 autocast (weights, optimizer state and checkpoints stay "
                        "float32); off: float32 throughout (default: bf16 on CUDA, off on CPU)",
-                       choices=("bf16", "off"), group="training")(None)
+                       choices=PRECISIONS, group="training")(None)
     tf32: bool = Setting((bool,), "allow TF32 (a 10-bit mantissa) for the training step's float32 convolutions and "
                          "matmuls on CUDA (with amp off: faster on Ampere and later GPUs); off by default, and always "
                          "off for the final evaluation, the factor pass, the counterfactual losses and anything that "

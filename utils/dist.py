@@ -16,9 +16,8 @@ PRECISIONS = ("bf16", "off")  # --amp / config "amp"; None: by device
 
 @dataclass
 class Context:
-    """A run's device, rank and numerics. amp (bf16 autocast) and channels_last left None follow the device
-    (on for CUDA); tf32: the training step may use TF32 (set_tf32); local_rank / local_world_size: this
-    process among those torchrun started on its machine."""
+    """A run's device, rank and numerics (amp: bf16 autocast; tf32: the training step may use TF32, set_tf32);
+    local_rank / local_world_size: this process among those torchrun started on its machine."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -52,7 +51,6 @@ def _env_int(name, default):
 
 
 def _parse_device(name):
-    """cpu, cuda or cuda:N as a torch.device; anything else is a UserError."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
@@ -78,17 +76,6 @@ def cuda_missing():
 
 
 _WARNED = []  # the fallback is said once per process (the search runs many stages in one)
-
-
-def warn_cpu_fallback(rank=0):
-    """One line on stderr (rank 0, once per process) when a CUDA build of torch runs on the CPU unasked, finding
-    no usable GPU (a driver too old for the wheel, say); returns the reason (None: nothing to say)."""
-    why = cuda_missing()
-    if why and rank == 0 and why not in _WARNED:
-        _WARNED.append(why)
-        print(f"warning: running on the CPU: this torch {torch.__version__} is built for CUDA {torch.version.cuda}, "
-              f"but no GPU is usable ({why}); --device cpu says so and silences this", file=sys.stderr, flush=True)
-    return why
 
 
 def set_tf32(enabled):
@@ -121,8 +108,7 @@ def exact_fp32():
 
 
 def peak_memory(device):
-    """This process's peak memory so far, in GiB: on CUDA what PyTorch's allocator held at most on `device`
-    (allocated and reserved); everywhere the host's peak resident set (ru_maxrss)."""
+    """This process's peak memory so far, in GiB: the host's resident set, and on CUDA the allocator's."""
     import resource
     out = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.device(device).type == "cuda":
@@ -176,8 +162,13 @@ def setup(device=None, seed=0, amp=None, channels_last=None, tf32=False):
         raise UserError("--device is empty: give cpu, cuda or cuda:N (or leave it out: cuda when available)")
     if tf32 not in (True, False):
         raise UserError(f"--tf32 {tf32!r} must be true or false")
-    if not device and not torch.cuda.is_available():
-        warn_cpu_fallback(rank)
+    if not device and not torch.cuda.is_available():  # unasked on the CPU (a driver too old for the wheel, say)
+        why = cuda_missing()
+        if why and rank == 0 and why not in _WARNED:
+            _WARNED.append(why)
+            print(f"warning: running on the CPU: this torch {torch.__version__} is built for CUDA "
+                  f"{torch.version.cuda}, but no GPU is usable ({why}); --device cpu says so and silences this",
+                  file=sys.stderr, flush=True)
     device = _parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_tf32(tf32)
     if device.type == "cuda":

@@ -1,5 +1,5 @@
-"""UserError, for everything a user can get wrong, and run_main, which ends the program on one with a single
-line naming the problem and exit status 2, never a traceback."""
+"""UserError, for everything a user can get wrong, and run_main, which says one in one line, never a traceback."""
+import contextlib
 import os
 import sys
 
@@ -14,8 +14,7 @@ def _why(e):
 
 
 def write_error(path, e):
-    """UserError for OSError `e` (disk full, no permission, a path component that is a file, a name too
-    long ...) raised while writing `path`: one line naming the path and the reason."""
+    """UserError for OSError `e` (disk full, no permission, a name too long ...) raised while writing `path`."""
     why = _why(e)
     if isinstance(e, FileExistsError) and isinstance(e.filename, str) and not os.path.isdir(e.filename):
         why = "Not a directory"  # os.makedirs over a regular file says "File exists"
@@ -30,10 +29,8 @@ def _abandon_process_group():
     gloo's threads alive at interpreter shutdown would abort the process (SIGABRT), hiding its status and line."""
     dist = sys.modules.get("torch.distributed")  # only if the program imported it: nothing to import here
     if dist is not None and dist.is_available() and dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # already broken: exiting is all that is left
             dist.destroy_process_group()
-        except Exception:  # already broken: exiting is all that is left
-            pass
 
 
 def _exit_if_one_of_several():
@@ -57,12 +54,10 @@ def _leave(status, line):
             stream.write(text)
             stream.flush()
         except (OSError, ValueError):  # a broken pipe, or a stream already closed
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, stream.fileno())
                 os.close(devnull)
-            except (OSError, ValueError):
-                pass
     sys.exit(status)
 
 

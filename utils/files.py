@@ -1,4 +1,5 @@
 """Atomic writes (a file is replaced whole or not at all), and the JSON reader beside them."""
+import contextlib
 import json
 import os
 import tempfile
@@ -9,24 +10,19 @@ from utils.errors import write_error
 def current_umask():
     """The process's umask, read from /proc/self/status on Linux; elsewhere set and restored through 0o077, so
     that a file another thread creates in between is only ever more private."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
 
 def atomic_write(path, write, binary=False, tmp_prefix=None):
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a killed
-    or failed write leaves the previous file as it was. Earlier killed writers' temporary files (`tmp_prefix`,
-    default ".tmp-<name>-") are removed first (one writer per file). An OSError, also one the writer wraps (as
-    torch.save does), is a UserError naming `path`. The file gets open()'s mode (0o666 less the umask), not
-    the temporary file's private 0o600."""
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path` with open()'s
+    mode (docs/robustness.md). Earlier killed writers' temporary files (`tmp_prefix`, default ".tmp-<name>-")
+    are removed first (one writer per file). An OSError, also one the writer wraps, is a UserError naming `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = tmp_prefix or f".tmp-{os.path.basename(path)}-"
     tmp = None
@@ -44,10 +40,8 @@ def atomic_write(path, write, binary=False, tmp_prefix=None):
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)  # never a half-written file beside the good one
-            except OSError:
-                pass
         cause = os_error(e)
         if cause is not None:
             raise write_error(path, cause) from None
@@ -57,13 +51,12 @@ def atomic_write(path, write, binary=False, tmp_prefix=None):
 def os_error(e):
     """The OSError behind `e`: itself, or the one a RuntimeError was raised over (torch.save's zip writer
     turns its file's OSError, a full disk, EFBIG or EIO, into "RuntimeError: ... unexpected pos"); else None."""
-    seen = 0
-    while e is not None and seen < 8:
+    for _ in range(8):
         if isinstance(e, OSError):
             return e
         if not isinstance(e, RuntimeError):
             return None
-        e, seen = e.__cause__ or e.__context__, seen + 1
+        e = e.__cause__ or e.__context__
     return None
 
 

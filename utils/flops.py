@@ -1,8 +1,5 @@
-"""FLOPs and parameters, measured on the model as deployed (the README's conventions).
-
-FLOPs = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode on what the model's
-own forward runs (convolutions, linear layers, the switches' matmuls, whatever a switch kind computes).
-A network's cost splits into
+"""FLOPs and parameters, measured on the model as deployed (the README's conventions): FlopCounterMode counts
+what the model's own forward runs, whatever a switch kind computes. A network's cost splits into
   base      what every image runs: stem, ungated first block, shortcuts, classifier
   switches  every switch (run for every image whenever the switches are on)
   blocks[j] the residual of gated block j+1, paid only by the images that execute it
@@ -42,9 +39,8 @@ def _flops(fn, *args):
 
 @torch.no_grad()
 def measure_costs(model, image_size=32):
-    """Split the FLOPs of one image through `model` into base / switches / per gated block (see above):
-    the whole forward with the switches on and with them off, and each gated block's residual on the input
-    its switch saw."""
+    """Split the FLOPs of one image through `model` into base / switches / per gated block (see above); a
+    gated block's residual is measured on the input its switch saw."""
     model = unwrap(model)
     blocks = [0] * model.num_switches
 

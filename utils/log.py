@@ -1,5 +1,4 @@
 """What a run shows: TensorBoard curves under <result_dir>/<stage>/tb (rank 0 only), and progress bars."""
-import os
 import sys
 
 from tqdm import tqdm
@@ -10,8 +9,7 @@ class Logger:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
-            os.makedirs(log_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir)
+            self.writer = SummaryWriter(log_dir)  # makes the folders
 
     def scalars(self, prefix, values, step):
         """Log a dict of floats; a list (one value per switch) becomes prefix/key/switch_NN curves."""
