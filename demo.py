@@ -6,18 +6,10 @@
 2. runs the three stage scripts exactly as a user would, as subprocesses:
      main_sp.py        ResNet-20 (width 1) with switches, trained from scratch     -> row "w/o pruning"
      main_prune.py     K-FAC eigenbasis pruning to 60% compression + fine-tuning   -> "static pruning only"
-     main_rl_prune.py  switches trained by REINFORCE to skip blocks per image      -> "static + dynamic"
+     main_rl_prune.py  switches learn to skip blocks per image (counterfactual)    -> "static + dynamic"
 3. prints the table that main_rl_prune.py wrote to <result_dir>/table.md.
 
-The sizes are the demo's, not the paper's: 16x16 images of 10 synthetic classes, a thin ResNet-20 and a
-few epochs, with a larger skip reward (alpha 1.0) and learning rate in stage 3 than the original CIFAR-100
-command (alpha 0.1, 100 epochs there, 15 here); rl_weight 0.01 per image (the policy loss is summed over
-the 64 images of a batch). Each stage runs on one thread (OMP_NUM_THREADS=1 unless set): convolutions this
-small gain little from a second one, and lose much when the cores are shared. The accuracies differ from
-one CPU kind to another (float order changes which of 400 test images are right: one image is 0.25
-points); what the demo prints after the table holds on any machine: the GFLOPs and compression of each
-row, and whether the accuracy differences exceed what a handful of images can move. Without --result_dir
-everything goes to a temporary folder, deleted at the end unless --keep.
+Its sizes (the demo's, not the paper's) and what its numbers show on any machine: README.md, "Try it".
 """
 import argparse
 import json
@@ -45,6 +37,7 @@ def run(script, *argv):
     """One stage, as a user runs it; its output streams through, a failure stops the demo."""
     t0 = time.time()
     print(f"\n$ python {script} {' '.join(argv)}", flush=True)
+    # one thread unless set: convolutions this small gain little from a second, and lose much on shared cores
     proc = subprocess.run([sys.executable, script, *argv], cwd=HERE,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if proc.returncode:
