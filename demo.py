@@ -12,7 +12,6 @@
 Its sizes (the demo's, not the paper's) and what its numbers show on any machine: README.md, "Try it".
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from utils.files import read_json, write_json
 from utils.synthetic import write_synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,8 +48,7 @@ def run(script, *argv):
 def conclusion(table_json):
     """What the table shows, in words that stay true whatever the machine: GFLOPs are counted, not timed;
     accuracy differences are given with the size of one test image."""
-    with open(table_json) as f:
-        rows = {r["stage"]: r for r in json.load(f)["rows"]}
+    rows = {r["stage"]: r for r in read_json(table_json)["rows"]}
     dense, static, dynamic = rows["sp"], rows["prune"], rows["rl"]
     images = DATA["num_classes"] * DATA["test_per_class"]
     saved = 1 - dynamic["gflops_per_image"] / static["gflops_per_image"]
@@ -79,11 +78,9 @@ def main():
                   f"{DATA['test_per_class']} test) {DATA['size']}x{DATA['size']} PNGs to {data_dir}")
         paths = ["--result_dir", result_dir, "--data_dir", data_dir]
         times = {"stage 1": run("main_sp.py", *STAGE1, *COMMON, *paths)}
-        os.makedirs(result_dir, exist_ok=True)
         config = os.path.join(result_dir, "demo_config.json")
-        with open(config, "w") as f:
-            json.dump({"result_dir": result_dir, "data_dir": data_dir, "img_type": "png", "resize": DATA["size"],
-                       "num_workers": 2, "device": "cpu", **STAGE2}, f, indent=2)
+        write_json(config, {"result_dir": result_dir, "data_dir": data_dir, "img_type": "png", "resize": DATA["size"],
+                            "num_workers": 2, "device": "cpu", **STAGE2})
         times["stage 2"] = run("main_prune.py", "--config_path", config)
         times["stage 3"] = run("main_rl_prune.py", *STAGE3, *COMMON, *paths)
         print(f"\n== table ({result_dir}/table.md) ==\n")

@@ -1,7 +1,5 @@
-"""The epoch loop shared by all three stages (train_epoch runs a `step_fn(model, x, y) -> (loss, stats)`,
-runtime/steps.py, over one epoch, stopping on a NaN or inf loss) and what sets a run up: device and DDP,
-bf16 autocast, SGD, the per-step learning-rate schedules, the per-epoch seed, an epoch's summary line.
-"""
+"""The epoch loop of all three stages (train_epoch: a `step_fn(model, x, y) -> (loss, stats)` of runtime/steps.py
+over one epoch, stopping on a NaN or inf loss) and what sets a run up."""
 import contextlib
 import math
 

@@ -92,32 +92,26 @@ class StageRun:
     """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/ (TensorBoard's
     steps count on from the stage before: docs/stages.md)."""
 
-    def __init__(self, name, result_dir, ctx, overwrite=False):
-        self.name, self.ctx, self.result_dir, self.dir = name, ctx, result_dir, os.path.join(result_dir, name)
-        self.overwrite = overwrite
+    def __init__(self, name, s):
+        """Stage `name`'s run with settings `s`: result_dir checked, then device, process group, seeds, numerics."""
+        check_result_dir(s.result_dir)
+        self.ctx = setup(s.device, s.seed, s.amp, s.channels_last, s.tf32)
+        self.name, self.result_dir, self.overwrite = name, s.result_dir, s.overwrite
+        self.dir = os.path.join(s.result_dir, name)
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
-        self.logger = self.pipeline = self.run_id = None
-        self.parent = None     # lineage record of the checkpoint this stage started from (utils/lineage.py)
+        self.logger = self.pipeline = self.run_id = self.parent = None  # parent: utils/lineage.py's record
         self.step_offset = self.last_step = 0   # step_offset: TensorBoard steps of the stages before this one
-
-    @classmethod
-    def begin(cls, name, s):
-        """Stage `name`'s run: its result_dir checked, then device, process group, seeds, numerics set up."""
-        check_result_dir(s.result_dir)
-        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32), s.overwrite)
 
     def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
         """Create the stage's folder (earlier results there moved aside or refused: utils.lineage.guard_rerun)
-        and TensorBoard writer, once all input has been checked. `resumed`: the
-        checkpoint a --resume continues (its run folder and step offset kept); `start_step`: the parent's last
-        TensorBoard step."""
+        and TensorBoard writer, once all input has been checked. `resumed`: the checkpoint a --resume continues
+        (its run folder and step offset kept); `start_step`: the parent's last TensorBoard step."""
         guard_rerun(self.result_dir, self.name, self.overwrite, self.ctx.is_main, resuming=resumed is not None)
         kept = resumed or {}
         self.pipeline, self.parent = pipeline, kept.get("parent", parent)
-        self.step_offset = start_step if resumed is None else kept.get("step_offset", 0)
+        self.step_offset = self.last_step = start_step if resumed is None else kept.get("step_offset", 0)
         self.run_id = kept.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S-") + f"{os.getpid()}"
-        self.last_step = self.step_offset
         if resumed is not None and self.ctx.is_main:
             where = f"round {resumed['round'] + 1}, " if isinstance(resumed.get("round"), int) else ""
             print(f"[{self.name}] resuming from {where}epoch {int(resumed.get('epoch', 0))}", flush=True)
@@ -132,16 +126,13 @@ class StageRun:
         self.logger = Logger(os.path.join(self.dir, "tb", self.run_id), enabled=self.ctx.is_main)
         return self
 
-    def lineage(self):
-        """What every checkpoint of this run records about where it comes from."""
-        return {"run_id": self.run_id, "parent": self.parent, "step_offset": self.step_offset,
-                "tb_step": self.last_step}
-
     def save(self, model, optimizer, scheduler, epoch, own):
         """Write the checkpoint after `epoch` epochs with `own`, the stage's own keys (rank 0; every rank waits)."""
         if self.ctx.is_main:
             own = {**own, "world_size": self.ctx.world_size}  # processes training it: resume checks it
-            save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, self.lineage(), model,
+            lineage = {"run_id": self.run_id, "parent": self.parent, "step_offset": self.step_offset,
+                       "tb_step": self.last_step}  # where the network comes from
+            save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, lineage, model,
                                                                    optimizer, scheduler, epoch, own))
         barrier()
         kill_point("saved", epoch)
