@@ -6,21 +6,12 @@
 2. runs the three stage scripts exactly as a user would, as subprocesses:
      main_sp.py        ResNet-20 (width 1) with switches, trained from scratch     -> row "w/o pruning"
      main_prune.py     K-FAC eigenbasis pruning to 60% compression + fine-tuning   -> "static pruning only"
-     main_rl_prune.py  switches trained by REINFORCE to skip blocks per image      -> "static + dynamic"
+     main_rl_prune.py  switches learn to skip blocks per image (counterfactual)    -> "static + dynamic"
 3. prints the table that main_rl_prune.py wrote to <result_dir>/table.md.
 
-The sizes are the demo's, not the paper's: 16x16 images of 10 synthetic classes, a thin ResNet-20 and a
-few epochs, with a larger skip reward (alpha 1.0) and learning rate in stage 3 than the original CIFAR-100
-command (alpha 0.1, 100 epochs there, 15 here); rl_weight 0.01 per image (the policy loss is summed over
-the 64 images of a batch). Each stage runs on one thread (OMP_NUM_THREADS=1 unless set): convolutions this
-small gain little from a second one, and lose much when the cores are shared. The accuracies differ from
-one CPU kind to another (float order changes which of 400 test images are right: one image is 0.25
-points); what the demo prints after the table holds on any machine: the GFLOPs and compression of each
-row, and whether the accuracy differences exceed what a handful of images can move. Without --result_dir
-everything goes to a temporary folder, deleted at the end unless --keep.
+Its sizes (the demo's, not the paper's) and what its numbers show on any machine: README.md, "Try it".
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -28,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from utils.files import read_json, write_json
 from utils.synthetic import write_synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +37,7 @@ def run(script, *argv):
     """One stage, as a user runs it; its output streams through, a failure stops the demo."""
     t0 = time.time()
     print(f"\n$ python {script} {' '.join(argv)}", flush=True)
+    # one thread unless set: convolutions this small gain little from a second, and lose much on shared cores
     proc = subprocess.run([sys.executable, script, *argv], cwd=HERE,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if proc.returncode:
@@ -55,8 +48,7 @@ def run(script, *argv):
 def conclusion(table_json):
     """What the table shows, in words that stay true whatever the machine: GFLOPs are counted, not timed;
     accuracy differences are given with the size of one test image."""
-    with open(table_json) as f:
-        rows = {r["stage"]: r for r in json.load(f)["rows"]}
+    rows = {r["stage"]: r for r in read_json(table_json)["rows"]}
     dense, static, dynamic = rows["sp"], rows["prune"], rows["rl"]
     images = DATA["num_classes"] * DATA["test_per_class"]
     saved = 1 - dynamic["gflops_per_image"] / static["gflops_per_image"]
@@ -86,11 +78,9 @@ def main():
                   f"{DATA['test_per_class']} test) {DATA['size']}x{DATA['size']} PNGs to {data_dir}")
         paths = ["--result_dir", result_dir, "--data_dir", data_dir]
         times = {"stage 1": run("main_sp.py", *STAGE1, *COMMON, *paths)}
-        os.makedirs(result_dir, exist_ok=True)
         config = os.path.join(result_dir, "demo_config.json")
-        with open(config, "w") as f:
-            json.dump({"result_dir": result_dir, "data_dir": data_dir, "img_type": "png", "resize": DATA["size"],
-                       "num_workers": 2, "device": "cpu", **STAGE2}, f, indent=2)
+        write_json(config, {"result_dir": result_dir, "data_dir": data_dir, "img_type": "png", "resize": DATA["size"],
+                            "num_workers": 2, "device": "cpu", **STAGE2})
         times["stage 2"] = run("main_prune.py", "--config_path", config)
         times["stage 3"] = run("main_rl_prune.py", *STAGE3, *COMMON, *paths)
         print(f"\n== table ({result_dir}/table.md) ==\n")

@@ -32,12 +32,6 @@ def parse_args(argv=None):
     return parse(SearchSettings, __doc__.split("\n\n")[0], TITLES, argv)
 
 
-def check_args(args):
-    check(args)
-    if args.max_compression < args.min_compression:
-        raise UserError(f"--max_compression {args.max_compression} must be in [--min_compression, 1)")
-
-
 def stage1_data(args, ckpt, path):
     """The data flags and validation split of the search: the stage-1 run's (flags override data_dir ...)."""
     run = ckpt.get("args") or {}
@@ -46,9 +40,8 @@ def stage1_data(args, ckpt, path):
                         f"the search needs a validation split held out of it: run main_sp.py with --val_split "
                         f"> 0 (e.g. 0.1)")
     data = {k: getattr(args, k) if getattr(args, k) is not None else run.get(k) for k in DATA_KEYS}
-    recorded = ckpt.get("pipeline") or {}
     if data["resize"] is None:  # the stage-1 run took its default: the side its pipeline records
-        data["resize"] = recorded.get("resize", 32)
+        data["resize"] = (ckpt.get("pipeline") or {}).get("resize", 32)
     return {**data, "val_split": run["val_split"], "seed": run.get("seed", 0)}
 
 
@@ -71,7 +64,9 @@ def prune_base(args, data, stage1_path):
 def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
-    check_args(args)
+    check(args)
+    if args.max_compression < args.min_compression:
+        raise UserError(f"--max_compression {args.max_compression} must be in [--min_compression, 1)")
     rl_settings = stage3_settings(args, args.knob)  # checked by stage 3's checks before any work
     stage1_path, stage1, _ = starting_checkpoint(args.checkpoint, args.result_dir, ("sp",), "--checkpoint", (
         f"no stage-1 checkpoint at {os.path.join(args.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py (with "

@@ -37,19 +37,15 @@ def save_checkpoint(path, payload):
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), binary=True, tmp_prefix=TMP_PREFIX)
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def stage_checkpoint(stage, pipeline, lineage, model, optimizer, scheduler, epoch, own):
     """The checkpoint dict of a stage (the format above, less the marker save_checkpoint adds); pipeline None:
     not recorded; `own`: the stage's own keys."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"stage": stage, **({"pipeline": pipeline} if pipeline is not None else {}), **lineage,
             "arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng_state(), **own}
+            "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "rng": rng, **own}
 
 
 def read_file(path, flag, resave=None):
@@ -125,10 +121,9 @@ def model_from_checkpoint(ckpt, path="checkpoint", flag="--checkpoint"):
     """Rebuild the model a checkpoint describes and load its weights (strictly)."""
     model = build_model(ckpt["arch"])
     state = ckpt.get("model")
-    own = model.state_dict()
     if not isinstance(state, dict):
         raise UserError(f"{flag} {path}: holds no weights")
-    problems = weight_mismatches(own, state)
+    problems = weight_mismatches(model.state_dict(), state)
     if problems:
         raise UserError(f"{flag} {path}: weights do not match its architecture ({problems[0]}; "
                         f"{len(problems)} problems)")

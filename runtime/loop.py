@@ -1,7 +1,5 @@
-"""The epoch loop shared by all three stages (train_epoch runs a `step_fn(model, x, y) -> (loss, stats)`,
-runtime/steps.py, over one epoch, stopping on a NaN or inf loss) and what sets a run up: device and DDP,
-bf16 autocast, SGD, the per-step learning-rate schedules, the per-epoch seed, an epoch's summary line.
-"""
+"""The epoch loop of all three stages (train_epoch: a `step_fn(model, x, y) -> (loss, stats)` of runtime/steps.py
+over one epoch, stopping on a NaN or inf loss) and what sets a run up."""
 import contextlib
 import math
 
@@ -47,15 +45,12 @@ def sgd(params, lr, momentum, weight_decay):
 def make_scheduler(optimizer, name, epochs, steps_per_epoch):
     """Per-step schedules, so that a short run still sees the whole curve."""
     total = max(1, epochs * steps_per_epoch)
-    if name == "cosine":
-        f = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    elif name == "step":  # x0.1 at 50% and 75% of training
-        f = lambda s: 0.1 ** ((s >= 0.5 * total) + (s >= 0.75 * total))
-    elif name == "constant":
-        f = lambda s: 1.0
-    else:
+    schedules = {"cosine": lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+                 "step": lambda s: 0.1 ** ((s >= 0.5 * total) + (s >= 0.75 * total)),  # x0.1 at 50% and 75%
+                 "constant": lambda s: 1.0}
+    if name not in schedules:
         raise UserError(f"unknown --scheduler {name!r} (expected cosine, step or constant)")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[name])
 
 
 def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="train"):
@@ -92,12 +87,7 @@ def train_epoch(ddp, loader, optimizer, scheduler, step_fn, ctx, epoch, desc="tr
     # the network the checkpoint saves, so that an evaluation over all ranks' shares is of that network
     if ctx.distributed:
         broadcast_tensors(list(unwrap(ddp).buffers()))
-    return reduce_means(sums, n)
-
-
-def reduce_means(sums, n):
-    """Means over all batches of all ranks; scalars become floats, vectors lists."""
-    out = {}
+    out = {}  # means over all batches of all ranks; scalars become floats, vectors lists
     for k, v in sums.items():
         t = all_reduce_sum(torch.cat([v.flatten(), v.new_tensor([n])]))
         mean = t[:-1] / t[-1]

@@ -51,13 +51,6 @@ def check_batch_shapes(model, image_size, bs, resize_fixed=False):
     raise UserError(f"{problem}; use bs 2 or more, or resize {fix} or more")
 
 
-def curves(ev, mode):
-    """The TensorBoard curves of an evaluation in `mode`: GFLOPs and execution rates only for the switches'
-    routes (in open mode they are constants, like the image count: curves that say nothing)."""
-    keys = ("acc", "loss") if mode == "open" else ("acc", "loss", "gflops", "exec_rate")
-    return {k: ev[k] for k in keys}
-
-
 # What a stage adds below --result_dir at most: stale-<time>-<n>/<stage>/tb/run-<time>-<pid>/ and TensorBoard's
 # events.out.tfevents.<time>.<host>.<pid>.<n> (the host name's length added where it is checked)
 DEEPEST = len("/stale-20240101-000000-99/prune/tb/run-20240101-000000-4194304/events.out.tfevents.1700000000..4194304.99")
@@ -99,37 +92,26 @@ class StageRun:
     """The files of one stage under <result_dir>/<name>/: checkpoint.pt, metrics.json, tb/<run>/ (TensorBoard's
     steps count on from the stage before: docs/stages.md)."""
 
-    def __init__(self, name, result_dir, ctx, overwrite=False):
-        self.name, self.ctx, self.result_dir, self.dir = name, ctx, result_dir, os.path.join(result_dir, name)
-        self.overwrite = overwrite
+    def __init__(self, name, s):
+        """Stage `name`'s run with settings `s`: result_dir checked, then device, process group, seeds, numerics."""
+        check_result_dir(s.result_dir)
+        self.ctx = setup(s.device, s.seed, s.amp, s.channels_last, s.tf32)
+        self.name, self.result_dir, self.overwrite = name, s.result_dir, s.overwrite
+        self.dir = os.path.join(s.result_dir, name)
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
-        self.logger = self.pipeline = self.run_id = None
-        self.parent = None     # lineage record of the checkpoint this stage started from (utils/lineage.py)
+        self.logger = self.pipeline = self.run_id = self.parent = None  # parent: utils/lineage.py's record
         self.step_offset = self.last_step = 0   # step_offset: TensorBoard steps of the stages before this one
-
-    @classmethod
-    def begin(cls, name, settings):
-        """Stage `name`'s run: its result_dir checked, then device, process group, seeds, numerics set up."""
-        s = settings
-        check_result_dir(s.result_dir)
-        return cls(name, s.result_dir, setup(s.device, s.seed, s.amp, s.channels_last, s.tf32), s.overwrite)
 
     def open(self, pipeline=None, *, parent=None, resumed=None, start_step=0):
         """Create the stage's folder (earlier results there moved aside or refused: utils.lineage.guard_rerun)
-        and TensorBoard writer, once all input has been checked. `resumed`: the
-        checkpoint a --resume continues (its run folder and step offset kept); `start_step`: the parent's last
-        TensorBoard step."""
+        and TensorBoard writer, once all input has been checked. `resumed`: the checkpoint a --resume continues
+        (its run folder and step offset kept); `start_step`: the parent's last TensorBoard step."""
         guard_rerun(self.result_dir, self.name, self.overwrite, self.ctx.is_main, resuming=resumed is not None)
-        self.pipeline, self.parent = pipeline, parent
-        if resumed is not None:
-            self.run_id = resumed.get("run_id")
-            self.parent = resumed.get("parent", parent)
-            self.step_offset = resumed.get("step_offset", 0)
-        else:
-            self.step_offset = start_step
-        self.run_id = self.run_id or time.strftime("run-%Y%m%d-%H%M%S-") + f"{os.getpid()}"
-        self.last_step = self.step_offset
+        kept = resumed or {}
+        self.pipeline, self.parent = pipeline, kept.get("parent", parent)
+        self.step_offset = self.last_step = start_step if resumed is None else kept.get("step_offset", 0)
+        self.run_id = kept.get("run_id") or time.strftime("run-%Y%m%d-%H%M%S-") + f"{os.getpid()}"
         if resumed is not None and self.ctx.is_main:
             where = f"round {resumed['round'] + 1}, " if isinstance(resumed.get("round"), int) else ""
             print(f"[{self.name}] resuming from {where}epoch {int(resumed.get('epoch', 0))}", flush=True)
@@ -144,16 +126,13 @@ class StageRun:
         self.logger = Logger(os.path.join(self.dir, "tb", self.run_id), enabled=self.ctx.is_main)
         return self
 
-    def lineage(self):
-        """What every checkpoint of this run records about where it comes from."""
-        return {"run_id": self.run_id, "parent": self.parent, "step_offset": self.step_offset,
-                "tb_step": self.last_step}
-
     def save(self, model, optimizer, scheduler, epoch, own):
         """Write the checkpoint after `epoch` epochs with `own`, the stage's own keys (rank 0; every rank waits)."""
         if self.ctx.is_main:
-            own = {**own, "world_size": self.ctx.world_size}  # processes training it: check_resume_world_size
-            save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, self.lineage(), model,
+            own = {**own, "world_size": self.ctx.world_size}  # processes training it: resume checks it
+            lineage = {"run_id": self.run_id, "parent": self.parent, "step_offset": self.step_offset,
+                       "tb_step": self.last_step}  # where the network comes from
+            save_checkpoint(self.checkpoint_path, stage_checkpoint(self.name, self.pipeline, lineage, model,
                                                                    optimizer, scheduler, epoch, own))
         barrier()
         kill_point("saved", epoch)
@@ -164,14 +143,11 @@ class StageRun:
         every epoch the network is evaluated in each of `evals` ((name, mode)), the first in the summary line.
         Epochs are shown out of total_epochs (default `epochs`), so that a stage calling fit twice (stage 1's
         dense epochs, then the supervised phase) counts on. Returns the last evaluations."""
-        def checkpoint(epoch):
-            self.save(model, optimizer, scheduler, epoch, own_state())
-
         total = total_epochs or epochs
         evs = None
         if start_epoch >= epochs:  # nothing to train in this call: still leave this stage's checkpoint
             self.last_step = max(self.last_step, self.step_offset + log_offset + epochs)
-            checkpoint(max(start_epoch, epochs))
+            self.save(model, optimizer, scheduler, max(start_epoch, epochs), own_state())
         for epoch in range(start_epoch, epochs):
             seed_epoch(self.ctx, epoch)
             data.train.set_epoch(epoch)
@@ -189,13 +165,13 @@ class StageRun:
                 shown = log_offset + epoch + 1 if total_epochs else epoch + 1  # stage 2's rounds count on
                 print(summary_line(self.name, shown, total, tr, evs[first], time.time() - t0, lr, first),
                       flush=True)
-            step = self.step_offset + log_offset + epoch + 1
-            self.last_step = step
+            self.last_step = step = self.step_offset + log_offset + epoch + 1
             self.logger.scalars(f"{self.name}/train", tr, step)
-            for name, mode in evals:
-                self.logger.scalars(f"{self.name}/{data.eval_name}_{name}", curves(evs[name], mode), step)
+            for name, mode in evals:  # in open mode GFLOPs and execution rates are constants: no curves
+                keys = ("acc", "loss") if mode == "open" else ("acc", "loss", "gflops", "exec_rate")
+                self.logger.scalars(f"{self.name}/{data.eval_name}_{name}", {k: evs[name][k] for k in keys}, step)
             self.logger.scalars(f"{self.name}/train", {"lr": lr, "epoch_seconds": time.time() - t0}, step)
-            checkpoint(epoch + 1)
+            self.save(model, optimizer, scheduler, epoch + 1, own_state())
         return evs
 
     def finish(self, model, ddp, data, costs, extra=None, mode="hard", routes="routed"):
@@ -220,8 +196,7 @@ class StageRun:
                                              "channels_last": self.ctx.channels_last},
                                 "final_evaluation": "float32, TF32 off"}
         metrics["peak_memory"] = peak_memory(self.ctx.device)
-        metrics.update(extra or {})
-        metrics.update(parent=self.parent, run_id=self.run_id, tb_step=self.last_step)
+        metrics.update(extra or {}, parent=self.parent, run_id=self.run_id, tb_step=self.last_step)
         if self.ctx.is_main:
             metrics["checkpoint_sha256"] = file_sha256(self.checkpoint_path)
             write_json(self.metrics_path, metrics)
@@ -263,7 +238,11 @@ def resume(run, resume, ctx, settings=None, source=None):
     ckpt = load_checkpoint(path, (run.name,), "--resume")
     if settings is not None:
         check_resume_args(ckpt, settings, path)
-    check_resume_world_size(ckpt, ctx, path)
+    recorded = ckpt.get("world_size")  # another number of processes: other steps per epoch, another schedule
+    if recorded is not None and recorded != ctx.world_size:
+        raise UserError(f"--resume {path}: the run was started with {recorded} process(es), this one has "
+                        f"{ctx.world_size}; the global batch and the schedule depend on it: resume with "
+                        f"{recorded} (torchrun --nproc_per_node), or start a new run")
     began, began_from = source(ckpt) if source else {}, (ckpt.get("parent") or {}).get("sha256")
     if began_from and os.path.isfile(began.get("path") or "") \
             and began_from != parent_record(began["stage"], began["path"])["sha256"]:
@@ -293,16 +272,6 @@ def check_resume_args(ckpt, settings, path):
     if differ:
         raise UserError(f"--resume {path}: the run was started with other training flags ({', '.join(differ)}); "
                         f"resume with the same flags (--epochs may only grow), or start a new run")
-
-
-def check_resume_world_size(ckpt, ctx, path):
-    """Refused when the resumed run had another number of processes: the steps per epoch and so the schedule
-    would change."""
-    recorded = ckpt.get("world_size")
-    if recorded is not None and recorded != ctx.world_size:
-        raise UserError(f"--resume {path}: the run was started with {recorded} process(es), this one has "
-                        f"{ctx.world_size}; the global batch and the schedule depend on it: resume with "
-                        f"{recorded} (torchrun --nproc_per_node), or start a new run")
 
 
 def restore_training_state(ckpt, optimizer, scheduler):

@@ -53,10 +53,6 @@ def build_table(result_dir):
     return rows
 
 
-def _gflops(g):
-    return f"{g:.2f}" if g >= 0.1 else f"{g:.3g}"
-
-
 def to_markdown(rows):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -65,7 +61,8 @@ def to_markdown(rows):
         else:
             comp = "-" if r["compression"] is None else f"{100 * r['compression']:.0f}%"
             acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}%"
-            cells = [r["method"], acc, _gflops(r["gflops_per_image"]), comp]
+            g = r["gflops_per_image"]
+            cells = [r["method"], acc, f"{g:.2f}" if g >= 0.1 else f"{g:.3g}", comp]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['method']}: {r['note']}" for r in rows if r["note"]]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -20,18 +20,14 @@ from utils.errors import UserError
 from utils.flops import compression, count_params, dense_flops, measure_costs, to_gflops
 
 
-def targets(schedule):
-    return [(r["target"], r["value"]) for r in schedule]
-
-
 def check_resumable(ckpt, schedule, path):
     """The rounds a checkpoint has pruned (all before its round, and its round) must be the config's; later
     rounds may have been changed since (a target found out of reach, say)."""
     done = ckpt["round"] + 1
-    if targets(ckpt["schedule"][:done]) != targets(schedule[:done]):
-        raise UserError(f"--resume {path}: the {done} round(s) it has pruned had targets "
-                        f"{targets(ckpt['schedule'][:done])}, the config's first {done} are "
-                        f"{targets(schedule[:done])}; only rounds not yet begun may change")
+    pruned, planned = ([(r["target"], r["value"]) for r in rounds[:done]] for rounds in (ckpt["schedule"], schedule))
+    if pruned != planned:
+        raise UserError(f"--resume {path}: the {done} round(s) it has pruned had targets {pruned}, the config's "
+                        f"first {done} are {planned}; only rounds not yet begun may change")
     now, then = schedule[done - 1], ckpt["schedule"][done - 1]
     if (now["epochs"], now["lr"]) != (then["epochs"], then["lr"]):
         raise UserError(f"--resume {path}: round {done} is under way with epochs {then['epochs']} and lr "
@@ -102,7 +98,7 @@ def finetune(stage, model, data, ctx, cfg, spec, own_state, report, resumed, log
 def run(cfg: PruneSettings):
     """Stage 2 with settings `cfg` (a validated config: pruners.config.validate / load_config) -> its metrics."""
     schedule = cfg.schedule
-    stage = StageRun.begin("prune", cfg)
+    stage = StageRun("prune", cfg)
     ctx = stage.ctx
     stage1_path, stage1, parent = starting_checkpoint(cfg.checkpoint, cfg.result_dir, ("sp",), "checkpoint", (
         f"no stage-1 checkpoint at {os.path.join(cfg.result_dir, 'sp', 'checkpoint.pt')}: run main_sp.py with this "
@@ -148,9 +144,8 @@ def run(cfg: PruneSettings):
                                      ckpt if resuming else None, logged, total_epochs)
         logged += spec["epochs"]
 
-    params = count_params(model)
     metrics = stage.finish(model, ddp, data, costs, mode="open", extra={"mode": cfg.mode,
-        "params_stage1": params_stage1, "compression": compression(params, params_stage1),
+        "params_stage1": params_stage1, "compression": compression(count_params(model), params_stage1),
         "dense_gflops": to_gflops(dense_flops(costs)), "ranks": model.arch["ranks"],
         "layers_unpruned": [n for n in prunable_convs(model) if n not in model.arch["ranks"]], "rounds": history,
         "stage1_checkpoint": stage1_path})

@@ -122,32 +122,6 @@ def check_settings(s, flag=lambda name: f"--{name}", suffix=""):
                         f"it > 0{suffix}")
 
 
-def source_compression(ckpt, params):
-    """Fraction of the stage-1 parameters that the starting network (holding `params`) has removed: 0 for a
-    stage-1 network, from the stage-1 size a stage-2 one records (None where it records none)."""
-    if ckpt["stage"] == "sp":
-        return 0.0
-    return compression(params, ckpt["params_stage1"]) if ckpt.get("params_stage1") else None
-
-
-def check_flags_match(s, arch, path, flag):
-    for name in ("network", "depth", "width"):
-        given = getattr(s, name)
-        if given is not None and given != arch.get(name):
-            raise UserError(f"--{name} {given} disagrees with {flag} {path}, which holds a "
-                            f"{arch['network']}-{arch['depth']} of width {arch.get('width')}")
-
-
-def check_target(s, costs):
-    """A --target_gflops the greedy routes cannot reach is refused before any work."""
-    if s.target_gflops is None:
-        return
-    low, high = gflops_bounds(costs)
-    if not low < s.target_gflops < high:
-        raise UserError(f"--target_gflops {s.target_gflops} is out of reach: this network costs {low:.4g} "
-                        f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")
-
-
 def controller_step(s, model, ddp, costs, price, baseline, ctx):
     if s.controller == "counterfactual":
         unwrap(ddp).explore_bound = s.explore_bound
@@ -174,14 +148,19 @@ def starting_point(s, run, ctx):
 def run(s: RLSettings):
     """Stage 3 with settings `s` (checked here) -> its metrics (metrics.json's)."""
     check_settings(s)
-    stage = StageRun.begin("rl", s)
+    stage = StageRun("rl", s)
     ctx = stage.ctx
     ckpt, path, flag, source, parent = starting_point(s, stage, ctx)
-    check_flags_match(s, ckpt["arch"], path, flag)
+    arch = ckpt["arch"]
+    for name in ("network", "depth", "width"):
+        given = getattr(s, name)
+        if given is not None and given != arch.get(name):
+            raise UserError(f"--{name} {given} disagrees with {flag} {path}, which holds a "
+                            f"{arch['network']}-{arch['depth']} of width {arch.get('width')}")
     data = load_data(DataSettings.of(s), ctx, recorded=ckpt.get("pipeline"), source=f"{flag} {path}",
                      resuming=bool(s.resume))
-    if data.num_classes != ckpt["arch"]["num_classes"]:
-        raise UserError(f"{flag} {path} classifies {ckpt['arch']['num_classes']} classes, but --data_dir "
+    if data.num_classes != arch["num_classes"]:
+        raise UserError(f"{flag} {path} classifies {arch['num_classes']} classes, but --data_dir "
                         f"{s.data_dir} holds {data.num_classes}")
     if s.baseline == "batch" and s.controller == "reinforce" and data.train.batch_size < 2:
         raise UserError(f"--baseline batch needs 2 or more images per process: --bs {s.bs} over "
@@ -189,8 +168,10 @@ def run(s: RLSettings):
                         f"a larger --bs)")
     model, ddp = prepare(model_from_checkpoint(ckpt, path, flag), ctx)
     check_batch_shapes(model, data.image_size, data.train.batch_size, resize_fixed="pipeline" in ckpt)
-    if "compression" not in source:
-        source["compression"] = source_compression(ckpt, count_params(model))
+    if "compression" not in source:  # of stage 1's parameters: 0 from stage 1, None where stage 2 recorded no size
+        stage1 = ckpt.get("params_stage1")
+        source["compression"] = 0.0 if ckpt["stage"] == "sp" else (
+            compression(count_params(model), stage1) if stage1 else None)
     optimizer = make_optimizer(model, s)
     scheduler = make_scheduler(optimizer, s.scheduler, s.epochs, len(data.train))
     baseline = Baseline(s.baseline, model.num_switches, s.baseline_momentum, ctx.device)
@@ -204,7 +185,10 @@ def run(s: RLSettings):
         price.load_state_dict(extra.get("price"))
         ending = extra.get("ending") or {}
     costs = measure_costs(model, data.image_size)
-    check_target(s, costs)
+    low, high = gflops_bounds(costs)  # a target the greedy routes cannot reach is refused before any work
+    if s.target_gflops is not None and not low < s.target_gflops < high:
+        raise UserError(f"--target_gflops {s.target_gflops} is out of reach: this network costs {low:.4g} "
+                        f"GFLOPs per image with every gated block skipped and {high:.4g} with all executed")
     stage.open(data.pipeline, parent=parent, resumed=ckpt if s.resume else None,
                start_step=ckpt.get("tb_step", 0) if not s.resume else 0)
     step = controller_step(s, model, ddp, costs, price, baseline, ctx)

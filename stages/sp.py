@@ -105,7 +105,7 @@ def starting_network(s, arch, ckpt, resume_path, data, ctx):
 def run(s: SPSettings):
     """Stage 1 with settings `s` (checked here) -> its metrics (metrics.json's)."""
     check_settings(s)
-    stage = StageRun.begin("sp", s)
+    stage = StageRun("sp", s)
     ctx = stage.ctx
     ckpt, resume_path = resume(stage, s.resume, ctx) if s.resume else (None, None)
     data = load_data(DataSettings.of(s), ctx, recorded=ckpt.get("pipeline") if ckpt else None,
