@@ -1,9 +1,6 @@
-"""How stage 3 ends, the same under every controller: every controller trains on drawn routes, the deployed
-model runs the greedy ones (p > 0.5), so the ending works on those: with a FLOPs target, the switches'
-threshold calibrated (gates/routes.py); with --route_epochs, the backbone fine-tuned on the greedy routes;
-then BN statistics re-estimated and, with a target, the threshold calibrated once more. Every step is
-deterministic, so a run killed during it redoes it from the last epoch's checkpoint. small_cut_warning says
-when the routes cut next to nothing, and what would cut more.
+"""How stage 3 ends, the same under every controller (docs/stages.md, "How the stage ends"): every controller
+trains on drawn routes, the deployed model runs the greedy ones (p > 0.5), so the ending works on those. Every
+step is deterministic, so a run killed during it redoes it from the last epoch's checkpoint.
 """
 import functools
 

@@ -11,12 +11,10 @@ on the routes taken; the switches by the policy gradient of a per-image return:
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 
-The policy loss is summed over images, as in SkipNet's code (`action.reinforce(rl_weight * R)`), where the
-original flags (alpha 0.1, gamma 1, rl_weight 0.1) come from: averaging would make it batch-size times
-weaker. Under DDP each process's sum is weighed by the number of processes (`scale`), so that the averaged
-gradients add up to the sum over the global batch. alpha: fixed or gates.price.SkipPrice's. The baseline
-b_i is per switch (Baseline, saved in the checkpoint); nothing is stored in the modules between forward and
-backward, so the step works under DDP.
+The policy loss is summed over images, as in SkipNet's code, where the original flags come from (why, and how
+DDP weighs it: docs/stages.md). alpha: fixed or gates.price.SkipPrice's. The baseline b_i is per switch
+(Baseline, saved in the checkpoint); nothing is stored in the modules between forward and backward, so the
+step works under DDP.
 """
 import torch
 import torch.distributed as dist

@@ -157,20 +157,14 @@ class FFSwitches(Switches):
         return list(self.heads)
 
 
-def finite(p):
-    """p with NaN as 0.5 for drawing decisions: torch.bernoulli asserts on NaN (on CUDA ending the context); a
-    NaN p comes from a diverged network, whose NaN loss the training loop reports."""
-    return torch.nan_to_num(p, nan=0.5)
-
-
 def act(p, mode, training, bound=0.0, temperature=1.0):
     """0/1 decisions (float, shape of p) from probabilities p in `mode` (module docstring)."""
-    if mode == "sample":
+    if mode in ("sample", "explore"):
         with torch.no_grad():  # no graph node (a detach would be one more op)
-            return torch.bernoulli(finite(p))
-    if mode == "explore":
-        with torch.no_grad():
-            return torch.bernoulli(finite(p).clamp_(bound, 1 - bound))
+            # NaN as 0.5: torch.bernoulli asserts on NaN (on CUDA ending the context); a NaN p comes from a
+            # diverged network, whose NaN loss the training loop reports
+            p = torch.nan_to_num(p, nan=0.5)
+            return torch.bernoulli(p.clamp_(bound, 1 - bound) if mode == "explore" else p)
     if mode == "hard" and training:
         return _StraightThrough.apply(p)
     if mode == "gumbel" and training:

@@ -169,8 +169,7 @@ def rebuild(model, layers, keep):
         ranks[name] = [len(kept_in), len(kept_out)]
     new = build_model({**model.arch, "ranks": ranks})
     new.load_state_dict(state)
-    device = next(model.parameters()).device
-    new.to(device)
+    new.to(next(model.parameters()).device)
     new.train(model.training)
     new.mode, new.execution = model.mode, model.execution
     return new

@@ -86,8 +86,7 @@ class Trials:
         return f"made with other settings ({key} {was.get(key)!r}, now {now.get(key)!r})"
 
     def static(self, compression, folder):
-        """Stage 2 at `compression` in `folder`, from the search's config, data and validation split -> its
-        metrics (val_acc, val_gflops, params, compression, ...)."""
+        """Stage 2 at `compression` in `folder`, from the search's config, data and validation split -> its metrics."""
         config = {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
                   "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
                   "final_split": "val", "device": self.device,
