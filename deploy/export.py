@@ -70,17 +70,12 @@ def deployed(model, mode):
             convs = cheapest_form(m)
             if name in folds:
                 convs[-1] = fuse_conv_bn_eval(convs[-1].eval(), model.get_submodule(folds[name]))
-            _replace(model, name, nn.Sequential(*convs))
+            model.set_submodule(name, nn.Sequential(*convs))
     for bn in reads:
-        _replace(model, bn, nn.Identity())
+        model.set_submodule(bn, nn.Identity())
     if mode == "open":
         model.switches = None
     return model
-
-
-def _replace(model, name, module):
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, module)
 
 
 class InferenceNet(nn.Module):

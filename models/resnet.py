@@ -31,8 +31,7 @@ class FactoredConv(nn.Module):
 def make_conv(name, ranks, in_ch, out_ch, kernel_size, stride=1):
     padding = kernel_size // 2
     if name in ranks:
-        r_in, r_out = ranks[name]
-        return FactoredConv(in_ch, out_ch, kernel_size, stride, padding, r_in, r_out)
+        return FactoredConv(in_ch, out_ch, kernel_size, stride, padding, *ranks[name])
     return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
 
 
@@ -119,9 +118,8 @@ class ResNet(nn.Module):
         super().__init__()
         self.arch = arch
         n = (arch["depth"] - 2) // 6
-        k = arch["width"]
         ranks = arch.get("ranks", {})
-        widths = [16 * k, 32 * k, 64 * k]
+        widths = [w * arch["width"] for w in (16, 32, 64)]
         self.stem = make_conv("stem", ranks, arch.get("in_channels", 3), widths[0], 3)
         self.stem_bn = nn.BatchNorm2d(widths[0])
         blocks = []
@@ -179,7 +177,7 @@ class ResNet(nn.Module):
         return logits, torch.stack(actions, 1), torch.stack(probs, 1)
 
 
-def compile_step(step_fn, device, backend=None, mode=None):
+def compile_step(step_fn, device, backend=None):
     """step_fn(model, x, y) with the model compiled by torch.compile (forward and backward). The loss and
     statistics stay eager, so the state stage 3's step keeps between steps never lives in CUDA graphs'
     memory, which the next replay overwrites. Default: on CUDA inductor with CUDA graphs ("reduce-overhead";
@@ -187,8 +185,7 @@ def compile_step(step_fn, device, backend=None, mode=None):
     device = torch.device(device)
     if backend is None:
         backend = "inductor" if device.type == "cuda" else "aot_eager"
-    if mode is None and backend == "inductor" and device.type == "cuda":
-        mode = "reduce-overhead"
+    mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None
     compiled = {}  # id(model) -> its compiled wrapper (which keeps the model alive: ids stay unique)
 
     def step(model, x, y):

@@ -42,8 +42,7 @@ def prunable_convs(model):
     for name, m in model.named_modules():
         if name in factored:
             convs[name] = m.core
-        elif (isinstance(m, nn.Conv2d) and not is_switch(name)
-              and name.rpartition(".")[0] not in factored):
+        elif isinstance(m, nn.Conv2d) and not is_switch(name) and name.rpartition(".")[0] not in factored:
             convs[name] = m
     return convs
 

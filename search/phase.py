@@ -42,8 +42,7 @@ def open_storage(url):
 
 
 def open_study(storage, name, knob, settings):
-    """Create or reopen a study; `settings` (what makes its trials comparable) must equal those it was
-    started with."""
+    """Create or reopen a study, whose `settings` (what makes its trials comparable) must be those it began with."""
     study = optuna.create_study(storage=storage, study_name=name, sampler=BisectionSampler(knob),
                                 directions=["maximize", "minimize"], load_if_exists=True)
     old = study.user_attrs.get("settings")

@@ -35,8 +35,7 @@ def stage3_settings(args, knob_name):
 
 
 def record_of(settings):
-    """What defines a stage's result among its settings (a dict or a settings dataclass), as read back from
-    trial.json."""
+    """What defines a stage's result among its settings (a dict or a settings dataclass), as trial.json holds it."""
     values = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
     return json.loads(json.dumps({k: v for k, v in values.items() if k not in WHERE}))
 
