@@ -2,11 +2,8 @@
 
     python -m deploy.export CHECKPOINT --out DIR [--mode hard|open] [--mean R G B --std R G B --resize N]
 
-What is exported is the network as deployed (docs/export.md): raw uint8 NHWC images normalised inside, BN
-folded, factored convs in their cheapest exact form, channels_last; `hard` mode (stage 3's default) outputs
-(logits, routes) and adds a one-image model_b1 whose gated blocks are control flow, `open` mode (stages 1
-and 2) outputs logits. export.json records the pipeline, mode, input, FLOPs per image with every block run,
-and the check of every file's outputs against the checkpoint's on the same random images.
+What is exported (the network as deployed), its inputs and outputs, and how export.json records the check of
+every file against the checkpoint: docs/export.md.
 """
 import contextlib
 import copy
@@ -73,17 +70,12 @@ def deployed(model, mode):
             convs = cheapest_form(m)
             if name in folds:
                 convs[-1] = fuse_conv_bn_eval(convs[-1].eval(), model.get_submodule(folds[name]))
-            _replace(model, name, nn.Sequential(*convs))
+            model.set_submodule(name, nn.Sequential(*convs))
     for bn in reads:
-        _replace(model, bn, nn.Identity())
+        model.set_submodule(bn, nn.Identity())
     if mode == "open":
         model.switches = None
     return model
-
-
-def _replace(model, name, module):
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, module)
 
 
 class InferenceNet(nn.Module):
@@ -115,7 +107,6 @@ def check_lineage(ckpt_path):
         check_chain(result_dir, ORDER[:ORDER.index(stage) + 1])
 
 
-# ----------------------------------------------------------------------------------------- export
 
 def export_files(net, out_dir, in_channels, size, single):
     """Write <out_dir>/model[_b1].{onnx,pt2}; returns their paths."""
@@ -171,17 +162,10 @@ def compare(got, expected):
     return diff, routes
 
 
-def one_line(e, limit=300):
-    """Exception `e` as one line: its type and the start of its message, whitespace collapsed."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def export_form(model, pipeline, mode, single, out_dir, channels, images, expected):
     """One batch form of `model` exported and checked against `expected`: (files, checks) as in export.json."""
     suffix = "_b1" if single else ""
-    net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single)
-    net = net.to(memory_format=torch.channels_last)
+    net = InferenceNet(model, pipeline["mean"], pipeline["std"], mode, single).to(memory_format=torch.channels_last)
     files = export_files(net, out_dir, channels, pipeline["resize"], single)
     batch = [images[i:i + 1] for i in range(len(images))] if single else [images]
     loaded = torch.export.load(files["pt2"]).module()
@@ -241,8 +225,9 @@ def export(ckpt_path, out_dir, mean=None, std=None, resize=None, mode=None, chec
         except (UserError, OSError):  # one line already (run_main words an OSError)
             raise
         except Exception as e:  # torch.export's, the ONNX exporter's, onnxruntime's: one line, no traceback
+            why = " ".join(f"{type(e).__name__}: {e}".split())  # its type and the start of its message
             raise UserError(f"cannot export {'model_b1' if single else 'model'} ({mode} mode): "
-                            f"{one_line(e)}") from None
+                            f"{why if len(why) <= 300 else why[:297] + '...'}") from None
         report["files"].update(files)
         report["check"].update(check)
     with open(os.path.join(out_dir, "export.json"), "w") as f:

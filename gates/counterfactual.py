@@ -1,5 +1,5 @@
 """Stage 3's counterfactual controller: every switch learns, per image, whether its block is worth its FLOPs
-(docs/stages.md, "How stage 3 trains and ends").
+(docs/stages.md, "How stage 3 trains and ends": why, and what it costs).
 
 For training image i and gated block j the step measures what executing the block buys that image,
 
@@ -11,14 +11,11 @@ pi_j = alpha * c_j / C (c_j its FLOPs, C all gated blocks'; alpha fixed or gates
   switch loss    sum over images and switches of BCE(p_ij, sigmoid((b_ij - pi_j) / tau))
   total loss     CE (mean over the batch, on the sampled routes) + rl_weight * switch loss
 
-Summed over images as REINFORCE's policy loss is (gates/policy.py), so that --rl_weight weighs each decision
-the same under both; under DDP each process's sum is weighed by the number of processes. The backbone learns
-by cross-entropy only (`explore` mode: the switches read their inputs detached). `blocks` = K < S flips K
-gated blocks per step, drawn from the global RNG (seeded per epoch: a resumed run draws the same), their
-terms weighed by S / K: unbiased estimates of the full form's loss and gradient.
-
-A NaN probability (a diverged network) reaches the loss, whose check reports it, never a kernel that asserts
-on it (models.switches.finite; the switch loss written out, not F.binary_cross_entropy).
+Summed over images as REINFORCE's policy loss is (gates/policy.py), and weighed by the number of processes
+under DDP. `blocks` = K < S flips K gated blocks per step, drawn from the global RNG (seeded per epoch: a
+resumed run draws the same), their terms weighed by S / K: unbiased estimates of the full form's loss and
+gradient. A NaN probability (a diverged network) reaches the loss, whose check reports it, never a kernel
+that asserts on it (the switch loss written out, not F.binary_cross_entropy).
 """
 import torch
 import torch.nn.functional as F
@@ -75,11 +72,9 @@ def switch_targets(benefit, prices, tau):
 
 
 class CounterfactualStep:
-    """step_fn(model, x, y) -> (loss, stats) (see the module docstring). `price` a gates.price.SkipPrice,
-    `tau` the targets' temperature in cross-entropy units, `blocks` K (None or >= S: all), `scale` the
-    switch loss's weight under DDP. stats: loss (cross-entropy), acc, switch_loss, benefit and exec_target
-    (per switch; with K < S, S / K x the drawn blocks' means, 0 elsewhere: unbiased over an epoch) and
-    SkipPrice.route_stats'."""
+    """step_fn(model, x, y) -> (loss, stats) (the module docstring), `tau` the targets' temperature in
+    cross-entropy units. stats' benefit and exec_target: per switch; with K < S, S / K x the drawn blocks'
+    means, 0 elsewhere (unbiased over an epoch)."""
 
     def __init__(self, costs, price, tau, rl_weight, blocks=None, scale=1.0):
         self.costs, self.price, self.tau, self.rl_weight = costs, price, tau, rl_weight

@@ -1,9 +1,6 @@
-"""How stage 3 ends, the same under every controller: every controller trains on drawn routes, the deployed
-model runs the greedy ones (p > 0.5), so the ending works on those: with a FLOPs target, the switches'
-threshold calibrated (gates/routes.py); with --route_epochs, the backbone fine-tuned on the greedy routes;
-then BN statistics re-estimated and, with a target, the threshold calibrated once more. Every step is
-deterministic, so a run killed during it redoes it from the last epoch's checkpoint. small_cut_warning says
-when the routes cut next to nothing, and what would cut more.
+"""How stage 3 ends, the same under every controller (docs/stages.md, "How the stage ends"): every controller
+trains on drawn routes, the deployed model runs the greedy ones (p > 0.5), so the ending works on those. Every
+step is deterministic, so a run killed during it redoes it from the last epoch's checkpoint.
 """
 import functools
 
@@ -61,8 +58,7 @@ def finetune_on_routes(ddp, data, ctx, args, recalibrate=None):
 
 
 def end_training(ddp, data, ctx, costs, target, args):
-    """After the last epoch (the module docstring): calibration, route epochs, BN statistics re-estimated over one
-    epoch of training batches, calibration again. Returns what was done ("calibration": every one, in order)."""
+    """After the last epoch, the steps of docs/stages.md; returns what was done ("calibration": every one, in order)."""
     ending = {"bn_batches": len(data.train)}
     calibrate = None
     if target is not None:
@@ -103,12 +99,11 @@ def small_cut_warning(ddp, data, costs, gflops, alpha):
     low, high = gflops_bounds(costs)
     target = min(max(0.9 * dense, low + 0.05 * (high - low)), low + 0.95 * (high - low))
     line = (f"warning: the switches cut {100 * cut:.1f}% of the GFLOPs ({gflops:.4g} per image against {dense:.4g} "
-            f"with every block run), so row 3 is as costly as the network it started from. ")
+            f"with every block run), so row 3 is as costly as the network it started from. Skipping gated block "
+            f"{j + 1} of {len(alphas)} ")
     if alphas[j] > alpha:
-        line += (f"Skipping gated block {j + 1} of {len(alphas)} pays on half the training images from --alpha "
-                 f"{alphas[j]:.2g} (this run ended at {alpha:.2g}); ")
+        line += f"pays on half the training images from --alpha {alphas[j]:.2g} (this run ended at {alpha:.2g}); "
     else:
-        line += (f"Skipping gated block {j + 1} of {len(alphas)} already pays on half the training images at this "
-                 f"run's alpha {alpha:.2g}, but the switches have not learnt it (more --epochs, or a larger --lr "
-                 f"or --switch_lr); ")
+        line += (f"already pays on half the training images at this run's alpha {alpha:.2g}, but the switches have "
+                 f"not learnt it (more --epochs, or a larger --lr or --switch_lr); ")
     return line + f"--target_gflops {target:.4g} ({100 * (1 - target / dense):.0f}% fewer) sets the cut directly"

@@ -5,8 +5,7 @@ price of the blocks it ran:
 
   loss = mean over the batch of [ CE(x_i | route a_i) + alpha * sum_j w_j a_ij ],   w_j = c_j / C
 
-alpha as under the other controllers (fixed, or gates.price.SkipPrice's dual variable of a GFLOPs target).
-The price is averaged over the images like the cross-entropy, so --rl_weight plays no part.
+alpha as under the other controllers; the price is averaged like the cross-entropy (no --rl_weight).
 """
 import torch
 import torch.nn.functional as F

@@ -7,16 +7,13 @@ on the routes taken; the switches by the policy gradient of a per-image return:
                                                                           C: all gated blocks' FLOPs)
   final reward   r_final = -CE(image)  (detached), received after the last switch
   returns        R_{S+1} = r_final,  R_i = r_i + gamma * R_{i+1}   for i = S .. 1
-                 i.e. R_i = sum_{j >= i} gamma^(j-i) r_j + gamma^(S+1-i) r_final
   policy loss    -sum over the images of this process's batch of sum_i log pi(a_i) * (R_i - b_i)
   total loss     CE (mean over the batch) + rl_weight * policy loss
 
-The policy loss is summed over images, as in SkipNet's code (`action.reinforce(rl_weight * R)`), where the
-original flags (alpha 0.1, gamma 1, rl_weight 0.1) come from: averaging would make it batch-size times
-weaker. Under DDP each process's sum is weighed by the number of processes (`scale`), so that the averaged
-gradients add up to the sum over the global batch. alpha: fixed or gates.price.SkipPrice's. The baseline
-b_i is per switch (Baseline, saved in the checkpoint); nothing is stored in the modules between forward and
-backward, so the step works under DDP.
+The policy loss is summed over images, as in SkipNet's code, where the original flags come from (why, and how
+DDP weighs it: docs/stages.md). alpha: fixed or gates.price.SkipPrice's. The baseline b_i is per switch
+(Baseline, saved in the checkpoint); nothing is stored in the modules between forward and backward, so the
+step works under DDP.
 """
 import torch
 import torch.distributed as dist
@@ -44,8 +41,7 @@ def discounts(gamma, switches, device=None):
 
 
 def discounted_returns(rewards, discount, final):
-    """Returns R (N, S) of rewards (N, S) and the final reward (N,) received after the last switch:
-    R_{S+1} = final, R_i = r_i + gamma * R_{i+1}, as one matrix product with D = discounts(gamma, S)."""
+    """Returns R (N, S) of rewards (N, S) and the final reward (N,), as one matrix product with D = discounts."""
     return torch.cat([rewards, final.view(-1, 1)], dim=1) @ discount
 
 
@@ -92,15 +88,13 @@ class Baseline:
 
 
 class ReinforceStep:
-    """step_fn(model, x, y) -> (loss, stats): the arithmetic above. `price` a gates.price.SkipPrice (or a
-    number: a fixed alpha). stats: loss (cross-entropy), acc, reward (mean over images of all rewards,
-    undiscounted), policy_loss and SkipPrice.route_stats'."""
+    """step_fn(model, x, y) -> (loss, stats): the arithmetic above. `price` a gates.price.SkipPrice or a fixed
+    alpha; stats' reward: the mean over images of all rewards, undiscounted."""
 
     def __init__(self, costs, price, gamma, rl_weight, baseline, scale=1.0):
         self.price = price if isinstance(price, SkipPrice) else SkipPrice(price)
-        self.costs, self.gamma, self.rl_weight = costs, gamma, rl_weight
+        self.costs, self.gamma, self.rl_weight, self.baseline = costs, gamma, rl_weight, baseline
         self.scale = scale  # under DDP the number of processes: the averaged gradient is the global batch's sum
-        self.baseline = baseline
         self.blocks = self.discount = None  # BlockCosts and discounts(gamma, S) on the batch's device, made once
 
     def __call__(self, model, x, y):

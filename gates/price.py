@@ -35,16 +35,13 @@ class BlockCosts:
 
 
 class SkipPrice:
-    """alpha, the reward for skipping every gated block (per image), as a tensor on the device.
-
-    Fixed (target None): --alpha. With a target of G FLOPs per image, alpha is the dual variable of "FLOPs
-    executed per image = G", by dual ascent in log alpha (scale-free: the right alpha spans orders of
-    magnitude):
+    """alpha, the reward for skipping every gated block (per image), as a tensor on the device: fixed (target
+    None), or the dual variable of "FLOPs executed per image = G" (docs/stages.md, --target_gflops), by dual
+    ascent in log alpha (scale-free: the right alpha spans orders of magnitude):
         alpha <- alpha * exp(lr * (F - G) / G)
-    F the FLOPs per image of the *greedy* routes (p > 0.5, what the deployed model runs; estimated along the
-    sampled routes, no second forward pass) on the batch just trained on, averaged over processes. Sampled
-    routes would be the wrong measure: with p near 0.5 they run about p of the blocks, greedy ones all or
-    none. The state goes into the checkpoint, so a resumed run continues the trajectory exactly."""
+    F the greedy routes' FLOPs per image, averaged over processes, estimated along the sampled routes (no second
+    forward pass); sampled routes would be the wrong measure (with p near 0.5 they run about p of the blocks,
+    greedy ones all or none)."""
 
     def __init__(self, alpha, target_flops=None, lr=0.05, device="cpu"):
         if target_flops is not None and not (alpha > 0 and target_flops > 0):
@@ -56,9 +53,7 @@ class SkipPrice:
         """One dual-ascent step from the greedy FLOPs per image (N,) of the batch just trained on."""
         if self.target is None:
             return
-        mean = greedy_flops.double().mean()
-        if dist.is_initialized():
-            mean = all_reduce_sum(mean.clone()) / dist.get_world_size()
+        mean = all_reduce_sum(greedy_flops.double().mean()) / (dist.get_world_size() if dist.is_initialized() else 1)
         self.alpha = self.alpha * torch.exp(self.lr * (mean - self.target) / self.target)
 
     def state_dict(self):

@@ -11,8 +11,7 @@ def calibrate_to_flops(ddp, batches, ctx, costs, target, steps=24, bound=16.0, t
     """Shift every switch's logit by one constant (the heads' biases) so that the greedy routes on `batches`
     (training data) cost the closest to `target` FLOPs per image: bisection in [-bound, bound], stopping within
     `tolerance`. Returns {"shift", "gflops", "gflops_before"}. Dual ascent brings alpha only near the target."""
-    model = unwrap(ddp)
-    heads = model.switches.logit_layers()
+    heads = unwrap(ddp).switches.logit_layers()
     original = [h.bias.detach().clone() for h in heads]
 
     def flops_at(shift):

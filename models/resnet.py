@@ -21,21 +21,17 @@ class FactoredConv(nn.Module):
         self.core = nn.Conv2d(rank_in, rank_out, kernel_size, stride=stride, padding=padding, bias=False)
         self.rot_out = nn.Conv2d(rank_out, out_ch, 1, bias=False) if rank_out < out_ch else None
 
-    def convs(self):
-        """The convs in the order they run (one, two or three)."""
-        return [c for c in (self.rot_in, self.core, self.rot_out) if c is not None]
-
     def forward(self, x):
-        for conv in self.convs():
-            x = conv(x)
+        for conv in (self.rot_in, self.core, self.rot_out):
+            if conv is not None:
+                x = conv(x)
         return x
 
 
 def make_conv(name, ranks, in_ch, out_ch, kernel_size, stride=1):
     padding = kernel_size // 2
     if name in ranks:
-        r_in, r_out = ranks[name]
-        return FactoredConv(in_ch, out_ch, kernel_size, stride, padding, r_in, r_out)
+        return FactoredConv(in_ch, out_ch, kernel_size, stride, padding, *ranks[name])
     return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
 
 
@@ -122,21 +118,18 @@ class ResNet(nn.Module):
         super().__init__()
         self.arch = arch
         n = (arch["depth"] - 2) // 6
-        k = arch["width"]
         ranks = arch.get("ranks", {})
-        widths = [16 * k, 32 * k, 64 * k]
+        widths = [w * arch["width"] for w in (16, 32, 64)]
         self.stem = make_conv("stem", ranks, arch.get("in_channels", 3), widths[0], 3)
         self.stem_bn = nn.BatchNorm2d(widths[0])
-        blocks, in_widths = [], []
+        blocks = []
         for stage, width in enumerate(widths):
             for b in range(n):
-                in_ch = in_widths and blocks[-1].bn2.num_features or widths[0]
+                in_ch = blocks[-1].bn2.num_features if blocks else widths[0]
                 stride = 2 if stage > 0 and b == 0 else 1
                 blocks.append(BasicBlock(f"blocks.{len(blocks)}", ranks, in_ch, width, stride))
-                in_widths.append(in_ch)
         self.blocks = nn.ModuleList(blocks)
-        # Switch j decides block j+1 and sees that block's input.
-        self.switches = SWITCH_KINDS[arch["gate"]](in_widths[1:])
+        self.switches = SWITCH_KINDS[arch["gate"]]([block.bn2.num_features for block in blocks[:-1]])  # their inputs
         self.fc = nn.Linear(widths[2], arch["num_classes"])
         self.mode = "hard"
         # auto: masked in training, skipping at inference; or force "mask" / "skip"; "branch": one image per
@@ -171,9 +164,8 @@ class ResNet(nn.Module):
             return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)), actions, ones
         skipping = self.execution == "skip" or (self.execution == "auto" and not self.training)
         state, actions, probs = None, [], []
-        explore = mode == "explore"
         for j, block in enumerate(self.blocks[1:]):
-            p, state = self.switches(j, x.detach() if explore else x, state)
+            p, state = self.switches(j, x.detach() if mode == "explore" else x, state)
             a = act(p, mode, self.training, self.explore_bound, self.temperature)
             if self.execution == "branch":
                 x = block.forward_branching(x, a.detach())
@@ -185,7 +177,7 @@ class ResNet(nn.Module):
         return logits, torch.stack(actions, 1), torch.stack(probs, 1)
 
 
-def compile_step(step_fn, device, backend=None, mode=None):
+def compile_step(step_fn, device, backend=None):
     """step_fn(model, x, y) with the model compiled by torch.compile (forward and backward). The loss and
     statistics stay eager, so the state stage 3's step keeps between steps never lives in CUDA graphs'
     memory, which the next replay overwrites. Default: on CUDA inductor with CUDA graphs ("reduce-overhead";
@@ -193,8 +185,7 @@ def compile_step(step_fn, device, backend=None, mode=None):
     device = torch.device(device)
     if backend is None:
         backend = "inductor" if device.type == "cuda" else "aot_eager"
-    if mode is None and backend == "inductor" and device.type == "cuda":
-        mode = "reduce-overhead"
+    mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None
     compiled = {}  # id(model) -> its compiled wrapper (which keeps the model alive: ids stay unique)
 
     def step(model, x, y):
@@ -203,7 +194,7 @@ def compile_step(step_fn, device, backend=None, mode=None):
             fast = compiled[id(model)] = torch.compile(model, backend=backend, mode=mode, dynamic=False)
         return step_fn(fast, x, y)
 
-    step.step_fn, step.backend, step.mode = step_fn, backend, mode
+    step.backend, step.mode = backend, mode
     return step
 
 
@@ -217,12 +208,10 @@ def compile_report(step, say=False):
     recompiles = [m.recompile_reason for m in metrics if getattr(m, "recompile_reason", None)]
     skips = sorted({m.cudagraph_skip_reason for m in metrics if getattr(m, "cudagraph_skip_reason", None)})
     out = {"backend": step.backend, "mode": step.mode, "graphs": counters["stats"]["unique_graphs"],
-           "recompiles": len(recompiles), "recompile_reasons": recompiles[:5]}
+           "recompiles": len(recompiles), "recompile_reasons": recompiles[:5], "cuda_graphs": False}
     if step.mode == "reduce-overhead":
         n_skips = counters["inductor"]["cudagraph_skips"]
         out.update(cudagraph_skips=n_skips, cudagraph_skip_reasons=skips[:5], cuda_graphs=n_skips == 0)
-    else:
-        out["cuda_graphs"] = False
     if say and out.get("cudagraph_skips"):
         print(f"warning: --compile: CUDA graphs were skipped {out['cudagraph_skips']} time(s) "
               f"({'; '.join(skips[:2]) or 'reason not recorded'}): the compiled step launches its kernels one by one",

@@ -55,11 +55,9 @@ def init_switch_head(head):
 
 class _ConvLSTMCell(nn.LSTMCell):
     """nn.LSTMCell (same parameters) that on (N, C, 1, 1) tensors runs its matmul as one 1x1 convolution of
-    [input, h]: one op each way, where two linear layers' backward are a dozen. 2-D input: nn.LSTMCell's."""
+    [input, h]: one op each way, where two linear layers' backward are a dozen."""
 
     def forward(self, input, hx=None, weights=None):
-        if input.dim() != 4:
-            return super().forward(input, hx)
         w, bias = weights if weights is not None else self.conv_weights()
         h = input.new_zeros(input.shape[0], self.hidden_size, 1, 1) if hx is None else hx[0]
         # W_hh h is computed for the zero state too: the FLOPs are those every switch counts
@@ -79,8 +77,6 @@ class _ConvHead(nn.Linear):
     """nn.Linear (same parameters) mapping (N, C, 1, 1) to (N, out, 1, 1) by a 1x1 conv (`weight`: if made)."""
 
     def forward(self, input, weight=None):
-        if input.dim() != 4:
-            return super().forward(input)
         return F.conv2d(input, _as_conv(self.weight) if weight is None else weight, self.bias)
 
 
@@ -157,20 +153,14 @@ class FFSwitches(Switches):
         return list(self.heads)
 
 
-def finite(p):
-    """p with NaN as 0.5 for drawing decisions: torch.bernoulli asserts on NaN (on CUDA ending the context); a
-    NaN p comes from a diverged network, whose NaN loss the training loop reports."""
-    return torch.nan_to_num(p, nan=0.5)
-
-
 def act(p, mode, training, bound=0.0, temperature=1.0):
     """0/1 decisions (float, shape of p) from probabilities p in `mode` (module docstring)."""
-    if mode == "sample":
+    if mode in ("sample", "explore"):
         with torch.no_grad():  # no graph node (a detach would be one more op)
-            return torch.bernoulli(finite(p))
-    if mode == "explore":
-        with torch.no_grad():
-            return torch.bernoulli(finite(p).clamp_(bound, 1 - bound))
+            # NaN as 0.5: torch.bernoulli asserts on NaN (on CUDA ending the context); a NaN p comes from a
+            # diverged network, whose NaN loss the training loop reports
+            p = torch.nan_to_num(p, nan=0.5)
+            return torch.bernoulli(p.clamp_(bound, 1 - bound) if mode == "explore" else p)
     if mode == "hard" and training:
         return _StraightThrough.apply(p)
     if mode == "gumbel" and training:

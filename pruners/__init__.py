@@ -19,11 +19,10 @@ from utils.flops import compression, count_params, dense_flops, from_gflops, mea
 from utils.nets import unwrap
 
 TOLERANCE = 0.01  # a compression target is met within 1 point of the reference's parameters, GFLOPs within 1%
-TARGETS = ("compression", "ratio", "gflops")
 
 __all__ = ["prune", "check_schedule", "collect_factors", "decompose", "rebuild", "top_directions", "in_channel_basis",
            "plan_for_params", "plan_for_ratio", "plan_for_flops", "prunable_convs", "evenly_spaced",
-           "set_rotations_trainable", "model_flops", "CRITERIA", "TARGETS"]
+           "set_rotations_trainable", "model_flops", "CRITERIA"]
 
 
 def model_flops(model, image_size):
@@ -34,13 +33,10 @@ def model_flops(model, image_size):
 def prune(model, batches, *, target, value, params_reference, limit=0.95, damping=1e-3, fisher_type="true",
           criterion="score_per_cost", round_to=1, image_size=None, num_batches=None, progress=True,
           mode="open"):
-    """One pruning step of `model` on `batches` of (x, y). target "compression": remove the fraction
-    `value` of params_reference's parameters (the stage-1 model's), within 1 point; "ratio": cut the
-    fraction `value` of all pooled directions; "gflops": at most `value` GFLOPs per image (every block run,
-    at image_size, default the batches'), within 1%. `criterion`, `round_to`: pruners/threshold.py; `mode`:
-    the network the factors are collected in (pruners/kfac.py). Returns (the rebuilt model, a report of
-    plain data). UserError when there are no batches or the target cannot be met; RuntimeError if the
-    rebuilt model does not hold the parameters and FLOPs the plan counted."""
+    """One pruning step of `model` on `batches` of (x, y) to `target` = `value` (docs/config.md; compression of
+    params_reference, the stage-1 model's; gflops at image_size, default the batches'). Returns (the rebuilt
+    model, a report of plain data). UserError when there are no batches or the target cannot be met;
+    RuntimeError if the rebuilt model does not hold the parameters and FLOPs the plan counted."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:

@@ -150,8 +150,7 @@ def _schedule(cfg, where):
 
 
 def load_config(path, overrides=None, sets=None):
-    """Read, apply `sets` (--set: null too, so that a key can be cleared), then command-line overrides (None:
-    not given), and validate."""
+    """Read, apply `sets` (--set: null too, to clear a key), then command-line overrides (None: not given), validate."""
     try:
         with open(path) as f:
             cfg = json.load(f)

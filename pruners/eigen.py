@@ -43,13 +43,11 @@ class Layer:
         return params, 2 * macs
 
     @property
-    def ranks(self):
-        """(n_in, n_out): the directions the layer holds now."""
+    def ranks(self):  # the directions the layer holds now
         return len(self.in_scores), len(self.out_scores)
 
     @property
     def flops(self):
-        """FLOPs per image of the layer as it is now."""
         return self.cost(*self.ranks)[1]
 
     def direction_costs(self, per):
@@ -169,8 +167,7 @@ def rebuild(model, layers, keep):
         ranks[name] = [len(kept_in), len(kept_out)]
     new = build_model({**model.arch, "ranks": ranks})
     new.load_state_dict(state)
-    device = next(model.parameters()).device
-    new.to(device)
+    new.to(next(model.parameters()).device)
     new.train(model.training)
     new.mode, new.execution = model.mode, model.execution
     return new
@@ -183,5 +180,4 @@ def set_rotations_trainable(model, trainable):
             for conv in (m.rot_in, m.rot_out):
                 if conv is not None:
                     conv.weight.requires_grad_(trainable)
-    return model
 

@@ -42,28 +42,17 @@ def prunable_convs(model):
     for name, m in model.named_modules():
         if name in factored:
             convs[name] = m.core
-        elif (isinstance(m, nn.Conv2d) and not is_switch(name)
-              and name.rpartition(".")[0] not in factored):
+        elif isinstance(m, nn.Conv2d) and not is_switch(name) and name.rpartition(".")[0] not in factored:
             convs[name] = m
     return convs
 
 
-@torch.no_grad()
 def conv_geometry(model, image_size):
     """name -> (input, output) locations per image of every prunable conv at image_size x image_size, for FLOPs."""
-    model = unwrap(model)
     geometry = {}
     probe(model, image_size, prunable_convs(model).items(), lambda n, m, i, o: geometry.__setitem__(
         n, (i[0].shape[-2] * i[0].shape[-1], o.shape[-2] * o.shape[-1])))
     return geometry
-
-
-def coverage(conv, height, width, device):
-    """(1, 1, H, W): how many (output location, kernel position) pairs read each input pixel. Folding
-    all-ones patches counts them exactly as F.unfold would cut them (zero padding never counted)."""
-    ones = torch.ones(1, 1, height, width, device=device)
-    patches = F.unfold(ones, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # 0 where padded
-    return F.fold(patches, (height, width), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
 
 
 def channel_gram(t):
@@ -74,8 +63,11 @@ def channel_gram(t):
 
 def patch_moment_sum(conv, x):
     """sum of x x^T over the unfolded patches of x without materialising the k*k times larger patch tensor:
-    each pixel's outer product weighted by how many patches contain it."""
-    return channel_gram(x * coverage(conv, x.shape[-2], x.shape[-1], x.device).sqrt())
+    each pixel's outer product weighted by how many patches contain it. Folding all-ones patches counts them
+    exactly as F.unfold would cut them (zero padding never counted)."""
+    geometry = (conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    patches = F.unfold(torch.ones(1, 1, *x.shape[-2:], device=x.device), *geometry)  # 0 where padded
+    return channel_gram(x * F.fold(patches, x.shape[-2:], *geometry).sqrt())
 
 
 def evenly_spaced(loader, count):

@@ -7,10 +7,9 @@ Cutting the c lowest-keyed directions of the pool gives every layer its ranks, s
 a side (inputs or outputs) of a layer loses at most floor(limit * n) directions and keeps at least one;
 with round_to m, a side keeps a multiple of m directions (or all n); and each side either takes its cut or
 keeps every direction it holds, whichever leaves the layer cheaper in the measure the target counts, never
-taking a form that costs more than the layer as it is in the other measure (pruning never makes the network
-more expensive in either). The model's parameters and FLOPs never grow with c, so a target is met by
-bisection on c; where one more direction would jump past the target's tolerance, the directions after it
-are tried in order (_fill).
+taking a form that costs more than the layer as it is in the other measure. The model's parameters and FLOPs
+never grow with c, so a target is met by bisection on c; where one more direction would jump past the target's
+tolerance, the directions after it are tried in order (_fill).
 """
 import math
 from dataclasses import dataclass

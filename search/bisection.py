@@ -1,7 +1,5 @@
 """Bisection on one monotone knob, as an Optuna sampler (why not TPE or a GP: docs/search.md, "Why
-bisection"; a model-based sampler neither halves a one-dimensional feasibility interval per trial nor
-proposes an interrupted trial's point again). Trials in flight split the interval too; search/phase.py's
-claim() makes that view complete, so workers sharing a study never run the same point.
+bisection"). Trials in flight split the interval too; search/phase.py's claim() makes that view complete.
 
 Noise: a feasible point beyond an infeasible one moves the bracket past it (the best feasible point wins);
 infeasible points below the best feasible one are ignored.
@@ -39,8 +37,7 @@ def label(x):
 
 def outcomes(trials, knob):
     """([(x, feasible)] of the finished trials, [x] in flight, number running). A trial failed with an error of
-    its stage (user attr `error`) counts as infeasible; one whose process died does not count (its point runs
-    again)."""
+    its stage (user attr `error`) counts as infeasible; one whose process died does not (its point runs again)."""
     done, flying, running = [], [], 0
     for t in trials:
         x = t.params.get(knob.name)
@@ -89,8 +86,7 @@ def no_trial_reason(knob):
 
 
 class BisectionSampler(optuna.samplers.BaseSampler):
-    """Proposes the point search.phase.claim() chose for the trial; for a trial not run by a
-    search.phase.Worker, next_point from the trials numbered below it."""
+    """Proposes the point search.phase.claim() chose for the trial, else next_point from the trials below it."""
 
     def __init__(self, knob):
         self.knob, self.claimed = knob, {}  # trial number -> its claimed point, set just before suggest

@@ -1,12 +1,9 @@
 """Optuna storage and studies of a search, and one worker's loop over the trials of a phase; how workers
 share a study and how a dead worker's trial is taken over: docs/search.md ("Many workers, many machines").
 
-Claiming a trial (claim()): the storage hands out trial numbers atomically (Optuna's ask(), under a lock of
-the study's row in an RDB), and a trial's point is chosen from the trials numbered below it only, once each
-of them holds its point or has ended. A budget counted in trial-number order keeps the phase to its number
-of trials, and a worker leaves a phase only once no trial of it is running: the next phase starts from its
-result. A dead trial is failed without an `error`, so its point is proposed again and the new trial resumes
-its folder.
+A budget counted in trial-number order (claim()) keeps a phase to its number of trials, and a worker leaves a
+phase only once no trial of it is running: the next phase starts from its result. A dead trial is failed
+without an `error`, so its point is proposed again and the new trial resumes its folder.
 """
 import logging
 import os
@@ -45,8 +42,7 @@ def open_storage(url):
 
 
 def open_study(storage, name, knob, settings):
-    """Create or reopen a study; `settings` (what makes its trials comparable) must equal those it was
-    started with."""
+    """Create or reopen a study, whose `settings` (what makes its trials comparable) must be those it began with."""
     study = optuna.create_study(storage=storage, study_name=name, sampler=BisectionSampler(knob),
                                 directions=["maximize", "minimize"], load_if_exists=True)
     old = study.user_attrs.get("settings")
@@ -59,20 +55,15 @@ def open_study(storage, name, knob, settings):
     return study
 
 
-def _counted(trials):
-    """The trials that fill a phase's budget: running or ran (not skipped, not killed)."""
-    return [t for t in trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)
-            or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
-
-
 def trial_dir(root, study, number, knob, x):
     """A trial's own folder: named by its study and trial number, unique in the storage."""
     return os.path.join(root, study.study_name, f"{number}-{knob.name}{label(x)}")
 
 
 def claim(study, knob, budget, number):
-    """The point of trial `number` (RUNNING, created by ask()) and the folder of a dead trial at that point
-    to resume (or None): (x, folder), or None when the phase has no trial left for it."""
+    """The point of trial `number` (RUNNING, created by ask(), which the storage hands out atomically) and the
+    folder of a dead trial at that point to resume (or None): (x, folder), or None when the phase has no trial
+    left for it. The point is chosen from the trials numbered below it only, once each holds its point or ended."""
     while True:
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number < number]
         # an earlier trial without a point is choosing one: ours must see it, or both could take one point
@@ -82,7 +73,10 @@ def claim(study, knob, budget, number):
         fail_stale_trials(study)  # one that died choosing would be waited for until failed
     done, flying, _ = outcomes(earlier, knob)
     x = next_point(knob, done, flying)
-    if x is None or len(_counted(earlier)) >= budget:
+    # the trials that fill the phase's budget: running or ran (not skipped, not killed)
+    counted = [t for t in earlier if t.state in (TrialState.RUNNING, TrialState.COMPLETE)
+               or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+    if x is None or len(counted) >= budget:
         return None
     dead = [t for t in earlier if t.state == TrialState.FAIL and "error" not in t.user_attrs
             and knob.name in t.params and label(t.params[knob.name]) == label(x) and "dir" in t.user_attrs]

@@ -24,8 +24,7 @@ TITLES = {"": None, "data": "data (default: the stage-1 run's; its --val_split a
 
 @dataclasses.dataclass
 class SearchSettings:
-    """main_search.py's settings (its flags); those of stage 3 are checked by stage 3's own checks
-    (search.trials.stage3_settings)."""
+    """main_search.py's settings (its flags); stage 3's are checked by search.trials.stage3_settings."""
     result_dir: str = Setting((str,), "reads <result_dir>/sp/, writes <result_dir>/search/", group="")("results")
     checkpoint: str = Setting((str, NULL), "the stage-1 checkpoint (default: <result_dir>/sp/checkpoint.pt)",
                               group="", flag={"metavar": "PATH"})(None)

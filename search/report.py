@@ -79,19 +79,15 @@ def table_rows(tested, chosen_info, params_stage1, notes=None):
     return rows
 
 
-def settings_lines(rows, budget, baseline):
+def write_table(search_dir, rows, budget, baseline, extra):
+    """table.md (runtime/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
     lines = [f"Chosen on the validation split: within {budget:g} points of the unpruned network's "
              f"{baseline:.2f}% (at least {baseline - budget:.2f}%); each chosen network evaluated once on test."]
     for r in rows:
         if r.get("settings"):
             found = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["settings"].items())
             lines.append(f"- {r['method']}: {found}; validation {r['val_acc']:.2f}% at {r['val_gflops']:.4g} GFLOPs")
-    return lines
-
-
-def write_table(search_dir, rows, budget, baseline, extra):
-    """table.md (runtime/table.py's Markdown + the settings found) and table.json; returns the Markdown."""
-    text = to_markdown(rows) + "\n" + "\n".join(settings_lines(rows, budget, baseline)) + "\n"
+    text = to_markdown(rows) + "\n" + "\n".join(lines) + "\n"
     save_table(search_dir, text, rows, budget=budget, baseline_val_acc=baseline, **extra)
     return text
 
@@ -104,14 +100,14 @@ def pareto_front(points):
 
 
 def plot(points, baseline, threshold, chosen, path):
-    """pareto.png (docs/search.md); False, after one line, when matplotlib is missing."""
+    """pareto.png (docs/search.md); one line instead when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("[search] matplotlib missing: no pareto.png (pip install matplotlib)", flush=True)
-        return False
+        return
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
     for kind, marker, color in (("static", "^", "tab:blue"), ("static+dynamic", "o", "tab:orange")):
         pts = [p for p in points if p["kind"] == kind]
@@ -125,12 +121,10 @@ def plot(points, baseline, threshold, chosen, path):
     ax.axhline(threshold, color="crimson", ls="--", lw=1, label="budget")
     for p in chosen:
         ax.plot(p["val_gflops"], p["val_acc"], "o", ms=14, mfc="none", mec="black", mew=1.5)
-    ax.set_xlabel("GFLOPs / image (validation split)")
-    ax.set_ylabel("accuracy (%, validation split)")
-    ax.set_title("Search trials (circled: chosen)")
+    ax.set(xlabel="GFLOPs / image (validation split)", ylabel="accuracy (%, validation split)",
+           title="Search trials (circled: chosen)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return True

@@ -35,8 +35,7 @@ def stage3_settings(args, knob_name):
 
 
 def record_of(settings):
-    """What defines a stage's result among its settings (a dict or a settings dataclass), as read back from
-    trial.json."""
+    """What defines a stage's result among its settings (a dict or a settings dataclass), as trial.json holds it."""
     values = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
     return json.loads(json.dumps({k: v for k, v in values.items() if k not in WHERE}))
 
@@ -86,8 +85,7 @@ class Trials:
         return f"made with other settings ({key} {was.get(key)!r}, now {now.get(key)!r})"
 
     def static(self, compression, folder):
-        """Stage 2 at `compression` in `folder`, from the search's config, data and validation split -> its
-        metrics (val_acc, val_gflops, params, compression, ...)."""
+        """Stage 2 at `compression` in `folder`, from the search's config, data and validation split -> its metrics."""
         config = {**self.prune_config, **self.data, "result_dir": folder, "checkpoint": self.stage1_path,
                   "prune_mode": "one_pass", "compression": compression, "ratio": None, "rounds": None,
                   "final_split": "val", "device": self.device,
