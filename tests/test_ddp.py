@@ -237,7 +237,7 @@ def test_images_decoded_once_per_machine_and_its_errors_on_every_rank(trained_st
     _, data, _ = trained_stage1
     (tmp_path / "tmp").mkdir()
     mp.spawn(_load_on_rank, args=(_free_port(), data, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     one = load_data(DataSettings(data_dir=data, bs=8, num_workers=0), Context(device=torch.device("cpu")))
     n = len(one.train.x) + len(one.test.x)
     assert sum(ranks[0]["decoded"]) == n and ranks[1]["decoded"] == []
@@ -252,6 +252,6 @@ def test_images_decoded_once_per_machine_and_its_errors_on_every_rank(trained_st
     (bad / "train" / "a" / "x.png").write_bytes(b"not a png")
     (bad / "test" / "a" / "y.png").write_bytes(b"not a png")
     mp.spawn(_load_on_rank, args=(_free_port(), str(bad), str(tmp_path)), nprocs=2)
-    errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert errors[0]["error"] == errors[1]["error"] and "cannot read image" in errors[0]["error"], errors
     assert errors[1]["decoded"] == [] and list((tmp_path / "tmp").iterdir()) == []
