@@ -415,7 +415,8 @@ def augment(x_uint8_batch, generator, pad=PAD, flip=True):
     b = x_uint8_batch.shape[0]
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device)
     flips = torch.randint(0, 2, (b,), generator=generator, device=generator.device)
-    offsets, flips = offsets.to(x_uint8_batch.device), flips.to(x_uint8_batch.device)  # no-ops on its device
+    if generator.device != x_uint8_batch.device:  # a Tensor.to per batch is what the generator's device avoids
+        offsets, flips = offsets.to(x_uint8_batch.device), flips.to(x_uint8_batch.device)
     return crop_and_flip(x_uint8_batch, offsets, flips if flip else torch.zeros_like(flips), pad)
 
 
