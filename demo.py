@@ -25,8 +25,8 @@ from utils.synthetic import write_synthetic
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = dict(num_classes=10, train_per_class=100, test_per_class=40, size=16)
 COMMON = ["--img_type", "png", "--resize", str(DATA["size"]), "--num_workers", "2", "--device", "cpu"]
-STAGE1 = ["--network", "resnet", "--depth", "20", "--width", "1", "--epochs", "15", "--dense_epochs", "10", "--lr", "0.1",
-          "--bs", "64", "--momentum", "0.9", "--weight_decay", "0.0005"]
+STAGE1 = ["--network", "resnet", "--depth", "20", "--width", "1", "--epochs", "15", "--dense_epochs", "10",
+          "--lr", "0.1", "--bs", "64", "--momentum", "0.9", "--weight_decay", "0.0005"]
 STAGE2 = {"compression": 0.6, "epochs": 6, "lr": 0.02, "bs": 64, "fisher_batches": 16, "seed": 0, "criterion": "score",
           "round_to": 1}  # EigenDamage's ranking and free ranks: this small network is about accuracy, not speed
 STAGE3 = ["--network", "resnet", "--depth", "20", "--epochs", "15", "--lr", "0.05", "--bs", "64", "--momentum", "0.9",

@@ -105,7 +105,8 @@ def plan_for_ratio(layers, ratio, limit, params_now, flops_now=None, criterion="
 def plan_for_params(layers, target, limit, params_now, tolerance, flops_now=None, criterion="score", round_to=1):
     """The fewest cuts to at most `target` parameters, within `tolerance`; UserError otherwise."""
     threshold = Threshold(layers, limit, params_now, flops_now, criterion, "params", round_to)
-    return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter", lambda v: f"{int(v)} parameters")
+    return _bisect(threshold, lambda plan: plan.params, target, tolerance, "parameter",
+                   lambda v: f"{int(v)} parameters")
 
 
 def plan_for_flops(layers, target, limit, params_now, flops_now, tolerance, criterion="score", round_to=1):

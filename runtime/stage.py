@@ -53,7 +53,8 @@ def check_batch_shapes(model, image_size, bs, resize_fixed=False):
 
 # What a stage adds below --result_dir at most: stale-<time>-<n>/<stage>/tb/run-<time>-<pid>/ and TensorBoard's
 # events.out.tfevents.<time>.<host>.<pid>.<n> (the host name's length added where it is checked)
-DEEPEST = len("/stale-20240101-000000-99/prune/tb/run-20240101-000000-4194304/events.out.tfevents.1700000000..4194304.99")
+DEEPEST = len("/stale-20240101-000000-99/prune/tb/run-20240101-000000-4194304"
+              "/events.out.tfevents.1700000000..4194304.99")
 
 
 def check_result_dir(path):
@@ -206,7 +207,8 @@ class StageRun:
             final_tags = {f"{split}_acc": metrics[f"{split}_acc"], "gflops_per_image": metrics["gflops_per_image"],
                           "params": metrics["params"]}
             if mode == "open":
-                final_tags.update({f"{routes}_acc": metrics["routed_acc"], f"{routes}_gflops": metrics["routed_gflops"]})
+                final_tags.update({f"{routes}_acc": metrics["routed_acc"],
+                                   f"{routes}_gflops": metrics["routed_gflops"]})
             self.logger.scalars(f"{self.name}/final_{split}", final_tags, self.last_step)
             self.logger.close()
         return metrics

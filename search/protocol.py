@@ -158,7 +158,8 @@ class Search:
                 print(f"[search] dynamic (compression {c:.6g}): no trial{ends}: {why}", flush=True)
                 continue
             study = open_study(storage, f"{args.study_name}.dynamic.c{label(c)}", knob,
-                               {**settings, "rl": record_of(trials.rl_settings), "knob": [knob.name, knob.low, knob.high]})
+                               {**settings, "rl": record_of(trials.rl_settings),
+                                "knob": [knob.name, knob.low, knob.high]})
             worker.run_phase(study, knob, args.dynamic_trials,
                              lambda x, folder, src=t.user_attrs["checkpoint"]: judged(
                                  trials.dynamic(src, knob.name, x, folder), threshold),

@@ -146,7 +146,8 @@ def run(s: SPSettings):
         stage.save(model, optimizer, scheduler, s.epochs, own_state())
     # the routes beside row 1 are those of the switches as saved: re-spread ones are named so in TensorBoard,
     # where they follow the curve of the routes trained before
-    extra = {"dense_gflops": to_gflops(dense_flops(costs)), "train_mode": s.train_mode, "switches_respread": respread[0]}
+    extra = {"dense_gflops": to_gflops(dense_flops(costs)), "train_mode": s.train_mode,
+             "switches_respread": respread[0]}
     if s.compile:
         extra["compile"] = compile_report(step, say=ctx.is_main)
     metrics = stage.finish(model, ddp, data, costs, extra, mode="open",
