@@ -905,8 +905,18 @@ def report(s, family, results, images_level, controller="counterfactual"):
                          "val_acc_doubled": float(np.concatenate(twice).mean() * 100), "diff": ub.diff,
                          "ci": [ub.low, ub.high], "converged": abs(ub.diff) < CONVERGED})
         ladder.append({"factor": f, "doubled": f2, "epochs": f * T, "arms": conv})
+    # the arms on test at each factor of the ladder (every unit of it): how the verdict moves with training
+    by_epochs, every = [], sorted(n for n in at[1] if all(n in at[f] for f in factors(s)))
+    for f in (1, *factors(s)) if every else ():
+        xs = [at[f][n] for n in every]
+        arm = {a: (lambda x, a=a: x["budgets"][k][a]) for a in ("static", "dynamic", "fixed")}
+        by_epochs.append({"factor": f, "epochs": f * T, "units": len(xs),
+                          "unpruned": pooled_acc(xs, lambda x: x["unpruned"]),
+                          **{a: pooled_acc(xs, g) for a, g in arm.items()},
+                          "dynamic_vs_static": compare(xs, arm["dynamic"], arm["static"]),
+                          "dynamic_vs_fixed": compare(xs, arm["dynamic"], arm["fixed"])})
     if ladder:
-        r["convergence"] = {"budget": sc["double"]["budget"], "ladder": ladder}
+        r["convergence"] = {"budget": sc["double"]["budget"], "ladder": ladder, "test_by_epochs": by_epochs}
     # other controllers through the same protocol: validation only
     others = {}
     for f in sorted(os.listdir(os.path.join(results, "units"))):
@@ -961,6 +971,16 @@ def markdown(r, command):
                 L.append(f"| {step['epochs']} -> {2 * step['epochs']} | {a['arm']} | {a['val_acc']:.2f} | "
                          f"{a['val_acc_doubled']:.2f} | {a['diff']:+.2f} | [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}] | "
                          f"{a['units']}, {a['images']} | {'yes' if a['converged'] else 'no'} |")
+        if c.get("test_by_epochs"):
+            ci = lambda e: f"{e['diff']:+.2f} [{e['unit_ci']['low']:+.2f}, {e['unit_ci']['high']:+.2f}]"
+            L += ["", "The same budget on test, by epochs after stage 1 (pooled over the units of every step; "
+                      "differences with their 95% CI over units, then images):", "",
+                  "| epochs | units | unpruned | static | static + dynamic | fixed route | dyn - static | dyn - fixed |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for e in c["test_by_epochs"]:
+                L.append(f"| {e['epochs']} | {e['units']} | {e['unpruned']:.2f} | {e['static']:.2f} | "
+                         f"{e['dynamic']:.2f} | {e['fixed']:.2f} | {ci(e['dynamic_vs_static'])} | "
+                         f"{ci(e['dynamic_vs_fixed'])} |")
     kn = r["knee"]
     L += ["", "## Static pruning: where the budget binds", "",
           "| fraction of unpruned GFLOPs | GFLOPs | val acc | test acc | val loss vs ceiling |",
