@@ -31,7 +31,8 @@ last phase, BN re-estimated for each); the level-router, each
 difficulty level given its best route on validation at equal average GFLOPs (BN per route), evaluated as is
 and fine-tuned as long as the fixed route: if it beats the fixed route, the controller is the bottleneck;
 if not, that budget has no routing headroom. Convergence: on the `double` seeds' units every arm is trained
-again with each phase's epochs doubled at one budget; its validation accuracy must move by under 0.3 points.
+again with each phase's epochs doubled (and doubled again: `factors`) at one budget; an arm is converged at a
+factor when doubling it moves its validation accuracy by under 0.3 points.
 Statistics: paired per image, pooled over units; a bootstrap over units then images (the variance of
 training runs), McNemar, and the smallest difference the design detects. Wall-clock: the trained networks
 of one unit at every compared budget, exported (deploy/export.py), batch 1 and 128, eager and onnxruntime,
@@ -89,7 +90,7 @@ SCALES = {
                    epochs=dict(prune=8, rl=10, routes=6), lr=dict(prune=0.02, rl=0.05, routes=0.02, dense=0.02),
                    fisher_batches=16, alpha=1.0, rl_weight=0.01, dyn_share=0.2,
                    budgets=(0.7, 0.4, 0.15, 0.07), curve=(0.25, 0.1, 0.04),
-                   double=dict(seeds=(0,), folds=(0, 1), budget=0.15), augment="crop", device="cpu", workers=0),
+                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4)), augment="crop", device="cpu", workers=0),
     "quick": dict(resize=8, depth=8, width=1, bs=32, val_split=0.25, folds=2, seeds=(0,), levels=3,
                   sp=dict(epochs=1, lr=0.05),
                   epochs=dict(prune=1, rl=1, routes=1), lr=dict(prune=0.01, rl=0.01, routes=0.01, dense=0.01),
@@ -218,7 +219,7 @@ def arm_root(u, factor):
 
 
 def unit_tasks(s, name, seed, u, controller, me, results, factor=1):
-    """The tasks of one unit (factor 1) or of its doubling check at s["double"]["budget"] (factor 2)."""
+    """The tasks of one unit (factor 1) or of its doubling check at s["double"]["budget"] (factor 2, 4, ...)."""
     tag, r = ("" if factor == 1 else f"/x{factor}"), arm_root(u, factor)
     e = {k: v * factor for k, v in s["epochs"].items()}
     step = [*me, "--scale", s["name"], "--controller", controller]
@@ -284,6 +285,11 @@ def unit_result(results, name, controller, factor=1):
     return os.path.join(results, "units", f"{name}{tail}.json")
 
 
+def factors(s):
+    """The doubling ladder's epoch factors beyond 1 (2: doubled; 2, 4: doubled and doubled again)."""
+    return tuple(s["double"].get("factors", (2,)))
+
+
 def plan(s, units, out, controller, results):
     """Every unit's tasks (those without a result yet), then the doubling checks' (after all, so that a run
     cut short has whole units)."""
@@ -293,14 +299,22 @@ def plan(s, units, out, controller, results):
         u = os.path.join(out, name)
         if not os.path.isfile(unit_result(results, name, controller)):
             tasks += unit_tasks(s, name, split.seed, u, controller, me, results)
-        if split.seed in s["double"]["seeds"] and split.fold in s["double"]["folds"] and not os.path.isfile(
-                unit_result(results, name, controller, 2)):
-            doubled += unit_tasks(s, name, split.seed, u, controller, me, results, factor=2)
-    got = {t.name for t in tasks}
-    needed = {d for t in doubled for d in t.deps} - got - {t.name for t in doubled}
-    for name, split in units:  # a finished unit's stage 1 and budget, for its doubled arms (reused if here)
-        tasks += [t for t in unit_tasks(s, name, split.seed, os.path.join(out, name), controller, me, results)
-                  if t.name in needed]
+    for f in factors(s):  # every unit's doubled arms before any unit's doubled again
+        for name, split in units:
+            if split.seed in s["double"]["seeds"] and split.fold in s["double"]["folds"] and not os.path.isfile(
+                    unit_result(results, name, controller, f)):
+                doubled += unit_tasks(s, name, split.seed, os.path.join(out, name), controller, me, results, factor=f)
+    # a finished unit's stage 1 and budget, and what they depend on, for its doubled arms (reused if here)
+    every = {t.name: t for name, split in units
+             for t in unit_tasks(s, name, split.seed, os.path.join(out, name), controller, me, results)}
+    have = {t.name for t in tasks + doubled}
+    needed = [d for t in doubled for d in t.deps if d not in have]
+    while needed:
+        d = needed.pop()
+        if d not in have:
+            have.add(d)
+            tasks.append(every[d])
+            needed += every[d].deps
     return tasks + doubled
 
 
@@ -871,13 +885,15 @@ def report(s, family, results, images_level, controller="counterfactual"):
                      and e["dynamic_vs_fixed"]["unit_ci"]["low"] > 0 and e["dynamic_vs_fixed"]["ci"]["low"] > 0
                      and e["dynamic_vs_static"]["mcnemar"]["p"] < 0.05 and e["dynamic_vs_fixed"]["mcnemar"]["p"] < 0.05)
         r["budgets"][k] = e
-    # convergence: doubled epochs, validation
-    doubled = load_results(results, controller, factor=2)
-    if doubled:
+    # convergence: each factor of the ladder against its double, validation, on the units that have both
+    ladder, k = [], bkey(sc["double"]["budget"])
+    at = {1: {x["unit"]: x for x in units}} | {f: {x["unit"]: x for x in load_results(results, controller, f)}
+                                               for f in factors(s)}
+    for f, f2 in zip((1, *factors(s)), factors(s)):
+        pairs = [(at[f][n], at[f2][n]) for n in sorted(at[f2]) if n in at[f]]
+        if not pairs:
+            continue
         conv = []
-        byname = {x["unit"]: x for x in units}
-        pairs = [(byname[x["unit"]], x) for x in doubled if x["unit"] in byname]
-        k = bkey(sc["double"]["budget"])
         for arm, get in (("unpruned", lambda x: x["unpruned"]), ("static", lambda x: x["budgets"][k]["static"]),
                          ("dynamic", lambda x: x["budgets"][k]["dynamic"]),
                          ("fixed", lambda x: x["budgets"][k]["fixed"])):
@@ -888,7 +904,19 @@ def report(s, family, results, images_level, controller="counterfactual"):
                          "val_acc": float(np.concatenate(once).mean() * 100),
                          "val_acc_doubled": float(np.concatenate(twice).mean() * 100), "diff": ub.diff,
                          "ci": [ub.low, ub.high], "converged": abs(ub.diff) < CONVERGED})
-        r["convergence"] = {"budget": sc["double"]["budget"], "arms": conv}
+        ladder.append({"factor": f, "doubled": f2, "epochs": f * T, "arms": conv})
+    # the arms on test at each factor of the ladder (every unit of it): how the verdict moves with training
+    by_epochs, every = [], sorted(n for n in at[1] if all(n in at[f] for f in factors(s)))
+    for f in (1, *factors(s)) if every else ():
+        xs = [at[f][n] for n in every]
+        arm = {a: (lambda x, a=a: x["budgets"][k][a]) for a in ("static", "dynamic", "fixed")}
+        by_epochs.append({"factor": f, "epochs": f * T, "units": len(xs),
+                          "unpruned": pooled_acc(xs, lambda x: x["unpruned"]),
+                          **{a: pooled_acc(xs, g) for a, g in arm.items()},
+                          "dynamic_vs_static": compare(xs, arm["dynamic"], arm["static"]),
+                          "dynamic_vs_fixed": compare(xs, arm["dynamic"], arm["fixed"])})
+    if ladder:
+        r["convergence"] = {"budget": sc["double"]["budget"], "ladder": ladder, "test_by_epochs": by_epochs}
     # other controllers through the same protocol: validation only
     others = {}
     for f in sorted(os.listdir(os.path.join(results, "units"))):
@@ -935,13 +963,24 @@ def markdown(r, command):
     L += [f"| {e['arm']} | {e['phases']} | {e['total']} |" for e in r["epochs"]]
     if "convergence" in r:
         c = r["convergence"]
-        L += ["", f"## Convergence: every phase's epochs doubled (budget {c['budget']}, validation, pooled over "
-                  f"{c['arms'][0]['units']} units, {c['arms'][0]['images']} images)", "",
-              "| arm | val acc | doubled | change (points) | 95% CI (units, then images) | under 0.3? |",
-              "|---|---|---|---|---|---|"]
-        for a in c["arms"]:
-            L.append(f"| {a['arm']} | {a['val_acc']:.2f} | {a['val_acc_doubled']:.2f} | {a['diff']:+.2f} | "
-                     f"[{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}] | {'yes' if a['converged'] else 'no'} |")
+        L += ["", f"## Convergence: every phase's epochs doubled (budget {c['budget']}, validation)", "",
+              "| epochs after stage 1 | arm | val acc | doubled | change (points) | 95% CI (units, then images) | "
+              "units, images | under 0.3? |", "|---|---|---|---|---|---|---|---|"]
+        for step in c["ladder"]:
+            for a in step["arms"]:
+                L.append(f"| {step['epochs']} -> {2 * step['epochs']} | {a['arm']} | {a['val_acc']:.2f} | "
+                         f"{a['val_acc_doubled']:.2f} | {a['diff']:+.2f} | [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}] | "
+                         f"{a['units']}, {a['images']} | {'yes' if a['converged'] else 'no'} |")
+        if c.get("test_by_epochs"):
+            ci = lambda e: f"{e['diff']:+.2f} [{e['unit_ci']['low']:+.2f}, {e['unit_ci']['high']:+.2f}]"
+            L += ["", "The same budget on test, by epochs after stage 1 (pooled over the units of every step; "
+                      "differences with their 95% CI over units, then images):", "",
+                  "| epochs | units | unpruned | static | static + dynamic | fixed route | dyn - static | dyn - fixed |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for e in c["test_by_epochs"]:
+                L.append(f"| {e['epochs']} | {e['units']} | {e['unpruned']:.2f} | {e['static']:.2f} | "
+                         f"{e['dynamic']:.2f} | {e['fixed']:.2f} | {ci(e['dynamic_vs_static'])} | "
+                         f"{ci(e['dynamic_vs_fixed'])} |")
     kn = r["knee"]
     L += ["", "## Static pruning: where the budget binds", "",
           "| fraction of unpruned GFLOPs | GFLOPs | val acc | test acc | val loss vs ceiling |",
