@@ -90,7 +90,8 @@ SCALES = {
                    epochs=dict(prune=8, rl=10, routes=6), lr=dict(prune=0.02, rl=0.05, routes=0.02, dense=0.02),
                    fisher_batches=16, alpha=1.0, rl_weight=0.01, dyn_share=0.2,
                    budgets=(0.7, 0.4, 0.15, 0.07), curve=(0.25, 0.1, 0.04),
-                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4)), augment="crop", device="cpu", workers=0),
+                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4)),
+                   augment="crop", device="cpu", workers=0),
     "quick": dict(resize=8, depth=8, width=1, bs=32, val_split=0.25, folds=2, seeds=(0,), levels=3,
                   sp=dict(epochs=1, lr=0.05),
                   epochs=dict(prune=1, rl=1, routes=1), lr=dict(prune=0.01, rl=0.01, routes=0.01, dense=0.01),
@@ -308,7 +309,7 @@ def plan(s, units, out, controller, results):
     every = {t.name: t for name, split in units
              for t in unit_tasks(s, name, split.seed, os.path.join(out, name), controller, me, results)}
     have = {t.name for t in tasks + doubled}
-    needed = [d for t in doubled for d in t.deps if d not in have]
+    needed = [d for t in doubled for d in t.deps]
     while needed:
         d = needed.pop()
         if d not in have:
@@ -907,8 +908,10 @@ def report(s, family, results, images_level, controller="counterfactual"):
         ladder.append({"factor": f, "doubled": f2, "epochs": f * T, "arms": conv})
     # the arms on test at each factor of the ladder (every unit of it): how the verdict moves with training
     by_epochs, every = [], sorted(n for n in at[1] if all(n in at[f] for f in factors(s)))
-    for f in (1, *factors(s)) if every else ():
+    for f in (1, *factors(s)):
         xs = [at[f][n] for n in every]
+        if not xs:
+            break
         arm = {a: (lambda x, a=a: x["budgets"][k][a]) for a in ("static", "dynamic", "fixed")}
         by_epochs.append({"factor": f, "epochs": f * T, "units": len(xs),
                           "unpruned": pooled_acc(xs, lambda x: x["unpruned"]),
@@ -975,7 +978,8 @@ def markdown(r, command):
             ci = lambda e: f"{e['diff']:+.2f} [{e['unit_ci']['low']:+.2f}, {e['unit_ci']['high']:+.2f}]"
             L += ["", "The same budget on test, by epochs after stage 1 (pooled over the units of every step; "
                       "differences with their 95% CI over units, then images):", "",
-                  "| epochs | units | unpruned | static | static + dynamic | fixed route | dyn - static | dyn - fixed |",
+                  "| epochs | units | unpruned | static | static + dynamic | fixed route | dyn - static | "
+                  "dyn - fixed |",
                   "|---|---|---|---|---|---|---|---|"]
             for e in c["test_by_epochs"]:
                 L.append(f"| {e['epochs']} | {e['units']} | {e['unpruned']:.2f} | {e['static']:.2f} | "

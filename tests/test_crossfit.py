@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -210,3 +211,19 @@ def test_the_committed_report_is_what_the_committed_units_give(tmp_path):
     for name in ("report.json", "report.md"):
         with open(os.path.join(committed, name)) as a, open(tmp_path / "results" / "transform" / name) as b:
             assert b.read() == a.read(), name
+
+
+def test_a_ladder_on_finished_units_plans_every_task_it_waits_for(tmp_path):
+    """Units whose own results are committed but whose doubling ladder is not: the plan holds every task the
+    ladder's tasks depend on, down to stage 1 (a dependency left out would be waited for forever)."""
+    s = {**crossfit.SCALES["quick"], "name": "quick",
+         "double": {**crossfit.SCALES["quick"]["double"], "factors": (2, 4)}}
+    units = [(f"s0f{f}", SimpleNamespace(seed=0, fold=f)) for f in (0, 1)]
+    results = tmp_path / "results"
+    (results / "units").mkdir(parents=True)
+    for name, _ in units:
+        (results / "units" / f"{name}.json").write_text("{}")
+    tasks = crossfit.plan(s, units, str(tmp_path / "work"), "counterfactual", str(results))
+    names = {t.name for t in tasks}
+    assert {d for t in tasks for d in t.deps} <= names
+    assert {"s0f0/sp", "s0f0/x2/collect", "s0f0/x4/collect"} <= names and "s0f1/x4/collect" not in names
