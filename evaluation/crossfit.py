@@ -90,7 +90,7 @@ SCALES = {
                    epochs=dict(prune=8, rl=10, routes=6), lr=dict(prune=0.02, rl=0.05, routes=0.02, dense=0.02),
                    fisher_batches=16, alpha=1.0, rl_weight=0.01, dyn_share=0.2,
                    budgets=(0.7, 0.4, 0.15, 0.07), curve=(0.25, 0.1, 0.04),
-                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4)),
+                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4, 8, 16)),
                    augment="crop", device="cpu", workers=0),
     "quick": dict(resize=8, depth=8, width=1, bs=32, val_split=0.25, folds=2, seeds=(0,), levels=3,
                   sp=dict(epochs=1, lr=0.05),
@@ -906,10 +906,11 @@ def report(s, family, results, images_level, controller="counterfactual"):
                          "val_acc_doubled": float(np.concatenate(twice).mean() * 100), "diff": ub.diff,
                          "ci": [ub.low, ub.high], "converged": abs(ub.diff) < CONVERGED})
         ladder.append({"factor": f, "doubled": f2, "epochs": f * T, "arms": conv})
-    # the arms on test at each factor of the ladder (every unit of it): how the verdict moves with training
-    by_epochs, every = [], sorted(n for n in at[1] if all(n in at[f] for f in factors(s)))
+    # the arms on test at each factor of the ladder (the units that have it and every factor below it: a
+    # ladder cut short keeps its finished steps whole): how the verdict moves with training
+    by_epochs = []
     for f in (1, *factors(s)):
-        xs = [at[f][n] for n in every]
+        xs = [at[f][n] for n in sorted(at[1]) if all(n in at[g] for g in (1, *factors(s)) if g <= f)]
         if not xs:
             break
         arm = {a: (lambda x, a=a: x["budgets"][k][a]) for a in ("static", "dynamic", "fixed")}
@@ -975,9 +976,11 @@ def markdown(r, command):
                          f"{a['val_acc_doubled']:.2f} | {a['diff']:+.2f} | [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}] | "
                          f"{a['units']}, {a['images']} | {'yes' if a['converged'] else 'no'} |")
         if c.get("test_by_epochs"):
-            ci = lambda e: f"{e['diff']:+.2f} [{e['unit_ci']['low']:+.2f}, {e['unit_ci']['high']:+.2f}]"
-            L += ["", "The same budget on test, by epochs after stage 1 (pooled over the units of every step; "
-                      "differences with their 95% CI over units, then images):", "",
+            ci = lambda e: (f"{e['diff']:+.2f} [{e['unit_ci']['low']:+.2f}, {e['unit_ci']['high']:+.2f}], "
+                            f"p {e['mcnemar']['p']:.3g}")
+            L += ["", "The same budget on test, by epochs after stage 1 (pooled over the units that reached the step "
+                      "and every step below it; differences with their 95% CI over units, then images, and McNemar's "
+                      "one-sided p):", "",
                   "| epochs | units | unpruned | static | static + dynamic | fixed route | dyn - static | "
                   "dyn - fixed |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -985,6 +988,11 @@ def markdown(r, command):
                 L.append(f"| {e['epochs']} | {e['units']} | {e['unpruned']:.2f} | {e['static']:.2f} | "
                          f"{e['dynamic']:.2f} | {e['fixed']:.2f} | {ci(e['dynamic_vs_static'])} | "
                          f"{ci(e['dynamic_vs_fixed'])} |")
+            done = [s_["epochs"] for s_ in c["ladder"] if all(a["converged"] for a in s_["arms"])]
+            L += ["", f"The verdict is read at the first step whose doubling moves every arm by under {CONVERGED} "
+                      f"points on validation: {done[0]} epochs." if done else
+                      f"No step of the ladder moves every arm by under {CONVERGED} points on validation yet: each "
+                      "row above ranks arms still improving, and none is the verdict."]
     kn = r["knee"]
     L += ["", "## Static pruning: where the budget binds", "",
           "| fraction of unpruned GFLOPs | GFLOPs | val acc | test acc | val loss vs ceiling |",

@@ -227,3 +227,30 @@ def test_a_ladder_on_finished_units_plans_every_task_it_waits_for(tmp_path):
     names = {t.name for t in tasks}
     assert {d for t in tasks for d in t.deps} <= names
     assert {"s0f0/sp", "s0f0/x2/collect", "s0f0/x4/collect"} <= names and "s0f1/x4/collect" not in names
+
+
+@pytest.mark.slow
+def test_a_ladder_cut_short_keeps_its_finished_steps_whole(tmp_path):
+    """One unit has gone a step further up the doubling ladder than the others: that step is pooled over it
+    alone, and every step below it over all the units, as if the further step had not begun."""
+    committed = os.path.join(ROOT, "evaluation", "results", "crossfit", "transform")
+    factors = crossfit.factors({**crossfit.SCALES["digits"], "name": "digits"})
+    units = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(committed, "units")) if "-x" not in f)
+    done = [f for f in factors if all(os.path.isfile(os.path.join(committed, "units", f"{u}-x{f}.json"))
+                                      for u in units)]
+    reports = []
+    for keep in (units, units[:1]):  # the committed ladder's last whole step; then only the first unit's
+        results = tmp_path / f"results{len(keep)}"
+        shutil.copytree(committed, results / "transform", ignore=shutil.ignore_patterns("report.*", "speed.json"))
+        for u, f in itertools.product(units, factors):
+            if f > done[-1] or (f == done[-1] and u not in keep):
+                (results / "transform" / "units" / f"{u}-x{f}.json").unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "evaluation.crossfit", "report", "--family", "transform",
+                               "--out", str(tmp_path / "work"), "--results", str(results)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports.append(json.load(open(results / "transform" / "report.json"))["convergence"]["test_by_epochs"])
+    whole, cut = reports
+    assert [e["units"] for e in whole] == [len(units)] * (len(done) + 1)
+    assert [e["units"] for e in cut] == [len(units)] * len(done) + [1]
+    assert cut[:-1] == whole[:-1] and cut[-1]["dynamic"] != whole[-1]["dynamic"]
