@@ -908,11 +908,12 @@ def report(s, family, results, images_level, controller="counterfactual"):
         ladder.append({"factor": f, "doubled": f2, "epochs": f * T, "arms": conv})
     # the arms on test at each factor of the ladder (the units that have it and every factor below it: a
     # ladder cut short keeps its finished steps whole): how the verdict moves with training
-    by_epochs = []
+    by_epochs, names = [], set(at[1])
     for f in (1, *factors(s)):
-        xs = [at[f][n] for n in sorted(at[1]) if all(n in at[g] for g in (1, *factors(s)) if g <= f)]
-        if not xs:
+        names &= set(at[f])
+        if not names:
             break
+        xs = [at[f][n] for n in sorted(names)]
         arm = {a: (lambda x, a=a: x["budgets"][k][a]) for a in ("static", "dynamic", "fixed")}
         by_epochs.append({"factor": f, "epochs": f * T, "units": len(xs),
                           "unpruned": pooled_acc(xs, lambda x: x["unpruned"]),
@@ -920,7 +921,10 @@ def report(s, family, results, images_level, controller="counterfactual"):
                           "dynamic_vs_static": compare(xs, arm["dynamic"], arm["static"]),
                           "dynamic_vs_fixed": compare(xs, arm["dynamic"], arm["fixed"])})
     if ladder:
-        r["convergence"] = {"budget": sc["double"]["budget"], "ladder": ladder, "test_by_epochs": by_epochs}
+        # the verdict's step: the first whose doubling moves every arm by under CONVERGED on validation
+        done = [step["epochs"] for step in ladder if all(a["converged"] for a in step["arms"])]
+        r["convergence"] = {"budget": sc["double"]["budget"], "ladder": ladder, "test_by_epochs": by_epochs,
+                            "verdict_epochs": done[0] if done else None}
     # other controllers through the same protocol: validation only
     others = {}
     for f in sorted(os.listdir(os.path.join(results, "units"))):
@@ -988,9 +992,8 @@ def markdown(r, command):
                 L.append(f"| {e['epochs']} | {e['units']} | {e['unpruned']:.2f} | {e['static']:.2f} | "
                          f"{e['dynamic']:.2f} | {e['fixed']:.2f} | {ci(e['dynamic_vs_static'])} | "
                          f"{ci(e['dynamic_vs_fixed'])} |")
-            done = [s_["epochs"] for s_ in c["ladder"] if all(a["converged"] for a in s_["arms"])]
             L += ["", f"The verdict is read at the first step whose doubling moves every arm by under {CONVERGED} "
-                      f"points on validation: {done[0]} epochs." if done else
+                      f"points on validation: {c['verdict_epochs']} epochs." if c["verdict_epochs"] else
                       f"No step of the ladder moves every arm by under {CONVERGED} points on validation yet: each "
                       "row above ranks arms still improving, and none is the verdict."]
     kn = r["knee"]
