@@ -90,7 +90,7 @@ SCALES = {
                    epochs=dict(prune=8, rl=10, routes=6), lr=dict(prune=0.02, rl=0.05, routes=0.02, dense=0.02),
                    fisher_batches=16, alpha=1.0, rl_weight=0.01, dyn_share=0.2,
                    budgets=(0.7, 0.4, 0.15, 0.07), curve=(0.25, 0.1, 0.04),
-                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4, 8, 16)),
+                   double=dict(seeds=(0, 1, 2), folds=(0, 1), budget=0.15, factors=(2, 4, 8, 16, 32)),
                    augment="crop", device="cpu", workers=0),
     "quick": dict(resize=8, depth=8, width=1, bs=32, val_split=0.25, folds=2, seeds=(0,), levels=3,
                   sp=dict(epochs=1, lr=0.05),
